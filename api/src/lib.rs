@@ -1,0 +1,13 @@
+//! netfault-api: the contract shared by the agent, the CNI plugin, the CLI and
+//! the tests: the fault model and its validation, the socket API's JSON
+//! bodies, and a blocking client for the agent's unix socket.
+
+pub mod client;
+pub mod error;
+pub mod spec;
+pub mod wire;
+
+pub use client::{Client, ClientError};
+pub use error::{ErrorBody, FieldError};
+pub use spec::{Action, Direction, FaultSpec, Limits, Match, PortRange, Protocol, Target};
+pub use wire::{Counters, EnrolRequest, Fault, PodRef, Sandbox};

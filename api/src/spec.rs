@@ -1,0 +1,679 @@
+//! The fault specification: parsing and validation of the JSON shape in DESIGN.md.
+//!
+//! Parsing is done by hand from `serde_json::Value` rather than with derived
+//! `Deserialize`, so every rejection names the exact field (`action.percent`,
+//! `match.ports`) the way the API contract promises. Nothing here touches the
+//! system; the agent compiles a validated [`FaultSpec`] into backend plans.
+
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{json, Map, Value};
+
+use crate::error::FieldError;
+
+/// Most port ranges a single fault may match: the eBPF rule has this many slots.
+pub const MAX_PORT_RANGES: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+    Both,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+            Direction::Both => "both",
+        }
+    }
+    pub fn includes_egress(self) -> bool {
+        matches!(self, Direction::Egress | Direction::Both)
+    }
+    pub fn includes_ingress(self) -> bool {
+        matches!(self, Direction::Ingress | Direction::Both)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Any => "any",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// Which packets a fault applies to. Absent fields match everything.
+///
+/// `cidr` is the peer's address (destination on egress, source on ingress);
+/// `ports` match either the source or the destination port, so "port 80"
+/// means the same thing on a client and on a server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Match {
+    pub cidr: Option<IpNet>,
+    pub protocol: Option<Protocol>,
+    pub ports: Vec<PortRange>,
+}
+
+impl Match {
+    pub fn protocol(&self) -> Protocol {
+        self.protocol.unwrap_or(Protocol::Any)
+    }
+}
+
+/// Packet actions implemented by the eBPF datapath.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Drop `percent` of matching packets; `correlation` (0–100) makes drops
+    /// bursty with netem's meaning: each draw is mixed with the previous one.
+    Loss { percent: f64, correlation: f64 },
+    /// Drop every matching packet.
+    Blackhole,
+}
+
+impl Action {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Action::Loss { .. } => "loss",
+            Action::Blackhole => "blackhole",
+        }
+    }
+}
+
+/// Action types in the contract that a later release implements; naming them
+/// gives the user a precise "not supported yet" rather than "unknown".
+const PLANNED_ACTIONS: &[&str] = &[
+    "delay",
+    "corrupt",
+    "duplicate",
+    "reorder",
+    "rate",
+    "http-abort",
+    "http-delay",
+    "http-replace",
+    "http-patch",
+    "tcp-reset",
+    "tcp-slow-close",
+    "tcp-bandwidth",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Sandbox(String),
+    Pod { namespace: String, name: String },
+    Netns(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    pub target: Option<Target>,
+    pub direction: Direction,
+    pub r#match: Match,
+    pub action: Action,
+    pub duration: Duration,
+}
+
+/// Limits applied while parsing; the agent makes these configurable.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_duration: Duration,
+    /// API requests must name a target; annotations must not.
+    pub target_required: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_duration: Duration::from_secs(24 * 3600),
+            target_required: true,
+        }
+    }
+}
+
+fn obj<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, FieldError> {
+    v.as_object()
+        .ok_or_else(|| FieldError::invalid(field, "must be an object"))
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn reject_unknown(m: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), FieldError> {
+    for k in m.keys() {
+        if !known.contains(&k.as_str()) {
+            return Err(FieldError::invalid(
+                &join(prefix, k),
+                &format!("unknown field; expected one of: {}", known.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn string<'a>(v: &'a Value, field: &str) -> Result<&'a str, FieldError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| FieldError::invalid(field, "must be a string"))?;
+    if s.is_empty() {
+        return Err(FieldError::invalid(field, "must not be empty"));
+    }
+    Ok(s)
+}
+
+/// A percentage 0..=100, given as a number or as a string like `"5%"`.
+pub fn parse_percent(v: &Value, field: &str) -> Result<f64, FieldError> {
+    let p = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().trim_end_matches('%').trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| FieldError::invalid(field, "must be a number from 0 to 100"))?;
+    if !p.is_finite() || !(0.0..=100.0).contains(&p) {
+        return Err(FieldError::invalid(
+            field,
+            &format!("must be from 0 to 100, got {p}"),
+        ));
+    }
+    Ok(p)
+}
+
+/// A humantime duration string such as `"150ms"` or `"5m"`.
+pub fn parse_duration(v: &Value, field: &str) -> Result<Duration, FieldError> {
+    let s = v.as_str().ok_or_else(|| {
+        FieldError::invalid(field, "must be a duration string such as \"30s\" or \"5m\"")
+    })?;
+    humantime::parse_duration(s.trim())
+        .map_err(|e| FieldError::invalid(field, &format!("invalid duration {s:?}: {e}")))
+}
+
+/// Ports as `"80,8000-8100"`, a single number, or an array of either.
+pub fn parse_ports(v: &Value, field: &str) -> Result<Vec<PortRange>, FieldError> {
+    let mut out = Vec::new();
+    let mut push_part = |part: &str| -> Result<(), FieldError> {
+        let part = part.trim();
+        let bad = || {
+            FieldError::invalid(
+                field,
+                &format!("invalid port or range {part:?}; expected 1-65535 or LO-HI"),
+            )
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: u16 = lo.parse().map_err(|_| bad())?;
+        let hi: u16 = hi.parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        out.push(PortRange { lo, hi });
+        Ok(())
+    };
+    match v {
+        Value::String(s) => {
+            for part in s.split(',') {
+                push_part(part)?;
+            }
+        }
+        Value::Number(n) => push_part(&n.to_string())?,
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::String(s) => push_part(s)?,
+                    Value::Number(n) => push_part(&n.to_string())?,
+                    _ => return Err(FieldError::invalid(field, "array items must be ports")),
+                }
+            }
+        }
+        _ => {
+            return Err(FieldError::invalid(
+                field,
+                "must be a string such as \"80,8000-8100\"",
+            ))
+        }
+    }
+    if out.is_empty() {
+        return Err(FieldError::invalid(field, "must name at least one port"));
+    }
+    if out.len() > MAX_PORT_RANGES {
+        return Err(FieldError::invalid(
+            field,
+            &format!("at most {MAX_PORT_RANGES} ports or ranges per fault"),
+        ));
+    }
+    Ok(out)
+}
+
+fn parse_target(v: &Value) -> Result<Target, FieldError> {
+    let m = obj(v, "target")?;
+    if m.len() != 1 {
+        return Err(FieldError::invalid(
+            "target",
+            "must have exactly one of: sandbox, pod, netns",
+        ));
+    }
+    if let Some(s) = m.get("sandbox") {
+        return Ok(Target::Sandbox(string(s, "target.sandbox")?.to_string()));
+    }
+    if let Some(n) = m.get("netns") {
+        let path = string(n, "target.netns")?;
+        if !path.starts_with('/') {
+            return Err(FieldError::invalid(
+                "target.netns",
+                "must be an absolute path",
+            ));
+        }
+        return Ok(Target::Netns(path.to_string()));
+    }
+    if let Some(p) = m.get("pod") {
+        let pm = obj(p, "target.pod")?;
+        reject_unknown(pm, "target.pod", &["namespace", "name"])?;
+        let name = string(
+            pm.get("name")
+                .ok_or_else(|| FieldError::missing("target.pod.name"))?,
+            "target.pod.name",
+        )?;
+        let namespace = match pm.get("namespace") {
+            Some(ns) => string(ns, "target.pod.namespace")?,
+            None => "default",
+        };
+        return Ok(Target::Pod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        });
+    }
+    let k = m.keys().next().map(String::as_str).unwrap_or_default();
+    Err(FieldError::invalid(
+        &join("target", k),
+        "unknown target; expected one of: sandbox, pod, netns",
+    ))
+}
+
+fn parse_match(v: &Value) -> Result<Match, FieldError> {
+    let m = obj(v, "match")?;
+    reject_unknown(m, "match", &["cidr", "protocol", "ports"])?;
+    let cidr = match m.get("cidr") {
+        None | Some(Value::Null) => None,
+        Some(c) => {
+            let s = string(c, "match.cidr")?;
+            let net = if s.contains('/') {
+                s.parse::<IpNet>().ok()
+            } else {
+                s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+            };
+            Some(net.ok_or_else(|| {
+                FieldError::invalid(
+                    "match.cidr",
+                    &format!("invalid CIDR {s:?}; expected e.g. 198.18.0.0/24 or fd00::/64"),
+                )
+            })?)
+        }
+    };
+    let protocol = match m.get("protocol") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(match string(p, "match.protocol")? {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "icmp" => Protocol::Icmp,
+            "any" => Protocol::Any,
+            other => {
+                return Err(FieldError::invalid(
+                    "match.protocol",
+                    &format!("unknown protocol {other:?}; expected tcp, udp, icmp or any"),
+                ))
+            }
+        }),
+    };
+    let ports = match m.get("ports") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(p) => parse_ports(p, "match.ports")?,
+    };
+    if !ports.is_empty() && protocol == Some(Protocol::Icmp) {
+        return Err(FieldError::invalid(
+            "match.ports",
+            "ports cannot be combined with protocol icmp",
+        ));
+    }
+    Ok(Match {
+        cidr: cidr.map(|c| c.trunc()),
+        protocol,
+        ports,
+    })
+}
+
+fn parse_action(v: &Value) -> Result<Action, FieldError> {
+    let m = obj(v, "action")?;
+    let ty = string(
+        m.get("type").ok_or_else(|| FieldError::missing("action.type"))?,
+        "action.type",
+    )?;
+    match ty {
+        "loss" => {
+            reject_unknown(m, "action", &["type", "percent", "correlation"])?;
+            let percent = parse_percent(
+                m.get("percent")
+                    .ok_or_else(|| FieldError::missing("action.percent"))?,
+                "action.percent",
+            )?;
+            let correlation = match m.get("correlation") {
+                None | Some(Value::Null) => 0.0,
+                Some(c) => parse_percent(c, "action.correlation")?,
+            };
+            Ok(Action::Loss {
+                percent,
+                correlation,
+            })
+        }
+        "blackhole" => {
+            reject_unknown(m, "action", &["type"])?;
+            Ok(Action::Blackhole)
+        }
+        t if PLANNED_ACTIONS.contains(&t) => Err(FieldError::unsupported(
+            "action.type",
+            &format!("action {t:?} is not supported by this agent yet; supported: loss, blackhole"),
+        )),
+        t => Err(FieldError::invalid(
+            "action.type",
+            &format!("unknown action {t:?}; supported: loss, blackhole"),
+        )),
+    }
+}
+
+impl FaultSpec {
+    /// Parses and validates one fault. Errors name the offending field.
+    pub fn parse(v: &Value, limits: &Limits) -> Result<FaultSpec, FieldError> {
+        let m = obj(v, "")
+            .map_err(|_| FieldError::invalid("", "a fault must be a JSON object"))?;
+        let known: &[&str] = if limits.target_required {
+            &["target", "direction", "match", "action", "duration"]
+        } else {
+            &["direction", "match", "action", "duration"]
+        };
+        reject_unknown(m, "", known)?;
+        let target = if limits.target_required {
+            Some(parse_target(
+                m.get("target").ok_or_else(|| FieldError::missing("target"))?,
+            )?)
+        } else {
+            None
+        };
+        let direction = match m.get("direction") {
+            None | Some(Value::Null) => Direction::Both,
+            Some(d) => match string(d, "direction")? {
+                "egress" => Direction::Egress,
+                "ingress" => Direction::Ingress,
+                "both" => Direction::Both,
+                other => {
+                    return Err(FieldError::invalid(
+                        "direction",
+                        &format!("unknown direction {other:?}; expected egress, ingress or both"),
+                    ))
+                }
+            },
+        };
+        let r#match = match m.get("match") {
+            None | Some(Value::Null) => Match::default(),
+            Some(mv) => parse_match(mv)?,
+        };
+        let action = parse_action(m.get("action").ok_or_else(|| FieldError::missing("action"))?)?;
+        let duration = parse_duration(
+            m.get("duration").ok_or_else(|| FieldError::missing("duration"))?,
+            "duration",
+        )?;
+        if duration.is_zero() {
+            return Err(FieldError::invalid("duration", "must be greater than zero"));
+        }
+        if duration > limits.max_duration {
+            return Err(FieldError::invalid(
+                "duration",
+                &format!(
+                    "{} exceeds this agent's maximum of {}",
+                    humantime::format_duration(duration),
+                    humantime::format_duration(limits.max_duration)
+                ),
+            ));
+        }
+        Ok(FaultSpec {
+            target,
+            direction,
+            r#match,
+            action,
+            duration,
+        })
+    }
+
+    /// The canonical JSON form (the shape accepted by [`FaultSpec::parse`]).
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::new();
+        if let Some(t) = &self.target {
+            out.insert(
+                "target".into(),
+                match t {
+                    Target::Sandbox(id) => json!({"sandbox": id}),
+                    Target::Netns(p) => json!({"netns": p}),
+                    Target::Pod { namespace, name } => {
+                        json!({"pod": {"namespace": namespace, "name": name}})
+                    }
+                },
+            );
+        }
+        out.insert("direction".into(), json!(self.direction.as_str()));
+        let mut mm = Map::new();
+        if let Some(c) = &self.r#match.cidr {
+            mm.insert("cidr".into(), json!(c.to_string()));
+        }
+        if let Some(p) = self.r#match.protocol {
+            mm.insert("protocol".into(), json!(p.as_str()));
+        }
+        if !self.r#match.ports.is_empty() {
+            let s: Vec<String> = self.r#match.ports.iter().map(|p| p.to_string()).collect();
+            mm.insert("ports".into(), json!(s.join(",")));
+        }
+        out.insert("match".into(), Value::Object(mm));
+        out.insert(
+            "action".into(),
+            match &self.action {
+                Action::Loss {
+                    percent,
+                    correlation,
+                } => json!({"type": "loss", "percent": percent, "correlation": correlation}),
+                Action::Blackhole => json!({"type": "blackhole"}),
+            },
+        );
+        out.insert(
+            "duration".into(),
+            json!(humantime::format_duration(self.duration).to_string()),
+        );
+        Value::Object(out)
+    }
+}
+
+/// The annotation carrying a JSON list of fault specs (without `target`).
+pub const ANNOTATION_FAULTS: &str = "netfault.io/faults";
+/// Shorthand: `netfault.io/loss: "5%"` is a loss fault on all traffic.
+pub const ANNOTATION_LOSS: &str = "netfault.io/loss";
+/// Duration applied to shorthand annotations, and their override.
+pub const ANNOTATION_DURATION: &str = "netfault.io/duration";
+/// Default lifetime of a shorthand annotation fault.
+pub const DEFAULT_ANNOTATION_DURATION: Duration = Duration::from_secs(3600);
+
+/// Parses the birth-time faults a pod's annotations ask for. Errors name the
+/// annotation and the field inside it (`netfault.io/faults[1].action.percent`).
+pub fn faults_from_annotations<'a>(
+    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+    max_duration: Duration,
+) -> Result<Vec<FaultSpec>, FieldError> {
+    let limits = Limits {
+        max_duration,
+        target_required: false,
+    };
+    let mut out = Vec::new();
+    let mut loss = None;
+    let mut duration = None;
+    for (k, v) in annotations {
+        match k.as_str() {
+            ANNOTATION_FAULTS => {
+                let list: Value = serde_json::from_str(v).map_err(|e| {
+                    FieldError::invalid(ANNOTATION_FAULTS, &format!("not a JSON list: {e}"))
+                })?;
+                let items = list.as_array().ok_or_else(|| {
+                    FieldError::invalid(ANNOTATION_FAULTS, "must be a JSON list of faults")
+                })?;
+                for (i, item) in items.iter().enumerate() {
+                    let spec = FaultSpec::parse(item, &limits)
+                        .map_err(|e| e.prefixed(&format!("{ANNOTATION_FAULTS}[{i}]")))?;
+                    out.push(spec);
+                }
+            }
+            ANNOTATION_LOSS => loss = Some(v),
+            ANNOTATION_DURATION => duration = Some(v),
+            _ => {}
+        }
+    }
+    if let Some(l) = loss {
+        let percent = parse_percent(&Value::String(l.clone()), ANNOTATION_LOSS)?;
+        let duration = match duration {
+            Some(d) => parse_duration(&Value::String(d.clone()), ANNOTATION_DURATION)?,
+            None => DEFAULT_ANNOTATION_DURATION.min(max_duration),
+        };
+        if duration > max_duration {
+            return Err(FieldError::invalid(
+                ANNOTATION_DURATION,
+                "exceeds this agent's maximum fault duration",
+            ));
+        }
+        out.push(FaultSpec {
+            target: None,
+            direction: Direction::Both,
+            r#match: Match::default(),
+            action: Action::Loss {
+                percent,
+                correlation: 0.0,
+            },
+            duration,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<FaultSpec, FieldError> {
+        FaultSpec::parse(&v, &Limits::default())
+    }
+
+    fn field_of(v: Value) -> String {
+        match parse(v) {
+            Ok(s) => panic!("expected an error, parsed {s:?}"),
+            Err(e) => e.field,
+        }
+    }
+
+    #[test]
+    fn full_loss_spec_round_trips() {
+        let v = json!({
+            "target": {"sandbox": "abc"},
+            "direction": "egress",
+            "match": {"cidr": "198.18.0.7/24", "protocol": "udp", "ports": "53,8000-8100"},
+            "action": {"type": "loss", "percent": 10, "correlation": 25},
+            "duration": "5m"
+        });
+        let s = parse(v).expect("valid");
+        assert_eq!(s.direction, Direction::Egress);
+        assert_eq!(s.r#match.cidr.map(|c| c.to_string()), Some("198.18.0.0/24".into()));
+        assert_eq!(s.r#match.ports.len(), 2);
+        assert_eq!(s.duration, Duration::from_secs(300));
+        let again = parse(s.to_json()).expect("canonical form parses");
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = parse(json!({"target": {"pod": {"name": "web"}}, "action": {"type": "blackhole"}, "duration": "1s"}))
+            .expect("valid");
+        assert_eq!(s.direction, Direction::Both);
+        assert_eq!(
+            s.target,
+            Some(Target::Pod { namespace: "default".into(), name: "web".into() })
+        );
+        assert_eq!(s.r#match, Match::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = |action: Value| json!({"target": {"sandbox": "x"}, "action": action, "duration": "1s"});
+        assert_eq!(field_of(base(json!({"type": "loss", "percent": 101}))), "action.percent");
+        assert_eq!(field_of(base(json!({"type": "loss"}))), "action.percent");
+        assert_eq!(field_of(base(json!({"type": "lose", "percent": 1}))), "action.type");
+        assert_eq!(field_of(base(json!({"type": "loss", "percent": "x"}))), "action.percent");
+        assert_eq!(field_of(base(json!({"type": "blackhole", "x": 1}))), "action.x");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}})), "duration");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "soon"})), "duration");
+        assert_eq!(field_of(json!({"action": {"type": "blackhole"}, "duration": "1s"})), "target");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"cidr": "1.2.3.4/40"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.cidr");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"ports": "0"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.ports");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"ports": "90-80"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.ports");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "direction": "up", "action": {"type": "blackhole"}, "duration": "1s"})), "direction");
+        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "1000d"})), "duration");
+    }
+
+    #[test]
+    fn planned_actions_are_unsupported_not_unknown() {
+        let e = parse(json!({"target": {"sandbox": "x"}, "action": {"type": "delay"}, "duration": "1s"}))
+            .expect_err("delay is not in this release");
+        assert_eq!(e.code, "unsupported");
+        assert_eq!(e.field, "action.type");
+    }
+
+    #[test]
+    fn annotations_parse_with_field_paths() {
+        let mut a = std::collections::BTreeMap::new();
+        a.insert(ANNOTATION_FAULTS.to_string(), r#"[{"action":{"type":"blackhole"},"duration":"1m"},{"action":{"type":"loss","percent":200},"duration":"1m"}]"#.to_string());
+        let e = faults_from_annotations(&a, Duration::from_secs(3600)).expect_err("bad percent");
+        assert_eq!(e.field, "netfault.io/faults[1].action.percent");
+        a.clear();
+        a.insert(ANNOTATION_LOSS.to_string(), "5%".to_string());
+        let f = faults_from_annotations(&a, Duration::from_secs(7200)).expect("shorthand");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].action, Action::Loss { percent: 5.0, correlation: 0.0 });
+    }
+}

@@ -1,0 +1,85 @@
+//! JSON bodies of the agent's socket API (requests and responses).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Default agent socket, also read from `NETFAULT_SOCKET` by the CLI.
+pub const DEFAULT_SOCKET: &str = "/run/netfault/netfaultd.sock";
+/// Default agent state directory.
+pub const DEFAULT_STATE_DIR: &str = "/run/netfault";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+}
+
+/// `PUT /v1/sandboxes/{id}` body, sent by the CNI plugin at ADD.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub netns: String,
+    #[serde(default = "default_ifname")]
+    pub ifname: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_ifname() -> String {
+    "eth0".to_string()
+}
+
+/// A sandbox as the agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Unix milliseconds.
+    pub enrolled_at_ms: u64,
+    /// Ids of faults created from annotations at enrolment.
+    #[serde(default)]
+    pub birth_faults: Vec<String>,
+    /// Why the annotations were rejected, if they were (the pod is untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotation_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Packets that matched the fault's selector while it was active.
+    pub matched: u64,
+    /// Packets the fault dropped.
+    pub dropped: u64,
+}
+
+/// A fault as the agent reports it: the canonical spec plus its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Fault {
+    pub id: String,
+    /// The sandbox the target resolved to.
+    pub sandbox: String,
+    /// `active` or `expired`.
+    pub state: String,
+    /// Canonical spec (target, direction, match, action, duration).
+    pub spec: Value,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Which datapath enforces it (`ebpf-tc`).
+    pub backend: String,
+    pub counters: Counters,
+}
