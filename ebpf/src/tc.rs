@@ -1,0 +1,356 @@
+//! Synchronous rtnetlink for the tc objects netfault owns: the `clsact`
+//! qdisc and `bpf` filters on it.
+//!
+//! A [`TcSocket`] talks to the network namespace it was opened in, so open it
+//! on a thread that has already entered the pod's netns (see the agent's
+//! `netns` module). Filters are attached by program fd with a fixed
+//! priority/handle, which lets a restarted agent atomically replace the
+//! previous agent's program (`NLM_F_REPLACE`) and find its own filters again
+//! without aya's per-process link tracking (KERNEL-NOTES: aya keys links by
+//! ifindex, which is 2 in every pod).
+
+use std::io;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::tc::{
+    TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// Priority of netfault's filters on clsact. Low numbers run first; this is
+/// high enough to stay out of the way of CNIs that use priority 1.
+pub const FILTER_PRIORITY: u16 = 0x4e46;
+/// Handle of netfault's filters (one per hook per interface).
+pub const FILTER_HANDLE: u32 = 0x4e46;
+
+const ETH_P_ALL: u16 = 0x0003;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcError {
+    #[error("netlink socket: {0}")]
+    Socket(io::Error),
+    #[error("{op}: {source}")]
+    Kernel { op: &'static str, source: io::Error },
+    #[error("{op}: malformed netlink reply: {detail}")]
+    Decode { op: &'static str, detail: String },
+}
+
+impl TcError {
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            TcError::Kernel { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Which clsact hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn parent(self) -> TcHandle {
+        TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: match self {
+                Hook::Ingress => TcHandle::MIN_INGRESS,
+                Hook::Egress => TcHandle::MIN_EGRESS,
+            },
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+}
+
+/// A qdisc as listed by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QdiscInfo {
+    pub kind: String,
+    pub handle: u32,
+    pub parent: u32,
+}
+
+/// A tc filter as listed by the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterInfo {
+    pub hook: Hook,
+    pub kind: String,
+    pub priority: u16,
+    pub handle: u32,
+    /// For `bpf` filters: the program's name and id.
+    pub prog_name: Option<String>,
+    pub prog_id: Option<u32>,
+}
+
+impl FilterInfo {
+    /// Whether this filter is one of netfault's.
+    pub fn is_netfault(&self) -> bool {
+        self.kind == "bpf" && self.priority == FILTER_PRIORITY && self.handle == FILTER_HANDLE
+    }
+}
+
+pub struct TcSocket {
+    sock: Socket,
+    seq: u32,
+}
+
+fn handle_u32(h: TcHandle) -> u32 {
+    ((h.major as u32) << 16) | h.minor as u32
+}
+
+impl TcSocket {
+    /// Opens a route netlink socket in the calling thread's netns.
+    pub fn open() -> Result<TcSocket, TcError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(TcError::Socket)?;
+        sock.bind_auto().map_err(TcError::Socket)?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(TcError::Socket)?;
+        Ok(TcSocket { sock, seq: 1 })
+    }
+
+    /// Sends one request and collects replies until ACK or DONE.
+    fn request(
+        &mut self,
+        op: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, TcError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        self.sock
+            .send(&buf, 0)
+            .map_err(|source| TcError::Kernel { op, source })?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self
+                .sock
+                .recv_from_full()
+                .map_err(|source| TcError::Kernel { op, source })?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| TcError::Decode {
+                        op,
+                        detail: e.to_string(),
+                    })?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Err(TcError::Decode {
+                        op,
+                        detail: "zero-length message".into(),
+                    });
+                }
+                offset += len;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(out),
+                            Some(_) => Err(TcError::Kernel {
+                                op,
+                                source: e.to_io(),
+                            }),
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
+            }
+            // A non-dump request is answered by a single ACK message.
+            if flags & NLM_F_DUMP != NLM_F_DUMP && flags & NLM_F_ACK == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Lists the qdiscs on `ifindex`.
+    pub fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, TcError> {
+        let msg = TcMessage::default();
+        let replies = self.request(
+            "list qdiscs",
+            RouteNetlinkMessage::GetQueueDiscipline(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewQueueDiscipline(q) if q.header.index == ifindex as i32 => {
+                    Some(QdiscInfo {
+                        kind: kind_of(&q),
+                        handle: handle_u32(q.header.handle),
+                        parent: handle_u32(q.header.parent),
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Adds a clsact qdisc. Returns `false` if one was already there (then
+    /// it is not ours to remove).
+    pub fn add_clsact(&mut self, ifindex: u32) -> Result<bool, TcError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = TcHandle::CLSACT;
+        msg.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self.request(
+            "add clsact qdisc",
+            RouteNetlinkMessage::NewQueueDiscipline(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the clsact qdisc (and with it every filter on it).
+    /// Succeeds when there is none.
+    pub fn del_clsact(&mut self, ifindex: u32) -> Result<(), TcError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = TcHandle::CLSACT;
+        msg.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        match self.request(
+            "delete clsact qdisc",
+            RouteNetlinkMessage::DelQueueDiscipline(msg),
+            NLM_F_ACK,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists the filters on one clsact hook. Empty when there is no clsact.
+    pub fn filters(&mut self, ifindex: u32, hook: Hook) -> Result<Vec<FilterInfo>, TcError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = hook.parent();
+        let replies = match self.request(
+            "list tc filters",
+            RouteNetlinkMessage::GetTrafficFilter(msg),
+            NLM_F_DUMP,
+        ) {
+            Ok(r) => r,
+            Err(e) if matches!(e.errno(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
+                continue;
+            };
+            // Each filter is reported once as a chain head (handle 0) too.
+            let handle = handle_u32(f.header.handle);
+            if handle == 0 {
+                continue;
+            }
+            let mut prog_name = None;
+            let mut prog_id = None;
+            for a in &f.attributes {
+                if let TcAttribute::Options(opts) = a {
+                    for o in opts {
+                        match o {
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => {
+                                prog_name = Some(n.clone())
+                            }
+                            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => prog_id = Some(*id),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            out.push(FilterInfo {
+                hook,
+                kind: kind_of(&f),
+                priority: (f.header.info >> 16) as u16,
+                handle,
+                prog_name,
+                prog_id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Attaches (or atomically replaces) netfault's direct-action bpf filter.
+    pub fn attach_bpf(
+        &mut self,
+        ifindex: u32,
+        hook: Hook,
+        prog_fd: i32,
+        name: &str,
+    ) -> Result<(), TcError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = hook.parent();
+        msg.header.handle = TcHandle::from(FILTER_HANDLE);
+        msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
+        msg.attributes.push(TcAttribute::Kind("bpf".into()));
+        msg.attributes.push(TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd as u32)),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string())),
+            TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+        ]));
+        self.request(
+            "attach bpf filter",
+            RouteNetlinkMessage::NewTrafficFilter(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// Removes netfault's filter from one hook. Succeeds when it is absent.
+    pub fn detach_bpf(&mut self, ifindex: u32, hook: Hook) -> Result<(), TcError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = hook.parent();
+        msg.header.handle = TcHandle::from(FILTER_HANDLE);
+        msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
+        msg.attributes.push(TcAttribute::Kind("bpf".into()));
+        match self.request(
+            "detach bpf filter",
+            RouteNetlinkMessage::DelTrafficFilter(msg),
+            NLM_F_ACK,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn kind_of(m: &TcMessage) -> String {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            TcAttribute::Kind(k) => Some(k.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
