@@ -9,7 +9,8 @@
 pub mod rule;
 pub mod tc;
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::SchedClassifier;
@@ -53,6 +54,35 @@ pub enum DatapathError {
     OutOfRange(u32),
 }
 
+/// A pod address as the program keys it (`struct addr_key`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddrKey {
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+// SAFETY: plain bytes, no padding.
+unsafe impl aya::Pod for AddrKey {}
+
+impl From<IpAddr> for AddrKey {
+    fn from(ip: IpAddr) -> Self {
+        let mut k = AddrKey::default();
+        match ip {
+            IpAddr::V4(a) => {
+                k.family = 4;
+                k.addr[..4].copy_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                k.family = 6;
+                k.addr = a.octets();
+            }
+        }
+        k
+    }
+}
+
 /// File descriptors of the loaded programs. Fds are process-wide, so a
 /// thread that entered another netns can attach them there.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +96,7 @@ pub struct Datapath {
     // Keeps the programs loaded for as long as the agent runs.
     _ebpf: Ebpf,
     fds: ProgramFds,
-    sandboxes: HashMap<MapData, u64, u32>,
+    sandboxes: HashMap<MapData, AddrKey, u32>,
     rules: Array<MapData, RawRule>,
     counters: PerCpuArray<MapData, RawCounters>,
     last_draw: PerCpuArray<MapData, u32>,
@@ -122,23 +152,28 @@ impl Datapath {
         self.fds
     }
 
-    /// Routes packets of the netns with `cookie` to rule block `slot`.
-    pub fn bind_sandbox(&mut self, cookie: u64, slot: u32) -> Result<(), DatapathError> {
+    /// Routes packets from/to `addr` (a pod's own address) to rule block `slot`.
+    pub fn bind_address(&mut self, addr: IpAddr, slot: u32) -> Result<(), DatapathError> {
         if slot >= MAX_SANDBOXES {
             return Err(DatapathError::OutOfRange(slot));
         }
         self.sandboxes
-            .insert(cookie, slot, 0)
+            .insert(AddrKey::from(addr), slot, 0)
             .map_err(|source| DatapathError::Map {
                 name: "nf_sandboxes",
                 source,
             })
     }
 
-    pub fn unbind_sandbox(&mut self, cookie: u64) -> Result<(), DatapathError> {
-        match self.sandboxes.remove(&cookie) {
+    pub fn unbind_address(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
+        match self.sandboxes.remove(&AddrKey::from(addr)) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(source) => Err(DatapathError::Map {
                 name: "nf_sandboxes",
                 source,
@@ -232,40 +267,11 @@ pub fn boottime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-// Not in libc 0.2 for every target; value from include/uapi/asm-generic/socket.h.
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
-/// The cookie of the calling thread's network namespace, as the program sees
-/// it through `bpf_get_netns_cookie`.
-pub fn netns_cookie_here() -> Result<u64, DatapathError> {
-    let io = |op| move |source| DatapathError::Io { op, source };
-    // SAFETY: plain socket(2); the fd is owned immediately.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io("socket for SO_NETNS_COOKIE")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: raw is a fresh, valid fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io("getsockopt(SO_NETNS_COOKIE)")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(cookie)
+/// The global-scope addresses of `ifname` in the calling thread's netns:
+/// what the program keys a sandbox's packets on.
+pub fn addresses_here(ifname: &str) -> Result<Vec<IpAddr>, DatapathError> {
+    let ifindex = ifindex_here(ifname)?;
+    Ok(TcSocket::open()?.addresses(ifindex)?)
 }
 
 fn ifindex_here(ifname: &str) -> Result<u32, DatapathError> {

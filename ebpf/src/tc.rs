@@ -1,5 +1,5 @@
-//! Synchronous rtnetlink for the tc objects netfault owns: the `clsact`
-//! qdisc and `bpf` filters on it.
+//! Synchronous rtnetlink for the tc objects netfault owns (the `clsact`
+//! qdisc and `bpf` filters on it) and for reading a pod's addresses.
 //!
 //! A [`TcSocket`] talks to the network namespace it was opened in, so open it
 //! on a thread that has already entered the pod's netns (see the agent's
@@ -10,11 +10,13 @@
 //! ifindex, which is 2 in every pod).
 
 use std::io;
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
 };
@@ -182,6 +184,30 @@ impl TcSocket {
                 return Ok(out);
             }
         }
+    }
+
+    /// Global-scope (not link-local) addresses on `ifindex`.
+    pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>, TcError> {
+        let replies = self.request(
+            "list addresses",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                continue;
+            };
+            if a.header.index != ifindex || a.header.scope != AddressScope::Universe {
+                continue;
+            }
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    out.push(*ip);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Lists the qdiscs on `ifindex`.

@@ -2,7 +2,7 @@
 //! cookie helper is usable from tc programs.
 
 #[test]
-fn datapath_loads_and_netns_cookie_is_readable() {
+fn datapath_loads_and_binds_addresses() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: requires root");
         return;
@@ -13,6 +13,9 @@ fn datapath_loads_and_netns_cookie_is_readable() {
     };
     let fds = dp.program_fds();
     assert!(fds.egress > 0 && fds.ingress > 0);
-    let c = netfault_ebpf::netns_cookie_here().expect("SO_NETNS_COOKIE");
-    assert_ne!(c, 0);
+    let mut dp = dp;
+    let addr = "198.18.255.1".parse().expect("literal");
+    dp.bind_address(addr, 3).expect("bind");
+    dp.unbind_address(addr).expect("unbind");
+    dp.unbind_address(addr).expect("unbinding twice is fine");
 }

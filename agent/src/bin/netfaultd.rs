@@ -1,1 +1,100 @@
-fn main() {}
+//! netfaultd: the netfault node agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use netfault_agent::metrics::Metrics;
+use netfault_agent::registry::{Config, Registry};
+use netfault_agent::server::{serve, Api};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "netfaultd",
+    version,
+    about = "netfault node agent: injects network faults into pod network namespaces"
+)]
+struct Args {
+    /// Unix socket to serve the API on.
+    #[arg(long, default_value = netfault_api::wire::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Directory for persisted state (survives agent restarts).
+    #[arg(long, default_value = netfault_api::wire::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Longest fault duration accepted.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    max_duration: Duration,
+    /// How long expired faults remain listed.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    retain_expired: Duration,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let registry = Arc::new(
+        Registry::open(Config {
+            state_dir: args.state_dir.clone(),
+            max_duration: args.max_duration,
+            retain_expired: args.retain_expired,
+        })
+        .context("starting the registry")?,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let reaper = registry.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = reaper.clone();
+                let next = tokio::task::spawn_blocking(move || r.reap()).await;
+                let wait = match next {
+                    Ok(Ok(Some(d))) => {
+                        d.clamp(Duration::from_millis(5), Duration::from_millis(500))
+                    }
+                    Ok(Ok(None)) => Duration::from_millis(500),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "expiring faults failed");
+                        Duration::from_secs(1)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reaper task failed");
+                        Duration::from_secs(1)
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        });
+        let api = Arc::new(Api {
+            registry,
+            metrics: Arc::new(Metrics::default()),
+        });
+        let server = serve(api, &args.socket);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("terminated; leaving installed faults to their deadlines");
+                Ok(())
+            }
+            r = server => r.context("serving the API"),
+            _ = tokio::signal::ctrl_c() => {
+                // Faults stay installed: the kernel enforces their deadlines and
+                // the next agent re-adopts them from the state dir.
+                tracing::info!("interrupted; leaving installed faults to their deadlines");
+                Ok(())
+            }
+        }
+    })
+}

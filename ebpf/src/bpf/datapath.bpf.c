@@ -11,8 +11,10 @@
 // is checked here, so a fault ends on time even if the agent is dead
 // (KERNEL-NOTES: legacy clsact filters outlive the agent).
 //
-// Pods are told apart by their network namespace cookie, not by ifindex:
-// every pod's eth0 has ifindex 2 (KERNEL-NOTES).
+// Pods are told apart by their own IP addresses (source on egress,
+// destination on ingress), not by ifindex: every pod's eth0 has ifindex 2
+// (KERNEL-NOTES). bpf_get_netns_cookie() was tried and rejected: on this
+// kernel it reports the pod's netns on egress but not on ingress.
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -58,11 +60,18 @@ struct counters {
 	__u64 dropped;
 };
 
-// netns cookie -> sandbox slot
+// A pod address. Layout shared with ebpf/src/lib.rs (AddrKey).
+struct addr_key {
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+// pod address -> sandbox slot
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SANDBOXES);
-	__type(key, __u64);
+	__uint(max_entries, MAX_SANDBOXES * 4);
+	__type(key, struct addr_key);
 	__type(value, __u32);
 } nf_sandboxes SEC(".maps");
 
@@ -94,6 +103,7 @@ struct pkt {
 	__u8 proto;
 	__u8 has_ports;
 	__u8 peer[16];
+	struct addr_key local;
 	__u16 sport;
 	__u16 dport;
 };
@@ -108,6 +118,7 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		p->family = 4;
 		p->proto = ip.protocol;
 		__builtin_memcpy(p->peer, ingress ? &ip.saddr : &ip.daddr, 4);
+		__builtin_memcpy(p->local.addr, ingress ? &ip.daddr : &ip.saddr, 4);
 		// Non-first fragments carry no L4 header.
 		if (ip.frag_off & bpf_htons(0x1fff))
 			return 0;
@@ -119,6 +130,7 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		p->family = 6;
 		p->proto = ip6.nexthdr;
 		__builtin_memcpy(p->peer, ingress ? &ip6.saddr : &ip6.daddr, 16);
+		__builtin_memcpy(p->local.addr, ingress ? &ip6.daddr : &ip6.saddr, 16);
 		l4off = ETH_HLEN + sizeof(ip6);
 	} else {
 		return -1;
@@ -197,18 +209,17 @@ static __always_inline __u32 draw(const struct rule *r, __u32 idx)
 
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
-	__u64 cookie = bpf_get_netns_cookie(skb);
-	__u32 *slot = bpf_map_lookup_elem(&nf_sandboxes, &cookie);
+	struct pkt p = {};
+	if (parse(skb, ingress, &p) < 0)
+		return TC_ACT_OK;
+	p.local.family = p.family;
+	__u32 *slot = bpf_map_lookup_elem(&nf_sandboxes, &p.local);
 	if (!slot)
 		return TC_ACT_OK;
 	__u32 base = *slot;
 	if (base >= MAX_SANDBOXES)
 		return TC_ACT_OK;
 	base *= RULES_PER_SANDBOX;
-
-	struct pkt p = {};
-	if (parse(skb, ingress, &p) < 0)
-		return TC_ACT_OK;
 
 	__u8 dir = ingress ? DIR_INGRESS : DIR_EGRESS;
 	__u64 now = bpf_ktime_get_boot_ns();

@@ -1,0 +1,83 @@
+//! Prometheus text exposition for `/metrics`.
+//!
+//! Fault counters are read from the datapath's per-CPU maps at scrape time
+//! (through the registry), so the numbers are what the kernel did.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::registry::Registry;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests_ok: AtomicU64,
+    requests_client_error: AtomicU64,
+    requests_server_error: AtomicU64,
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn count_request(&self, status: u16) {
+        let c = match status {
+            500.. => &self.requests_server_error,
+            400.. => &self.requests_client_error,
+            _ => &self.requests_ok,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, reg: &Registry) -> String {
+        let sandboxes = reg.sandboxes();
+        let faults = reg.faults();
+        let mut out = String::new();
+        let active = faults.iter().filter(|f| f.state == "active").count();
+        let _ = writeln!(out, "# HELP netfault_sandboxes Enrolled sandboxes.\n# TYPE netfault_sandboxes gauge\nnetfault_sandboxes {}", sandboxes.len());
+        let _ = writeln!(out, "# HELP netfault_faults_active Faults currently applied.\n# TYPE netfault_faults_active gauge\nnetfault_faults_active {active}");
+        let _ = writeln!(out, "# HELP netfault_api_requests_total API requests by outcome.\n# TYPE netfault_api_requests_total counter");
+        for (class, c) in [
+            ("2xx", &self.requests_ok),
+            ("4xx", &self.requests_client_error),
+            ("5xx", &self.requests_server_error),
+        ] {
+            let _ = writeln!(
+                out,
+                "netfault_api_requests_total{{class=\"{class}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help) in [
+            (
+                "netfault_fault_packets_matched_total",
+                "Packets that matched a fault's selector.",
+            ),
+            (
+                "netfault_fault_packets_dropped_total",
+                "Packets a fault dropped.",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for f in &faults {
+                let v = if name.ends_with("matched_total") {
+                    f.counters.matched
+                } else {
+                    f.counters.dropped
+                };
+                let action = f.spec["action"]["type"].as_str().unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{name}{{fault=\"{}\",sandbox=\"{}\",action=\"{}\",state=\"{}\"}} {v}",
+                    label(&f.id),
+                    label(&f.sandbox),
+                    label(action),
+                    label(&f.state)
+                );
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,206 @@
+//! The agent's HTTP/1.1 + JSON API on a unix socket (DESIGN.md, "Agent API").
+//!
+//! What it owns: routing, body limits, JSON (de)serialization and mapping
+//! errors onto `{"error": {"code", "message", "field"}}`. What it must not
+//! do: decide anything about faults; every request is handed to the
+//! [`Registry`] on a blocking thread, since registry calls may enter netns.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use netfault_api::{EnrolRequest, ErrorBody, FieldError};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::UnixListener;
+
+use crate::metrics::Metrics;
+use crate::registry::{AgentError, Registry};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+pub struct Api {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn empty(status: StatusCode) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+fn error(e: AgentError) -> Resp {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let fe = e.field_error();
+    let mut body = ErrorBody::from(fe.clone());
+    if fe.field.is_empty() {
+        body.error.field = None;
+        body.error.message = fe.message;
+    }
+    json(status, &body)
+}
+
+fn bad(field: &str, msg: &str) -> AgentError {
+    AgentError::Invalid(FieldError::invalid(field, msg))
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn collect_limited(body: Incoming, limit: usize) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn body_json(req: Request<Incoming>) -> Result<Value, AgentError> {
+    let bytes = collect_limited(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|e| bad("", &format!("reading the body: {e}")))?;
+    if bytes.is_empty() {
+        return Err(bad("", "the request needs a JSON body"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad("", &format!("body is not valid JSON: {e}")))
+}
+
+/// Runs a registry call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
+}
+
+impl Api {
+    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Resp {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let reg = self.registry.clone();
+        let result: Result<Resp, AgentError> = match (&method, segs.as_slice()) {
+            (&Method::GET, ["healthz"]) => {
+                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            }
+            (&Method::GET, ["metrics"]) => {
+                let text = self.metrics.render(&reg);
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(r)
+            }
+            (&Method::GET, ["v1", "sandboxes"]) => Ok(json(StatusCode::OK, &reg.sandboxes())),
+            (&Method::PUT, ["v1", "sandboxes", id]) => {
+                let id = id.to_string();
+                match body_json(req).await {
+                    Err(e) => Err(e),
+                    Ok(v) => match serde_json::from_value::<EnrolRequest>(v) {
+                        Err(e) => Err(bad(&serde_field(&e), &e.to_string())),
+                        Ok(enrol) => blocking(move || reg.enrol(&id, enrol))
+                            .await
+                            .map(|s| json(StatusCode::OK, &s)),
+                    },
+                }
+            }
+            (&Method::DELETE, ["v1", "sandboxes", id]) => {
+                let id = id.to_string();
+                blocking(move || reg.release(&id))
+                    .await
+                    .map(|_| empty(StatusCode::NO_CONTENT))
+            }
+            (&Method::GET, ["v1", "faults"]) => Ok(json(StatusCode::OK, &reg.faults())),
+            (&Method::POST, ["v1", "faults"]) => match body_json(req).await {
+                Err(e) => Err(e),
+                Ok(v) => blocking(move || reg.create_fault(&v))
+                    .await
+                    .map(|f| json(StatusCode::CREATED, &f)),
+            },
+            (&Method::GET, ["v1", "faults", id]) => reg.fault(id).map(|f| json(StatusCode::OK, &f)),
+            (&Method::DELETE, ["v1", "faults", id]) => {
+                let id = id.to_string();
+                blocking(move || reg.delete_fault(&id))
+                    .await
+                    .map(|_| empty(StatusCode::NO_CONTENT))
+            }
+            (_, ["healthz"] | ["metrics"] | ["v1", "sandboxes", ..] | ["v1", "faults", ..]) => {
+                let mut r = error(bad("method", &format!("{method} is not allowed on {path}")));
+                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                Ok(r)
+            }
+            _ => Err(AgentError::NotFound(FieldError::not_found(
+                "path",
+                &format!("no such endpoint {path}"),
+            ))),
+        };
+        let resp = result.unwrap_or_else(error);
+        self.metrics.count_request(resp.status().as_u16());
+        resp
+    }
+}
+
+/// Best-effort field name from a serde error such as "missing field `netns`".
+fn serde_field(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    msg.split('`').nth(1).unwrap_or_default().to_string()
+}
+
+/// Serves the API on `socket` until the process ends.
+pub async fn serve(api: Arc<Api>, socket: &Path) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "serving the API");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let svc = service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.route(req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
+            }
+        });
+    }
+}
