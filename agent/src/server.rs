@@ -56,7 +56,8 @@ fn error(e: AgentError) -> Resp {
     let fe = e.field_error();
     let mut body = ErrorBody::from(fe.clone());
     if fe.field.is_empty() {
-        body.error.field = None;
+        // Whole-body problems (not JSON, not an object) are reported on `body`.
+        body.error.field = Some("body".into());
         body.error.message = fe.message;
     }
     json(status, &body)

@@ -17,6 +17,8 @@ use netlink_packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
 };
@@ -207,6 +209,67 @@ impl TcSocket {
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// One line per route in every table, for before/after comparisons.
+    pub fn route_summary(&mut self) -> Result<Vec<String>, TcError> {
+        let replies = self.request(
+            "list routes",
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut out: Vec<String> = replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => {
+                    let attrs: Vec<String> = r
+                        .attributes
+                        .iter()
+                        .filter(|a| {
+                            matches!(
+                                a,
+                                RouteAttribute::Destination(_)
+                                    | RouteAttribute::Gateway(_)
+                                    | RouteAttribute::Oif(_)
+                                    | RouteAttribute::Table(_)
+                            )
+                        })
+                        .map(|a| format!("{a:?}"))
+                        .collect();
+                    Some(format!(
+                        "{:?}/{} {:?} {:?} {}",
+                        r.header.address_family,
+                        r.header.destination_prefix_length,
+                        r.header.kind,
+                        r.header.scope,
+                        attrs.join(" ")
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// One line per policy routing rule, for before/after comparisons.
+    pub fn rule_summary(&mut self) -> Result<Vec<String>, TcError> {
+        let replies = self.request(
+            "list rules",
+            RouteNetlinkMessage::GetRule(RuleMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut out: Vec<String> = replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => {
+                    Some(format!("{:?} {:?}", r.header, r.attributes))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort();
         Ok(out)
     }
 
