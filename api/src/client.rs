@@ -72,11 +72,17 @@ impl Client {
     }
 
     /// Sends one request and returns the status and body, whatever the status.
-    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-            path: self.socket.clone(),
-            source,
-        })?;
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, ClientError> {
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
         let body = body.unwrap_or_default();
@@ -93,7 +99,12 @@ impl Client {
     }
 
     /// Sends JSON and returns the JSON answer; a 4xx/5xx becomes [`ClientError::Api`].
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
         let bytes = body.map(|b| b.to_string().into_bytes());
         let resp = self.raw(method, path, bytes.as_deref())?;
         if resp.status >= 400 {

@@ -381,7 +381,8 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
 fn parse_action(v: &Value) -> Result<Action, FieldError> {
     let m = obj(v, "action")?;
     let ty = string(
-        m.get("type").ok_or_else(|| FieldError::missing("action.type"))?,
+        m.get("type")
+            .ok_or_else(|| FieldError::missing("action.type"))?,
         "action.type",
     )?;
     match ty {
@@ -419,8 +420,7 @@ fn parse_action(v: &Value) -> Result<Action, FieldError> {
 impl FaultSpec {
     /// Parses and validates one fault. Errors name the offending field.
     pub fn parse(v: &Value, limits: &Limits) -> Result<FaultSpec, FieldError> {
-        let m = obj(v, "")
-            .map_err(|_| FieldError::invalid("", "a fault must be a JSON object"))?;
+        let m = obj(v, "").map_err(|_| FieldError::invalid("", "a fault must be a JSON object"))?;
         let known: &[&str] = if limits.target_required {
             &["target", "direction", "match", "action", "duration"]
         } else {
@@ -429,7 +429,8 @@ impl FaultSpec {
         reject_unknown(m, "", known)?;
         let target = if limits.target_required {
             Some(parse_target(
-                m.get("target").ok_or_else(|| FieldError::missing("target"))?,
+                m.get("target")
+                    .ok_or_else(|| FieldError::missing("target"))?,
             )?)
         } else {
             None
@@ -452,9 +453,13 @@ impl FaultSpec {
             None | Some(Value::Null) => Match::default(),
             Some(mv) => parse_match(mv)?,
         };
-        let action = parse_action(m.get("action").ok_or_else(|| FieldError::missing("action"))?)?;
+        let action = parse_action(
+            m.get("action")
+                .ok_or_else(|| FieldError::missing("action"))?,
+        )?;
         let duration = parse_duration(
-            m.get("duration").ok_or_else(|| FieldError::missing("duration"))?,
+            m.get("duration")
+                .ok_or_else(|| FieldError::missing("duration"))?,
             "duration",
         )?;
         if duration.is_zero() {
@@ -619,7 +624,10 @@ mod tests {
         });
         let s = parse(v).expect("valid");
         assert_eq!(s.direction, Direction::Egress);
-        assert_eq!(s.r#match.cidr.map(|c| c.to_string()), Some("198.18.0.0/24".into()));
+        assert_eq!(
+            s.r#match.cidr.map(|c| c.to_string()),
+            Some("198.18.0.0/24".into())
+        );
         assert_eq!(s.r#match.ports.len(), 2);
         assert_eq!(s.duration, Duration::from_secs(300));
         let again = parse(s.to_json()).expect("canonical form parses");
@@ -633,33 +641,87 @@ mod tests {
         assert_eq!(s.direction, Direction::Both);
         assert_eq!(
             s.target,
-            Some(Target::Pod { namespace: "default".into(), name: "web".into() })
+            Some(Target::Pod {
+                namespace: "default".into(),
+                name: "web".into()
+            })
         );
         assert_eq!(s.r#match, Match::default());
     }
 
     #[test]
     fn errors_name_the_field() {
-        let base = |action: Value| json!({"target": {"sandbox": "x"}, "action": action, "duration": "1s"});
-        assert_eq!(field_of(base(json!({"type": "loss", "percent": 101}))), "action.percent");
+        let base =
+            |action: Value| json!({"target": {"sandbox": "x"}, "action": action, "duration": "1s"});
+        assert_eq!(
+            field_of(base(json!({"type": "loss", "percent": 101}))),
+            "action.percent"
+        );
         assert_eq!(field_of(base(json!({"type": "loss"}))), "action.percent");
-        assert_eq!(field_of(base(json!({"type": "lose", "percent": 1}))), "action.type");
-        assert_eq!(field_of(base(json!({"type": "loss", "percent": "x"}))), "action.percent");
-        assert_eq!(field_of(base(json!({"type": "blackhole", "x": 1}))), "action.x");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}})), "duration");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "soon"})), "duration");
-        assert_eq!(field_of(json!({"action": {"type": "blackhole"}, "duration": "1s"})), "target");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"cidr": "1.2.3.4/40"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.cidr");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"ports": "0"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.ports");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "match": {"ports": "90-80"}, "action": {"type": "blackhole"}, "duration": "1s"})), "match.ports");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "direction": "up", "action": {"type": "blackhole"}, "duration": "1s"})), "direction");
-        assert_eq!(field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "1000d"})), "duration");
+        assert_eq!(
+            field_of(base(json!({"type": "lose", "percent": 1}))),
+            "action.type"
+        );
+        assert_eq!(
+            field_of(base(json!({"type": "loss", "percent": "x"}))),
+            "action.percent"
+        );
+        assert_eq!(
+            field_of(base(json!({"type": "blackhole", "x": 1}))),
+            "action.x"
+        );
+        assert_eq!(
+            field_of(json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}})),
+            "duration"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "soon"})
+            ),
+            "duration"
+        );
+        assert_eq!(
+            field_of(json!({"action": {"type": "blackhole"}, "duration": "1s"})),
+            "target"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "match": {"cidr": "1.2.3.4/40"}, "action": {"type": "blackhole"}, "duration": "1s"})
+            ),
+            "match.cidr"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "match": {"ports": "0"}, "action": {"type": "blackhole"}, "duration": "1s"})
+            ),
+            "match.ports"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "match": {"ports": "90-80"}, "action": {"type": "blackhole"}, "duration": "1s"})
+            ),
+            "match.ports"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "direction": "up", "action": {"type": "blackhole"}, "duration": "1s"})
+            ),
+            "direction"
+        );
+        assert_eq!(
+            field_of(
+                json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "1000d"})
+            ),
+            "duration"
+        );
     }
 
     #[test]
     fn planned_actions_are_unsupported_not_unknown() {
-        let e = parse(json!({"target": {"sandbox": "x"}, "action": {"type": "delay"}, "duration": "1s"}))
-            .expect_err("delay is not in this release");
+        let e = parse(
+            json!({"target": {"sandbox": "x"}, "action": {"type": "delay"}, "duration": "1s"}),
+        )
+        .expect_err("delay is not in this release");
         assert_eq!(e.code, "unsupported");
         assert_eq!(e.field, "action.type");
     }
@@ -674,6 +736,12 @@ mod tests {
         a.insert(ANNOTATION_LOSS.to_string(), "5%".to_string());
         let f = faults_from_annotations(&a, Duration::from_secs(7200)).expect("shorthand");
         assert_eq!(f.len(), 1);
-        assert_eq!(f[0].action, Action::Loss { percent: 5.0, correlation: 0.0 });
+        assert_eq!(
+            f[0].action,
+            Action::Loss {
+                percent: 5.0,
+                correlation: 0.0
+            }
+        );
     }
 }

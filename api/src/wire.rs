@@ -10,6 +10,16 @@ pub const DEFAULT_SOCKET: &str = "/run/netfault/netfaultd.sock";
 /// Default agent state directory.
 pub const DEFAULT_STATE_DIR: &str = "/run/netfault";
 
+/// Where the CNI plugin records enrolments the agent could not take (agent
+/// down, `failurePolicy: ignore`): `<socket dir>/pending/<sandbox id>.json`,
+/// each an [`EnrolRequest`]. The agent adopts them when it is back.
+pub fn pending_dir(socket: &std::path::Path) -> std::path::PathBuf {
+    socket
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("/"))
+        .join("pending")
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     #[serde(default)]

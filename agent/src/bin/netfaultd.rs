@@ -53,12 +53,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Where the CNI plugin leaves enrolments it could not deliver.
+    let pending = netfault_api::wire::pending_dir(&args.socket);
+    registry.adopt_pending(&pending);
     rt.block_on(async move {
         let reaper = registry.clone();
         tokio::spawn(async move {
             loop {
                 let r = reaper.clone();
-                let next = tokio::task::spawn_blocking(move || r.reap()).await;
+                let p = pending.clone();
+                let next = tokio::task::spawn_blocking(move || {
+                    r.adopt_pending(&p);
+                    r.reap()
+                })
+                .await;
                 let wait = match next {
                     Ok(Ok(Some(d))) => {
                         d.clamp(Duration::from_millis(5), Duration::from_millis(500))
