@@ -5,11 +5,14 @@
 //! unchanged; DEL releases it; CHECK asks whether it is enrolled; STATUS asks
 //! whether the agent is healthy; GC releases sandboxes the runtime no longer
 //! knows. With `failurePolicy: ignore` (the default) an unreachable agent never
-//! fails a pod. Errors are CNI error JSON on stdout; logs go to stderr.
+//! fails a pod: ADD then leaves the enrolment in the agent's pending dir for it
+//! to adopt when it is back (see `pending`). Errors are CNI error JSON on
+//! stdout; logs go to stderr.
 
 mod args;
 mod config;
 mod error;
+mod pending;
 mod result;
 mod version;
 
@@ -190,7 +193,16 @@ impl Ctx<'_> {
         {
             Ok(_) => {}
             Err(e) => match classify(e) {
-                AgentFailure::Unavailable(err) => self.unavailable(&what, &err)?,
+                AgentFailure::Unavailable(err) => {
+                    self.unavailable(&what, &err)?;
+                    match pending::record(&self.conf.socket, self.id(), &req) {
+                        Ok(path) => self.log(&format!(
+                            "{what}: left for netfaultd to adopt when it is back: {}",
+                            path.display()
+                        )),
+                        Err(e) => self.log(&format!("{what}: cannot record it for later: {e}")),
+                    }
+                }
                 AgentFailure::Rejected { status, message } => self.log(&format!(
                     "{what}: netfaultd refused ({status}): {message}; the pod starts without faults"
                 )),
@@ -200,6 +212,8 @@ impl Ctx<'_> {
     }
 
     fn del(&self) -> Result<Option<Value>, CniError> {
+        // First, so that a pod deleted during an agent outage is never adopted.
+        self.forget_pending(self.id());
         match self
             .client()
             .call("DELETE", &format!("/v1/sandboxes/{}", self.id()), None)
@@ -213,6 +227,12 @@ impl Ctx<'_> {
             },
         }
         Ok(None)
+    }
+
+    fn forget_pending(&self, id: &str) {
+        if let Err(e) = pending::forget(&self.conf.socket, id) {
+            self.log(&format!("cannot remove the pending enrolment of {id}: {e}"));
+        }
     }
 
     /// Ids of the sandboxes the agent knows; `None` when it is unavailable and the policy is ignore.
@@ -286,6 +306,11 @@ impl Ctx<'_> {
     /// container, whatever the interface.
     fn gc(&self) -> Result<Option<Value>, CniError> {
         let valid = self.conf.valid_container_ids()?;
+        for id in pending::ids(&self.conf.socket) {
+            if !valid.contains(&id) {
+                self.forget_pending(&id);
+            }
+        }
         let Some(ids) = self.enrolled_ids("garbage-collect sandboxes")? else {
             return Ok(None);
         };
@@ -317,9 +342,15 @@ mod tests {
         Env::from_lookup(|k| m.get(k).cloned())
     }
 
+    /// A conf whose socket is in a directory that does not exist, so nothing
+    /// listens and no pending enrolment can be written.
     fn no_agent_conf(policy: &str, extra: &str) -> Vec<u8> {
+        let socket = std::env::temp_dir()
+            .join(format!("netfault-no-such-dir-{}", std::process::id()))
+            .join("netfaultd.sock");
         format!(
-            r#"{{"cniVersion":"1.0.0","name":"t","type":"netfault","socket":"/nonexistent/netfault-test.sock","failurePolicy":"{policy}"{extra}}}"#
+            r#"{{"cniVersion":"1.0.0","name":"t","type":"netfault","socket":{},"failurePolicy":"{policy}"{extra}}}"#,
+            serde_json::Value::String(socket.to_string_lossy().into_owned())
         )
         .into_bytes()
     }

@@ -1,0 +1,210 @@
+//! A real netfaultd, run on a socket in a directory the test owns.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, Result};
+
+/// How long [`Agent::start`] waits for `GET /healthz` to answer 200.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `netfaultd --socket DIR/netfaultd.sock --state-dir DIR/state`.
+/// Its stdout and stderr go to `DIR/netfaultd.log` (appended across restarts).
+/// `RUST_LOG` and the rest of the environment pass through. Drop stops it:
+/// SIGTERM, then SIGKILL after 2 s.
+#[derive(Debug)]
+pub struct Agent {
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    pid: u32,
+    log_offset: u64,
+}
+
+impl Agent {
+    /// Starts netfaultd and waits until it is ready (10 s at most; the error
+    /// then includes the tail of its log).
+    pub fn start(dir: &Path) -> Result<Agent> {
+        Agent::start_with_args(dir, &[])
+    }
+
+    /// Like [`Agent::start`], with extra command-line arguments (kept for restarts).
+    pub fn start_with_args(dir: &Path, extra_args: &[&str]) -> Result<Agent> {
+        let mut agent = Agent {
+            dir: dir.to_path_buf(),
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            pid: 0,
+            log_offset: 0,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("netfaultd.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("netfaultd.log")
+    }
+
+    /// A client for the agent's socket (10 s timeout).
+    pub fn client(&self) -> netfault_api::Client {
+        netfault_api::Client::new(self.socket())
+    }
+
+    /// The pid of the last started process (stale once it was killed).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process is still alive (reaps it if it has exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_))) | Some(Err(_)) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// SIGKILL and reap: a crash, as far as anyone can tell.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            match child.kill() {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {} // already reaped
+                Err(e) => return Err(e).ctx(|| format!("killing netfaultd {}", self.pid)),
+            }
+            child
+                .wait()
+                .ctx(|| format!("reaping netfaultd {}", self.pid))?;
+        }
+        Ok(())
+    }
+
+    /// Stops it gracefully (SIGTERM, SIGKILL after `grace`) and reaps it.
+    pub fn stop(&mut self, grace: Duration) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // ESRCH: already gone; reaped below.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if child
+                .try_wait()
+                .ctx(|| "waiting for netfaultd".into())?
+                .is_some()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ctx(|| "reaping netfaultd".into())?;
+        Ok(())
+    }
+
+    /// Kills the running process, if any, and starts a new one on the same
+    /// socket and state dir (a DaemonSet restart).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+
+    /// The log written since the last (re)start, at most its last `lines` lines.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(self.log_path()) {
+            if f.seek(SeekFrom::Start(self.log_offset)).is_ok() {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        crate::ensure_workspace_bins()?;
+        let bin = crate::workspace_bin("netfaultd");
+        if !bin.exists() {
+            return Err(Error::Agent(format!(
+                "{} not found: build the workspace first (cargo build --workspace)",
+                bin.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.dir).ctx(|| format!("creating {}", self.dir.display()))?;
+        let log_path = self.log_path();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .ctx(|| format!("opening {}", log_path.display()))?;
+        self.log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log2 = log.try_clone().ctx(|| "dup log fd".into())?;
+        let child = Command::new(&bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .ctx(|| format!("starting {}", bin.display()))?;
+        self.pid = child.id();
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let client = netfault_api::Client::new(self.socket()).with_timeout(Duration::from_secs(1));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::from("not started");
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(Error::Agent(format!(
+                    "netfaultd exited ({status}) before it was ready; log:\n{}",
+                    self.log_tail(40)
+                )));
+            }
+            match client.raw("GET", "/healthz", None) {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => last = format!("GET /healthz answered {}", r.status),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tail = self.log_tail(40);
+        let _ = self.kill();
+        Err(Error::Agent(format!(
+            "netfaultd not ready after {READY_TIMEOUT:?} ({last}); log:\n{tail}"
+        )))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(Duration::from_secs(2)) {
+            eprintln!("testbed: stopping netfaultd: {e}");
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Named network namespaces, without `ip`.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+use crate::error::{Context, Error, Result};
+
+/// Where named namespaces live, as `ip netns` and containerd keep them.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// A named network namespace bound at `/var/run/netns/NAME`, with `lo` up.
+/// Dropping it unmounts (lazily) and removes the file; the kernel frees the
+/// namespace when nothing else holds it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Creates the namespace: `unshare(CLONE_NEWNET)` on a fresh thread, then a
+    /// bind mount of that thread's `/proc/thread-self/ns/net` onto the file.
+    pub fn create(name: &str) -> Result<Netns> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::Other(format!("invalid netns name {name:?}")));
+        }
+        std::fs::create_dir_all(NETNS_DIR).ctx(|| format!("creating {NETNS_DIR}"))?;
+        let path = Path::new(NETNS_DIR).join(name);
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx(|| format!("creating {}", path.display()))?;
+        // From here on, Drop cleans up whatever part got done.
+        let ns = Netns {
+            name: name.to_string(),
+            path,
+        };
+        let target = ns.path.clone();
+        let made = std::thread::spawn(move || -> Result<()> {
+            unshare(CloneFlags::CLONE_NEWNET).ctx(|| "unshare(CLONE_NEWNET)".into())?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .ctx(|| format!("bind-mounting the new netns onto {}", target.display()))?;
+            set_link_up("lo")
+        })
+        .join();
+        match made {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Other("netns creation thread panicked".into())),
+        }
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` inside this namespace on a fresh OS thread (see [`in_netns`]).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.path, f)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // EINVAL: not mounted (creation failed half-way).
+        if let Err(e) = umount2(&self.path, MntFlags::MNT_DETACH) {
+            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+                eprintln!("testbed: umount {}: {e}", self.path.display());
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("testbed: remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// Runs `f` on a fresh OS thread that has first entered the network namespace
+/// at `path`. The calling thread's namespace is never changed. A socket opened
+/// inside `f` stays in that namespace and can be returned and used anywhere.
+/// A panic in `f` is propagated.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = File::open(path).ctx(|| format!("opening netns {}", path.display()))?;
+    std::thread::scope(|s| {
+        let handle = s.spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .ctx(|| format!("setns into {}", path.display()))?;
+            drop(file);
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Sets IFF_UP on an interface of the calling thread's netns (ioctl SIOCSIFFLAGS).
+pub(crate) fn set_link_up(ifname: &str) -> Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ctx(|| "socket for SIOCSIFFLAGS".into())?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if ifname.len() >= ifr.ifr_name.len() {
+        return Err(Error::Other(format!("interface name {ifname:?} too long")));
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: valid socket fd and a properly initialised ifreq for these requests.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(Error::Io {
+                context: format!("SIOCGIFFLAGS {ifname}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(Error::Io {
+                context: format!("SIOCSIFFLAGS {ifname}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! Real traffic between pods: sockets opened inside the pods' namespaces.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Error, Result};
+use crate::netns::in_netns;
+use crate::node::Pod;
+
+/// What a UDP probe saw.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UdpProbe {
+    /// Datagrams the sender tried to send.
+    pub sent: u32,
+    /// `send` calls that failed (a drop visible to the sender, e.g. ENOBUFS).
+    pub send_errors: u32,
+    /// Datagrams the receiver got, duplicates included.
+    pub received: u32,
+    /// Sequence numbers (0-based) in arrival order, duplicates included.
+    pub received_seqs: Vec<u32>,
+    /// One-way delay of each received datagram, aligned with `received_seqs`
+    /// (sender and receiver share this host's monotonic clock).
+    pub latencies: Vec<Duration>,
+}
+
+impl UdpProbe {
+    /// Distinct sequence numbers received.
+    pub fn unique_received(&self) -> u32 {
+        let set: std::collections::BTreeSet<u32> = self.received_seqs.iter().copied().collect();
+        u32::try_from(set.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Datagrams received more than once: `received - unique_received`.
+    pub fn duplicates(&self) -> u32 {
+        self.received.saturating_sub(self.unique_received())
+    }
+
+    /// Fraction of sent datagrams never received, 0.0 to 1.0.
+    pub fn loss_ratio(&self) -> f64 {
+        if self.sent == 0 {
+            return 0.0;
+        }
+        1.0 - f64::from(self.unique_received()) / f64::from(self.sent)
+    }
+
+    /// Arrivals with a lower sequence number than one already seen.
+    pub fn reordered(&self) -> u32 {
+        let mut max = None;
+        let mut n = 0;
+        for &s in &self.received_seqs {
+            match max {
+                Some(m) if s < m => n += 1,
+                _ => max = Some(s),
+            }
+        }
+        n
+    }
+
+    /// The median one-way delay, if anything arrived.
+    pub fn median_latency(&self) -> Option<Duration> {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(l.len() / 2).copied()
+    }
+}
+
+/// Parameters of [`udp_probe_with`].
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    pub port: u16,
+    pub count: u32,
+    /// Pause between sends (a fixed schedule from the first send).
+    pub interval: Duration,
+    /// How long the receiver keeps listening after the last send (300 ms).
+    pub linger: Duration,
+    /// Datagram size in bytes (at least 16; default 64).
+    pub payload_len: usize,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            port: 9000,
+            count: 20,
+            interval: Duration::from_millis(5),
+            linger: Duration::from_millis(300),
+            payload_len: 64,
+        }
+    }
+}
+
+/// Sends `count` sequence-numbered UDP datagrams from `from` to `to_ip:port`,
+/// received by a socket bound in `to`'s netns, and waits 300 ms after the last.
+pub fn udp_probe(
+    from: &Pod,
+    to: &Pod,
+    to_ip: IpAddr,
+    port: u16,
+    count: u32,
+    interval: Duration,
+) -> Result<UdpProbe> {
+    udp_probe_with(
+        from,
+        to,
+        to_ip,
+        &ProbeOptions {
+            port,
+            count,
+            interval,
+            ..ProbeOptions::default()
+        },
+    )
+}
+
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// [`udp_probe`] with all the knobs.
+pub fn udp_probe_with(
+    from: &Pod,
+    to: &Pod,
+    to_ip: IpAddr,
+    opts: &ProbeOptions,
+) -> Result<UdpProbe> {
+    let any = unspecified(to_ip);
+    let port = opts.port;
+    let rx = in_netns(to.netns.path(), move || UdpSocket::bind((any, port)))?
+        .ctx(|| format!("binding UDP {port} in pod {}", to.name))?;
+    rx.set_read_timeout(Some(Duration::from_millis(20)))
+        .ctx(|| "SO_RCVTIMEO".into())?;
+    let tx = in_netns(from.netns.path(), move || UdpSocket::bind((any, 0)))?
+        .ctx(|| format!("binding UDP in pod {}", from.name))?;
+
+    let magic: u32 = rand::random();
+    let start = Instant::now();
+    let stop = AtomicBool::new(false);
+    let len = opts.payload_len.max(16);
+    let dest = SocketAddr::new(to_ip, port);
+
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut seqs = Vec::new();
+            let mut lats = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Acquire) {
+                let n = match rx.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => continue, // timeout: check the stop flag
+                };
+                if n < 16 || buf[0..4] != magic.to_be_bytes() {
+                    continue;
+                }
+                let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                let mut t = [0u8; 8];
+                t.copy_from_slice(&buf[8..16]);
+                let sent_at = Duration::from_nanos(u64::from_be_bytes(t));
+                seqs.push(seq);
+                lats.push(start.elapsed().saturating_sub(sent_at));
+            }
+            (seqs, lats)
+        });
+
+        let mut probe = UdpProbe::default();
+        let mut pkt = vec![0u8; len];
+        pkt[0..4].copy_from_slice(&magic.to_be_bytes());
+        for seq in 0..opts.count {
+            let due = opts.interval.saturating_mul(seq);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            pkt[4..8].copy_from_slice(&seq.to_be_bytes());
+            let now = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            pkt[8..16].copy_from_slice(&now.to_be_bytes());
+            probe.sent += 1;
+            if tx.send_to(&pkt, dest).is_err() {
+                probe.send_errors += 1;
+            }
+        }
+        std::thread::sleep(opts.linger);
+        stop.store(true, Ordering::Release);
+        let (seqs, lats) = match receiver.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        probe.received = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
+        probe.received_seqs = seqs;
+        probe.latencies = lats;
+        Ok(probe)
+    })
+}
+
+/// A TCP echo server listening on `[::]:port` (dual-stack) inside a pod.
+/// It echoes every connection until EOF. Dropping it stops accepting.
+#[derive(Debug)]
+pub struct TcpServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts a [`TcpServer`] in `pod` on `port` (0: any free port, see [`TcpServer::port`]).
+pub fn tcp_listen(pod: &Pod, port: u16) -> Result<TcpServer> {
+    let listener = in_netns(pod.netns.path(), move || {
+        TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+            .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+    })?
+    .ctx(|| format!("listening on TCP {port} in pod {}", pod.name))?;
+    listener.set_nonblocking(true).ctx(|| "O_NONBLOCK".into())?;
+    let port = listener
+        .local_addr()
+        .ctx(|| "listener address".into())?
+        .port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (stop2, accepted2) = (stop.clone(), accepted.clone());
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    accepted2.fetch_add(1, Ordering::Relaxed);
+                    let stop3 = stop2.clone();
+                    std::thread::spawn(move || echo(conn, &stop3));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    Ok(TcpServer {
+        port,
+        stop,
+        accepted,
+        thread: Some(thread),
+    })
+}
+
+fn echo(mut conn: TcpStream, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 16384];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn connect(from: &Pod, to_ip: IpAddr, port: u16, timeout: Duration) -> Result<TcpStream> {
+    let addr = SocketAddr::new(to_ip, port);
+    in_netns(from.netns.path(), move || {
+        TcpStream::connect_timeout(&addr, timeout)
+    })?
+    .ctx(|| format!("TCP connect from pod {} to {addr}", from.name))
+}
+
+/// Whether a TCP handshake from `from` to `to_ip:port` completes within `timeout`.
+pub fn tcp_connect_ok(from: &Pod, to_ip: IpAddr, port: u16, timeout: Duration) -> bool {
+    connect(from, to_ip, port, timeout).is_ok()
+}
+
+/// Connects, sends `payload`, and reads back as many bytes (an echo round trip
+/// through a [`TcpServer`]), all within `timeout`.
+pub fn tcp_echo(
+    from: &Pod,
+    to_ip: IpAddr,
+    port: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut conn = connect(from, to_ip, port, timeout)?;
+    conn.write_all(payload).ctx(|| "TCP write".into())?;
+    let mut back = vec![0u8; payload.len()];
+    let mut got = 0;
+    while got < back.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Other(format!(
+                "TCP echo: {got} of {} bytes back before the timeout",
+                back.len()
+            )));
+        }
+        conn.set_read_timeout(Some(left))
+            .ctx(|| "SO_RCVTIMEO".into())?;
+        match conn.read(&mut back[got..]) {
+            Ok(0) => {
+                return Err(Error::Other(format!(
+                    "TCP echo: connection closed after {got} of {} bytes",
+                    back.len()
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) => return Err(e).ctx(|| format!("TCP echo read after {got} bytes")),
+        }
+    }
+    Ok(back)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_stats() {
+        let p = UdpProbe {
+            sent: 5,
+            send_errors: 0,
+            received: 5,
+            received_seqs: vec![0, 2, 1, 2, 4],
+            latencies: vec![Duration::from_millis(1); 5],
+        };
+        assert_eq!(p.unique_received(), 4);
+        assert_eq!(p.duplicates(), 1);
+        assert_eq!(p.reordered(), 1);
+        assert!((p.loss_ratio() - 0.2).abs() < 1e-9);
+        assert_eq!(p.median_latency(), Some(Duration::from_millis(1)));
+    }
+}
