@@ -15,11 +15,11 @@ use crate::node::Pod;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UdpProbe {
     /// Datagrams the sender tried to send.
-    pub sent: u32,
+    pub sent: u64,
     /// `send` calls that failed (a drop visible to the sender, e.g. ENOBUFS).
-    pub send_errors: u32,
+    pub send_errors: u64,
     /// Datagrams the receiver got, duplicates included.
-    pub received: u32,
+    pub received: u64,
     /// Sequence numbers (0-based) in arrival order, duplicates included.
     pub received_seqs: Vec<u32>,
     /// One-way delay of each received datagram, aligned with `received_seqs`
@@ -29,13 +29,13 @@ pub struct UdpProbe {
 
 impl UdpProbe {
     /// Distinct sequence numbers received.
-    pub fn unique_received(&self) -> u32 {
+    pub fn unique_received(&self) -> u64 {
         let set: std::collections::BTreeSet<u32> = self.received_seqs.iter().copied().collect();
-        u32::try_from(set.len()).unwrap_or(u32::MAX)
+        set.len() as u64
     }
 
     /// Datagrams received more than once: `received - unique_received`.
-    pub fn duplicates(&self) -> u32 {
+    pub fn duplicates(&self) -> u64 {
         self.received.saturating_sub(self.unique_received())
     }
 
@@ -44,11 +44,11 @@ impl UdpProbe {
         if self.sent == 0 {
             return 0.0;
         }
-        1.0 - f64::from(self.unique_received()) / f64::from(self.sent)
+        1.0 - self.unique_received() as f64 / self.sent as f64
     }
 
     /// Arrivals with a lower sequence number than one already seen.
-    pub fn reordered(&self) -> u32 {
+    pub fn reordered(&self) -> u64 {
         let mut max = None;
         let mut n = 0;
         for &s in &self.received_seqs {
@@ -190,7 +190,7 @@ pub fn udp_probe_with(
             Ok(r) => r,
             Err(p) => std::panic::resume_unwind(p),
         };
-        probe.received = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
+        probe.received = seqs.len() as u64;
         probe.received_seqs = seqs;
         probe.latencies = lats;
         Ok(probe)
