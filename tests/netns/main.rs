@@ -1,1 +1,5 @@
+mod api;
 mod cni;
+mod lifecycle;
+mod loss;
+mod support;

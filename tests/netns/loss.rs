@@ -1,0 +1,179 @@
+//! Loss and blackhole, measured by the receiver on real traffic between pods
+//! wired by the reference bridge plugin and enrolled by netfault.
+
+use std::time::Duration;
+
+use serde_json::json;
+use testbed::udp_probe;
+
+use crate::support::{assert_binomial, fault_on, v4, v6, Cluster};
+
+const PACKETS: u32 = 3000;
+const GAP: Duration = Duration::from_micros(100);
+
+/// Loss of 10/50/100 % on one direction of pod `a`. For egress `a` sends; for
+/// ingress `a` receives. The sender must see no error: loss on a network is
+/// silent.
+fn loss_levels(direction: &str) {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let (from, to) = if direction == "egress" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+
+    let base = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("baseline probe");
+    assert_eq!(base.send_errors, 0);
+    assert_eq!(
+        base.received, base.sent,
+        "baseline must be lossless for the bounds to mean anything"
+    );
+
+    for percent in [10.0, 50.0, 100.0] {
+        let id = c.fault(fault_on(
+            &a,
+            direction,
+            json!({}),
+            json!({"type": "loss", "percent": percent}),
+            "60s",
+        ));
+        let p = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("probe under loss");
+        assert_eq!(
+            p.send_errors, 0,
+            "{direction} {percent}%: the sender saw errors; loss must be silent"
+        );
+        assert_eq!(p.sent, u64::from(PACKETS));
+        if percent == 100.0 {
+            assert_eq!(p.received, 0, "{direction} 100% loss let packets through");
+        } else {
+            assert_binomial(
+                p.sent,
+                p.received,
+                percent / 100.0,
+                &format!("{direction} {percent}%"),
+            );
+        }
+        // The agent's counters agree with what the wire showed.
+        let f = c.get_fault(&id);
+        let dropped = f["counters"]["dropped"].as_u64().expect("dropped counter");
+        assert_eq!(
+            dropped,
+            p.sent - p.received,
+            "{direction} {percent}%: counter vs wire: {f}"
+        );
+        c.delete_fault(&id);
+    }
+    let after = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("probe after removal");
+    assert_eq!(
+        after.received, after.sent,
+        "traffic is whole again after removal"
+    );
+}
+
+#[test]
+fn egress_loss_is_silent_and_binomial() {
+    loss_levels("egress");
+}
+
+#[test]
+fn ingress_loss_is_binomial() {
+    loss_levels("ingress");
+}
+
+/// A blackhole on one peer CIDR, or on one port, leaves other peers and ports alone.
+#[test]
+fn selectors_confine_the_fault() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let d = c.pod("d");
+
+    let id = c.fault(fault_on(
+        &a,
+        "egress",
+        json!({"cidr": format!("{}/32", v4(&b))}),
+        json!({"type": "blackhole"}),
+        "60s",
+    ));
+    let to_b = udp_probe(&a, &b, v4(&b), 7002, 500, GAP).expect("probe a->b");
+    let to_d = udp_probe(&a, &d, v4(&d), 7002, 500, GAP).expect("probe a->d");
+    assert_eq!(
+        (to_b.received, to_b.send_errors),
+        (0, 0),
+        "a->b is blackholed silently"
+    );
+    assert_eq!(to_d.received, to_d.sent, "a->d is untouched");
+    c.delete_fault(&id);
+
+    let id = c.fault(fault_on(
+        &a,
+        "both",
+        json!({"protocol": "udp", "ports": "7003"}),
+        json!({"type": "blackhole"}),
+        "60s",
+    ));
+    let hit = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe port 7003");
+    let miss = udp_probe(&b, &a, v4(&a), 7004, 500, GAP).expect("probe port 7004");
+    assert_eq!(hit.received, 0, "port 7003 is blackholed");
+    assert_eq!(miss.received, miss.sent, "port 7004 is untouched");
+    // A TCP fault on the same port does not touch UDP.
+    c.delete_fault(&id);
+    let id = c.fault(fault_on(
+        &a,
+        "both",
+        json!({"protocol": "tcp", "ports": "7003"}),
+        json!({"type": "blackhole"}),
+        "60s",
+    ));
+    let udp = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe udp 7003");
+    assert_eq!(udp.received, udp.sent, "a tcp-only fault leaves udp alone");
+    c.delete_fault(&id);
+}
+
+/// Dual-stack pod: loss and selectors work on IPv6 as on IPv4, and a v6-only
+/// selector leaves v4 alone.
+#[test]
+fn ipv6_dual_stack() {
+    testbed::require_root!();
+    let c = Cluster::new(true);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let d = c.pod("d");
+
+    let base = udp_probe(&a, &b, v6(&b), 7005, 1000, GAP).expect("v6 baseline");
+    assert_eq!(base.received, base.sent, "v6 baseline lossless");
+
+    let id = c.fault(fault_on(
+        &a,
+        "egress",
+        json!({}),
+        json!({"type": "loss", "percent": 50}),
+        "60s",
+    ));
+    let p = udp_probe(&a, &b, v6(&b), 7005, PACKETS, GAP).expect("v6 under loss");
+    assert_eq!(p.send_errors, 0);
+    assert_binomial(p.sent, p.received, 0.5, "v6 egress 50%");
+    c.delete_fault(&id);
+
+    let id = c.fault(fault_on(
+        &a,
+        "ingress",
+        json!({"cidr": format!("{}/128", v6(&b))}),
+        json!({"type": "blackhole"}),
+        "60s",
+    ));
+    let from_b6 = udp_probe(&b, &a, v6(&a), 7006, 300, GAP).expect("b->a v6");
+    let from_b4 = udp_probe(&b, &a, v4(&a), 7006, 300, GAP).expect("b->a v4");
+    let from_d6 = udp_probe(&d, &a, v6(&a), 7006, 300, GAP).expect("d->a v6");
+    assert_eq!(from_b6.received, 0, "b's v6 address is blackholed");
+    assert_eq!(
+        from_b4.received, from_b4.sent,
+        "b's v4 address is not in the v6 CIDR"
+    );
+    assert_eq!(from_d6.received, from_d6.sent, "d is another peer");
+    c.delete_fault(&id);
+}
