@@ -36,7 +36,7 @@ use std::sync::OnceLock;
 
 pub use agent::Agent;
 pub use error::{Error, PluginError, Result};
-pub use netns::{in_netns, Netns};
+pub use netns::{in_netns, remove_stale_netns, Netns};
 pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
 pub use tmp::TempDir;
 pub use traffic::{
@@ -74,18 +74,24 @@ fn base36(mut n: u32, width: usize) -> String {
 
 /// A name unique across processes and calls, short enough for an interface
 /// name (at most 15 characters): up to 5 characters of `prefix` (letters,
-/// digits, `-`), then the pid, a per-process counter and 4 random characters,
-/// in base 36.
+/// digits, `-`), then in base 36 the pid (5 characters), a per-process
+/// counter (2) and 3 random characters. [`owner_pid`] reads the pid back.
 pub fn unique_name(prefix: &str) -> String {
     let prefix: String = prefix
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
         .take(5)
         .collect();
-    let pid = std::process::id() % 36u32.pow(4);
+    let pid = std::process::id() % 36u32.pow(5);
     let n = NAME_COUNTER.fetch_add(1, Ordering::Relaxed) % 36u32.pow(2);
-    let r = rand::random::<u32>() % 36u32.pow(4);
-    format!("{prefix}{}{}{}", base36(pid, 4), base36(n, 2), base36(r, 4))
+    let r = rand::random::<u32>() % 36u32.pow(3);
+    format!("{prefix}{}{}{}", base36(pid, 5), base36(n, 2), base36(r, 3))
+}
+
+/// The pid encoded by [`unique_name`] in a name made with a 5-character prefix.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    let digits = name.get(5..10)?;
+    u32::from_str_radix(digits, 36).ok()
 }
 
 /// The path of a workspace binary: `target/{debug,release}/NAME`, derived from
@@ -223,6 +229,9 @@ mod tests {
             assert!(n.starts_with("nfbri"), "{n}");
         }
         assert!(unique_name("").len() <= 15);
+        let n = unique_name("nfpod");
+        assert_eq!(owner_pid(&n), Some(std::process::id()));
+        assert_eq!(owner_pid("nfpo"), None);
     }
 
     #[test]

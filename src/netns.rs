@@ -91,6 +91,36 @@ impl Drop for Netns {
     }
 }
 
+/// Removes namespaces in [`NETNS_DIR`] left by dead test processes (killed
+/// before their drops ran): names starting with one of `prefixes` (each
+/// exactly 5 characters, as given to [`crate::unique_name`]) whose encoded
+/// pid no longer exists. Returns how many were removed. Namespaces of live
+/// processes are never touched.
+pub fn remove_stale_netns(prefixes: &[&str]) -> usize {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !prefixes.iter().any(|p| p.len() == 5 && name.starts_with(p)) {
+            continue;
+        }
+        let Some(pid) = crate::owner_pid(&name) else {
+            continue;
+        };
+        if pid == 0 || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        drop(Netns {
+            name: name.clone(),
+            path: e.path(),
+        });
+        removed += 1;
+    }
+    removed
+}
+
 /// Runs `f` on a fresh OS thread that has first entered the network namespace
 /// at `path`. The calling thread's namespace is never changed. A socket opened
 /// inside `f` stays in that namespace and can be returned and used anywhere.
@@ -145,4 +175,49 @@ pub(crate) fn set_link_up(ifname: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_enter_and_sweep() {
+        if !crate::is_root() {
+            eprintln!("skipped: requires root");
+            return;
+        }
+        let ns = Netns::create(&crate::unique_name("nftst")).expect("netns");
+        let mine = std::fs::metadata("/proc/thread-self/ns/net").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        let inside = ns
+            .run(|| {
+                use std::os::unix::fs::MetadataExt;
+                let ino = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino());
+                // lo is up: a UDP socket can talk to itself on 127.0.0.1.
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let addr = s.local_addr().expect("addr");
+                s.send_to(b"x", addr).expect("send on lo");
+                let mut b = [0u8; 1];
+                s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                    .expect("timeout");
+                (ino, s.recv(&mut b).is_ok())
+            })
+            .expect("run");
+        assert!(inside.1, "loopback is up in the new netns");
+        assert_ne!(inside.0.ok(), mine.ok(), "a different netns");
+        drop(ns);
+
+        // A namespace whose owner pid (36^5 - 1) cannot exist is swept; the
+        // live one is not.
+        let stale = Netns::create("nfzzzzzzzz00abc").expect("stale netns");
+        let live = Netns::create(&crate::unique_name("nfzzz")).expect("live netns");
+        let path = stale.path().to_path_buf();
+        std::mem::forget(stale);
+        assert_eq!(remove_stale_netns(&["nfzzz"]), 1);
+        assert!(!path.exists());
+        assert!(live.path().exists());
+    }
 }

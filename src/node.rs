@@ -21,6 +21,10 @@ use crate::tmp::TempDir;
 pub const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
 /// The capability containerd uses to pass pod annotations.
 pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+/// Name prefixes of node and pod namespaces (5 characters: see `unique_name`).
+const NODE_PREFIX: &str = "nfnod";
+const POD_PREFIX: &str = "nfpod";
+
 /// The pod IPv4 range of every node (each node is its own netns, so they never clash).
 pub const POD_CIDR_V4: &str = "198.18.0.0/24";
 
@@ -173,6 +177,13 @@ pub struct Node {
 impl Node {
     pub fn new(mut opts: NodeOptions) -> Result<Node> {
         crate::ensure_workspace_bins()?;
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            let n = crate::netns::remove_stale_netns(&[NODE_PREFIX, POD_PREFIX]);
+            if n > 0 {
+                eprintln!("testbed: removed {n} network namespaces left by dead test runs");
+            }
+        });
         let dir = TempDir::new("netfault-node")?;
         if opts.socket.as_os_str().is_empty() {
             opts.socket = dir.path().join("no-agent.sock");
@@ -243,7 +254,7 @@ impl Node {
             serde_json::to_vec_pretty(&conflist).unwrap_or_default(),
         )
         .ctx(|| format!("writing {}", conf_path.display()))?;
-        let netns = Netns::create(&crate::unique_name("nfnode"))?;
+        let netns = Netns::create(&crate::unique_name(NODE_PREFIX))?;
         Ok(Node {
             opts,
             netns,
@@ -452,7 +463,7 @@ impl Node {
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
             .take(40)
             .collect();
-        let netns = Netns::create(&format!("{}-{safe}", crate::unique_name("nfpod")))?;
+        let netns = Netns::create(&format!("{}-{safe}", crate::unique_name(POD_PREFIX)))?;
         let container_id = crate::random_hex(32);
         let uid = crate::random_uuid();
         let namespace = "default".to_string();
