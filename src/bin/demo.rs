@@ -33,14 +33,15 @@ fn v4(p: &Pod) -> Result<IpAddr> {
         .context("pod has no IPv4 address")
 }
 
+/// Probes `from -> to:port` and records the result with the fault's counters
+/// as the agent reports them right after.
 fn measure(
     rows: &mut Vec<Row>,
+    client: &netfault_api::Client,
     scenario: &str,
-    from: &Pod,
-    to: &Pod,
-    port: u16,
+    (from, to, port): (&Pod, &Pod, u16),
     expected: &str,
-    counters: String,
+    fault: Option<&str>,
 ) -> Result<()> {
     let p = udp_probe(from, to, v4(to)?, port, PACKETS, GAP)?;
     if p.send_errors > 0 {
@@ -52,7 +53,7 @@ fn measure(
         sent: p.sent,
         received: p.received,
         expected: expected.to_string(),
-        counters,
+        counters: fault.map_or_else(|| "-".to_string(), |id| counters(client, id)),
     });
     Ok(())
 }
@@ -105,14 +106,14 @@ fn main() -> Result<()> {
     );
 
     let mut rows = Vec::new();
+    let c = &client;
     measure(
         &mut rows,
+        c,
         "baseline",
-        &web,
-        &api,
-        8080,
+        (&web, &api, 8080),
         "0% loss",
-        "-".into(),
+        None,
     )?;
     let birth = sandboxes
         .as_array()
@@ -120,14 +121,14 @@ fn main() -> Result<()> {
         .and_then(|s| s["birth_faults"][0].as_str())
         .unwrap_or_default()
         .to_string();
+    let expected = "20% loss (from the pod's first packet)";
     measure(
         &mut rows,
+        c,
         "birth-time annotation",
-        &flaky,
-        &api,
-        8080,
-        "20% loss (from the pod's first packet)",
-        counters(&client, &birth),
+        (&flaky, &api, 8080),
+        expected,
+        Some(&birth),
     )?;
 
     let loss = client.call(
@@ -141,16 +142,12 @@ fn main() -> Result<()> {
     let loss_id = loss["id"].as_str().unwrap_or_default().to_string();
     measure(
         &mut rows,
+        c,
         "30% egress loss on web",
-        &web,
-        &api,
-        8080,
+        (&web, &api, 8080),
         "30% loss",
-        counters(&client, &loss_id),
+        Some(&loss_id),
     )?;
-    if let Some(r) = rows.last_mut() {
-        r.counters = counters(&client, &loss_id);
-    }
     client.call("DELETE", &format!("/v1/faults/{loss_id}"), None)?;
 
     let bh = client.call(
@@ -160,43 +157,36 @@ fn main() -> Result<()> {
             "match": {"protocol": "udp", "ports": "8080"}, "action": {"type": "blackhole"}, "duration": "60s"})),
     )?;
     let bh_id = bh["id"].as_str().unwrap_or_default().to_string();
+    let bh = Some(bh_id.as_str());
     measure(
         &mut rows,
+        c,
         "blackhole api port 8080",
-        &web,
-        &api,
-        8080,
+        (&web, &api, 8080),
         "100% loss",
-        String::new(),
+        bh,
     )?;
     measure(
         &mut rows,
+        c,
         "blackhole api port 8080",
-        &web,
-        &api,
-        9090,
+        (&web, &api, 9090),
         "0% (other port)",
-        String::new(),
+        bh,
     )?;
-    let c = counters(&client, &bh_id);
-    for r in rows.iter_mut().rev().take(2) {
-        r.counters = c.clone();
-    }
     client.call("DELETE", &format!("/v1/faults/{bh_id}"), None)?;
     measure(
         &mut rows,
+        c,
         "after removal",
-        &web,
-        &api,
-        8080,
+        (&web, &api, 8080),
         "0% loss",
-        "-".into(),
+        None,
     )?;
-
     println!();
     println!(
-        "{:<26} {:<22} {:>6} {:>8} {:>9}  {:<36} {}",
-        "SCENARIO", "FLOW", "SENT", "RECEIVED", "LOSS", "EXPECTED", "AGENT COUNTERS"
+        "{:<26} {:<22} {:>6} {:>8} {:>9}  {:<36} AGENT COUNTERS",
+        "SCENARIO", "FLOW", "SENT", "RECEIVED", "LOSS", "EXPECTED"
     );
     for r in &rows {
         let loss = if r.sent == 0 {
