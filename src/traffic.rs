@@ -1,5 +1,6 @@
 //! Real traffic between pods: sockets opened inside the pods' namespaces.
 
+use nix::sys::socket::{setsockopt, sockopt};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -138,6 +139,15 @@ pub fn udp_probe_with(
         .ctx(|| "SO_RCVTIMEO".into())?;
     let tx = in_netns(from.netns.path(), move || UdpSocket::bind((any, 0)))?
         .ctx(|| format!("binding UDP in pod {}", from.name))?;
+    // Without IP_RECVERR, UDP hides a local drop (ENOBUFS from NET_XMIT_DROP)
+    // from the sender; with it, `send_errors` tells a drop the sender can see
+    // (TC_ACT_SHOT on egress) from silent network loss.
+    let recverr = if to_ip.is_ipv4() {
+        setsockopt(&tx, sockopt::Ipv4RecvErr, &true)
+    } else {
+        setsockopt(&tx, sockopt::Ipv6RecvErr, &true)
+    };
+    recverr.ctx(|| "IP_RECVERR".into())?;
 
     let magic: u32 = rand::random();
     let start = Instant::now();
