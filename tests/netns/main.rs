@@ -1,5 +1,6 @@
 mod api;
 mod cni;
+mod ctl;
 mod lifecycle;
 mod loss;
 mod support;
