@@ -40,21 +40,19 @@ pub struct NetnsId {
     pub ino: u64,
 }
 
+fn open_error(path: &Path, source: std::io::Error) -> NetnsError {
+    let path = path.to_path_buf();
+    if source.kind() == std::io::ErrorKind::NotFound {
+        NetnsError::Gone { path }
+    } else {
+        NetnsError::Open { path, source }
+    }
+}
+
 /// Identity of the namespace at `path`. Also checks that it is a netns by
 /// comparing with the nsfs device of our own.
 pub fn identify(path: &Path) -> Result<NetnsId, NetnsError> {
-    let md = std::fs::metadata(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            NetnsError::Gone {
-                path: path.to_path_buf(),
-            }
-        } else {
-            NetnsError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })?;
+    let md = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
     let own = std::fs::metadata("/proc/self/ns/net").map_err(|source| NetnsError::Open {
         path: "/proc/self/ns/net".into(),
         source,
@@ -76,18 +74,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let file = File::open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            NetnsError::Gone {
-                path: path.to_path_buf(),
-            }
-        } else {
-            NetnsError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })?;
+    let file = File::open(path).map_err(|e| open_error(path, e))?;
     let owned = path.to_path_buf();
     let handle = std::thread::Builder::new()
         .name("netns".into())

@@ -137,11 +137,12 @@ pub fn parse_cni_args(s: &str) -> (PodArgs, Vec<String>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn env(vars: &[(&str, &str)]) -> Env {
+    /// An `Env` from literal variables (shared with the plugin's tests).
+    pub(crate) fn env(vars: &[(&str, &str)]) -> Env {
         let m: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

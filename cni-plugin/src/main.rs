@@ -332,15 +332,7 @@ impl Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(vars: &[(&str, &str)]) -> Env {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Env::from_lookup(|k| m.get(k).cloned())
-    }
+    use crate::args::tests::env;
 
     /// A conf whose socket is in a directory that does not exist, so nothing
     /// listens and no pending enrolment can be written.

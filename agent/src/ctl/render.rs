@@ -151,6 +151,19 @@ fn target_summary(spec: &Value) -> String {
 }
 
 /// `netfaultctl list`.
+/// Columns of the `list` table.
+const FAULT_COLUMNS: [&str; 9] = [
+    "ID",
+    "SANDBOX",
+    "ACTION",
+    "DIRECTION",
+    "MATCH",
+    "STATE",
+    "REMAINING",
+    "MATCHED",
+    "DROPPED",
+];
+
 pub fn faults_table(faults: &[Fault], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = faults
         .iter()
@@ -168,20 +181,7 @@ pub fn faults_table(faults: &[Fault], now_ms: u64) -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "ID",
-            "SANDBOX",
-            "ACTION",
-            "DIRECTION",
-            "MATCH",
-            "STATE",
-            "REMAINING",
-            "MATCHED",
-            "DROPPED",
-        ],
-        &rows,
-    )
+    table(&FAULT_COLUMNS, &rows)
 }
 
 /// `netfaultctl get`: one fault as `key: value` lines.
@@ -364,20 +364,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
         let cols: Vec<&str> = lines[0].split_whitespace().collect();
-        assert_eq!(
-            cols,
-            [
-                "ID",
-                "SANDBOX",
-                "ACTION",
-                "DIRECTION",
-                "MATCH",
-                "STATE",
-                "REMAINING",
-                "MATCHED",
-                "DROPPED"
-            ]
-        );
+        assert_eq!(cols, FAULT_COLUMNS);
         assert!(
             lines[1].starts_with("f-0001  0123456789ab  loss 30%"),
             "{t}"
