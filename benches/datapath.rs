@@ -1,1 +1,892 @@
-fn main() {}
+//! On-the-wire datapath benchmark: what enrolment and faults cost real traffic.
+//!
+//! Run (as root), from the workspace root:
+//!
+//! ```text
+//! cargo build --release --workspace && cargo bench --bench datapath
+//! ```
+//!
+//! `cargo bench` does not build the agent and plugin binaries of the other
+//! workspace packages, so build them first: the bench runs
+//! `target/release/netfaultd` and `target/release/netfault`.
+//!
+//! It prints numbers and ratios side by side with the goals; it does not pass
+//! or fail on them. As non-root it prints one line and exits 0. It takes about
+//! a minute. Sections:
+//!
+//! 1. Enrolled-but-idle overhead: TCP throughput (one flow) and UDP RTT between
+//!    two pods, for (a) a node without netfault in the CNI chain, (b) pods
+//!    enrolled by netfault with no fault, (c) enrolled pods whose client has an
+//!    active fault that does not match the traffic (the eBPF program runs on
+//!    every packet). The three are measured in the same run, in alternating
+//!    order, 5 rounds each; the figures are the medians of the rounds.
+//!    (b) leaves the pod netns untouched, so (b) vs (a) shows the machine's
+//!    noise; (c) vs (b) (same node) isolates the cost of the attached program.
+//! 2. Time to effect: a blackhole POSTed and DELETEd while a UDP stream runs
+//!    (one datagram every 20 µs, each carrying its sequence number), per
+//!    iteration: API call time, when the first datagram is dropped, when the
+//!    first one gets through again, and leaks either way.
+//! 3. CNI ADD/DEL latency of the whole chain with and without netfault.
+//!
+//! Everything (agent, nodes, pods, faults) lives in namespaces and temp dirs
+//! the bench creates and is removed on drop, also on error.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use testbed::{in_netns, Agent, Node, NodeOptions, Pod, TempDir};
+
+/// Section 1: length of one TCP throughput run, and of the warm-up run.
+const TCP_RUN: Duration = Duration::from_secs(2);
+const TCP_WARMUP: Duration = Duration::from_millis(300);
+/// Section 1: write size of the TCP sender.
+const TCP_WRITE: usize = 128 * 1024;
+/// Section 1: UDP round trips per RTT run (after `RTT_WARMUP` unrecorded ones).
+const RTT_ROUND_TRIPS: usize = 3000;
+const RTT_WARMUP: usize = 300;
+/// Section 1: rounds per configuration.
+const ROUNDS: usize = 5;
+/// Section 2: stream pacing, iterations, and the pauses of each iteration.
+const STREAM_INTERVAL: Duration = Duration::from_micros(20);
+const TTE_ITERATIONS: usize = 40;
+const TTE_PAUSE: Duration = Duration::from_millis(30);
+/// Section 3: pods per node.
+const CNI_PODS: usize = 25;
+
+type R<T> = Result<T, String>;
+
+/// Adds what was being done to any error.
+trait Ctx<T> {
+    fn ctx(self, what: &str) -> R<T>;
+}
+
+impl<T, E: Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> R<T> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+fn main() {
+    if !testbed::is_root() {
+        println!("datapath bench skipped: requires root (network namespaces, eBPF)");
+        return;
+    }
+    for bin in ["netfaultd", "netfault"] {
+        let path = testbed::workspace_bin(bin);
+        if !path.exists() {
+            eprintln!(
+                "datapath bench: {} not found. Build the workspace binaries in this profile first:\n  \
+                 cargo build --release --workspace && cargo bench --bench datapath",
+                path.display()
+            );
+            std::process::exit(1);
+        }
+    }
+    let started = Instant::now();
+    if let Err(e) = run() {
+        eprintln!("datapath bench failed: {e}");
+        std::process::exit(1);
+    }
+    println!(
+        "\ntotal bench time: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn run() -> R<()> {
+    header();
+
+    // Drop order (reverse of declaration): pods are deleted explicitly, then
+    // the nodes, then the agent, then its directory.
+    let agent_dir = TempDir::new("nf-bench").ctx("creating the agent dir")?;
+    let agent = Agent::start(agent_dir.path()).ctx("starting netfaultd")?;
+    let plain = Node::new(NodeOptions {
+        with_netfault: false,
+        ..NodeOptions::default()
+    })
+    .ctx("creating the node without netfault")?;
+    let enrolled = Node::new(NodeOptions {
+        socket: agent.socket(),
+        failure_policy: "fail".into(),
+        ..NodeOptions::default()
+    })
+    .ctx("creating the node with netfault")?;
+
+    let pairs = [
+        Pair::new(&plain, "a")?,
+        Pair::new(&enrolled, "b")?,
+        Pair::new(&enrolled, "c")?,
+    ];
+    // (c): an active fault on the client that never matches the traffic:
+    // blackhole UDP port 9, both directions.
+    let unmatched = post_fault(
+        &agent,
+        &json!({
+            "target": {"sandbox": pairs[2].client.container_id},
+            "direction": "both",
+            "match": {"protocol": "udp", "ports": "9"},
+            "action": {"type": "blackhole"},
+            "duration": "10m",
+        }),
+    )?;
+    check_unmatched_fault_runs(&agent, &pairs[2], &unmatched)?;
+
+    section_overhead(&pairs)?;
+    section_time_to_effect(&agent, &pairs[1], &pairs[2])?;
+    delete_fault(&agent, &unmatched)?;
+    for p in &pairs {
+        p.delete()?;
+    }
+    section_cni(&plain, &enrolled)?;
+    Ok(())
+}
+
+fn header() {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(c) if !c.is_empty() => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{c} (+ uncommitted changes)")
+            } else {
+                c
+            }
+        }
+        _ => "unknown".into(),
+    };
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    println!("netfault datapath bench");
+    println!("kernel {kernel}, commit {commit}, {cpus} CPUs");
+    println!(
+        "binaries: {}",
+        testbed::workspace_bin("netfaultd")
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Pods and the agent
+
+/// A client pod and a server pod on one node.
+struct Pair<'n> {
+    node: &'n Node,
+    client: Pod,
+    server: Pod,
+    server_ip: IpAddr,
+}
+
+impl<'n> Pair<'n> {
+    fn new(node: &'n Node, tag: &str) -> R<Pair<'n>> {
+        let none = BTreeMap::new();
+        let client = node
+            .add_pod(&format!("bench-{tag}-client"), &none)
+            .ctx("CNI ADD of a client pod")?;
+        let server = node
+            .add_pod(&format!("bench-{tag}-server"), &none)
+            .ctx("CNI ADD of a server pod")?;
+        let server_ip = server
+            .ipv4()
+            .ok_or_else(|| format!("server pod {} has no IPv4 address", server.name))?;
+        Ok(Pair {
+            node,
+            client,
+            server,
+            server_ip,
+        })
+    }
+
+    /// CNI DEL of both pods (their netns go when the `Pair` drops).
+    fn delete(&self) -> R<()> {
+        self.node
+            .del_pod(&self.client)
+            .ctx("CNI DEL of a client pod")?;
+        self.node
+            .del_pod(&self.server)
+            .ctx("CNI DEL of a server pod")
+    }
+}
+
+fn post_fault(agent: &Agent, body: &Value) -> R<String> {
+    let f = agent
+        .client()
+        .call("POST", "/v1/faults", Some(body))
+        .ctx(&format!("POST /v1/faults {body}"))?;
+    f["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("POST /v1/faults answered without an id: {f}"))
+}
+
+fn delete_fault(agent: &Agent, id: &str) -> R<()> {
+    agent
+        .client()
+        .call("DELETE", &format!("/v1/faults/{id}"), None)
+        .map(drop)
+        .ctx(&format!("DELETE /v1/faults/{id}"))
+}
+
+/// Proves configuration (c) is what it claims: the fault is active and the
+/// datapath is attached (datagrams to port 9 are dropped and counted).
+fn check_unmatched_fault_runs(agent: &Agent, pair: &Pair, id: &str) -> R<()> {
+    let dest = SocketAddr::new(pair.server_ip, 9);
+    let sock = in_netns(pair.client.netns_path(), move || {
+        UdpSocket::bind(("0.0.0.0", 0))
+    })
+    .ctx("entering the client netns")?
+    .ctx("binding a UDP socket")?;
+    for _ in 0..20 {
+        sock.send_to(b"port 9 probe", dest)
+            .ctx("sending to port 9")?;
+    }
+    let f = agent
+        .client()
+        .call("GET", &format!("/v1/faults/{id}"), None)
+        .ctx("GET the unmatched fault")?;
+    let dropped = f["counters"]["dropped"].as_u64().unwrap_or(0);
+    if f["state"] != "active" || dropped < 20 {
+        return Err(format!(
+            "configuration (c) is not in effect: the port-9 blackhole is {} and dropped {dropped} of 20 probes",
+            f["state"]
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+
+/// Nearest-rank percentile of unsorted samples (`p` from 0 to 100).
+fn pct(samples: &[f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn median(samples: &[f64]) -> f64 {
+    pct(samples, 50.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ---------------------------------------------------------------------------
+// Section 1: enrolled-but-idle overhead
+
+/// One TCP flow client → server for `dur`, 128 KiB writes; Gbit/s as received.
+fn tcp_throughput(pair: &Pair, dur: Duration) -> R<f64> {
+    let sip = pair.server_ip;
+    let listener = in_netns(pair.server.netns_path(), move || {
+        TcpListener::bind((sip, 0))
+    })
+    .ctx("entering the server netns")?
+    .ctx("binding the TCP listener")?;
+    let port = listener.local_addr().ctx("TCP listener address")?.port();
+    let receiver = thread::spawn(move || -> io::Result<(u64, Duration)> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        let mut first: Option<Instant> = None;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
+            total += n as u64;
+        }
+        Ok((total, first.map(|t| t.elapsed()).unwrap_or_default()))
+    });
+    let dest = SocketAddr::new(sip, port);
+    let mut conn = in_netns(pair.client.netns_path(), move || {
+        TcpStream::connect_timeout(&dest, Duration::from_secs(5))
+    })
+    .ctx("entering the client netns")?
+    .ctx("TCP connect")?;
+    let chunk = vec![0x5au8; TCP_WRITE];
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        conn.write_all(&chunk).ctx("TCP write")?;
+    }
+    conn.shutdown(Shutdown::Write).ctx("TCP shutdown")?;
+    let (bytes, elapsed) = receiver
+        .join()
+        .map_err(|_| "TCP receiver thread panicked".to_string())?
+        .ctx("TCP receive")?;
+    Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64().max(1e-9) / 1e9)
+}
+
+/// UDP ping-pong client → echo server; round-trip times in µs, and losses.
+fn udp_rtt(pair: &Pair, round_trips: usize) -> R<(Vec<f64>, usize)> {
+    let sip = pair.server_ip;
+    let echo = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
+        .ctx("entering the server netns")?
+        .ctx("binding the UDP echo socket")?;
+    echo.set_read_timeout(Some(Duration::from_millis(50)))
+        .ctx("SO_RCVTIMEO")?;
+    let dest = echo.local_addr().ctx("echo address")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_echo = stop.clone();
+    let server = thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop_echo.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                // A failed echo shows up as a lost round trip.
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let result = (|| -> R<(Vec<f64>, usize)> {
+        let sock = in_netns(pair.client.netns_path(), move || {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(dest)?;
+            Ok::<_, io::Error>(s)
+        })
+        .ctx("entering the client netns")?
+        .ctx("UDP client socket")?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .ctx("SO_RCVTIMEO")?;
+        let mut samples = Vec::with_capacity(round_trips);
+        let mut lost = 0;
+        let mut buf = [0u8; 64];
+        for seq in 0..(RTT_WARMUP + round_trips) as u64 {
+            let mut msg = [0u8; 64];
+            msg[..8].copy_from_slice(&seq.to_be_bytes());
+            let t = Instant::now();
+            sock.send(&msg).ctx("UDP send")?;
+            let answered = loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) if n >= 8 && buf[..8] == seq.to_be_bytes() => break true,
+                    Ok(_) => continue, // a late answer to an earlier probe
+                    Err(_) => break false,
+                }
+            };
+            let rtt = t.elapsed();
+            if seq as usize >= RTT_WARMUP {
+                if answered {
+                    samples.push(rtt.as_secs_f64() * 1e6);
+                } else {
+                    lost += 1;
+                }
+            }
+        }
+        Ok((samples, lost))
+    })();
+    stop.store(true, Ordering::Relaxed);
+    server
+        .join()
+        .map_err(|_| "UDP echo thread panicked".to_string())?;
+    result
+}
+
+#[derive(Default)]
+struct ConfigResults {
+    gbps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    lost: usize,
+}
+
+fn section_overhead(pairs: &[Pair; 3]) -> R<()> {
+    const LABELS: [&str; 3] = [
+        "(a) no netfault in chain",
+        "(b) enrolled, idle",
+        "(c) enrolled, unmatched fault",
+    ];
+    eprintln!("section 1: enrolled-but-idle overhead ...");
+    for p in pairs {
+        tcp_throughput(p, TCP_WARMUP)?;
+        udp_rtt(p, 200)?;
+    }
+    let mut res: [ConfigResults; 3] = Default::default();
+    for round in 0..ROUNDS {
+        // Rotate the order each round so no configuration always runs first.
+        let order: Vec<usize> = (0..3).map(|i| (i + round) % 3).collect();
+        for &i in &order {
+            res[i].gbps.push(tcp_throughput(&pairs[i], TCP_RUN)?);
+        }
+        for &i in &order {
+            let (rtts, lost) = udp_rtt(&pairs[i], RTT_ROUND_TRIPS)?;
+            res[i].p50.push(pct(&rtts, 50.0));
+            res[i].p99.push(pct(&rtts, 99.0));
+            res[i].lost += lost;
+        }
+    }
+
+    println!(
+        "\n== 1. Enrolled-but-idle overhead: pod -> pod on one node, same run, {ROUNDS} rounds in rotating order, median of rounds"
+    );
+    println!(
+        "   TCP: 1 flow, {} s, {} KiB writes.  RTT: UDP ping-pong, {RTT_ROUND_TRIPS} round trips per round.",
+        TCP_RUN.as_secs(),
+        TCP_WRITE / 1024
+    );
+    println!(
+        "   {:<30} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "configuration", "TCP Gbit/s", "vs (a)", "RTT p50", "added", "RTT p99", "added"
+    );
+    let base_gbps = median(&res[0].gbps);
+    let base_p50 = median(&res[0].p50);
+    let base_p99 = median(&res[0].p99);
+    for (i, r) in res.iter().enumerate() {
+        let (g, p50, p99) = (median(&r.gbps), median(&r.p50), median(&r.p99));
+        let (ratio, add50, add99) = if i == 0 {
+            ("-".to_string(), "-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.1}%", 100.0 * g / base_gbps),
+                format!("{:+.1} µs", p50 - base_p50),
+                format!("{:+.1} µs", p99 - base_p99),
+            )
+        };
+        println!(
+            "   {:<30} {:>10.2} {:>8} {:>6.1} µs {:>9} {:>6.1} µs {:>9}",
+            LABELS[i], g, ratio, p50, add50, p99, add99
+        );
+    }
+    println!("   goal for (b) and (c): throughput >= 97% of (a), added RTT p50 <= 5 µs");
+    println!(
+        "   (c) vs (b), same node, the only difference being the attached program: throughput {:.1}%, RTT p50 {:+.1} µs, p99 {:+.1} µs",
+        100.0 * median(&res[2].gbps) / median(&res[1].gbps),
+        median(&res[2].p50) - median(&res[1].p50),
+        median(&res[2].p99) - median(&res[1].p99)
+    );
+    println!(
+        "   (b) leaves the pod netns untouched: its difference from (a) is this machine's noise."
+    );
+    for (i, r) in res.iter().enumerate() {
+        println!(
+            "   rounds {}: Gbit/s {}  p50 µs {}  p99 µs {}  lost round trips {}",
+            &LABELS[i][..3],
+            fmt_list(&r.gbps, 2),
+            fmt_list(&r.p50, 1),
+            fmt_list(&r.p99, 1),
+            r.lost
+        );
+    }
+    Ok(())
+}
+
+fn fmt_list(v: &[f64], decimals: usize) -> String {
+    let items: Vec<String> = v.iter().map(|x| format!("{x:.decimals$}")).collect();
+    format!("[{}]", items.join(" "))
+}
+
+// ---------------------------------------------------------------------------
+// Section 2: time to effect
+
+/// A paced UDP stream client → server, one datagram per `STREAM_INTERVAL`,
+/// each carrying its sequence number. Times are ns since `base`.
+struct Stream {
+    base: Instant,
+    port: u16,
+    stop_send: Arc<AtomicBool>,
+    stop_recv: Arc<AtomicBool>,
+    sender: JoinHandle<io::Result<SendLog>>,
+    receiver: JoinHandle<Vec<bool>>,
+}
+
+struct SendLog {
+    /// Send time of each sequence number (taken just before `send`).
+    sent_ns: Vec<u64>,
+    errors: u64,
+}
+
+struct StreamLog {
+    sent_ns: Vec<u64>,
+    errors: u64,
+    received: Vec<bool>,
+}
+
+impl StreamLog {
+    fn delivered(&self, seq: usize) -> bool {
+        self.received.get(seq).copied().unwrap_or(false)
+    }
+
+    /// The first sequence number sent at or after `t`.
+    fn seq_at(&self, t: u64) -> usize {
+        self.sent_ns.partition_point(|&s| s < t)
+    }
+}
+
+fn ns_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Stream {
+    fn start(pair: &Pair) -> R<Stream> {
+        let sip = pair.server_ip;
+        let rx = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
+            .ctx("entering the server netns")?
+            .ctx("binding the stream receiver")?;
+        rx.set_read_timeout(Some(Duration::from_millis(20)))
+            .ctx("SO_RCVTIMEO")?;
+        // A large receive buffer, so the receiver never drops on its own.
+        let size: libc::c_int = 32 << 20;
+        // SAFETY: a valid socket fd and a c_int option value of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                rx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "SO_RCVBUFFORCE on the stream receiver: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let dest = rx.local_addr().ctx("stream receiver address")?;
+        let tx = in_netns(pair.client.netns_path(), move || {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(dest)?;
+            Ok::<_, io::Error>(s)
+        })
+        .ctx("entering the client netns")?
+        .ctx("stream sender socket")?;
+
+        let base = Instant::now();
+        let stop_recv = Arc::new(AtomicBool::new(false));
+        let stop = stop_recv.clone();
+        let receiver = thread::spawn(move || {
+            let mut got = vec![false; 1 << 18];
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = rx.recv(&mut buf) {
+                    if n >= 8 {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&buf[..8]);
+                        let seq = usize::try_from(u64::from_be_bytes(b)).unwrap_or(usize::MAX);
+                        if seq < 1 << 28 {
+                            if seq >= got.len() {
+                                got.resize((seq + 1).next_power_of_two(), false);
+                            }
+                            got[seq] = true;
+                        }
+                    }
+                }
+            }
+            got
+        });
+        let stop_send = Arc::new(AtomicBool::new(false));
+        let stop = stop_send.clone();
+        let sender = thread::spawn(move || -> io::Result<SendLog> {
+            // 1 ns timer slack, so a 20 µs sleep sleeps about 20 µs.
+            // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+            unsafe {
+                libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+            }
+            let step = u64::try_from(STREAM_INTERVAL.as_nanos()).unwrap_or(20_000);
+            let mut log = SendLog {
+                sent_ns: Vec::with_capacity(1 << 20),
+                errors: 0,
+            };
+            let mut msg = [0u8; 64];
+            let mut next = ns_since(base);
+            while !stop.load(Ordering::Relaxed) {
+                let now = ns_since(base);
+                if now < next {
+                    thread::sleep(Duration::from_nanos(next - now));
+                }
+                let seq = log.sent_ns.len() as u64;
+                msg[..8].copy_from_slice(&seq.to_be_bytes());
+                let t = ns_since(base);
+                log.sent_ns.push(t);
+                if tx.send(&msg).is_err() {
+                    log.errors += 1;
+                }
+                next += step;
+                // Descheduled for a while: resume the pace, no burst.
+                if t > next + 1_000_000 {
+                    next = t + step;
+                }
+            }
+            Ok(log)
+        });
+        Ok(Stream {
+            base,
+            port: dest.port(),
+            stop_send,
+            stop_recv,
+            sender,
+            receiver,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        ns_since(self.base)
+    }
+
+    fn finish(self) -> R<StreamLog> {
+        self.stop_send.store(true, Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .map_err(|_| "stream sender panicked".to_string())?
+            .ctx("stream sender")?;
+        // Let the last datagrams arrive.
+        thread::sleep(Duration::from_millis(100));
+        self.stop_recv.store(true, Ordering::Relaxed);
+        let received = self
+            .receiver
+            .join()
+            .map_err(|_| "stream receiver panicked".to_string())?;
+        Ok(StreamLog {
+            sent_ns: sent.sent_ns,
+            errors: sent.errors,
+            received,
+        })
+    }
+}
+
+/// One POST/DELETE cycle: t0 POST t1 … t2 DELETE t3 (ns on the stream's clock).
+struct Cycle {
+    t0: u64,
+    t1: u64,
+    t2: u64,
+    t3: u64,
+}
+
+fn time_to_effect(agent: &Agent, pair: &Pair) -> R<(Vec<Cycle>, StreamLog)> {
+    let stream = Stream::start(pair)?;
+    let body = json!({
+        "target": {"sandbox": pair.client.container_id},
+        "direction": "egress",
+        "match": {"protocol": "udp", "ports": stream.port.to_string()},
+        "action": {"type": "blackhole"},
+        "duration": "30s",
+    });
+    thread::sleep(Duration::from_millis(200));
+    let mut cycles = Vec::with_capacity(TTE_ITERATIONS);
+    let result = (|| -> R<()> {
+        for _ in 0..TTE_ITERATIONS {
+            let t0 = stream.now();
+            let id = post_fault(agent, &body)?;
+            let t1 = stream.now();
+            thread::sleep(TTE_PAUSE);
+            let t2 = stream.now();
+            delete_fault(agent, &id)?;
+            let t3 = stream.now();
+            thread::sleep(TTE_PAUSE);
+            cycles.push(Cycle { t0, t1, t2, t3 });
+        }
+        Ok(())
+    })();
+    let log = stream.finish()?;
+    result?;
+    Ok((cycles, log))
+}
+
+fn report_time_to_effect(title: &str, cycles: &[Cycle], log: &StreamLog) {
+    let mut call = Vec::new();
+    let mut effect = Vec::new();
+    let mut removal = Vec::new();
+    let mut removal_effect = Vec::new();
+    let mut leaked = 0usize;
+    let mut lost_after = 0usize;
+    let mut no_effect = 0usize;
+    let mut never_restored = 0usize;
+    let end_of_stream = log.sent_ns.last().map_or(0, |t| t + 1);
+    for (i, c) in cycles.iter().enumerate() {
+        let end = cycles.get(i + 1).map_or(end_of_stream, |n| n.t0);
+        let (s0, s1, s2, s3, se) = (
+            log.seq_at(c.t0),
+            log.seq_at(c.t1),
+            log.seq_at(c.t2),
+            log.seq_at(c.t3),
+            log.seq_at(end),
+        );
+        call.push((c.t1 - c.t0) as f64 / 1e6);
+        removal.push((c.t3 - c.t2) as f64 / 1e6);
+        match (s0..s2).find(|&s| !log.delivered(s)) {
+            Some(s) => effect.push((log.sent_ns[s] - c.t0) as f64 / 1e6),
+            None => no_effect += 1,
+        }
+        leaked += (s1..s2).filter(|&s| log.delivered(s)).count();
+        match (s2..se).find(|&s| log.delivered(s)) {
+            Some(s) => removal_effect.push((log.sent_ns[s] - c.t2) as f64 / 1e6),
+            None => never_restored += 1,
+        }
+        lost_after += (s3..se).filter(|&s| !log.delivered(s)).count();
+    }
+    // Losses before the first POST: noise of the setup itself (should be 0).
+    let first = cycles.first().map_or(0, |c| log.seq_at(c.t0));
+    let stray = (0..first).filter(|&s| !log.delivered(s)).count();
+    let n = log.sent_ns.len();
+    let span = log
+        .sent_ns
+        .last()
+        .zip(log.sent_ns.first())
+        .map_or(0, |(l, f)| l - f);
+    let max_gap = log
+        .sent_ns
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0);
+
+    println!("   {title}");
+    println!(
+        "     {:<52} {:>8} {:>8} {:>8}",
+        "", "p50 ms", "p99 ms", "max ms"
+    );
+    let row = |label: &str, v: &[f64], goal: &str| {
+        println!(
+            "     {:<52} {:>8.3} {:>8.3} {:>8.3}{goal}",
+            label,
+            pct(v, 50.0),
+            pct(v, 99.0),
+            pct(v, 100.0)
+        );
+    };
+    row("POST call (t1 - t0)", &call, "");
+    row(
+        "effect: first dropped datagram sent - t0",
+        &effect,
+        "   goal p99 <= 10 ms",
+    );
+    row("DELETE call (t3 - t2)", &removal, "");
+    row(
+        "removal effect: first delivered sent after t2 - t2",
+        &removal_effect,
+        "   goal p99 <= 10 ms",
+    );
+    println!(
+        "     leaks: delivered though sent after POST returned: {leaked}; lost though sent after DELETE returned: {lost_after}  (both must be 0)"
+    );
+    if no_effect + never_restored > 0 {
+        println!(
+            "     iterations with no drop at all: {no_effect}; with no delivery after DELETE: {never_restored}"
+        );
+    }
+    println!(
+        "     stream: {n} datagrams, mean interval {:.1} µs, longest gap {:.2} ms, send errors {}, lost before the first POST {stray}",
+        span as f64 / 1e3 / (n.max(2) - 1) as f64,
+        max_gap as f64 / 1e6,
+        log.errors
+    );
+}
+
+fn section_time_to_effect(agent: &Agent, idle: &Pair, attached: &Pair) -> R<()> {
+    eprintln!("section 2: time to effect ...");
+    let (c1, l1) = time_to_effect(agent, idle)?;
+    let (c2, l2) = time_to_effect(agent, attached)?;
+    println!(
+        "\n== 2. Time to effect: egress blackhole on a live UDP stream (1 datagram / {} µs), {TTE_ITERATIONS} iterations of",
+        STREAM_INTERVAL.as_micros()
+    );
+    println!(
+        "   t0 POST t1, {} ms, t2 DELETE t3, {} ms. Send times are taken just before send(); p99 of {TTE_ITERATIONS} = the slowest.",
+        TTE_PAUSE.as_millis(),
+        TTE_PAUSE.as_millis()
+    );
+    report_time_to_effect(
+        "2a. first fault on the pod: POST attaches the datapath, DELETE detaches it",
+        &c1,
+        &l1,
+    );
+    report_time_to_effect(
+        "2b. pod already has another (unmatched) fault: datapath stays attached",
+        &c2,
+        &l2,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Section 3: CNI ADD / DEL latency
+
+fn section_cni(plain: &Node, enrolled: &Node) -> R<()> {
+    eprintln!("section 3: CNI ADD/DEL latency ...");
+    let none = BTreeMap::new();
+    let mut pods: [Vec<Pod>; 2] = [Vec::new(), Vec::new()];
+    let mut add: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut plugin = Vec::new();
+    let mut del: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let nodes = [plain, enrolled];
+    // Warm the page cache and the agent's connection path; not recorded.
+    for node in nodes {
+        let pod = node.add_pod("bench-warm", &none).ctx("CNI ADD")?;
+        node.del_pod(&pod).ctx("CNI DEL")?;
+    }
+    for i in 0..CNI_PODS {
+        for (k, node) in nodes.iter().enumerate() {
+            let (pod, timing) = node
+                .add_pod_timed(&format!("bench-add-{i}"), &none)
+                .ctx("CNI ADD")?;
+            add[k].push(ms(timing.total));
+            if let Some(t) = timing.plugin("netfault") {
+                plugin.push(ms(t));
+            }
+            pods[k].push(pod);
+        }
+    }
+    let [plain_pods, enrolled_pods] = &pods;
+    for (a, b) in plain_pods.iter().zip(enrolled_pods) {
+        for (k, (node, pod)) in [(plain, a), (enrolled, b)].into_iter().enumerate() {
+            let t = Instant::now();
+            node.del_pod(pod).ctx("CNI DEL")?;
+            del[k].push(ms(t.elapsed()));
+        }
+    }
+    drop(pods);
+
+    println!(
+        "\n== 3. CNI latency, whole chain (bridge + host-local [+ netfault]), {CNI_PODS} pods per node, alternating"
+    );
+    println!("   {:<40} {:>8} {:>8}", "", "p50 ms", "p99 ms");
+    let row = |label: &str, p50: f64, p99: f64, extra: &str| {
+        println!("   {label:<40} {p50:>8.2} {p99:>8.2}{extra}");
+    };
+    let stats = |v: &[f64]| (pct(v, 50.0), pct(v, 99.0));
+    let (a50, a99) = stats(&add[0]);
+    let (b50, b99) = stats(&add[1]);
+    row("ADD without netfault", a50, a99, "");
+    row("ADD with netfault (agent running)", b50, b99, "");
+    row(
+        "  added",
+        b50 - a50,
+        b99 - a99,
+        "   goal: added p99 <= 5 ms",
+    );
+    let (n50, n99) = stats(&plugin);
+    row("  the netfault plugin process alone", n50, n99, "");
+    let (d50, d99) = stats(&del[0]);
+    let (e50, e99) = stats(&del[1]);
+    row("DEL without netfault", d50, d99, "");
+    row("DEL with netfault", e50, e99, "");
+    row("  added", e50 - d50, e99 - d99, "");
+    println!("   (p99 of {CNI_PODS} samples is the slowest one)");
+    Ok(())
+}
