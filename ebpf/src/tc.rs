@@ -299,13 +299,7 @@ impl TcSocket {
     /// Adds a clsact qdisc. Returns `false` if one was already there (then
     /// it is not ours to remove).
     pub fn add_clsact(&mut self, ifindex: u32) -> Result<bool, TcError> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = TcHandle::CLSACT;
-        msg.header.handle = TcHandle {
-            major: TcHandle::CLSACT.major,
-            minor: 0,
-        };
-        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        let msg = clsact_message(ifindex);
         match self.request(
             "add clsact qdisc",
             RouteNetlinkMessage::NewQueueDiscipline(msg),
@@ -320,12 +314,7 @@ impl TcSocket {
     /// Removes the clsact qdisc (and with it every filter on it).
     /// Succeeds when there is none.
     pub fn del_clsact(&mut self, ifindex: u32) -> Result<(), TcError> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = TcHandle::CLSACT;
-        msg.header.handle = TcHandle {
-            major: TcHandle::CLSACT.major,
-            minor: 0,
-        };
+        let msg = clsact_message(ifindex);
         match self.request(
             "delete clsact qdisc",
             RouteNetlinkMessage::DelQueueDiscipline(msg),
@@ -397,11 +386,7 @@ impl TcSocket {
         prog_fd: i32,
         name: &str,
     ) -> Result<(), TcError> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = hook.parent();
-        msg.header.handle = TcHandle::from(FILTER_HANDLE);
-        msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
-        msg.attributes.push(TcAttribute::Kind("bpf".into()));
+        let mut msg = filter_message(ifindex, hook);
         msg.attributes.push(TcAttribute::Options(vec![
             TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd as u32)),
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string())),
@@ -417,11 +402,7 @@ impl TcSocket {
 
     /// Removes netfault's filter from one hook. Succeeds when it is absent.
     pub fn detach_bpf(&mut self, ifindex: u32, hook: Hook) -> Result<(), TcError> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = hook.parent();
-        msg.header.handle = TcHandle::from(FILTER_HANDLE);
-        msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
-        msg.attributes.push(TcAttribute::Kind("bpf".into()));
+        let msg = filter_message(ifindex, hook);
         match self.request(
             "detach bpf filter",
             RouteNetlinkMessage::DelTrafficFilter(msg),
@@ -432,6 +413,28 @@ impl TcSocket {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The clsact qdisc on `ifindex`.
+fn clsact_message(ifindex: u32) -> TcMessage {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.parent = TcHandle::CLSACT;
+    msg.header.handle = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: 0,
+    };
+    msg.attributes.push(TcAttribute::Kind("clsact".into()));
+    msg
+}
+
+/// netfault's bpf filter slot on one hook of `ifindex` (options not set).
+fn filter_message(ifindex: u32, hook: Hook) -> TcMessage {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.parent = hook.parent();
+    msg.header.handle = TcHandle::from(FILTER_HANDLE);
+    msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
+    msg.attributes.push(TcAttribute::Kind("bpf".into()));
+    msg
 }
 
 fn kind_of(m: &TcMessage) -> String {
