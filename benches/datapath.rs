@@ -19,7 +19,7 @@
 //!    enrolled by netfault with no fault, (c) enrolled pods whose client has an
 //!    active fault that does not match the traffic (the eBPF program runs on
 //!    every packet). The three are measured in the same run, in alternating
-//!    order, 5 rounds each; the figures are the medians of the rounds.
+//!    order, 7 rounds each; the figures are the medians of the rounds.
 //!    (b) leaves the pod netns untouched, so (b) vs (a) shows the machine's
 //!    noise; (c) vs (b) (same node) isolates the cost of the attached program.
 //! 2. Time to effect: a blackhole POSTed and DELETEd while a UDP stream runs
@@ -53,8 +53,10 @@ const TCP_WRITE: usize = 128 * 1024;
 /// Section 1: UDP round trips per RTT run (after `RTT_WARMUP` unrecorded ones).
 const RTT_ROUND_TRIPS: usize = 3000;
 const RTT_WARMUP: usize = 300;
+/// Section 1: round trips in a row on one configuration before switching.
+const RTT_BLOCK: usize = 100;
 /// Section 1: rounds per configuration.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 /// Section 2: stream pacing, iterations, and the pauses of each iteration.
 const STREAM_INTERVAL: Duration = Duration::from_micros(20);
 const TTE_ITERATIONS: usize = 40;
@@ -344,41 +346,89 @@ fn tcp_throughput(pair: &Pair, dur: Duration) -> R<f64> {
     Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64().max(1e-9) / 1e9)
 }
 
-/// UDP ping-pong client → echo server; round-trip times in µs, and losses.
-fn udp_rtt(pair: &Pair, round_trips: usize) -> R<(Vec<f64>, usize)> {
-    let sip = pair.server_ip;
-    let echo = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
-        .ctx("entering the server netns")?
-        .ctx("binding the UDP echo socket")?;
-    echo.set_read_timeout(Some(Duration::from_millis(50)))
-        .ctx("SO_RCVTIMEO")?;
-    let dest = echo.local_addr().ctx("echo address")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_echo = stop.clone();
-    let server = thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while !stop_echo.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = echo.recv_from(&mut buf) {
-                // A failed echo shows up as a lost round trip.
-                let _ = echo.send_to(&buf[..n], from);
-            }
+/// UDP ping-pong for the three configurations at once: one client socket per
+/// client pod, one echo socket per server pod. All client sockets are driven
+/// from the calling thread and all echo sockets from one thread, so
+/// every configuration runs on the same two threads, and blocks of round trips
+/// alternate between configurations: noise that comes and goes hits all alike.
+struct RttRig {
+    clients: Vec<UdpSocket>,
+    /// The echo thread spins only while this is set (see [`RttRig::phase`]).
+    active: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    echo: Option<JoinHandle<()>>,
+}
+
+impl RttRig {
+    fn new(pairs: &[Pair]) -> R<RttRig> {
+        let mut echoes = Vec::new();
+        let mut clients = Vec::new();
+        for pair in pairs {
+            let sip = pair.server_ip;
+            let echo = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
+                .ctx("entering the server netns")?
+                .ctx("binding the UDP echo socket")?;
+            echo.set_nonblocking(true).ctx("O_NONBLOCK")?;
+            let dest = echo.local_addr().ctx("echo address")?;
+            let client = in_netns(pair.client.netns_path(), move || {
+                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                s.connect(dest)?;
+                Ok::<_, io::Error>(s)
+            })
+            .ctx("entering the client netns")?
+            .ctx("UDP client socket")?;
+            client.set_nonblocking(true).ctx("O_NONBLOCK")?;
+            echoes.push(echo);
+            clients.push(client);
         }
-    });
-    let result = (|| -> R<(Vec<f64>, usize)> {
-        let sock = in_netns(pair.client.netns_path(), move || {
-            let s = UdpSocket::bind(("0.0.0.0", 0))?;
-            s.connect(dest)?;
-            Ok::<_, io::Error>(s)
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_echo = stop.clone();
+        // Both ends busy-poll non-blocking sockets: the RTT is then the path's,
+        // not the scheduler's wake-up latency.
+        let active = Arc::new(AtomicBool::new(false));
+        let active_echo = active.clone();
+        let echo = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop_echo.load(Ordering::Relaxed) {
+                // Idle between ping phases: the TCP runs get both CPUs.
+                if !active_echo.load(Ordering::Acquire) {
+                    thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                for sock in &echoes {
+                    if let Ok((len, from)) = sock.recv_from(&mut buf) {
+                        // A failed echo shows up as a lost round trip.
+                        let _ = sock.send_to(&buf[..len], from);
+                    }
+                }
+            }
+        });
+        Ok(RttRig {
+            clients,
+            active,
+            stop,
+            echo: Some(echo),
         })
-        .ctx("entering the client netns")?
-        .ctx("UDP client socket")?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .ctx("SO_RCVTIMEO")?;
-        let mut samples = Vec::with_capacity(round_trips);
+    }
+
+    /// Runs `f` with the echo thread spinning, then lets it idle again.
+    fn phase<T>(&self, f: impl FnOnce() -> R<T>) -> R<T> {
+        self.active.store(true, Ordering::Release);
+        thread::sleep(Duration::from_millis(2)); // let it notice
+        let r = f();
+        self.active.store(false, Ordering::Release);
+        r
+    }
+
+    /// `count` round trips on configuration `i`: RTTs (µs) into `samples`
+    /// unless `record` is false; returns the number lost.
+    fn ping(&self, i: usize, count: usize, samples: &mut Vec<f64>, record: bool) -> R<usize> {
+        let sock = &self.clients[i];
         let mut lost = 0;
         let mut buf = [0u8; 64];
-        for seq in 0..(RTT_WARMUP + round_trips) as u64 {
-            let mut msg = [0u8; 64];
+        let mut msg = [0u8; 64];
+        for _ in 0..count {
+            let seq: u64 = rand::random();
             msg[..8].copy_from_slice(&seq.to_be_bytes());
             let t = Instant::now();
             sock.send(&msg).ctx("UDP send")?;
@@ -386,25 +436,33 @@ fn udp_rtt(pair: &Pair, round_trips: usize) -> R<(Vec<f64>, usize)> {
                 match sock.recv(&mut buf) {
                     Ok(n) if n >= 8 && buf[..8] == seq.to_be_bytes() => break true,
                     Ok(_) => continue, // a late answer to an earlier probe
-                    Err(_) => break false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if t.elapsed() > Duration::from_millis(200) {
+                            break false;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    Err(e) => return Err(format!("UDP receive: {e}")),
                 }
             };
             let rtt = t.elapsed();
-            if seq as usize >= RTT_WARMUP {
-                if answered {
-                    samples.push(rtt.as_secs_f64() * 1e6);
-                } else {
-                    lost += 1;
-                }
+            if !answered {
+                lost += 1;
+            } else if record {
+                samples.push(rtt.as_secs_f64() * 1e6);
             }
         }
-        Ok((samples, lost))
-    })();
-    stop.store(true, Ordering::Relaxed);
-    server
-        .join()
-        .map_err(|_| "UDP echo thread panicked".to_string())?;
-    result
+        Ok(lost)
+    }
+}
+
+impl Drop for RttRig {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(echo) = self.echo.take() {
+            let _ = echo.join();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -422,9 +480,10 @@ fn section_overhead(pairs: &[Pair; 3]) -> R<()> {
         "(c) enrolled, unmatched fault",
     ];
     eprintln!("section 1: enrolled-but-idle overhead ...");
-    for p in pairs {
+    let rig = RttRig::new(pairs)?;
+    for (i, p) in pairs.iter().enumerate() {
         tcp_throughput(p, TCP_WARMUP)?;
-        udp_rtt(p, 200)?;
+        rig.phase(|| rig.ping(i, RTT_WARMUP, &mut Vec::new(), false))?;
     }
     let mut res: [ConfigResults; 3] = Default::default();
     for round in 0..ROUNDS {
@@ -433,11 +492,18 @@ fn section_overhead(pairs: &[Pair; 3]) -> R<()> {
         for &i in &order {
             res[i].gbps.push(tcp_throughput(&pairs[i], TCP_RUN)?);
         }
-        for &i in &order {
-            let (rtts, lost) = udp_rtt(&pairs[i], RTT_ROUND_TRIPS)?;
-            res[i].p50.push(pct(&rtts, 50.0));
-            res[i].p99.push(pct(&rtts, 99.0));
-            res[i].lost += lost;
+        let mut rtts: [Vec<f64>; 3] = Default::default();
+        rig.phase(|| {
+            for _ in 0..RTT_ROUND_TRIPS / RTT_BLOCK {
+                for &i in &order {
+                    res[i].lost += rig.ping(i, RTT_BLOCK, &mut rtts[i], true)?;
+                }
+            }
+            Ok(())
+        })?;
+        for (r, v) in res.iter_mut().zip(&rtts) {
+            r.p50.push(pct(v, 50.0));
+            r.p99.push(pct(v, 99.0));
         }
     }
 
@@ -445,7 +511,7 @@ fn section_overhead(pairs: &[Pair; 3]) -> R<()> {
         "\n== 1. Enrolled-but-idle overhead: pod -> pod on one node, same run, {ROUNDS} rounds in rotating order, median of rounds"
     );
     println!(
-        "   TCP: 1 flow, {} s, {} KiB writes.  RTT: UDP ping-pong, {RTT_ROUND_TRIPS} round trips per round.",
+        "   TCP: 1 flow, {} s, {} KiB writes.  RTT: UDP ping-pong (busy-polled), {RTT_ROUND_TRIPS} round trips per round, configurations alternating every {RTT_BLOCK}.",
         TCP_RUN.as_secs(),
         TCP_WRITE / 1024
     );
@@ -490,6 +556,28 @@ fn section_overhead(pairs: &[Pair; 3]) -> R<()> {
             fmt_list(&r.p50, 1),
             fmt_list(&r.p99, 1),
             r.lost
+        );
+    }
+    for i in 1..3 {
+        let ratios: Vec<f64> = res[i]
+            .gbps
+            .iter()
+            .zip(&res[0].gbps)
+            .map(|(x, a)| 100.0 * x / a)
+            .collect();
+        let added: Vec<f64> = res[i]
+            .p50
+            .iter()
+            .zip(&res[0].p50)
+            .map(|(x, a)| x - a)
+            .collect();
+        println!(
+            "   per round {} vs (a): throughput % {} (median {:.1}%)  added p50 µs {} (median {:+.1})",
+            &LABELS[i][..3],
+            fmt_list(&ratios, 1),
+            median(&ratios),
+            fmt_list(&added, 1),
+            median(&added)
         );
     }
     Ok(())
