@@ -295,7 +295,9 @@ impl Registry {
                     },
                 )
                 .map_err(|e| internal("re-reading a stored fault")(e.to_string()))?;
-                let raw = RawRule::compile(&spec, f.deadline_boot_ns);
+                let raw = RawRule::compile(&spec, f.deadline_boot_ns).ok_or_else(|| {
+                    AgentError::Internal("a stored fault no longer compiles".into())
+                })?;
                 inner
                     .dp
                     .set_rule(sb.slot, f.rule, &raw)
@@ -689,7 +691,15 @@ impl Registry {
         }
         let now_boot = netfault_ebpf::boottime_ns();
         let deadline = now_boot.saturating_add(spec.duration.as_nanos() as u64);
-        let raw = RawRule::compile(&spec, deadline);
+        let raw = RawRule::compile(&spec, deadline).ok_or_else(|| {
+            AgentError::Invalid(FieldError::unsupported(
+                "action.type",
+                &format!(
+                    "action {:?} with these parameters is not available on this agent yet",
+                    spec.action.type_name()
+                ),
+            ))
+        })?;
         inner
             .dp
             .set_rule(sb.slot, rule, &raw)
@@ -823,6 +833,7 @@ impl Registry {
                     counters = Counters {
                         matched: c.matched,
                         dropped: c.dropped,
+                        affected: c.affected,
                     };
                 }
                 inner
@@ -876,6 +887,7 @@ fn view_fault(inner: &Inner, f: &FaultRecord) -> Fault {
             .map(|c| Counters {
                 matched: c.matched,
                 dropped: c.dropped,
+                affected: c.affected,
             })
             .unwrap_or_default()
     };

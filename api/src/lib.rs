@@ -2,6 +2,7 @@
 //! the tests: the fault model and its validation, the socket API's JSON
 //! bodies, and a blocking client for the agent's unix socket.
 
+pub mod action;
 pub mod client;
 pub mod error;
 pub mod spec;

@@ -93,41 +93,7 @@ impl Match {
     }
 }
 
-/// Packet actions implemented by the eBPF datapath.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Drop `percent` of matching packets; `correlation` (0–100) makes drops
-    /// bursty with netem's meaning: each draw is mixed with the previous one.
-    Loss { percent: f64, correlation: f64 },
-    /// Drop every matching packet.
-    Blackhole,
-}
-
-impl Action {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Action::Loss { .. } => "loss",
-            Action::Blackhole => "blackhole",
-        }
-    }
-}
-
-/// Action types in the contract that a later release implements; naming them
-/// gives the user a precise "not supported yet" rather than "unknown".
-const PLANNED_ACTIONS: &[&str] = &[
-    "delay",
-    "corrupt",
-    "duplicate",
-    "reorder",
-    "rate",
-    "http-abort",
-    "http-delay",
-    "http-replace",
-    "http-patch",
-    "tcp-reset",
-    "tcp-slow-close",
-    "tcp-bandwidth",
-];
+pub use crate::action::{parse_action, Action, Backend, Distribution, GilbertElliott};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -378,45 +344,6 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
     })
 }
 
-fn parse_action(v: &Value) -> Result<Action, FieldError> {
-    let m = obj(v, "action")?;
-    let ty = string(
-        m.get("type")
-            .ok_or_else(|| FieldError::missing("action.type"))?,
-        "action.type",
-    )?;
-    match ty {
-        "loss" => {
-            reject_unknown(m, "action", &["type", "percent", "correlation"])?;
-            let percent = parse_percent(
-                m.get("percent")
-                    .ok_or_else(|| FieldError::missing("action.percent"))?,
-                "action.percent",
-            )?;
-            let correlation = match m.get("correlation") {
-                None | Some(Value::Null) => 0.0,
-                Some(c) => parse_percent(c, "action.correlation")?,
-            };
-            Ok(Action::Loss {
-                percent,
-                correlation,
-            })
-        }
-        "blackhole" => {
-            reject_unknown(m, "action", &["type"])?;
-            Ok(Action::Blackhole)
-        }
-        t if PLANNED_ACTIONS.contains(&t) => Err(FieldError::unsupported(
-            "action.type",
-            &format!("action {t:?} is not supported by this agent yet; supported: loss, blackhole"),
-        )),
-        t => Err(FieldError::invalid(
-            "action.type",
-            &format!("unknown action {t:?}; supported: loss, blackhole"),
-        )),
-    }
-}
-
 impl FaultSpec {
     /// Parses and validates one fault. Errors name the offending field.
     pub fn parse(v: &Value, limits: &Limits) -> Result<FaultSpec, FieldError> {
@@ -512,16 +439,7 @@ impl FaultSpec {
             mm.insert("ports".into(), json!(s.join(",")));
         }
         out.insert("match".into(), Value::Object(mm));
-        out.insert(
-            "action".into(),
-            match &self.action {
-                Action::Loss {
-                    percent,
-                    correlation,
-                } => json!({"type": "loss", "percent": percent, "correlation": correlation}),
-                Action::Blackhole => json!({"type": "blackhole"}),
-            },
-        );
+        out.insert("action".into(), self.action.to_json());
         out.insert(
             "duration".into(),
             json!(humantime::format_duration(self.duration).to_string()),
@@ -591,6 +509,7 @@ pub fn faults_from_annotations<'a>(
             action: Action::Loss {
                 percent,
                 correlation: 0.0,
+                model: None,
             },
             duration,
         });
@@ -719,9 +638,9 @@ mod tests {
     #[test]
     fn planned_actions_are_unsupported_not_unknown() {
         let e = parse(
-            json!({"target": {"sandbox": "x"}, "action": {"type": "delay"}, "duration": "1s"}),
+            json!({"target": {"sandbox": "x"}, "action": {"type": "http-abort"}, "duration": "1s"}),
         )
-        .expect_err("delay is not in this release");
+        .expect_err("the proxy is not in this release");
         assert_eq!(e.code, "unsupported");
         assert_eq!(e.field, "action.type");
     }
@@ -740,7 +659,8 @@ mod tests {
             f[0].action,
             Action::Loss {
                 percent: 5.0,
-                correlation: 0.0
+                correlation: 0.0,
+                model: None,
             }
         );
     }

@@ -75,6 +75,10 @@ pub struct Counters {
     pub matched: u64,
     /// Packets the fault dropped.
     pub dropped: u64,
+    /// Packets the fault changed without dropping them (delayed, duplicated,
+    /// corrupted, reordered).
+    #[serde(default)]
+    pub affected: u64,
 }
 
 /// A fault as the agent reports it: the canonical spec plus its state.

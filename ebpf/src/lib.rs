@@ -241,6 +241,7 @@ impl Datapath {
             .fold(RawCounters::default(), |acc, c| RawCounters {
                 matched: acc.matched + c.matched,
                 dropped: acc.dropped + c.dropped,
+                affected: acc.affected + c.affected,
             }))
     }
 }

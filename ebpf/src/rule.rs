@@ -46,9 +46,11 @@ unsafe impl aya::Pod for RawRule {}
 pub struct RawCounters {
     pub matched: u64,
     pub dropped: u64,
+    /// Packets changed but not dropped (duplicated, corrupted).
+    pub affected: u64,
 }
 
-// SAFETY: two u64s.
+// SAFETY: three u64s.
 unsafe impl aya::Pod for RawCounters {}
 
 /// Scales a percentage to the program's 2^32 threshold/correlation range.
@@ -60,8 +62,9 @@ fn scale(percent: f64) -> u64 {
 
 impl RawRule {
     /// Compiles `spec` into a rule that stops acting at `deadline_ns`
-    /// (CLOCK_BOOTTIME nanoseconds).
-    pub fn compile(spec: &FaultSpec, deadline_ns: u64) -> RawRule {
+    /// (CLOCK_BOOTTIME nanoseconds). `None` when the datapath does not
+    /// implement the action.
+    pub fn compile(spec: &FaultSpec, deadline_ns: u64) -> Option<RawRule> {
         let mut r = RawRule {
             deadline_ns,
             ..RawRule::default()
@@ -75,6 +78,7 @@ impl RawRule {
             Action::Loss {
                 percent,
                 correlation,
+                model: None,
             } => {
                 r.action = ACTION_LOSS;
                 r.threshold = scale(percent);
@@ -84,6 +88,7 @@ impl RawRule {
                 r.action = ACTION_BLACKHOLE;
                 r.threshold = 1 << 32;
             }
+            _ => return None,
         }
         let m = &spec.r#match;
         r.proto = match m.protocol() {
@@ -110,7 +115,7 @@ impl RawRule {
             r.port_hi[i] = p.hi;
             r.nports = (i + 1) as u8;
         }
-        r
+        Some(r)
     }
 }
 
@@ -131,7 +136,8 @@ mod tests {
                 "match": {"cidr": "198.18.0.5/32", "protocol": "udp", "ports": "53,9000-9010"},
                 "action": {"type": "loss", "percent": 50, "correlation": 25}, "duration": "1s"})),
             42,
-        );
+        )
+        .expect("loss compiles");
         assert_eq!(r.deadline_ns, 42);
         assert_eq!(r.threshold, 1 << 31);
         assert_eq!(r.correlation, 1 << 30);
@@ -147,7 +153,8 @@ mod tests {
                 json!({"target": {"sandbox": "x"}, "action": {"type": "loss", "percent": 100}, "duration": "1s"}),
             ),
             1,
-        );
+        )
+        .expect("loss compiles");
         // The program drops when a u32 draw < threshold: 2^32 covers every draw.
         assert_eq!(r.threshold, 1 << 32);
         let b = RawRule::compile(
@@ -155,7 +162,8 @@ mod tests {
                 json!({"target": {"sandbox": "x"}, "match": {"cidr": "fd00::/8", "protocol": "icmp"}, "action": {"type": "blackhole"}, "duration": "1s"}),
             ),
             1,
-        );
+        )
+        .expect("blackhole compiles");
         assert_eq!(
             (b.threshold, b.family, b.prefixlen, b.proto, b.dirs),
             (1 << 32, 6, 8, 255, 3)

@@ -282,6 +282,7 @@ mod tests {
             counters: Counters {
                 matched: 120,
                 dropped: 37,
+                affected: 0,
             },
         }
     }

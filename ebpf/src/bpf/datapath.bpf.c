@@ -55,9 +55,11 @@ struct rule {
 	__u16 port_hi[MAX_PORT_RANGES];
 };
 
+// Layout shared with ebpf/src/rule.rs (RawCounters).
 struct counters {
 	__u64 matched;
 	__u64 dropped;
+	__u64 affected;
 };
 
 // A pod address. Layout shared with ebpf/src/lib.rs (AddrKey).
