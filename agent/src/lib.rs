@@ -1,10 +1,12 @@
 //! netfault-agent: the node agent's library (used by `netfaultd`).
 //!
+//! - `delay`: the netem-free delay backend (nft diversion to NFQUEUE, engine thread);
 //! - `netns`: the only place that enters a pod's network namespace;
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
 //! - `metrics`: Prometheus text.
 
+pub mod delay;
 pub mod metrics;
 pub mod netns;
 pub mod registry;

@@ -17,14 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use netfault_api::spec::faults_from_annotations;
+use netfault_api::spec::{faults_from_annotations, Backend};
 use netfault_api::{
-    Counters, EnrolRequest, Fault, FaultSpec, FieldError, Limits, PodRef, Sandbox, Target,
+    Action, Counters, EnrolRequest, Fault, FaultSpec, FieldError, Limits, PodRef, Sandbox, Target,
 };
 use netfault_ebpf::{Attachment, Datapath, RawRule, MAX_SANDBOXES, RULES_PER_SANDBOX};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::delay::{DelayEngine, DelayFault};
 use crate::netns::{self, NetnsError, NetnsId};
 
 /// Why a request failed; maps onto an HTTP status and the error body.
@@ -127,6 +128,10 @@ struct FaultRecord {
     expired: bool,
     /// Counters frozen when the fault expired.
     final_counters: Counters,
+    /// Served by the NFQUEUE delay engine rather than an eBPF rule (`rule`
+    /// is then meaningless).
+    #[serde(default)]
+    nfqueue: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -138,9 +143,50 @@ struct StateFile {
 struct Inner {
     state: StateFile,
     dp: Datapath,
+    delay: DelayEngine,
+}
+
+fn parse_stored(spec: &Value) -> Result<FaultSpec, AgentError> {
+    FaultSpec::parse(
+        spec,
+        &Limits {
+            max_duration: Duration::MAX,
+            target_required: true,
+        },
+    )
+    .map_err(|e| internal("re-reading a stored fault")(e.to_string()))
 }
 
 impl Inner {
+    /// The sandbox's delay-backend faults that are still before their deadline.
+    fn delay_faults(&self, sandbox: &str) -> Result<Vec<DelayFault>, AgentError> {
+        let now = netfault_ebpf::boottime_ns();
+        self.state
+            .faults
+            .values()
+            .filter(|f| f.sandbox == sandbox && f.nfqueue && !f.expired && f.deadline_boot_ns > now)
+            .map(|f| {
+                Ok(DelayFault {
+                    id: f.id.clone(),
+                    spec: parse_stored(&f.spec)?,
+                    remaining: Duration::from_nanos(f.deadline_boot_ns - now),
+                })
+            })
+            .collect()
+    }
+
+    /// Brings the sandbox's nft table and queue in line with its delay faults.
+    fn sync_delay(&mut self, sandbox: &str) -> Result<(), AgentError> {
+        let Some(sb) = self.state.sandboxes.get(sandbox) else {
+            return Ok(());
+        };
+        let path = PathBuf::from(&sb.netns);
+        let faults = self.delay_faults(sandbox)?;
+        self.delay
+            .apply(sandbox, &path, &faults)
+            .map_err(|e| internal("applying the delay faults")(e.to_string()))
+    }
+
     fn bind(&mut self, sb: &SandboxRecord) -> Result<(), AgentError> {
         for a in &sb.addresses {
             self.dp
@@ -233,7 +279,11 @@ impl Registry {
         };
         let reg = Registry {
             cfg,
-            inner: Mutex::new(Inner { state, dp }),
+            inner: Mutex::new(Inner {
+                state,
+                dp,
+                delay: DelayEngine::default(),
+            }),
         };
         reg.reconcile_all()?;
         Ok(reg)
@@ -287,14 +337,10 @@ impl Registry {
                     }
                     continue;
                 }
-                let spec = FaultSpec::parse(
-                    &f.spec,
-                    &Limits {
-                        max_duration: Duration::MAX,
-                        target_required: true,
-                    },
-                )
-                .map_err(|e| internal("re-reading a stored fault")(e.to_string()))?;
+                if f.nfqueue {
+                    continue;
+                }
+                let spec = parse_stored(&f.spec)?;
                 let raw = RawRule::compile(&spec, f.deadline_boot_ns).ok_or_else(|| {
                     AgentError::Internal("a stored fault no longer compiles".into())
                 })?;
@@ -326,6 +372,9 @@ impl Registry {
                     rec.attachment = None;
                 }
             }
+            // Re-installs live delay faults (new queue, fresh set timeouts),
+            // or removes a table a previous agent left with none live.
+            inner.sync_delay(&id)?;
         }
         self.persist(&inner)
     }
@@ -497,14 +546,27 @@ impl Registry {
             .filter(|f| f.sandbox == id)
             .cloned()
             .collect();
+        let had_delay = inner.delay.has(id) || faults.iter().any(|f| f.nfqueue);
         for f in faults {
-            if !f.expired {
+            if !f.expired && !f.nfqueue {
                 inner
                     .dp
                     .clear_rule(sb.slot, f.rule)
                     .map_err(|e| internal("clearing a rule")(e.to_string()))?;
             }
+            inner.delay.forget(&f.id);
             inner.state.faults.remove(&f.id);
+        }
+        if had_delay {
+            let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
+            if same {
+                inner.sync_delay(id)?;
+            } else {
+                inner
+                    .delay
+                    .apply(id, Path::new("/nonexistent"), &[])
+                    .map_err(|e| internal("closing the delay queue")(e.to_string()))?;
+            }
         }
         if let Some(att) = sb.attachment {
             let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
@@ -668,11 +730,17 @@ impl Registry {
         let sb = inner.state.sandboxes.get(sandbox).cloned().ok_or_else(|| {
             AgentError::NotFound(FieldError::not_found("target", "sandbox was released"))
         })?;
+        if spec.target.is_none() {
+            spec.target = Some(Target::Sandbox(sandbox.to_string()));
+        }
+        if spec.action.backend() == Backend::DelayQueue {
+            return self.install_delay(inner, &sb, spec);
+        }
         let used: HashSet<u32> = inner
             .state
             .faults
             .values()
-            .filter(|f| f.sandbox == sandbox && !f.expired)
+            .filter(|f| f.sandbox == sandbox && !f.expired && !f.nfqueue)
             .map(|f| f.rule)
             .collect();
         let rule = (0..RULES_PER_SANDBOX)
@@ -686,9 +754,6 @@ impl Registry {
                     ),
                 })
             })?;
-        if spec.target.is_none() {
-            spec.target = Some(Target::Sandbox(sandbox.to_string()));
-        }
         let now_boot = netfault_ebpf::boottime_ns();
         let deadline = now_boot.saturating_add(spec.duration.as_nanos() as u64);
         let raw = RawRule::compile(&spec, deadline).ok_or_else(|| {
@@ -737,12 +802,109 @@ impl Registry {
             rule,
             expired: false,
             final_counters: Counters::default(),
+            nfqueue: false,
         };
         let view = view_fault(&inner, &rec);
         inner.state.faults.insert(rec.id.clone(), rec);
         self.persist(&inner)?;
         tracing::info!(fault = %view.id, sandbox = %sandbox, action = %view.spec["action"]["type"], "fault installed");
         Ok(view)
+    }
+
+    /// Installs a delay or reorder fault: the sandbox's nft table and queue
+    /// are rebuilt with it.
+    fn install_delay(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        sb: &SandboxRecord,
+        spec: FaultSpec,
+    ) -> Result<Fault, AgentError> {
+        if let Action::Reorder { latency: None, .. } = spec.action {
+            let now = netfault_ebpf::boottime_ns();
+            let has_delay = inner.state.faults.values().any(|f| {
+                f.sandbox == sb.id
+                    && f.nfqueue
+                    && !f.expired
+                    && f.deadline_boot_ns > now
+                    && f.spec["action"]["type"] == "delay"
+            });
+            if !has_delay {
+                return Err(AgentError::Invalid(FieldError::unsupported(
+                    "action.latency",
+                    "reorder needs a latency: give action.latency, or first add a delay fault to this sandbox whose delay the in-order packets get",
+                )));
+            }
+        }
+        let now_boot = netfault_ebpf::boottime_ns();
+        let deadline = now_boot.saturating_add(spec.duration.as_nanos() as u64);
+        let created = now_ms();
+        let rec = FaultRecord {
+            id: new_id(),
+            sandbox: sb.id.clone(),
+            spec: spec.to_json(),
+            created_at_ms: created,
+            expires_at_ms: created + spec.duration.as_millis() as u64,
+            deadline_boot_ns: deadline,
+            rule: u32::MAX,
+            expired: false,
+            final_counters: Counters::default(),
+            nfqueue: true,
+        };
+        let id = rec.id.clone();
+        inner.state.faults.insert(id.clone(), rec);
+        if let Err(e) = inner.sync_delay(&sb.id) {
+            inner.state.faults.remove(&id);
+            inner.delay.forget(&id);
+            // Put the table back as it was without this fault.
+            let _ = inner.sync_delay(&sb.id);
+            return Err(e);
+        }
+        let view = inner
+            .state
+            .faults
+            .get(&id)
+            .map(|f| view_fault(&inner, f))
+            .ok_or_else(|| AgentError::Internal("fault vanished during install".into()))?;
+        self.persist(&inner)?;
+        tracing::info!(fault = %view.id, sandbox = %sb.id, action = %view.spec["action"]["type"], "fault installed (nfqueue)");
+        Ok(view)
+    }
+
+    /// What this node supports (`GET /v1/capabilities`).
+    pub fn capabilities(&self) -> Value {
+        let samples = [
+            ("loss", serde_json::json!({"type": "loss", "percent": 10})),
+            ("blackhole", serde_json::json!({"type": "blackhole"})),
+            (
+                "corrupt",
+                serde_json::json!({"type": "corrupt", "percent": 10}),
+            ),
+            (
+                "duplicate",
+                serde_json::json!({"type": "duplicate", "percent": 10}),
+            ),
+            ("rate", serde_json::json!({"type": "rate", "rate": "1mbit"})),
+        ];
+        let ebpf: Vec<&str> = samples
+            .iter()
+            .filter(|(_, action)| {
+                let body = serde_json::json!({
+                    "target": {"sandbox": "x"}, "action": action, "duration": "1s"
+                });
+                FaultSpec::parse(
+                    &body,
+                    &Limits {
+                        max_duration: Duration::MAX,
+                        target_required: true,
+                    },
+                )
+                .ok()
+                .and_then(|spec| RawRule::compile(&spec, u64::MAX))
+                .is_some()
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        crate::delay::caps::capabilities(&ebpf)
     }
 
     pub fn faults(&self) -> Vec<Fault> {
@@ -774,7 +936,12 @@ impl Registry {
             return Ok(());
         };
         let slot = inner.state.sandboxes.get(&f.sandbox).map(|s| s.slot);
-        if let (false, Some(slot)) = (f.expired, slot) {
+        if f.nfqueue {
+            inner.delay.forget(&f.id);
+            if !f.expired {
+                inner.sync_delay(&f.sandbox)?;
+            }
+        } else if let (false, Some(slot)) = (f.expired, slot) {
             inner
                 .dp
                 .clear_rule(slot, f.rule)
@@ -787,24 +954,35 @@ impl Registry {
     /// Detaches the datapath from a sandbox with no active fault, and
     /// releases implicit sandboxes that have nothing left.
     fn settle(&self, inner: &mut Inner, sandbox: &str) -> Result<(), AgentError> {
-        let active = inner
+        let active_ebpf = inner
+            .state
+            .faults
+            .values()
+            .any(|f| f.sandbox == sandbox && !f.expired && !f.nfqueue);
+        let active_any = inner
             .state
             .faults
             .values()
             .any(|f| f.sandbox == sandbox && !f.expired);
-        if active {
-            return Ok(());
-        }
         let Some(sb) = inner.state.sandboxes.get(sandbox).cloned() else {
             return Ok(());
         };
+        if active_ebpf {
+            return Ok(());
+        }
         if let Some(att) = sb.attachment {
             Self::detach(&sb, att)?;
             if let Some(rec) = inner.state.sandboxes.get_mut(sandbox) {
                 rec.attachment = None;
             }
         }
+        if active_any {
+            return Ok(());
+        }
         if sb.implicit && !inner.state.faults.values().any(|f| f.sandbox == sandbox) {
+            if inner.delay.has(sandbox) {
+                inner.sync_delay(sandbox)?;
+            }
             inner.unbind(&sb)?;
             inner.state.sandboxes.remove(sandbox);
         }
@@ -828,7 +1006,10 @@ impl Registry {
         for f in &due {
             let slot = inner.state.sandboxes.get(&f.sandbox).map(|s| s.slot);
             let mut counters = Counters::default();
-            if let Some(slot) = slot {
+            if f.nfqueue {
+                counters = inner.delay.counters(&f.id).unwrap_or_default();
+                inner.delay.forget(&f.id);
+            } else if let Some(slot) = slot {
                 if let Ok(c) = inner.dp.counters(slot, f.rule) {
                     counters = Counters {
                         matched: c.matched,
@@ -856,7 +1037,13 @@ impl Registry {
             .faults
             .retain(|_, f| !f.expired || f.expires_at_ms + retain_ms > wall);
         let purged = before != inner.state.faults.len();
+        touched.sort();
+        touched.dedup();
         for sb in &touched {
+            let delay_touched = due.iter().any(|f| f.nfqueue && &f.sandbox == sb);
+            if delay_touched {
+                inner.sync_delay(sb)?;
+            }
             self.settle(&mut inner, sb)?;
         }
         if !touched.is_empty() || purged {
@@ -878,6 +1065,8 @@ fn view_fault(inner: &Inner, f: &FaultRecord) -> Fault {
     let expired = f.expired || f.deadline_boot_ns <= netfault_ebpf::boottime_ns();
     let counters = if f.expired {
         f.final_counters
+    } else if f.nfqueue {
+        inner.delay.counters(&f.id).unwrap_or_default()
     } else {
         inner
             .state
@@ -898,7 +1087,7 @@ fn view_fault(inner: &Inner, f: &FaultRecord) -> Fault {
         spec: f.spec.clone(),
         created_at_ms: f.created_at_ms,
         expires_at_ms: f.expires_at_ms,
-        backend: "ebpf-tc".to_string(),
+        backend: if f.nfqueue { "nfqueue" } else { "ebpf-tc" }.to_string(),
         counters,
     }
 }

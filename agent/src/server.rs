@@ -114,6 +114,9 @@ impl Api {
                 );
                 Ok(r)
             }
+            (&Method::GET, ["v1", "capabilities"]) => blocking(move || Ok(reg.capabilities()))
+                .await
+                .map(|c| json(StatusCode::OK, &c)),
             (&Method::GET, ["v1", "sandboxes"]) => Ok(json(StatusCode::OK, &reg.sandboxes())),
             (&Method::PUT, ["v1", "sandboxes", id]) => {
                 let id = id.to_string();
@@ -147,7 +150,14 @@ impl Api {
                     .await
                     .map(|_| empty(StatusCode::NO_CONTENT))
             }
-            (_, ["healthz"] | ["metrics"] | ["v1", "sandboxes", ..] | ["v1", "faults", ..]) => {
+            (
+                _,
+                ["healthz"]
+                | ["metrics"]
+                | ["v1", "capabilities"]
+                | ["v1", "sandboxes", ..]
+                | ["v1", "faults", ..],
+            ) => {
                 let mut r = error(bad("method", &format!("{method} is not allowed on {path}")));
                 *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                 Ok(r)

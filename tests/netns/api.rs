@@ -62,7 +62,7 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
             400,
         ),
         (
-            with(json!({"action": {"type": "delay", "latency": "10ms"}})),
+            with(json!({"action": {"type": "http-abort"}})),
             "action.type",
             422,
         ),

@@ -1,6 +1,7 @@
 mod api;
 mod cni;
 mod ctl;
+mod delay;
 mod lifecycle;
 mod loss;
 mod support;

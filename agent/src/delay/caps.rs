@@ -1,0 +1,122 @@
+//! What this node can do, checked for real: the kernel's config
+//! (`/proc/config.gz`, or `/boot/config-<release>`), loaded modules, the
+//! `nft` binary and an NFQUEUE netlink socket. Served as
+//! `GET /v1/capabilities` so users see why something is unavailable.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// `y`, `m`, or absent, per `CONFIG_` option.
+pub struct KernelConfig {
+    text: Option<String>,
+}
+
+impl KernelConfig {
+    pub fn read() -> KernelConfig {
+        let gz = std::fs::File::open("/proc/config.gz").ok().and_then(|f| {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(f)
+                .read_to_string(&mut s)
+                .ok()
+                .map(|_| s)
+        });
+        let text = gz.or_else(|| {
+            let release = nix::sys::utsname::uname()
+                .ok()?
+                .release()
+                .to_string_lossy()
+                .into_owned();
+            std::fs::read_to_string(format!("/boot/config-{release}")).ok()
+        });
+        KernelConfig { text }
+    }
+
+    /// `Some(true)` when built in or a module, `Some(false)` when not set,
+    /// `None` when the config is unreadable.
+    pub fn has(&self, option: &str) -> Option<bool> {
+        let text = self.text.as_ref()?;
+        let y = format!("{option}=y");
+        let m = format!("{option}=m");
+        Some(text.lines().any(|l| l == y || l == m))
+    }
+
+    /// Config first, then a loaded module as a fallback.
+    fn feature(&self, option: &str, module: &str) -> bool {
+        self.has(option)
+            .unwrap_or_else(|| Path::new("/sys/module").join(module).exists())
+    }
+}
+
+fn in_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+fn nfqueue_socket_opens() -> Result<(), String> {
+    nfq::Queue::open()
+        .map(|_| ())
+        .map_err(|e| format!("cannot open an NFQUEUE netlink socket: {e}"))
+}
+
+/// The capabilities document. `ebpf_actions` are the action types the eBPF
+/// datapath compiles.
+pub fn capabilities(ebpf_actions: &[&str]) -> Value {
+    let cfg = KernelConfig::read();
+    let nft = in_path("nft");
+    let nft_queue = cfg.feature("CONFIG_NFT_QUEUE", "nft_queue");
+    let xt_nfqueue = cfg.feature("CONFIG_NETFILTER_XT_TARGET_NFQUEUE", "xt_NFQUEUE")
+        && cfg.feature("CONFIG_NFT_COMPAT", "nft_compat");
+    let nl_queue = cfg.feature("CONFIG_NETFILTER_NETLINK_QUEUE", "nfnetlink_queue");
+    let socket = nfqueue_socket_opens();
+    let delay_reason = if !nft {
+        Some("the nft binary is not in PATH".to_string())
+    } else if !nl_queue {
+        Some("the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE)".to_string())
+    } else if !xt_nfqueue {
+        Some(
+            "the kernel lacks xt_NFQUEUE through nft_compat (CONFIG_NETFILTER_XT_TARGET_NFQUEUE, CONFIG_NFT_COMPAT), which netfault's diversion rule uses"
+                .to_string(),
+        )
+    } else {
+        socket.err()
+    };
+    let mut delay = json!({
+        "backend": "nfqueue",
+        "available": delay_reason.is_none(),
+        "diversion": "nft table inet netfault, xt NFQUEUE target with bypass",
+        "nft_queue_statement": nft_queue,
+        "timing": "dedicated thread per pod, ns sleeps with 1 ns timer slack",
+    });
+    if let Some(r) = &delay_reason {
+        delay["reason"] = json!(r);
+    }
+    let fq = cfg.feature("CONFIG_NET_SCH_FQ", "sch_fq");
+    let netem = cfg.feature("CONFIG_NET_SCH_NETEM", "sch_netem");
+    let mut edt = json!({"available": false});
+    edt["reason"] = json!(if fq {
+        "sch_fq is available, but netfault has no EDT delay path yet"
+    } else {
+        "sch_fq is not available on this kernel"
+    });
+    let mut netem_v = json!({"available": netem, "used": false});
+    netem_v["reason"] = json!(if netem {
+        "present, but netfault never depends on sch_netem"
+    } else {
+        "sch_netem is not available on this kernel; netfault does not need it"
+    });
+    let mut actions: Vec<&str> = ebpf_actions.to_vec();
+    if delay_reason.is_none() {
+        actions.extend(["delay", "reorder"]);
+    }
+    json!({
+        "delay": delay,
+        "edt": edt,
+        "netem": netem_v,
+        "ipv6": Path::new("/proc/net/if_inet6").exists(),
+        "kernel_config_readable": cfg.text.is_some(),
+        "actions": actions,
+    })
+}

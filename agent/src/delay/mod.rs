@@ -1,0 +1,206 @@
+//! The netem-free delay backend: nft diversion to NFQUEUE in the pod netns
+//! (`nft`), a packet-holding engine thread per sandbox (`engine`), and
+//! netem's random distributions (`dist`).
+//!
+//! What it owns: for each sandbox with delay or reorder faults, the nft
+//! table `netfault` and the queue socket (opened inside the pod netns, which
+//! it keeps). Removing a sandbox's last such fault removes both, so the netns
+//! returns to exactly its previous state.
+//! Fail-open: the queue rule has `bypass` (no listener: packets pass) and the
+//! queue `NFQA_CFG_F_FAIL_OPEN` (full queue: packets pass). Deadline: every
+//! rule looks up a per-fault set element whose `timeout` is the fault's
+//! remaining duration, so diversion ends in the kernel without the agent.
+
+pub mod caps;
+pub mod dist;
+pub mod engine;
+pub mod nft;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netfault_api::{Action, Counters, FaultSpec};
+
+use crate::netns::{self, NetnsError};
+use dist::{Correlated, DelaySampler};
+use engine::{Engine, FaultCounters, Kind, Plan};
+
+/// The NFQUEUE number used in every pod netns (queues are per netns).
+pub const QUEUE_NUM: u16 = 0x4e46;
+/// Packets the kernel holds for the engine before failing open.
+const QUEUE_MAXLEN: u32 = 8192;
+/// Bytes of each packet copied to the engine: enough for the headers.
+const COPY_RANGE: u16 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DelayError {
+    #[error("nft: {0}")]
+    Nft(String),
+    #[error("nf_tables netlink: {0}")]
+    Netlink(String),
+    #[error("NFQUEUE: {0}")]
+    Queue(String),
+    #[error("starting the delay thread: {0}")]
+    Thread(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}
+
+/// A delay-backend fault to apply.
+#[derive(Debug, Clone)]
+pub struct DelayFault {
+    pub id: String,
+    pub spec: FaultSpec,
+    /// Time left until the fault's deadline.
+    pub remaining: Duration,
+}
+
+struct SandboxQueue {
+    engine: Engine,
+}
+
+/// Every sandbox's delay state, owned by the registry.
+#[derive(Default)]
+pub struct DelayEngine {
+    sandboxes: HashMap<String, SandboxQueue>,
+    counters: HashMap<String, Arc<FaultCounters>>,
+}
+
+fn open_queue_here() -> Result<nfq::Queue, DelayError> {
+    let q = |what: &str, e: std::io::Error| DelayError::Queue(format!("{what}: {e}"));
+    let mut queue = nfq::Queue::open().map_err(|e| q("opening the netlink socket", e))?;
+    queue
+        .bind(QUEUE_NUM)
+        .map_err(|e| q(&format!("binding queue {QUEUE_NUM}"), e))?;
+    queue
+        .set_fail_open(QUEUE_NUM, true)
+        .map_err(|e| q("setting fail-open", e))?;
+    queue
+        .set_queue_max_len(QUEUE_NUM, QUEUE_MAXLEN)
+        .map_err(|e| q("setting the queue length", e))?;
+    queue
+        .set_copy_range(QUEUE_NUM, COPY_RANGE)
+        .map_err(|e| q("setting the copy range", e))?;
+    Ok(queue)
+}
+
+impl DelayEngine {
+    pub fn has(&self, sandbox: &str) -> bool {
+        self.sandboxes.contains_key(sandbox)
+    }
+
+    fn plan(&mut self, f: &DelayFault, now: Instant) -> Plan {
+        let counters = self.counters.entry(f.id.clone()).or_default().clone();
+        let kind = match &f.spec.action {
+            Action::Delay {
+                latency,
+                jitter,
+                correlation,
+                distribution,
+                percent,
+            } => Kind::Delay {
+                sampler: DelaySampler::new(
+                    latency.as_nanos() as f64,
+                    jitter.as_nanos() as f64,
+                    *correlation,
+                    *distribution,
+                ),
+                percent: *percent,
+                pick: Correlated::new(0.0),
+            },
+            Action::Reorder {
+                percent,
+                correlation,
+                gap,
+                latency,
+            } => Kind::Reorder {
+                percent: *percent,
+                gap: *gap,
+                latency: *latency,
+                rnd: Correlated::new(*correlation),
+                counter: 0,
+            },
+            // Not a delay-backend action: match nothing by expiring at once.
+            _ => Kind::Delay {
+                sampler: DelaySampler::new(
+                    0.0,
+                    0.0,
+                    0.0,
+                    netfault_api::spec::Distribution::Uniform,
+                ),
+                percent: 0.0,
+                pick: Correlated::new(0.0),
+            },
+        };
+        Plan {
+            direction: f.spec.direction,
+            selector: f.spec.r#match.clone(),
+            kind,
+            deadline: now + f.remaining,
+            counters,
+        }
+    }
+
+    /// Brings a sandbox's netns in line with `faults` (its active delay and
+    /// reorder faults): with none, removes the table and closes the queue.
+    pub fn apply(
+        &mut self,
+        sandbox: &str,
+        netns_path: &Path,
+        faults: &[DelayFault],
+    ) -> Result<(), DelayError> {
+        let path = PathBuf::from(netns_path);
+        if faults.is_empty() {
+            let removed = match netns::run_in(&path, nft::remove_here) {
+                Ok(r) => r,
+                Err(NetnsError::Gone { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+            // Closing the queue after the table is gone: nothing is diverted
+            // to a queue without a listener (which `bypass` would pass anyway).
+            self.sandboxes.remove(sandbox);
+            return removed;
+        }
+        let now = Instant::now();
+        let plans: Vec<Plan> = faults.iter().map(|f| self.plan(f, now)).collect();
+        let fresh = !self.sandboxes.contains_key(sandbox);
+        if fresh {
+            let queue = netns::run_in(&path, open_queue_here)??;
+            let engine = Engine::start(queue, QUEUE_NUM, sandbox)?;
+            self.sandboxes
+                .insert(sandbox.to_string(), SandboxQueue { engine });
+        }
+        if let Some(sq) = self.sandboxes.get(sandbox) {
+            sq.engine.set_plans(plans);
+        }
+        let diversions: Vec<nft::Diversion> = faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| nft::Diversion {
+                tag: i as u32,
+                direction: f.spec.direction,
+                selector: f.spec.r#match.clone(),
+                timeout_s: f.remaining.as_nanos().div_ceil(1_000_000_000) as u64,
+            })
+            .collect();
+        let applied = netns::run_in(&path, move || nft::apply_here(&diversions, QUEUE_NUM))
+            .map_err(DelayError::from)
+            .and_then(|r| r);
+        if applied.is_err() && fresh {
+            self.sandboxes.remove(sandbox);
+        }
+        applied
+    }
+
+    /// Live counters of a delay fault.
+    pub fn counters(&self, fault: &str) -> Option<Counters> {
+        self.counters.get(fault).map(|c| c.snapshot())
+    }
+
+    /// Forgets a fault's counters (after it was removed or expired).
+    pub fn forget(&mut self, fault: &str) {
+        self.counters.remove(fault);
+    }
+}
