@@ -287,15 +287,75 @@ fn ingress_delay_ipv6_selected() {
     c.delete_fault(&id);
 }
 
-/// Model moments of `latency + jitter * t(u)`: t uniform on [-1, 1) has
-/// sd 1/sqrt(3); normal has sd 1.
+/// netem's standardised offset `t(u)` for a uniform draw `u` (iproute2's
+/// tables: uniform; the normal quantile; pareto.c, shape 3 centred on its
+/// mean and scaled by 4/3; paretonormal.c, (normal + 3 pareto) / 4), clipped
+/// to the 16-bit table range ±32767/8192.
+fn netem_t(dist: &str, u: f64) -> f64 {
+    let max = 32767.0 / 8192.0;
+    let pareto = ((4.0 / 3.0) * ((1.0 - u).max(1.0 / 65536.0).powf(-1.0 / 3.0) - 1.5)).min(max);
+    let t = match dist {
+        "uniform" => 2.0 * u - 1.0,
+        "normal" => normal_quantile(u),
+        "pareto" => pareto,
+        _ => 0.25 * normal_quantile(u) + 0.75 * pareto,
+    };
+    t.clamp(-max, max)
+}
+
+/// Standard normal CDF (Abramowitz-Stegun 7.1.26 erf, error < 1.5e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / 2f64.sqrt();
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t
+        * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+/// The normal quantile by bisection on the CDF (independent of the agent's
+/// rational approximation).
+fn normal_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-10.0, 10.0);
+    for _ in 0..80 {
+        let mid = (lo + hi) / 2.0;
+        if normal_cdf(mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
+}
+
+/// Mean and standard deviation of `t(U)`, U uniform on [0, 1), by the
+/// midpoint rule on 20000 points.
+fn model_moments(dist: &str) -> (f64, f64) {
+    let n = 20_000;
+    let ts: Vec<f64> = (0..n)
+        .map(|i| netem_t(dist, (i as f64 + 0.5) / n as f64))
+        .collect();
+    let mean = ts.iter().sum::<f64>() / n as f64;
+    let var = ts.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / n as f64;
+    (mean, var.sqrt())
+}
+
+/// Every distribution with latency 30 ms and jitter 10 ms: the measured
+/// added RTT's mean and standard deviation against the model's
+/// (`latency + jitter * t(U)`, see `model_moments`).
 ///
 /// Tolerances, for n = 1500 samples: the mean within 1 ms (its standard
-/// error is jitter * sd_t / sqrt(n) ≤ 0.26 ms; 1 ms leaves room for the
-/// engine's poll interval and scheduling noise); the standard deviation
-/// within 15% of the model (its own standard error is ~2%, the rest is
-/// timing noise on a shared 2-core machine); for uniform, every sample
-/// inside [latency - jitter - 0.5 ms, latency + jitter + 2 ms].
+/// error is jitter * sd_t / sqrt(n) ≤ 0.3 ms, so 1 ms is over 3 standard
+/// errors plus the engine's ~0.1 ms pickup bias); the standard deviation
+/// within 15% of the model (its standard error is 2-4%, more for the skewed
+/// pareto; the rest is timing noise on a shared 2-core machine); for
+/// uniform, 99% of samples inside [latency - jitter - 0.5 ms,
+/// latency + jitter + 2 ms].
 #[test]
 fn jitter_distributions_match_model() {
     testbed::require_root!();
@@ -307,7 +367,8 @@ fn jitter_distributions_match_model() {
     let ip = v4(&b);
     let base = baseline(&a, ip, 7303);
     let (lat, jit) = (30.0, 10.0);
-    for (dist, sd_t) in [("uniform", 1.0 / 3f64.sqrt()), ("normal", 1.0)] {
+    for dist in ["uniform", "normal", "pareto", "paretonormal"] {
+        let (mean_t, sd_t) = model_moments(dist);
         let id = c.fault(fault_on(
             &a,
             "egress",
@@ -322,19 +383,25 @@ fn jitter_distributions_match_model() {
         let n = added.len() as f64;
         let mean = added.iter().sum::<f64>() / n;
         let sd = (added.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-        let want_sd = jit * sd_t;
+        let (want_mean, want_sd) = (lat + jit * mean_t, jit * sd_t);
         eprintln!(
-            "jitter {dist}: mean {mean:.3} ms (model {lat}), sd {sd:.3} ms (model {want_sd:.3})"
+            "jitter {dist}: mean {mean:.3} ms (model {want_mean:.3}), sd {sd:.3} ms (model {want_sd:.3})"
         );
-        assert!((mean - lat).abs() <= 1.0, "{dist}: mean {mean:.3} ms");
+        assert!(
+            (mean - want_mean).abs() <= 1.0,
+            "{dist}: mean {mean:.3} ms, model {want_mean:.3}"
+        );
         assert!(
             (sd - want_sd).abs() <= 0.15 * want_sd,
             "{dist}: sd {sd:.3} ms, model {want_sd:.3}"
         );
         if dist == "uniform" {
-            let (lo, hi) = added
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            // The 0.5th and 99.5th percentiles (not min/max: one descheduled
+            // receiver thread on a busy machine makes a single late sample).
+            let mut sorted = added.clone();
+            sorted.sort_by(f64::total_cmp);
+            let lo = sorted[sorted.len() / 200];
+            let hi = sorted[sorted.len() - 1 - sorted.len() / 200];
             assert!(
                 lo >= lat - jit - 0.5 && hi <= lat + jit + 2.0,
                 "uniform samples outside the range: [{lo:.3}, {hi:.3}]"
@@ -447,10 +514,15 @@ fn expires_with_agent_dead() {
     let ip = v4(&b);
     let pristine = netns_state(a.netns.path(), "eth0");
     let base = baseline(&a, ip, 7305);
-    let id = c.fault(fault_on(&a, "egress", json!({}), delay("20ms"), "2s"));
+    let created = Instant::now();
+    let id = c.fault(fault_on(&a, "egress", json!({}), delay("20ms"), "1500ms"));
     assert_eq!(diversion_elements(&a), 2, "ipv4 and ipv6 keys while active");
     c.agent.kill().expect("SIGKILL");
-    std::thread::sleep(Duration::from_millis(2300));
+    // The keys carry millisecond timeouts: there just before the deadline,
+    // gone just after it.
+    std::thread::sleep((created + 1300 * MS).saturating_duration_since(Instant::now()));
+    assert_eq!(diversion_elements(&a), 2, "the keys expired early");
+    std::thread::sleep((created + 1700 * MS).saturating_duration_since(Instant::now()));
     assert_eq!(
         diversion_elements(&a),
         0,
@@ -533,4 +605,102 @@ fn reorder_share_out_of_order() {
         .expect_err("reorder without latency must be refused");
     assert!(err.to_string().contains("action.latency"), "{err}");
     c.delete_fault(&id);
+}
+
+/// Composition: a 10 ms delay in both directions (RTT +20 ms) and an eBPF
+/// 30% egress loss on the same pod both apply. Lost pings are binomial
+/// within 3σ, the pings that come back carry the delay, and each fault
+/// counts what it did.
+#[test]
+fn delay_both_directions_composes_with_loss() {
+    testbed::require_root!();
+    let _s = serial();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let _e = echo(&b, 7307);
+    let ip = v4(&b);
+    let pristine = netns_state(a.netns.path(), "eth0");
+    let base = baseline(&a, ip, 7307);
+    let d = c.fault(fault_on(
+        &a,
+        "both",
+        json!({"protocol": "udp"}),
+        delay("10ms"),
+        "60s",
+    ));
+    let l = c.fault(fault_on(
+        &a,
+        "egress",
+        json!({"protocol": "udp"}),
+        json!({"type": "loss", "percent": 30}),
+        "60s",
+    ));
+    let r = rtts(&a, ip, 7307, 1000, MS, 150 * MS);
+    let n = r.rtt.len() as f64;
+    let lost = r.lost() as f64;
+    let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
+    let got = r.received();
+    let p50 = ms(quantile(&got, 0.5)) - ms(base);
+    eprintln!("delay both 10ms + loss 30%: lost {lost} of {n} (expected {mean:.0} ± {:.0}), added RTT p50 {p50:.3} ms", 3.0 * sigma);
+    assert!(
+        (lost - mean).abs() <= 3.0 * sigma + 1.0,
+        "lost {lost}, expected {mean:.0} ± {:.0}",
+        3.0 * sigma
+    );
+    assert!(
+        (p50 - 20.0).abs() <= 0.5,
+        "added RTT p50 {p50:.3} ms, want 20"
+    );
+    let fd = c.get_fault(&d);
+    let fl = c.get_fault(&l);
+    assert_eq!(fd["backend"], "nfqueue");
+    assert_eq!(fl["backend"], "ebpf-tc");
+    // Egress: every ping is delayed (before tc egress drops some); ingress:
+    // every echo that came back.
+    let delayed = fd["counters"]["affected"].as_u64().unwrap_or(0);
+    assert_eq!(delayed, 1000 + got.len() as u64, "delay counters: {fd}");
+    assert_eq!(
+        fl["counters"]["dropped"].as_u64().unwrap_or(0),
+        r.lost() as u64,
+        "loss counters: {fl}"
+    );
+    c.delete_fault(&d);
+    c.delete_fault(&l);
+    assert_eq!(
+        netns_state(a.netns.path(), "eth0"),
+        pristine,
+        "no leftovers"
+    );
+}
+
+/// `GET /v1/capabilities` says which backends this node has, and why not.
+#[test]
+fn capabilities_report_backends() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let caps = c
+        .agent
+        .client()
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities");
+    eprintln!("capabilities: {caps}");
+    assert_eq!(caps["delay"]["backend"], "nfqueue", "{caps}");
+    assert_eq!(caps["delay"]["available"], true, "{caps}");
+    for k in ["edt", "netem"] {
+        if caps[k]["available"] == false {
+            assert!(
+                caps[k]["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{k} unavailable without a reason: {caps}"
+            );
+        }
+    }
+    assert_eq!(caps["ipv6"], true, "{caps}");
+    let actions: Vec<&str> = caps["actions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for a in ["loss", "blackhole", "delay", "reorder"] {
+        assert!(actions.contains(&a), "{a} missing from {caps}");
+    }
 }

@@ -182,7 +182,7 @@ impl DelayEngine {
                 tag: i as u32,
                 direction: f.spec.direction,
                 selector: f.spec.r#match.clone(),
-                timeout_s: f.remaining.as_nanos().div_ceil(1_000_000_000) as u64,
+                timeout_ms: f.remaining.as_nanos().div_ceil(1_000_000) as u64,
             })
             .collect();
         let applied = netns::run_in(&path, move || nft::apply_here(&diversions, QUEUE_NUM))

@@ -3,7 +3,8 @@
 //!
 //! Layout of the table:
 //! - one set `f<tag>` per fault, of type `nf_proto`, holding `ipv4` and
-//!   `ipv6` with a `timeout` equal to the fault's remaining duration. Every
+//!   `ipv6` with a `timeout` equal to the fault's remaining duration, in
+//!   milliseconds (sent over netlink: nft's JSON only takes seconds). Every
 //!   rule of the fault looks itself up in that set, so diversion stops at the
 //!   deadline in the kernel even with the agent dead;
 //! - base chains `egress` (hook postrouting) and `ingress` (hook prerouting),
@@ -14,8 +15,9 @@
 //! This kernel lacks `nft_queue` (`CONFIG_NFT_QUEUE`), so nft's own `queue`
 //! statement cannot load. It has `nft_compat` and `xt_NFQUEUE`, which is what
 //! iptables-nft uses. The nft binary cannot write an xtables expression, so
-//! that one rule is sent here as a raw nf_tables netlink message; everything
-//! else goes through the `nftables` crate (the `nft` binary, JSON).
+//! that one rule (and the set elements, for their millisecond timeouts) is
+//! sent here as one raw nf_tables netlink batch; everything else goes
+//! through the `nftables` crate (the `nft` binary, JSON).
 //!
 //! Every function with `_here` must run on a thread inside the pod netns
 //! (`netns::run_in`): both the `nft` child process and the netlink socket
@@ -37,9 +39,8 @@ pub struct Diversion {
     pub tag: u32,
     pub direction: Direction,
     pub selector: Match,
-    /// Remaining lifetime; rounded up to whole seconds (nft's JSON timeouts
-    /// are in seconds).
-    pub timeout_s: u64,
+    /// Remaining lifetime in milliseconds (at least 1).
+    pub timeout_ms: u64,
 }
 
 fn set_name(tag: u32) -> String {
@@ -109,7 +110,7 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
 }
 
 /// One nft transaction that replaces the whole table with `diversions`
-/// (without the queue rule, which [`add_queue_rule_here`] adds).
+/// (without the set elements and the queue rule, which [`commit_here`] adds).
 pub fn ruleset(diversions: &[Diversion]) -> Value {
     let t = json!({"family": FAMILY, "name": TABLE});
     let mut cmds = vec![
@@ -124,14 +125,8 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
             "type": "filter", "hook": "prerouting", "prio": 0, "policy": "accept"}}}),
     ];
     for d in diversions {
-        let timeout = d.timeout_s.max(1);
         cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
             "name": set_name(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
-        cmds.push(json!({"add": {"element": {"family": FAMILY, "table": TABLE,
-        "name": set_name(d.tag), "elem": [
-            {"elem": {"val": "ipv4", "timeout": timeout}},
-            {"elem": {"val": "ipv6", "timeout": timeout}},
-        ]}}}));
         for (egress, chain) in [(true, "egress"), (false, "ingress")] {
             let wanted = if egress {
                 d.direction.includes_egress()
@@ -164,7 +159,7 @@ fn nft(payload: &Value) -> Result<(), DelayError> {
 /// Installs (or replaces) the table for `diversions`, diverting to `queue`.
 pub fn apply_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayError> {
     nft(&ruleset(diversions))?;
-    if let Err(e) = add_queue_rule_here(queue) {
+    if let Err(e) = commit_here(diversions, queue) {
         let _ = remove_here();
         return Err(e);
     }
@@ -183,6 +178,15 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 const NFPROTO_INET: u8 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_RULE_TABLE: u16 = 1;
@@ -262,9 +266,10 @@ impl Msg {
     }
 }
 
-/// The single rule of chain `divert`: `xt target NFQUEUE --queue-num N
-/// --queue-bypass`.
-pub fn add_queue_rule_here(queue: u16) -> Result<(), DelayError> {
+/// One nf_tables batch: every fault's set elements (`ipv4`, `ipv6`, with
+/// the fault's remaining time as a millisecond timeout), then the single
+/// rule of chain `divert`: `xt target NFQUEUE --queue-num N --queue-bypass`.
+pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayError> {
     let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
     // SAFETY: plain socket(2); the result is checked and owned at once.
     let raw = unsafe {
@@ -298,11 +303,38 @@ pub fn add_queue_rule_here(queue: u16) -> Result<(), DelayError> {
     }
 
     let req = libc::NLM_F_REQUEST as u16;
+    let create = libc::NLM_F_CREATE as u16;
     let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
+    let mut seq = 1u32;
+    for d in diversions {
+        seq += 1;
+        let mut m = Msg::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+            req | create,
+            seq,
+            NFPROTO_INET,
+            0,
+        );
+        m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        m.str(NFTA_SET_ELEM_LIST_SET, &set_name(d.tag));
+        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
+            m.begin(NFTA_LIST_ELEM);
+            m.begin(NFTA_SET_ELEM_KEY);
+            m.attr(NFTA_DATA_VALUE, &[key]);
+            m.end();
+            m.attr(NFTA_SET_ELEM_TIMEOUT, &d.timeout_ms.max(1).to_be_bytes());
+            m.end();
+        }
+        m.end();
+        out.extend(m.finish());
+    }
+    seq += 1;
+    let last = seq;
     let mut rule = Msg::new(
         (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
-        req | (libc::NLM_F_CREATE | libc::NLM_F_APPEND | libc::NLM_F_ACK) as u16,
-        2,
+        req | create | (libc::NLM_F_APPEND | libc::NLM_F_ACK) as u16,
+        last,
         NFPROTO_INET,
         0,
     );
@@ -326,7 +358,7 @@ pub fn add_queue_rule_here(queue: u16) -> Result<(), DelayError> {
     rule.end();
     rule.end();
     out.extend(rule.finish());
-    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, 3, 0, NFNL_SUBSYS_NFTABLES).finish());
+    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
 
     // SAFETY: a zeroed sockaddr_nl addresses the kernel.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -384,12 +416,17 @@ pub fn add_queue_rule_here(queue: u16) -> Result<(), DelayError> {
                     buf[off + 19],
                 ]);
                 if errno != 0 {
+                    let what = if seq == last {
+                        "the NFQUEUE rule (xt_NFQUEUE through nft_compat)"
+                    } else {
+                        "a fault's set elements"
+                    };
                     return Err(DelayError::Netlink(format!(
-                        "the kernel refused the NFQUEUE rule (xt_NFQUEUE through nft_compat): {}",
+                        "the kernel refused {what}: {}",
                         std::io::Error::from_raw_os_error(-errno)
                     )));
                 }
-                if seq == 2 {
+                if seq == last {
                     return Ok(());
                 }
             }
