@@ -56,9 +56,23 @@ fn in_path(bin: &str) -> bool {
 }
 
 fn nfqueue_socket_opens() -> Result<(), String> {
-    nfq::Queue::open()
-        .map(|_| ())
-        .map_err(|e| format!("cannot open an NFQUEUE netlink socket: {e}"))
+    // SAFETY: socket(2) with constant arguments; closed at once if opened.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "cannot open a netfilter netlink socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    Ok(())
 }
 
 /// The capabilities document. `ebpf_actions` are the action types the eBPF

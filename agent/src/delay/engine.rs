@@ -3,12 +3,13 @@
 //! release times.
 //!
 //! Timing: the thread sets its timer slack to 1 ns (`PR_SET_TIMERSLACK`) and
-//! sleeps with nanosecond timers until the next release, at most
-//! [`POLL`] at a time, polling the queue (non-blocking) in between. The `nfq`
-//! crate does not expose the socket's fd, so the queue is polled rather than
-//! waited on; a packet waits at most `POLL` before its delay starts.
+//! waits in `ppoll` on the queue socket with a nanosecond timeout: it wakes
+//! when a packet arrives or at the next release time, whichever is first.
+//! Verdicts due together go out in one send. The thread asks for the lowest
+//! SCHED_FIFO priority so that busy CPUs do not make releases late.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,10 +20,8 @@ use netfault_api::spec::{Direction, Match, Protocol};
 use netfault_api::Counters;
 
 use super::dist::{Correlated, DelaySampler};
+use super::queue::NfQueue;
 use super::DelayError;
-
-/// Longest sleep between two polls of the queue.
-pub const POLL: Duration = Duration::from_micros(100);
 
 /// Live counters of one fault.
 #[derive(Debug, Default)]
@@ -212,7 +211,7 @@ pub struct Engine {
 
 impl Engine {
     /// Serves `queue` (already bound to `num` inside the pod netns).
-    pub fn start(queue: nfq::Queue, num: u16, name: &str) -> Result<Engine, DelayError> {
+    pub fn start(queue: NfQueue, name: &str) -> Result<Engine, DelayError> {
         let shared = Arc::new(Shared {
             plans: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -220,7 +219,7 @@ impl Engine {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("delay-{name}"))
-            .spawn(move || run(queue, num, &s))
+            .spawn(move || run(queue, &s))
             .map_err(|e| DelayError::Thread(e.to_string()))?;
         Ok(Engine {
             shared,
@@ -243,6 +242,22 @@ impl Drop for Engine {
     }
 }
 
+/// Lowest real-time priority: the engine thread, which sleeps in `ppoll`
+/// almost all the time, runs as soon as a release is due even when the node's
+/// CPUs are busy (the kernel's RT throttling still bounds it). Without
+/// CAP_SYS_NICE it stays a normal thread.
+fn set_realtime() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is the calling thread; `param` is valid.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        tracing::info!(
+            error = %std::io::Error::last_os_error(),
+            "the delay thread runs without real-time priority"
+        );
+    }
+}
+
 fn set_timer_slack() {
     // SAFETY: prctl with integer arguments only affects this thread.
     let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
@@ -254,79 +269,84 @@ fn set_timer_slack() {
     }
 }
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Due(std::cmp::Reverse<(Instant, u64)>);
+/// Longest wait between checks of the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+/// Longest wait while packets are held (see `run`).
+const ACTIVE_TICK: Duration = Duration::from_micros(100);
 
-fn run(mut queue: nfq::Queue, num: u16, shared: &Shared) {
+fn run(mut queue: NfQueue, shared: &Shared) {
     set_timer_slack();
-    queue.set_nonblocking(true);
-    let mut heap: BinaryHeap<Due> = BinaryHeap::new();
-    let mut held: HashMap<u64, nfq::Message> = HashMap::new();
+    set_realtime();
+    // (release time, arrival order, packet id): a min-heap by release time,
+    // FIFO among equal times.
+    let mut heap: BinaryHeap<Reverse<(Instant, u64, u32)>> = BinaryHeap::new();
     let mut seq: u64 = 0;
     let mut errors: u64 = 0;
-    let verdict = |queue: &mut nfq::Queue, msg: nfq::Message, errors: &mut u64| {
-        if let Err(e) = queue.verdict(msg) {
-            *errors += 1;
-            if errors.is_power_of_two() {
-                tracing::warn!(error = %e, count = *errors, "NFQUEUE verdict failed");
-            }
+    let mut now_ids: Vec<u32> = Vec::new();
+    let mut report = |what: &str, e: std::io::Error| {
+        errors += 1;
+        if errors.is_power_of_two() {
+            tracing::warn!(error = %e, count = errors, "NFQUEUE {what} failed");
         }
     };
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
-        loop {
-            match queue.recv() {
-                Ok(msg) => {
-                    let now = Instant::now();
-                    // Hook 0 is prerouting (ingress); output/postrouting are egress.
-                    let egress = msg.get_hook() != 0;
-                    let hold = match parse(msg.get_payload()) {
-                        Some(info) if !stopping => {
-                            let mut plans = shared.plans.lock().unwrap_or_else(|p| p.into_inner());
-                            decide(&mut plans, egress, &info, now)
-                        }
-                        _ => Duration::ZERO,
-                    };
-                    if hold.is_zero() {
-                        verdict(&mut queue, msg, &mut errors);
-                    } else {
-                        seq += 1;
-                        heap.push(Due(std::cmp::Reverse((now + hold, seq))));
-                        held.insert(seq, msg);
-                    }
+        now_ids.clear();
+        let drained = {
+            let mut plans = shared.plans.lock().unwrap_or_else(|p| p.into_inner());
+            queue.drain(|id, hook, payload| {
+                let now = Instant::now();
+                // Hook 0 is prerouting (ingress); output/postrouting are egress.
+                let hold = match parse(payload) {
+                    Some(info) if !stopping => decide(&mut plans, hook != 0, &info, now),
+                    _ => Duration::ZERO,
+                };
+                if hold.is_zero() {
+                    now_ids.push(id);
+                } else {
+                    seq += 1;
+                    heap.push(Reverse((now + hold, seq, id)));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    errors += 1;
-                    if errors.is_power_of_two() {
-                        tracing::warn!(error = %e, count = errors, "NFQUEUE receive failed");
-                    }
-                    break;
-                }
-            }
+            })
+        };
+        if let Err(e) = drained {
+            report("receive", e);
         }
         let now = Instant::now();
-        while let Some(Due(std::cmp::Reverse((at, id)))) = heap.peek() {
+        while let Some(Reverse((at, _, id))) = heap.peek() {
             if *at > now && !stopping {
                 break;
             }
-            let id = *id;
+            now_ids.push(*id);
             heap.pop();
-            if let Some(msg) = held.remove(&id) {
-                verdict(&mut queue, msg, &mut errors);
+        }
+        if !now_ids.is_empty() {
+            if let Err(e) = queue.accept(&now_ids) {
+                report("verdict", e);
             }
         }
         if stopping {
-            let _ = queue.unbind(num);
             return;
         }
+        // While packets are held, wake at least every ACTIVE_TICK: on a VM an
+        // idle vCPU is descheduled by the host, and waking it (for a packet
+        // or a release) can then take milliseconds. With nothing held the
+        // thread sleeps until a packet arrives.
+        let cap = if heap.is_empty() {
+            STOP_CHECK
+        } else {
+            ACTIVE_TICK
+        };
         let wait = heap
             .peek()
-            .map(|Due(std::cmp::Reverse((at, _)))| at.saturating_duration_since(now))
-            .unwrap_or(POLL)
-            .min(POLL);
+            .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(cap)
+            .min(cap);
         if !wait.is_zero() {
-            std::thread::sleep(wait);
+            if let Err(e) = queue.wait(wait) {
+                report("poll", e);
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 }

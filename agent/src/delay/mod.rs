@@ -15,6 +15,7 @@ pub mod caps;
 pub mod dist;
 pub mod engine;
 pub mod nft;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,13 +27,14 @@ use netfault_api::{Action, Counters, FaultSpec};
 use crate::netns::{self, NetnsError};
 use dist::{Correlated, DelaySampler};
 use engine::{Engine, FaultCounters, Kind, Plan};
+use queue::NfQueue;
 
 /// The NFQUEUE number used in every pod netns (queues are per netns).
 pub const QUEUE_NUM: u16 = 0x4e46;
 /// Packets the kernel holds for the engine before failing open.
 const QUEUE_MAXLEN: u32 = 8192;
 /// Bytes of each packet copied to the engine: enough for the headers.
-const COPY_RANGE: u16 = 128;
+const COPY_RANGE: u32 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DelayError {
@@ -68,22 +70,8 @@ pub struct DelayEngine {
     counters: HashMap<String, Arc<FaultCounters>>,
 }
 
-fn open_queue_here() -> Result<nfq::Queue, DelayError> {
-    let q = |what: &str, e: std::io::Error| DelayError::Queue(format!("{what}: {e}"));
-    let mut queue = nfq::Queue::open().map_err(|e| q("opening the netlink socket", e))?;
-    queue
-        .bind(QUEUE_NUM)
-        .map_err(|e| q(&format!("binding queue {QUEUE_NUM}"), e))?;
-    queue
-        .set_fail_open(QUEUE_NUM, true)
-        .map_err(|e| q("setting fail-open", e))?;
-    queue
-        .set_queue_max_len(QUEUE_NUM, QUEUE_MAXLEN)
-        .map_err(|e| q("setting the queue length", e))?;
-    queue
-        .set_copy_range(QUEUE_NUM, COPY_RANGE)
-        .map_err(|e| q("setting the copy range", e))?;
-    Ok(queue)
+fn open_queue_here() -> Result<NfQueue, DelayError> {
+    NfQueue::open(QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)
 }
 
 impl DelayEngine {
@@ -168,7 +156,7 @@ impl DelayEngine {
         let fresh = !self.sandboxes.contains_key(sandbox);
         if fresh {
             let queue = netns::run_in(&path, open_queue_here)??;
-            let engine = Engine::start(queue, QUEUE_NUM, sandbox)?;
+            let engine = Engine::start(queue, sandbox)?;
             self.sandboxes
                 .insert(sandbox.to_string(), SandboxQueue { engine });
         }

@@ -1,0 +1,339 @@
+//! A minimal NFQUEUE client (nfnetlink_queue) whose socket can be waited on
+//! with `ppoll` and a nanosecond timeout, so the engine thread sleeps until
+//! either a packet arrives or the next release time, and issues verdicts in
+//! batches. Opened from a thread inside the pod netns; the socket keeps that
+//! netns, so it can then be served from any thread.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use super::DelayError;
+
+const NFNL_SUBSYS_QUEUE: u16 = 3;
+const NFQNL_MSG_PACKET: u16 = 0;
+const NFQNL_MSG_VERDICT: u16 = 1;
+const NFQNL_MSG_CONFIG: u16 = 2;
+const NFQA_PACKET_HDR: u16 = 1;
+const NFQA_VERDICT_HDR: u16 = 2;
+const NFQA_PAYLOAD: u16 = 10;
+const NFQA_CFG_CMD: u16 = 1;
+const NFQA_CFG_PARAMS: u16 = 2;
+const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
+const NFQA_CFG_MASK: u16 = 4;
+const NFQA_CFG_FLAGS: u16 = 5;
+const NFQNL_CFG_CMD_BIND: u8 = 1;
+const NFQNL_COPY_PACKET: u8 = 2;
+/// A full queue passes packets instead of dropping them.
+const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
+const NF_ACCEPT: u32 = 1;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// A bound queue.
+pub struct NfQueue {
+    fd: OwnedFd,
+    num: u16,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> DelayError + '_ {
+    move |e| DelayError::Queue(format!("{what}: {e}"))
+}
+
+fn put_hdr(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, res_id: u16) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | ty).to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.push(libc::AF_UNSPEC as u8);
+    out.push(0);
+    out.extend_from_slice(&res_id.to_be_bytes());
+    start
+}
+
+fn put_attr(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
+    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(data);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let len = (out.len() - start) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_ne_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+impl NfQueue {
+    /// Opens a netfilter netlink socket in the calling thread's netns and
+    /// binds queue `num`: copy `copy_range` bytes of each packet, hold at
+    /// most `maxlen` packets, fail open when full.
+    pub fn open(num: u16, maxlen: u32, copy_range: u32) -> Result<NfQueue, DelayError> {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if raw < 0 {
+            return Err(io("netfilter netlink socket")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd, option pointer and size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_NO_ENOBUFS,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        // SAFETY: a zeroed sockaddr_nl lets the kernel pick the port id.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: valid fd and address.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io("binding the netlink socket")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut q = NfQueue {
+            fd,
+            num,
+            buf: vec![0u8; 1 << 16],
+            out: Vec::with_capacity(4096),
+        };
+        // One config message: bind, copy mode, queue length, fail-open.
+        let mut out = Vec::with_capacity(128);
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+        let start = put_hdr(&mut out, NFQNL_MSG_CONFIG, flags, 1, num);
+        // struct nfqnl_msg_config_cmd { u8 command; u8 pad; be16 pf; }
+        put_attr(&mut out, NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
+        // struct nfqnl_msg_config_params { be32 copy_range; u8 copy_mode; } (packed)
+        let mut params = copy_range.to_be_bytes().to_vec();
+        params.push(NFQNL_COPY_PACKET);
+        put_attr(&mut out, NFQA_CFG_PARAMS, &params);
+        put_attr(&mut out, NFQA_CFG_QUEUE_MAXLEN, &maxlen.to_be_bytes());
+        put_attr(&mut out, NFQA_CFG_MASK, &NFQA_CFG_F_FAIL_OPEN.to_be_bytes());
+        put_attr(
+            &mut out,
+            NFQA_CFG_FLAGS,
+            &NFQA_CFG_F_FAIL_OPEN.to_be_bytes(),
+        );
+        finish(&mut out, start);
+        q.send(&out).map_err(io("configuring the queue"))?;
+        q.wait_ack(1)?;
+        Ok(q)
+    }
+
+    fn send(&self, buf: &[u8]) -> std::io::Result<()> {
+        // SAFETY: a zeroed sockaddr_nl addresses the kernel.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: valid fd, buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                0,
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the kernel's answer to message `seq`, accepting any packet
+    /// that arrives meanwhile (it must not stay held).
+    fn wait_ack(&mut self, seq: u32) -> Result<(), DelayError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(DelayError::Queue("no answer from nfnetlink_queue".into()));
+            }
+            self.wait(left).map_err(io("waiting for the queue"))?;
+            let mut result = None;
+            let mut stray = Vec::new();
+            self.drain_raw(|ty, mseq, body| {
+                if ty == libc::NLMSG_ERROR as u16 && mseq == seq && body.len() >= 4 {
+                    let errno = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
+                    result = Some(errno);
+                } else if ty == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
+                    if let Some((id, _, _)) = parse_packet(body) {
+                        stray.push(id);
+                    }
+                }
+            })
+            .map_err(io("reading the queue's answer"))?;
+            if !stray.is_empty() {
+                self.accept(&stray).map_err(io("passing a packet"))?;
+            }
+            match result {
+                Some(0) => return Ok(()),
+                Some(e) => {
+                    return Err(DelayError::Queue(format!(
+                        "binding queue {}: {}",
+                        self.num,
+                        std::io::Error::from_raw_os_error(-e)
+                    )))
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Waits until the socket is readable or `timeout` passed (ppoll, ns
+    /// resolution). Returns whether it is readable.
+    pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+        let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        Ok(r > 0)
+    }
+
+    /// Reads every message available now (non-blocking) and hands each one
+    /// (type, seq, body after the netlink header) to `f`.
+    fn drain_raw(&mut self, mut f: impl FnMut(u16, u32, &[u8])) -> std::io::Result<()> {
+        loop {
+            // SAFETY: valid fd and buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr() as *mut libc::c_void,
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Ok(()),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            let n = n as usize;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32_at(&self.buf, off) as usize;
+                if len < 16 || off + len > n {
+                    break;
+                }
+                let ty = u16_at(&self.buf, off + 4);
+                let seq = u32_at(&self.buf, off + 8);
+                f(ty, seq, &self.buf[off + 16..off + len]);
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// Reads every queued packet available now: `f(packet id, hook, payload)`.
+    pub fn drain(&mut self, mut f: impl FnMut(u32, u8, &[u8])) -> std::io::Result<()> {
+        self.drain_raw(|ty, _, body| {
+            if ty == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
+                if let Some((id, hook, payload)) = parse_packet(body) {
+                    f(id, hook, payload);
+                }
+            }
+        })
+    }
+
+    /// ACCEPT verdicts for `ids`, in one send.
+    pub fn accept(&mut self, ids: &[u32]) -> std::io::Result<()> {
+        for chunk in ids.chunks(128) {
+            let mut out = std::mem::take(&mut self.out);
+            out.clear();
+            for id in chunk {
+                let start = put_hdr(
+                    &mut out,
+                    NFQNL_MSG_VERDICT,
+                    libc::NLM_F_REQUEST as u16,
+                    0,
+                    self.num,
+                );
+                let mut v = NF_ACCEPT.to_be_bytes().to_vec();
+                v.extend_from_slice(&id.to_be_bytes());
+                put_attr(&mut out, NFQA_VERDICT_HDR, &v);
+                finish(&mut out, start);
+            }
+            let r = self.send(&out);
+            self.out = out;
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// (packet id, hook, payload) of an NFQNL_MSG_PACKET body (after nlmsghdr).
+fn parse_packet(body: &[u8]) -> Option<(u32, u8, &[u8])> {
+    let mut off = 4; // struct nfgenmsg
+    let mut hdr = None;
+    let mut payload: &[u8] = &[];
+    while off + 4 <= body.len() {
+        let len = u16_at(body, off) as usize;
+        let ty = u16_at(body, off + 2) & NLA_TYPE_MASK;
+        if len < 4 || off + len > body.len() {
+            break;
+        }
+        let data = &body[off + 4..off + len];
+        match ty {
+            // struct nfqnl_msg_packet_hdr { be32 packet_id; be16 hw_protocol; u8 hook; }
+            NFQA_PACKET_HDR if data.len() >= 7 => {
+                hdr = Some((
+                    u32::from_be_bytes([data[0], data[1], data[2], data[3]]),
+                    data[6],
+                ))
+            }
+            NFQA_PAYLOAD => payload = data,
+            _ => {}
+        }
+        off += (len + 3) & !3;
+    }
+    hdr.map(|(id, hook)| (id, hook, payload))
+}
