@@ -16,7 +16,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
 
-pub use rule::{RawCounters, RawRule, MAX_SANDBOXES, RULES_PER_SANDBOX};
+pub use rule::{RawCounters, RawRule, RawState, MAX_SANDBOXES, RULES_PER_SANDBOX};
 pub use tc::{FilterInfo, Hook, QdiscInfo, TcError, TcSocket};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
@@ -100,6 +100,7 @@ pub struct Datapath {
     rules: Array<MapData, RawRule>,
     counters: PerCpuArray<MapData, RawCounters>,
     last_draw: PerCpuArray<MapData, u32>,
+    state: Array<MapData, RawState>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
@@ -138,6 +139,8 @@ impl Datapath {
             .map_err(map_err("nf_counters"))?;
         let last_draw = PerCpuArray::try_from(take_map(&mut ebpf, "nf_last_draw")?)
             .map_err(map_err("nf_last_draw"))?;
+        let state =
+            Array::try_from(take_map(&mut ebpf, "nf_state")?).map_err(map_err("nf_state"))?;
         Ok(Datapath {
             _ebpf: ebpf,
             fds: ProgramFds { egress, ingress },
@@ -145,6 +148,7 @@ impl Datapath {
             rules,
             counters,
             last_draw,
+            state,
         })
     }
 
@@ -188,7 +192,8 @@ impl Datapath {
         Ok(slot * RULES_PER_SANDBOX + rule)
     }
 
-    /// Installs a rule, with fresh counters and correlation state.
+    /// Installs a rule, with fresh counters, correlation, token bucket
+    /// (full) and Gilbert-Elliott state (good).
     pub fn set_rule(&mut self, slot: u32, rule: u32, raw: &RawRule) -> Result<(), DatapathError> {
         let idx = Self::index(slot, rule)?;
         self.counters
@@ -201,6 +206,12 @@ impl Datapath {
             .set(idx, zeroed()?, 0)
             .map_err(|source| DatapathError::Map {
                 name: "nf_last_draw",
+                source,
+            })?;
+        self.state
+            .set(idx, RawState::default(), 0)
+            .map_err(|source| DatapathError::Map {
+                name: "nf_state",
                 source,
             })?;
         self.rules

@@ -15,6 +15,10 @@ const DIR_EGRESS: u8 = 1;
 const DIR_INGRESS: u8 = 2;
 const ACTION_LOSS: u8 = 1;
 const ACTION_BLACKHOLE: u8 = 2;
+const ACTION_CORRUPT: u8 = 3;
+const ACTION_DUPLICATE: u8 = 4;
+const ACTION_RATE: u8 = 5;
+const ACTION_LOSS_GE: u8 = 6;
 const PROTO_ICMP_ANY: u8 = 255;
 
 #[repr(C)]
@@ -33,9 +37,36 @@ pub struct RawRule {
     pub addr: [u8; 16],
     pub port_lo: [u16; 8],
     pub port_hi: [u16; 8],
+    /// rate: refill rate, bucket size, and the time to fill an empty bucket.
+    pub bytes_per_sec: u64,
+    pub burst_bytes: u64,
+    pub fill_ns: u64,
+    /// Gilbert-Elliott, scaled like `threshold`: good→bad, bad→good, loss in
+    /// the bad state (1-h), loss in the good state (1-k).
+    pub ge_p: u64,
+    pub ge_r: u64,
+    pub ge_bad_loss: u64,
+    pub ge_good_loss: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<RawRule>() == 80);
+const _: () = assert!(std::mem::size_of::<RawRule>() == 136);
+
+/// Shared per-rule state (`struct rule_state`): token bucket and the
+/// Gilbert-Elliott chain. The agent resets it with the rule.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawState {
+    /// `struct bpf_spin_lock`; the kernel never copies it to or from user space.
+    pub lock: u32,
+    pub ge_bad: u32,
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<RawState>() == 24);
+
+// SAFETY: plain integers, no padding.
+unsafe impl aya::Pod for RawState {}
 
 // SAFETY: plain old data with no padding-dependent invariants; every bit
 // pattern is a valid RawRule.
@@ -58,6 +89,18 @@ fn scale(percent: f64) -> u64 {
     ((percent / 100.0) * 4_294_967_296.0)
         .round()
         .clamp(0.0, 4_294_967_296.0) as u64
+}
+
+/// The bucket size when a rate fault gives none: 200 ms at the rate (at
+/// least four full-size frames). The datapath polices (it cannot queue: no
+/// fq here), and a TCP flow that loses a burst often waits out a
+/// retransmission timeout (200 ms minimum) before it sends again; a bucket
+/// that holds those 200 ms of tokens keeps them for when it does, so the
+/// flow's average stays at the limit. Measured on veth, one Cubic flow at
+/// 20 Mbit/s: 5 ms (12.5 kB) gave 0.6 Mbit/s, 70 kB 3 Mbit/s, 300 kB 12.5,
+/// 500 kB (200 ms) 19.8-20.3 Mbit/s, 1 MB 20.6-21.3 (more overshoot).
+pub fn default_burst(bits_per_sec: u64) -> u64 {
+    (bits_per_sec / 8 / 5).max(4 * 1500)
 }
 
 impl RawRule {
@@ -84,11 +127,48 @@ impl RawRule {
                 r.threshold = scale(percent);
                 r.correlation = scale(correlation).min(u32::MAX as u64) as u32;
             }
+            Action::Loss {
+                model: Some(ge), ..
+            } => {
+                r.action = ACTION_LOSS_GE;
+                r.ge_p = scale(ge.p);
+                r.ge_r = scale(ge.r);
+                r.ge_bad_loss = scale(ge.one_minus_h);
+                r.ge_good_loss = scale(ge.one_minus_k);
+            }
             Action::Blackhole => {
                 r.action = ACTION_BLACKHOLE;
                 r.threshold = 1 << 32;
             }
-            _ => return None,
+            Action::Corrupt {
+                percent,
+                correlation,
+            }
+            | Action::Duplicate {
+                percent,
+                correlation,
+            } => {
+                r.action = if matches!(spec.action, Action::Corrupt { .. }) {
+                    ACTION_CORRUPT
+                } else {
+                    ACTION_DUPLICATE
+                };
+                r.threshold = scale(percent);
+                r.correlation = scale(correlation).min(u32::MAX as u64) as u32;
+            }
+            Action::Rate {
+                bits_per_sec,
+                burst_bytes,
+            } => {
+                r.action = ACTION_RATE;
+                r.bytes_per_sec = (bits_per_sec / 8).max(1);
+                r.burst_bytes = burst_bytes.unwrap_or_else(|| default_burst(bits_per_sec));
+                // Time to refill an empty bucket, rounded up.
+                r.fill_ns = (r.burst_bytes as u128 * 1_000_000_000)
+                    .div_ceil(r.bytes_per_sec as u128)
+                    .min(u64::MAX as u128) as u64;
+            }
+            Action::Delay { .. } | Action::Reorder { .. } => return None,
         }
         let m = &spec.r#match;
         r.proto = match m.protocol() {
@@ -168,5 +248,44 @@ mod tests {
             (b.threshold, b.family, b.prefixlen, b.proto, b.dirs),
             (1 << 32, 6, 8, 255, 3)
         );
+    }
+
+    fn action(a: serde_json::Value) -> RawRule {
+        RawRule::compile(
+            &spec(json!({"target": {"sandbox": "x"}, "action": a, "duration": "1s"})),
+            7,
+        )
+        .expect("compiles")
+    }
+
+    #[test]
+    fn compiles_packet_actions() {
+        let c = action(json!({"type": "corrupt", "percent": 25, "correlation": 50}));
+        assert_eq!(
+            (c.action, c.threshold, c.correlation),
+            (3, 1 << 30, 1 << 31)
+        );
+        let d = action(json!({"type": "duplicate", "percent": 100}));
+        assert_eq!((d.action, d.threshold), (4, 1 << 32));
+        let r = action(json!({"type": "rate", "rate": "20mbit"}));
+        assert_eq!((r.action, r.bytes_per_sec), (5, 2_500_000));
+        assert_eq!(r.burst_bytes, 500_000, "default burst: 200 ms at the rate");
+        assert_eq!(r.fill_ns, 200_000_000);
+        let r = action(json!({"type": "rate", "rate": "8kbit", "burst": 3000}));
+        assert_eq!(
+            (r.bytes_per_sec, r.burst_bytes, r.fill_ns),
+            (1000, 3000, 3_000_000_000)
+        );
+        let g = action(json!({"type": "loss", "model": {"p": 5, "r": 20, "1-h": 100, "1-k": 0}}));
+        assert_eq!(g.action, 6);
+        assert_eq!(
+            (g.ge_p, g.ge_r, g.ge_bad_loss, g.ge_good_loss),
+            (scale(5.0), scale(20.0), 1 << 32, 0)
+        );
+        assert!(RawRule::compile(
+            &spec(json!({"target": {"sandbox": "x"}, "action": {"type": "delay", "latency": "1ms"}, "duration": "1s"})),
+            7
+        )
+        .is_none());
     }
 }

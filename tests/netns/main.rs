@@ -4,4 +4,5 @@ mod ctl;
 mod delay;
 mod lifecycle;
 mod loss;
+mod packet_actions;
 mod support;

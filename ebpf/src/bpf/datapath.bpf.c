@@ -4,8 +4,9 @@
 // same two programs are attached (legacy clsact, direct-action) on every
 // enrolled pod interface, inside the pod's network namespace.
 //
-// What it owns: matching packets against a pod's fault rules and dropping
-// them (loss, blackhole), plus per-rule counters.
+// What it owns: matching packets against a pod's fault rules and acting on
+// them (loss, Gilbert-Elliott loss, blackhole, rate, corrupt, duplicate),
+// plus per-rule counters and per-rule state (token bucket, GE chain).
 // What it must not do: keep any state the agent cannot rebuild, or let a rule
 // act after its deadline. Rules carry an absolute CLOCK_BOOTTIME deadline that
 // is checked here, so a fault ends on time even if the agent is dead
@@ -34,6 +35,16 @@
 
 #define ACTION_LOSS 1
 #define ACTION_BLACKHOLE 2
+#define ACTION_CORRUPT 3
+#define ACTION_DUPLICATE 4
+#define ACTION_RATE 5
+#define ACTION_LOSS_GE 6
+
+// skb->mark bit carried by a duplicate while it re-enters this program
+// (bpf_clone_redirect sends it through the same hook again). The program
+// clears it at once, so it never leaves the hook; a duplicate is not
+// duplicated again but meets every other rule, like any packet on the wire.
+#define DUP_MARK 0x00100000
 
 // "icmp" in the API means ICMP on IPv4 and ICMPv6 on IPv6.
 #define PROTO_ICMP_ANY 255
@@ -53,6 +64,26 @@ struct rule {
 	__u8 addr[16];       // peer network, IPv4 in the first 4 bytes
 	__u16 port_lo[MAX_PORT_RANGES];
 	__u16 port_hi[MAX_PORT_RANGES];
+	// rate: bucket size in bytes and refill rate in bytes per second;
+	// fill_ns = time to refill an empty bucket (burst_bytes * 1e9 / bytes_per_sec)
+	__u64 bytes_per_sec;
+	__u64 burst_bytes;
+	__u64 fill_ns;
+	// Gilbert-Elliott, scaled to 2^32 like threshold: good->bad, bad->good,
+	// loss probability in the bad state (1-h) and in the good state (1-k).
+	__u64 ge_p;
+	__u64 ge_r;
+	__u64 ge_bad_loss;
+	__u64 ge_good_loss;
+};
+
+// Shared (not per-CPU) per-rule state, reset by the agent with the rule.
+// Layout shared with ebpf/src/rule.rs (RawState).
+struct rule_state {
+	struct bpf_spin_lock lock;
+	__u32 ge_bad;        // Gilbert-Elliott: 1 in the bad state
+	__u64 tokens;        // rate: bucket content in nanobytes (bytes * 1e9), signed (debt)
+	__u64 last_ns;       // rate: last refill, CLOCK_BOOTTIME; 0 = bucket full
 };
 
 // Layout shared with ebpf/src/rule.rs (RawCounters).
@@ -100,14 +131,24 @@ struct {
 	__type(value, __u32);
 } nf_last_draw SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SANDBOXES * RULES_PER_SANDBOX);
+	__type(key, __u32);
+	__type(value, struct rule_state);
+} nf_state SEC(".maps");
+
 struct pkt {
 	__u8 family;
 	__u8 proto;
 	__u8 has_ports;
+	__u8 has_l4;         // l4off points at a TCP/UDP/other L4 header
 	__u8 peer[16];
 	struct addr_key local;
 	__u16 sport;
 	__u16 dport;
+	__u32 l4off;
+	__u32 l4len;         // from the IP header's length fields
 };
 
 static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt *p)
@@ -121,10 +162,14 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		p->proto = ip.protocol;
 		__builtin_memcpy(p->peer, ingress ? &ip.saddr : &ip.daddr, 4);
 		__builtin_memcpy(p->local.addr, ingress ? &ip.daddr : &ip.saddr, 4);
+		l4off = ETH_HLEN + ((__u32)ip.ihl & 0xf) * 4;
+		__u32 tot = bpf_ntohs(ip.tot_len);
+		p->l4off = l4off;
+		p->l4len = tot > l4off - ETH_HLEN ? tot - (l4off - ETH_HLEN) : 0;
 		// Non-first fragments carry no L4 header.
 		if (ip.frag_off & bpf_htons(0x1fff))
 			return 0;
-		l4off = ETH_HLEN + ((__u32)ip.ihl & 0xf) * 4;
+		p->has_l4 = 1;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
@@ -134,6 +179,9 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		__builtin_memcpy(p->peer, ingress ? &ip6.saddr : &ip6.daddr, 16);
 		__builtin_memcpy(p->local.addr, ingress ? &ip6.daddr : &ip6.saddr, 16);
 		l4off = ETH_HLEN + sizeof(ip6);
+		p->l4off = l4off;
+		p->l4len = bpf_ntohs(ip6.payload_len);
+		p->has_l4 = 1;
 	} else {
 		return -1;
 	}
@@ -209,8 +257,149 @@ static __always_inline __u32 draw(const struct rule *r, __u32 idx)
 	return answer;
 }
 
+// 1 when the receiver will not verify this TCP/UDP segment's checksum, so a
+// flipped bit would reach the application: the checksum was never computed.
+// A CHECKSUM_PARTIAL skb (every socket's send on veth, which offloads
+// checksums and carries CHECKSUM_PARTIAL across to the peer) holds only the
+// pseudo-header sum in the check field, and receivers trust CHECKSUM_PARTIAL
+// without looking. A UDP/IPv4 check of 0 means "no checksum".
+static __always_inline int csum_unverified(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 at = p->l4off + (p->proto == IPPROTO_TCP ? 16 : 6);
+	__u8 ck[2];
+	if (bpf_skb_load_bytes(skb, at, ck, 2) < 0)
+		return 1;
+	__u32 check = ((__u32)ck[0] << 8) | ck[1];
+	if (p->proto == IPPROTO_UDP && check == 0)
+		return 1;
+	// Pseudo-header sum, in host order over big-endian 16-bit words. The
+	// sum commutes, so peer/local order does not matter.
+	__u64 sum = (__u64)p->proto + p->l4len;
+	int words = p->family == 4 ? 2 : 8;
+	for (int i = 0; i < 8; i++) {
+		if (i >= words)
+			break;
+		sum += ((__u32)p->peer[2 * i] << 8) | p->peer[2 * i + 1];
+		sum += ((__u32)p->local.addr[2 * i] << 8) | p->local.addr[2 * i + 1];
+	}
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return check == (__u32)sum;
+}
+
+#define CORRUPT_NONE 0
+#define CORRUPT_FLIPPED 1
+#define CORRUPT_DISCARD 2
+
+// netem's corrupt: flip one random bit, here inside the L4 segment (header
+// and payload), so that the receiver's L4 checksum check discards the packet
+// on IPv4 and IPv6 alike. BPF_F_RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE
+// skb->csum in step with the new bytes (so it reflects the flip), and
+// BPF_CSUM_LEVEL_RESET turns CHECKSUM_UNNECESSARY into CHECKSUM_NONE, so the
+// receiver computes the checksum instead of trusting the previous hop. A
+// packet whose checksum nobody will compute (see csum_unverified) cannot be
+// corrupted detectably from here; it gets the outcome the receiver's check
+// would give it after a bit flip on the wire: it is discarded.
+static __always_inline int corrupt(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 off = p->l4off;
+	__u32 len = p->l4len;
+	if (off >= skb->len || len == 0)
+		return CORRUPT_NONE;
+	if (len > skb->len - off)
+		len = skb->len - off;
+	if (p->has_l4 && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) &&
+	    csum_unverified(skb, p))
+		return CORRUPT_DISCARD;
+	if (len > 0xffff)
+		len = 0xffff;
+	__u32 bit = bpf_get_prandom_u32() % (len * 8);
+	__u32 at = off + bit / 8;
+	__u8 b;
+	if (bpf_skb_load_bytes(skb, at, &b, 1) < 0)
+		return CORRUPT_NONE;
+	b ^= (__u8)(1 << (bit & 7));
+	if (bpf_skb_store_bytes(skb, at, &b, 1, BPF_F_RECOMPUTE_CSUM) < 0)
+		return CORRUPT_NONE;
+	bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET);
+	return CORRUPT_FLIPPED;
+}
+
+// Token bucket policer, shared by every CPU (a spin lock, not per-CPU
+// state, so the rate is the rule's and not the CPU's). 1 = over the limit.
+static __always_inline int rate_drop(const struct rule *r, __u32 idx, __u32 len, __u64 now)
+{
+	struct rule_state *st = bpf_map_lookup_elem(&nf_state, &idx);
+	if (!st)
+		return 0;
+	__u64 cost = (__u64)len * 1000000000ULL;
+	__u64 burst = r->burst_bytes * 1000000000ULL;
+	__u64 fill = r->fill_ns;
+	__u64 rate = r->bytes_per_sec;
+	int drop = 0;
+	bpf_spin_lock(&st->lock);
+	__s64 tokens = (__s64)st->tokens;
+	__u64 last = st->last_ns;
+	if (last == 0) {
+		tokens = (__s64)burst;
+	} else if (now > last) {
+		__u64 elapsed = now - last;
+		if (elapsed >= fill)
+			tokens = (__s64)burst;
+		else
+			tokens += (__s64)(elapsed * rate);
+		if (tokens > (__s64)burst)
+			tokens = (__s64)burst;
+	} else {
+		now = last;
+	}
+	// A packet passes while the bucket holds anything, and may take it
+	// into debt: a TCP GSO super-packet (up to 64 KiB on veth) is never
+	// larger than the bucket, yet the long-run rate stays the limit.
+	if (tokens > 0)
+		tokens -= (__s64)cost;
+	else
+		drop = 1;
+	st->tokens = (__u64)tokens;
+	st->last_ns = now;
+	bpf_spin_unlock(&st->lock);
+	return drop;
+}
+
+// netem's Gilbert-Elliott loss (loss_gilb_ell): the loss draw uses the state
+// the packet found, then the chain moves. State is shared by every CPU.
+static __always_inline int ge_drop(const struct rule *r, __u32 idx)
+{
+	__u64 move = bpf_get_prandom_u32();
+	__u64 lose = bpf_get_prandom_u32();
+	struct rule_state *st = bpf_map_lookup_elem(&nf_state, &idx);
+	if (!st)
+		return 0;
+	int drop;
+	bpf_spin_lock(&st->lock);
+	if (st->ge_bad) {
+		if (move < r->ge_r)
+			st->ge_bad = 0;
+		drop = lose < r->ge_bad_loss;
+	} else {
+		if (move < r->ge_p)
+			st->ge_bad = 1;
+		drop = lose < r->ge_good_loss;
+	}
+	bpf_spin_unlock(&st->lock);
+	return drop;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
+	// A duplicate made below, back in this hook: take the bit off at once.
+	int is_dup = 0;
+	__u32 mark = skb->mark;
+	if (mark & DUP_MARK) {
+		skb->mark = mark & ~DUP_MARK;
+		is_dup = 1;
+	}
 	struct pkt p = {};
 	if (parse(skb, ingress, &p) < 0)
 		return TC_ACT_OK;
@@ -225,10 +414,18 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 
 	__u8 dir = ingress ? DIR_INGRESS : DIR_EGRESS;
 	__u64 now = bpf_ktime_get_boot_ns();
+	// Rules compose: every matching rule acts, in slot order. Once one drops
+	// the packet, only duplicate rules still run: the copy is a packet of its
+	// own that meets every rule (but is not duplicated again), so loss and
+	// duplication compose whatever the rules' order.
+	int dropping = 0;
 	for (__u32 i = 0; i < RULES_PER_SANDBOX; i++) {
 		__u32 idx = base + i;
 		struct rule *r = bpf_map_lookup_elem(&nf_rules, &idx);
 		if (!r || r->deadline_ns <= now)
+			continue;
+		__u8 action = r->action;
+		if (action == ACTION_DUPLICATE ? is_dup : dropping)
 			continue;
 		if (!rule_matches(r, &p, dir))
 			continue;
@@ -236,19 +433,43 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 		if (c)
 			c->matched++;
 		int drop = 0;
-		if (r->action == ACTION_BLACKHOLE)
+		if (action == ACTION_BLACKHOLE) {
 			drop = 1;
-		else if (r->action == ACTION_LOSS)
+		} else if (action == ACTION_LOSS) {
 			drop = (__u64)draw(r, idx) < r->threshold;
+		} else if (action == ACTION_LOSS_GE) {
+			drop = ge_drop(r, idx);
+		} else if (action == ACTION_RATE) {
+			drop = rate_drop(r, idx, skb->len, now);
+		} else if (action == ACTION_CORRUPT) {
+			if ((__u64)draw(r, idx) < r->threshold) {
+				int res = corrupt(skb, &p);
+				if (res != CORRUPT_NONE && c)
+					c->affected++;
+				if (res == CORRUPT_DISCARD)
+					dropping = 1;
+			}
+		} else if (action == ACTION_DUPLICATE) {
+			if ((__u64)draw(r, idx) < r->threshold) {
+				skb->mark |= DUP_MARK;
+				long err = bpf_clone_redirect(skb, skb->ifindex,
+							      ingress ? BPF_F_INGRESS : 0);
+				skb->mark &= ~DUP_MARK;
+				if (err == 0 && c)
+					c->affected++;
+			}
+		}
 		if (drop) {
 			if (c)
 				c->dropped++;
-			// Egress: STOLEN hides the drop from the sending socket, as a
-			// real network (and netem) does; SHOT would return NET_XMIT_DROP
-			// and make TCP/ping see local congestion (KERNEL-NOTES).
-			return ingress ? TC_ACT_SHOT : TC_ACT_STOLEN;
+			dropping = 1;
 		}
 	}
+	// Egress: STOLEN hides the drop from the sending socket, as a real
+	// network (and netem) does; SHOT would return NET_XMIT_DROP and make
+	// TCP/ping see local congestion (KERNEL-NOTES).
+	if (dropping)
+		return ingress ? TC_ACT_SHOT : TC_ACT_STOLEN;
 	return TC_ACT_OK;
 }
 
