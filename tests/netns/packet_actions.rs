@@ -508,6 +508,45 @@ fn tcp_goodput(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, secs: f64) -> f64
     })
 }
 
+/// Bits per second at which the receiver in `to` read `bytes` from one TCP
+/// connection from `from` (from the first byte to the last).
+fn tcp_bulk_rate(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, bytes: usize) -> f64 {
+    let any: IpAddr = if to_ip.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let listener = testbed::in_netns(to.netns.path(), move || {
+        TcpListener::bind(SocketAddr::new(any, port))
+    })
+    .expect("enter netns")
+    .expect("listen");
+    let dest = SocketAddr::new(to_ip, port);
+    let mut tx = testbed::in_netns(from.netns.path(), move || {
+        TcpStream::connect_timeout(&dest, Duration::from_secs(2))
+    })
+    .expect("enter netns")
+    .expect("connect");
+    let (mut rx, _) = listener.accept().expect("accept");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let buf = vec![0x5au8; bytes];
+            tx.write_all(&buf).expect("write");
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = rx.read(&mut buf).expect("first read");
+        let start = Instant::now();
+        let first = got;
+        while got < bytes {
+            match rx.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        (got - first) as f64 * 8.0 / start.elapsed().as_secs_f64()
+    })
+}
+
 /// rate 20mbit: a single TCP flow's goodput, measured by the receiver, is
 /// within ±15% of 20 Mbit/s; without the fault the same transfer is far
 /// faster.
@@ -526,7 +565,10 @@ fn rate_limits_tcp_goodput() {
     let c = Cluster::new(false);
     let a = c.pod("a");
     let b = c.pod("b");
-    let free = tcp_goodput(&a, &b, v4(&b), 7341, 1.0);
+    // Sanity, without the fault: 16 MB go through far faster than 20 Mbit/s
+    // (6.7 s) would allow. A fixed amount rather than a timed run keeps the
+    // full-speed transfer short, so it does not starve concurrent tests.
+    let free = tcp_bulk_rate(&a, &b, v4(&b), 7341, 16 << 20);
     assert!(
         free > 200e6,
         "unlimited transfer too slow to compare: {:.0} Mbit/s",
@@ -542,7 +584,7 @@ fn rate_limits_tcp_goodput() {
     for attempt in 0..2 {
         let limited = tcp_goodput(&a, &b, v4(&b), 7342 + attempt, 3.5);
         eprintln!(
-            "rate 20mbit: goodput {:.2} Mbit/s (unlimited {:.0} Mbit/s), dropped {}",
+            "rate 20mbit: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
             limited / 1e6,
             free / 1e6,
             counter(&c, &id, "dropped")
@@ -558,4 +600,45 @@ fn rate_limits_tcp_goodput() {
     }
     assert!(counter(&c, &id, "dropped") > 0, "the policer dropped");
     c.delete_fault(&id);
+}
+
+/// The new in-kernel actions end at their deadline with the agent dead:
+/// duplicate 100% and a rate far below the stream's, for 1.5 s; the agent is
+/// SIGKILLed; once the deadline has passed the stream is whole and single.
+#[test]
+fn packet_actions_end_at_deadline_without_agent() {
+    testbed::require_root!();
+    let mut c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let created = Instant::now();
+    for action in [
+        json!({"type": "duplicate", "percent": 100}),
+        json!({"type": "rate", "rate": "8kbit"}),
+    ] {
+        c.fault(fault_on(&a, "egress", json!({}), action, "1500ms"));
+    }
+    c.agent.kill().expect("SIGKILL the agent");
+    let during = udp_probe(&a, &b, v4(&b), 7351, 300, GAP).expect("probe during");
+    assert!(
+        created.elapsed() < Duration::from_millis(1400),
+        "probe took too long to be meaningful"
+    );
+    assert_eq!(during.send_errors, 0);
+    assert!(
+        during.unique_received() < during.sent / 2 && during.duplicates() > 0,
+        "rate and duplicate act without the agent: {} unique, {} duplicates of {}",
+        during.unique_received(),
+        during.duplicates(),
+        during.sent
+    );
+    if let Some(w) = Duration::from_millis(1600).checked_sub(created.elapsed()) {
+        std::thread::sleep(w);
+    }
+    let after = udp_probe(&a, &b, v4(&b), 7352, 300, GAP).expect("probe after");
+    assert_eq!(
+        (after.received, after.duplicates()),
+        (after.sent, 0),
+        "traffic is whole and single after the deadline"
+    );
 }
