@@ -704,3 +704,127 @@ fn capabilities_report_backends() {
         assert!(actions.contains(&a), "{a} missing from {caps}");
     }
 }
+
+/// netem's `correlation`: each draw leans on the previous one, so
+/// successive delays differ much less than uncorrelated ones. With jitter
+/// ±10 ms uniform, the mean |d(i) - d(i-1)| is 20/3 ≈ 6.7 ms uncorrelated;
+/// at 90% correlation netem's recurrence makes it about a tenth of that. The
+/// bound (half) leaves a wide margin for timing noise.
+#[test]
+fn delay_correlation_makes_successive_delays_close() {
+    testbed::require_root!();
+    let _s = serial();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let _e = echo(&b, 7308);
+    let ip = v4(&b);
+    let mut steps = Vec::new();
+    for corr in [0, 90] {
+        let id = c.fault(fault_on(
+            &a,
+            "egress",
+            json!({}),
+            json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "correlation": corr}),
+            "60s",
+        ));
+        let r = rtts(&a, ip, 7308, 600, MS, 100 * MS);
+        c.delete_fault(&id);
+        assert_eq!(r.lost(), 0);
+        let d: Vec<f64> = r.rtt.iter().flatten().map(|d| ms(*d)).collect();
+        let step = d.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f64>() / (d.len() - 1) as f64;
+        eprintln!("correlation {corr}%: mean successive delay step {step:.3} ms");
+        steps.push(step);
+    }
+    assert!(
+        (steps[0] - 20.0 / 3.0).abs() < 1.0,
+        "uncorrelated step {:.3} ms, model 6.667",
+        steps[0]
+    );
+    assert!(
+        steps[1] < steps[0] / 2.0,
+        "correlation did not make delays bursty: {steps:?}"
+    );
+}
+
+/// TCP is delayed too: echo round trips on one established connection
+/// (TCP_NODELAY, one small write, read it back) take 20 ms longer with a
+/// 20 ms egress delay on the client's TCP port; median within ±0.5 ms.
+#[test]
+fn tcp_is_delayed() {
+    use std::io::{Read, Write};
+    testbed::require_root!();
+    let _s = serial();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let srv = testbed::tcp_listen(&b, 0).expect("listen");
+    let dst = SocketAddr::new(v4(&b), srv.port());
+    let mut conn = testbed::in_netns(a.netns.path(), move || {
+        std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+    })
+    .expect("enter netns")
+    .expect("connect");
+    conn.set_nodelay(true).expect("TCP_NODELAY");
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut echoes = |n: usize| -> Vec<Duration> {
+        (0..n)
+            .map(|i| {
+                let t = Instant::now();
+                conn.write_all(&(i as u32).to_be_bytes()).expect("write");
+                let mut back = [0u8; 4];
+                conn.read_exact(&mut back).expect("echo back");
+                assert_eq!(back, (i as u32).to_be_bytes());
+                t.elapsed()
+            })
+            .collect()
+    };
+    let base = quantile(&echoes(50), 0.5);
+    let id = c.fault(fault_on(
+        &a,
+        "egress",
+        json!({"protocol": "tcp", "ports": srv.port().to_string()}),
+        delay("20ms"),
+        "60s",
+    ));
+    let with = quantile(&echoes(50), 0.5);
+    c.delete_fault(&id);
+    let after = quantile(&echoes(20), 0.5);
+    let added = ms(with) - ms(base);
+    eprintln!(
+        "tcp echo round trip: +{added:.3} ms (model +20); baseline {:.3} ms, after removal {:.3} ms",
+        ms(base),
+        ms(after)
+    );
+    assert!((added - 20.0).abs() <= 0.5, "added {added:.3} ms");
+    assert!(after < base + MS, "baseline not restored: {after:?}");
+}
+
+/// CNI DEL with a live delay fault: the agent removes the nft table and
+/// closes the queue before the pod goes; the fault is gone.
+#[test]
+fn cni_del_removes_delay_table() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let id = c.fault(fault_on(&a, "egress", json!({}), delay("50ms"), "60s"));
+    assert_eq!(diversion_elements(&a), 2);
+    c.node.del_pod(&a).expect("CNI DEL");
+    let gone = c
+        .agent
+        .client()
+        .call("GET", &format!("/v1/faults/{id}"), None);
+    assert!(gone.is_err(), "fault still listed after DEL: {gone:?}");
+    let objects = testbed::in_netns(a.netns.path(), || {
+        let raw = nftables::helper::get_current_ruleset_raw(
+            nftables::helper::DEFAULT_NFT,
+            nftables::helper::DEFAULT_ARGS,
+        )
+        .expect("nft -j list ruleset");
+        let v: Value = serde_json::from_str(&raw).expect("nft JSON");
+        v["nftables"].as_array().map(Vec::len).unwrap_or(0)
+    })
+    .expect("enter netns");
+    assert!(objects <= 1, "nft objects left after DEL: {objects}");
+}

@@ -5,8 +5,9 @@
 //! Timing: the thread sets its timer slack to 1 ns (`PR_SET_TIMERSLACK`) and
 //! waits in `ppoll` on the queue socket with a nanosecond timeout: it wakes
 //! when a packet arrives or at the next release time, whichever is first.
-//! Verdicts due together go out in one send. The thread asks for the lowest
-//! SCHED_FIFO priority so that busy CPUs do not make releases late.
+//! Verdicts due together go out in one send. The thread stays a normal
+//! SCHED_OTHER thread: real-time priority could starve pod workloads on a
+//! small node, and the short wake-up steps give the precision without it.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -242,22 +243,6 @@ impl Drop for Engine {
     }
 }
 
-/// Lowest real-time priority: the engine thread, which sleeps in `ppoll`
-/// almost all the time, runs as soon as a release is due even when the node's
-/// CPUs are busy (the kernel's RT throttling still bounds it). Without
-/// CAP_SYS_NICE it stays a normal thread.
-fn set_realtime() {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: pid 0 is the calling thread; `param` is valid.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if r != 0 {
-        tracing::info!(
-            error = %std::io::Error::last_os_error(),
-            "the delay thread runs without real-time priority"
-        );
-    }
-}
-
 fn set_timer_slack() {
     // SAFETY: prctl with integer arguments only affects this thread.
     let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
@@ -271,12 +256,12 @@ fn set_timer_slack() {
 
 /// Longest wait between checks of the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(20);
-/// Longest wait while packets are held (see `run`).
+/// Longest wait in the last EARLY_WAKE before a release (see `run`).
 const ACTIVE_TICK: Duration = Duration::from_micros(100);
+const EARLY_WAKE: Duration = Duration::from_micros(300);
 
 fn run(mut queue: NfQueue, shared: &Shared) {
     set_timer_slack();
-    set_realtime();
     // (release time, arrival order, packet id): a min-heap by release time,
     // FIFO among equal times.
     let mut heap: BinaryHeap<Reverse<(Instant, u64, u32)>> = BinaryHeap::new();
@@ -328,20 +313,21 @@ fn run(mut queue: NfQueue, shared: &Shared) {
         if stopping {
             return;
         }
-        // While packets are held, wake at least every ACTIVE_TICK: on a VM an
-        // idle vCPU is descheduled by the host, and waking it (for a packet
-        // or a release) can then take milliseconds. With nothing held the
-        // thread sleeps until a packet arrives.
-        let cap = if heap.is_empty() {
-            STOP_CHECK
-        } else {
-            ACTIVE_TICK
+        // Sleep until shortly before the next release, then in steps of at
+        // most ACTIVE_TICK: on a VM an idle vCPU is descheduled by the host,
+        // and waking it for a timer can take milliseconds; a vCPU that woke
+        // recently wakes fast. With nothing held, sleep until a packet comes.
+        let wait = match heap.peek() {
+            None => STOP_CHECK,
+            Some(Reverse((at, _, _))) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left > EARLY_WAKE {
+                    (left - EARLY_WAKE).min(STOP_CHECK)
+                } else {
+                    left.min(ACTIVE_TICK)
+                }
+            }
         };
-        let wait = heap
-            .peek()
-            .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()))
-            .unwrap_or(cap)
-            .min(cap);
         if !wait.is_zero() {
             if let Err(e) = queue.wait(wait) {
                 report("poll", e);
