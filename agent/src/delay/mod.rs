@@ -110,7 +110,7 @@ impl DelayEngine {
                 rnd: Correlated::new(*correlation),
                 counter: 0,
             },
-            // Not a delay-backend action: match nothing by expiring at once.
+            // Not a delay-backend action (never routed here): delays nothing.
             _ => Kind::Delay {
                 sampler: DelaySampler::new(
                     0.0,
