@@ -2,6 +2,13 @@
 //! packets its NFQUEUE hands over and issues ACCEPT verdicts at their
 //! release times.
 //!
+//! Egress packets are not held in the kernel: a packet held at postrouting
+//! still counts against its TCP socket (TCP small queues, KERNEL-NOTES), which
+//! capped one flow through a 50 ms delay at about 1 Mbit/s. The engine copies
+//! each delayed egress packet, drops the original at once (freeing the
+//! socket's budget; TCP is not told) and re-sends the copy at its release time
+//! from a raw socket in the pod netns, marked so it is not diverted again.
+//!
 //! Timing: the thread sets its timer slack to 1 ns (`PR_SET_TIMERSLACK`) and
 //! waits in `ppoll` on the queue socket with a nanosecond timeout: it wakes
 //! when a packet arrives or at the next release time, whichever is first.
@@ -23,6 +30,120 @@ use netfault_api::Counters;
 use super::dist::{Correlated, DelaySampler};
 use super::queue::NfQueue;
 use super::DelayError;
+
+/// Raw sockets in the pod netns that re-send delayed egress packets.
+pub struct Reinjector {
+    v4: std::os::fd::OwnedFd,
+    v6: std::os::fd::OwnedFd,
+}
+
+impl Reinjector {
+    /// Opens the sockets in the calling thread's netns, marked with `mark`.
+    pub fn open_here(mark: u32) -> Result<Reinjector, DelayError> {
+        use std::os::fd::FromRawFd;
+        let open = |family: libc::c_int| -> Result<std::os::fd::OwnedFd, DelayError> {
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe {
+                libc::socket(
+                    family,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_RAW,
+                )
+            };
+            if fd < 0 {
+                return Err(DelayError::Queue(format!(
+                    "raw socket for re-sending delayed packets: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: fd is a fresh socket nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: setsockopt reads one c_uint from `mark`.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&mark as *const u32).cast(),
+                    std::mem::size_of::<u32>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(DelayError::Queue(format!(
+                    "SO_MARK on the re-send socket: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            Ok(fd)
+        };
+        Ok(Reinjector {
+            v4: open(libc::AF_INET)?,
+            v6: open(libc::AF_INET6)?,
+        })
+    }
+
+    /// Sends one whole IP packet as it is.
+    fn send(&self, pkt: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let rc = match pkt.first().map(|b| b >> 4) {
+            Some(4) if pkt.len() >= 20 => {
+                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                sa.sin_family = libc::AF_INET as libc::sa_family_t;
+                sa.sin_addr.s_addr = u32::from_ne_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
+                // SAFETY: pkt and sa are valid for the lengths given.
+                unsafe {
+                    libc::sendto(
+                        self.v4.as_raw_fd(),
+                        pkt.as_ptr().cast(),
+                        pkt.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                }
+            }
+            Some(6) if pkt.len() >= 40 => {
+                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sa.sin6_addr.s6_addr.copy_from_slice(&pkt[24..40]);
+                // SAFETY: pkt and sa are valid for the lengths given.
+                unsafe {
+                    libc::sendto(
+                        self.v6.as_raw_fd(),
+                        pkt.as_ptr().cast(),
+                        pkt.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in6).cast(),
+                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                    )
+                }
+            }
+            _ => return Err(std::io::Error::other("not an IP packet")),
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// True when `p` holds a whole IPv4/IPv6 packet (not truncated by the copy range).
+fn is_whole_packet(p: &[u8]) -> bool {
+    match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len(),
+        Some(6) if p.len() >= 40 => usize::from(u16::from_be_bytes([p[4], p[5]])) + 40 == p.len(),
+        _ => false,
+    }
+}
+
+/// What the engine holds until a release time.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Held {
+    /// A packet the kernel holds: ACCEPT it.
+    Verdict(u32),
+    /// A copy of an egress packet whose original was dropped: re-send it.
+    Copy(Vec<u8>),
+}
 
 /// Live counters of one fault.
 #[derive(Debug, Default)]
@@ -212,7 +333,7 @@ pub struct Engine {
 
 impl Engine {
     /// Serves `queue` (already bound to `num` inside the pod netns).
-    pub fn start(queue: NfQueue, name: &str) -> Result<Engine, DelayError> {
+    pub fn start(queue: NfQueue, reinjector: Reinjector, name: &str) -> Result<Engine, DelayError> {
         let shared = Arc::new(Shared {
             plans: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -220,7 +341,7 @@ impl Engine {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("delay-{name}"))
-            .spawn(move || run(queue, &s))
+            .spawn(move || run(queue, &reinjector, &s))
             .map_err(|e| DelayError::Thread(e.to_string()))?;
         Ok(Engine {
             shared,
@@ -260,14 +381,16 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 const ACTIVE_TICK: Duration = Duration::from_micros(100);
 const EARLY_WAKE: Duration = Duration::from_micros(300);
 
-fn run(mut queue: NfQueue, shared: &Shared) {
+fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
     set_timer_slack();
-    // (release time, arrival order, packet id): a min-heap by release time,
-    // FIFO among equal times.
-    let mut heap: BinaryHeap<Reverse<(Instant, u64, u32)>> = BinaryHeap::new();
+    // (release time, arrival order, what is held): a min-heap by release
+    // time, FIFO among equal times.
+    let mut heap: BinaryHeap<Reverse<(Instant, u64, Held)>> = BinaryHeap::new();
     let mut seq: u64 = 0;
     let mut errors: u64 = 0;
     let mut now_ids: Vec<u32> = Vec::new();
+    let mut drop_ids: Vec<u32> = Vec::new();
+    let mut resend: Vec<Vec<u8>> = Vec::new();
     let mut report = |what: &str, e: std::io::Error| {
         errors += 1;
         if errors.is_power_of_two() {
@@ -277,6 +400,8 @@ fn run(mut queue: NfQueue, shared: &Shared) {
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
         now_ids.clear();
+        drop_ids.clear();
+        resend.clear();
         let drained = {
             let mut plans = shared.plans.lock().unwrap_or_else(|p| p.into_inner());
             queue.drain(|id, hook, payload| {
@@ -290,24 +415,44 @@ fn run(mut queue: NfQueue, shared: &Shared) {
                     now_ids.push(id);
                 } else {
                     seq += 1;
-                    heap.push(Reverse((now + hold, seq, id)));
+                    // hook 0 is prerouting: ingress packets are held by the kernel.
+                    let held = if hook != 0 && is_whole_packet(payload) {
+                        drop_ids.push(id);
+                        Held::Copy(payload.to_vec())
+                    } else {
+                        Held::Verdict(id)
+                    };
+                    heap.push(Reverse((now + hold, seq, held)));
                 }
             })
         };
         if let Err(e) = drained {
             report("receive", e);
         }
+        if !drop_ids.is_empty() {
+            if let Err(e) = queue.drop_packets(&drop_ids) {
+                report("verdict", e);
+            }
+        }
         let now = Instant::now();
-        while let Some(Reverse((at, _, id))) = heap.peek() {
+        while let Some(Reverse((at, _, _))) = heap.peek() {
             if *at > now && !stopping {
                 break;
             }
-            now_ids.push(*id);
-            heap.pop();
+            match heap.pop() {
+                Some(Reverse((_, _, Held::Verdict(id)))) => now_ids.push(id),
+                Some(Reverse((_, _, Held::Copy(pkt)))) => resend.push(pkt),
+                None => break,
+            }
         }
         if !now_ids.is_empty() {
             if let Err(e) = queue.accept(&now_ids) {
                 report("verdict", e);
+            }
+        }
+        for pkt in &resend {
+            if let Err(e) = reinjector.send(pkt) {
+                report("re-send", e);
             }
         }
         if stopping {

@@ -33,8 +33,13 @@ use queue::NfQueue;
 pub const QUEUE_NUM: u16 = 0x4e46;
 /// Packets the kernel holds for the engine before failing open.
 const QUEUE_MAXLEN: u32 = 8192;
-/// Bytes of each packet copied to the engine: enough for the headers.
-const COPY_RANGE: u32 = 128;
+/// Bytes of each packet copied to the engine: whole packets, because egress
+/// packets are re-sent from the copy (see `engine`). NFQUEUE segments GSO
+/// packets for a queue without `NFQA_CFG_F_GSO`, so copies are MTU-sized.
+const COPY_RANGE: u32 = 65535;
+/// `SO_MARK` of the engine's re-sent egress packets; the egress chain lets
+/// them through undiverted.
+pub const REINJECT_MARK: u32 = 0x4e46_0001;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DelayError {
@@ -70,8 +75,10 @@ pub struct DelayEngine {
     counters: HashMap<String, Arc<FaultCounters>>,
 }
 
-fn open_queue_here() -> Result<NfQueue, DelayError> {
-    NfQueue::open(QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)
+fn open_queue_here() -> Result<(NfQueue, engine::Reinjector), DelayError> {
+    let queue = NfQueue::open(QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)?;
+    let reinjector = engine::Reinjector::open_here(REINJECT_MARK)?;
+    Ok((queue, reinjector))
 }
 
 impl DelayEngine {
@@ -155,8 +162,8 @@ impl DelayEngine {
         let plans: Vec<Plan> = faults.iter().map(|f| self.plan(f, now)).collect();
         let fresh = !self.sandboxes.contains_key(sandbox);
         if fresh {
-            let queue = netns::run_in(&path, open_queue_here)??;
-            let engine = Engine::start(queue, sandbox)?;
+            let (queue, reinjector) = netns::run_in(&path, open_queue_here)??;
+            let engine = Engine::start(queue, reinjector, sandbox)?;
             self.sandboxes
                 .insert(sandbox.to_string(), SandboxQueue { engine });
         }

@@ -123,6 +123,10 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
             "type": "filter", "hook": "postrouting", "prio": 0, "policy": "accept"}}}),
         json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "ingress",
             "type": "filter", "hook": "prerouting", "prio": 0, "policy": "accept"}}}),
+        // Packets the engine re-sends after their delay must not be diverted again.
+        json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": "egress",
+            "expr": [m(json!({"meta": {"key": "mark"}}), json!(crate::delay::REINJECT_MARK)),
+                     json!({"accept": null})]}}}),
     ];
     for d in diversions {
         cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,

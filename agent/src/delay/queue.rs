@@ -26,6 +26,7 @@ const NFQNL_COPY_PACKET: u8 = 2;
 /// A full queue passes packets instead of dropping them.
 const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
 const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// A bound queue.
@@ -286,6 +287,15 @@ impl NfQueue {
 
     /// ACCEPT verdicts for `ids`, in one send.
     pub fn accept(&mut self, ids: &[u32]) -> std::io::Result<()> {
+        self.verdict(ids, NF_ACCEPT)
+    }
+
+    /// DROP verdicts for `ids`, in one send.
+    pub fn drop_packets(&mut self, ids: &[u32]) -> std::io::Result<()> {
+        self.verdict(ids, NF_DROP)
+    }
+
+    fn verdict(&mut self, ids: &[u32], verdict: u32) -> std::io::Result<()> {
         for chunk in ids.chunks(128) {
             let mut out = std::mem::take(&mut self.out);
             out.clear();
@@ -297,7 +307,7 @@ impl NfQueue {
                     0,
                     self.num,
                 );
-                let mut v = NF_ACCEPT.to_be_bytes().to_vec();
+                let mut v = verdict.to_be_bytes().to_vec();
                 v.extend_from_slice(&id.to_be_bytes());
                 put_attr(&mut out, NFQA_VERDICT_HDR, &v);
                 finish(&mut out, start);
