@@ -1,5 +1,6 @@
 mod api;
 mod cni;
+mod compose;
 mod ctl;
 mod delay;
 mod lifecycle;
