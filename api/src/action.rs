@@ -223,6 +223,24 @@ fn opt_duration(m: &Map<String, Value>, key: &str) -> Result<Option<Duration>, F
     }
 }
 
+/// A number, or a string of a number and a unit that `unit` scales.
+/// The error is the offending text.
+fn scaled(v: &Value, unit: impl Fn(&str) -> Option<f64>) -> Result<f64, String> {
+    match v {
+        Value::Number(n) => n.as_f64().ok_or_else(|| n.to_string()),
+        Value::String(s) => {
+            let t = s.trim().to_ascii_lowercase();
+            let split = t
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(t.len());
+            let (num, u) = t.split_at(split);
+            let num: f64 = num.parse().map_err(|_| s.clone())?;
+            Ok(num * unit(u.trim()).ok_or_else(|| s.clone())?)
+        }
+        other => Err(other.to_string()),
+    }
+}
+
 /// A rate such as `"20mbit"`, `"1.5gbit"`, `"500kbit"`, `"10mbps"` (bytes per
 /// second, as in tc) or a bare number of bits per second. Units are SI.
 pub fn parse_rate(v: &Value, field: &str) -> Result<u64, FieldError> {
@@ -232,30 +250,18 @@ pub fn parse_rate(v: &Value, field: &str) -> Result<u64, FieldError> {
             &format!("invalid rate {s:?}; expected e.g. \"20mbit\", \"500kbit\", \"10mbps\""),
         )
     };
-    let bits = match v {
-        Value::Number(n) => n.as_f64().ok_or_else(|| bad(&n.to_string()))?,
-        Value::String(s) => {
-            let t = s.trim().to_ascii_lowercase();
-            let split = t
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let num: f64 = num.parse().map_err(|_| bad(s))?;
-            let mult = match unit.trim() {
-                "" | "bit" => 1.0,
-                "kbit" => 1e3,
-                "mbit" => 1e6,
-                "gbit" => 1e9,
-                "bps" => 8.0,
-                "kbps" => 8e3,
-                "mbps" => 8e6,
-                "gbps" => 8e9,
-                _ => return Err(bad(s)),
-            };
-            num * mult
-        }
-        _ => return Err(bad(&v.to_string())),
-    };
+    let bits = scaled(v, |unit| match unit {
+        "" | "bit" => Some(1.0),
+        "kbit" => Some(1e3),
+        "mbit" => Some(1e6),
+        "gbit" => Some(1e9),
+        "bps" => Some(8.0),
+        "kbps" => Some(8e3),
+        "mbps" => Some(8e6),
+        "gbps" => Some(8e9),
+        _ => None,
+    })
+    .map_err(|s| bad(&s))?;
     if !bits.is_finite() || !(8_000.0..=400e9).contains(&bits) {
         return Err(FieldError::invalid(
             field,
@@ -274,25 +280,13 @@ pub fn parse_size(v: &Value, field: &str) -> Result<u64, FieldError> {
             &format!("invalid size {s:?}; expected bytes, e.g. 32768 or \"32kb\""),
         )
     };
-    let bytes = match v {
-        Value::Number(n) => n.as_f64().ok_or_else(|| bad(&n.to_string()))?,
-        Value::String(s) => {
-            let t = s.trim().to_ascii_lowercase();
-            let split = t
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let num: f64 = num.parse().map_err(|_| bad(s))?;
-            let mult = match unit.trim() {
-                "" | "b" => 1.0,
-                "k" | "kb" | "kib" => 1024.0,
-                "m" | "mb" | "mib" => 1024.0 * 1024.0,
-                _ => return Err(bad(s)),
-            };
-            num * mult
-        }
-        _ => return Err(bad(&v.to_string())),
-    };
+    let bytes = scaled(v, |unit| match unit {
+        "" | "b" => Some(1.0),
+        "k" | "kb" | "kib" => Some(1024.0),
+        "m" | "mb" | "mib" => Some(1024.0 * 1024.0),
+        _ => None,
+    })
+    .map_err(|s| bad(&s))?;
     if !bytes.is_finite() || !(1500.0..=(1u64 << 30) as f64).contains(&bytes) {
         return Err(FieldError::invalid(
             field,
