@@ -449,10 +449,9 @@ fn loss_and_duplicate_compose() {
     c.delete_fault(&loss);
 }
 
-/// Bytes the receiver in `to` read from one TCP connection from `from`,
-/// which writes for `secs`; goodput is measured by the receiver over the
-/// transfer after the first 0.5 s (slow start).
-fn tcp_goodput(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, secs: f64) -> f64 {
+/// One TCP connection from `from` to `to_ip:port` (a listener in `to`):
+/// the sending and the receiving end.
+fn tcp_pair(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16) -> (TcpStream, TcpStream) {
     let any: IpAddr = if to_ip.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -464,12 +463,20 @@ fn tcp_goodput(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, secs: f64) -> f64
     .expect("enter netns")
     .expect("listen");
     let dest = SocketAddr::new(to_ip, port);
-    let mut tx = testbed::in_netns(from.netns.path(), move || {
+    let tx = testbed::in_netns(from.netns.path(), move || {
         TcpStream::connect_timeout(&dest, Duration::from_secs(2))
     })
     .expect("enter netns")
     .expect("connect");
-    let (mut rx, _) = listener.accept().expect("accept");
+    let (rx, _) = listener.accept().expect("accept");
+    (tx, rx)
+}
+
+/// Bytes the receiver in `to` read from one TCP connection from `from`,
+/// which writes for `secs`; goodput is measured by the receiver over the
+/// transfer after the first 0.5 s (slow start).
+fn tcp_goodput(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, secs: f64) -> f64 {
+    let (mut tx, mut rx) = tcp_pair(from, to, to_ip, port);
     let warmup = Duration::from_millis(500);
     let total = Duration::from_secs_f64(secs);
     std::thread::scope(|s| {
@@ -511,23 +518,7 @@ fn tcp_goodput(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, secs: f64) -> f64
 /// Bits per second at which the receiver in `to` read `bytes` from one TCP
 /// connection from `from` (from the first byte to the last).
 fn tcp_bulk_rate(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, bytes: usize) -> f64 {
-    let any: IpAddr = if to_ip.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let listener = testbed::in_netns(to.netns.path(), move || {
-        TcpListener::bind(SocketAddr::new(any, port))
-    })
-    .expect("enter netns")
-    .expect("listen");
-    let dest = SocketAddr::new(to_ip, port);
-    let mut tx = testbed::in_netns(from.netns.path(), move || {
-        TcpStream::connect_timeout(&dest, Duration::from_secs(2))
-    })
-    .expect("enter netns")
-    .expect("connect");
-    let (mut rx, _) = listener.accept().expect("accept");
+    let (mut tx, mut rx) = tcp_pair(from, to, to_ip, port);
     std::thread::scope(|s| {
         s.spawn(move || {
             let buf = vec![0x5au8; bytes];

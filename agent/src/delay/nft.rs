@@ -23,7 +23,7 @@
 //! (`netns::run_in`): both the `nft` child process and the netlink socket
 //! belong to the calling thread's netns.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use netfault_api::spec::{Direction, Match, Protocol};
 use serde_json::{json, Value};
@@ -275,22 +275,7 @@ impl Msg {
 /// rule of chain `divert`: `xt target NFQUEUE --queue-num N --queue-bypass`.
 pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayError> {
     let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
-    // SAFETY: plain socket(2); the result is checked and owned at once.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(nl(
-            "netfilter netlink socket",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = super::queue::netfilter_socket().map_err(|e| nl("netfilter netlink socket", e))?;
     let tv = libc::timeval {
         tv_sec: 2,
         tv_usec: 0,

@@ -76,26 +76,29 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+/// A netfilter netlink socket in the calling thread's netns (it keeps that netns).
+pub fn netfilter_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 impl NfQueue {
     /// Opens a netfilter netlink socket in the calling thread's netns and
     /// binds queue `num`: copy `copy_range` bytes of each packet, hold at
     /// most `maxlen` packets, fail open when full.
     pub fn open(num: u16, maxlen: u32, copy_range: u32) -> Result<NfQueue, DelayError> {
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(io("netfilter netlink socket")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = netfilter_socket().map_err(io("netfilter netlink socket"))?;
         let one: libc::c_int = 1;
         // SAFETY: valid fd, option pointer and size.
         unsafe {
