@@ -256,7 +256,19 @@ fn run() -> anyhow::Result<()> {
             None => None,
         };
         let mbit = tcp_goodput(&a, &b, 9200, Duration::from_secs(5))?;
-        println!("   {label:<12} goodput {mbit:>9.1} Mbit/s");
+        let overflows = bed
+            .agent
+            .client()
+            .raw("GET", "/metrics", None)
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("netfault_delay_queue_overflows_total "))
+            .unwrap_or("?")
+            .to_owned();
+        println!(
+            "   {label:<12} goodput {mbit:>9.1} Mbit/s   (queue overflows so far: {overflows})"
+        );
         if let Some(id) = id {
             bed.agent
                 .client()

@@ -50,6 +50,11 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP netfault_delay_queue_overflows_total Times a delay queue's socket overflowed, letting packets pass undelayed.\n# TYPE netfault_delay_queue_overflows_total counter\nnetfault_delay_queue_overflows_total {}",
+            crate::delay::QUEUE_OVERFLOWS.load(Ordering::Relaxed)
+        );
         for (name, help) in [
             (
                 "netfault_fault_packets_matched_total",

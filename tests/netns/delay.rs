@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use testbed::{udp_probe, Pod};
 
-use crate::support::{fault_on, netns_state, v4, v6, Cluster};
+use crate::support::{fault_on, netns_state, tcp_pair, v4, v6, Cluster};
 
 /// The delay tests measure sub-millisecond timing on a 2-core machine; run
 /// them one at a time so they do not disturb each other.
@@ -164,18 +164,25 @@ fn baseline(a: &Pod, ip: IpAddr, port: u16) -> Duration {
     quantile(&r.received(), 0.5)
 }
 
+/// Measurements of a timing property before it fails. The suite runs tests
+/// in parallel on two cores, so a neighbour's burst of load can cover one
+/// short window; the same error in three windows spread over ~0.5 s is the
+/// engine, not the machine.
+const ATTEMPTS: usize = 3;
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// Asserts a fixed delay on pings from `probe`: every ping came back (always
 /// checked); added RTT p50 within ±0.5 ms and p99 within +2 ms of `delay`.
 /// The tests share 2 cores with the rest of the suite, and one descheduled
 /// client thread moves a p99; so a timing miss (never a loss) is measured
-/// once more with a fresh sample, as the loss tests do with 3σ outliers.
+/// again with a fresh sample, as the loss tests do with 3σ outliers.
 fn assert_fixed_delay(
     mut probe: impl FnMut() -> Rtts,
     base: Duration,
     delay: Duration,
     what: &str,
 ) -> (f64, f64) {
-    for attempt in 0..2 {
+    for attempt in 0..ATTEMPTS {
         let r = probe();
         assert_eq!(
             r.lost(),
@@ -194,10 +201,13 @@ fn assert_fixed_delay(
         if ok {
             return (p50, p99);
         }
-        if attempt == 0 {
+        if attempt + 1 < ATTEMPTS {
             eprintln!("{what}: timing outside the bounds, measuring again");
+            std::thread::sleep(RETRY_PAUSE);
         } else {
-            panic!("{what}: p50 error {p50:.3} ms, p99 error {p99:.3} ms (twice in a row)");
+            panic!(
+                "{what}: p50 error {p50:.3} ms, p99 error {p99:.3} ms ({ATTEMPTS} times in a row)"
+            );
         }
     }
     unreachable!()
@@ -355,7 +365,9 @@ fn model_moments(dist: &str) -> (f64, f64) {
 /// within 15% of the model (its standard error is 2-4%, more for the skewed
 /// pareto; the rest is timing noise on a shared 2-core machine); for
 /// uniform, 99% of samples inside [latency - jitter - 0.5 ms,
-/// latency + jitter + 2 ms].
+/// latency + jitter + 2 ms]. A failed check is measured again with a fresh
+/// fault, up to ATTEMPTS times: a load burst from a neighbouring test is not
+/// the model.
 #[test]
 fn jitter_distributions_match_model() {
     testbed::require_root!();
@@ -369,45 +381,67 @@ fn jitter_distributions_match_model() {
     let (lat, jit) = (30.0, 10.0);
     for dist in ["uniform", "normal", "pareto", "paretonormal"] {
         let (mean_t, sd_t) = model_moments(dist);
-        let id = c.fault(fault_on(
-            &a,
-            "egress",
-            json!({}),
-            json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "distribution": dist}),
-            "60s",
-        ));
-        let r = rtts(&a, ip, 7303, 1500, MS / 2, 150 * MS);
-        c.delete_fault(&id);
-        assert_eq!(r.lost(), 0, "{dist}: a delay must not drop");
-        let added: Vec<f64> = r.received().iter().map(|d| ms(*d) - ms(base)).collect();
-        let n = added.len() as f64;
-        let mean = added.iter().sum::<f64>() / n;
-        let sd = (added.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
         let (want_mean, want_sd) = (lat + jit * mean_t, jit * sd_t);
-        eprintln!(
-            "jitter {dist}: mean {mean:.3} ms (model {want_mean:.3}), sd {sd:.3} ms (model {want_sd:.3})"
-        );
-        assert!(
-            (mean - want_mean).abs() <= 1.0,
-            "{dist}: mean {mean:.3} ms, model {want_mean:.3}"
-        );
-        assert!(
-            (sd - want_sd).abs() <= 0.15 * want_sd,
-            "{dist}: sd {sd:.3} ms, model {want_sd:.3}"
-        );
-        if dist == "uniform" {
-            // The 0.5th and 99.5th percentiles (not min/max: one descheduled
-            // receiver thread on a busy machine makes a single late sample).
-            let mut sorted = added.clone();
-            sorted.sort_by(f64::total_cmp);
-            let lo = sorted[sorted.len() / 200];
-            let hi = sorted[sorted.len() - 1 - sorted.len() / 200];
-            assert!(
-                lo >= lat - jit - 0.5 && hi <= lat + jit + 2.0,
-                "uniform samples outside the range: [{lo:.3}, {hi:.3}]"
-            );
+        // Re-measured with a fresh fault, as in `assert_fixed_delay`:
+        // a burst of load from the tests running beside this one can push a
+        // few percent of samples late, which is the machine, not the model.
+        for attempt in 0..ATTEMPTS {
+            let id = c.fault(fault_on(
+                &a,
+                "egress",
+                json!({}),
+                json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "distribution": dist}),
+                "60s",
+            ));
+            let r = rtts(&a, ip, 7303, 1500, MS / 2, 150 * MS);
+            c.delete_fault(&id);
+            assert_eq!(r.lost(), 0, "{dist}: a delay must not drop");
+            let added: Vec<f64> = r.received().iter().map(|d| ms(*d) - ms(base)).collect();
+            match jitter_matches(dist, &added, (lat, jit), (want_mean, want_sd)) {
+                Ok(()) => break,
+                Err(e) if attempt + 1 < ATTEMPTS => {
+                    eprintln!("{e}; measuring again");
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+                Err(e) => panic!("{e} ({ATTEMPTS} times in a row)"),
+            }
         }
     }
+}
+
+/// The checks of `jitter_distributions_match_model` on one sample set.
+fn jitter_matches(
+    dist: &str,
+    added: &[f64],
+    (lat, jit): (f64, f64),
+    (want_mean, want_sd): (f64, f64),
+) -> Result<(), String> {
+    let n = added.len() as f64;
+    let mean = added.iter().sum::<f64>() / n;
+    let sd = (added.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    eprintln!(
+        "jitter {dist}: mean {mean:.3} ms (model {want_mean:.3}), sd {sd:.3} ms (model {want_sd:.3})"
+    );
+    if (mean - want_mean).abs() > 1.0 {
+        return Err(format!("{dist}: mean {mean:.3} ms, model {want_mean:.3}"));
+    }
+    if (sd - want_sd).abs() > 0.15 * want_sd {
+        return Err(format!("{dist}: sd {sd:.3} ms, model {want_sd:.3}"));
+    }
+    if dist == "uniform" {
+        // The 0.5th and 99.5th percentiles (not min/max: one descheduled
+        // receiver thread on a busy machine makes a single late sample).
+        let mut sorted = added.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let lo = sorted[sorted.len() / 200];
+        let hi = sorted[sorted.len() - 1 - sorted.len() / 200];
+        if lo < lat - jit - 0.5 || hi > lat + jit + 2.0 {
+            return Err(format!(
+                "uniform samples outside the range: [{lo:.3}, {hi:.3}]"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SIGKILL under a 100 ms delay: new traffic passes undelayed at once
@@ -809,6 +843,93 @@ fn tcp_is_delayed() {
     );
     assert!((added - 20.0).abs() <= 0.5, "added {added:.3} ms");
     assert!(after < base + MS, "baseline not restored: {after:?}");
+}
+
+/// The smallest RTT the kernel measured on a TCP socket (`tcpi_min_rtt`,
+/// microseconds; offset 148 of `struct tcp_info` since Linux 4.10).
+fn tcp_min_rtt_us(s: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: valid fd, buffer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert!(
+        r == 0 && len >= 152,
+        "TCP_INFO: {}",
+        std::io::Error::last_os_error()
+    );
+    u32::from_ne_bytes([info[148], info[149], info[150], info[151]])
+}
+
+/// A bulk TCP flow at full speed through a 20 ms egress delay: *every*
+/// segment is delayed. The sender's kernel keeps the smallest RTT it ever
+/// sampled; a single data segment that slipped past the delay (for example
+/// a queue that overflowed and failed open, as a 208 KiB netlink buffer did
+/// under TCP bursts) shows up there as ~0.1 ms. So does the handshake, if it
+/// were not diverted. The flow must also move data (not stall).
+#[test]
+fn bulk_tcp_flow_never_skips_the_delay() {
+    use std::io::{Read, Write};
+    testbed::require_root!();
+    let _s = serial();
+    let c = Cluster::new(false);
+    let a = c.pod("a");
+    let b = c.pod("b");
+    let port = 7310;
+    let id = c.fault(fault_on(
+        &a,
+        "egress",
+        json!({"protocol": "tcp", "ports": port.to_string()}),
+        delay("20ms"),
+        "60s",
+    ));
+    let (mut tx, mut rx) = tcp_pair(&a, &b, v4(&b), port);
+    let (bytes, min_rtt) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut n = 0u64;
+            while let Ok(k @ 1..) = rx.read(&mut buf) {
+                n += k as u64;
+            }
+            n
+        });
+        let chunk = vec![0x5au8; 1 << 16];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            tx.write_all(&chunk).expect("send");
+        }
+        let min_rtt = tcp_min_rtt_us(&tx);
+        drop(tx);
+        (reader.join().expect("reader"), min_rtt)
+    });
+    let overflows = c
+        .agent
+        .client()
+        .raw("GET", "/metrics", None)
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("netfault_delay_queue_overflows_total "))
+        .map(str::to_owned);
+    c.delete_fault(&id);
+    let mbit = bytes as f64 * 8.0 / 3.0 / 1e6;
+    eprintln!(
+        "bulk tcp through 20 ms: min RTT {:.3} ms, {mbit:.1} Mbit/s, queue overflows {overflows:?}",
+        min_rtt as f64 / 1000.0
+    );
+    assert!(
+        min_rtt >= 19_500,
+        "a segment passed undelayed: min RTT {min_rtt} µs under a 20 ms delay"
+    );
+    assert!(mbit > 10.0, "the delayed flow stalled: {mbit:.1} Mbit/s");
 }
 
 /// CNI DEL with a live delay fault: the agent removes the nft table and

@@ -2,7 +2,7 @@
 //! loss, and their composition. Every effect is measured by the receiver.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use testbed::{udp_probe, Pod, UdpProbe};
 
-use crate::support::{assert_binomial_loss, fault_on, v4, v6, Cluster};
+use crate::support::{assert_binomial_loss, fault_on, tcp_pair, v4, v6, Cluster};
 
 const PACKETS: u32 = 3000;
 const GAP: Duration = Duration::from_micros(100);
@@ -447,29 +447,6 @@ fn loss_and_duplicate_compose() {
     assert_eq!(p.sent + copies - dropped, p.received, "counters vs wire");
     c.delete_fault(&dup);
     c.delete_fault(&loss);
-}
-
-/// One TCP connection from `from` to `to_ip:port` (a listener in `to`):
-/// the sending and the receiving end.
-fn tcp_pair(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16) -> (TcpStream, TcpStream) {
-    let any: IpAddr = if to_ip.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let listener = testbed::in_netns(to.netns.path(), move || {
-        TcpListener::bind(SocketAddr::new(any, port))
-    })
-    .expect("enter netns")
-    .expect("listen");
-    let dest = SocketAddr::new(to_ip, port);
-    let tx = testbed::in_netns(from.netns.path(), move || {
-        TcpStream::connect_timeout(&dest, Duration::from_secs(2))
-    })
-    .expect("enter netns")
-    .expect("connect");
-    let (rx, _) = listener.accept().expect("accept");
-    (tx, rx)
 }
 
 /// Bytes the receiver in `to` read from one TCP connection from `from`,

@@ -2,8 +2,9 @@
 //! inspection, and statistics for loss measured on the wire.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use testbed::{Agent, Node, NodeOptions, Pod};
@@ -309,4 +310,27 @@ pub fn timed_stream(
         }
     }
     TimedStream { sent_at, received }
+}
+
+/// One TCP connection from `from` to `to_ip:port` (a listener in `to`):
+/// the sending and the receiving end.
+pub fn tcp_pair(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16) -> (TcpStream, TcpStream) {
+    let any: IpAddr = if to_ip.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let listener = testbed::in_netns(to.netns.path(), move || {
+        TcpListener::bind(SocketAddr::new(any, port))
+    })
+    .expect("enter netns")
+    .expect("listen");
+    let dest = SocketAddr::new(to_ip, port);
+    let tx = testbed::in_netns(from.netns.path(), move || {
+        TcpStream::connect_timeout(&dest, Duration::from_secs(2))
+    })
+    .expect("enter netns")
+    .expect("connect");
+    let (rx, _) = listener.accept().expect("accept");
+    (tx, rx)
 }

@@ -388,6 +388,7 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
     let mut heap: BinaryHeap<Reverse<(Instant, u64, Held)>> = BinaryHeap::new();
     let mut seq: u64 = 0;
     let mut errors: u64 = 0;
+    let mut overflows: u64 = 0;
     let mut now_ids: Vec<u32> = Vec::new();
     let mut drop_ids: Vec<u32> = Vec::new();
     let mut resend: Vec<Vec<u8>> = Vec::new();
@@ -428,6 +429,15 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
         };
         if let Err(e) = drained {
             report("receive", e);
+        }
+        if queue.overflows() > overflows {
+            let new = queue.overflows() - overflows;
+            overflows = queue.overflows();
+            super::QUEUE_OVERFLOWS.fetch_add(new, Ordering::Relaxed);
+            tracing::warn!(
+                total = overflows,
+                "NFQUEUE receive buffer overflowed: packets passed undelayed"
+            );
         }
         if !drop_ids.is_empty() {
             if let Err(e) = queue.drop_packets(&drop_ids) {

@@ -41,6 +41,11 @@ const COPY_RANGE: u32 = 65535;
 /// them through undiverted.
 pub const REINJECT_MARK: u32 = 0x4e46_0001;
 
+/// Receive-buffer overflows of every queue socket since the agent started:
+/// each one let at least one packet through undelayed (fail-open). Exposed
+/// as `netfault_delay_queue_overflows_total`.
+pub static QUEUE_OVERFLOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DelayError {
     #[error("nft: {0}")]

@@ -35,6 +35,9 @@ pub struct NfQueue {
     num: u16,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// Times the kernel reported it could not deliver to us (ENOBUFS):
+    /// at least one packet passed undelayed each time.
+    overflows: u64,
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> DelayError + '_ {
@@ -93,23 +96,46 @@ pub fn netfilter_socket() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Receive buffer of a queue socket: ~20k MTU-sized packets in flight.
+const RCVBUF: libc::c_int = 64 << 20;
+
+fn set_int_opt(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: valid fd, option pointer and size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 impl NfQueue {
     /// Opens a netfilter netlink socket in the calling thread's netns and
     /// binds queue `num`: copy `copy_range` bytes of each packet, hold at
     /// most `maxlen` packets, fail open when full.
     pub fn open(num: u16, maxlen: u32, copy_range: u32) -> Result<NfQueue, DelayError> {
         let fd = netfilter_socket().map_err(io("netfilter netlink socket"))?;
-        let one: libc::c_int = 1;
-        // SAFETY: valid fd, option pointer and size.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_NO_ENOBUFS,
-                &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // A deep receive buffer: every queued packet is its own netlink
+        // message, and when the buffer is full a fail-open queue lets the
+        // packet pass *undelayed*. With the default (~208 KiB) a TCP burst of
+        // ~60 segments overflowed it, so part of a delayed flow leaked past
+        // the delay. SO_RCVBUFFORCE (CAP_NET_ADMIN) goes past rmem_max.
+        set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF)
+            .or_else(|_| set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF))
+            .map_err(io("sizing the queue socket's receive buffer"))?;
         // SAFETY: a zeroed sockaddr_nl lets the kernel pick the port id.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -131,6 +157,7 @@ impl NfQueue {
             num,
             buf: vec![0u8; 1 << 16],
             out: Vec::with_capacity(4096),
+            overflows: 0,
         };
         // One config message: bind, copy mode, queue length, fail-open.
         let mut out = Vec::with_capacity(128);
@@ -217,6 +244,11 @@ impl NfQueue {
         }
     }
 
+    /// Receive overflows seen so far (see the field).
+    pub fn overflows(&self) -> u64 {
+        self.overflows
+    }
+
     /// Waits until the socket is readable or `timeout` passed (ppoll, ns
     /// resolution). Returns whether it is readable.
     pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
@@ -256,6 +288,13 @@ impl NfQueue {
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOBUFS) {
+                    // The kernel could not queue a message to us: the packet
+                    // it carried passed undelayed (fail-open). Count it; the
+                    // socket stays usable.
+                    self.overflows += 1;
+                    continue;
+                }
                 return match e.kind() {
                     std::io::ErrorKind::WouldBlock => Ok(()),
                     std::io::ErrorKind::Interrupted => continue,
