@@ -19,13 +19,12 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use netfault_api::spec::{Direction, Match, Protocol};
-use netfault_api::Counters;
+use netfault_api::{Action, FaultSpec};
 
 use super::dist::{Correlated, DelaySampler};
 use super::queue::NfQueue;
@@ -80,6 +79,16 @@ impl Reinjector {
             v4: open(libc::AF_INET)?,
             v6: open(libc::AF_INET6)?,
         })
+    }
+
+    /// The two sockets (IPv4, IPv6), to hand to a holder process.
+    pub fn into_fds(self) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        (self.v4, self.v6)
+    }
+
+    /// Sockets opened by [`Reinjector::open_here`] in another process.
+    pub fn from_fds(v4: std::os::fd::OwnedFd, v6: std::os::fd::OwnedFd) -> Reinjector {
+        Reinjector { v4, v6 }
     }
 
     /// Sends one whole IP packet as it is.
@@ -145,22 +154,7 @@ enum Held {
     Copy(Vec<u8>),
 }
 
-/// Live counters of one fault.
-#[derive(Debug, Default)]
-pub struct FaultCounters {
-    pub matched: AtomicU64,
-    pub affected: AtomicU64,
-}
-
-impl FaultCounters {
-    pub fn snapshot(&self) -> Counters {
-        Counters {
-            matched: self.matched.load(Ordering::Relaxed),
-            dropped: 0,
-            affected: self.affected.load(Ordering::Relaxed),
-        }
-    }
-}
+pub use super::holder::FaultCounters;
 
 #[derive(Debug)]
 pub enum Kind {
@@ -274,7 +268,7 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
         if plan.deadline <= now || !matches(plan.direction, &plan.selector, egress, info) {
             continue;
         }
-        plan.counters.matched.fetch_add(1, Ordering::Relaxed);
+        plan.counters.add_matched();
         match &mut plan.kind {
             Kind::Delay {
                 sampler,
@@ -284,7 +278,7 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
                 if pick.chance(*percent) {
                     delay_ns = delay_ns.saturating_add(sampler.sample_ns());
                     delayed = true;
-                    plan.counters.affected.fetch_add(1, Ordering::Relaxed);
+                    plan.counters.add_affected();
                 }
             }
             Kind::Reorder {
@@ -306,7 +300,7 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
                 } else {
                     *counter = 0;
                     reordered = true;
-                    plan.counters.affected.fetch_add(1, Ordering::Relaxed);
+                    plan.counters.add_affected();
                 }
             }
         }
@@ -320,47 +314,69 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
     reorder_latency.unwrap_or_default()
 }
 
-struct Shared {
+/// What the packet loop shares with the thread that receives plans.
+#[derive(Default)]
+pub(crate) struct Shared {
     plans: Mutex<Vec<Plan>>,
     stop: AtomicBool,
 }
 
-/// A running engine thread bound to one queue.
-pub struct Engine {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Engine {
-    /// Serves `queue` (already bound to `num` inside the pod netns).
-    pub fn start(queue: NfQueue, reinjector: Reinjector, name: &str) -> Result<Engine, DelayError> {
-        let shared = Arc::new(Shared {
-            plans: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-        });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("delay-{name}"))
-            .spawn(move || run(queue, &reinjector, &s))
-            .map_err(|e| DelayError::Thread(e.to_string()))?;
-        Ok(Engine {
-            shared,
-            thread: Some(thread),
-        })
+impl Shared {
+    pub(crate) fn set_plans(&self, plans: Vec<Plan>) {
+        *self.plans.lock().unwrap_or_else(|p| p.into_inner()) = plans;
     }
 
-    pub fn set_plans(&self, plans: Vec<Plan>) {
-        *self.shared.plans.lock().unwrap_or_else(|p| p.into_inner()) = plans;
+    /// Makes `run` release every held packet at once and return.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 
-impl Drop for Engine {
-    /// Releases every held packet at once, then closes the queue.
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+/// The engine's view of one fault (see `holder`, which builds it from the
+/// agent's control line).
+pub fn plan_for(spec: &FaultSpec, deadline: Instant, counters: Arc<FaultCounters>) -> Plan {
+    let kind = match &spec.action {
+        Action::Delay {
+            latency,
+            jitter,
+            correlation,
+            distribution,
+            percent,
+        } => Kind::Delay {
+            sampler: DelaySampler::new(
+                latency.as_nanos() as f64,
+                jitter.as_nanos() as f64,
+                *correlation,
+                *distribution,
+            ),
+            percent: *percent,
+            pick: Correlated::new(0.0),
+        },
+        Action::Reorder {
+            percent,
+            correlation,
+            gap,
+            latency,
+        } => Kind::Reorder {
+            percent: *percent,
+            gap: *gap,
+            latency: *latency,
+            rnd: Correlated::new(*correlation),
+            counter: 0,
+        },
+        // Not a delay-backend action (never routed here): delays nothing.
+        _ => Kind::Delay {
+            sampler: DelaySampler::new(0.0, 0.0, 0.0, netfault_api::spec::Distribution::Uniform),
+            percent: 0.0,
+            pick: Correlated::new(0.0),
+        },
+    };
+    Plan {
+        direction: spec.direction,
+        selector: spec.r#match.clone(),
+        kind,
+        deadline,
+        counters,
     }
 }
 
@@ -381,7 +397,7 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 const ACTIVE_TICK: Duration = Duration::from_micros(100);
 const EARLY_WAKE: Duration = Duration::from_micros(300);
 
-fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
+pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
     set_timer_slack();
     // (release time, arrival order, what is held): a min-heap by release
     // time, FIFO among equal times.
@@ -389,6 +405,7 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
     let mut seq: u64 = 0;
     let mut errors: u64 = 0;
     let mut overflows: u64 = 0;
+    let mut closing = false;
     let mut now_ids: Vec<u32> = Vec::new();
     let mut drop_ids: Vec<u32> = Vec::new();
     let mut resend: Vec<Vec<u8>> = Vec::new();
@@ -400,6 +417,16 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
     };
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
+        if stopping && !closing {
+            // Hand-over without loss: with a maximum length of 0 the
+            // fail-open queue passes every new packet in the kernel; what
+            // was queued before is drained and released below. Closing the
+            // socket with packets still queued would drop them.
+            closing = true;
+            if let Err(e) = queue.set_maxlen(0) {
+                report("closing", e);
+            }
+        }
         now_ids.clear();
         drop_ids.clear();
         resend.clear();
@@ -433,7 +460,7 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
         if queue.overflows() > overflows {
             let new = queue.overflows() - overflows;
             overflows = queue.overflows();
-            super::QUEUE_OVERFLOWS.fetch_add(new, Ordering::Relaxed);
+            super::holder::add_overflows(new);
             tracing::warn!(
                 total = overflows,
                 "NFQUEUE receive buffer overflowed: packets passed undelayed"
@@ -466,7 +493,12 @@ fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
             }
         }
         if stopping {
-            return;
+            // Packets queued just before the length change may still be on
+            // their way to the socket: wait for quiet before closing.
+            match queue.wait(Duration::from_millis(5)) {
+                Ok(true) => continue,
+                _ => return,
+            }
         }
         // Sleep until shortly before the next release, then in steps of at
         // most ACTIVE_TICK: on a VM an idle vCPU is descheduled by the host,

@@ -14,19 +14,19 @@
 pub mod caps;
 pub mod dist;
 pub mod engine;
+pub mod holder;
 pub mod nft;
 pub mod queue;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use netfault_api::{Action, Counters, FaultSpec};
+use netfault_api::{Counters, FaultSpec};
 
 use crate::netns::{self, NetnsError};
-use dist::{Correlated, DelaySampler};
-use engine::{Engine, FaultCounters, Kind, Plan};
+use holder::{Engine, FaultCounters, HolderFault};
 use queue::NfQueue;
 
 /// The NFQUEUE number used in every pod netns (queues are per netns).
@@ -44,7 +44,9 @@ pub const REINJECT_MARK: u32 = 0x4e46_0001;
 /// Receive-buffer overflows of every queue socket since the agent started:
 /// each one let at least one packet through undelayed (fail-open). Exposed
 /// as `netfault_delay_queue_overflows_total`.
-pub static QUEUE_OVERFLOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub fn queue_overflows() -> u64 {
+    holder::queue_overflows()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DelayError {
@@ -91,56 +93,8 @@ impl DelayEngine {
         self.sandboxes.contains_key(sandbox)
     }
 
-    fn plan(&mut self, f: &DelayFault, now: Instant) -> Plan {
-        let counters = self.counters.entry(f.id.clone()).or_default().clone();
-        let kind = match &f.spec.action {
-            Action::Delay {
-                latency,
-                jitter,
-                correlation,
-                distribution,
-                percent,
-            } => Kind::Delay {
-                sampler: DelaySampler::new(
-                    latency.as_nanos() as f64,
-                    jitter.as_nanos() as f64,
-                    *correlation,
-                    *distribution,
-                ),
-                percent: *percent,
-                pick: Correlated::new(0.0),
-            },
-            Action::Reorder {
-                percent,
-                correlation,
-                gap,
-                latency,
-            } => Kind::Reorder {
-                percent: *percent,
-                gap: *gap,
-                latency: *latency,
-                rnd: Correlated::new(*correlation),
-                counter: 0,
-            },
-            // Not a delay-backend action (never routed here): delays nothing.
-            _ => Kind::Delay {
-                sampler: DelaySampler::new(
-                    0.0,
-                    0.0,
-                    0.0,
-                    netfault_api::spec::Distribution::Uniform,
-                ),
-                percent: 0.0,
-                pick: Correlated::new(0.0),
-            },
-        };
-        Plan {
-            direction: f.spec.direction,
-            selector: f.spec.r#match.clone(),
-            kind,
-            deadline: now + f.remaining,
-            counters,
-        }
+    fn counters_for(&mut self, fault: &str) -> Arc<FaultCounters> {
+        self.counters.entry(fault.to_string()).or_default().clone()
     }
 
     /// Brings a sandbox's netns in line with `faults` (its active delay and
@@ -163,8 +117,17 @@ impl DelayEngine {
             self.sandboxes.remove(sandbox);
             return removed;
         }
-        let now = Instant::now();
-        let plans: Vec<Plan> = faults.iter().map(|f| self.plan(f, now)).collect();
+        let counters: Vec<Arc<FaultCounters>> =
+            faults.iter().map(|f| self.counters_for(&f.id)).collect();
+        let wire: Vec<HolderFault<'_>> = faults
+            .iter()
+            .zip(&counters)
+            .map(|(f, c)| HolderFault {
+                spec: &f.spec,
+                remaining: f.remaining,
+                counters: c,
+            })
+            .collect();
         let fresh = !self.sandboxes.contains_key(sandbox);
         if fresh {
             let (queue, reinjector) = netns::run_in(&path, open_queue_here)??;
@@ -172,8 +135,8 @@ impl DelayEngine {
             self.sandboxes
                 .insert(sandbox.to_string(), SandboxQueue { engine });
         }
-        if let Some(sq) = self.sandboxes.get(sandbox) {
-            sq.engine.set_plans(plans);
+        if let Some(sq) = self.sandboxes.get_mut(sandbox) {
+            sq.engine.set_faults(&wire)?;
         }
         let diversions: Vec<nft::Diversion> = faults
             .iter()

@@ -244,6 +244,38 @@ impl NfQueue {
         }
     }
 
+    /// Changes the queue's maximum length. With 0 and fail-open, the kernel
+    /// passes every new packet instead of queueing it.
+    pub fn set_maxlen(&mut self, maxlen: u32) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        let start = put_hdr(
+            &mut out,
+            NFQNL_MSG_CONFIG,
+            libc::NLM_F_REQUEST as u16,
+            0,
+            self.num,
+        );
+        put_attr(&mut out, NFQA_CFG_QUEUE_MAXLEN, &maxlen.to_be_bytes());
+        finish(&mut out, start);
+        self.send(&out)
+    }
+
+    /// The socket, to hand to a holder process (see `holder`).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// A queue already bound by [`NfQueue::open`] (in another process).
+    pub fn from_fd(fd: OwnedFd, num: u16) -> NfQueue {
+        NfQueue {
+            fd,
+            num,
+            buf: vec![0u8; 1 << 16],
+            out: Vec::with_capacity(4096),
+            overflows: 0,
+        }
+    }
+
     /// Receive overflows seen so far (see the field).
     pub fn overflows(&self) -> u64 {
         self.overflows

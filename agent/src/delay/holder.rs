@@ -1,0 +1,397 @@
+//! The packet holder: each sandbox's delay engine runs in its own child
+//! process (`netfaultd delay-holder`), not in the agent.
+//!
+//! Why a process: the engine holds packets (copies of delayed egress packets,
+//! and verdicts for ingress packets the kernel keeps in the queue). If the
+//! agent died while holding them, they would be lost: the kernel drops the
+//! packets of a queue whose socket closes. The holder notices the agent's
+//! death as end-of-file on its control pipe, releases every held packet at
+//! once (early, never lost), and exits; from then on the queue rule's
+//! `bypass` passes traffic undelayed. A holder that dies itself closes its
+//! queue, so traffic passes undelayed too.
+//!
+//! What crosses the process boundary:
+//! - file descriptors, inherited at fixed numbers: the NFQUEUE socket (bound
+//!   by the agent inside the pod netns), the two raw re-send sockets, and a
+//!   shared-memory counter region;
+//! - one JSON line per change on the child's stdin: the sandbox's faults
+//!   (`spec`, time left, counter slot);
+//! - counters, in the shared region: every fault has a slot of two `u64`
+//!   (matched, affected) that the holder increments and the agent reads.
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use netfault_api::spec::Limits;
+use netfault_api::{Counters, FaultSpec};
+use serde_json::{json, Value};
+
+use super::engine::{self, Plan, Reinjector, Shared};
+use super::queue::NfQueue;
+use super::DelayError;
+
+/// The hidden subcommand of `netfaultd` that runs a holder.
+pub const SUBCOMMAND: &str = "delay-holder";
+
+/// Descriptor numbers in the holder.
+const FD_QUEUE: RawFd = 3;
+const FD_RAW4: RawFd = 4;
+const FD_RAW6: RawFd = 5;
+const FD_COUNTERS: RawFd = 6;
+
+/// Counter slots in the region; slot 0 holds node-wide statistics.
+const SLOTS: usize = 8192;
+/// u64 words per slot.
+const WORDS: usize = 2;
+
+/// The counter region shared by the agent and every holder.
+struct Region {
+    fd: OwnedFd,
+    words: &'static [AtomicU64],
+}
+
+static REGION: OnceLock<Option<Region>> = OnceLock::new();
+/// Free slots (the agent's side only).
+static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static FREE_INIT: AtomicBool = AtomicBool::new(false);
+
+fn map(fd: OwnedFd) -> std::io::Result<Region> {
+    let len = SLOTS * WORDS * 8;
+    // SAFETY: a shared mapping of `len` bytes of a memfd that is at least
+    // that long; never unmapped, so the 'static slice stays valid.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: page-aligned, zero-initialised memory of SLOTS*WORDS u64s;
+    // AtomicU64 has the layout of u64 and is lock-free (address-free), so
+    // two processes may share it.
+    let words = unsafe { std::slice::from_raw_parts(p as *const AtomicU64, SLOTS * WORDS) };
+    Ok(Region { fd, words })
+}
+
+/// The agent's region, created on first use.
+fn region() -> Option<&'static Region> {
+    REGION
+        .get_or_init(|| {
+            let create = || -> std::io::Result<Region> {
+                // SAFETY: memfd_create with a valid C string.
+                let raw =
+                    unsafe { libc::memfd_create(c"netfault-counters".as_ptr(), libc::MFD_CLOEXEC) };
+                if raw < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: a fresh descriptor nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                // SAFETY: valid fd.
+                if unsafe { libc::ftruncate(fd.as_raw_fd(), (SLOTS * WORDS * 8) as libc::off_t) }
+                    < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                map(fd)
+            };
+            match create() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no shared counter region: delay counters read 0");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn word(slot: usize, i: usize) -> Option<&'static AtomicU64> {
+    REGION
+        .get()
+        .and_then(|r| r.as_ref())
+        .and_then(|r| r.words.get(slot * WORDS + i))
+}
+
+/// Receive overflows of every holder's queue socket (see `NfQueue`): each
+/// let packets pass undelayed.
+pub fn queue_overflows() -> u64 {
+    word(0, 0).map_or(0, |w| w.load(Ordering::Relaxed))
+}
+
+pub(crate) fn add_overflows(n: u64) {
+    if let Some(w) = word(0, 0) {
+        w.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Live counters of one fault: a slot of the shared region.
+#[derive(Debug)]
+pub struct FaultCounters {
+    slot: Option<usize>,
+    /// The agent owns (allocates and frees) slots; a holder only counts.
+    owned: bool,
+}
+
+impl Default for FaultCounters {
+    /// Allocates a zeroed slot (the agent's side).
+    fn default() -> Self {
+        if region().is_none() {
+            return FaultCounters {
+                slot: None,
+                owned: false,
+            };
+        }
+        let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
+        if !FREE_INIT.swap(true, Ordering::AcqRel) {
+            free.extend((1..SLOTS).rev());
+        }
+        let slot = free.pop();
+        if slot.is_none() {
+            tracing::warn!("out of delay counter slots: this fault's counters read 0");
+        }
+        FaultCounters { slot, owned: true }
+    }
+}
+
+impl Drop for FaultCounters {
+    fn drop(&mut self) {
+        if let (true, Some(slot)) = (self.owned, self.slot) {
+            for i in 0..WORDS {
+                if let Some(w) = word(slot, i) {
+                    w.store(0, Ordering::Relaxed);
+                }
+            }
+            FREE.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        }
+    }
+}
+
+impl FaultCounters {
+    /// A holder's view of the agent's slot `slot`.
+    fn view(slot: usize) -> FaultCounters {
+        FaultCounters {
+            slot: (slot > 0 && slot < SLOTS).then_some(slot),
+            owned: false,
+        }
+    }
+
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
+    }
+
+    fn add(&self, i: usize) {
+        if let Some(w) = self.slot.and_then(|s| word(s, i)) {
+            w.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn add_matched(&self) {
+        self.add(0)
+    }
+
+    pub fn add_affected(&self) {
+        self.add(1)
+    }
+
+    pub fn snapshot(&self) -> Counters {
+        let get = |i| {
+            self.slot
+                .and_then(|s| word(s, i))
+                .map_or(0, |w| w.load(Ordering::Relaxed))
+        };
+        Counters {
+            matched: get(0),
+            dropped: 0,
+            affected: get(1),
+        }
+    }
+}
+
+/// One fault as sent to a holder.
+pub struct HolderFault<'a> {
+    pub spec: &'a FaultSpec,
+    pub remaining: Duration,
+    pub counters: &'a FaultCounters,
+}
+
+/// The agent's handle on one holder process.
+pub struct Engine {
+    child: Child,
+    control: Option<ChildStdin>,
+}
+
+/// Moves `fds` to the descriptor numbers 3.. in a forked child (before exec).
+fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
+    // First out of the way (above every target), then into place: a source
+    // may sit on another source's target number.
+    let mut high = Vec::with_capacity(fds.len());
+    for fd in fds {
+        // SAFETY: fcntl on an inherited descriptor; async-signal-safe.
+        let h = unsafe { libc::fcntl(*fd, libc::F_DUPFD, 64) };
+        if h < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        high.push(h);
+    }
+    for (i, h) in high.iter().enumerate() {
+        // SAFETY: dup2 is async-signal-safe; the result has no CLOEXEC.
+        if unsafe { libc::dup2(*h, 3 + i as RawFd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Starts a holder serving `queue` (bound inside the pod netns) and
+    /// re-sending through `reinjector`. The agent keeps no copy of either.
+    pub fn start(queue: NfQueue, reinjector: Reinjector, name: &str) -> Result<Engine, DelayError> {
+        let thread = |e: std::io::Error| DelayError::Thread(format!("delay holder: {e}"));
+        let region = region()
+            .ok_or_else(|| DelayError::Thread("delay holder: no shared counter region".into()))?;
+        let exe = std::env::current_exe().map_err(thread)?;
+        let qfd = queue.into_fd();
+        let (v4, v6) = reinjector.into_fds();
+        let fds = [
+            qfd.as_raw_fd(),
+            v4.as_raw_fd(),
+            v6.as_raw_fd(),
+            region.fd.as_raw_fd(),
+        ];
+        let mut cmd = Command::new(exe);
+        cmd.arg(SUBCOMMAND)
+            .arg(name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: the closure only calls fcntl and dup2 (async-signal-safe).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || place_fds(&fds));
+        }
+        let mut child = cmd.spawn().map_err(thread)?;
+        // Our copies close here; the holder owns the sockets now.
+        drop((qfd, v4, v6));
+        let control = child.stdin.take();
+        Ok(Engine { child, control })
+    }
+
+    /// Sends the sandbox's current faults to the holder.
+    pub fn set_faults(&mut self, faults: &[HolderFault<'_>]) -> Result<(), DelayError> {
+        let items: Vec<Value> = faults
+            .iter()
+            .map(|f| {
+                let mut spec = f.spec.to_json();
+                if let Some(m) = spec.as_object_mut() {
+                    m.remove("target");
+                }
+                json!({
+                    "spec": spec,
+                    "remaining_ns": f.remaining.as_nanos() as u64,
+                    "slot": f.counters.slot().unwrap_or(0),
+                })
+            })
+            .collect();
+        let mut line = json!({ "faults": items }).to_string();
+        line.push('\n');
+        let control = self
+            .control
+            .as_mut()
+            .ok_or_else(|| DelayError::Thread("delay holder: control pipe closed".into()))?;
+        control
+            .write_all(line.as_bytes())
+            .and_then(|_| control.flush())
+            .map_err(|e| DelayError::Thread(format!("delay holder gone: {e}")))
+    }
+}
+
+impl Drop for Engine {
+    /// Closes the control pipe: the holder releases every held packet at
+    /// once and exits. Waits up to 2 s, then kills it.
+    fn drop(&mut self) {
+        drop(self.control.take());
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(2)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Parses one control line into plans (the holder's side).
+fn plans_from_line(line: &str, now: Instant) -> Result<Vec<Plan>, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let limits = Limits {
+        max_duration: Duration::MAX,
+        target_required: false,
+    };
+    v["faults"]
+        .as_array()
+        .ok_or("no faults list")?
+        .iter()
+        .map(|f| {
+            let spec = FaultSpec::parse(&f["spec"], &limits).map_err(|e| e.to_string())?;
+            let remaining = Duration::from_nanos(f["remaining_ns"].as_u64().unwrap_or(0));
+            let slot = f["slot"].as_u64().unwrap_or(0) as usize;
+            Ok(engine::plan_for(
+                &spec,
+                now + remaining,
+                std::sync::Arc::new(FaultCounters::view(slot)),
+            ))
+        })
+        .collect()
+}
+
+/// `netfaultd delay-holder NAME`: serves the inherited queue until the
+/// control pipe closes, then releases everything held and returns.
+pub fn holder_main(name: &str) -> Result<(), DelayError> {
+    let fd = |n: RawFd| {
+        // SAFETY: the agent placed these descriptors (see `place_fds`) and
+        // nothing else in this process owns them.
+        unsafe { OwnedFd::from_raw_fd(n) }
+    };
+    let counters = fd(FD_COUNTERS);
+    let _ = REGION.set(
+        map(counters)
+            .map_err(|e| tracing::warn!(error = %e, "mapping the counter region failed"))
+            .ok(),
+    );
+    let queue = NfQueue::from_fd(fd(FD_QUEUE), super::QUEUE_NUM);
+    let reinjector = Reinjector::from_fds(fd(FD_RAW4), fd(FD_RAW6));
+    let shared = std::sync::Arc::new(Shared::default());
+    let s = shared.clone();
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                match plans_from_line(&line, Instant::now()) {
+                    Ok(plans) => s.set_plans(plans),
+                    Err(e) => tracing::error!(holder = %name, error = %e, "bad control line"),
+                }
+            }
+            // The agent is gone (or released the sandbox): stop holding.
+            s.stop();
+        })
+        .map_err(|e| DelayError::Thread(e.to_string()))?;
+    engine::run(queue, &reinjector, &shared);
+    Ok(())
+}
