@@ -206,7 +206,8 @@ pub fn parse(p: &[u8]) -> Option<PacketInfo> {
         6 if p.len() >= 40 => {
             let src: [u8; 16] = p[8..24].try_into().ok()?;
             let dst: [u8; 16] = p[24..40].try_into().ok()?;
-            (src.into(), dst.into(), p[6], p.get(40..))
+            let (proto, l4) = skip_ipv6_extensions(p[6], p.get(40..)?);
+            (src.into(), dst.into(), proto, l4)
         }
         _ => return None,
     };
@@ -223,6 +224,38 @@ pub fn parse(p: &[u8]) -> Option<PacketInfo> {
         proto,
         ports,
     })
+}
+
+/// Walks IPv6 extension headers (hop-by-hop, routing, fragment,
+/// destination options, AH) to the upper-layer protocol, as nft's `meta
+/// l4proto` and `th dport` do. Returns the protocol and its header, or
+/// no header for a non-first fragment (its ports are not in it).
+fn skip_ipv6_extensions(mut next: u8, mut rest: &[u8]) -> (u8, Option<&[u8]>) {
+    for _ in 0..8 {
+        let len = match next {
+            0 | 43 | 60 => rest.get(1).map(|l| (usize::from(*l) + 1) * 8),
+            51 => rest.get(1).map(|l| (usize::from(*l) + 2) * 4),
+            44 => {
+                let Some(f) = rest.get(..8) else {
+                    return (next, None);
+                };
+                if u16::from_be_bytes([f[2], f[3]]) >> 3 != 0 {
+                    return (f[0], None);
+                }
+                Some(8)
+            }
+            _ => return (next, Some(rest)),
+        };
+        let Some(len) = len else {
+            return (next, None);
+        };
+        let Some(after) = rest.get(len..) else {
+            return (next, None);
+        };
+        next = rest[0];
+        rest = after;
+    }
+    (next, None)
 }
 
 /// Whether a packet seen on `egress` (or ingress) matches a fault.
@@ -527,6 +560,39 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ipv6_with(next: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[6] = next;
+        p[8..24].copy_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        p[24..40].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(ext);
+        p.extend_from_slice(l4);
+        let plen = (p.len() - 40) as u16;
+        p[4..6].copy_from_slice(&plen.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn ports_behind_ipv6_extension_headers() {
+        let udp = [0x1f, 0x90, 0x1b, 0x58, 0, 8, 0, 0]; // 8080 -> 7000
+                                                        // Hop-by-hop (8 bytes) then destination options (16 bytes), then UDP.
+        let mut ext = vec![60, 0, 1, 4, 0, 0, 0, 0];
+        ext.extend_from_slice(&[17, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let info = parse(&ipv6_with(0, &ext, &udp)).expect("parsed");
+        assert_eq!((info.proto, info.ports), (17, Some((8080, 7000))));
+        // First fragment: ports visible; a later fragment: none.
+        let first = [17, 0, 0, 1, 0, 0, 0, 1];
+        let info = parse(&ipv6_with(44, &first, &udp)).expect("parsed");
+        assert_eq!((info.proto, info.ports), (17, Some((8080, 7000))));
+        let later = [17, 0, 0x05, 0x01, 0, 0, 0, 1];
+        let info = parse(&ipv6_with(44, &later, &udp)).expect("parsed");
+        assert_eq!((info.proto, info.ports), (17, None));
+        // Truncated extension header: no ports, no panic.
+        let info = parse(&ipv6_with(0, &[17, 9], &[])).expect("parsed");
+        assert_eq!(info.ports, None);
+    }
     use netfault_api::spec::Distribution;
 
     fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> PacketInfo {
