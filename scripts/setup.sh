@@ -13,9 +13,9 @@ fi
 
 # The packages the build (clang compiles the tc datapath against libbpf and
 # the kernel uapi headers) and the netns tests (nft, CNI plugins, ip, iperf3)
-# need.
+# need; haproxy is the reference proxy of `cargo bench --bench proxy`.
 PACKAGES=(clang llvm libbpf-dev linux-libc-dev libc6-dev nftables containernetworking-plugins
-    iproute2 iperf3 curl jq ca-certificates)
+    iproute2 iperf3 curl jq ca-certificates haproxy)
 
 installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]

@@ -109,3 +109,37 @@ pub fn sole_interface_here() -> Result<String, String> {
         )),
     }
 }
+
+/// Starts a long-lived thread named `name` inside the network namespace at
+/// `path` and runs `f` there (for work that must stay in the pod's netns,
+/// such as creating sockets on demand). Returns once the thread is inside.
+pub fn spawn_in<F>(path: &Path, name: &str, f: F) -> Result<std::thread::JoinHandle<()>, NetnsError>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let file = File::open(path).map_err(|e| open_error(path, e))?;
+    let owned = path.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let entered =
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                    path: owned,
+                    source,
+                });
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            if ok {
+                f();
+            }
+        })
+        .map_err(NetnsError::Spawn)?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(NetnsError::Panicked {
+            path: path.to_path_buf(),
+        }),
+    }
+}

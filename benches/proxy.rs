@@ -1,0 +1,385 @@
+//! Transparent-proxy benchmark: what netfault's L7 proxy costs on a diverted
+//! port when no rule matches, next to the same traffic sent direct and
+//! through haproxy (a well-tuned reverse proxy, Debian package) on the same
+//! path.
+//!
+//! Run (as root), from the workspace root:
+//!
+//! ```text
+//! cargo build --release --workspace && cargo bench --bench proxy
+//! ```
+//!
+//! Two pods wired by the CNI chain; an HTTP/1.1 keep-alive server (hyper) in
+//! the server pod; a closed-loop load generator in the client pod (N
+//! keep-alive connections, each sending its next request when the previous
+//! answer is read). Configurations, measured in alternating rounds:
+//! - `direct`: client -> server:8080, no fault;
+//! - `netfault`: the same, with an `http-abort` fault on the server's port
+//!   8080 whose `http.path` never matches: every connection is diverted to
+//!   the agent's proxy, parsed, and relayed;
+//! - `haproxy`: client -> haproxy:8081 in the server pod -> 127.0.0.1:8080.
+//!
+//! Prints req/s, latency p50/p99 per concurrency (1 and 64), ratios, and the
+//! agent's memory per open proxied connection. It does not pass or fail.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use serde_json::json;
+use testbed::{in_netns, Agent, Node, NodeOptions, Pod, TempDir};
+
+const SERVER_PORT: u16 = 8080;
+const HAPROXY_PORT: u16 = 8081;
+const ROUND: Duration = Duration::from_secs(3);
+const ROUNDS: usize = 3;
+
+fn main() {
+    if !testbed::is_root() {
+        println!("proxy bench skipped: requires root (network namespaces, nftables, TPROXY)");
+        return;
+    }
+    for bin in ["netfaultd", "netfault"] {
+        let p = testbed::workspace_bin(bin);
+        if !p.exists() {
+            eprintln!(
+                "missing {}: run `cargo build --release --workspace` first",
+                p.display()
+            );
+            std::process::exit(1);
+        }
+    }
+    if let Err(e) = run() {
+        eprintln!("proxy bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// A tokio listener bound inside `pod`'s netns (a socket keeps its netns).
+fn listen_in(pod: &Pod, port: u16) -> anyhow::Result<std::net::TcpListener> {
+    let l = in_netns(pod.netns.path(), move || {
+        std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+    })??;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A connected stream from inside `pod`'s netns.
+fn connect_from(pod: &Pod, to: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+    let s = in_netns(pod.netns.path(), move || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+    })??;
+    s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+async fn serve(listener: std::net::TcpListener) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                    b"hello from the server pod\n",
+                ))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+struct Load {
+    requests: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+}
+
+/// `conns` keep-alive connections from `client` to `to`, closed loop, for `dur`.
+async fn load(client: &Pod, to: SocketAddr, conns: usize, dur: Duration) -> anyhow::Result<Load> {
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..conns {
+        let std = connect_from(client, to)?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            let stream = match tokio::net::TcpStream::from_std(std) {
+                Ok(s) => s,
+                Err(_) => return (lat, 1),
+            };
+            let (mut tx, conn) = match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(_) => return (lat, 1),
+            };
+            tokio::spawn(conn);
+            while start.elapsed() < dur {
+                let req = hyper::Request::get("/bench")
+                    .header("host", "server")
+                    .body(Empty::<Bytes>::new());
+                let Ok(req) = req else { break };
+                let t = Instant::now();
+                match tx.send_request(req).await {
+                    Ok(resp) if resp.status() == 200 => {
+                        if resp.into_body().collect().await.is_err() {
+                            errors += 1;
+                            break;
+                        }
+                        lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    _ => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Ok(Load {
+        requests: all.len() as u64,
+        errors,
+        secs,
+        latencies_us: all,
+    })
+}
+
+fn pct(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64
+}
+
+fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\nfrontend f\n  bind 0.0.0.0:{HAPROXY_PORT}\n  default_backend b\nbackend b\n  server s 127.0.0.1:{SERVER_PORT}\n"
+        ),
+    )?;
+    let ns = std::fs::File::open(server.netns.path())?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?);
+    // SAFETY: setns is async-signal-safe; it moves only the child.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = ns.as_raw_fd();
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = child.try_wait()? {
+        let log = std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default();
+        anyhow::bail!("haproxy exited ({status}): {}", log.trim());
+    }
+    Ok(child)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run() -> anyhow::Result<()> {
+    let dir = TempDir::new("nf-proxy-bench")?;
+    let agent = Agent::start(dir.path())?;
+    let node = Node::new(NodeOptions {
+        socket: agent.socket(),
+        ..NodeOptions::default()
+    })?;
+    let client = node.add_pod("client", &BTreeMap::new())?;
+    let server = node.add_pod("server", &BTreeMap::new())?;
+    let server_ip = server
+        .ipv4()
+        .ok_or_else(|| anyhow::anyhow!("server pod has no IPv4 address"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = listen_in(&server, SERVER_PORT)?;
+    rt.spawn(async move {
+        if let Err(e) = serve(listener).await {
+            eprintln!("server: {e}");
+        }
+    });
+    let haproxy = match start_haproxy(&server, dir.path()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("haproxy unavailable: {e}");
+            None
+        }
+    };
+    struct HaproxyGuard(Option<Child>);
+    impl Drop for HaproxyGuard {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let _hg = HaproxyGuard(haproxy);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "netfault proxy bench (kernel {}, {} CPUs); closed loop, keep-alive, {} rounds of {:?} per configuration, alternating",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ROUNDS,
+        ROUND
+    );
+    let direct = SocketAddr::new(server_ip, SERVER_PORT);
+    let via_haproxy = SocketAddr::new(server_ip, HAPROXY_PORT);
+    let fault_body = json!({
+        "target": {"sandbox": server.container_id},
+        "direction": "ingress",
+        "match": {"ports": SERVER_PORT.to_string()},
+        "action": {"type": "http-abort", "status": 503, "http": {"path": "/never-matches"}},
+        "duration": "30m"
+    });
+    let api = agent.client();
+    for conns in [1usize, 64] {
+        println!("\n== concurrency {conns}");
+        println!(
+            "   {:<9} {:>10} {:>9} {:>9} {:>7}",
+            "config", "req/s", "p50 µs", "p99 µs", "errors"
+        );
+        let mut results: BTreeMap<&str, Vec<Load>> = BTreeMap::new();
+        for _ in 0..ROUNDS {
+            let r = rt.block_on(load(&client, direct, conns, ROUND))?;
+            results.entry("direct").or_default().push(r);
+            match api.call("POST", "/v1/faults", Some(&fault_body)) {
+                Ok(f) => {
+                    let id = f["id"].as_str().unwrap_or_default().to_string();
+                    let r = rt.block_on(load(&client, direct, conns, ROUND));
+                    api.call("DELETE", &format!("/v1/faults/{id}"), None)?;
+                    results.entry("netfault").or_default().push(r?);
+                }
+                Err(e) => println!("   netfault proxy fault refused: {e}"),
+            }
+            if _hg.0.is_some() {
+                let r = rt.block_on(load(&client, via_haproxy, conns, ROUND))?;
+                results.entry("haproxy").or_default().push(r);
+            }
+        }
+        let mut summary: BTreeMap<&str, (f64, f64, f64)> = BTreeMap::new();
+        for (name, runs) in &results {
+            // Median round by throughput; latency from all samples.
+            let mut rates: Vec<f64> = runs.iter().map(|r| r.requests as f64 / r.secs).collect();
+            rates.sort_by(f64::total_cmp);
+            let rate = rates[rates.len() / 2];
+            let mut lat: Vec<u32> = runs.iter().flat_map(|r| r.latencies_us.clone()).collect();
+            lat.sort_unstable();
+            let errors: u64 = runs.iter().map(|r| r.errors).sum();
+            let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+            println!("   {name:<9} {rate:>10.0} {p50:>9.0} {p99:>9.0} {errors:>7}");
+            summary.insert(name, (rate, p50, p99));
+        }
+        if let (Some(d), Some(n)) = (summary.get("direct"), summary.get("netfault")) {
+            println!(
+                "   netfault vs direct: {:.1}% of req/s (goal >= 70%), p50 {:+.0} µs, p99 {:+.0} µs (goal <= +300 µs)",
+                n.0 / d.0 * 100.0,
+                n.1 - d.1,
+                n.2 - d.2
+            );
+        }
+        if let (Some(h), Some(n)) = (summary.get("haproxy"), summary.get("netfault")) {
+            println!(
+                "   netfault vs haproxy: {:.1}% of req/s (goal >= 100%), p99 {:+.0} µs",
+                n.0 / h.0 * 100.0,
+                n.2 - h.2
+            );
+        }
+    }
+
+    // Memory per open proxied connection.
+    println!("\n== memory per open proxied connection");
+    let f = match api.call("POST", "/v1/faults", Some(&fault_body)) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("   skipped: the proxy fault was refused: {e}");
+            return Ok(());
+        }
+    };
+    let id = f["id"].as_str().unwrap_or_default().to_string();
+    let before = rss_kib(agent.pid());
+    let n = 1000usize;
+    let kept = rt.block_on(async {
+        let mut kept = Vec::new();
+        for _ in 0..n {
+            let Ok(std) = connect_from(&client, direct) else {
+                break;
+            };
+            let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
+                break;
+            };
+            let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            else {
+                break;
+            };
+            tokio::spawn(conn);
+            let Ok(req) = hyper::Request::get("/warm").body(Empty::<Bytes>::new()) else {
+                break;
+            };
+            if let Ok(resp) = tx.send_request(req).await {
+                let _ = resp.into_body().collect().await;
+            }
+            kept.push(tx);
+        }
+        kept
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(agent.pid());
+    println!(
+        "   {} idle keep-alive connections through the proxy: agent RSS {} -> {} KiB, {:.1} KiB per connection",
+        kept.len(),
+        before,
+        after,
+        (after.saturating_sub(before)) as f64 / kept.len().max(1) as f64
+    );
+    drop(kept);
+    let _ = api.call("DELETE", &format!("/v1/faults/{id}"), None);
+    Ok(())
+}
