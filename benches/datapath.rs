@@ -78,20 +78,8 @@ impl<T, E: Display> Ctx<T> for Result<T, E> {
 }
 
 fn main() {
-    if !testbed::is_root() {
-        println!("datapath bench skipped: requires root (network namespaces, eBPF)");
+    if !testbed::bench_ready("datapath") {
         return;
-    }
-    for bin in ["netfaultd", "netfault"] {
-        let path = testbed::workspace_bin(bin);
-        if !path.exists() {
-            eprintln!(
-                "datapath bench: {} not found. Build the workspace binaries in this profile first:\n  \
-                 cargo build --release --workspace && cargo bench --bench datapath",
-                path.display()
-            );
-            std::process::exit(1);
-        }
     }
     let started = Instant::now();
     if let Err(e) = run() {

@@ -33,19 +33,8 @@ use testbed::{in_netns, udp_probe_with, Agent, Node, NodeOptions, Pod, ProbeOpti
 const DELAY: Duration = Duration::from_millis(10);
 
 fn main() {
-    if !testbed::is_root() {
-        println!("delay bench skipped: requires root (network namespaces, eBPF, NFQUEUE)");
+    if !testbed::bench_ready("delay") {
         return;
-    }
-    for bin in ["netfaultd", "netfault"] {
-        let p = testbed::workspace_bin(bin);
-        if !p.exists() {
-            eprintln!(
-                "missing {}: run `cargo build --release --workspace` first",
-                p.display()
-            );
-            std::process::exit(1);
-        }
     }
     if let Err(e) = run() {
         eprintln!("delay bench failed: {e:#}");
@@ -258,14 +247,8 @@ fn run() -> anyhow::Result<()> {
         let mbit = tcp_goodput(&a, &b, 9200, Duration::from_secs(5))?;
         let overflows = bed
             .agent
-            .client()
-            .raw("GET", "/metrics", None)
-            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("netfault_delay_queue_overflows_total "))
-            .unwrap_or("?")
-            .to_owned();
+            .metric("netfault_delay_queue_overflows_total")
+            .map_or("?".to_string(), |v| v.to_string());
         println!(
             "   {label:<12} goodput {mbit:>9.1} Mbit/s   (queue overflows so far: {overflows})"
         );

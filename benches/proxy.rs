@@ -40,19 +40,8 @@ const ROUND: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 3;
 
 fn main() {
-    if !testbed::is_root() {
-        println!("proxy bench skipped: requires root (network namespaces, nftables, TPROXY)");
+    if !testbed::bench_ready("proxy") {
         return;
-    }
-    for bin in ["netfaultd", "netfault"] {
-        let p = testbed::workspace_bin(bin);
-        if !p.exists() {
-            eprintln!(
-                "missing {}: run `cargo build --release --workspace` first",
-                p.display()
-            );
-            std::process::exit(1);
-        }
     }
     if let Err(e) = run() {
         eprintln!("proxy bench failed: {e:#}");
@@ -178,7 +167,7 @@ fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
     std::fs::write(
         &cfg,
         format!(
-            "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\nfrontend f\n  bind 0.0.0.0:{HAPROXY_PORT}\n  default_backend b\nbackend b\n  server s 127.0.0.1:{SERVER_PORT}\n"
+            "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  option http-no-delay\nfrontend f\n  bind 0.0.0.0:{HAPROXY_PORT}\n  default_backend b\nbackend b\n  server s 127.0.0.1:{SERVER_PORT}\n"
         ),
     )?;
     let ns = std::fs::File::open(server.netns.path())?;

@@ -64,6 +64,16 @@ impl Agent {
         netfault_api::Client::new(self.socket())
     }
 
+    /// The value of one unlabelled metric from `/metrics` (for example
+    /// `netfault_delay_queue_overflows_total`), if the agent reports it.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let r = self.client().raw("GET", "/metrics", None).ok()?;
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The pid of the last started process (stale once it was killed).
     pub fn pid(&self) -> u32 {
         self.pid

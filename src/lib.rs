@@ -215,6 +215,29 @@ pub(crate) fn random_uuid() -> String {
     )
 }
 
+/// The start of every on-the-wire bench (`harness = false`): `false` (after
+/// one line saying so) when not root; exits with a message when the
+/// workspace binaries of this profile are missing (`cargo bench` does not
+/// build them).
+pub fn bench_ready(bench: &str) -> bool {
+    if !is_root() {
+        println!("{bench} bench skipped: requires root (network namespaces, eBPF, nftables)");
+        return false;
+    }
+    for bin in ["netfaultd", "netfault"] {
+        let path = workspace_bin(bin);
+        if !path.exists() {
+            eprintln!(
+                "{bench} bench: {} not found. Build the workspace binaries in this profile first:\n  \
+                 cargo build --release --workspace && cargo bench --bench {bench}",
+                path.display()
+            );
+            std::process::exit(1);
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
