@@ -80,6 +80,8 @@ struct SandboxQueue {
 pub struct DelayEngine {
     sandboxes: HashMap<String, SandboxQueue>,
     counters: HashMap<String, Arc<FaultCounters>>,
+    /// Each fault's set tag in its sandbox's table, and what is installed.
+    tags: nft::Tags,
 }
 
 fn open_queue_here() -> Result<(NfQueue, engine::Reinjector), DelayError> {
@@ -138,19 +140,32 @@ impl DelayEngine {
         if let Some(sq) = self.sandboxes.get_mut(sandbox) {
             sq.engine.set_faults(&wire)?;
         }
+        // Sandboxes whose last fault went (table removed) lose their tags.
+        let live = &self.sandboxes;
+        self.tags.retain_sandboxes(|sb| live.contains_key(sb));
+        let ids: Vec<&str> = faults.iter().map(|f| f.id.as_str()).collect();
+        self.tags.retain_faults(sandbox, &ids);
         let diversions: Vec<nft::Diversion> = faults
             .iter()
-            .enumerate()
-            .map(|(i, f)| nft::Diversion {
-                tag: i as u32,
+            .map(|f| nft::Diversion {
+                tag: self.tags.tag(sandbox, &f.id),
                 direction: f.spec.direction,
                 selector: f.spec.r#match.clone(),
                 timeout_ms: f.remaining.as_nanos().div_ceil(1_000_000) as u64,
             })
             .collect();
-        let applied = netns::run_in(&path, move || nft::apply_here(&diversions, QUEUE_NUM))
-            .map_err(DelayError::from)
-            .and_then(|r| r);
+        let known = self.tags.installed(sandbox);
+        // Only what changed is touched: unchanged faults keep diverting,
+        // with their set elements' kernel timeouts running on.
+        let applied = match netns::run_in(&path, move || {
+            nft::sync_here(&diversions, &known, QUEUE_NUM)
+        }) {
+            Ok((installed, result)) => {
+                self.tags.set_installed(sandbox, installed);
+                result
+            }
+            Err(e) => Err(e.into()),
+        };
         if applied.is_err() && fresh {
             self.sandboxes.remove(sandbox);
         }
@@ -165,5 +180,6 @@ impl DelayEngine {
     /// Forgets a fault's counters (after it was removed or expired).
     pub fn forget(&mut self, fault: &str) {
         self.counters.remove(fault);
+        self.tags.free(fault);
     }
 }

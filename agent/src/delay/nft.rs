@@ -19,10 +19,16 @@
 //! sent here as one raw nf_tables netlink batch; everything else goes
 //! through the `nftables` crate (the `nft` binary, JSON).
 //!
+//! A fault's tag is stable while it lives ([`Tags`]). Once the table exists,
+//! a change touches only the faults that come or go ([`sync_here`]): the
+//! others' sets, rules and set elements (whose kernel timeouts keep
+//! running) are never rebuilt, so their packets stay delayed throughout.
+//!
 //! Every function with `_here` must run on a thread inside the pod netns
 //! (`netns::run_in`): both the `nft` child process and the netlink socket
 //! belong to the calling thread's netns.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::AsRawFd;
 
 use netfault_api::spec::{Direction, Match, Protocol};
@@ -41,6 +47,71 @@ pub struct Diversion {
     pub selector: Match,
     /// Remaining lifetime in milliseconds (at least 1).
     pub timeout_ms: u64,
+}
+
+/// Tags of delay faults, stable while a fault lives (its set `f<tag>` and
+/// rules stay untouched while other faults come and go), and per sandbox
+/// the tags whose diversion is known to be in place in its table.
+#[derive(Debug, Default)]
+pub struct Tags {
+    /// Fault id -> (sandbox, tag).
+    by_fault: HashMap<String, (String, u32)>,
+    /// Sandbox -> tags installed and complete (`known` of [`sync_here`]).
+    installed: HashMap<String, BTreeSet<u32>>,
+    /// Where the search for a free tag starts: tags are not reused soon
+    /// after being freed, so a stale set never passes for a new fault's.
+    next: u32,
+}
+
+impl Tags {
+    /// The tag of `fault` in `sandbox`, allocated on first use.
+    pub fn tag(&mut self, sandbox: &str, fault: &str) -> u32 {
+        if let Some((sb, tag)) = self.by_fault.get(fault) {
+            if sb == sandbox {
+                return *tag;
+            }
+        }
+        let used: BTreeSet<u32> = self
+            .by_fault
+            .values()
+            .map(|(_, t)| *t)
+            .chain(self.installed.values().flatten().copied())
+            .collect();
+        let mut tag = self.next;
+        while used.contains(&tag) {
+            tag = tag.wrapping_add(1);
+        }
+        self.next = tag.wrapping_add(1);
+        self.by_fault
+            .insert(fault.to_string(), (sandbox.to_string(), tag));
+        tag
+    }
+
+    /// Frees the tag of a fault that went.
+    pub fn free(&mut self, fault: &str) {
+        self.by_fault.remove(fault);
+    }
+
+    /// Frees the tags of `sandbox`'s faults other than `current`.
+    pub fn retain_faults(&mut self, sandbox: &str, current: &[&str]) {
+        self.by_fault
+            .retain(|id, (sb, _)| sb != sandbox || current.contains(&id.as_str()));
+    }
+
+    /// Forgets every sandbox for which `live` is false (its table is gone).
+    pub fn retain_sandboxes(&mut self, live: impl Fn(&str) -> bool) {
+        self.installed.retain(|sb, _| live(sb));
+        self.by_fault.retain(|_, (sb, _)| live(sb));
+    }
+
+    /// The tags installed in `sandbox`'s table.
+    pub fn installed(&self, sandbox: &str) -> BTreeSet<u32> {
+        self.installed.get(sandbox).cloned().unwrap_or_default()
+    }
+
+    pub fn set_installed(&mut self, sandbox: &str, tags: BTreeSet<u32>) {
+        self.installed.insert(sandbox.to_string(), tags);
+    }
 }
 
 fn set_name(tag: u32) -> String {
@@ -129,22 +200,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
                      json!({"accept": null})]}}}),
     ];
     for d in diversions {
-        cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
-            "name": set_name(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
-        for (egress, chain) in [(true, "egress"), (false, "ingress")] {
-            let wanted = if egress {
-                d.direction.includes_egress()
-            } else {
-                d.direction.includes_ingress()
-            };
-            if !wanted {
-                continue;
-            }
-            for expr in rules_for(d, egress) {
-                cmds.push(json!({"add": {"rule": {"family": FAMILY, "table": TABLE,
-                    "chain": chain, "expr": expr}}}));
-            }
-        }
+        fault_cmds(d, &mut cmds);
     }
     json!({"nftables": cmds})
 }
@@ -160,14 +216,189 @@ fn nft(payload: &Value) -> Result<(), DelayError> {
     .map_err(|e| DelayError::Nft(e.to_string()))
 }
 
-/// Installs (or replaces) the table for `diversions`, diverting to `queue`.
-pub fn apply_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayError> {
-    nft(&ruleset(diversions))?;
-    if let Err(e) = commit_here(diversions, queue) {
-        let _ = remove_here();
-        return Err(e);
+/// What the kernel's `netfault` table holds, from `nft -j list`.
+#[derive(Debug, Default)]
+struct Listed {
+    /// Tags of the fault sets `f<tag>`.
+    sets: BTreeSet<u32>,
+    /// Per tag, its rules: (chain, handle).
+    rules: BTreeMap<u32, Vec<(String, u64)>>,
+    /// Chains `divert`, `egress` and `ingress`, the queue rule and the
+    /// reinject-mark rule are there, and nothing else is.
+    complete: bool,
+}
+
+/// The tag of a fault set's name (`f<tag>`).
+fn tag_of(set: &str) -> Option<u32> {
+    set.strip_prefix('f')
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse().ok())
+}
+
+/// The fault set a rule looks up (`@f<tag>` anywhere in its expressions).
+fn rule_tag(expr: &Value) -> Option<u32> {
+    match expr {
+        Value::String(s) => s.strip_prefix('@').and_then(tag_of),
+        Value::Array(a) => a.iter().find_map(rule_tag),
+        Value::Object(o) => o.values().find_map(rule_tag),
+        _ => None,
     }
-    Ok(())
+}
+
+/// Parses `nft -j list ruleset inet`: `None` without a `netfault` table.
+fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
+    let v: Value = serde_json::from_str(raw)
+        .map_err(|e| DelayError::Nft(format!("listing the table: invalid JSON: {e}")))?;
+    let objects = v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let ours = |o: &Value| o["family"] == FAMILY && o["table"] == TABLE;
+    let exists = objects
+        .iter()
+        .any(|o| o["table"]["family"] == FAMILY && o["table"]["name"] == TABLE);
+    if !exists {
+        return Ok(None);
+    }
+    let mut l = Listed::default();
+    let mut foreign = false;
+    let mut chains = BTreeSet::new();
+    let (mut queue_rules, mut reinject) = (0usize, false);
+    for o in objects {
+        if let Some(set) = o.get("set").filter(|s| ours(s)) {
+            match set["name"].as_str().and_then(tag_of) {
+                Some(tag) => {
+                    l.sets.insert(tag);
+                }
+                None => foreign = true,
+            }
+        } else if let Some(chain) = o.get("chain").filter(|c| ours(c)) {
+            chains.insert(chain["name"].as_str().unwrap_or_default().to_string());
+        } else if let Some(rule) = o.get("rule").filter(|r| ours(r)) {
+            let chain = rule["chain"].as_str().unwrap_or_default();
+            let handle = rule["handle"].as_u64();
+            match (chain, rule_tag(&rule["expr"]), handle) {
+                ("divert", None, _) => queue_rules += 1,
+                ("egress" | "ingress", Some(tag), Some(h)) => {
+                    l.rules.entry(tag).or_default().push((chain.to_string(), h))
+                }
+                ("egress", None, _) if !reinject => reinject = true,
+                _ => foreign = true,
+            }
+        }
+    }
+    let skeleton = ["divert", "egress", "ingress"]
+        .iter()
+        .all(|c| chains.contains(*c))
+        && chains.len() == 3;
+    l.complete = skeleton && queue_rules == 1 && reinject && !foreign;
+    Ok(Some(l))
+}
+
+/// Lists the `netfault` table of the calling thread's netns.
+fn list_here() -> Result<Option<Listed>, DelayError> {
+    let raw = nftables::helper::get_current_ruleset_raw(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "ruleset", FAMILY],
+    )
+    .map_err(|e| DelayError::Nft(format!("listing the table: {e}")))?;
+    parse_listing(&raw)
+}
+
+/// The rules and set of one fault, as nft commands (`add` them).
+fn fault_cmds(d: &Diversion, cmds: &mut Vec<Value>) {
+    cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
+        "name": set_name(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
+    for (egress, chain) in [(true, "egress"), (false, "ingress")] {
+        let wanted = if egress {
+            d.direction.includes_egress()
+        } else {
+            d.direction.includes_ingress()
+        };
+        if !wanted {
+            continue;
+        }
+        for expr in rules_for(d, egress) {
+            cmds.push(json!({"add": {"rule": {"family": FAMILY, "table": TABLE,
+                "chain": chain, "expr": expr}}}));
+        }
+    }
+}
+
+/// Brings the table in line with `wanted`, diverting to `queue`, without
+/// disturbing the diversion of a fault that stays: its set, rules and set
+/// elements (with their running kernel timeouts) are left as they are.
+///
+/// `known` holds the tags whose diversion the caller installed earlier in
+/// this netns and trusts to be complete. A set in the table that is not
+/// known (left by an earlier agent, or half-installed by a failed change)
+/// is removed, with its rules, and installed afresh if wanted.
+///
+/// - No table (or one that is not netfault's layout): the table is built
+///   whole: one nft transaction, then one netlink batch with every set's
+///   elements and the queue rule. On failure, the table is removed.
+/// - Otherwise: one nft transaction deletes the rules (by handle) and sets
+///   of faults that went, and adds the sets and rules of new faults; then a
+///   netlink batch adds only the new faults' elements. A new fault diverts
+///   nothing until its elements arrive (its rules look up its empty set).
+///
+/// Returns the tags whose diversion is in place afterwards (for `known` on
+/// the next call) and the outcome.
+pub fn sync_here(
+    wanted: &[Diversion],
+    known: &BTreeSet<u32>,
+    queue: u16,
+) -> (BTreeSet<u32>, Result<(), DelayError>) {
+    let all: BTreeSet<u32> = wanted.iter().map(|d| d.tag).collect();
+    let listed = match list_here() {
+        Ok(Some(l)) if l.complete => l,
+        Ok(_) => {
+            if let Err(e) = nft(&ruleset(wanted)) {
+                return (BTreeSet::new(), Err(e));
+            }
+            if let Err(e) = commit_here(wanted, Some(queue)) {
+                let _ = remove_here();
+                return (BTreeSet::new(), Err(e));
+            }
+            return (all, Ok(()));
+        }
+        // Nothing changed.
+        Err(e) => return (known.clone(), Err(e)),
+    };
+    let keep: BTreeSet<u32> = all
+        .iter()
+        .copied()
+        .filter(|t| known.contains(t) && listed.sets.contains(t))
+        .collect();
+    let added: Vec<Diversion> = wanted
+        .iter()
+        .filter(|d| !keep.contains(&d.tag))
+        .cloned()
+        .collect();
+    let mut cmds = Vec::new();
+    for tag in listed.sets.iter().filter(|t| !keep.contains(t)) {
+        for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
+            cmds.push(json!({"delete": {"rule": {"family": FAMILY, "table": TABLE,
+                "chain": chain, "handle": handle}}}));
+        }
+        cmds.push(json!({"delete": {"set": {"family": FAMILY, "table": TABLE,
+            "name": set_name(*tag)}}}));
+    }
+    // Deletions first: a set may be removed and added again under the same
+    // name in this one transaction.
+    for d in &added {
+        fault_cmds(d, &mut cmds);
+    }
+    if cmds.is_empty() {
+        return (keep, Ok(()));
+    }
+    // All or nothing: on failure the table is as it was.
+    if let Err(e) = nft(&json!({"nftables": cmds})) {
+        return (keep, Err(e));
+    }
+    if let Err(e) = commit_here(&added, None) {
+        // The new faults' rules and (empty) sets stay until the next call,
+        // which removes them as unknown; they divert nothing meanwhile.
+        return (keep, Err(e));
+    }
+    (all, Ok(()))
 }
 
 /// Removes the table if it exists.
@@ -271,9 +502,13 @@ impl Msg {
 }
 
 /// One nf_tables batch: every fault's set elements (`ipv4`, `ipv6`, with
-/// the fault's remaining time as a millisecond timeout), then the single
-/// rule of chain `divert`: `xt target NFQUEUE --queue-num N --queue-bypass`.
-pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayError> {
+/// the fault's remaining time as a millisecond timeout), then, with
+/// `Some(queue)`, the single rule of chain `divert`:
+/// `xt target NFQUEUE --queue-num N --queue-bypass`.
+pub fn commit_here(diversions: &[Diversion], queue: Option<u16>) -> Result<(), DelayError> {
+    if diversions.is_empty() && queue.is_none() {
+        return Ok(());
+    }
     let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
     let fd = super::queue::netfilter_socket().map_err(|e| nl("netfilter netlink socket", e))?;
     let tv = libc::timeval {
@@ -294,12 +529,15 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
     let req = libc::NLM_F_REQUEST as u16;
     let create = libc::NLM_F_CREATE as u16;
     let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
+    let ack = libc::NLM_F_ACK as u16;
     let mut seq = 1u32;
-    for d in diversions {
+    for (i, d) in diversions.iter().enumerate() {
         seq += 1;
+        // The kernel acks the batch's last message; errors come regardless.
+        let last_msg = queue.is_none() && i + 1 == diversions.len();
         let mut m = Msg::new(
             (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-            req | create,
+            req | create | if last_msg { ack } else { 0 },
             seq,
             NFPROTO_INET,
             0,
@@ -318,12 +556,24 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
         m.end();
         out.extend(m.finish());
     }
-    seq += 1;
+    if let Some(queue) = queue {
+        seq += 1;
+        out.extend(queue_rule(queue, seq));
+    }
     let last = seq;
+    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
+    send_batch(&fd, &out, last, queue.is_some())
+}
+
+/// The rule of chain `divert`, `xt target NFQUEUE --queue-num N
+/// --queue-bypass`, as message `seq` of a batch (acked).
+fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
+    let req = libc::NLM_F_REQUEST as u16;
+    let create = libc::NLM_F_CREATE as u16;
     let mut rule = Msg::new(
         (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
         req | create | (libc::NLM_F_APPEND | libc::NLM_F_ACK) as u16,
-        last,
+        seq,
         NFPROTO_INET,
         0,
     );
@@ -346,9 +596,18 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
     rule.end();
     rule.end();
     rule.end();
-    out.extend(rule.finish());
-    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
+    rule.finish()
+}
 
+/// Sends a batch on `fd` and waits for the ack of its message `last` (the
+/// queue rule if `with_rule`) or the first error.
+fn send_batch(
+    fd: &std::os::fd::OwnedFd,
+    out: &[u8],
+    last: u32,
+    with_rule: bool,
+) -> Result<(), DelayError> {
+    let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
     // SAFETY: a zeroed sockaddr_nl addresses the kernel.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -364,10 +623,7 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
         )
     };
     if sent < 0 {
-        return Err(nl(
-            "sending the NFQUEUE rule",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(nl("sending the batch", std::io::Error::last_os_error()));
     }
     let mut buf = vec![0u8; 8192];
     loop {
@@ -382,7 +638,7 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
         };
         if n < 0 {
             return Err(nl(
-                "waiting for the NFQUEUE rule's ack",
+                "waiting for the batch's ack",
                 std::io::Error::last_os_error(),
             ));
         }
@@ -405,7 +661,7 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
                     buf[off + 19],
                 ]);
                 if errno != 0 {
-                    let what = if seq == last {
+                    let what = if seq == last && with_rule {
                         "the NFQUEUE rule (xt_NFQUEUE through nft_compat)"
                     } else {
                         "a fault's set elements"
@@ -421,5 +677,126 @@ pub fn commit_here(diversions: &[Diversion], queue: u16) -> Result<(), DelayErro
             }
             off += (len + 3) & !3;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(chain: &str, handle: u64, expr: Value) -> Value {
+        json!({"rule": {"family": "inet", "table": "netfault", "chain": chain,
+            "handle": handle, "expr": expr}})
+    }
+
+    fn listing(extra: &[Value]) -> String {
+        let mut objs = vec![
+            json!({"metainfo": {"version": "1.0.6"}}),
+            json!({"table": {"family": "inet", "name": "netfault", "handle": 1}}),
+            json!({"set": {"family": "inet", "table": "netfault", "name": "f3",
+                "type": "nf_proto", "handle": 3, "flags": ["timeout"]}}),
+            json!({"set": {"family": "inet", "table": "netfault", "name": "f12",
+                "type": "nf_proto", "handle": 4, "flags": ["timeout"]}}),
+            json!({"chain": {"family": "inet", "table": "netfault", "name": "divert"}}),
+            json!({"chain": {"family": "inet", "table": "netfault", "name": "egress"}}),
+            json!({"chain": {"family": "inet", "table": "netfault", "name": "ingress"}}),
+            rule(
+                "divert",
+                5,
+                json!([{"xt": {"type": "target", "name": "NFQUEUE"}}]),
+            ),
+            rule(
+                "egress",
+                6,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "mark"}},
+                "right": crate::delay::REINJECT_MARK}}, {"accept": null}]),
+            ),
+            rule(
+                "egress",
+                7,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                "right": "@f3"}}, {"goto": {"target": "divert"}}]),
+            ),
+            rule(
+                "ingress",
+                9,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                "right": "@f12"}}, {"goto": {"target": "divert"}}]),
+            ),
+            rule(
+                "egress",
+                11,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                "right": "@f3"}}, {"goto": {"target": "divert"}}]),
+            ),
+            // Another table's objects are not ours.
+            json!({"table": {"family": "inet", "name": "other", "handle": 2}}),
+            json!({"set": {"family": "inet", "table": "other", "name": "x"}}),
+        ];
+        objs.extend_from_slice(extra);
+        json!({"nftables": objs}).to_string()
+    }
+
+    #[test]
+    fn listing_maps_rules_to_fault_sets() {
+        let l = parse_listing(&listing(&[]))
+            .expect("parses")
+            .expect("table exists");
+        assert!(l.complete, "{l:?}");
+        assert_eq!(l.sets, BTreeSet::from([3, 12]));
+        assert_eq!(
+            l.rules.get(&3),
+            Some(&vec![("egress".to_string(), 7), ("egress".to_string(), 11)])
+        );
+        assert_eq!(l.rules.get(&12), Some(&vec![("ingress".to_string(), 9)]));
+    }
+
+    #[test]
+    fn listing_without_the_table_is_none() {
+        let raw = json!({"nftables": [{"metainfo": {}},
+            {"table": {"family": "inet", "name": "other", "handle": 2}}]})
+        .to_string();
+        assert!(parse_listing(&raw).expect("parses").is_none());
+    }
+
+    #[test]
+    fn foreign_objects_make_the_table_incomplete() {
+        let foreign_set =
+            json!({"set": {"family": "inet", "table": "netfault", "name": "blocked"}});
+        let stray_rule = rule("ingress", 20, json!([{"accept": null}]));
+        let second_queue = rule("divert", 21, json!([{"accept": null}]));
+        for extra in [foreign_set, stray_rule, second_queue] {
+            let l = parse_listing(&listing(std::slice::from_ref(&extra)))
+                .expect("parses")
+                .expect("table exists");
+            assert!(!l.complete, "{extra} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn set_names_parse_to_tags() {
+        assert_eq!(tag_of("f0"), Some(0));
+        assert_eq!(tag_of("f4294967295"), Some(u32::MAX));
+        for bad in ["f", "g1", "f-1", "f1x", "f4294967296", "f+1"] {
+            assert_eq!(tag_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn tags_are_stable_and_not_reused_soon() {
+        let mut t = Tags::default();
+        let a = t.tag("sb", "a");
+        let b = t.tag("sb", "b");
+        assert_ne!(a, b);
+        assert_eq!(t.tag("sb", "a"), a, "stable across calls");
+        t.free("a");
+        let c = t.tag("sb", "c");
+        assert!(c != a && c != b, "a freed tag is not handed out at once");
+        t.set_installed("sb", BTreeSet::from([b, c]));
+        t.retain_faults("sb", &["c"]);
+        let d = t.tag("sb", "d");
+        assert!(![a, b, c].contains(&d), "installed tags stay reserved");
+        t.retain_sandboxes(|_| false);
+        assert!(t.installed("sb").is_empty());
     }
 }
