@@ -15,7 +15,7 @@
 //!    with a 10 ms egress delay, at 1k and 20k packets/s. The added delay's
 //!    error is `latency - baseline median - 10 ms` per packet.
 //! 2. Sustained rate: the same at rising rates, until p99 error exceeds 1 ms
-//!    or packets are lost; the agent's CPU time per delayed packet (from
+//!    or packets are lost; the CPU time per delayed packet of the agent and its holder processes (from
 //!    /proc/PID/stat, whole process).
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
 //!    limits: the receive window, and TCP small queues (KERNEL-NOTES).
@@ -61,24 +61,43 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Agent CPU time (user + system, all threads) in seconds.
-fn agent_cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds of `pid` (user + system, all threads); with `children`,
+/// also of its exited children it waited for (cutime, cstime).
+fn cpu_seconds(pid: u32, children: bool) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
+        return 0.0;
     };
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    // Fields after the parenthesised command name: utime, stime, cutime and
+    // cstime are the 14th to 17th fields of the line.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return f64::NAN;
+        return 0.0;
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    let own = ticks(11) + ticks(12);
+    let waited = if children { ticks(13) + ticks(14) } else { 0.0 };
+    (own + waited) / hz
+}
+
+/// CPU seconds of the agent and its packet holders (`netfaultd
+/// delay-holder`, one child process per pod with delay faults): live ones
+/// and exited ones alike.
+fn agent_cpu_seconds(pid: u32) -> f64 {
+    let live: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(|child| cpu_seconds(child, false))
+        .sum();
+    cpu_seconds(pid, true) + live
 }
 
 struct Sample {
