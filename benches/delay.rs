@@ -15,8 +15,8 @@
 //!    with a 10 ms egress delay, at 1k and 20k packets/s. The added delay's
 //!    error is `latency - baseline median - 10 ms` per packet.
 //! 2. Sustained rate: the same at rising rates, until p99 error exceeds 1 ms
-//!    or packets are lost; the CPU time per delayed packet of the agent and its holder processes (from
-//!    /proc/PID/stat, whole process).
+//!    or packets are lost; CPU time per delayed packet of the agent and its
+//!    holder processes (from /proc/PID/stat).
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
 //!    limits: the receive window, and TCP small queues (KERNEL-NOTES).
 
