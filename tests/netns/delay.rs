@@ -5,21 +5,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testbed::{udp_probe, Pod};
 
 use crate::support::{fault_on, netns_state, tcp_pair, v4, v6, Cluster};
-
-/// The delay tests measure sub-millisecond timing on a 2-core machine; run
-/// them one at a time so they do not disturb each other.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -223,8 +215,7 @@ fn delay(latency: &str) -> Value {
 #[test]
 fn fixed_delay_egress_ipv4() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7301);
@@ -267,8 +258,7 @@ fn fixed_delay_egress_ipv4() {
 #[test]
 fn ingress_delay_ipv6_selected() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(true);
+    let c = Cluster::exclusive(true);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7302);
@@ -371,8 +361,7 @@ fn model_moments(dist: &str) -> (f64, f64) {
 #[test]
 fn jitter_distributions_match_model() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7303);
@@ -452,8 +441,7 @@ fn jitter_matches(
 #[test]
 fn agent_killed_under_delay_fails_open() {
     testbed::require_root!();
-    let _s = serial();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7304);
@@ -581,8 +569,7 @@ fn diversion_elements(pod: &Pod) -> usize {
 #[test]
 fn expires_with_agent_dead() {
     testbed::require_root!();
-    let _s = serial();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7305);
@@ -622,8 +609,7 @@ fn expires_with_agent_dead() {
 #[test]
 fn reorder_share_out_of_order() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let id = c.fault(fault_on(
@@ -689,8 +675,7 @@ fn reorder_share_out_of_order() {
 #[test]
 fn delay_both_directions_composes_with_loss() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7307);
@@ -753,7 +738,7 @@ fn delay_both_directions_composes_with_loss() {
 #[test]
 fn capabilities_report_backends() {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let caps = c
         .agent
         .client()
@@ -788,8 +773,7 @@ fn capabilities_report_backends() {
 #[test]
 fn delay_correlation_makes_successive_delays_close() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7308);
@@ -829,8 +813,7 @@ fn delay_correlation_makes_successive_delays_close() {
 fn tcp_is_delayed() {
     use std::io::{Read, Write};
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let srv = testbed::tcp_listen(&b, 0).expect("listen");
@@ -910,8 +893,7 @@ fn tcp_min_rtt_us(s: &std::net::TcpStream) -> u32 {
 fn bulk_tcp_flow_never_skips_the_delay() {
     use std::io::{Read, Write};
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let port = 7310;
@@ -960,7 +942,7 @@ fn bulk_tcp_flow_never_skips_the_delay() {
 #[test]
 fn cni_del_removes_delay_table() {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let id = c.fault(fault_on(&a, "egress", json!({}), delay("50ms"), "60s"));
     assert_eq!(diversion_elements(&a), 2);
@@ -990,8 +972,7 @@ fn cni_del_removes_delay_table() {
 #[test]
 fn changing_faults_never_undelays_others() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(false);
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     let port = 7311;
@@ -1194,8 +1175,7 @@ fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Dur
 #[test]
 fn icmp_echo_is_delayed() {
     testbed::require_root!();
-    let _s = serial();
-    let c = Cluster::new(true);
+    let c = Cluster::exclusive(true);
     let a = c.pod("a");
     let b = c.pod("b");
     let pristine = netns_state(a.netns.path(), "eth0");

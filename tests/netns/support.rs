@@ -4,21 +4,48 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use testbed::{Agent, Node, NodeOptions, Pod};
 
+/// Tests that measure sub-millisecond timing run alone; every other test
+/// that builds a `Cluster` runs beside the others. On a 2-core machine a
+/// neighbouring TCP flow at full speed moves a delay's p99 by milliseconds.
+static GATE: RwLock<()> = RwLock::new(());
+
+/// A test's hold on `GATE`.
+pub enum Gate {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
 /// One simulated node: a private agent and a CNI chain with netfault.
 pub struct Cluster {
-    // Field order is drop order: pods' node first, then the agent, then its dir.
+    // Field order is drop order: pods' node first, then the agent, then its
+    // dir, and last the gate (so the next test starts on a clean machine).
     pub node: Node,
     pub agent: Agent,
     pub _dir: testbed::TempDir,
+    pub _gate: Gate,
 }
 
 impl Cluster {
+    /// A cluster for a test that may run beside others.
     pub fn new(ipv6: bool) -> Cluster {
+        let gate = Gate::Shared(GATE.read().unwrap_or_else(|p| p.into_inner()));
+        Cluster::with_gate(ipv6, gate)
+    }
+
+    /// A cluster for a timing test: waits until no other cluster test runs,
+    /// and keeps others out until it is dropped.
+    pub fn exclusive(ipv6: bool) -> Cluster {
+        let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
+        Cluster::with_gate(ipv6, gate)
+    }
+
+    fn with_gate(ipv6: bool, gate: Gate) -> Cluster {
         let dir = testbed::TempDir::new("netfault-test").expect("temp dir");
         let agent = Agent::start(dir.path()).expect("netfaultd starts");
         let node = Node::new(NodeOptions {
@@ -31,6 +58,7 @@ impl Cluster {
             node,
             agent,
             _dir: dir,
+            _gate: gate,
         }
     }
 
