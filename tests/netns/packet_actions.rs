@@ -524,13 +524,16 @@ fn tcp_bulk_rate(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, bytes: usize) -
 /// retransmission timeout. Its long-run goodput is right at the limit
 /// (8 s runs: 20.2-20.8 Mbit/s with the default 500 kB bucket), but a
 /// 3 s window holds only ~10 such cycles: most windows land within ±5%, an
-/// occasional one outside ±15% (one of ~15 runs measured 16.1). So a miss is
-/// measured once more on a fresh connection, as the loss tests do with 3σ
-/// outliers; two misses in a row fail.
+/// occasional one outside ±15% (one of ~15 runs measured 16.1, and CI once
+/// saw 16.2 twice while other tests loaded the CPU). So the test runs alone,
+/// measures 4.5 s windows, and a miss is measured again on a fresh
+/// connection, up to three times; three misses in a row fail.
 #[test]
 fn rate_limits_tcp_goodput() {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    // Alone: a TCP flow through a policer reacts to CPU contention from a
+    // neighbouring test as much as to the policer.
+    let c = Cluster::exclusive(false);
     let a = c.pod("a");
     let b = c.pod("b");
     // Sanity, without the fault: 16 MB go through far faster than 20 Mbit/s
@@ -549,8 +552,8 @@ fn rate_limits_tcp_goodput() {
         json!({"type": "rate", "rate": "20mbit"}),
         "60s",
     ));
-    for attempt in 0..2 {
-        let limited = tcp_goodput(&a, &b, v4(&b), 7342 + attempt, 3.5);
+    for attempt in 0..3 {
+        let limited = tcp_goodput(&a, &b, v4(&b), 7342 + attempt, 5.0);
         eprintln!(
             "rate 20mbit: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
             limited / 1e6,
@@ -561,8 +564,8 @@ fn rate_limits_tcp_goodput() {
             break;
         }
         assert!(
-            attempt == 0,
-            "goodput {:.2} Mbit/s, expected 20 ± 3 (twice in a row)",
+            attempt < 2,
+            "goodput {:.2} Mbit/s, expected 20 ± 3 (three times in a row)",
             limited / 1e6
         );
     }
