@@ -91,6 +91,32 @@ fn rtts(
     gap: Duration,
     linger: Duration,
 ) -> Rtts {
+    rtts_stamped(from, to_ip, port, count, gap, linger, true)
+}
+
+/// `rtts` timed by the receiving thread instead of the kernel's receive
+/// stamp: for faults that delay the pinging pod's own ingress, because the
+/// stamp is taken when the echo reaches the interface, before the delay.
+fn rtts_app(
+    from: &Pod,
+    to_ip: IpAddr,
+    port: u16,
+    count: usize,
+    gap: Duration,
+    linger: Duration,
+) -> Rtts {
+    rtts_stamped(from, to_ip, port, count, gap, linger, false)
+}
+
+fn rtts_stamped(
+    from: &Pod,
+    to_ip: IpAddr,
+    port: u16,
+    count: usize,
+    gap: Duration,
+    linger: Duration,
+    kernel_stamps: bool,
+) -> Rtts {
     let any: IpAddr = if to_ip.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -102,19 +128,47 @@ fn rtts(
     sock.set_read_timeout(Some(Duration::from_millis(10)))
         .expect("timeout");
     let rx = sock.try_clone().expect("clone socket");
-    let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let magic: u32 = rand::random();
+    // Arrival times are the kernel's receive timestamps (SO_TIMESTAMPNS), so
+    // a receiver thread that wakes late (a descheduled vCPU) does not count
+    // as delay: what is measured is when the echo reached the client socket.
+    use nix::sys::socket::{setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    setsockopt(&rx, sockopt::ReceiveTimestampns, &kernel_stamps).expect("SO_TIMESTAMPNS");
+    let start_wall = std::time::SystemTime::now();
+    let start = Instant::now();
     let receiver = std::thread::spawn(move || {
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
         while !s.load(Ordering::Acquire) {
-            if let Ok(n) = rx.recv(&mut buf) {
-                let at = start.elapsed();
-                if n >= 8 && buf[0..4] == magic.to_be_bytes() {
-                    got.push((u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]), at));
-                }
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let Ok(msg) = nix::sys::socket::recvmsg::<()>(
+                rx.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            ) else {
+                continue;
+            };
+            let n = msg.bytes;
+            let stamp = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::ScmTimestampns(ts) => Some(
+                        std::time::UNIX_EPOCH
+                            + Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32),
+                    ),
+                    _ => None,
+                })
+            });
+            // Time since `start`, on the wall clock the stamps use.
+            let at = stamp
+                .and_then(|t| t.duration_since(start_wall).ok())
+                .unwrap_or_else(|| start.elapsed());
+            if n >= 8 && buf[0..4] == magic.to_be_bytes() {
+                got.push((u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]), at));
             }
         }
         got
@@ -129,7 +183,11 @@ fn rtts(
             std::thread::sleep(w);
         }
         pkt[4..8].copy_from_slice(&(i as u32).to_be_bytes());
-        sent.push(start.elapsed());
+        sent.push(
+            std::time::SystemTime::now()
+                .duration_since(start_wall)
+                .unwrap_or_else(|_| start.elapsed()),
+        );
         sock.send_to(&pkt, dst).expect("send must not fail");
     }
     std::thread::sleep(linger);
@@ -152,6 +210,13 @@ fn rtts(
 /// Baseline median RTT between the pods, without any fault.
 fn baseline(a: &Pod, ip: IpAddr, port: u16) -> Duration {
     let r = rtts(a, ip, port, 200, MS / 2, 50 * MS);
+    assert_eq!(r.lost(), 0, "baseline pings lost");
+    quantile(&r.received(), 0.5)
+}
+
+/// `baseline` measured as `rtts_app` measures.
+fn baseline_app(a: &Pod, ip: IpAddr, port: u16) -> Duration {
+    let r = rtts_app(a, ip, port, 200, MS / 2, 50 * MS);
     assert_eq!(r.lost(), 0, "baseline pings lost");
     quantile(&r.received(), 0.5)
 }
@@ -262,8 +327,8 @@ fn ingress_delay_ipv6_selected() {
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7302);
-    let base6 = baseline(&a, v6(&b), 7302);
-    let base4 = baseline(&a, v4(&b), 7302);
+    let base6 = baseline_app(&a, v6(&b), 7302);
+    let base4 = baseline_app(&a, v4(&b), 7302);
     let id = c.fault(fault_on(
         &a,
         "ingress",
@@ -272,12 +337,12 @@ fn ingress_delay_ipv6_selected() {
         "60s",
     ));
     assert_fixed_delay(
-        || rtts(&a, v6(&b), 7302, 400, MS, 150 * MS),
+        || rtts_app(&a, v6(&b), 7302, 400, MS, 150 * MS),
         base6,
         20 * MS,
         "ingress ipv6 20ms",
     );
-    let r4 = rtts(&a, v4(&b), 7302, 200, MS, 50 * MS);
+    let r4 = rtts_app(&a, v4(&b), 7302, 200, MS, 50 * MS);
     assert_eq!(r4.lost(), 0);
     let p50 = quantile(&r4.received(), 0.5);
     assert!(
@@ -681,7 +746,7 @@ fn delay_both_directions_composes_with_loss() {
     let _e = echo(&b, 7307);
     let ip = v4(&b);
     let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline(&a, ip, 7307);
+    let base = baseline_app(&a, ip, 7307);
     let d = c.fault(fault_on(
         &a,
         "both",
@@ -696,7 +761,7 @@ fn delay_both_directions_composes_with_loss() {
         json!({"type": "loss", "percent": 30}),
         "60s",
     ));
-    let r = rtts(&a, ip, 7307, 1000, MS, 150 * MS);
+    let r = rtts_app(&a, ip, 7307, 1000, MS, 150 * MS);
     let n = r.rtt.len() as f64;
     let lost = r.lost() as f64;
     let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
