@@ -91,21 +91,19 @@ fn rtts(
     gap: Duration,
     linger: Duration,
 ) -> Rtts {
-    rtts_stamped(from, to_ip, port, count, gap, linger, true)
+    rtts_stamped(from, to_ip, port, count, gap, linger, Clock::Kernel)
 }
 
-/// `rtts` timed by the receiving thread instead of the kernel's receive
-/// stamp: for faults that delay the pinging pod's own ingress, because the
-/// stamp is taken when the echo reaches the interface, before the delay.
-fn rtts_app(
-    from: &Pod,
-    to_ip: IpAddr,
-    port: u16,
-    count: usize,
-    gap: Duration,
-    linger: Duration,
-) -> Rtts {
-    rtts_stamped(from, to_ip, port, count, gap, linger, false)
+/// Where an echo's arrival time comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum Clock {
+    /// The kernel's receive stamp (`SO_TIMESTAMPNS`): a late-waking test
+    /// thread is not counted as delay.
+    Kernel,
+    /// The receiving thread's clock: for faults that delay the pinging pod's
+    /// own ingress, because the kernel's stamp is taken when the echo
+    /// reaches the interface, before the delay.
+    App,
 }
 
 fn rtts_stamped(
@@ -115,7 +113,7 @@ fn rtts_stamped(
     count: usize,
     gap: Duration,
     linger: Duration,
-    kernel_stamps: bool,
+    clock: Clock,
 ) -> Rtts {
     let any: IpAddr = if to_ip.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
@@ -136,7 +134,8 @@ fn rtts_stamped(
     // as delay: what is measured is when the echo reached the client socket.
     use nix::sys::socket::{setsockopt, sockopt, ControlMessageOwned, MsgFlags};
     use std::os::fd::AsRawFd;
-    setsockopt(&rx, sockopt::ReceiveTimestampns, &kernel_stamps).expect("SO_TIMESTAMPNS");
+    setsockopt(&rx, sockopt::ReceiveTimestampns, &(clock == Clock::Kernel))
+        .expect("SO_TIMESTAMPNS");
     let start_wall = std::time::SystemTime::now();
     let start = Instant::now();
     let receiver = std::thread::spawn(move || {
@@ -209,14 +208,11 @@ fn rtts_stamped(
 
 /// Baseline median RTT between the pods, without any fault.
 fn baseline(a: &Pod, ip: IpAddr, port: u16) -> Duration {
-    let r = rtts(a, ip, port, 200, MS / 2, 50 * MS);
-    assert_eq!(r.lost(), 0, "baseline pings lost");
-    quantile(&r.received(), 0.5)
+    baseline_by(a, ip, port, Clock::Kernel)
 }
 
-/// `baseline` measured as `rtts_app` measures.
-fn baseline_app(a: &Pod, ip: IpAddr, port: u16) -> Duration {
-    let r = rtts_app(a, ip, port, 200, MS / 2, 50 * MS);
+fn baseline_by(a: &Pod, ip: IpAddr, port: u16, clock: Clock) -> Duration {
+    let r = rtts_stamped(a, ip, port, 200, MS / 2, 50 * MS, clock);
     assert_eq!(r.lost(), 0, "baseline pings lost");
     quantile(&r.received(), 0.5)
 }
@@ -327,8 +323,8 @@ fn ingress_delay_ipv6_selected() {
     let a = c.pod("a");
     let b = c.pod("b");
     let _e = echo(&b, 7302);
-    let base6 = baseline_app(&a, v6(&b), 7302);
-    let base4 = baseline_app(&a, v4(&b), 7302);
+    let base6 = baseline_by(&a, v6(&b), 7302, Clock::App);
+    let base4 = baseline_by(&a, v4(&b), 7302, Clock::App);
     let id = c.fault(fault_on(
         &a,
         "ingress",
@@ -337,12 +333,12 @@ fn ingress_delay_ipv6_selected() {
         "60s",
     ));
     assert_fixed_delay(
-        || rtts_app(&a, v6(&b), 7302, 400, MS, 150 * MS),
+        || rtts_stamped(&a, v6(&b), 7302, 400, MS, 150 * MS, Clock::App),
         base6,
         20 * MS,
         "ingress ipv6 20ms",
     );
-    let r4 = rtts_app(&a, v4(&b), 7302, 200, MS, 50 * MS);
+    let r4 = rtts_stamped(&a, v4(&b), 7302, 200, MS, 50 * MS, Clock::App);
     assert_eq!(r4.lost(), 0);
     let p50 = quantile(&r4.received(), 0.5);
     assert!(
@@ -746,7 +742,7 @@ fn delay_both_directions_composes_with_loss() {
     let _e = echo(&b, 7307);
     let ip = v4(&b);
     let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline_app(&a, ip, 7307);
+    let base = baseline_by(&a, ip, 7307, Clock::App);
     let d = c.fault(fault_on(
         &a,
         "both",
@@ -761,7 +757,7 @@ fn delay_both_directions_composes_with_loss() {
         json!({"type": "loss", "percent": 30}),
         "60s",
     ));
-    let r = rtts_app(&a, ip, 7307, 1000, MS, 150 * MS);
+    let r = rtts_stamped(&a, ip, 7307, 1000, MS, 150 * MS, Clock::App);
     let n = r.rtt.len() as f64;
     let lost = r.lost() as f64;
     let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
