@@ -22,6 +22,8 @@ struct Row {
     sent: u64,
     received: u64,
     expected: String,
+    /// Median one-way latency of the received datagrams, in ms.
+    latency_ms: f64,
     counters: String,
 }
 
@@ -47,12 +49,18 @@ fn measure(
     if p.send_errors > 0 {
         bail!("{scenario}: the sender saw {} send errors", p.send_errors);
     }
+    let mut lat: Vec<Duration> = p.latencies.clone();
+    lat.sort();
+    let latency_ms = lat
+        .get(lat.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     rows.push(Row {
         scenario: scenario.to_string(),
         flow: format!("{} -> {}:{port}/udp", from.name, to.name),
         sent: p.sent,
         received: p.received,
         expected: expected.to_string(),
+        latency_ms,
         counters: fault.map_or_else(|| "-".to_string(), |id| counters(client, id)),
     });
     Ok(())
@@ -60,6 +68,10 @@ fn measure(
 
 fn counters(client: &netfault_api::Client, id: &str) -> String {
     match client.call("GET", &format!("/v1/faults/{id}"), None) {
+        Ok(f) if f["backend"] == "nfqueue" => format!(
+            "matched {} delayed {}",
+            f["counters"]["matched"], f["counters"]["affected"]
+        ),
         Ok(f) => format!(
             "matched {} dropped {}",
             f["counters"]["matched"], f["counters"]["dropped"]
@@ -150,6 +162,46 @@ fn main() -> Result<()> {
     )?;
     client.call("DELETE", &format!("/v1/faults/{loss_id}"), None)?;
 
+    // Delay without sch_netem: the NFQUEUE delay engine, composed with loss.
+    let delay = client.call(
+        "POST",
+        "/v1/faults",
+        Some(
+            &json!({"target": {"sandbox": web.container_id}, "direction": "egress",
+            "match": {"protocol": "udp", "ports": "8080"},
+            "action": {"type": "delay", "latency": "50ms"}, "duration": "60s"}),
+        ),
+    )?;
+    let delay_id = delay["id"].as_str().unwrap_or_default().to_string();
+    measure(
+        &mut rows,
+        c,
+        "50 ms egress delay on web",
+        (&web, &api, 8080),
+        "0% loss, latency +50 ms",
+        Some(&delay_id),
+    )?;
+    let loss = client.call(
+        "POST",
+        "/v1/faults",
+        Some(
+            &json!({"target": {"sandbox": web.container_id}, "direction": "egress",
+            "match": {"protocol": "udp", "ports": "8080"},
+            "action": {"type": "loss", "percent": 10}, "duration": "60s"}),
+        ),
+    )?;
+    let loss_id = loss["id"].as_str().unwrap_or_default().to_string();
+    measure(
+        &mut rows,
+        c,
+        "delay 50 ms + loss 10%",
+        (&web, &api, 8080),
+        "10% loss, latency +50 ms",
+        Some(&loss_id),
+    )?;
+    client.call("DELETE", &format!("/v1/faults/{loss_id}"), None)?;
+    client.call("DELETE", &format!("/v1/faults/{delay_id}"), None)?;
+
     let bh = client.call(
         "POST",
         "/v1/faults",
@@ -185,8 +237,8 @@ fn main() -> Result<()> {
     )?;
     println!();
     println!(
-        "{:<26} {:<22} {:>6} {:>8} {:>9}  {:<36} AGENT COUNTERS",
-        "SCENARIO", "FLOW", "SENT", "RECEIVED", "LOSS", "EXPECTED"
+        "{:<26} {:<22} {:>6} {:>8} {:>9} {:>10}  {:<36} AGENT COUNTERS",
+        "SCENARIO", "FLOW", "SENT", "RECEIVED", "LOSS", "LATENCY", "EXPECTED"
     );
     for r in &rows {
         let loss = if r.sent == 0 {
@@ -194,13 +246,18 @@ fn main() -> Result<()> {
         } else {
             100.0 * (r.sent - r.received) as f64 / r.sent as f64
         };
+        let latency = if r.latency_ms.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2} ms", r.latency_ms)
+        };
         println!(
-            "{:<26} {:<22} {:>6} {:>8} {:>8.1}%  {:<36} {}",
-            r.scenario, r.flow, r.sent, r.received, loss, r.expected, r.counters
+            "{:<26} {:<22} {:>6} {:>8} {:>8.1}% {:>10}  {:<36} {}",
+            r.scenario, r.flow, r.sent, r.received, loss, latency, r.expected, r.counters
         );
     }
     println!();
-    println!("Loss was measured by the receiving pod's socket; the senders saw no errors (silent loss, as on a real network).");
+    println!("Loss and latency (median one-way) were measured by the receiving pod's socket; the senders saw no errors (silent loss, as on a real network).");
 
     for pod in [&web, &api, &flaky] {
         node.del_pod(pod)?;
