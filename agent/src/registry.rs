@@ -733,8 +733,16 @@ impl Registry {
         if spec.target.is_none() {
             spec.target = Some(Target::Sandbox(sandbox.to_string()));
         }
-        if spec.action.backend() == Backend::DelayQueue {
-            return self.install_delay(inner, &sb, spec);
+        match spec.action.backend() {
+            Backend::DelayQueue => return self.install_delay(inner, &sb, spec),
+            Backend::Proxy => return Err(AgentError::Invalid(FieldError::unsupported(
+                "action.type",
+                &format!(
+                    "action {:?} needs the transparent proxy, which this agent does not serve yet",
+                    spec.action.type_name()
+                ),
+            ))),
+            _ => {}
         }
         let used: HashSet<u32> = inner
             .state

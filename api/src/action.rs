@@ -5,6 +5,7 @@
 //! transparent proxy) is the agent's business; [`Action::backend`] only names
 //! the one that owns it, so the agent can say when it is unavailable.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -51,6 +52,8 @@ pub enum Backend {
     Ebpf,
     /// nft diversion to NFQUEUE and the agent's delay engine.
     DelayQueue,
+    /// nft TPROXY diversion to the agent's transparent L4/L7 proxy.
+    Proxy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,20 +93,13 @@ pub enum Action {
         bits_per_sec: u64,
         burst_bytes: Option<u64>,
     },
+    /// An HTTP or TCP fault served by the transparent proxy
+    /// ([`Backend::Proxy`]) on the connections to `match.ports`.
+    Proxy(ProxyAction),
 }
 
-/// L4/L7 action types in the contract that a later release implements.
-const PLANNED_ACTIONS: &[&str] = &[
-    "http-abort",
-    "http-delay",
-    "http-replace",
-    "http-patch",
-    "tcp-reset",
-    "tcp-slow-close",
-    "tcp-bandwidth",
-];
-
-const SUPPORTED: &str = "loss, blackhole, delay, reorder, corrupt, duplicate, rate";
+const SUPPORTED: &str = "loss, blackhole, delay, reorder, corrupt, duplicate, rate, \
+    http-abort, http-delay, http-replace, http-patch, tcp-reset, tcp-slow-close, tcp-bandwidth";
 
 impl Action {
     pub fn type_name(&self) -> &'static str {
@@ -115,12 +111,14 @@ impl Action {
             Action::Corrupt { .. } => "corrupt",
             Action::Duplicate { .. } => "duplicate",
             Action::Rate { .. } => "rate",
+            Action::Proxy(p) => p.type_name(),
         }
     }
 
     pub fn backend(&self) -> Backend {
         match self {
             Action::Delay { .. } | Action::Reorder { .. } => Backend::DelayQueue,
+            Action::Proxy(_) => Backend::Proxy,
             _ => Backend::Ebpf,
         }
     }
@@ -181,6 +179,7 @@ impl Action {
                 }
                 v
             }
+            Action::Proxy(p) => p.to_json(),
         }
     }
 }
@@ -470,14 +469,750 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                 burst_bytes,
             })
         }
-        t if PLANNED_ACTIONS.contains(&t) => Err(FieldError::unsupported(
-            "action.type",
-            &format!("action {t:?} is not supported by this agent yet; supported: {SUPPORTED}"),
-        )),
+        "http-abort" | "http-delay" | "http-replace" | "http-patch" | "tcp-reset"
+        | "tcp-slow-close" | "tcp-bandwidth" => parse_proxy_action(ty, m).map(Action::Proxy),
         t => Err(FieldError::invalid(
             "action.type",
             &format!("unknown action {t:?}; supported: {SUPPORTED}"),
         )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Proxy actions: HTTP and TCP faults served by the transparent proxy.
+// ---------------------------------------------------------------------------
+
+/// Which half of an HTTP exchange an action acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Before the request is forwarded to the server.
+    #[default]
+    Request,
+    /// Before the server's response is returned to the client.
+    Response,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Response => "response",
+        }
+    }
+}
+
+/// Which HTTP requests an `http-*` action applies to. Absent fields match
+/// every request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpSelector {
+    /// A glob on the request path (without the query): `*` matches any run of
+    /// characters including `/`, `?` exactly one character.
+    pub path: Option<String>,
+    /// The request method, upper-cased; matched case-insensitively.
+    pub method: Option<String>,
+    /// Headers that must be present with exactly these values. Names are
+    /// lower-cased.
+    pub headers: BTreeMap<String, String>,
+    /// The response status (response-phase actions only).
+    pub code: Option<u16>,
+}
+
+impl HttpSelector {
+    pub fn is_empty(&self) -> bool {
+        self.path.is_none()
+            && self.method.is_none()
+            && self.headers.is_empty()
+            && self.code.is_none()
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(p) = &self.path {
+            m.insert("path".into(), json!(p));
+        }
+        if let Some(x) = &self.method {
+            m.insert("method".into(), json!(x));
+        }
+        if !self.headers.is_empty() {
+            m.insert("headers".into(), json!(self.headers));
+        }
+        if let Some(c) = self.code {
+            m.insert("code".into(), json!(c));
+        }
+        Value::Object(m)
+    }
+}
+
+/// What an `http-abort` answers instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpAbort {
+    /// Reply with this status (and body, else a short text one). gRPC
+    /// requests get HTTP 200 with the matching `grpc-status`.
+    Status { status: u16, body: Option<String> },
+    /// Close without a reply: a TCP reset on HTTP/1, `RST_STREAM` on HTTP/2.
+    Reset,
+}
+
+/// The HTTP faults.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HttpFault {
+    Abort(HttpAbort),
+    Delay {
+        delay: Duration,
+        phase: Phase,
+    },
+    /// Replaces what is given; `path` and `method` only in the request phase,
+    /// `status` only in the response phase. `headers` overwrite.
+    Replace {
+        phase: Phase,
+        status: Option<u16>,
+        headers: BTreeMap<String, String>,
+        body: Option<String>,
+        path: Option<String>,
+        method: Option<String>,
+    },
+    /// Adds `headers` and `query` parameters (request phase only), and
+    /// applies `body_merge` as an RFC 7396 merge patch to JSON bodies.
+    Patch {
+        phase: Phase,
+        headers: BTreeMap<String, String>,
+        query: BTreeMap<String, String>,
+        body_merge: Option<Value>,
+    },
+}
+
+impl HttpFault {
+    /// The phase the fault acts in (aborts act on requests).
+    pub fn phase(&self) -> Phase {
+        match self {
+            HttpFault::Abort(_) => Phase::Request,
+            HttpFault::Delay { phase, .. }
+            | HttpFault::Replace { phase, .. }
+            | HttpFault::Patch { phase, .. } => *phase,
+        }
+    }
+}
+
+/// When a `tcp-reset` resets a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetAfter {
+    /// This long after the connection was accepted.
+    Time(Duration),
+    /// Once this many bytes have passed, both directions counted.
+    Bytes(u64),
+}
+
+/// The TCP faults; they act on whole connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpFault {
+    /// Reset the client's connection (RST) and close the server's.
+    Reset { after: ResetAfter },
+    /// When one side closes, wait `delay` before passing the FIN on.
+    SlowClose { delay: Duration },
+    /// Throttle each direction of each connection to `bits_per_sec`.
+    Bandwidth { bits_per_sec: u64 },
+}
+
+/// An action of the transparent proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProxyAction {
+    /// Acts on `percent` of the requests that `selector` matches.
+    Http {
+        fault: HttpFault,
+        selector: HttpSelector,
+        percent: f64,
+    },
+    /// Acts on `percent` of the matching connections.
+    Tcp { fault: TcpFault, percent: f64 },
+}
+
+impl ProxyAction {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ProxyAction::Http { fault, .. } => match fault {
+                HttpFault::Abort(_) => "http-abort",
+                HttpFault::Delay { .. } => "http-delay",
+                HttpFault::Replace { .. } => "http-replace",
+                HttpFault::Patch { .. } => "http-patch",
+            },
+            ProxyAction::Tcp { fault, .. } => match fault {
+                TcpFault::Reset { .. } => "tcp-reset",
+                TcpFault::SlowClose { .. } => "tcp-slow-close",
+                TcpFault::Bandwidth { .. } => "tcp-bandwidth",
+            },
+        }
+    }
+
+    /// The canonical JSON form.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"type": self.type_name()});
+        match self {
+            ProxyAction::Http {
+                fault,
+                selector,
+                percent,
+            } => {
+                if !selector.is_empty() {
+                    v["http"] = selector.to_json();
+                }
+                v["percent"] = json!(percent);
+                match fault {
+                    HttpFault::Abort(HttpAbort::Reset) => v["reset"] = json!(true),
+                    HttpFault::Abort(HttpAbort::Status { status, body }) => {
+                        v["status"] = json!(status);
+                        if let Some(b) = body {
+                            v["body"] = json!(b);
+                        }
+                    }
+                    HttpFault::Delay { delay, phase } => {
+                        v["delay"] = json!(fmt_duration(*delay));
+                        v["phase"] = json!(phase.as_str());
+                    }
+                    HttpFault::Replace {
+                        phase,
+                        status,
+                        headers,
+                        body,
+                        path,
+                        method,
+                    } => {
+                        v["phase"] = json!(phase.as_str());
+                        if let Some(s) = status {
+                            v["status"] = json!(s);
+                        }
+                        if !headers.is_empty() {
+                            v["headers"] = json!(headers);
+                        }
+                        if let Some(b) = body {
+                            v["body"] = json!(b);
+                        }
+                        if let Some(p) = path {
+                            v["path"] = json!(p);
+                        }
+                        if let Some(m) = method {
+                            v["method"] = json!(m);
+                        }
+                    }
+                    HttpFault::Patch {
+                        phase,
+                        headers,
+                        query,
+                        body_merge,
+                    } => {
+                        v["phase"] = json!(phase.as_str());
+                        if !headers.is_empty() {
+                            v["headers"] = json!(headers);
+                        }
+                        if !query.is_empty() {
+                            v["query"] = json!(query);
+                        }
+                        if let Some(b) = body_merge {
+                            v["body_merge"] = b.clone();
+                        }
+                    }
+                }
+            }
+            ProxyAction::Tcp { fault, percent } => {
+                v["percent"] = json!(percent);
+                match fault {
+                    TcpFault::Reset {
+                        after: ResetAfter::Time(d),
+                    } => v["after"] = json!(fmt_duration(*d)),
+                    TcpFault::Reset {
+                        after: ResetAfter::Bytes(n),
+                    } => v["after_bytes"] = json!(n),
+                    TcpFault::SlowClose { delay } => v["delay"] = json!(fmt_duration(*delay)),
+                    TcpFault::Bandwidth { bits_per_sec } => {
+                        v["rate"] = json!(format!("{bits_per_sec}bit"))
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Longest `http-delay` or `tcp-slow-close` delay.
+pub const MAX_PROXY_DELAY: Duration = Duration::from_secs(600);
+/// Largest `body` or `body_merge`, serialized.
+pub const MAX_PROXY_BODY: usize = 1 << 20;
+
+/// A header name or method: an RFC 9110 token.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A header value: no control characters other than tab.
+fn is_header_value(s: &str) -> bool {
+    s.chars().all(|c| c == '\t' || !c.is_control())
+}
+
+/// Headers the proxy sets itself (message framing and the connection), so
+/// a fault may not.
+const FRAMING_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
+
+fn opt_str<'a>(
+    m: &'a Map<String, Value>,
+    key: &str,
+    prefix: &str,
+) -> Result<Option<&'a str>, FieldError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+        Some(Value::String(_)) => Err(FieldError::invalid(
+            &format!("{prefix}.{key}"),
+            "must not be empty",
+        )),
+        Some(_) => Err(FieldError::invalid(
+            &format!("{prefix}.{key}"),
+            "must be a string",
+        )),
+    }
+}
+
+/// A map of header names to values; names are lower-cased. `framing`
+/// rejects the headers the proxy owns.
+fn parse_headers(
+    v: &Value,
+    field: &str,
+    framing: bool,
+) -> Result<BTreeMap<String, String>, FieldError> {
+    let m = v
+        .as_object()
+        .ok_or_else(|| FieldError::invalid(field, "must be an object of header names to values"))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        let f = format!("{field}.{k}");
+        if !is_token(k) {
+            return Err(FieldError::invalid(&f, "invalid header name"));
+        }
+        let name = k.to_ascii_lowercase();
+        if framing && FRAMING_HEADERS.contains(&name.as_str()) {
+            return Err(FieldError::invalid(
+                &f,
+                "the proxy sets message framing and connection headers itself",
+            ));
+        }
+        let value = v
+            .as_str()
+            .ok_or_else(|| FieldError::invalid(&f, "must be a string"))?;
+        if !is_header_value(value) {
+            return Err(FieldError::invalid(
+                &f,
+                "header values cannot hold control characters",
+            ));
+        }
+        if out.insert(name, value.to_string()).is_some() {
+            return Err(FieldError::invalid(
+                &f,
+                "the same header is given twice (names are case-insensitive)",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// A status code in `range`.
+fn parse_status(v: &Value, field: &str, lo: u16) -> Result<u16, FieldError> {
+    v.as_u64()
+        .filter(|s| (u64::from(lo)..=599).contains(s))
+        .map(|s| s as u16)
+        .ok_or_else(|| {
+            FieldError::invalid(
+                field,
+                &if lo == 100 {
+                    "must be an HTTP status from 100 to 599".to_string()
+                } else {
+                    format!(
+                        "must be an HTTP status from {lo} to 599 (a 1xx is not a final response)"
+                    )
+                },
+            )
+        })
+}
+
+fn parse_method(s: &str, field: &str) -> Result<String, FieldError> {
+    if !is_token(s) {
+        return Err(FieldError::invalid(
+            field,
+            &format!("invalid HTTP method {s:?}"),
+        ));
+    }
+    Ok(s.to_ascii_uppercase())
+}
+
+fn parse_selector(v: &Value) -> Result<HttpSelector, FieldError> {
+    let m = v
+        .as_object()
+        .ok_or_else(|| FieldError::invalid("action.http", "must be an object"))?;
+    for k in m.keys() {
+        if !["path", "method", "headers", "code"].contains(&k.as_str()) {
+            return Err(FieldError::invalid(
+                &format!("action.http.{k}"),
+                "unknown field; expected one of: path, method, headers, code",
+            ));
+        }
+    }
+    let path = match opt_str(m, "path", "action.http")? {
+        None => None,
+        Some(p) => {
+            if !(p.starts_with('/') || p.starts_with('*')) {
+                return Err(FieldError::invalid(
+                    "action.http.path",
+                    "a path glob starts with / or *",
+                ));
+            }
+            if p.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+            {
+                return Err(FieldError::invalid(
+                    "action.http.path",
+                    "a path glob cannot hold whitespace, control characters or #",
+                ));
+            }
+            if p.contains('?') && p.split_once('?').is_some_and(|(_, q)| q.contains('=')) {
+                return Err(FieldError::invalid(
+                    "action.http.path",
+                    "the glob matches the path only; ? matches one character, not a query",
+                ));
+            }
+            Some(p.to_string())
+        }
+    };
+    let method = opt_str(m, "method", "action.http")?
+        .map(|s| parse_method(s, "action.http.method"))
+        .transpose()?;
+    let headers = match m.get("headers") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(h) => parse_headers(h, "action.http.headers", false)?,
+    };
+    let code = match m.get("code") {
+        None | Some(Value::Null) => None,
+        Some(c) => Some(parse_status(c, "action.http.code", 100)?),
+    };
+    Ok(HttpSelector {
+        path,
+        method,
+        headers,
+        code,
+    })
+}
+
+fn parse_phase(m: &Map<String, Value>) -> Result<Phase, FieldError> {
+    match m.get("phase") {
+        None | Some(Value::Null) => Ok(Phase::Request),
+        Some(p) => match p.as_str() {
+            Some("request") => Ok(Phase::Request),
+            Some("response") => Ok(Phase::Response),
+            _ => Err(FieldError::invalid(
+                "action.phase",
+                "expected request or response",
+            )),
+        },
+    }
+}
+
+fn proxy_delay(m: &Map<String, Value>, key: &str) -> Result<Duration, FieldError> {
+    let field = format!("action.{key}");
+    let d = opt_duration(m, key)?.ok_or_else(|| FieldError::missing(&field))?;
+    if d.is_zero() {
+        return Err(FieldError::invalid(&field, "must be greater than zero"));
+    }
+    if d > MAX_PROXY_DELAY {
+        return Err(FieldError::invalid(&field, "must be at most 10m"));
+    }
+    Ok(d)
+}
+
+fn body_string(m: &Map<String, Value>) -> Result<Option<String>, FieldError> {
+    match m.get("body") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_PROXY_BODY => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(FieldError::invalid("action.body", "must be at most 1 MiB")),
+        Some(_) => Err(FieldError::invalid("action.body", "must be a string")),
+    }
+}
+
+/// Parses the proxy's action types (`ty` is one of them).
+fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, FieldError> {
+    const HTTP_COMMON: &[&str] = &["type", "http", "percent"];
+    let known: &[&str] = match ty {
+        "http-abort" => &["status", "reset", "body"],
+        "http-delay" => &["delay", "phase"],
+        "http-replace" => &["phase", "status", "headers", "body", "path", "method"],
+        "http-patch" => &["phase", "headers", "query", "body_merge"],
+        "tcp-reset" => &["after", "after_bytes"],
+        "tcp-slow-close" => &["delay"],
+        _ => &["rate"],
+    };
+    let common: &[&str] = if ty.starts_with("http-") {
+        HTTP_COMMON
+    } else {
+        &["type", "percent"]
+    };
+    let all: Vec<&str> = common.iter().chain(known).copied().collect();
+    reject_unknown(m, &all)?;
+    let percent = opt_percent(m, "percent", 100.0)?;
+    if !ty.starts_with("http-") {
+        let fault = match ty {
+            "tcp-reset" => {
+                let bytes = match m.get("after_bytes") {
+                    None | Some(Value::Null) => None,
+                    Some(b) => Some(b.as_u64().ok_or_else(|| {
+                        FieldError::invalid("action.after_bytes", "must be a whole number of bytes")
+                    })?),
+                };
+                let after = match (opt_duration(m, "after")?, bytes) {
+                    (Some(_), Some(_)) => {
+                        return Err(FieldError::invalid(
+                            "action.after_bytes",
+                            "give after or after_bytes, not both",
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(FieldError {
+                            code: "missing".into(),
+                            field: "action.after".into(),
+                            message: "give after (a duration) or after_bytes".into(),
+                        })
+                    }
+                    (Some(d), None) if d > Duration::from_secs(24 * 3600) => {
+                        return Err(FieldError::invalid("action.after", "must be at most 24h"))
+                    }
+                    (Some(d), None) => ResetAfter::Time(d),
+                    (None, Some(n)) => ResetAfter::Bytes(n),
+                };
+                TcpFault::Reset { after }
+            }
+            "tcp-slow-close" => TcpFault::SlowClose {
+                delay: proxy_delay(m, "delay")?,
+            },
+            _ => TcpFault::Bandwidth {
+                bits_per_sec: parse_rate(
+                    m.get("rate")
+                        .ok_or_else(|| FieldError::missing("action.rate"))?,
+                    "action.rate",
+                )?,
+            },
+        };
+        return Ok(ProxyAction::Tcp { fault, percent });
+    }
+
+    let selector = match m.get("http") {
+        None | Some(Value::Null) => HttpSelector::default(),
+        Some(v) => parse_selector(v)?,
+    };
+    let fault = match ty {
+        "http-abort" => {
+            let reset = match m.get("reset") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(FieldError::invalid("action.reset", "must be true or false"))
+                }
+            };
+            let status = m.get("status").filter(|s| !s.is_null());
+            let body = body_string(m)?;
+            match (status, reset) {
+                (Some(_), true) => {
+                    return Err(FieldError::invalid(
+                        "action.reset",
+                        "give status or reset, not both",
+                    ))
+                }
+                (None, false) => {
+                    return Err(FieldError {
+                        code: "missing".into(),
+                        field: "action.status".into(),
+                        message: "give status (the reply), or \"reset\": true".into(),
+                    })
+                }
+                (None, true) if body.is_some() => {
+                    return Err(FieldError::invalid(
+                        "action.body",
+                        "a reset sends no reply, so no body",
+                    ))
+                }
+                (None, true) => HttpFault::Abort(HttpAbort::Reset),
+                (Some(s), false) => HttpFault::Abort(HttpAbort::Status {
+                    status: parse_status(s, "action.status", 200)?,
+                    body,
+                }),
+            }
+        }
+        "http-delay" => HttpFault::Delay {
+            delay: proxy_delay(m, "delay")?,
+            phase: parse_phase(m)?,
+        },
+        "http-replace" => {
+            let phase = parse_phase(m)?;
+            let status = match m.get("status") {
+                None | Some(Value::Null) => None,
+                Some(s) => Some(parse_status(s, "action.status", 200)?),
+            };
+            let headers = match m.get("headers") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(h) => parse_headers(h, "action.headers", true)?,
+            };
+            let body = body_string(m)?;
+            let path = match opt_str(m, "path", "action")? {
+                None => None,
+                Some(p) => {
+                    if !p.starts_with('/') {
+                        return Err(FieldError::invalid("action.path", "must start with /"));
+                    }
+                    if !p.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+                        return Err(FieldError::invalid(
+                            "action.path",
+                            "must be a percent-encoded path (and optional ?query) without spaces or #",
+                        ));
+                    }
+                    Some(p.to_string())
+                }
+            };
+            let method = opt_str(m, "method", "action")?
+                .map(|s| parse_method(s, "action.method"))
+                .transpose()?;
+            match phase {
+                Phase::Request if status.is_some() => {
+                    return Err(FieldError::invalid(
+                        "action.status",
+                        "a status is replaced in the response phase; set \"phase\": \"response\"",
+                    ))
+                }
+                Phase::Response if path.is_some() => {
+                    return Err(FieldError::invalid(
+                        "action.path",
+                        "the path is replaced in the request phase only",
+                    ))
+                }
+                Phase::Response if method.is_some() => {
+                    return Err(FieldError::invalid(
+                        "action.method",
+                        "the method is replaced in the request phase only",
+                    ))
+                }
+                _ => {}
+            }
+            if status.is_none()
+                && headers.is_empty()
+                && body.is_none()
+                && path.is_none()
+                && method.is_none()
+            {
+                return Err(FieldError::invalid(
+                    "action",
+                    "http-replace needs at least one of: status, headers, body, path, method",
+                ));
+            }
+            HttpFault::Replace {
+                phase,
+                status,
+                headers,
+                body,
+                path,
+                method,
+            }
+        }
+        _ => {
+            let phase = parse_phase(m)?;
+            let headers = match m.get("headers") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(h) => parse_headers(h, "action.headers", true)?,
+            };
+            let query = match m.get("query") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(q) => {
+                    let qm = q.as_object().ok_or_else(|| {
+                        FieldError::invalid("action.query", "must be an object of names to values")
+                    })?;
+                    let mut out = BTreeMap::new();
+                    for (k, v) in qm {
+                        let f = format!("action.query.{k}");
+                        if k.is_empty() {
+                            return Err(FieldError::invalid(
+                                "action.query",
+                                "parameter names must not be empty",
+                            ));
+                        }
+                        let v = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) => n.to_string(),
+                            Value::Bool(b) => b.to_string(),
+                            _ => return Err(FieldError::invalid(&f, "must be a string")),
+                        };
+                        out.insert(k.clone(), v);
+                    }
+                    out
+                }
+            };
+            if phase == Phase::Response && !query.is_empty() {
+                return Err(FieldError::invalid(
+                    "action.query",
+                    "query parameters are added in the request phase only",
+                ));
+            }
+            let body_merge = match m.get("body_merge") {
+                None | Some(Value::Null) => None,
+                Some(b) => {
+                    if b.to_string().len() > MAX_PROXY_BODY {
+                        return Err(FieldError::invalid(
+                            "action.body_merge",
+                            "must be at most 1 MiB",
+                        ));
+                    }
+                    if depth(b) > 64 {
+                        return Err(FieldError::invalid(
+                            "action.body_merge",
+                            "nests deeper than 64 levels",
+                        ));
+                    }
+                    Some(b.clone())
+                }
+            };
+            if headers.is_empty() && query.is_empty() && body_merge.is_none() {
+                return Err(FieldError::invalid(
+                    "action",
+                    "http-patch needs at least one of: headers, query, body_merge",
+                ));
+            }
+            HttpFault::Patch {
+                phase,
+                headers,
+                query,
+                body_merge,
+            }
+        }
+    };
+    if selector.code.is_some() && fault.phase() == Phase::Request {
+        return Err(FieldError::invalid(
+            "action.http.code",
+            "the response code is known in the response phase only; set \"phase\": \"response\"",
+        ));
+    }
+    Ok(ProxyAction::Http {
+        fault,
+        selector,
+        percent,
+    })
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -582,6 +1317,292 @@ mod tests {
             field(json!({"type": "loss", "model": {"r": 5}})),
             "action.model.p"
         );
-        assert_eq!(field(json!({"type": "http-abort"})), "action.type");
+        assert_eq!(field(json!({"type": "http-abort"})), "action.status");
+    }
+
+    #[test]
+    fn every_proxy_action_round_trips() {
+        for v in [
+            json!({"type": "http-abort", "status": 503}),
+            json!({"type": "http-abort", "status": 404, "body": "gone", "percent": 50,
+                "http": {"path": "/api/*", "method": "get", "headers": {"X-User": "bob"}}}),
+            json!({"type": "http-abort", "reset": true}),
+            json!({"type": "http-delay", "delay": "150ms"}),
+            json!({"type": "http-delay", "delay": "1s", "phase": "response", "http": {"code": 500}}),
+            json!({"type": "http-replace", "phase": "response", "status": 500, "body": "x",
+                "headers": {"Content-Type": "text/plain"}}),
+            json!({"type": "http-replace", "path": "/other?x=1", "method": "put"}),
+            json!({"type": "http-patch", "headers": {"x-a": "1"}, "query": {"debug": "1"}}),
+            json!({"type": "http-patch", "phase": "response", "body_merge": {"a": null, "b": [1, 2]}}),
+            json!({"type": "http-patch", "phase": "response", "body_merge": "replaced"}),
+            json!({"type": "tcp-reset", "after": "300ms"}),
+            json!({"type": "tcp-reset", "after_bytes": 4096, "percent": 25}),
+            json!({"type": "tcp-slow-close", "delay": "2s"}),
+            json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
+        ] {
+            let a = parse_action(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(a.backend(), Backend::Proxy, "{v}");
+            assert_eq!(a.type_name(), v["type"].as_str().unwrap_or_default());
+            let again = parse_action(&a.to_json()).expect("canonical form parses");
+            assert_eq!(again, a, "{v}");
+        }
+    }
+
+    #[test]
+    fn proxy_actions_parse_to_their_model() {
+        let a = parse_action(
+            &json!({"type": "http-abort", "status": 503, "percent": "50%",
+            "http": {"path": "/a/*", "method": "post", "headers": {"X-Tenant": "t1"}}}),
+        )
+        .expect("valid");
+        let Action::Proxy(ProxyAction::Http {
+            fault,
+            selector,
+            percent,
+        }) = a
+        else {
+            panic!("not an http action: {a:?}");
+        };
+        assert_eq!(
+            fault,
+            HttpFault::Abort(HttpAbort::Status {
+                status: 503,
+                body: None
+            })
+        );
+        assert_eq!(percent, 50.0);
+        assert_eq!(selector.path.as_deref(), Some("/a/*"));
+        assert_eq!(selector.method.as_deref(), Some("POST"));
+        assert_eq!(
+            selector.headers.get("x-tenant").map(String::as_str),
+            Some("t1")
+        );
+        let Ok(Action::Proxy(ProxyAction::Http { fault, .. })) =
+            parse_action(&json!({"type": "http-delay", "delay": "20ms"}))
+        else {
+            panic!("delay");
+        };
+        assert_eq!(
+            fault,
+            HttpFault::Delay {
+                delay: Duration::from_millis(20),
+                phase: Phase::Request
+            }
+        );
+        assert_eq!(
+            parse_action(&json!({"type": "tcp-bandwidth", "rate": "1mbit"})),
+            Ok(Action::Proxy(ProxyAction::Tcp {
+                fault: TcpFault::Bandwidth {
+                    bits_per_sec: 1_000_000
+                },
+                percent: 100.0
+            }))
+        );
+        assert_eq!(
+            parse_action(&json!({"type": "tcp-reset", "after_bytes": 0})),
+            Ok(Action::Proxy(ProxyAction::Tcp {
+                fault: TcpFault::Reset {
+                    after: ResetAfter::Bytes(0)
+                },
+                percent: 100.0
+            }))
+        );
+    }
+
+    #[test]
+    fn proxy_errors_name_the_field() {
+        for (v, f) in [
+            (json!({"type": "http-abort"}), "action.status"),
+            (json!({"type": "http-abort", "status": 99}), "action.status"),
+            (
+                json!({"type": "http-abort", "status": 600}),
+                "action.status",
+            ),
+            (
+                json!({"type": "http-abort", "status": 101}),
+                "action.status",
+            ),
+            (
+                json!({"type": "http-abort", "status": "503"}),
+                "action.status",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "reset": true}),
+                "action.reset",
+            ),
+            (
+                json!({"type": "http-abort", "reset": "yes"}),
+                "action.reset",
+            ),
+            (
+                json!({"type": "http-abort", "reset": true, "body": "x"}),
+                "action.body",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "body": 5}),
+                "action.body",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "percent": 101}),
+                "action.percent",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "phase": "request"}),
+                "action.phase",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": "/x"}),
+                "action.http",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"path": "x"}}),
+                "action.http.path",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"path": "/a b"}}),
+                "action.http.path",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"path": ""}}),
+                "action.http.path",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"method": "GE T"}}),
+                "action.http.method",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"headers": {"a b": "1"}}}),
+                "action.http.headers.a b",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"headers": {"x": 1}}}),
+                "action.http.headers.x",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"headers": {"x": "a
+b"}}}),
+                "action.http.headers.x",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"code": 500}}),
+                "action.http.code",
+            ),
+            (
+                json!({"type": "http-abort", "status": 503, "http": {"host": "x"}}),
+                "action.http.host",
+            ),
+            (json!({"type": "http-delay"}), "action.delay"),
+            (json!({"type": "http-delay", "delay": "0s"}), "action.delay"),
+            (json!({"type": "http-delay", "delay": "1h"}), "action.delay"),
+            (
+                json!({"type": "http-delay", "delay": "soon"}),
+                "action.delay",
+            ),
+            (
+                json!({"type": "http-delay", "delay": "1s", "phase": "both"}),
+                "action.phase",
+            ),
+            (
+                json!({"type": "http-delay", "delay": "1s", "http": {"code": 42}}),
+                "action.http.code",
+            ),
+            (
+                json!({"type": "http-delay", "delay": "1s", "http": {"code": 500}}),
+                "action.http.code",
+            ),
+            (json!({"type": "http-replace"}), "action"),
+            (
+                json!({"type": "http-replace", "status": 500}),
+                "action.status",
+            ),
+            (
+                json!({"type": "http-replace", "phase": "response", "path": "/x"}),
+                "action.path",
+            ),
+            (
+                json!({"type": "http-replace", "phase": "response", "method": "GET"}),
+                "action.method",
+            ),
+            (json!({"type": "http-replace", "path": "x"}), "action.path"),
+            (
+                json!({"type": "http-replace", "path": "/a b"}),
+                "action.path",
+            ),
+            (
+                json!({"type": "http-replace", "method": "G(T"}),
+                "action.method",
+            ),
+            (
+                json!({"type": "http-replace", "headers": {"content-length": "5"}}),
+                "action.headers.content-length",
+            ),
+            (
+                json!({"type": "http-replace", "headers": {"X-A": "1", "x-a": "2"}}),
+                "action.headers.x-a",
+            ),
+            (
+                json!({"type": "http-replace", "headers": []}),
+                "action.headers",
+            ),
+            (
+                json!({"type": "http-replace", "body": {"a": 1}}),
+                "action.body",
+            ),
+            (json!({"type": "http-patch"}), "action"),
+            (
+                json!({"type": "http-patch", "query": "a=1"}),
+                "action.query",
+            ),
+            (
+                json!({"type": "http-patch", "query": {"a": [1]}}),
+                "action.query.a",
+            ),
+            (
+                json!({"type": "http-patch", "phase": "response", "query": {"a": "1"}}),
+                "action.query",
+            ),
+            (
+                json!({"type": "http-patch", "headers": {"Transfer-Encoding": "chunked"}}),
+                "action.headers.Transfer-Encoding",
+            ),
+            (
+                json!({"type": "http-patch", "body_merge": "x".repeat(MAX_PROXY_BODY + 1)}),
+                "action.body_merge",
+            ),
+            (json!({"type": "http-patch", "body": "x"}), "action.body"),
+            (json!({"type": "tcp-reset"}), "action.after"),
+            (
+                json!({"type": "tcp-reset", "after": "1s", "after_bytes": 10}),
+                "action.after_bytes",
+            ),
+            (
+                json!({"type": "tcp-reset", "after_bytes": -1}),
+                "action.after_bytes",
+            ),
+            (
+                json!({"type": "tcp-reset", "after": "forever"}),
+                "action.after",
+            ),
+            (
+                json!({"type": "tcp-reset", "after": "1s", "http": {}}),
+                "action.http",
+            ),
+            (json!({"type": "tcp-slow-close"}), "action.delay"),
+            (
+                json!({"type": "tcp-slow-close", "delay": "0ms"}),
+                "action.delay",
+            ),
+            (json!({"type": "tcp-bandwidth"}), "action.rate"),
+            (
+                json!({"type": "tcp-bandwidth", "rate": "fast"}),
+                "action.rate",
+            ),
+            (
+                json!({"type": "tcp-bandwidth", "rate": "1mbit", "percent": -1}),
+                "action.percent",
+            ),
+        ] {
+            assert_eq!(field(v.clone()), f, "{v}");
+        }
     }
 }

@@ -344,6 +344,26 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
     })
 }
 
+/// The proxy diverts TCP connections to `match.ports`: it needs the ports.
+fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
+    if m.ports.is_empty() {
+        return Err(FieldError {
+            code: "missing".into(),
+            field: "match.ports".into(),
+            message:
+                "is required for proxy actions: the TCP ports whose connections the proxy serves"
+                    .into(),
+        });
+    }
+    if !matches!(m.protocol, None | Some(Protocol::Tcp) | Some(Protocol::Any)) {
+        return Err(FieldError::invalid(
+            "match.protocol",
+            "proxy actions act on TCP connections; use tcp or any",
+        ));
+    }
+    Ok(())
+}
+
 impl FaultSpec {
     /// Parses and validates one fault. Errors name the offending field.
     pub fn parse(v: &Value, limits: &Limits) -> Result<FaultSpec, FieldError> {
@@ -384,6 +404,9 @@ impl FaultSpec {
             m.get("action")
                 .ok_or_else(|| FieldError::missing("action"))?,
         )?;
+        if action.backend() == Backend::Proxy {
+            check_proxy_match(&r#match)?;
+        }
         let duration = parse_duration(
             m.get("duration")
                 .ok_or_else(|| FieldError::missing("duration"))?,
@@ -636,13 +659,37 @@ mod tests {
     }
 
     #[test]
-    fn planned_actions_are_unsupported_not_unknown() {
-        let e = parse(
-            json!({"target": {"sandbox": "x"}, "action": {"type": "http-abort"}, "duration": "1s"}),
-        )
-        .expect_err("the proxy is not in this release");
-        assert_eq!(e.code, "unsupported");
-        assert_eq!(e.field, "action.type");
+    fn proxy_actions_need_tcp_ports() {
+        let with = |m: Value| {
+            json!({"target": {"sandbox": "x"}, "match": m,
+                "action": {"type": "http-abort", "status": 503}, "duration": "1s"})
+        };
+        let s = parse(with(json!({"ports": "80,8080", "protocol": "tcp"}))).expect("valid");
+        assert_eq!(s.action.backend(), Backend::Proxy);
+        assert_eq!(parse(s.to_json()).expect("canonical form parses"), s);
+        parse(with(
+            json!({"ports": 80, "protocol": "any", "cidr": "fd00::/64"}),
+        ))
+        .expect("valid");
+        let e = parse(with(json!({}))).expect_err("ports are required");
+        assert_eq!(
+            (e.code.as_str(), e.field.as_str()),
+            ("missing", "match.ports")
+        );
+        assert_eq!(
+            field_of(json!({"target": {"sandbox": "x"},
+            "action": {"type": "tcp-reset", "after": "1s"}, "duration": "1s"})),
+            "match.ports"
+        );
+        assert_eq!(
+            field_of(with(json!({"ports": "53", "protocol": "udp"}))),
+            "match.protocol"
+        );
+        assert_eq!(
+            field_of(json!({"target": {"sandbox": "x"}, "match": {"ports": "80"},
+                "action": {"type": "http-abort"}, "duration": "1s"})),
+            "action.status"
+        );
     }
 
     #[test]

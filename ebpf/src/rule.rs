@@ -168,7 +168,7 @@ impl RawRule {
                     .div_ceil(r.bytes_per_sec as u128)
                     .min(u64::MAX as u128) as u64;
             }
-            Action::Delay { .. } | Action::Reorder { .. } => return None,
+            Action::Delay { .. } | Action::Reorder { .. } | Action::Proxy(_) => return None,
         }
         let m = &spec.r#match;
         r.proto = match m.protocol() {

@@ -62,7 +62,20 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
             400,
         ),
         (
-            with(json!({"action": {"type": "http-abort"}})),
+            with(json!({"action": {"type": "http-abort"}, "match": {"ports": "8080"}})),
+            "action.status",
+            400,
+        ),
+        (
+            with(json!({"action": {"type": "http-abort", "status": 503}})),
+            "match.ports",
+            400,
+        ),
+        // Valid, but this agent does not serve proxy faults yet.
+        (
+            with(
+                json!({"action": {"type": "http-abort", "status": 503}, "match": {"ports": "8080"}}),
+            ),
             "action.type",
             422,
         ),

@@ -1,1 +1,264 @@
-//! netfault-tproxy: the transparent L4/L7 fault proxy (work in progress).
+//! netfault-tproxy: the transparent L4/L7 fault proxy.
+//!
+//! The agent accepts diverted connections (TPROXY sockets inside a pod's
+//! network namespace) and hands each one to [`Proxy::serve`] with the real
+//! client address and the original destination. The proxy opens its own
+//! connection to that destination through a [`Connector`] and serves the
+//! connection as HTTP/1.1, HTTP/2 or raw bytes, applying the HTTP and TCP
+//! faults of the [`ProxyRule`]s that match it.
+//!
+//! This crate knows nothing about network namespaces, nftables or marks:
+//! those are the agent's, behind the [`Connector`]. Everything here runs on
+//! loopback in tests.
+//!
+//! What a connection sees:
+//! - Sniffing: the first bytes the client sends decide the protocol. An
+//!   HTTP/1.x request line is served by hyper's HTTP/1 server and forwarded
+//!   on one upstream connection per client connection; the HTTP/2 preface
+//!   (prior knowledge) by hyper's HTTP/2 server and client; anything else
+//!   (TLS, databases, a client that stays silent for [`SNIFF_TIMEOUT`] or a
+//!   server that speaks first) is relayed byte for byte.
+//! - `Upgrade: h2c` is declined (the header is removed, so the server answers
+//!   in HTTP/1.1 and every later request still meets the faults); other
+//!   upgrades (WebSocket) and `CONNECT` are relayed as bytes once the server
+//!   accepts them.
+//! - HTTP rules are read again for every request, so a connection that is
+//!   already open sees new rules on its next request; TCP rules are chosen
+//!   when the connection is accepted.
+//!
+//! Behaviour worth knowing:
+//! - The upstream connection is opened first, before anything is read: a
+//!   refused or failed connect resets the client (what it would see from the
+//!   server), and a server that speaks first is heard at once.
+//! - HTTP/1: one upstream connection per client connection; pipelined
+//!   requests are answered in order (forwarded one at a time). When the
+//!   server closes, the client's connection is closed after the response in
+//!   flight (hyper then marks that response `Connection: close`).
+//! - Rules compose in their order: request-phase faults in order (an abort
+//!   ends the list), then response-phase ones in order. Of several TCP
+//!   faults of one kind, the harshest wins.
+//! - `http-abort` with `reset` resets the whole connection on HTTP/1 and
+//!   only the stream (`RST_STREAM`) on HTTP/2.
+//! - Merge patches buffer at most 16 MiB of a JSON body (`Content-Type`
+//!   JSON or absent, no `Content-Encoding`); larger or non-JSON bodies pass
+//!   unchanged. A patched document is re-serialized, with its object keys
+//!   in sorted order.
+//! - `tcp-bandwidth` throttles each direction of each connection;
+//!   `tcp-reset` counts the bytes of both directions; `tcp-slow-close`
+//!   holds back each FIN (the client's to the server, and ours to the
+//!   client).
+
+mod conn;
+mod error;
+mod glob;
+mod http;
+mod io;
+mod relay;
+mod rules;
+mod sniff;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use netfault_api::spec::{Direction, Match};
+use netfault_api::Action;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+pub use error::ProxyError;
+pub use glob::glob_match;
+
+use rules::CompiledRule;
+
+/// How long the proxy waits for a client's first bytes before it treats the
+/// connection as a protocol where the server speaks first and relays bytes.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Which end of a diverted connection the pod is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Server side: remote clients connect to the pod's server (ingress).
+    Inbound,
+    /// Client side: the pod connects to a remote server (egress).
+    Outbound,
+}
+
+impl Side {
+    /// Whether a fault with `direction` applies to connections on this side.
+    pub fn matches(self, direction: Direction) -> bool {
+        match self {
+            Side::Inbound => direction.includes_ingress(),
+            Side::Outbound => direction.includes_egress(),
+        }
+    }
+}
+
+/// How often a rule matched and acted.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    /// Requests (HTTP actions) or connections (TCP actions) the selector
+    /// matched.
+    pub matched: AtomicU64,
+    /// Of those, the ones the fault acted on (after `percent`).
+    pub affected: AtomicU64,
+    /// Of those, the requests aborted or connections reset.
+    pub dropped: AtomicU64,
+}
+
+impl RuleCounters {
+    pub fn snapshot(&self) -> netfault_api::Counters {
+        netfault_api::Counters {
+            matched: self.matched.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            affected: self.affected.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add_matched(&self) {
+        self.matched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_affected(&self) {
+        self.affected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One proxy fault, as the agent compiles it from a fault spec.
+#[derive(Debug, Clone)]
+pub struct ProxyRule {
+    /// The fault's id, for logs.
+    pub id: String,
+    pub direction: Direction,
+    /// `ports` are the original destination ports; `cidr` the remote end
+    /// (the client on [`Side::Inbound`], the server on [`Side::Outbound`]).
+    pub selector: Match,
+    /// A proxy action ([`Action::Proxy`]); others are ignored with a warning.
+    pub action: Action,
+    /// The rule is ignored from this instant on.
+    pub deadline: Instant,
+    pub counters: Arc<RuleCounters>,
+}
+
+/// Opens the proxy's upstream connections.
+///
+/// The agent's implementation binds to the real client address (transparent
+/// source) on [`Side::Inbound`] and marks the socket so its diversion rules
+/// let it through; tests connect directly.
+pub trait Connector: Send + Sync + 'static {
+    /// Connects to `to` on behalf of the client at `from`.
+    fn connect(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+}
+
+/// A [`Connector`] that connects from an ephemeral local address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirectConnector;
+
+impl Connector for DirectConnector {
+    fn connect(
+        &self,
+        _from: SocketAddr,
+        to: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>> {
+        Box::pin(TcpStream::connect(to))
+    }
+}
+
+pub(crate) struct Shared {
+    connector: Arc<dyn Connector>,
+    rules: RwLock<Arc<[Arc<CompiledRule>]>>,
+}
+
+impl Shared {
+    /// The current rules (a cheap snapshot).
+    pub(crate) fn rules(&self) -> Arc<[Arc<CompiledRule>]> {
+        match self.rules.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The fault proxy. Cheap to clone; clones share rules and connector.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("rules", &self.shared.rules().len())
+            .finish()
+    }
+}
+
+impl Proxy {
+    pub fn new(connector: Arc<dyn Connector>) -> Proxy {
+        Proxy {
+            shared: Arc::new(Shared {
+                connector,
+                rules: RwLock::new(Arc::from(Vec::new())),
+            }),
+        }
+    }
+
+    /// Replaces every rule at once. HTTP requests read the rules when they
+    /// arrive, so connections already open see the new rules on their next
+    /// request; TCP faults are chosen when a connection is accepted.
+    pub fn set_rules(&self, rules: Vec<ProxyRule>) {
+        let compiled: Vec<Arc<CompiledRule>> = rules
+            .into_iter()
+            .filter_map(|r| CompiledRule::compile(r).map(Arc::new))
+            .collect();
+        let compiled: Arc<[Arc<CompiledRule>]> = Arc::from(compiled);
+        match self.shared.rules.write() {
+            Ok(mut w) => *w = compiled,
+            Err(poisoned) => *poisoned.into_inner() = compiled,
+        }
+    }
+
+    /// The number of rules set (expired ones included).
+    pub fn rule_count(&self) -> usize {
+        self.shared.rules().len()
+    }
+
+    /// Serves one diverted connection until both ends are done. `peer` is
+    /// the client's address, `orig_dst` where it meant to connect. Never
+    /// panics; errors are logged.
+    pub async fn serve(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        side: Side,
+    ) {
+        let span = tracing::debug_span!("proxy", %peer, %orig_dst, ?side);
+        let conn = conn::Connection {
+            shared: self.shared.clone(),
+            peer,
+            orig_dst,
+            side,
+        };
+        match conn.serve(client).instrument(span.clone()).await {
+            Ok(()) => {}
+            Err(e) if e.is_expected() => {
+                span.in_scope(|| tracing::debug!(error = %e, "connection ended"));
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "connection failed"));
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! One diverted connection from accept to close: choose its TCP faults,
+//! connect upstream, sniff the protocol, serve it, and enforce `tcp-reset`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use netfault_api::action::{ResetAfter, TcpFault};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::http::{self, HttpCtx};
+use crate::io::{rst_on_close, ClientIo, ConnControl, Prefixed, TcpPlan};
+use crate::rules::{roll, CompiledRule, RuleKind};
+use crate::sniff::{self, Protocol};
+use crate::{relay, Shared, Side, SNIFF_TIMEOUT};
+
+pub(crate) struct Connection {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub side: Side,
+}
+
+impl Connection {
+    /// The TCP faults for this connection. Of several faults of one kind
+    /// the harshest wins: the earliest reset, the lowest rate, the longest
+    /// close delay.
+    fn tcp_plan(&self, rules: &[Arc<CompiledRule>], now: Instant) -> TcpPlan {
+        let mut plan = TcpPlan::default();
+        for r in rules {
+            let RuleKind::Tcp { fault, percent } = &r.kind else {
+                continue;
+            };
+            if !r.applies_to(self.side, self.peer, self.orig_dst, now) {
+                continue;
+            }
+            let counters = &r.rule.counters;
+            counters.add_matched();
+            if !roll(*percent) {
+                continue;
+            }
+            match *fault {
+                TcpFault::Reset {
+                    after: ResetAfter::Time(d),
+                } => {
+                    if plan.reset_after_time.as_ref().is_none_or(|(t, _)| d < *t) {
+                        plan.reset_after_time = Some((d, counters.clone()));
+                    }
+                }
+                TcpFault::Reset {
+                    after: ResetAfter::Bytes(n),
+                } => {
+                    if plan.reset_after_bytes.as_ref().is_none_or(|(b, _)| n < *b) {
+                        plan.reset_after_bytes = Some((n, counters.clone()));
+                    }
+                }
+                TcpFault::SlowClose { delay } => {
+                    counters.add_affected();
+                    plan.slow_close = Some(plan.slow_close.map_or(delay, |d| d.max(delay)));
+                }
+                TcpFault::Bandwidth { bits_per_sec } => {
+                    counters.add_affected();
+                    let bytes = (bits_per_sec / 8).max(1);
+                    plan.bytes_per_sec = Some(plan.bytes_per_sec.map_or(bytes, |b| b.min(bytes)));
+                }
+            }
+        }
+        plan
+    }
+
+    pub(crate) async fn serve(self, client: TcpStream) -> Result<(), ProxyError> {
+        if let Err(e) = client.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY on the client connection");
+        }
+        let rules = self.shared.rules();
+        let plan = self.tcp_plan(&rules, Instant::now());
+        drop(rules);
+        let ctrl = Arc::new(ConnControl::default());
+        if let Some((0, counters)) = &plan.reset_after_bytes {
+            counters.add_affected();
+            counters.add_dropped();
+            rst_on_close(&client);
+            return Err(ProxyError::FaultReset);
+        }
+        let timer = plan.reset_after_time.clone();
+        let reset_timer = {
+            let ctrl = ctrl.clone();
+            async move {
+                match timer {
+                    Some((d, counters)) => {
+                        tokio::time::sleep(d).await;
+                        counters.add_affected();
+                        counters.add_dropped();
+                        ctrl.fire_reset();
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        let work = self.run(client, &plan, ctrl.clone());
+        // Dropping `work` drops the client connection, which closes with an
+        // RST once the reset has fired (see `ClientIo`'s drop).
+        tokio::select! {
+            r = work => r,
+            () = reset_timer => Err(ProxyError::FaultReset),
+            () = ctrl.reset.cancelled() => Err(ProxyError::FaultReset),
+        }
+    }
+
+    async fn run(
+        &self,
+        client: TcpStream,
+        plan: &TcpPlan,
+        ctrl: Arc<ConnControl>,
+    ) -> Result<(), ProxyError> {
+        let upstream = match self
+            .shared
+            .connector
+            .connect(self.peer, self.orig_dst)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // What the client would have seen from the server: a reset.
+                rst_on_close(&client);
+                return Err(ProxyError::Connect {
+                    to: self.orig_dst,
+                    source: e,
+                });
+            }
+        };
+        if let Err(e) = upstream.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY on the server connection");
+        }
+        let mut io = ClientIo::new(client, plan, ctrl.clone());
+        let (proto, prefix) = sniff(&mut io, &upstream).await?;
+        tracing::debug!(?proto, "serving");
+        let io = Prefixed::new(prefix, io);
+        let ctx = || {
+            HttpCtx::new(
+                self.shared.clone(),
+                self.side,
+                self.peer,
+                self.orig_dst,
+                ctrl.clone(),
+            )
+        };
+        match proto {
+            Protocol::Raw => relay::relay(io, upstream, &ctrl).await,
+            Protocol::Http1 => http::serve_h1(io, upstream, ctx()).await,
+            Protocol::Http2 => http::serve_h2(io, upstream, ctx()).await,
+        }
+    }
+}
+
+/// Reads the client's first bytes until they tell the protocol. The server
+/// speaking first, the client closing, or [`SNIFF_TIMEOUT`] of silence end
+/// the wait. Returns the bytes read, to be replayed.
+async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Bytes), ProxyError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let mut probe = [0u8; 1];
+    loop {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        tokio::select! {
+            biased;
+            r = io.read_buf(&mut buf) => {
+                let n = r.map_err(ProxyError::Sniff)?;
+                if n == 0 {
+                    let p = if buf.is_empty() { Protocol::Raw } else { sniff::decide(&buf) };
+                    return Ok((p, buf.freeze()));
+                }
+                if let Some(p) = sniff::classify(&buf) {
+                    return Ok((p, buf.freeze()));
+                }
+            }
+            // Only while the client has said nothing: a server that speaks
+            // first (SMTP, MySQL, SSH...) or closes at once.
+            _ = upstream.peek(&mut probe), if buf.is_empty() => {
+                return Ok((Protocol::Raw, buf.freeze()));
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let p = if buf.is_empty() { Protocol::Raw } else { sniff::decide(&buf) };
+                return Ok((p, buf.freeze()));
+            }
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! HTTP proxying: hyper's server on the client connection, hyper's client
+//! on one upstream connection of the same version, and the HTTP faults in
+//! between.
+//!
+//! Requests are forwarded as they came: same method, URI form, headers
+//! (with their original case on HTTP/1) and body framing; no `Via`, no
+//! `Date`. Bodies stream through unless a fault needs the whole body.
+//! When the server closes its connection the client's is closed too (after
+//! any response in flight), so the client sees the same connection life it
+//! would see without the proxy.
+
+mod body;
+mod faults;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use netfault_api::action::Phase;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::io::ConnControl;
+use crate::rules::{roll, CompiledRule, HttpOp, RuleKind};
+use crate::{Shared, Side};
+use body::ProxyBody;
+
+/// Most of an aborted request's body read (and dropped) so the HTTP/1
+/// connection can stay open; past it the connection is closed instead.
+const ABORT_DRAIN_LIMIT: usize = 1 << 20;
+const ABORT_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Per client connection.
+pub(crate) struct HttpCtx {
+    pub shared: Arc<Shared>,
+    pub side: Side,
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub ctrl: Arc<ConnControl>,
+    http1: bool,
+    /// An accepted upgrade (client side, server side), relayed as bytes
+    /// once hyper hands both connections over.
+    upgrade: Mutex<Option<(OnUpgrade, OnUpgrade)>>,
+}
+
+impl HttpCtx {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        side: Side,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        ctrl: Arc<ConnControl>,
+    ) -> HttpCtx {
+        HttpCtx {
+            shared,
+            side,
+            peer,
+            orig_dst,
+            ctrl,
+            http1: true,
+            upgrade: Mutex::new(None),
+        }
+    }
+
+    /// The live HTTP rules for this connection, in order.
+    fn http_rules(&self) -> Vec<Arc<CompiledRule>> {
+        let rules = self.shared.rules();
+        if rules.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        rules
+            .iter()
+            .filter(|r| {
+                matches!(r.kind, RuleKind::Http(_))
+                    && r.applies_to(self.side, self.peer, self.orig_dst, now)
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn take_upgrade(&self) -> Option<(OnUpgrade, OnUpgrade)> {
+        match self.upgrade.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    fn set_upgrade(&self, u: (OnUpgrade, OnUpgrade)) {
+        match self.upgrade.lock() {
+            Ok(mut g) => *g = Some(u),
+            Err(p) => *p.into_inner() = Some(u),
+        }
+    }
+}
+
+/// The upstream connection as hyper's client reads it; notes when the
+/// server closed it, to tell a closed connection from one handed over to
+/// an upgrade.
+struct UpstreamIo {
+    inner: TcpStream,
+    ended: Arc<AtomicBool>,
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                this.ended.store(true, Ordering::Relaxed)
+            }
+            Poll::Ready(Err(_)) => this.ended.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+        r
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Clone)]
+enum Upstream {
+    H1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ProxyBody>>>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+impl Upstream {
+    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        match self {
+            Upstream::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await.map_err(ProxyError::Forward)?;
+                s.send_request(req).await.map_err(ProxyError::Forward)
+            }
+            Upstream::H2(s) => {
+                let mut s = s.clone();
+                s.ready().await.map_err(ProxyError::Forward)?;
+                s.send_request(req).await.map_err(ProxyError::Forward)
+            }
+        }
+    }
+}
+
+/// Serves an HTTP/1 client connection.
+pub(crate) async fn serve_h1<IO>(
+    io: IO,
+    upstream: TcpStream,
+    ctx: HttpCtx,
+) -> Result<(), ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ended = Arc::new(AtomicBool::new(false));
+    let up_io = UpstreamIo {
+        inner: upstream,
+        ended: ended.clone(),
+    };
+    let (sender, up_conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .max_headers(500)
+        .handshake::<_, ProxyBody>(TokioIo::new(up_io))
+        .await
+        .map_err(ProxyError::UpstreamHandshake)?;
+    let ctx = Arc::new(HttpCtx { http1: true, ..ctx });
+    let up = Upstream::H1(Arc::new(tokio::sync::Mutex::new(sender)));
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), up.clone(), req));
+    let server = hyper::server::conn::http1::Builder::new()
+        .half_close(true)
+        .preserve_header_case(true)
+        .auto_date_header(false)
+        .header_read_timeout(None)
+        .max_headers(500)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let up_conn = up_conn.with_upgrades();
+    tokio::pin!(server, up_conn);
+    let mut up_done = false;
+    let served = loop {
+        tokio::select! {
+            r = &mut server => break r,
+            r = &mut up_conn, if !up_done => {
+                up_done = true;
+                if let Err(e) = &r {
+                    tracing::debug!(error = %e, "server connection failed");
+                }
+                if r.is_err() || ended.load(Ordering::Relaxed) {
+                    // The server closed: let the client's connection end too,
+                    // after the response in flight, if any.
+                    server.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
+    if let Some((client, server)) = ctx.take_upgrade() {
+        return relay_upgraded(client, server).await;
+    }
+    served.map_err(ProxyError::Serve)
+}
+
+/// Serves an HTTP/2 (prior knowledge) client connection.
+pub(crate) async fn serve_h2<IO>(
+    io: IO,
+    upstream: TcpStream,
+    ctx: HttpCtx,
+) -> Result<(), ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, up_conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, ProxyBody>(TokioIo::new(upstream))
+        .await
+        .map_err(ProxyError::UpstreamHandshake)?;
+    let ctx = Arc::new(HttpCtx {
+        http1: false,
+        ..ctx
+    });
+    let up = Upstream::H2(sender);
+    let svc = hyper::service::service_fn(move |req| handle(ctx.clone(), up.clone(), req));
+    let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(server, up_conn);
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            r = &mut server => return r.map_err(ProxyError::Serve),
+            r = &mut up_conn, if !up_done => {
+                up_done = true;
+                if let Err(e) = &r {
+                    tracing::debug!(error = %e, "server connection failed");
+                }
+                // GOAWAY to the client; streams in flight finish.
+                server.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn relay_upgraded(client: OnUpgrade, server: OnUpgrade) -> Result<(), ProxyError> {
+    let (c, s) = tokio::try_join!(client, server).map_err(|e| ProxyError::Upgrade(e.into()))?;
+    let mut c = TokioIo::new(c);
+    let mut s = TokioIo::new(s);
+    tokio::io::copy_bidirectional(&mut c, &mut s)
+        .await
+        .map(|_| ())
+        .map_err(ProxyError::Relay)
+}
+
+/// One request: the request-phase faults in rule order, the exchange with
+/// the server, then the response-phase faults in rule order.
+async fn handle(
+    ctx: Arc<HttpCtx>,
+    up: Upstream,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let rules = ctx.http_rules();
+    let mut req = req.map(body::incoming);
+    if ctx.http1 {
+        faults::decline_h2c(req.headers_mut());
+    }
+    if rules.is_empty() {
+        return forward(&ctx, &up, req).await;
+    }
+    let grpc = faults::is_grpc(req.headers());
+    let mut later = Vec::new();
+    for r in &rules {
+        let RuleKind::Http(h) = &r.kind else {
+            continue;
+        };
+        if !h
+            .selector
+            .matches_request(req.method(), req.uri().path(), req.headers())
+        {
+            continue;
+        }
+        if h.phase == Phase::Response {
+            later.push(r);
+            continue;
+        }
+        let counters = &r.rule.counters;
+        counters.add_matched();
+        if !roll(h.percent) {
+            continue;
+        }
+        counters.add_affected();
+        tracing::debug!(rule = %r.rule.id, "request fault");
+        match &h.op {
+            HttpOp::Delay(d) => tokio::time::sleep(*d).await,
+            HttpOp::Abort { status, body: b } => {
+                counters.add_dropped();
+                if ctx.http1 {
+                    // Read the rest of the request so the connection can
+                    // carry the next one; hyper closes it otherwise.
+                    let _ = tokio::time::timeout(
+                        ABORT_DRAIN_TIME,
+                        body::drain(req.into_body(), ABORT_DRAIN_LIMIT),
+                    )
+                    .await;
+                }
+                return Ok(faults::abort_response(*status, b.as_ref(), grpc));
+            }
+            HttpOp::Reset => {
+                counters.add_dropped();
+                if ctx.http1 {
+                    ctx.ctrl.fire_reset();
+                }
+                return Err(ProxyError::AbortReset);
+            }
+            HttpOp::Replace {
+                headers,
+                body: b,
+                path,
+                method,
+                ..
+            } => faults::replace_request(
+                &mut req,
+                headers,
+                b.as_ref(),
+                path.as_deref(),
+                method.as_ref(),
+            ),
+            HttpOp::Patch {
+                headers,
+                query,
+                body_merge,
+            } => {
+                req = faults::patch_request(req, headers, query, body_merge.as_ref())
+                    .await
+                    .map_err(ProxyError::Body)?;
+            }
+        }
+    }
+    let head = req.method() == Method::HEAD;
+    let mut resp = forward(&ctx, &up, req).await?;
+    let status = resp.status();
+    if status.is_informational() {
+        return Ok(resp);
+    }
+    let has_body = !head && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED;
+    for r in later {
+        let RuleKind::Http(h) = &r.kind else {
+            continue;
+        };
+        if !h.selector.matches_code(resp.status()) {
+            continue;
+        }
+        let counters = &r.rule.counters;
+        counters.add_matched();
+        if !roll(h.percent) {
+            continue;
+        }
+        counters.add_affected();
+        tracing::debug!(rule = %r.rule.id, "response fault");
+        match &h.op {
+            HttpOp::Delay(d) => tokio::time::sleep(*d).await,
+            HttpOp::Replace {
+                status,
+                headers,
+                body: b,
+                ..
+            } => faults::replace_response(
+                &mut resp,
+                *status,
+                headers,
+                b.as_ref().filter(|_| has_body),
+            ),
+            HttpOp::Patch {
+                headers,
+                body_merge,
+                ..
+            } => {
+                resp = faults::patch_response(resp, headers, body_merge.as_ref(), has_body)
+                    .await
+                    .map_err(ProxyError::Body)?;
+            }
+            // Validation keeps aborts in the request phase.
+            HttpOp::Abort { .. } | HttpOp::Reset => {}
+        }
+    }
+    Ok(resp)
+}
+
+/// Sends the request on the upstream connection; an accepted upgrade is
+/// noted for the connection task to relay.
+async fn forward(
+    ctx: &HttpCtx,
+    up: &Upstream,
+    mut req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let client_upgrade =
+        (ctx.http1 && faults::wants_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    let connect = req.method() == Method::CONNECT;
+    let mut resp = up.send(req).await?;
+    if let Some(cu) = client_upgrade {
+        let status = resp.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
+            let su = hyper::upgrade::on(&mut resp);
+            ctx.set_upgrade((cu, su));
+        }
+    }
+    Ok(resp.map(body::incoming))
+}
