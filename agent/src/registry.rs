@@ -735,13 +735,16 @@ impl Registry {
         }
         match spec.action.backend() {
             Backend::DelayQueue => return self.install_delay(inner, &sb, spec),
-            Backend::Proxy => return Err(AgentError::Invalid(FieldError::unsupported(
-                "action.type",
-                &format!(
-                    "action {:?} needs the transparent proxy, which this agent does not serve yet",
+            Backend::Proxy => {
+                let msg = format!(
+                    "action {:?} needs the transparent proxy, not served by this agent yet",
                     spec.action.type_name()
-                ),
-            ))),
+                );
+                return Err(AgentError::Invalid(FieldError::unsupported(
+                    "action.type",
+                    &msg,
+                )));
+            }
             _ => {}
         }
         let used: HashSet<u32> = inner
