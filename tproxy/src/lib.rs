@@ -122,6 +122,17 @@ impl RuleCounters {
         self.matched.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request matched a rule with `percent`: counts it, draws, and counts
+    /// it affected when the fault acts this time.
+    pub(crate) fn fires(&self, percent: f64) -> bool {
+        self.add_matched();
+        let acts = rules::roll(percent);
+        if acts {
+            self.add_affected();
+        }
+        acts
+    }
+
     pub(crate) fn add_affected(&self) {
         self.affected.fetch_add(1, Ordering::Relaxed);
     }

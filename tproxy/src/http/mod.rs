@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::io::ConnControl;
-use crate::rules::{roll, CompiledRule, HttpOp, RuleKind};
+use crate::rules::{CompiledRule, HttpOp, RuleKind};
 use crate::{Shared, Side};
 use body::ProxyBody;
 
@@ -321,11 +321,9 @@ async fn handle(
             continue;
         }
         let counters = &r.rule.counters;
-        counters.add_matched();
-        if !roll(h.percent) {
+        if !counters.fires(h.percent) {
             continue;
         }
-        counters.add_affected();
         tracing::debug!(rule = %r.rule.id, "request fault");
         match &h.op {
             HttpOp::Delay(d) => tokio::time::sleep(*d).await,
@@ -388,11 +386,9 @@ async fn handle(
             continue;
         }
         let counters = &r.rule.counters;
-        counters.add_matched();
-        if !roll(h.percent) {
+        if !counters.fires(h.percent) {
             continue;
         }
-        counters.add_affected();
         tracing::debug!(rule = %r.rule.id, "response fault");
         match &h.op {
             HttpOp::Delay(d) => tokio::time::sleep(*d).await,
