@@ -152,13 +152,7 @@ impl NfQueue {
                 std::io::Error::last_os_error(),
             ));
         }
-        let mut q = NfQueue {
-            fd,
-            num,
-            buf: vec![0u8; 1 << 16],
-            out: Vec::with_capacity(4096),
-            overflows: 0,
-        };
+        let mut q = NfQueue::from_fd(fd, num);
         // One config message: bind, copy mode, queue length, fail-open.
         let mut out = Vec::with_capacity(128);
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
