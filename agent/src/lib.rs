@@ -7,7 +7,9 @@
 //! - `metrics`: Prometheus text.
 
 pub mod delay;
+pub mod l7;
 pub mod metrics;
 pub mod netns;
+pub mod proxy;
 pub mod registry;
 pub mod server;

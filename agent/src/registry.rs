@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::delay::{DelayEngine, DelayFault};
+use crate::l7::{ProxyEngine, ProxyFault};
 use crate::netns::{self, NetnsError, NetnsId};
 
 /// Why a request failed; maps onto an HTTP status and the error body.
@@ -132,6 +133,16 @@ struct FaultRecord {
     /// is then meaningless).
     #[serde(default)]
     nfqueue: bool,
+    /// Served by the transparent proxy (`l7`).
+    #[serde(default)]
+    proxy: bool,
+}
+
+impl FaultRecord {
+    /// An eBPF datapath rule (`rule` is its slot).
+    fn is_ebpf(&self) -> bool {
+        !self.nfqueue && !self.proxy
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -144,6 +155,7 @@ struct Inner {
     state: StateFile,
     dp: Datapath,
     delay: DelayEngine,
+    proxy: ProxyEngine,
 }
 
 fn parse_stored(spec: &Value) -> Result<FaultSpec, AgentError> {
@@ -185,6 +197,37 @@ impl Inner {
         self.delay
             .apply(sandbox, &path, &faults)
             .map_err(|e| internal("applying the delay faults")(e.to_string()))
+    }
+
+    /// The sandbox's proxy faults that are still before their deadline.
+    fn proxy_faults(&self, sandbox: &str) -> Result<Vec<ProxyFault>, AgentError> {
+        let now = netfault_ebpf::boottime_ns();
+        self.state
+            .faults
+            .values()
+            .filter(|f| f.sandbox == sandbox && f.proxy && !f.expired && f.deadline_boot_ns > now)
+            .map(|f| {
+                Ok(ProxyFault {
+                    id: f.id.clone(),
+                    spec: parse_stored(&f.spec)?,
+                    remaining: Duration::from_nanos(f.deadline_boot_ns - now),
+                })
+            })
+            .collect()
+    }
+
+    /// Brings the sandbox's proxy (listeners, diversion, rules) in line with
+    /// its proxy faults.
+    fn sync_proxy(&mut self, sandbox: &str) -> Result<(), AgentError> {
+        let Some(sb) = self.state.sandboxes.get(sandbox) else {
+            return Ok(());
+        };
+        let path = PathBuf::from(&sb.netns);
+        let local = sb.addresses.clone();
+        let faults = self.proxy_faults(sandbox)?;
+        self.proxy
+            .apply(sandbox, &path, &local, &faults)
+            .map_err(|e| internal("applying the proxy faults")(e.to_string()))
     }
 
     fn bind(&mut self, sb: &SandboxRecord) -> Result<(), AgentError> {
@@ -283,6 +326,7 @@ impl Registry {
                 state,
                 dp,
                 delay: DelayEngine::default(),
+                proxy: ProxyEngine::default(),
             }),
         };
         reg.reconcile_all()?;
@@ -337,7 +381,7 @@ impl Registry {
                     }
                     continue;
                 }
-                if f.nfqueue {
+                if !f.is_ebpf() {
                     continue;
                 }
                 let spec = parse_stored(&f.spec)?;
@@ -373,8 +417,10 @@ impl Registry {
                 }
             }
             // Re-installs live delay faults (new queue, fresh set timeouts),
-            // or removes a table a previous agent left with none live.
+            // or removes a table a previous agent left with none live; the
+            // same for the proxy (new listeners, fresh leases).
             inner.sync_delay(&id)?;
+            inner.sync_proxy(&id)?;
         }
         self.persist(&inner)
     }
@@ -547,15 +593,25 @@ impl Registry {
             .cloned()
             .collect();
         let had_delay = inner.delay.has(id) || faults.iter().any(|f| f.nfqueue);
+        let had_proxy = inner.proxy.has(id) || faults.iter().any(|f| f.proxy);
         for f in faults {
-            if !f.expired && !f.nfqueue {
+            if !f.expired && f.is_ebpf() {
                 inner
                     .dp
                     .clear_rule(sb.slot, f.rule)
                     .map_err(|e| internal("clearing a rule")(e.to_string()))?;
             }
             inner.delay.forget(&f.id);
+            inner.proxy.forget(&f.id);
             inner.state.faults.remove(&f.id);
+        }
+        if had_proxy {
+            let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
+            if same {
+                inner.sync_proxy(id)?;
+            } else {
+                inner.proxy.close(id);
+            }
         }
         if had_delay {
             let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
@@ -734,24 +790,15 @@ impl Registry {
             spec.target = Some(Target::Sandbox(sandbox.to_string()));
         }
         match spec.action.backend() {
-            Backend::DelayQueue => return self.install_delay(inner, &sb, spec),
-            Backend::Proxy => {
-                let msg = format!(
-                    "action {:?} needs the transparent proxy, not served by this agent yet",
-                    spec.action.type_name()
-                );
-                return Err(AgentError::Invalid(FieldError::unsupported(
-                    "action.type",
-                    &msg,
-                )));
-            }
+            Backend::DelayQueue => return self.install_userspace(inner, &sb, spec, false),
+            Backend::Proxy => return self.install_userspace(inner, &sb, spec, true),
             _ => {}
         }
         let used: HashSet<u32> = inner
             .state
             .faults
             .values()
-            .filter(|f| f.sandbox == sandbox && !f.expired && !f.nfqueue)
+            .filter(|f| f.sandbox == sandbox && !f.expired && f.is_ebpf())
             .map(|f| f.rule)
             .collect();
         let rule = (0..RULES_PER_SANDBOX)
@@ -814,6 +861,7 @@ impl Registry {
             expired: false,
             final_counters: Counters::default(),
             nfqueue: false,
+            proxy: false,
         };
         let view = view_fault(&inner, &rec);
         inner.state.faults.insert(rec.id.clone(), rec);
@@ -822,13 +870,15 @@ impl Registry {
         Ok(view)
     }
 
-    /// Installs a delay or reorder fault: the sandbox's nft table and queue
-    /// are rebuilt with it.
-    fn install_delay(
+    /// Installs a fault served in user space: a delay or reorder fault (the
+    /// sandbox's delay table and queue take it), or with `proxy`, an L4/L7
+    /// fault (the sandbox's proxy takes it).
+    fn install_userspace(
         &self,
         mut inner: MutexGuard<'_, Inner>,
         sb: &SandboxRecord,
         spec: FaultSpec,
+        proxy: bool,
     ) -> Result<Fault, AgentError> {
         if let Action::Reorder { latency: None, .. } = spec.action {
             let now = netfault_ebpf::boottime_ns();
@@ -859,15 +909,26 @@ impl Registry {
             rule: u32::MAX,
             expired: false,
             final_counters: Counters::default(),
-            nfqueue: true,
+            nfqueue: !proxy,
+            proxy,
         };
         let id = rec.id.clone();
         inner.state.faults.insert(id.clone(), rec);
-        if let Err(e) = inner.sync_delay(&sb.id) {
+        let synced = if proxy {
+            inner.sync_proxy(&sb.id)
+        } else {
+            inner.sync_delay(&sb.id)
+        };
+        if let Err(e) = synced {
             inner.state.faults.remove(&id);
-            inner.delay.forget(&id);
-            // Put the table back as it was without this fault.
-            let _ = inner.sync_delay(&sb.id);
+            // Put things back as they were without this fault.
+            if proxy {
+                inner.proxy.forget(&id);
+                let _ = inner.sync_proxy(&sb.id);
+            } else {
+                inner.delay.forget(&id);
+                let _ = inner.sync_delay(&sb.id);
+            }
             return Err(e);
         }
         let view = inner
@@ -877,7 +938,7 @@ impl Registry {
             .map(|f| view_fault(&inner, f))
             .ok_or_else(|| AgentError::Internal("fault vanished during install".into()))?;
         self.persist(&inner)?;
-        tracing::info!(fault = %view.id, sandbox = %sb.id, action = %view.spec["action"]["type"], "fault installed (nfqueue)");
+        tracing::info!(fault = %view.id, sandbox = %sb.id, action = %view.spec["action"]["type"], backend = %view.backend, "fault installed");
         Ok(view)
     }
 
@@ -952,6 +1013,11 @@ impl Registry {
             if !f.expired {
                 inner.sync_delay(&f.sandbox)?;
             }
+        } else if f.proxy {
+            inner.proxy.forget(&f.id);
+            if !f.expired {
+                inner.sync_proxy(&f.sandbox)?;
+            }
         } else if let (false, Some(slot)) = (f.expired, slot) {
             inner
                 .dp
@@ -969,7 +1035,7 @@ impl Registry {
             .state
             .faults
             .values()
-            .any(|f| f.sandbox == sandbox && !f.expired && !f.nfqueue);
+            .any(|f| f.sandbox == sandbox && !f.expired && f.is_ebpf());
         let active_any = inner
             .state
             .faults
@@ -993,6 +1059,9 @@ impl Registry {
         if sb.implicit && !inner.state.faults.values().any(|f| f.sandbox == sandbox) {
             if inner.delay.has(sandbox) {
                 inner.sync_delay(sandbox)?;
+            }
+            if inner.proxy.has(sandbox) {
+                inner.sync_proxy(sandbox)?;
             }
             inner.unbind(&sb)?;
             inner.state.sandboxes.remove(sandbox);
@@ -1020,6 +1089,9 @@ impl Registry {
             if f.nfqueue {
                 counters = inner.delay.counters(&f.id).unwrap_or_default();
                 inner.delay.forget(&f.id);
+            } else if f.proxy {
+                counters = inner.proxy.counters(&f.id).unwrap_or_default();
+                inner.proxy.forget(&f.id);
             } else if let Some(slot) = slot {
                 if let Ok(c) = inner.dp.counters(slot, f.rule) {
                     counters = Counters {
@@ -1055,6 +1127,9 @@ impl Registry {
             if delay_touched {
                 inner.sync_delay(sb)?;
             }
+            if due.iter().any(|f| f.proxy && &f.sandbox == sb) {
+                inner.sync_proxy(sb)?;
+            }
             self.settle(&mut inner, sb)?;
         }
         if !touched.is_empty() || purged {
@@ -1078,6 +1153,8 @@ fn view_fault(inner: &Inner, f: &FaultRecord) -> Fault {
         f.final_counters
     } else if f.nfqueue {
         inner.delay.counters(&f.id).unwrap_or_default()
+    } else if f.proxy {
+        inner.proxy.counters(&f.id).unwrap_or_default()
     } else {
         inner
             .state
@@ -1098,7 +1175,14 @@ fn view_fault(inner: &Inner, f: &FaultRecord) -> Fault {
         spec: f.spec.clone(),
         created_at_ms: f.created_at_ms,
         expires_at_ms: f.expires_at_ms,
-        backend: if f.nfqueue { "nfqueue" } else { "ebpf-tc" }.to_string(),
+        backend: if f.nfqueue {
+            "nfqueue"
+        } else if f.proxy {
+            "proxy"
+        } else {
+            "ebpf-tc"
+        }
+        .to_string(),
         counters,
     }
 }

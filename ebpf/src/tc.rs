@@ -18,10 +18,12 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::route::{RouteAttribute, RouteMessage};
-use netlink_packet_route::rule::RuleMessage;
+use netlink_packet_route::route::{RouteHeader, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
 };
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -273,6 +275,62 @@ impl TcSocket {
         Ok(out)
     }
 
+    /// Policy routing that delivers packets marked `mark` locally (through
+    /// `lo`), whatever their destination: `ip rule add fwmark MARK lookup
+    /// TABLE priority PRIORITY` and `ip route add local default dev lo
+    /// table TABLE`, for IPv4 or IPv6. What transparent proxying needs
+    /// (KERNEL-NOTES). Idempotent.
+    pub fn add_local_delivery(
+        &mut self,
+        ipv6: bool,
+        mark: u32,
+        table: u32,
+        priority: u32,
+        lo_index: u32,
+    ) -> Result<(), TcError> {
+        let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        let exists = |r: Result<Vec<RouteNetlinkMessage>, TcError>| match r {
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            other => other.map(|_| ()),
+        };
+        exists(self.request(
+            "add a local route",
+            RouteNetlinkMessage::NewRoute(local_route(ipv6, table, lo_index)),
+            flags,
+        ))?;
+        exists(self.request(
+            "add a policy rule",
+            RouteNetlinkMessage::NewRule(mark_rule(ipv6, mark, table, priority)),
+            flags,
+        ))
+    }
+
+    /// Removes what [`TcSocket::add_local_delivery`] added. Idempotent.
+    pub fn del_local_delivery(
+        &mut self,
+        ipv6: bool,
+        mark: u32,
+        table: u32,
+        priority: u32,
+        lo_index: u32,
+    ) -> Result<(), TcError> {
+        let gone = |r: Result<Vec<RouteNetlinkMessage>, TcError>| match r {
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ESRCH)) => Ok(()),
+            Err(e) if ipv6 && e.errno() == Some(libc::EAFNOSUPPORT) => Ok(()),
+            other => other.map(|_| ()),
+        };
+        gone(self.request(
+            "delete a policy rule",
+            RouteNetlinkMessage::DelRule(mark_rule(ipv6, mark, table, priority)),
+            NLM_F_ACK,
+        ))?;
+        gone(self.request(
+            "delete a local route",
+            RouteNetlinkMessage::DelRoute(local_route(ipv6, table, lo_index)),
+            NLM_F_ACK,
+        ))
+    }
+
     /// Lists the qdiscs on `ifindex`.
     pub fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, TcError> {
         let msg = TcMessage::default();
@@ -445,4 +503,39 @@ fn kind_of(m: &TcMessage) -> String {
             _ => None,
         })
         .unwrap_or_default()
+}
+
+fn family(ipv6: bool) -> AddressFamily {
+    if ipv6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+/// `local default dev lo table TABLE`.
+fn local_route(ipv6: bool, table: u32, lo_index: u32) -> RouteMessage {
+    let mut r = RouteMessage::default();
+    r.header.address_family = family(ipv6);
+    r.header.destination_prefix_length = 0;
+    r.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    r.header.protocol = RouteProtocol::Static;
+    r.header.scope = RouteScope::Host;
+    r.header.kind = RouteType::Local;
+    r.attributes.push(RouteAttribute::Table(table));
+    r.attributes.push(RouteAttribute::Oif(lo_index));
+    r
+}
+
+/// `fwmark MARK/0xffffffff lookup TABLE priority PRIORITY`.
+fn mark_rule(ipv6: bool, mark: u32, table: u32, priority: u32) -> RuleMessage {
+    let mut r = RuleMessage::default();
+    r.header.family = family(ipv6);
+    r.header.table = 0;
+    r.header.action = RuleAction::ToTable;
+    r.attributes.push(RuleAttribute::FwMark(mark));
+    r.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    r.attributes.push(RuleAttribute::Table(table));
+    r.attributes.push(RuleAttribute::Priority(priority));
+    r
 }

@@ -71,13 +71,17 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
             "match.ports",
             400,
         ),
-        // Valid, but this agent does not serve proxy faults yet.
         (
             with(
-                json!({"action": {"type": "http-abort", "status": 503}, "match": {"ports": "8080"}}),
+                json!({"action": {"type": "tcp-reset", "after": "1s"}, "match": {"ports": "8080", "protocol": "udp"}}),
             ),
-            "action.type",
-            422,
+            "match.protocol",
+            400,
+        ),
+        (
+            with(json!({"action": {"type": "tcp-reset"}, "match": {"ports": "8080"}})),
+            "action.after",
+            400,
         ),
         (with(json!({"action": {"percent": 5}})), "action.type", 400),
         (with(json!({"action": null})), "action", 400),

@@ -189,6 +189,17 @@ impl Connector for DirectConnector {
 pub(crate) struct Shared {
     connector: Arc<dyn Connector>,
     rules: RwLock<Arc<[Arc<CompiledRule>]>>,
+    /// Connections being served right now.
+    open: AtomicU64,
+}
+
+/// Counts a connection open while it lives.
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -221,6 +232,7 @@ impl Proxy {
             shared: Arc::new(Shared {
                 connector,
                 rules: RwLock::new(Arc::from(Vec::new())),
+                open: AtomicU64::new(0),
             }),
         }
     }
@@ -240,6 +252,12 @@ impl Proxy {
         }
     }
 
+    /// Connections being served right now (a removed fault's diversion is
+    /// kept until they finish).
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
     /// The number of rules set (expired ones included).
     pub fn rule_count(&self) -> usize {
         self.shared.rules().len()
@@ -255,6 +273,8 @@ impl Proxy {
         orig_dst: SocketAddr,
         side: Side,
     ) {
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenGuard(&self.shared.open);
         let span = tracing::debug_span!("proxy", %peer, %orig_dst, ?side);
         let conn = conn::Connection {
             shared: self.shared.clone(),

@@ -1,0 +1,585 @@
+//! The in-pod side of the transparent proxy: listening sockets, the nft
+//! diversion and the policy routing that bring a pod's TCP connections to
+//! the agent's proxy (`crate::l7`), and the upstream sockets that take them
+//! on to where they were going.
+//!
+//! Everything with `_here` runs on a thread inside the pod netns
+//! (`netns::run_in`): sockets, the `nft` child process and the netlink
+//! socket all belong to the netns of the thread that creates them. A socket
+//! keeps its netns afterwards, so the agent's proxy runtime serves the
+//! listeners from anywhere.
+//!
+//! What is in the pod netns while a sandbox has proxy faults:
+//! - four listening sockets (`IP_TRANSPARENT`, ephemeral ports): inbound
+//!   and outbound, IPv4 and IPv6 (IPv6 when the netns has it);
+//! - a table `inet netfault_proxy`:
+//!   - per fault, a set `l<tag>` (type `nf_proto`) whose elements `ipv4` and
+//!     `ipv6` carry a timeout: the lease. Every rule of the fault looks
+//!     itself up in that set, so if the agent stops re-arming the lease
+//!     (it died), new connections go direct once it runs out;
+//!   - **inbound** (server side, chain `prerouting`): a new connection from
+//!     outside to one of the fault's ports is handed to the inbound listener
+//!     with `tproxy`; the accepted socket's local address is the original
+//!     destination. The proxy's upstream connection to the server is bound
+//!     to the real client address (`IP_TRANSPARENT`) and marked
+//!     [`PROXY_MARK`]; its conntrack entry is marked [`CT_UPSTREAM`], and
+//!     the server's replies (addressed to the client, which is not local)
+//!     are marked [`DIVERT_MARK`] in chain `output` so that policy routing
+//!     delivers them back to the proxy through `lo`;
+//!   - **outbound** (client side, chain `output`): a new connection from the
+//!     pod to one of the fault's ports is marked [`CT_OUTBOUND`] in
+//!     conntrack and [`DIVERT_MARK`] on every packet, which policy routing
+//!     sends through `lo`; in `prerouting` it meets the outbound listener
+//!     (`tproxy`). The proxy's own upstream connections carry
+//!     [`PROXY_MARK`], which the outbound rules skip;
+//!   - connection-level rules (conntrack marks) that keep a proxied
+//!     connection on the proxy after its fault is gone, so that removing a
+//!     fault never breaks a connection in flight;
+//! - policy routing: `fwmark DIVERT_MARK lookup ROUTE_TABLE` and `local
+//!   default dev lo table ROUTE_TABLE`, for IPv4 and IPv6.
+//!
+//! Connections that were open before a fault came keep going direct: only
+//! new connections (`ct state new` for outbound; for inbound, `tproxy`
+//! finds the established server socket and leaves the packet alone).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+
+use netfault_api::spec::Match;
+use serde_json::{json, Value};
+
+use netfault_tproxy::Side;
+
+/// Packets policy-routed to `lo` (local delivery to the proxy).
+pub const DIVERT_MARK: u32 = 0x4e46_0010;
+/// `SO_MARK` of the proxy's upstream sockets: the diversion skips them.
+pub const PROXY_MARK: u32 = 0x4e46_0020;
+/// Conntrack mark of an outbound (client-side) connection taken by the proxy.
+pub const CT_OUTBOUND: u32 = 0x4e46_0011;
+/// Conntrack mark of the proxy's upstream connections.
+pub const CT_UPSTREAM: u32 = 0x4e46_0021;
+/// The routing table that delivers everything locally, and its rule's
+/// priority (before `main`, 32766).
+pub const ROUTE_TABLE: u32 = 0x4e46;
+pub const RULE_PRIORITY: u32 = 0x4e46;
+
+pub const TABLE: &str = "netfault_proxy";
+const FAMILY: &str = "inet";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("nft: {0}")]
+    Nft(String),
+    #[error("policy routing: {0}")]
+    Routing(#[from] netfault_ebpf::TcError),
+}
+
+impl ProxyError {
+    pub fn from_io(what: &'static str, source: std::io::Error) -> ProxyError {
+        ProxyError::Io { what, source }
+    }
+}
+
+/// What one proxy fault diverts, and for how long without a refresh.
+#[derive(Debug, Clone)]
+pub struct Diversion {
+    /// Names the fault's lease set `l<tag>`.
+    pub tag: u32,
+    /// Divert connections into the pod (server side).
+    pub inbound: bool,
+    /// Divert connections out of the pod (client side).
+    pub outbound: bool,
+    /// `ports` (destination ports) and `cidr` (the remote end).
+    pub selector: Match,
+    /// The lease, in milliseconds.
+    pub lease_ms: u64,
+}
+
+/// The ports of the listening sockets (`None`: that family is absent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerPorts {
+    pub in4: Option<u16>,
+    pub in6: Option<u16>,
+    pub out4: Option<u16>,
+    pub out6: Option<u16>,
+}
+
+impl ListenerPorts {
+    /// Whether `port` is one of the listeners' own ports.
+    pub fn contains(&self, port: u16) -> bool {
+        [self.in4, self.in6, self.out4, self.out6].contains(&Some(port))
+    }
+}
+
+/// The listening sockets of one pod netns.
+pub struct Listeners {
+    ports: ListenerPorts,
+    sockets: Vec<(TcpListener, Side)>,
+}
+
+impl Listeners {
+    pub fn ports(&self) -> ListenerPorts {
+        self.ports
+    }
+
+    pub fn into_sided(self) -> Vec<(TcpListener, Side)> {
+        self.sockets
+    }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ProxyError {
+    move |source| ProxyError::Io { what, source }
+}
+
+fn set_int(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: valid fd, pointer to an int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn set_transparent(s: &socket2::Socket, ipv6: bool) -> std::io::Result<()> {
+    if ipv6 {
+        set_int(s, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, 1)
+    } else {
+        set_int(s, libc::IPPROTO_IP, libc::IP_TRANSPARENT, 1)
+    }
+}
+
+fn tcp_socket(ipv6: bool) -> std::io::Result<socket2::Socket> {
+    let domain = if ipv6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+}
+
+fn listener(ipv6: bool) -> std::io::Result<(TcpListener, u16)> {
+    let s = tcp_socket(ipv6)?;
+    if ipv6 {
+        s.set_only_v6(true)?;
+    }
+    set_transparent(&s, ipv6)?;
+    let any: IpAddr = if ipv6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    s.bind(&SocketAddr::new(any, 0).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    let listener: TcpListener = s.into();
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
+}
+
+/// Whether the calling thread's netns has IPv6 (an `AF_INET6` socket can be
+/// bound to `::`).
+fn has_ipv6() -> bool {
+    std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).is_ok()
+}
+
+/// Opens the inbound and outbound listeners, IPv4 and (when the netns has
+/// it) IPv6, on ephemeral ports.
+pub fn open_listeners_here() -> Result<Listeners, ProxyError> {
+    let mut ports = ListenerPorts::default();
+    let mut sockets = Vec::new();
+    let v6 = has_ipv6();
+    for (side, ipv6) in [
+        (Side::Inbound, false),
+        (Side::Outbound, false),
+        (Side::Inbound, true),
+        (Side::Outbound, true),
+    ] {
+        if ipv6 && !v6 {
+            continue;
+        }
+        let (l, port) = listener(ipv6).map_err(io("opening a transparent listener"))?;
+        let slot = match (side, ipv6) {
+            (Side::Inbound, false) => &mut ports.in4,
+            (Side::Inbound, true) => &mut ports.in6,
+            (Side::Outbound, false) => &mut ports.out4,
+            (Side::Outbound, true) => &mut ports.out6,
+        };
+        *slot = Some(port);
+        sockets.push((l, side));
+    }
+    Ok(Listeners { ports, sockets })
+}
+
+/// A socket for one of the proxy's upstream connections, not yet
+/// connected: marked [`PROXY_MARK`], and with `from`, bound transparently
+/// to that address (its IP; the port is chosen at connect time) so the
+/// server sees the real client.
+pub fn upstream_socket_here(from: Option<IpAddr>, to: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let ipv6 = to.is_ipv6();
+    let s = tcp_socket(ipv6).map_err(io("creating an upstream socket"))?;
+    s.set_mark(PROXY_MARK)
+        .map_err(io("marking an upstream socket"))?;
+    s.set_tcp_nodelay(true)
+        .map_err(io("setting TCP_NODELAY on an upstream socket"))?;
+    if let Some(ip) = from.filter(|ip| ip.is_ipv6() == ipv6) {
+        set_transparent(&s, ipv6).map_err(io("making an upstream socket transparent"))?;
+        // The port is picked at connect(), with the whole 4-tuple known.
+        set_int(&s, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+            .map_err(io("setting IP_BIND_ADDRESS_NO_PORT"))?;
+        s.bind(&SocketAddr::new(ip, 0).into())
+            .map_err(io("binding an upstream socket to the client address"))?;
+    }
+    s.set_nonblocking(true)
+        .map_err(io("making an upstream socket non-blocking"))?;
+    Ok(s.into())
+}
+
+fn m(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn ne(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "!=", "left": left, "right": right}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn ct(key: &str) -> Value {
+    json!({"ct": {"key": key}})
+}
+
+fn set_meta_mark(mark: u32) -> Value {
+    json!({"mangle": {"key": meta("mark"), "value": mark}})
+}
+
+fn set_ct_mark(mark: u32) -> Value {
+    json!({"mangle": {"key": ct("mark"), "value": mark}})
+}
+
+fn accept() -> Value {
+    json!({"accept": null})
+}
+
+fn lease_set(tag: u32) -> String {
+    format!("l{tag}")
+}
+
+fn rule(chain: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}})
+}
+
+fn nfproto(ipv6: bool) -> Value {
+    m(meta("nfproto"), json!(if ipv6 { "ipv6" } else { "ipv4" }))
+}
+
+fn tproxy_to(ipv6: bool, port: u16) -> Value {
+    json!({"tproxy": {"family": if ipv6 { "ip6" } else { "ip" }, "port": port}})
+}
+
+/// The lease elements of a fault's set, with their timeout in seconds
+/// (rounded up; nft's JSON takes whole seconds).
+fn lease_elements(d: &Diversion) -> Value {
+    let secs = d.lease_ms.div_ceil(1000).max(1);
+    let elem: Vec<Value> = ["ipv4", "ipv6"]
+        .iter()
+        .map(|p| json!({"elem": {"val": p, "timeout": secs}}))
+        .collect();
+    json!({"add": {"element": {"family": FAMILY, "table": TABLE,
+        "name": lease_set(d.tag), "elem": elem}}})
+}
+
+/// A fault's match on the remote address and the destination ports.
+fn selector_exprs(d: &Diversion, ipv6: bool, remote_is_src: bool) -> Vec<Value> {
+    let mut out = vec![
+        m(meta("nfproto"), json!(format!("@{}", lease_set(d.tag)))),
+        nfproto(ipv6),
+    ];
+    if let Some(net) = d.selector.cidr {
+        let (proto, addr) = match net {
+            ipnet::IpNet::V4(n) => ("ip", n.network().to_string()),
+            ipnet::IpNet::V6(n) => ("ip6", n.network().to_string()),
+        };
+        let field = if remote_is_src { "saddr" } else { "daddr" };
+        out.push(m(
+            json!({"payload": {"protocol": proto, "field": field}}),
+            json!({"prefix": {"addr": addr, "len": net.prefix_len()}}),
+        ));
+    }
+    out.push(m(meta("l4proto"), json!("tcp")));
+    let ports: Vec<Value> = d
+        .selector
+        .ports
+        .iter()
+        .map(|p| {
+            if p.lo == p.hi {
+                json!(p.lo)
+            } else {
+                json!({"range": [p.lo, p.hi]})
+            }
+        })
+        .collect();
+    out.push(m(
+        json!({"payload": {"protocol": "tcp", "field": "dport"}}),
+        json!({"set": ports}),
+    ));
+    out
+}
+
+/// Whether a fault's `cidr` (if any) admits addresses of this family.
+fn family_wanted(d: &Diversion, ipv6: bool) -> bool {
+    match d.selector.cidr {
+        None => true,
+        Some(net) => net.addr().is_ipv6() == ipv6,
+    }
+}
+
+/// The nft transaction that replaces the table with one diverting
+/// `diversions` to the listeners at `ports`. With no diversions, the table
+/// keeps only the connection-level rules (a draining proxy).
+pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
+    let t = json!({"family": FAMILY, "name": TABLE});
+    let mut cmds = vec![
+        // add + delete: removes the table whether or not it exists.
+        json!({"add": {"table": t}}),
+        json!({"delete": {"table": t}}),
+        json!({"add": {"table": t}}),
+        // Before conntrack's own priority (-200) would be too early for ct
+        // marks; mangle (-150) is after it and before routing.
+        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "prerouting",
+            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
+        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "output",
+            "type": "route", "hook": "output", "prio": -150, "policy": "accept"}}}),
+    ];
+    let lo = || m(meta("iifname"), json!("lo"));
+    // Outbound connections looped through lo meet the outbound listener.
+    for (ipv6, port) in [(false, ports.out4), (true, ports.out6)] {
+        if let Some(port) = port {
+            cmds.push(rule(
+                "prerouting",
+                vec![
+                    lo(),
+                    m(ct("direction"), json!("original")),
+                    m(ct("mark"), json!(CT_OUTBOUND)),
+                    nfproto(ipv6),
+                    m(meta("l4proto"), json!("tcp")),
+                    tproxy_to(ipv6, port),
+                    set_meta_mark(DIVERT_MARK),
+                    accept(),
+                ],
+            ));
+        }
+    }
+    // The proxy's upstream connections: the server's replies go back to
+    // the proxy, and nothing of theirs is diverted again.
+    cmds.push(rule(
+        "output",
+        vec![
+            m(meta("mark"), json!(PROXY_MARK)),
+            set_ct_mark(CT_UPSTREAM),
+            accept(),
+        ],
+    ));
+    cmds.push(rule(
+        "output",
+        vec![
+            m(ct("direction"), json!("reply")),
+            m(ct("mark"), json!(CT_UPSTREAM)),
+            set_meta_mark(DIVERT_MARK),
+            accept(),
+        ],
+    ));
+    // Outbound connections already taken by the proxy stay on it.
+    cmds.push(rule(
+        "output",
+        vec![
+            m(ct("direction"), json!("original")),
+            m(ct("mark"), json!(CT_OUTBOUND)),
+            set_meta_mark(DIVERT_MARK),
+            accept(),
+        ],
+    ));
+    for d in diversions {
+        cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
+            "name": lease_set(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
+        cmds.push(lease_elements(d));
+        for ipv6 in [false, true] {
+            if !family_wanted(d, ipv6) {
+                continue;
+            }
+            let inbound = if ipv6 { ports.in6 } else { ports.in4 };
+            if let (true, Some(port)) = (d.inbound, inbound) {
+                let mut e = vec![ne(meta("iifname"), json!("lo"))];
+                e.extend(selector_exprs(d, ipv6, true));
+                e.extend([tproxy_to(ipv6, port), set_meta_mark(DIVERT_MARK), accept()]);
+                cmds.push(rule("prerouting", e));
+            }
+            let outbound = if ipv6 { ports.out6 } else { ports.out4 };
+            if d.outbound && outbound.is_some() {
+                let mut e = vec![ne(meta("mark"), json!(PROXY_MARK))];
+                e.extend(selector_exprs(d, ipv6, false));
+                e.extend([
+                    m(ct("state"), json!("new")),
+                    set_ct_mark(CT_OUTBOUND),
+                    set_meta_mark(DIVERT_MARK),
+                    accept(),
+                ]);
+                cmds.push(rule("output", e));
+            }
+        }
+    }
+    json!({"nftables": cmds})
+}
+
+fn nft(payload: &Value) -> Result<(), ProxyError> {
+    nftables::helper::apply_ruleset_raw(
+        &payload.to_string(),
+        nftables::helper::DEFAULT_NFT,
+        nftables::helper::DEFAULT_ARGS,
+    )
+    .map(|_| ())
+    .map_err(|e| ProxyError::Nft(e.to_string()))
+}
+
+fn lo_index() -> Result<u32, ProxyError> {
+    nix::net::if_::if_nametoindex("lo")
+        .map_err(|e| ProxyError::from_io("finding lo", std::io::Error::from(e)))
+}
+
+/// Installs (or replaces) the diversion: policy routing, then the table.
+pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), ProxyError> {
+    let lo = lo_index()?;
+    let mut nl = netfault_ebpf::TcSocket::open()?;
+    nl.add_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    if ports.in6.is_some() || ports.out6.is_some() {
+        nl.add_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    }
+    nft(&ruleset(diversions, ports))
+}
+
+/// Re-arms the leases of `diversions` (each to its `lease_ms`), in one
+/// transaction: a fault's set never looks empty in between.
+pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
+    let mut cmds = Vec::new();
+    for d in diversions {
+        cmds.push(json!({"flush": {"set": {"family": FAMILY, "table": TABLE,
+            "name": lease_set(d.tag)}}}));
+        cmds.push(lease_elements(d));
+    }
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    nft(&json!({"nftables": cmds}))
+}
+
+/// Removes the table and the policy routing, whatever of them exists.
+pub fn remove_here() -> Result<(), ProxyError> {
+    let t = json!({"family": FAMILY, "name": TABLE});
+    nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))?;
+    let lo = lo_index()?;
+    let mut nl = netfault_ebpf::TcSocket::open()?;
+    nl.del_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    nl.del_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netfault_api::spec::PortRange;
+
+    fn div(cidr: Option<&str>) -> Diversion {
+        let mut selector = Match::default();
+        selector.ports = vec![
+            PortRange { lo: 80, hi: 80 },
+            PortRange { lo: 8000, hi: 8099 },
+        ];
+        selector.cidr = cidr.map(|c| c.parse().expect("cidr"));
+        Diversion {
+            tag: 7,
+            inbound: true,
+            outbound: true,
+            selector,
+            lease_ms: 2500,
+        }
+    }
+
+    fn ports() -> ListenerPorts {
+        ListenerPorts {
+            in4: Some(40001),
+            in6: Some(40002),
+            out4: Some(40003),
+            out6: Some(40004),
+        }
+    }
+
+    fn rules_in(v: &Value, chain: &str) -> Vec<String> {
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_v4_cidr_diverts_only_v4_and_leases_round_up() {
+        let v = ruleset(&[div(Some("198.18.0.0/15"))], &ports());
+        let pre = rules_in(&v, "prerouting");
+        // Two outbound-listener rules plus one inbound rule (v4 only).
+        assert_eq!(pre.len(), 3, "{pre:#?}");
+        let inbound = &pre[2];
+        assert!(inbound.contains("\"port\":40001"), "{inbound}");
+        assert!(inbound.contains("\"saddr\""), "{inbound}");
+        assert!(inbound.contains("@l7"), "{inbound}");
+        let out = rules_in(&v, "output");
+        assert_eq!(out.len(), 4, "{out:#?}");
+        assert!(out[3].contains("\"daddr\"") && out[3].contains("\"new\""));
+        let elems = v.to_string();
+        assert!(elems.contains("\"timeout\":3"), "2500 ms rounds up to 3 s");
+    }
+
+    #[test]
+    fn no_cidr_diverts_both_families_and_no_v6_listener_means_no_v6_rules() {
+        let v = ruleset(&[div(None)], &ports());
+        assert_eq!(rules_in(&v, "prerouting").len(), 4);
+        assert_eq!(rules_in(&v, "output").len(), 5);
+        let only4 = ListenerPorts {
+            in6: None,
+            out6: None,
+            ..ports()
+        };
+        let v = ruleset(&[div(None)], &only4);
+        assert_eq!(rules_in(&v, "prerouting").len(), 2);
+        assert_eq!(rules_in(&v, "output").len(), 4);
+    }
+
+    #[test]
+    fn draining_keeps_only_connection_rules() {
+        let v = ruleset(&[], &ports());
+        let all = v.to_string();
+        assert!(!all.contains("@l"), "no lease sets: {all}");
+        assert_eq!(rules_in(&v, "output").len(), 3);
+    }
+}
