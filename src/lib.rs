@@ -14,7 +14,8 @@
 //!   node netns; [`Node::del_pod`] runs DEL in reverse with the cached result.
 //! - [`Agent`]: a real `netfaultd` on a socket in a temp dir.
 //! - Traffic: [`udp_probe`], [`tcp_listen`], [`tcp_connect_ok`], [`tcp_echo`],
-//!   real sockets opened inside the pods' namespaces.
+//!   real sockets opened inside the pods' namespaces; [`http_serve`] and
+//!   [`http_get`] for HTTP.
 //!
 //! Test addresses: 198.18.0.0/24 and `fd00:xxxx:xxxx:xxxx::/64`, only inside
 //! namespaces a test created. Everything is torn down on drop, also on panic,
@@ -25,6 +26,7 @@
 
 mod agent;
 mod error;
+mod http;
 mod netns;
 mod node;
 mod tmp;
@@ -36,6 +38,7 @@ use std::sync::OnceLock;
 
 pub use agent::Agent;
 pub use error::{Error, PluginError, Result};
+pub use http::{http_get, http_serve, HttpReply, HttpServer};
 pub use netns::{in_netns, remove_stale_netns, Netns};
 pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
 pub use tmp::TempDir;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use testbed::{udp_probe, Agent, Node, NodeOptions, Pod};
+use testbed::{http_get, http_serve, udp_probe, Agent, Node, NodeOptions, Pod};
 
 const PACKETS: u32 = 2000;
 const GAP: Duration = Duration::from_micros(200);
@@ -70,6 +70,10 @@ fn counters(client: &netfault_api::Client, id: &str) -> String {
     match client.call("GET", &format!("/v1/faults/{id}"), None) {
         Ok(f) if f["backend"] == "nfqueue" => format!(
             "matched {} delayed {}",
+            f["counters"]["matched"], f["counters"]["affected"]
+        ),
+        Ok(f) if f["backend"] == "proxy" => format!(
+            "matched {} affected {}",
             f["counters"]["matched"], f["counters"]["affected"]
         ),
         Ok(f) => format!(
@@ -259,6 +263,8 @@ fn main() -> Result<()> {
     println!();
     println!("Loss and latency (median one-way) were measured by the receiving pod's socket; the senders saw no errors (silent loss, as on a real network).");
 
+    http_demo(&client, &web, &api)?;
+
     for pod in [&web, &api, &flaky] {
         node.del_pod(pod)?;
     }
@@ -266,6 +272,144 @@ fn main() -> Result<()> {
     println!(
         "CNI DEL released every pod: {} sandboxes left enrolled.",
         left.as_array().map_or(0, Vec::len)
+    );
+    Ok(())
+}
+
+const REQUESTS: usize = 200;
+
+/// What a client pod saw for `REQUESTS` requests: status counts and the
+/// median time to the whole reply.
+fn http_row(
+    client: &netfault_api::Client,
+    scenario: &str,
+    (from, to): (&Pod, &Pod),
+    path: &str,
+    expected: &str,
+    fault: Option<&str>,
+) -> Result<String> {
+    let ip = v4(to)?;
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut times = Vec::with_capacity(REQUESTS);
+    for _ in 0..REQUESTS {
+        let r = http_get(from, ip, 8080, path)?;
+        *statuses.entry(r.status).or_default() += 1;
+        times.push(r.elapsed);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let seen: Vec<String> = statuses
+        .iter()
+        .map(|(s, n)| {
+            if *s == 0 {
+                format!("reset x{n}")
+            } else {
+                format!("{s} x{n}")
+            }
+        })
+        .collect();
+    let counters = fault.map(|id| counters(client, id)).unwrap_or_default();
+    Ok(format!(
+        "{:<37} {:<14} {:<20} {:>10.2} ms  {:<18} {}",
+        scenario,
+        path,
+        seen.join(", "),
+        median.as_secs_f64() * 1000.0,
+        expected,
+        counters
+    ))
+}
+
+fn post(client: &netfault_api::Client, body: Value) -> Result<String> {
+    let f = client.call("POST", "/v1/faults", Some(&body))?;
+    Ok(f["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// HTTP faults through the agent's transparent proxy: server side (api's
+/// ingress) and client side (web's egress).
+fn http_demo(client: &netfault_api::Client, web: &Pod, api: &Pod) -> Result<()> {
+    let _server = http_serve(api, 8080)?;
+    let pair = (web, api);
+    let mut rows = vec![http_row(client, "baseline", pair, "/home", "200", None)?];
+    let abort = post(
+        client,
+        json!({"target": {"sandbox": api.container_id}, "direction": "ingress",
+            "match": {"ports": "8080"},
+            "action": {"type": "http-abort", "status": 503, "percent": 30}, "duration": "60s"}),
+    )?;
+    rows.push(http_row(
+        client,
+        "api: abort 503 on 30% (server side)",
+        pair,
+        "/home",
+        "~30% 503",
+        Some(&abort),
+    )?);
+    client.call("DELETE", &format!("/v1/faults/{abort}"), None)?;
+    let by_path = post(
+        client,
+        json!({"target": {"sandbox": web.container_id}, "direction": "egress",
+            "match": {"ports": "8080"},
+            "action": {"type": "http-abort", "status": 503, "http": {"path": "/checkout*"}},
+            "duration": "60s"}),
+    )?;
+    for path in ["/checkout/42", "/home"] {
+        let expected = if path == "/home" {
+            "200 (other path)"
+        } else {
+            "100% 503"
+        };
+        rows.push(http_row(
+            client,
+            "web: abort /checkout* (client side)",
+            pair,
+            path,
+            expected,
+            Some(&by_path),
+        )?);
+    }
+    client.call("DELETE", &format!("/v1/faults/{by_path}"), None)?;
+    let delay = post(
+        client,
+        json!({"target": {"sandbox": api.container_id}, "direction": "ingress",
+            "match": {"ports": "8080"},
+            "action": {"type": "http-delay", "delay": "100ms", "phase": "response"},
+            "duration": "60s"}),
+    )?;
+    rows.push(http_row(
+        client,
+        "api: response delay 100 ms",
+        pair,
+        "/home",
+        "200, +100 ms",
+        Some(&delay),
+    )?);
+    // Through the server-side proxy, the server still sees the client.
+    let peer = http_get(web, v4(api)?, 8080, "/whoami")?;
+    client.call("DELETE", &format!("/v1/faults/{delay}"), None)?;
+    rows.push(http_row(
+        client,
+        "after removal",
+        pair,
+        "/home",
+        "200",
+        None,
+    )?);
+    println!();
+    println!(
+        "HTTP through netfaultd's transparent proxy ({REQUESTS} requests each, web -> api:8080, a new connection per request):"
+    );
+    println!(
+        "{:<37} {:<14} {:<20} {:>13}  {:<18} AGENT COUNTERS",
+        "SCENARIO", "PATH", "STATUS SEEN", "MEDIAN TIME", "EXPECTED"
+    );
+    for r in rows {
+        println!("{r}");
+    }
+    println!(
+        "Through the server-side proxy, api saw web's own address ({}): {}",
+        v4(web)?,
+        peer.body
     );
     Ok(())
 }
