@@ -55,6 +55,11 @@ impl Metrics {
             "# HELP netfault_delay_queue_overflows_total Times a delay queue's socket overflowed, letting packets pass undelayed.\n# TYPE netfault_delay_queue_overflows_total counter\nnetfault_delay_queue_overflows_total {}",
             crate::delay::queue_overflows()
         );
+        let _ = writeln!(
+            out,
+            "# HELP netfault_proxy_open_connections Connections the transparent proxy serves now.\n# TYPE netfault_proxy_open_connections gauge\nnetfault_proxy_open_connections {}",
+            reg.proxy_open_connections()
+        );
         for (name, help) in [
             (
                 "netfault_fault_packets_matched_total",
@@ -64,11 +69,17 @@ impl Metrics {
                 "netfault_fault_packets_dropped_total",
                 "Packets a fault dropped.",
             ),
+            (
+                "netfault_fault_affected_total",
+                "Packets (delay), requests or connections (proxy) a fault acted on.",
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for f in &faults {
                 let v = if name.ends_with("matched_total") {
                     f.counters.matched
+                } else if name.ends_with("affected_total") {
+                    f.counters.affected
                 } else {
                     f.counters.dropped
                 };

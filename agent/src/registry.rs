@@ -295,6 +295,11 @@ impl Registry {
     /// with it: faults still before their deadline are re-installed on the
     /// new programs (atomically replacing the old filters), the rest are
     /// marked expired and their filters removed.
+    /// Connections the transparent proxy serves now, over every sandbox.
+    pub fn proxy_open_connections(&self) -> u64 {
+        self.lock().proxy.open_connections()
+    }
+
     pub fn open(cfg: Config) -> Result<Registry, AgentError> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
             AgentError::Internal(format!("creating {}: {e}", cfg.state_dir.display()))

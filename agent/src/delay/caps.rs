@@ -125,8 +125,39 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
     if delay_reason.is_none() {
         actions.extend(["delay", "reorder"]);
     }
+    // Without a readable kernel config, assume it is there (the install
+    // then says what is missing).
+    let tproxy = cfg.text.is_none() || cfg.feature("CONFIG_NFT_TPROXY", "nft_tproxy");
+    let proxy_reason = if !nft {
+        Some("the nft binary is not in PATH")
+    } else if !tproxy {
+        Some("the kernel lacks nft_tproxy (CONFIG_NFT_TPROXY)")
+    } else {
+        None
+    };
+    let mut proxy = json!({
+        "backend": "proxy",
+        "available": proxy_reason.is_none(),
+        "diversion": "nft table inet netfault_proxy: tproxy to IP_TRANSPARENT listeners in the pod netns, fwmark policy routing to lo",
+        "lease_seconds": crate::l7::LEASE.as_secs(),
+        "protocols": ["http/1.1", "h2 (prior knowledge)", "grpc", "raw tcp"],
+    });
+    if let Some(r) = proxy_reason {
+        proxy["reason"] = json!(r);
+    } else {
+        actions.extend([
+            "http-abort",
+            "http-delay",
+            "http-replace",
+            "http-patch",
+            "tcp-reset",
+            "tcp-slow-close",
+            "tcp-bandwidth",
+        ]);
+    }
     json!({
         "delay": delay,
+        "proxy": proxy,
         "edt": edt,
         "netem": netem_v,
         "ipv6": Path::new("/proc/net/if_inet6").exists(),
