@@ -29,6 +29,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use serde_json::json;
@@ -274,19 +275,26 @@ fn run() -> anyhow::Result<()> {
         );
         let mut results: BTreeMap<&str, Vec<Load>> = BTreeMap::new();
         for _ in 0..ROUNDS {
-            let r = rt.block_on(load(&client, direct, conns, ROUND))?;
+            let r = rt
+                .block_on(load(&client, direct, conns, ROUND))
+                .context("direct load")?;
             results.entry("direct").or_default().push(r);
             match api.call("POST", "/v1/faults", Some(&fault_body)) {
                 Ok(f) => {
                     let id = f["id"].as_str().unwrap_or_default().to_string();
                     let r = rt.block_on(load(&client, direct, conns, ROUND));
                     api.call("DELETE", &format!("/v1/faults/{id}"), None)?;
-                    results.entry("netfault").or_default().push(r?);
+                    results
+                        .entry("netfault")
+                        .or_default()
+                        .push(r.context("load through netfault")?);
                 }
                 Err(e) => println!("   netfault proxy fault refused: {e}"),
             }
             if _hg.0.is_some() {
-                let r = rt.block_on(load(&client, via_haproxy, conns, ROUND))?;
+                let r = rt
+                    .block_on(load(&client, via_haproxy, conns, ROUND))
+                    .context("load through haproxy")?;
                 results.entry("haproxy").or_default().push(r);
             }
         }

@@ -64,7 +64,7 @@ type SocketRequest = (Option<IpAddr>, SocketAddr, SocketReply);
 
 /// Creates upstream sockets inside the pod netns, on its own thread.
 struct Factory {
-    tx: Mutex<std::sync::mpsc::Sender<SocketRequest>>,
+    tx: Arc<Mutex<std::sync::mpsc::Sender<SocketRequest>>>,
 }
 
 impl Factory {
@@ -80,7 +80,9 @@ impl Factory {
                 let _ = reply.send(made);
             }
         })?;
-        Ok(Factory { tx: Mutex::new(tx) })
+        Ok(Factory {
+            tx: Arc::new(Mutex::new(tx)),
+        })
     }
 }
 
@@ -93,6 +95,25 @@ struct PodConnector {
     local: Vec<IpAddr>,
 }
 
+/// How often a connect that found its 4-tuple taken (a port of the
+/// client's address still in TIME_WAIT) is tried again on another port.
+const CONNECT_TRIES: usize = 4;
+
+impl PodConnector {
+    fn socket(
+        tx: &Mutex<std::sync::mpsc::Sender<SocketRequest>>,
+        bind: Option<IpAddr>,
+        to: SocketAddr,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<std::io::Result<OwnedFd>>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.lock()
+            .map_err(|_| std::io::Error::other("socket factory poisoned"))?
+            .send((bind, to, reply))
+            .map_err(|_| std::io::Error::other("socket factory stopped"))?;
+        Ok(rx)
+    }
+}
+
 impl Connector for PodConnector {
     fn connect(
         &self,
@@ -100,24 +121,23 @@ impl Connector for PodConnector {
         to: SocketAddr,
     ) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>
     {
-        let (reply, rx) = tokio::sync::oneshot::channel();
         let bind = self.local.contains(&to.ip()).then_some(from.ip());
-        let sent = self
-            .factory
-            .tx
-            .lock()
-            .map_err(|_| std::io::Error::other("socket factory poisoned"))
-            .and_then(|tx| {
-                tx.send((bind, to, reply))
-                    .map_err(|_| std::io::Error::other("socket factory stopped"))
-            });
+        let tx = self.factory.tx.clone();
         Box::pin(async move {
-            sent?;
-            let fd = rx
-                .await
-                .map_err(|_| std::io::Error::other("socket factory stopped"))??;
-            let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-            socket.connect(to).await
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let fd = PodConnector::socket(&tx, bind, to)?
+                    .await
+                    .map_err(|_| std::io::Error::other("socket factory stopped"))??;
+                let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+                match socket.connect(to).await {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                            && tries < CONNECT_TRIES => {}
+                    r => return r,
+                }
+            }
         })
     }
 }
@@ -155,10 +175,65 @@ impl Drop for SandboxProxy {
     }
 }
 
+/// The threads that serve proxied connections: one single-threaded tokio
+/// runtime each (thread per core, as haproxy and Envoy do). A connection
+/// stays on the thread that got it, so its wake-ups never cross threads;
+/// a work-stealing runtime spent most of its time in futex wake-ups here.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    fn start(n: usize) -> Result<Workers, L7Error> {
+        let mut handles = Vec::with_capacity(n);
+        let mut stop = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(L7Error::Runtime)?;
+            handles.push(rt.handle().clone());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stop.push(tx);
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = rx.await;
+                    });
+                })
+                .map_err(L7Error::Runtime)?;
+        }
+        Ok(Workers {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            stop,
+        })
+    }
+
+    /// The next worker, round robin.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// Every sandbox's proxy state, owned by the registry.
 #[derive(Default)]
 pub struct ProxyEngine {
+    /// Accept loops, lease refreshers and drains.
     rt: Option<tokio::runtime::Runtime>,
+    workers: Option<Arc<Workers>>,
     sandboxes: HashMap<String, SandboxProxy>,
     /// Sandboxes whose last fault went while connections were open.
     draining: HashMap<String, tokio::task::JoinHandle<()>>,
@@ -195,10 +270,14 @@ impl ProxyEngine {
     }
 
     fn runtime(&mut self) -> Result<tokio::runtime::Handle, L7Error> {
+        if self.workers.is_none() {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+            self.workers = Some(Arc::new(Workers::start(n)?));
+        }
         if self.rt.is_none() {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("proxy")
+                .worker_threads(1)
+                .thread_name("proxy-control")
                 .enable_all()
                 .build()
                 .map_err(L7Error::Runtime)?;
@@ -377,6 +456,10 @@ impl ProxyEngine {
         local: &[IpAddr],
     ) -> Result<SandboxProxy, L7Error> {
         let rt = self.runtime()?;
+        let workers = self
+            .workers
+            .clone()
+            .ok_or_else(|| L7Error::Runtime(std::io::Error::other("no proxy workers")))?;
         let listeners = flatten(netns::run_in(path, proxy::open_listeners_here))?;
         let ports = listeners.ports();
         let connector = PodConnector {
@@ -391,6 +474,7 @@ impl ProxyEngine {
                 .map_err(|e| proxy::ProxyError::from_io("serving a listener", e))?;
             let p = proxy.clone();
             let sb = sandbox.to_string();
+            let workers = workers.clone();
             accepts.push(rt.spawn(async move {
                 loop {
                     match listener.accept().await {
@@ -404,8 +488,17 @@ impl ProxyEngine {
                             if ports.contains(orig.port()) {
                                 continue;
                             }
+                            // Re-registered with the worker's own reactor.
+                            let Ok(std) = stream.into_std() else {
+                                continue;
+                            };
                             let p = p.clone();
-                            tokio::spawn(async move { p.serve(stream, peer, orig, side).await });
+                            workers.pick().spawn(async move {
+                                match tokio::net::TcpStream::from_std(std) {
+                                    Ok(s) => p.serve(s, peer, orig, side).await,
+                                    Err(e) => tracing::warn!(error = %e, "proxy worker refused a connection"),
+                                }
+                            });
                         }
                         Err(e) => {
                             tracing::warn!(sandbox = %sb, error = %e, "proxy accept failed");

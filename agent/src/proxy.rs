@@ -63,6 +63,19 @@ pub const CT_UPSTREAM: u32 = 0x4e46_0021;
 pub const ROUTE_TABLE: u32 = 0x4e46;
 pub const RULE_PRIORITY: u32 = 0x4e46;
 
+/// Source ports of the proxy's upstream connections on the server side
+/// (those bound to the client's address): outside the default ephemeral
+/// range (32768-60999) that clients pick from. The kernel's own choice
+/// hashes (source, destination, port) the same way in every netns, so it
+/// picks the very port the client used, and the upstream connection would
+/// share its 4-tuple (sockets and conntrack) with the client's connection.
+/// (`IP_LOCAL_PORT_RANGE` can only narrow the netns's range, so the agent
+/// picks the port itself.)
+pub const UPSTREAM_PORTS: (u16, u16) = (61000, 65535);
+
+/// How many ports of [`UPSTREAM_PORTS`] an upstream socket tries.
+const PORT_TRIES: usize = 64;
+
 pub const TABLE: &str = "netfault_proxy";
 const FAMILY: &str = "inet";
 
@@ -242,15 +255,46 @@ pub fn upstream_socket_here(from: Option<IpAddr>, to: SocketAddr) -> Result<TcpS
         .map_err(io("setting TCP_NODELAY on an upstream socket"))?;
     if let Some(ip) = from.filter(|ip| ip.is_ipv6() == ipv6) {
         set_transparent(&s, ipv6).map_err(io("making an upstream socket transparent"))?;
-        // The port is picked at connect(), with the whole 4-tuple known.
-        set_int(&s, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
-            .map_err(io("setting IP_BIND_ADDRESS_NO_PORT"))?;
-        s.bind(&SocketAddr::new(ip, 0).into())
-            .map_err(io("binding an upstream socket to the client address"))?;
+        // IPv4: bound to lo (where it goes anyway: the server is local), so
+        // the kernel's default tcp_tw_reuse (loopback only) lets a new
+        // upstream connection reuse a 4-tuple in TIME_WAIT: the proxy
+        // closes first when a client does, and UPSTREAM_PORTS would
+        // otherwise cap new connections from one client to one server port
+        // at about 75/s. (IPv6 finds no route to a local address via lo.)
+        if !ipv6 {
+            s.bind_device(Some(b"lo"))
+                .map_err(io("binding an upstream socket to lo"))?;
+        }
+        // Ports in TIME_WAIT may be bound again (connect then checks the
+        // 4-tuple).
+        s.set_reuse_address(true)
+            .map_err(io("setting SO_REUSEADDR on an upstream socket"))?;
+        bind_upstream_port(&s, ip)?;
     }
     s.set_nonblocking(true)
         .map_err(io("making an upstream socket non-blocking"))?;
     Ok(s.into())
+}
+
+/// Binds `s` to `ip` and a free port of [`UPSTREAM_PORTS`], starting at a
+/// random one.
+fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), ProxyError> {
+    let (lo, hi) = UPSTREAM_PORTS;
+    let span = u32::from(hi - lo) + 1;
+    let start: u32 = rand::random_range(0..span);
+    let mut last = None;
+    for i in 0..PORT_TRIES as u32 {
+        let port = lo + ((start + i * 7919) % span) as u16;
+        match s.bind(&SocketAddr::new(ip, port).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => last = Some(e),
+            Err(e) => return Err(ProxyError::from_io("binding an upstream socket", e)),
+        }
+    }
+    Err(ProxyError::from_io(
+        "binding an upstream socket: every port tried is in use",
+        last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EADDRINUSE)),
+    ))
 }
 
 fn m(left: Value, right: Value) -> Value {

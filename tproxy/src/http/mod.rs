@@ -199,7 +199,6 @@ where
     };
     let (sender, up_conn) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
-        .max_headers(500)
         .handshake::<_, ProxyBody>(TokioIo::new(up_io))
         .await
         .map_err(ProxyError::UpstreamHandshake)?;
@@ -212,7 +211,6 @@ where
         .preserve_header_case(true)
         .auto_date_header(false)
         .header_read_timeout(None)
-        .max_headers(500)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     let up_conn = up_conn.with_upgrades();
