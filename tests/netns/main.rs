@@ -7,3 +7,4 @@ mod lifecycle;
 mod loss;
 mod packet_actions;
 mod support;
+mod tproxy;
