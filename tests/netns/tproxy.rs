@@ -627,7 +627,7 @@ fn h2_and_grpc_aborts() {
             .send_request(call("/pkg.Svc/Down", false))
             .await
             .expect("h2 reply");
-        assert_eq!(r.status(), 503, "h2 abort");
+        assert_eq!(r.status(), 503, "h2 abort: {}", c.get_fault(&f));
         let r = tx
             .send_request(call("/pkg.Svc/Down", true))
             .await

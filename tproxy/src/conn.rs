@@ -162,7 +162,11 @@ impl Connection {
 async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Bytes), ProxyError> {
     let mut buf = BytesMut::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
-    let mut probe = [0u8; 1];
+    let mut probe = [0u8; 9];
+    // The server sent an HTTP/2 SETTINGS frame: its connection preface,
+    // which h2 servers may send before the client's. Not a server that
+    // speaks first: keep listening to the client.
+    let mut h2_server = false;
     loop {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
@@ -181,8 +185,14 @@ async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Byt
             }
             // Only while the client has said nothing: a server that speaks
             // first (SMTP, MySQL, SSH...) or closes at once.
-            _ = upstream.peek(&mut probe), if buf.is_empty() => {
-                return Ok((Protocol::Raw, buf.freeze()));
+            r = upstream.peek(&mut probe), if buf.is_empty() && !h2_server => {
+                let n = r.unwrap_or(0);
+                match sniff::h2_settings_header(&probe[..n]) {
+                    Some(true) => h2_server = true,
+                    // Too few bytes to tell yet.
+                    None => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                    Some(false) => return Ok((Protocol::Raw, buf.freeze())),
+                }
             }
             () = tokio::time::sleep_until(deadline) => {
                 let p = if buf.is_empty() { Protocol::Raw } else { sniff::decide(&buf) };

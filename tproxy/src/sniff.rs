@@ -91,9 +91,50 @@ fn classify_complete(buf: &[u8]) -> Option<Protocol> {
     classify(buf)
 }
 
+/// Whether `peeked` (the server's first bytes) is the header of an HTTP/2
+/// SETTINGS frame on stream 0 (a server's connection preface): `None`
+/// while too few bytes have arrived to tell, or the connection closed.
+pub(crate) fn h2_settings_header(peeked: &[u8]) -> Option<bool> {
+    if peeked.is_empty() {
+        return Some(false);
+    }
+    // Type SETTINGS (4), stream identifier 0, length a multiple of 6.
+    let fits = peeked.get(3).is_none_or(|t| *t == 4) && peeked.iter().skip(5).all(|b| *b == 0);
+    if !fits {
+        return Some(false);
+    }
+    if peeked.len() < 9 {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, peeked[0], peeked[1], peeked[2]]);
+    Some(len % 6 == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_h2_server_preface_is_told_from_a_banner() {
+        // An empty SETTINGS frame, and one with two settings.
+        assert_eq!(h2_settings_header(&[0, 0, 0, 4, 0, 0, 0, 0, 0]), Some(true));
+        assert_eq!(
+            h2_settings_header(&[0, 0, 12, 4, 0, 0, 0, 0, 0]),
+            Some(true)
+        );
+        assert_eq!(h2_settings_header(&[0, 0, 12]), None);
+        assert_eq!(h2_settings_header(b"220 smtp.example ESMTP"), Some(false));
+        assert_eq!(h2_settings_header(b"SSH-2.0-OpenSSH_9.6"), Some(false));
+        assert_eq!(
+            h2_settings_header(&[0, 0, 7, 4, 0, 0, 0, 0, 0]),
+            Some(false)
+        );
+        assert_eq!(
+            h2_settings_header(&[0, 0, 6, 4, 0, 0, 0, 0, 1]),
+            Some(false)
+        );
+        assert_eq!(h2_settings_header(&[]), Some(false));
+    }
 
     #[test]
     fn request_lines_preface_and_others() {
