@@ -553,12 +553,14 @@ mod tests {
     use netfault_api::spec::PortRange;
 
     fn div(cidr: Option<&str>) -> Diversion {
-        let mut selector = Match::default();
-        selector.ports = vec![
-            PortRange { lo: 80, hi: 80 },
-            PortRange { lo: 8000, hi: 8099 },
-        ];
-        selector.cidr = cidr.map(|c| c.parse().expect("cidr"));
+        let selector = Match {
+            ports: vec![
+                PortRange { lo: 80, hi: 80 },
+                PortRange { lo: 8000, hi: 8099 },
+            ],
+            cidr: cidr.map(|c| c.parse().expect("cidr")),
+            ..Match::default()
+        };
         Diversion {
             tag: 7,
             inbound: true,

@@ -961,3 +961,57 @@ fn ipv6_abort_leaves_ipv4_alone() {
         "v6 source preserved"
     );
 }
+
+/// `tcp-slow-close` holds back the server's FIN: a client reading until
+/// EOF sees the reply at once and the close only after the delay.
+#[test]
+fn slow_close_holds_the_fin() {
+    if !testbed::is_root() {
+        eprintln!("skipped: requires root");
+        return;
+    }
+    let c = Cluster::new(false);
+    let (client, server) = (c.pod("client"), c.pod("server"));
+    // One request per connection; the server closes after replying.
+    let _srv = testbed::http_serve(&server, 18093).expect("HTTP server");
+    let to = SocketAddr::new(v4(&server), 18093);
+    let until_eof = || {
+        let mut s = connect(&client, to).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: s\r\n\r\n")
+            .expect("request");
+        let t = Instant::now();
+        let mut first = None;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(|| t.elapsed());
+                    got.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        (first.unwrap_or_default(), t.elapsed())
+    };
+    let (_, base) = until_eof();
+    c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18093,
+        json!({"type": "tcp-slow-close", "delay": "500ms"}),
+    ));
+    let (reply, eof) = until_eof();
+    assert!(
+        reply < Duration::from_millis(100),
+        "the reply is not held: {reply:?}"
+    );
+    assert!(
+        eof >= Duration::from_millis(500) && eof < Duration::from_millis(700),
+        "EOF after {eof:?} (without the fault {base:?})"
+    );
+}

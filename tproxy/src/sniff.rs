@@ -107,7 +107,7 @@ pub(crate) fn h2_settings_header(peeked: &[u8]) -> Option<bool> {
         return None;
     }
     let len = u32::from_be_bytes([0, peeked[0], peeked[1], peeked[2]]);
-    Some(len % 6 == 0)
+    Some(len.is_multiple_of(6))
 }
 
 #[cfg(test)]
