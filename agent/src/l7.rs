@@ -322,11 +322,26 @@ impl ProxyEngine {
         *epochs.entry(sandbox.to_string()).or_default() += 1;
     }
 
-    /// Closes a sandbox's proxy without touching its netns (it is gone).
+    /// Closes a sandbox's proxy at once, cutting the connections it
+    /// carries, without touching its netns (it is gone or going).
     pub fn close(&mut self, sandbox: &str) {
         self.new_epoch(sandbox);
-        self.sandboxes.remove(sandbox);
+        if let Some(sp) = self.sandboxes.remove(sandbox) {
+            sp.proxy.shutdown();
+        }
         lock(&self.epochs).remove(sandbox);
+    }
+
+    /// The sandbox is being released (CNI DEL): closes its proxy at once
+    /// (no drain: the pod is going away) and removes the diversion if the
+    /// netns is still there.
+    pub fn release(&mut self, sandbox: &str, netns_path: &Path) -> Result<(), L7Error> {
+        self.close(sandbox);
+        match netns::run_in(netns_path, proxy::remove_here) {
+            Ok(r) => r.map_err(L7Error::from),
+            Err(NetnsError::Gone { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Brings a sandbox in line with `faults` (its active proxy faults):
@@ -422,6 +437,8 @@ impl ProxyEngine {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let open = sp.proxy.open_connections();
+            // Past the drain limit: cut what is left.
+            sp.proxy.shutdown();
             let removed = tokio::task::spawn_blocking(move || {
                 let epochs = lock(&epochs);
                 if epochs.get(&sb).copied() != Some(epoch) {

@@ -613,7 +613,10 @@ impl Registry {
         if had_proxy {
             let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
             if same {
-                inner.sync_proxy(id)?;
+                inner
+                    .proxy
+                    .release(id, Path::new(&sb.netns))
+                    .map_err(|e| internal("removing the proxy diversion")(e.to_string()))?;
             } else {
                 inner.proxy.close(id);
             }

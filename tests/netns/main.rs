@@ -6,6 +6,5 @@ mod delay;
 mod lifecycle;
 mod loss;
 mod packet_actions;
-mod proxy;
 mod support;
 mod tproxy;

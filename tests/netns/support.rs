@@ -152,16 +152,19 @@ pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
                 Err(e) => tcx.push(format!("query failed: {e}")),
             }
         }
-        let ruleset = nftables::helper::get_current_ruleset().expect("nft -j list ruleset");
-        let nft_tables = ruleset
-            .objects
-            .iter()
-            .filter_map(|o| match o {
-                nftables::schema::NfObject::ListObject(nftables::schema::NfListObject::Table(
-                    t,
-                )) => Some(format!("{:?} {}", t.family, t.name)),
-                _ => None,
-            })
+        // Raw JSON: the typed schema does not know every expression (tproxy).
+        let raw = nftables::helper::get_current_ruleset_raw(
+            nftables::helper::DEFAULT_NFT,
+            ["list", "tables"],
+        )
+        .expect("nft -j list tables");
+        let listed: Value = serde_json::from_str(&raw).expect("nft JSON");
+        let nft_tables = listed["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("table"))
+            .map(|t| format!("{} {}", t["family"], t["name"]))
             .collect();
         let mut sock = netfault_ebpf::TcSocket::open().expect("netlink");
         NetnsState {

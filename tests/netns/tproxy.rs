@@ -915,8 +915,23 @@ fn connections_before_and_across_changes() {
         18091,
         json!({"type": "http-abort", "status": 503}),
     ));
-    let _open = H1::open(&client, to).expect("connect");
+    let mut open = H1::open(&client, to).expect("connect");
+    assert_eq!(
+        open.get("/x").expect("reply").status,
+        503,
+        "proxied, left open"
+    );
     c.node.del_pod(&server).expect("CNI DEL");
+    // Released at once, open connection or not: no drain for a pod that
+    // goes away. Its netns (still there) holds nothing of ours.
+    let left = netns_state(server.netns.path(), "lo");
+    assert!(left.nft_tables.is_empty(), "after CNI DEL: {left:?}");
+    assert_eq!(left.rules, pristine_s.rules, "after CNI DEL");
+    assert!(
+        !left.routes.iter().any(|r| r.contains("Table(20038)")),
+        "after CNI DEL: {:?}",
+        left.routes
+    );
     let sandboxes = c
         .agent
         .client()
@@ -1014,4 +1029,45 @@ fn slow_close_holds_the_fin() {
         eof >= Duration::from_millis(500) && eof < Duration::from_millis(700),
         "EOF after {eof:?} (without the fault {base:?})"
     );
+}
+
+/// `http-replace`: in the request phase the server receives the replaced
+/// path; in the response phase the client gets the replaced status, body
+/// (with matching framing) and header.
+#[test]
+fn http_replace_request_and_response() {
+    if !testbed::is_root() {
+        eprintln!("skipped: requires root");
+        return;
+    }
+    let c = Cluster::new(false);
+    let (client, server) = (c.pod("client"), c.pod("server"));
+    let _srv = serve(&server, 18094, false);
+    let to = SocketAddr::new(v4(&server), 18094);
+    c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18094,
+        json!({"type": "http-replace", "phase": "request", "path": "/replaced",
+               "http": {"path": "/orig"}}),
+    ));
+    c.fault(proxy_fault(
+        &client,
+        "egress",
+        18094,
+        json!({"type": "http-replace", "phase": "response", "status": 500, "body": "replaced",
+               "headers": {"x-replaced": "yes"}, "http": {"path": "/r500"}}),
+    ));
+    let r = get(&client, to, "/orig").expect("reply");
+    assert_eq!(
+        (r.status, r.json()["path"].clone()),
+        (200, json!("/replaced"))
+    );
+    let r = get(&client, to, "/r500").expect("reply");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body, b"replaced");
+    assert_eq!(r.header("x-replaced"), Some("yes"));
+    if let Some(len) = r.header("content-length") {
+        assert_eq!(len, "8");
+    }
 }

@@ -191,6 +191,8 @@ pub(crate) struct Shared {
     rules: RwLock<Arc<[Arc<CompiledRule>]>>,
     /// Connections being served right now.
     open: AtomicU64,
+    /// Cancelled by [`Proxy::shutdown`]: every connection is cut.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// Counts a connection open while it lives.
@@ -233,6 +235,7 @@ impl Proxy {
                 connector,
                 rules: RwLock::new(Arc::from(Vec::new())),
                 open: AtomicU64::new(0),
+                stop: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }
@@ -250,6 +253,12 @@ impl Proxy {
             Ok(mut w) => *w = compiled,
             Err(poisoned) => *poisoned.into_inner() = compiled,
         }
+    }
+
+    /// Cuts every connection this proxy serves (their sockets close), now
+    /// and for any connection handed to [`Proxy::serve`] later.
+    pub fn shutdown(&self) {
+        self.shared.stop.cancel();
     }
 
     /// Connections being served right now (a removed fault's diversion is
@@ -282,7 +291,11 @@ impl Proxy {
             orig_dst,
             side,
         };
-        match conn.serve(client).instrument(span.clone()).await {
+        let served = tokio::select! {
+            r = conn.serve(client).instrument(span.clone()) => r,
+            () = self.shared.stop.cancelled() => Ok(()),
+        };
+        match served {
             Ok(()) => {}
             Err(e) if e.is_expected() => {
                 span.in_scope(|| tracing::debug!(error = %e, "connection ended"));
