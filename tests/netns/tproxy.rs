@@ -397,6 +397,7 @@ fn aborts_on_both_sides_by_path_and_percent() {
         (68..=132).contains(&aborted),
         "percent 50: {aborted} of {n} aborted"
     );
+    eprintln!("percent 50: {aborted} of {n} aborted");
     let f = c.get_fault(&pct);
     assert_eq!(f["counters"]["affected"], aborted as u64, "{f}");
     c.delete_fault(&pct);
@@ -482,6 +483,7 @@ fn delays_and_json_merge_patch() {
     let req = time("/req");
     let resp = time("/resp");
     let other = time("/x");
+    eprintln!("http-delay: request 300 ms -> {req:?}, response 200 ms -> {resp:?}, other {other:?}, baseline {base:?}");
     assert!(
         req >= Duration::from_millis(300) && req < Duration::from_millis(450),
         "request delay 300 ms: {req:?} (baseline {base:?})"
@@ -501,13 +503,14 @@ fn delays_and_json_merge_patch() {
     }
 }
 
-/// Peak RSS (`VmHWM`) of a process, in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
+/// Resident memory (`VmRSS`) of a process, in KiB. (Not `VmHWM`: the
+/// agent's start-up peak is already above what a stream adds.)
+fn vm_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -536,7 +539,19 @@ fn large_body_streams_through_unbuffered() {
     ));
     // Warm the proxy up, then measure its peak while the body passes.
     assert_eq!(status(&client, to, "/x"), 200);
-    let before = vm_hwm_kib(c.agent.pid());
+    let pid = c.agent.pid();
+    let before = vm_rss_kib(pid);
+    // Sampled while the body passes.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(vm_rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak
+    });
     let mut conn = H1::open(&client, to).expect("connect");
     conn.s
         .write_all(format!("GET /big HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes())
@@ -569,7 +584,11 @@ fn large_body_streams_through_unbuffered() {
     }
     assert_eq!(got, BIG);
     assert_eq!(mismatch, None, "the body arrives unchanged");
-    let grew = vm_hwm_kib(c.agent.pid()).saturating_sub(before);
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    assert!(peak > 0, "VmRSS of the agent was read");
+    let grew = peak.saturating_sub(before);
+    eprintln!("64 MiB streamed: agent RSS {before} KiB, peak {peak} KiB while streaming");
     assert!(
         grew < 16 * 1024,
         "agent peak RSS grew {grew} KiB for a {} MiB body",
@@ -735,6 +754,7 @@ fn tcp_reset_and_bandwidth() {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "{r:?}"
     );
+    eprintln!("tcp-reset after 300 ms: reset at {at:?}");
     assert!(
         at >= Duration::from_millis(280) && at < Duration::from_millis(450),
         "reset after 300 ms came at {at:?}"
@@ -753,6 +773,7 @@ fn tcp_reset_and_bandwidth() {
             Ok(n) => total += n,
         }
     }
+    eprintln!("tcp-reset after 100000 bytes: the client got {total} bytes");
     // Both directions count: the request's bytes are part of the 100000.
     assert!(
         (90_000..=100_000).contains(&total),
@@ -772,6 +793,7 @@ fn tcp_reset_and_bandwidth() {
         got += n;
     }
     let mbit = got as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
+    eprintln!("tcp-bandwidth 8mbit: {mbit:.3} Mbit/s");
     assert!(
         (6.8..=9.2).contains(&mbit),
         "tcp-bandwidth 8mbit measured {mbit:.2} Mbit/s"
@@ -1021,6 +1043,9 @@ fn slow_close_holds_the_fin() {
         json!({"type": "tcp-slow-close", "delay": "500ms"}),
     ));
     let (reply, eof) = until_eof();
+    eprintln!(
+        "tcp-slow-close 500 ms: reply after {reply:?}, EOF after {eof:?} (without: {base:?})"
+    );
     assert!(
         reply < Duration::from_millis(100),
         "the reply is not held: {reply:?}"
