@@ -34,9 +34,9 @@ use crate::proxy;
 
 /// How long a diversion lives without the agent re-arming it: after the
 /// agent dies, new connections go direct within this time.
-pub const LEASE: Duration = Duration::from_secs(5);
-/// How often the agent re-arms the lease.
-const REFRESH: Duration = Duration::from_secs(1);
+pub const LEASE: Duration = Duration::from_secs(2);
+/// How often the agent re-arms the lease (a netlink batch per sandbox).
+const REFRESH: Duration = Duration::from_millis(500);
 /// How long connections proxied before a removal keep their diversion.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -526,8 +526,10 @@ impl ProxyEngine {
             }));
         }
         let leases: Leases = Arc::default();
+        let lease_fd = Arc::new(flatten(netns::run_in(path, proxy::lease_socket_here))?);
         let refresher = rt.spawn(refresh_leases(
             leases.clone(),
+            lease_fd,
             path.to_path_buf(),
             sandbox.to_string(),
         ));
@@ -566,8 +568,9 @@ impl ProxyEngine {
     }
 }
 
-/// Re-arms a sandbox's leases every [`REFRESH`] for as long as it runs.
-async fn refresh_leases(leases: Leases, path: PathBuf, sandbox: String) {
+/// Re-arms a sandbox's leases every [`REFRESH`] for as long as it runs:
+/// a netlink batch through `fd`, or if that fails, `nft` in the netns.
+async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox: String) {
     loop {
         tokio::time::sleep(REFRESH).await;
         let now = Instant::now();
@@ -582,9 +585,13 @@ async fn refresh_leases(leases: Leases, path: PathBuf, sandbox: String) {
         if divs.is_empty() {
             continue;
         }
-        let p = path.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            flatten(netns::run_in(&p, move || proxy::refresh_here(&divs)))
+        let (fd, p) = (fd.clone(), path.clone());
+        let r = tokio::task::spawn_blocking(move || match proxy::rearm(&fd, &divs) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "re-arming over netlink failed; trying nft");
+                flatten(netns::run_in(&p, move || proxy::refresh_here(&divs)))
+            }
         })
         .await;
         match r {

@@ -536,6 +536,45 @@ pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
     nft(&json!({"nftables": cmds}))
 }
 
+/// A netfilter netlink socket in the calling thread's netns, for
+/// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
+/// anywhere, without spawning `nft` or entering the netns).
+pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, ProxyError> {
+    let fd = crate::delay::queue::netfilter_socket().map_err(io("opening a netfilter socket"))?;
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: valid fd, pointer and size of a timeval.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(ProxyError::from_io(
+            "setting SO_RCVTIMEO on a netfilter socket",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(fd)
+}
+
+/// Re-arms the leases of `diversions` (each to its `lease_ms`, with
+/// millisecond precision) in one netlink batch over `fd`
+/// ([`lease_socket_here`]).
+pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), ProxyError> {
+    let leases: Vec<(String, u64)> = diversions
+        .iter()
+        .map(|d| (lease_set(d.tag), d.lease_ms))
+        .collect();
+    crate::delay::nft::arm_leases(fd, TABLE, &leases).map_err(|e| ProxyError::Nft(e.to_string()))
+}
+
 /// Removes the table and the policy routing, whatever of them exists.
 pub fn remove_here() -> Result<(), ProxyError> {
     let t = json!({"family": FAMILY, "name": TABLE});

@@ -419,6 +419,7 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -563,6 +564,56 @@ pub fn commit_here(diversions: &[Diversion], queue: Option<u16>) -> Result<(), D
     let last = seq;
     out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
     send_batch(&fd, &out, last, queue.is_some())
+}
+
+/// One nf_tables batch, over `fd` (a netfilter netlink socket opened in
+/// the sets' netns), that (re)arms the `ipv4` and `ipv6` elements of each
+/// `(set, ms)` in `leases` of the inet table `table`: each element gets
+/// the timeout and expires `ms` from now, whether it existed (its
+/// expiration is updated: Linux 6.10) or had already expired. No process
+/// is spawned and no namespace entered, so it is cheap to repeat.
+pub fn arm_leases(
+    fd: &std::os::fd::OwnedFd,
+    table: &str,
+    leases: &[(String, u64)],
+) -> Result<(), DelayError> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let req = libc::NLM_F_REQUEST as u16;
+    let create = libc::NLM_F_CREATE as u16;
+    let ack = libc::NLM_F_ACK as u16;
+    let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
+    let mut seq = 1u32;
+    for (i, (set, ms)) in leases.iter().enumerate() {
+        seq += 1;
+        let last_msg = i + 1 == leases.len();
+        let mut m = Msg::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+            req | create | if last_msg { ack } else { 0 },
+            seq,
+            NFPROTO_INET,
+            0,
+        );
+        m.str(NFTA_SET_ELEM_LIST_TABLE, table);
+        m.str(NFTA_SET_ELEM_LIST_SET, set);
+        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
+            m.begin(NFTA_LIST_ELEM);
+            m.begin(NFTA_SET_ELEM_KEY);
+            m.attr(NFTA_DATA_VALUE, &[key]);
+            m.end();
+            let ms = (*ms).max(1);
+            m.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+            m.attr(NFTA_SET_ELEM_EXPIRATION, &ms.to_be_bytes());
+            m.end();
+        }
+        m.end();
+        out.extend(m.finish());
+    }
+    let last = seq;
+    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
+    send_batch(fd, &out, last, false)
 }
 
 /// The rule of chain `divert`, `xt target NFQUEUE --queue-num N
