@@ -91,7 +91,7 @@ impl Connection {
             async move {
                 match timer {
                     Some((d, counters)) => {
-                        tokio::time::sleep(d).await;
+                        crate::io::sleep_precisely(d).await;
                         counters.add_affected();
                         counters.add_dropped();
                         ctrl.fire_reset();

@@ -399,3 +399,28 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+/// How much of a fault's delay is left to a blocking thread's sleep.
+const PRECISE_TAIL: Duration = Duration::from_millis(3);
+
+/// Sleeps for `d`, to within about 0.1 ms instead of tokio's timer wheel
+/// (which rounds up to the next millisecond, and its reactor's wait to
+/// another): the last [`PRECISE_TAIL`] is slept on a blocking thread.
+/// For fault delays, which a client measures; not for hot paths.
+pub(crate) async fn sleep_precisely(d: Duration) {
+    let deadline = std::time::Instant::now() + d;
+    if d > PRECISE_TAIL {
+        tokio::time::sleep(d - PRECISE_TAIL).await;
+    }
+    let rest = deadline.saturating_duration_since(std::time::Instant::now());
+    if rest.is_zero() {
+        return;
+    }
+    if tokio::task::spawn_blocking(move || std::thread::sleep(rest))
+        .await
+        .is_err()
+    {
+        // No blocking pool (runtime shutting down): the timer will do.
+        tokio::time::sleep(rest).await;
+    }
+}

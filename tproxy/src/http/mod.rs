@@ -323,7 +323,7 @@ async fn handle(
         }
         tracing::debug!(rule = %r.rule.id, "request fault");
         match &h.op {
-            HttpOp::Delay(d) => tokio::time::sleep(*d).await,
+            HttpOp::Delay(d) => crate::io::sleep_precisely(*d).await,
             HttpOp::Abort { status, body: b } => {
                 counters.add_dropped();
                 if ctx.http1 {
@@ -388,7 +388,7 @@ async fn handle(
         }
         tracing::debug!(rule = %r.rule.id, "response fault");
         match &h.op {
-            HttpOp::Delay(d) => tokio::time::sleep(*d).await,
+            HttpOp::Delay(d) => crate::io::sleep_precisely(*d).await,
             HttpOp::Replace {
                 status,
                 headers,
