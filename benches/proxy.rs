@@ -199,17 +199,6 @@ fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
     Ok(child)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn run() -> anyhow::Result<()> {
     let dir = TempDir::new("nf-proxy-bench")?;
     let agent = Agent::start(dir.path())?;
@@ -338,7 +327,7 @@ fn run() -> anyhow::Result<()> {
         }
     };
     let id = f["id"].as_str().unwrap_or_default().to_string();
-    let before = rss_kib(agent.pid());
+    let before = testbed::rss_kib(agent.pid());
     let n = 1000usize;
     let kept = rt.block_on(async {
         let mut kept = Vec::new();
@@ -368,7 +357,7 @@ fn run() -> anyhow::Result<()> {
         kept
     });
     std::thread::sleep(Duration::from_millis(300));
-    let after = rss_kib(agent.pid());
+    let after = testbed::rss_kib(agent.pid());
     println!(
         "   {} idle keep-alive connections through the proxy: agent RSS {} -> {} KiB, {:.1} KiB per connection",
         kept.len(),

@@ -3,13 +3,11 @@
 //! opened inside the pods' namespaces.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Error};
+use crate::traffic::Acceptor;
 use crate::{in_netns, Pod, Result};
 
 /// An HTTP/1.1 server on `[::]:port` inside a pod: every request gets 200
@@ -18,42 +16,16 @@ use crate::{in_netns, Pod, Result};
 /// accepting.
 #[derive(Debug)]
 pub struct HttpServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _acceptor: Acceptor,
 }
 
 /// Starts an [`HttpServer`] in `pod` on `port`.
 pub fn http_serve(pod: &Pod, port: u16) -> Result<HttpServer> {
-    let listener = in_netns(pod.netns.path(), move || {
-        TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
-            .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
-    })?
-    .ctx(|| format!("listening on HTTP {port} in pod {}", pod.name))?;
-    listener.set_nonblocking(true).ctx(|| "O_NONBLOCK".into())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        while !stop2.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((conn, peer)) => {
-                    std::thread::spawn(move || answer(conn, peer));
-                }
-                Err(_) => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
-    });
+    let acceptor = Acceptor::start(pod, port, Duration::from_micros(200), |conn, peer, _| {
+        answer(conn, peer)
+    })?;
     Ok(HttpServer {
-        stop,
-        thread: Some(thread),
+        _acceptor: acceptor,
     })
 }
 

@@ -47,6 +47,18 @@ pub use traffic::{
     UdpProbe,
 };
 
+/// Resident memory (`VmRSS`) of a process, in KiB; 0 if it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// True when running as root (effective uid 0).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -207,28 +207,17 @@ pub fn udp_probe_with(
     })
 }
 
-/// A TCP echo server listening on `[::]:port` (dual-stack) inside a pod.
-/// It echoes every connection until EOF. Dropping it stops accepting.
+/// A thread accepting connections on a dual-stack listener (`[::]:port`,
+/// or `0.0.0.0:port` without IPv6) opened inside a pod, handing each one
+/// to a thread of its own. Dropping it stops accepting.
 #[derive(Debug)]
-pub struct TcpServer {
+pub(crate) struct Acceptor {
     port: u16,
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl TcpServer {
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for TcpServer {
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
@@ -237,39 +226,74 @@ impl Drop for TcpServer {
     }
 }
 
+impl Acceptor {
+    /// Listens in `pod` on `port` (0: any free port) and serves each
+    /// connection with `serve(conn, peer, stop)`; polls for connections
+    /// every `idle`.
+    pub(crate) fn start<F>(pod: &Pod, port: u16, idle: Duration, serve: F) -> Result<Acceptor>
+    where
+        F: Fn(TcpStream, SocketAddr, Arc<AtomicBool>) + Send + Sync + 'static,
+    {
+        let listener = in_netns(pod.netns.path(), move || {
+            TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+                .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        })?
+        .ctx(|| format!("listening on TCP {port} in pod {}", pod.name))?;
+        listener.set_nonblocking(true).ctx(|| "O_NONBLOCK".into())?;
+        let port = listener
+            .local_addr()
+            .ctx(|| "listener address".into())?
+            .port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let serve = Arc::new(serve);
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        let (serve, stop3) = (serve.clone(), stop2.clone());
+                        std::thread::spawn(move || serve(conn, peer, stop3));
+                    }
+                    Err(_) => std::thread::sleep(idle),
+                }
+            }
+        });
+        Ok(Acceptor {
+            port,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A TCP echo server listening on `[::]:port` (dual-stack) inside a pod.
+/// It echoes every connection until EOF. Dropping it stops accepting.
+#[derive(Debug)]
+pub struct TcpServer {
+    acceptor: Acceptor,
+    accepted: Arc<AtomicU64>,
+}
+
+impl TcpServer {
+    pub fn port(&self) -> u16 {
+        self.acceptor.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
 /// Starts a [`TcpServer`] in `pod` on `port` (0: any free port, see [`TcpServer::port`]).
 pub fn tcp_listen(pod: &Pod, port: u16) -> Result<TcpServer> {
-    let listener = in_netns(pod.netns.path(), move || {
-        TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
-            .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
-    })?
-    .ctx(|| format!("listening on TCP {port} in pod {}", pod.name))?;
-    listener.set_nonblocking(true).ctx(|| "O_NONBLOCK".into())?;
-    let port = listener
-        .local_addr()
-        .ctx(|| "listener address".into())?
-        .port();
-    let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
-    let (stop2, accepted2) = (stop.clone(), accepted.clone());
-    let thread = std::thread::spawn(move || {
-        while !stop2.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    accepted2.fetch_add(1, Ordering::Relaxed);
-                    let stop3 = stop2.clone();
-                    std::thread::spawn(move || echo(conn, &stop3));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
-    Ok(TcpServer {
-        port,
-        stop,
-        accepted,
-        thread: Some(thread),
-    })
+    let count = accepted.clone();
+    let acceptor = Acceptor::start(pod, port, Duration::from_millis(5), move |conn, _, stop| {
+        count.fetch_add(1, Ordering::Relaxed);
+        echo(conn, &stop)
+    })?;
+    Ok(TcpServer { acceptor, accepted })
 }
 
 fn echo(mut conn: TcpStream, stop: &AtomicBool) {

@@ -151,7 +151,6 @@ type Epochs = Arc<Mutex<HashMap<String, u64>>>;
 
 struct SandboxProxy {
     proxy: Proxy,
-    path: PathBuf,
     /// Accept loops: aborting them closes the listeners.
     accepts: Vec<tokio::task::JoinHandle<()>>,
     refresher: tokio::task::JoinHandle<()>,
@@ -337,11 +336,7 @@ impl ProxyEngine {
     /// netns is still there.
     pub fn release(&mut self, sandbox: &str, netns_path: &Path) -> Result<(), L7Error> {
         self.close(sandbox);
-        match netns::run_in(netns_path, proxy::remove_here) {
-            Ok(r) => r.map_err(L7Error::from),
-            Err(NetnsError::Gone { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        remove_diversion(netns_path)
     }
 
     /// Brings a sandbox in line with `faults` (its active proxy faults):
@@ -394,7 +389,7 @@ impl ProxyEngine {
             }
             Err(e) => {
                 if fresh {
-                    let _ = netns::run_in(&path, proxy::remove_here);
+                    let _ = remove_diversion(&path);
                     self.sandboxes.remove(sandbox);
                 }
                 Err(e)
@@ -409,17 +404,13 @@ impl ProxyEngine {
                 return Ok(());
             }
             // Nothing of ours runs: remove whatever an earlier agent left.
-            return match netns::run_in(path, proxy::remove_here) {
-                Ok(r) => r.map_err(L7Error::from),
-                Err(NetnsError::Gone { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            };
+            return remove_diversion(path);
         };
         sp.stop_accepting();
         sp.proxy.set_rules(Vec::new());
         if sp.proxy.open_connections() == 0 {
             self.new_epoch(sandbox);
-            return flatten(netns::run_in(path, proxy::remove_here));
+            return remove_diversion(path);
         }
         // Keep only the connection-level rules while proxied connections
         // finish; new connections go direct from now on.
@@ -431,6 +422,7 @@ impl ProxyEngine {
         let epoch = *lock(&self.epochs).entry(sandbox.to_string()).or_default();
         let epochs = self.epochs.clone();
         let (sb, p) = (sandbox.to_string(), path.to_path_buf());
+        let name = sb.clone();
         let started = Instant::now();
         let drain = rt.spawn(async move {
             while sp.proxy.open_connections() > 0 && started.elapsed() < DRAIN_LIMIT {
@@ -441,21 +433,16 @@ impl ProxyEngine {
             sp.proxy.shutdown();
             let removed = tokio::task::spawn_blocking(move || {
                 let epochs = lock(&epochs);
-                if epochs.get(&sb).copied() != Some(epoch) {
-                    return None;
-                }
-                Some((sb.clone(), netns::run_in(&p, proxy::remove_here)))
+                // A proxy started here since: the diversion is its own now.
+                (epochs.get(&sb).copied() == Some(epoch)).then(|| remove_diversion(&p))
             })
             .await;
             match removed {
-                Ok(Some((sb, Ok(Ok(()))))) => {
-                    tracing::info!(sandbox = %sb, cut = open, "proxy drained, diversion removed")
+                Ok(Some(Ok(()))) => {
+                    tracing::info!(sandbox = %name, cut = open, "proxy drained, diversion removed")
                 }
-                Ok(Some((sb, Ok(Err(e))))) => {
-                    tracing::warn!(sandbox = %sb, error = %e, "removing a drained diversion failed")
-                }
-                Ok(Some((sb, Err(e)))) => {
-                    tracing::warn!(sandbox = %sb, error = %e, "removing a drained diversion failed")
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(sandbox = %name, error = %e, "removing a drained diversion failed")
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "drain task failed"),
@@ -535,7 +522,6 @@ impl ProxyEngine {
         ));
         Ok(SandboxProxy {
             proxy,
-            path: path.to_path_buf(),
             accepts,
             refresher,
             leases,
@@ -560,11 +546,6 @@ impl ProxyEngine {
             .values()
             .map(|s| s.proxy.open_connections())
             .sum()
-    }
-
-    /// The netns path a sandbox's proxy serves (for diagnostics).
-    pub fn netns_of(&self, sandbox: &str) -> Option<&Path> {
-        self.sandboxes.get(sandbox).map(|s| s.path.as_path())
     }
 }
 
@@ -601,6 +582,16 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
             }
             Err(e) => tracing::warn!(sandbox = %sandbox, error = %e, "lease task failed"),
         }
+    }
+}
+
+/// Removes the diversion from the netns at `path`; a netns that is gone
+/// has nothing left to remove.
+fn remove_diversion(path: &Path) -> Result<(), L7Error> {
+    match netns::run_in(path, proxy::remove_here) {
+        Ok(r) => r.map_err(L7Error::from),
+        Err(NetnsError::Gone { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod delay;
 pub mod l7;
 pub mod metrics;
 pub mod netns;
+pub mod nftjson;
 pub mod proxy;
 pub mod registry;
 pub mod server;

@@ -43,12 +43,14 @@
 //! finds the established server socket and leaves the packet alone).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 
 use netfault_api::spec::Match;
 use serde_json::{json, Value};
 
 use netfault_tproxy::Side;
+
+use crate::delay::queue::set_int_opt;
+use crate::nftjson::{m, port_set, prefix_match};
 
 /// Packets policy-routed to `lo` (local delivery to the proxy).
 pub const DIVERT_MARK: u32 = 0x4e46_0010;
@@ -149,34 +151,11 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ProxyError {
     move |source| ProxyError::Io { what, source }
 }
 
-fn set_int(
-    fd: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    // SAFETY: valid fd, pointer to an int and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            &value as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 fn set_transparent(s: &socket2::Socket, ipv6: bool) -> std::io::Result<()> {
     if ipv6 {
-        set_int(s, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, 1)
+        set_int_opt(s, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, 1)
     } else {
-        set_int(s, libc::IPPROTO_IP, libc::IP_TRANSPARENT, 1)
+        set_int_opt(s, libc::IPPROTO_IP, libc::IP_TRANSPARENT, 1)
     }
 }
 
@@ -297,10 +276,6 @@ fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), ProxyError>
     ))
 }
 
-fn m(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "==", "left": left, "right": right}})
-}
-
 fn ne(left: Value, right: Value) -> Value {
     json!({"match": {"op": "!=", "left": left, "right": right}})
 }
@@ -360,32 +335,12 @@ fn selector_exprs(d: &Diversion, ipv6: bool, remote_is_src: bool) -> Vec<Value> 
         nfproto(ipv6),
     ];
     if let Some(net) = d.selector.cidr {
-        let (proto, addr) = match net {
-            ipnet::IpNet::V4(n) => ("ip", n.network().to_string()),
-            ipnet::IpNet::V6(n) => ("ip6", n.network().to_string()),
-        };
-        let field = if remote_is_src { "saddr" } else { "daddr" };
-        out.push(m(
-            json!({"payload": {"protocol": proto, "field": field}}),
-            json!({"prefix": {"addr": addr, "len": net.prefix_len()}}),
-        ));
+        out.push(prefix_match(net, remote_is_src));
     }
     out.push(m(meta("l4proto"), json!("tcp")));
-    let ports: Vec<Value> = d
-        .selector
-        .ports
-        .iter()
-        .map(|p| {
-            if p.lo == p.hi {
-                json!(p.lo)
-            } else {
-                json!({"range": [p.lo, p.hi]})
-            }
-        })
-        .collect();
     out.push(m(
         json!({"payload": {"protocol": "tcp", "field": "dport"}}),
-        json!({"set": ports}),
+        port_set(&d.selector.ports),
     ));
     out
 }
@@ -496,13 +451,7 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), ProxyError> {
-    nftables::helper::apply_ruleset_raw(
-        &payload.to_string(),
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(|_| ())
-    .map_err(|e| ProxyError::Nft(e.to_string()))
+    crate::nftjson::apply(payload).map_err(ProxyError::Nft)
 }
 
 fn lo_index() -> Result<u32, ProxyError> {
@@ -540,28 +489,7 @@ pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
 /// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
 /// anywhere, without spawning `nft` or entering the netns).
 pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, ProxyError> {
-    let fd = crate::delay::queue::netfilter_socket().map_err(io("opening a netfilter socket"))?;
-    let tv = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: valid fd, pointer and size of a timeval.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(ProxyError::from_io(
-            "setting SO_RCVTIMEO on a netfilter socket",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(fd)
+    crate::delay::nft::batch_socket().map_err(io("opening a netfilter socket"))
 }
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`, with

@@ -610,8 +610,9 @@ impl Registry {
             inner.proxy.forget(&f.id);
             inner.state.faults.remove(&f.id);
         }
+        // The sandbox's netns is still the one it was enrolled with.
+        let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
         if had_proxy {
-            let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
             if same {
                 inner
                     .proxy
@@ -622,7 +623,6 @@ impl Registry {
             }
         }
         if had_delay {
-            let same = matches!(netns::identify(Path::new(&sb.netns)), Ok(n) if n == sb.netns_id);
             if same {
                 inner.sync_delay(id)?;
             } else {

@@ -289,20 +289,21 @@ impl TcSocket {
         lo_index: u32,
     ) -> Result<(), TcError> {
         let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        let exists = |r: Result<Vec<RouteNetlinkMessage>, TcError>| match r {
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            other => other.map(|_| ()),
-        };
-        exists(self.request(
+        let exists = [libc::EEXIST];
+        let route = local_route(ipv6, table, lo_index);
+        let rule = mark_rule(ipv6, mark, table, priority);
+        let r = self.request(
             "add a local route",
-            RouteNetlinkMessage::NewRoute(local_route(ipv6, table, lo_index)),
+            RouteNetlinkMessage::NewRoute(route),
             flags,
-        ))?;
-        exists(self.request(
+        );
+        tolerate(r, &exists)?;
+        let r = self.request(
             "add a policy rule",
-            RouteNetlinkMessage::NewRule(mark_rule(ipv6, mark, table, priority)),
+            RouteNetlinkMessage::NewRule(rule),
             flags,
-        ))
+        );
+        tolerate(r, &exists)
     }
 
     /// Removes what [`TcSocket::add_local_delivery`] added. Idempotent.
@@ -314,21 +315,22 @@ impl TcSocket {
         priority: u32,
         lo_index: u32,
     ) -> Result<(), TcError> {
-        let gone = |r: Result<Vec<RouteNetlinkMessage>, TcError>| match r {
-            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ESRCH)) => Ok(()),
-            Err(e) if ipv6 && e.errno() == Some(libc::EAFNOSUPPORT) => Ok(()),
-            other => other.map(|_| ()),
-        };
-        gone(self.request(
+        // Already gone, or a netns without IPv6.
+        let gone = [libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT];
+        let rule = mark_rule(ipv6, mark, table, priority);
+        let route = local_route(ipv6, table, lo_index);
+        let r = self.request(
             "delete a policy rule",
-            RouteNetlinkMessage::DelRule(mark_rule(ipv6, mark, table, priority)),
+            RouteNetlinkMessage::DelRule(rule),
             NLM_F_ACK,
-        ))?;
-        gone(self.request(
+        );
+        tolerate(r, &gone)?;
+        let r = self.request(
             "delete a local route",
-            RouteNetlinkMessage::DelRoute(local_route(ipv6, table, lo_index)),
+            RouteNetlinkMessage::DelRoute(route),
             NLM_F_ACK,
-        ))
+        );
+        tolerate(r, &gone)
     }
 
     /// Lists the qdiscs on `ifindex`.
@@ -503,6 +505,15 @@ fn kind_of(m: &TcMessage) -> String {
             _ => None,
         })
         .unwrap_or_default()
+}
+
+/// `r` without its replies, with the kernel's refusals in `errnos` taken
+/// as success.
+fn tolerate(r: Result<Vec<RouteNetlinkMessage>, TcError>, errnos: &[i32]) -> Result<(), TcError> {
+    match r {
+        Err(e) if e.errno().is_some_and(|n| errnos.contains(&n)) => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 fn family(ipv6: bool) -> AddressFamily {

@@ -503,20 +503,6 @@ fn delays_and_json_merge_patch() {
     }
 }
 
-/// Resident memory (`VmRSS`) of a process, in KiB. (Not `VmHWM`: the
-/// agent's start-up peak is already above what a stream adds.)
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// A 64 MiB response passes a diverted port under a rule that does not
 /// match it, intact and streamed: the agent's peak memory grows by far
 /// less than the body.
@@ -540,14 +526,16 @@ fn large_body_streams_through_unbuffered() {
     // Warm the proxy up, then measure its peak while the body passes.
     assert_eq!(status(&client, to, "/x"), 200);
     let pid = c.agent.pid();
-    let before = vm_rss_kib(pid);
+    // VmRSS, not VmHWM: the agent's start-up peak is already above what a
+    // stream adds.
+    let before = testbed::rss_kib(pid);
     // Sampled while the body passes.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = done.clone();
     let sampler = std::thread::spawn(move || {
         let mut peak = 0;
         while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(vm_rss_kib(pid));
+            peak = peak.max(testbed::rss_kib(pid));
             std::thread::sleep(Duration::from_millis(10));
         }
         peak

@@ -35,6 +35,7 @@ use netfault_api::spec::{Direction, Match, Protocol};
 use serde_json::{json, Value};
 
 use super::DelayError;
+use crate::nftjson::{m, port_set, prefix_match};
 
 pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
@@ -118,10 +119,6 @@ fn set_name(tag: u32) -> String {
     format!("f{tag}")
 }
 
-fn m(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "==", "left": left, "right": right}})
-}
-
 /// The rules (expression lists) of one fault in one chain.
 fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
     let mut base = vec![m(
@@ -129,15 +126,7 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
         json!(format!("@{}", set_name(d.tag))),
     )];
     if let Some(net) = d.selector.cidr {
-        let (proto, addr) = match net {
-            ipnet::IpNet::V4(n) => ("ip", n.network().to_string()),
-            ipnet::IpNet::V6(n) => ("ip6", n.network().to_string()),
-        };
-        let field = if egress { "daddr" } else { "saddr" };
-        base.push(m(
-            json!({"payload": {"protocol": proto, "field": field}}),
-            json!({"prefix": {"addr": addr, "len": net.prefix_len()}}),
-        ));
+        base.push(prefix_match(net, !egress));
     }
     let l4 = json!({"meta": {"key": "l4proto"}});
     match d.selector.protocol() {
@@ -154,25 +143,14 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
         base.push(goto);
         return vec![base];
     }
-    let ports: Vec<Value> = d
-        .selector
-        .ports
-        .iter()
-        .map(|p| {
-            if p.lo == p.hi {
-                json!(p.lo)
-            } else {
-                json!({"range": [p.lo, p.hi]})
-            }
-        })
-        .collect();
+    let ports = port_set(&d.selector.ports);
     ["sport", "dport"]
         .iter()
         .map(|side| {
             let mut r = base.clone();
             r.push(m(
                 json!({"payload": {"protocol": "th", "field": side}}),
-                json!({"set": ports}),
+                ports.clone(),
             ));
             r.push(goto.clone());
             r
@@ -206,14 +184,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), DelayError> {
-    let text = payload.to_string();
-    nftables::helper::apply_ruleset_raw(
-        &text,
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(|_| ())
-    .map_err(|e| DelayError::Nft(e.to_string()))
+    crate::nftjson::apply(payload).map_err(DelayError::Nft)
 }
 
 /// What the kernel's `netfault` table holds, from `nft -j list`.
@@ -510,52 +481,25 @@ pub fn commit_here(diversions: &[Diversion], queue: Option<u16>) -> Result<(), D
     if diversions.is_empty() && queue.is_none() {
         return Ok(());
     }
-    let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
-    let fd = super::queue::netfilter_socket().map_err(|e| nl("netfilter netlink socket", e))?;
-    let tv = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: valid fd, pointer and size of a timeval.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    let fd = batch_socket()
+        .map_err(|e| DelayError::Netlink(format!("netfilter netlink socket: {e}")))?;
 
     let req = libc::NLM_F_REQUEST as u16;
-    let create = libc::NLM_F_CREATE as u16;
     let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
-    let ack = libc::NLM_F_ACK as u16;
     let mut seq = 1u32;
     for (i, d) in diversions.iter().enumerate() {
         seq += 1;
         // The kernel acks the batch's last message; errors come regardless.
         let last_msg = queue.is_none() && i + 1 == diversions.len();
-        let mut m = Msg::new(
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-            req | create | if last_msg { ack } else { 0 },
+        let set = set_name(d.tag);
+        out.extend(elements_msg(
+            TABLE,
+            &set,
+            d.timeout_ms,
+            false,
             seq,
-            NFPROTO_INET,
-            0,
-        );
-        m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-        m.str(NFTA_SET_ELEM_LIST_SET, &set_name(d.tag));
-        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-        for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
-            m.begin(NFTA_LIST_ELEM);
-            m.begin(NFTA_SET_ELEM_KEY);
-            m.attr(NFTA_DATA_VALUE, &[key]);
-            m.end();
-            m.attr(NFTA_SET_ELEM_TIMEOUT, &d.timeout_ms.max(1).to_be_bytes());
-            m.end();
-        }
-        m.end();
-        out.extend(m.finish());
+            last_msg,
+        ));
     }
     if let Some(queue) = queue {
         seq += 1;
@@ -581,39 +525,79 @@ pub fn arm_leases(
         return Ok(());
     }
     let req = libc::NLM_F_REQUEST as u16;
-    let create = libc::NLM_F_CREATE as u16;
-    let ack = libc::NLM_F_ACK as u16;
     let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
     let mut seq = 1u32;
     for (i, (set, ms)) in leases.iter().enumerate() {
         seq += 1;
-        let last_msg = i + 1 == leases.len();
-        let mut m = Msg::new(
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-            req | create | if last_msg { ack } else { 0 },
+        out.extend(elements_msg(
+            table,
+            set,
+            *ms,
+            true,
             seq,
-            NFPROTO_INET,
-            0,
-        );
-        m.str(NFTA_SET_ELEM_LIST_TABLE, table);
-        m.str(NFTA_SET_ELEM_LIST_SET, set);
-        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-        for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
-            m.begin(NFTA_LIST_ELEM);
-            m.begin(NFTA_SET_ELEM_KEY);
-            m.attr(NFTA_DATA_VALUE, &[key]);
-            m.end();
-            let ms = (*ms).max(1);
-            m.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
-            m.attr(NFTA_SET_ELEM_EXPIRATION, &ms.to_be_bytes());
-            m.end();
-        }
-        m.end();
-        out.extend(m.finish());
+            i + 1 == leases.len(),
+        ));
     }
     let last = seq;
     out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
     send_batch(fd, &out, last, false)
+}
+
+/// A netfilter netlink socket in the calling thread's netns, for
+/// nf_tables batches: waits at most 2 s for the kernel's answer.
+pub fn batch_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    let fd = super::queue::netfilter_socket()?;
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: valid fd, pointer and size of a timeval.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The `NEWSETELEM` message `seq` of a batch: the elements `ipv4` and
+/// `ipv6` of `table`'s set `set`, with a timeout of `ms`; with `expire`,
+/// also expiring `ms` from now (which re-arms an element that exists).
+/// `ack`: the batch's last message, which the kernel acknowledges.
+fn elements_msg(table: &str, set: &str, ms: u64, expire: bool, seq: u32, ack: bool) -> Vec<u8> {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_CREATE) as u16
+        | if ack { libc::NLM_F_ACK as u16 } else { 0 };
+    let mut m = Msg::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+        flags,
+        seq,
+        NFPROTO_INET,
+        0,
+    );
+    m.str(NFTA_SET_ELEM_LIST_TABLE, table);
+    m.str(NFTA_SET_ELEM_LIST_SET, set);
+    m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let ms = ms.max(1).to_be_bytes();
+    for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
+        m.begin(NFTA_LIST_ELEM);
+        m.begin(NFTA_SET_ELEM_KEY);
+        m.attr(NFTA_DATA_VALUE, &[key]);
+        m.end();
+        m.attr(NFTA_SET_ELEM_TIMEOUT, &ms);
+        if expire {
+            m.attr(NFTA_SET_ELEM_EXPIRATION, &ms);
+        }
+        m.end();
+    }
+    m.end();
+    m.finish()
 }
 
 /// The rule of chain `divert`, `xt target NFQUEUE --queue-num N

@@ -99,8 +99,9 @@ pub fn netfilter_socket() -> std::io::Result<OwnedFd> {
 /// Receive buffer of a queue socket: ~20k MTU-sized packets in flight.
 const RCVBUF: libc::c_int = 64 << 20;
 
-fn set_int_opt(
-    fd: &OwnedFd,
+/// `setsockopt` of an `int` option.
+pub(crate) fn set_int_opt(
+    fd: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
