@@ -1,16 +1,13 @@
 //! netfault-agent: the node agent's library (used by `netfaultd`).
 //!
-//! - `delay`: the netem-free delay backend (nft diversion to NFQUEUE, engine thread);
-//! - `netns`: the only place that enters a pod's network namespace;
+//! - `backend`: one module per backend (`nfqueue`, `proxy`);
+//! - `sys`: the system layer (network namespaces, netfilter);
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
 //! - `metrics`: Prometheus text.
 
-pub mod delay;
-pub mod l7;
+pub mod backend;
 pub mod metrics;
-pub mod netns;
-pub mod nftjson;
-pub mod proxy;
 pub mod registry;
 pub mod server;
+pub mod sys;

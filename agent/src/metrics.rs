@@ -53,7 +53,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP netfault_delay_queue_overflows_total Times a delay queue's socket overflowed, letting packets pass undelayed.\n# TYPE netfault_delay_queue_overflows_total counter\nnetfault_delay_queue_overflows_total {}",
-            crate::delay::queue_overflows()
+            crate::backend::nfqueue::queue_overflows()
         );
         let _ = writeln!(
             out,

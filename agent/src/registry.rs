@@ -25,9 +25,9 @@ use netfault_ebpf::{Attachment, Datapath, RawRule, MAX_SANDBOXES, RULES_PER_SAND
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::delay::{DelayEngine, DelayFault};
-use crate::l7::{ProxyEngine, ProxyFault};
-use crate::netns::{self, NetnsError, NetnsId};
+use crate::backend::nfqueue::{DelayEngine, DelayFault};
+use crate::backend::proxy::{ProxyEngine, ProxyFault};
+use crate::sys::netns::{self, NetnsError, NetnsId};
 
 /// Why a request failed; maps onto an HTTP status and the error body.
 #[derive(Debug, thiserror::Error)]
@@ -984,7 +984,7 @@ impl Registry {
             })
             .map(|(name, _)| *name)
             .collect();
-        crate::delay::caps::capabilities(&ebpf)
+        crate::backend::nfqueue::caps::capabilities(&ebpf)
     }
 
     pub fn faults(&self) -> Vec<Fault> {

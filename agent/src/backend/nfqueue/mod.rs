@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use netfault_api::{Counters, FaultSpec};
 
-use crate::netns::{self, NetnsError};
+use crate::sys::netns::{self, NetnsError};
 use holder::{Engine, FaultCounters, HolderFault};
 use queue::NfQueue;
 

@@ -2,13 +2,13 @@
 //!
 //! Per sandbox with at least one proxy fault:
 //! - listening sockets (`IP_TRANSPARENT`) created inside the pod netns
-//!   (`proxy::open_listeners_here`) and served by the agent's proxy runtime:
+//!   (`divert::open_listeners_here`) and served by the agent's proxy runtime:
 //!   each accepted connection goes to the `netfault_tproxy` engine, with its
 //!   original destination (the accepted socket's local address);
 //! - a socket factory thread that stays in the pod netns and creates the
 //!   proxy's upstream sockets (marked so the diversion skips them; on the
 //!   server side bound to the real client address);
-//! - the nft diversion (`proxy::install_here`), whose set elements are a
+//! - the nft diversion (`divert::install_here`), whose set elements are a
 //!   lease the agent re-arms every `REFRESH`: if the agent dies, new
 //!   connections bypass the proxy within `LEASE`.
 //!
@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 use netfault_api::{Counters, FaultSpec};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
-use crate::netns::{self, NetnsError};
-use crate::proxy;
+use crate::sys::netns::{self, NetnsError};
+pub mod divert;
+
 
 /// How long a diversion lives without the agent re-arming it: after the
 /// agent dies, new connections go direct within this time.
@@ -43,7 +44,7 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum L7Error {
     #[error(transparent)]
-    Proxy(#[from] proxy::ProxyError),
+    Proxy(#[from] divert::ProxyError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("starting the proxy runtime: {0}")]
@@ -74,7 +75,7 @@ impl Factory {
         netns::spawn_in(path, &name, move || {
             // Ends when the engine drops the sender.
             while let Ok((from, to, reply)) = rx.recv() {
-                let made = proxy::upstream_socket_here(from, to)
+                let made = divert::upstream_socket_here(from, to)
                     .map(OwnedFd::from)
                     .map_err(|e| std::io::Error::other(e.to_string()));
                 let _ = reply.send(made);
@@ -142,7 +143,7 @@ impl Connector for PodConnector {
     }
 }
 
-type Leases = Arc<Mutex<Vec<(proxy::Diversion, Instant)>>>;
+type Leases = Arc<Mutex<Vec<(divert::Diversion, Instant)>>>;
 
 /// Per sandbox, a number that changes whenever a proxy (re)starts there;
 /// a drain removes the diversion only if its epoch is still current, and
@@ -156,7 +157,7 @@ struct SandboxProxy {
     refresher: tokio::task::JoinHandle<()>,
     /// What the refresher re-arms: each diversion with its fault's deadline.
     leases: Leases,
-    ports: proxy::ListenerPorts,
+    ports: divert::ListenerPorts,
 }
 
 impl SandboxProxy {
@@ -256,7 +257,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn flatten<T>(r: Result<Result<T, proxy::ProxyError>, NetnsError>) -> Result<T, L7Error> {
+fn flatten<T>(r: Result<Result<T, divert::ProxyError>, NetnsError>) -> Result<T, L7Error> {
     match r {
         Ok(inner) => inner.map_err(L7Error::from),
         Err(e) => Err(e.into()),
@@ -297,10 +298,10 @@ impl ProxyEngine {
         self.next_tag
     }
 
-    fn diversions(&mut self, faults: &[ProxyFault]) -> Vec<proxy::Diversion> {
+    fn diversions(&mut self, faults: &[ProxyFault]) -> Vec<divert::Diversion> {
         faults
             .iter()
-            .map(|f| proxy::Diversion {
+            .map(|f| divert::Diversion {
                 tag: self.tag(&f.id),
                 inbound: f.spec.direction.includes_ingress(),
                 outbound: f.spec.direction.includes_egress(),
@@ -381,7 +382,7 @@ impl ProxyEngine {
         let ports = sp.ports;
         let install = divs.clone();
         match flatten(netns::run_in(&path, move || {
-            proxy::install_here(&install, &ports)
+            divert::install_here(&install, &ports)
         })) {
             Ok(()) => {
                 *lock(&sp.leases) = divs.into_iter().zip(deadlines).collect();
@@ -416,7 +417,7 @@ impl ProxyEngine {
         // finish; new connections go direct from now on.
         let ports = sp.ports;
         flatten(netns::run_in(path, move || {
-            proxy::install_here(&[], &ports)
+            divert::install_here(&[], &ports)
         }))?;
         let rt = self.runtime()?;
         let epoch = *lock(&self.epochs).entry(sandbox.to_string()).or_default();
@@ -464,7 +465,7 @@ impl ProxyEngine {
             .workers
             .clone()
             .ok_or_else(|| L7Error::Runtime(std::io::Error::other("no proxy workers")))?;
-        let listeners = flatten(netns::run_in(path, proxy::open_listeners_here))?;
+        let listeners = flatten(netns::run_in(path, divert::open_listeners_here))?;
         let ports = listeners.ports();
         let connector = PodConnector {
             factory: Factory::start(path, sandbox)?,
@@ -475,7 +476,7 @@ impl ProxyEngine {
         let _guard = rt.enter();
         for (listener, side) in listeners.into_sided() {
             let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| proxy::ProxyError::from_io("serving a listener", e))?;
+                .map_err(|e| divert::ProxyError::from_io("serving a listener", e))?;
             let p = proxy.clone();
             let sb = sandbox.to_string();
             let workers = workers.clone();
@@ -513,7 +514,7 @@ impl ProxyEngine {
             }));
         }
         let leases: Leases = Arc::default();
-        let lease_fd = Arc::new(flatten(netns::run_in(path, proxy::lease_socket_here))?);
+        let lease_fd = Arc::new(flatten(netns::run_in(path, divert::lease_socket_here))?);
         let refresher = rt.spawn(refresh_leases(
             leases.clone(),
             lease_fd,
@@ -555,10 +556,10 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
     loop {
         tokio::time::sleep(REFRESH).await;
         let now = Instant::now();
-        let divs: Vec<proxy::Diversion> = lock(&leases)
+        let divs: Vec<divert::Diversion> = lock(&leases)
             .iter()
             .filter(|(_, deadline)| *deadline > now)
-            .map(|(d, deadline)| proxy::Diversion {
+            .map(|(d, deadline)| divert::Diversion {
                 lease_ms: lease_ms(*deadline - now),
                 ..d.clone()
             })
@@ -567,11 +568,11 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
             continue;
         }
         let (fd, p) = (fd.clone(), path.clone());
-        let r = tokio::task::spawn_blocking(move || match proxy::rearm(&fd, &divs) {
+        let r = tokio::task::spawn_blocking(move || match divert::rearm(&fd, &divs) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::debug!(error = %e, "re-arming over netlink failed; trying nft");
-                flatten(netns::run_in(&p, move || proxy::refresh_here(&divs)))
+                flatten(netns::run_in(&p, move || divert::refresh_here(&divs)))
             }
         })
         .await;
@@ -588,7 +589,7 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
 /// Removes the diversion from the netns at `path`; a netns that is gone
 /// has nothing left to remove.
 fn remove_diversion(path: &Path) -> Result<(), L7Error> {
-    match netns::run_in(path, proxy::remove_here) {
+    match netns::run_in(path, divert::remove_here) {
         Ok(r) => r.map_err(L7Error::from),
         Err(NetnsError::Gone { .. }) => Ok(()),
         Err(e) => Err(e.into()),

@@ -35,7 +35,7 @@ use netfault_api::spec::{Direction, Match, Protocol};
 use serde_json::{json, Value};
 
 use super::DelayError;
-use crate::nftjson::{m, port_set, prefix_match};
+use crate::sys::nftjson::{m, port_set, prefix_match};
 
 pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
@@ -174,7 +174,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
             "type": "filter", "hook": "prerouting", "prio": 0, "policy": "accept"}}}),
         // Packets the engine re-sends after their delay must not be diverted again.
         json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": "egress",
-            "expr": [m(json!({"meta": {"key": "mark"}}), json!(crate::delay::REINJECT_MARK)),
+            "expr": [m(json!({"meta": {"key": "mark"}}), json!(crate::backend::nfqueue::REINJECT_MARK)),
                      json!({"accept": null})]}}}),
     ];
     for d in diversions {
@@ -184,7 +184,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), DelayError> {
-    crate::nftjson::apply(payload).map_err(DelayError::Nft)
+    crate::sys::nftjson::apply(payload).map_err(DelayError::Nft)
 }
 
 /// What the kernel's `netfault` table holds, from `nft -j list`.
@@ -744,7 +744,7 @@ mod tests {
                 "egress",
                 6,
                 json!([{"match": {"op": "==", "left": {"meta": {"key": "mark"}},
-                "right": crate::delay::REINJECT_MARK}}, {"accept": null}]),
+                "right": crate::backend::nfqueue::REINJECT_MARK}}, {"accept": null}]),
             ),
             rule(
                 "egress",

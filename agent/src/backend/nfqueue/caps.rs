@@ -139,7 +139,7 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
         "backend": "proxy",
         "available": proxy_reason.is_none(),
         "diversion": "nft table inet netfault_proxy: tproxy to IP_TRANSPARENT listeners in the pod netns, fwmark policy routing to lo",
-        "lease_seconds": crate::l7::LEASE.as_secs(),
+        "lease_seconds": crate::backend::proxy::LEASE.as_secs(),
         "protocols": ["http/1.1", "h2 (prior knowledge)", "grpc", "raw tcp"],
     });
     if let Some(r) = proxy_reason {

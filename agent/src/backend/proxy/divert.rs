@@ -1,6 +1,6 @@
 //! The in-pod side of the transparent proxy: listening sockets, the nft
 //! diversion and the policy routing that bring a pod's TCP connections to
-//! the agent's proxy (`crate::l7`), and the upstream sockets that take them
+//! the agent's proxy (`crate::backend::proxy`), and the upstream sockets that take them
 //! on to where they were going.
 //!
 //! Everything with `_here` runs on a thread inside the pod netns
@@ -49,8 +49,8 @@ use serde_json::{json, Value};
 
 use netfault_tproxy::Side;
 
-use crate::delay::queue::set_int_opt;
-use crate::nftjson::{m, port_set, prefix_match};
+use crate::backend::nfqueue::queue::set_int_opt;
+use crate::sys::nftjson::{m, port_set, prefix_match};
 
 /// Packets policy-routed to `lo` (local delivery to the proxy).
 pub const DIVERT_MARK: u32 = 0x4e46_0010;
@@ -451,7 +451,7 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), ProxyError> {
-    crate::nftjson::apply(payload).map_err(ProxyError::Nft)
+    crate::sys::nftjson::apply(payload).map_err(ProxyError::Nft)
 }
 
 fn lo_index() -> Result<u32, ProxyError> {
@@ -489,7 +489,7 @@ pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
 /// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
 /// anywhere, without spawning `nft` or entering the netns).
 pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, ProxyError> {
-    crate::delay::nft::batch_socket().map_err(io("opening a netfilter socket"))
+    crate::backend::nfqueue::nft::batch_socket().map_err(io("opening a netfilter socket"))
 }
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`, with
@@ -500,7 +500,7 @@ pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), 
         .iter()
         .map(|d| (lease_set(d.tag), d.lease_ms))
         .collect();
-    crate::delay::nft::arm_leases(fd, TABLE, &leases).map_err(|e| ProxyError::Nft(e.to_string()))
+    crate::backend::nfqueue::nft::arm_leases(fd, TABLE, &leases).map_err(|e| ProxyError::Nft(e.to_string()))
 }
 
 /// Removes the table and the policy routing, whatever of them exists.
