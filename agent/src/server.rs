@@ -51,9 +51,29 @@ fn empty(status: StatusCode) -> Resp {
     r
 }
 
+/// The HTTP status of an error: by the field error's code.
+fn status_of(e: &AgentError) -> StatusCode {
+    match e {
+        AgentError::Field(fe) => match fe.code.as_str() {
+            "unsupported" => StatusCode::UNPROCESSABLE_ENTITY,
+            "not_found" => StatusCode::NOT_FOUND,
+            "conflict" => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        },
+        AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 fn error(e: AgentError) -> Resp {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let fe = e.field_error();
+    let status = status_of(&e);
+    let fe = match e {
+        AgentError::Field(fe) => fe,
+        AgentError::Internal(m) => FieldError {
+            code: "internal".into(),
+            field: String::new(),
+            message: m,
+        },
+    };
     let mut body = ErrorBody::from(fe.clone());
     if fe.field.is_empty() {
         // Whole-body problems (not JSON, not an object) are reported on `body`.
@@ -64,7 +84,7 @@ fn error(e: AgentError) -> Resp {
 }
 
 fn bad(field: &str, msg: &str) -> AgentError {
-    AgentError::Invalid(FieldError::invalid(field, msg))
+    AgentError::Field(FieldError::invalid(field, msg))
 }
 
 /// Reads a body of at most `limit` bytes.
@@ -114,7 +134,7 @@ impl Api {
                 );
                 Ok(r)
             }
-            (&Method::GET, ["v1", "capabilities"]) => blocking(move || Ok(reg.capabilities()))
+            (&Method::GET, ["v1", "capabilities"]) => blocking(move || reg.capabilities())
                 .await
                 .map(|c| json(StatusCode::OK, &c)),
             (&Method::GET, ["v1", "sandboxes"]) => Ok(json(StatusCode::OK, &reg.sandboxes())),
@@ -162,7 +182,7 @@ impl Api {
                 *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                 Ok(r)
             }
-            _ => Err(AgentError::NotFound(FieldError::not_found(
+            _ => Err(AgentError::Field(FieldError::not_found(
                 "path",
                 &format!("no such endpoint {path}"),
             ))),

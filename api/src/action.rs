@@ -46,14 +46,25 @@ pub struct GilbertElliott {
 }
 
 /// Which part of netfault serves an action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
     /// The tc eBPF datapath.
     Ebpf,
     /// nft diversion to NFQUEUE and the agent's delay engine.
-    DelayQueue,
+    Nfqueue,
     /// nft TPROXY diversion to the agent's transparent L4/L7 proxy.
     Proxy,
+}
+
+impl BackendKind {
+    /// The name in the API's `backend` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Ebpf => "ebpf-tc",
+            BackendKind::Nfqueue => "nfqueue",
+            BackendKind::Proxy => "proxy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +105,7 @@ pub enum Action {
         burst_bytes: Option<u64>,
     },
     /// An HTTP or TCP fault served by the transparent proxy
-    /// ([`Backend::Proxy`]) on the connections to `match.ports`.
+    /// ([`BackendKind::Proxy`]) on the connections to `match.ports`.
     Proxy(ProxyAction),
 }
 
@@ -115,11 +126,11 @@ impl Action {
         }
     }
 
-    pub fn backend(&self) -> Backend {
+    pub fn backend(&self) -> BackendKind {
         match self {
-            Action::Delay { .. } | Action::Reorder { .. } => Backend::DelayQueue,
-            Action::Proxy(_) => Backend::Proxy,
-            _ => Backend::Ebpf,
+            Action::Delay { .. } | Action::Reorder { .. } => BackendKind::Nfqueue,
+            Action::Proxy(_) => BackendKind::Proxy,
+            _ => BackendKind::Ebpf,
         }
     }
 
@@ -1341,7 +1352,7 @@ mod tests {
             json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
         ] {
             let a = parse_action(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
-            assert_eq!(a.backend(), Backend::Proxy, "{v}");
+            assert_eq!(a.backend(), BackendKind::Proxy, "{v}");
             assert_eq!(a.type_name(), v["type"].as_str().unwrap_or_default());
             let again = parse_action(&a.to_json()).expect("canonical form parses");
             assert_eq!(again, a, "{v}");

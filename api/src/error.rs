@@ -41,6 +41,13 @@ impl FieldError {
             message: message.into(),
         }
     }
+    pub fn conflict(field: &str, message: &str) -> Self {
+        FieldError {
+            code: "conflict".into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
     /// Nests this error under `prefix` (for faults inside an annotation list).
     pub fn prefixed(mut self, prefix: &str) -> Self {
         self.field = if self.field.is_empty() {

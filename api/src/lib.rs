@@ -8,6 +8,7 @@ pub mod error;
 pub mod spec;
 pub mod wire;
 
+pub use action::BackendKind;
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, FieldError};
 pub use spec::{Action, Direction, FaultSpec, Limits, Match, PortRange, Protocol, Target};

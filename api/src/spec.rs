@@ -93,7 +93,7 @@ impl Match {
     }
 }
 
-pub use crate::action::{parse_action, Action, Backend, Distribution, GilbertElliott};
+pub use crate::action::{parse_action, Action, BackendKind, Distribution, GilbertElliott};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -404,7 +404,7 @@ impl FaultSpec {
             m.get("action")
                 .ok_or_else(|| FieldError::missing("action"))?,
         )?;
-        if action.backend() == Backend::Proxy {
+        if action.backend() == BackendKind::Proxy {
             check_proxy_match(&r#match)?;
         }
         let duration = parse_duration(
@@ -665,7 +665,7 @@ mod tests {
                 "action": {"type": "http-abort", "status": 503}, "duration": "1s"})
         };
         let s = parse(with(json!({"ports": "80,8080", "protocol": "tcp"}))).expect("valid");
-        assert_eq!(s.action.backend(), Backend::Proxy);
+        assert_eq!(s.action.backend(), BackendKind::Proxy);
         assert_eq!(parse(s.to_json()).expect("canonical form parses"), s);
         parse(with(
             json!({"ports": 80, "protocol": "any", "cidr": "fd00::/64"}),

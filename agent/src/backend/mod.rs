@@ -1,10 +1,208 @@
 //! The backends: each one turns a sandbox's active faults of its kind into
 //! kernel state (and, for the proxy, a served listener).
 //!
+//! - `ebpf`: loss, blackhole, corrupt, duplicate and rate in the tc eBPF
+//!   datapath (API name `ebpf-tc`);
 //! - `nfqueue`: delay and reorder, nft diversion to NFQUEUE and a holder
-//!   process per sandbox;
+//!   process per sandbox (API name `nfqueue`);
 //! - `proxy`: HTTP and TCP faults, nft TPROXY diversion to the agent's
-//!   transparent proxy.
+//!   transparent proxy (API name `proxy`).
+//!
+//! The trait is declarative: [`Backend::sync`] puts the sandbox's kernel
+//! state into what the list of its active faults describes, whatever was
+//! there before (a previous agent's leftovers included). Removal and
+//! expiry are a `sync` with one fault fewer. Adding a backend means adding
+//! one module and one entry in [`Backends`].
+//! What a backend must not do: keep records of its own that the registry
+//! also keeps (sandboxes, deadlines, specs), or persist anything itself.
 
+pub mod ebpf;
+#[cfg(test)]
+pub mod fake;
 pub mod nfqueue;
 pub mod proxy;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netfault_api::{BackendKind, Counters, FaultSpec, FieldError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::registry::state::{FaultId, SandboxId};
+use crate::sys::netns::Netns;
+
+/// Why a backend could not bring the kernel in line.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct BackendError {
+    pub what: &'static str,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
+        BackendError {
+            what,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What a backend keeps about a sandbox across agent restarts. The
+/// registry persists it with the sandbox (its fields are part of the state
+/// file's sandbox record) and hands it back on every call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMemo {
+    /// Present while the eBPF datapath is attached.
+    #[serde(default)]
+    pub attachment: Option<AttachmentRecord>,
+}
+
+/// What attaching the eBPF datapath changed, to undo exactly that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub created_clsact: bool,
+}
+
+/// A sandbox as a backend sees it.
+pub struct SandboxCtx<'a> {
+    pub id: &'a SandboxId,
+    /// The sandbox's netns, opened for this call; `None` when it is gone
+    /// (the pod was deleted before its CNI DEL, or a reused path).
+    pub netns: Option<&'a Netns>,
+    pub ifname: &'a str,
+    /// The pod's own addresses: the datapath keys its packets on them.
+    pub addresses: &'a [IpAddr],
+    /// The sandbox's block of eBPF rules.
+    pub slot: u32,
+}
+
+/// An active fault handed to its backend.
+pub struct ActiveFault<'a> {
+    pub id: &'a FaultId,
+    pub spec: &'a FaultSpec,
+    /// Absolute `CLOCK_BOOTTIME` deadline, ns (what the kernel checks).
+    pub deadline_boot_ns: u64,
+    /// Time left until the deadline.
+    pub remaining: Duration,
+    /// The backend's per-fault slot, persisted with the fault (the eBPF
+    /// rule index); a backend that has none leaves it `None`.
+    pub memo: &'a mut Option<u32>,
+}
+
+/// Reads a fault's live counters from any thread, without the backend
+/// (atomics shared with the engine, or an eBPF map lookup).
+#[derive(Clone)]
+pub struct CounterReader(Arc<dyn Fn() -> Counters + Send + Sync>);
+
+impl CounterReader {
+    pub fn new(f: impl Fn() -> Counters + Send + Sync + 'static) -> Self {
+        CounterReader(Arc::new(f))
+    }
+
+    pub fn read(&self) -> Counters {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for CounterReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CounterReader")
+    }
+}
+
+/// A backend's part of `GET /v1/capabilities`.
+pub struct Availability {
+    /// The section of the capabilities document (`None`: no own section).
+    pub section: Option<(&'static str, Value)>,
+    /// The action types it serves on this node.
+    pub actions: Vec<&'static str>,
+}
+
+/// One backend. Calls come from one thread at a time (the registry's
+/// owner); none of them may be made with a registry lock held.
+pub trait Backend: Send {
+    fn kind(&self) -> BackendKind;
+
+    /// Checks a new fault against what this backend can do for the sandbox
+    /// (`active` are its other active faults of this backend): an error is
+    /// a 422 naming the field.
+    fn admit(&self, spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError>;
+
+    /// Puts the sandbox's kernel state into what `faults` (every active
+    /// fault of this backend on the sandbox) describes. With none, removes
+    /// everything the backend installed there.
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_>],
+    ) -> Result<(), BackendError>;
+
+    /// A reader of the fault's live counters, once `sync` installed it.
+    fn counters(&self, fault: &FaultId) -> Option<CounterReader>;
+
+    /// Drops what the backend keeps about a fault that is gone (after the
+    /// `sync` that removed it, and after its counters were read).
+    fn forget_fault(&mut self, fault: &FaultId);
+
+    /// The sandbox is released (CNI DEL): removes everything, at once (no
+    /// draining: the pod is going away). `sb.netns` is `None` when the
+    /// netns is gone, and only user-space state is dropped then.
+    fn forget_sandbox(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+    ) -> Result<(), BackendError>;
+
+    /// What this backend can do on this node, and why not.
+    fn availability(&self) -> Availability;
+}
+
+/// Every backend of the agent, one per [`BackendKind`].
+pub struct Backends {
+    all: Vec<Box<dyn Backend>>,
+}
+
+impl Backends {
+    pub fn new(all: Vec<Box<dyn Backend>>) -> Self {
+        Backends { all }
+    }
+
+    pub fn get(&self, kind: BackendKind) -> Option<&dyn Backend> {
+        self.all.iter().find(|b| b.kind() == kind).map(|b| &**b)
+    }
+
+    pub fn get_mut(&mut self, kind: BackendKind) -> Option<&mut (dyn Backend + 'static)> {
+        self.all
+            .iter_mut()
+            .find(|b| b.kind() == kind)
+            .map(|b| &mut **b)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Backend>> {
+        self.all.iter_mut()
+    }
+
+    pub fn kinds(&self) -> Vec<BackendKind> {
+        self.all.iter().map(|b| b.kind()).collect()
+    }
+
+    /// The capabilities document: each backend's section, plus the node
+    /// facts and the actions served.
+    pub fn capabilities(&self) -> Value {
+        let mut doc = nfqueue::caps::node_facts();
+        let mut actions = Vec::new();
+        for b in &self.all {
+            let a = b.availability();
+            if let (Some((key, section)), Some(obj)) = (a.section, doc.as_object_mut()) {
+                obj.insert(key.to_string(), section);
+            }
+            actions.extend(a.actions);
+        }
+        doc["actions"] = serde_json::json!(actions);
+        doc
+    }
+}

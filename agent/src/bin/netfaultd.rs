@@ -42,7 +42,8 @@ fn main() -> anyhow::Result<()> {
     // The hidden subcommand the agent runs its per-sandbox packet holders
     // with (see `backend::nfqueue::holder`); not for users.
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(netfault_agent::backend::nfqueue::holder::SUBCOMMAND) {
+    if argv.get(1).map(String::as_str) == Some(netfault_agent::backend::nfqueue::holder::SUBCOMMAND)
+    {
         let name = argv.get(2).map(String::as_str).unwrap_or("?");
         return netfault_agent::backend::nfqueue::holder::holder_main(name)
             .with_context(|| format!("delay holder for {name}"));

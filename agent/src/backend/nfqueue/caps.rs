@@ -75,38 +75,10 @@ fn nfqueue_socket_opens() -> Result<(), String> {
     Ok(())
 }
 
-/// The capabilities document. `ebpf_actions` are the action types the eBPF
-/// datapath compiles.
-pub fn capabilities(ebpf_actions: &[&str]) -> Value {
+/// What the node offers every backend: `edt`, `netem`, `ipv6` and whether
+/// the kernel config could be read (the start of the capabilities document).
+pub fn node_facts() -> Value {
     let cfg = KernelConfig::read();
-    let nft = in_path("nft");
-    let nft_queue = cfg.feature("CONFIG_NFT_QUEUE", "nft_queue");
-    let xt_nfqueue = cfg.feature("CONFIG_NETFILTER_XT_TARGET_NFQUEUE", "xt_NFQUEUE")
-        && cfg.feature("CONFIG_NFT_COMPAT", "nft_compat");
-    let nl_queue = cfg.feature("CONFIG_NETFILTER_NETLINK_QUEUE", "nfnetlink_queue");
-    let socket = nfqueue_socket_opens();
-    let delay_reason = if !nft {
-        Some("the nft binary is not in PATH".to_string())
-    } else if !nl_queue {
-        Some("the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE)".to_string())
-    } else if !xt_nfqueue {
-        Some(
-            "the kernel lacks xt_NFQUEUE through nft_compat (CONFIG_NETFILTER_XT_TARGET_NFQUEUE, CONFIG_NFT_COMPAT), which netfault's diversion rule uses"
-                .to_string(),
-        )
-    } else {
-        socket.err()
-    };
-    let mut delay = json!({
-        "backend": "nfqueue",
-        "available": delay_reason.is_none(),
-        "diversion": "nft table inet netfault, xt NFQUEUE target with bypass",
-        "nft_queue_statement": nft_queue,
-        "timing": "dedicated thread per pod, ns sleeps with 1 ns timer slack",
-    });
-    if let Some(r) = &delay_reason {
-        delay["reason"] = json!(r);
-    }
     let fq = cfg.feature("CONFIG_NET_SCH_FQ", "sch_fq");
     let netem = cfg.feature("CONFIG_NET_SCH_NETEM", "sch_netem");
     let mut edt = json!({"available": false});
@@ -121,14 +93,56 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
     } else {
         "sch_netem is not available on this kernel; netfault does not need it"
     });
-    let mut actions: Vec<&str> = ebpf_actions.to_vec();
-    if delay_reason.is_none() {
-        actions.extend(["delay", "reorder"]);
+    json!({
+        "edt": edt,
+        "netem": netem_v,
+        "ipv6": Path::new("/proc/net/if_inet6").exists(),
+        "kernel_config_readable": cfg.text.is_some(),
+    })
+}
+
+/// The `delay` section (the NFQUEUE backend), and whether it is available.
+pub fn nfqueue_section() -> (Value, bool) {
+    let cfg = KernelConfig::read();
+    let nft = in_path("nft");
+    let nft_queue = cfg.feature("CONFIG_NFT_QUEUE", "nft_queue");
+    let xt_nfqueue = cfg.feature("CONFIG_NETFILTER_XT_TARGET_NFQUEUE", "xt_NFQUEUE")
+        && cfg.feature("CONFIG_NFT_COMPAT", "nft_compat");
+    let nl_queue = cfg.feature("CONFIG_NETFILTER_NETLINK_QUEUE", "nfnetlink_queue");
+    let reason = if !nft {
+        Some("the nft binary is not in PATH".to_string())
+    } else if !nl_queue {
+        Some("the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE)".to_string())
+    } else if !xt_nfqueue {
+        Some(
+            "the kernel lacks xt_NFQUEUE through nft_compat (CONFIG_NETFILTER_XT_TARGET_NFQUEUE, CONFIG_NFT_COMPAT), which netfault's diversion rule uses"
+                .to_string(),
+        )
+    } else {
+        nfqueue_socket_opens().err()
+    };
+    let mut delay = json!({
+        "backend": "nfqueue",
+        "available": reason.is_none(),
+        "diversion": "nft table inet netfault, xt NFQUEUE target with bypass",
+        "nft_queue_statement": nft_queue,
+        "timing": "dedicated thread per pod, ns sleeps with 1 ns timer slack",
+    });
+    if let Some(r) = &reason {
+        delay["reason"] = json!(r);
     }
+    (delay, reason.is_none())
+}
+
+/// The `proxy` section (the transparent proxy backend), and whether it is
+/// available.
+pub fn proxy_section(lease: std::time::Duration) -> (Value, bool) {
+    let cfg = KernelConfig::read();
+    let nft = in_path("nft");
     // Without a readable kernel config, assume it is there (the install
     // then says what is missing).
     let tproxy = cfg.text.is_none() || cfg.feature("CONFIG_NFT_TPROXY", "nft_tproxy");
-    let proxy_reason = if !nft {
+    let reason = if !nft {
         Some("the nft binary is not in PATH")
     } else if !tproxy {
         Some("the kernel lacks nft_tproxy (CONFIG_NFT_TPROXY)")
@@ -137,31 +151,13 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
     };
     let mut proxy = json!({
         "backend": "proxy",
-        "available": proxy_reason.is_none(),
+        "available": reason.is_none(),
         "diversion": "nft table inet netfault_proxy: tproxy to IP_TRANSPARENT listeners in the pod netns, fwmark policy routing to lo",
-        "lease_seconds": crate::backend::proxy::LEASE.as_secs(),
+        "lease_seconds": lease.as_secs(),
         "protocols": ["http/1.1", "h2 (prior knowledge)", "grpc", "raw tcp"],
     });
-    if let Some(r) = proxy_reason {
+    if let Some(r) = reason {
         proxy["reason"] = json!(r);
-    } else {
-        actions.extend([
-            "http-abort",
-            "http-delay",
-            "http-replace",
-            "http-patch",
-            "tcp-reset",
-            "tcp-slow-close",
-            "tcp-bandwidth",
-        ]);
     }
-    json!({
-        "delay": delay,
-        "proxy": proxy,
-        "edt": edt,
-        "netem": netem_v,
-        "ipv6": Path::new("/proc/net/if_inet6").exists(),
-        "kernel_config_readable": cfg.text.is_some(),
-        "actions": actions,
-    })
+    (proxy, reason.is_none())
 }

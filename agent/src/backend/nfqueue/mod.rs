@@ -19,13 +19,15 @@ pub mod nft;
 pub mod queue;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use netfault_api::{Counters, FaultSpec};
+use netfault_api::{Action, BackendKind, FaultSpec, FieldError};
 
-use crate::sys::netns::{self, NetnsError};
+use super::{
+    ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx, SandboxMemo,
+};
+use crate::registry::state::{FaultId, SandboxId};
+use crate::sys::netns::NetnsError;
 use holder::{Engine, FaultCounters, HolderFault};
 use queue::NfQueue;
 
@@ -62,24 +64,11 @@ pub enum DelayError {
     Netns(#[from] NetnsError),
 }
 
-/// A delay-backend fault to apply.
-#[derive(Debug, Clone)]
-pub struct DelayFault {
-    pub id: String,
-    pub spec: FaultSpec,
-    /// Time left until the fault's deadline.
-    pub remaining: Duration,
-}
-
-struct SandboxQueue {
-    engine: Engine,
-}
-
-/// Every sandbox's delay state, owned by the registry.
+/// Every sandbox's NFQUEUE state.
 #[derive(Default)]
-pub struct DelayEngine {
-    sandboxes: HashMap<String, SandboxQueue>,
-    counters: HashMap<String, Arc<FaultCounters>>,
+pub struct NfqueueBackend {
+    sandboxes: HashMap<SandboxId, Engine>,
+    counters: HashMap<FaultId, Arc<FaultCounters>>,
     /// Each fault's set tag in its sandbox's table, and what is installed.
     tags: nft::Tags,
 }
@@ -90,96 +79,148 @@ fn open_queue_here() -> Result<(NfQueue, engine::Reinjector), DelayError> {
     Ok((queue, reinjector))
 }
 
-impl DelayEngine {
-    pub fn has(&self, sandbox: &str) -> bool {
-        self.sandboxes.contains_key(sandbox)
+fn sync_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::new("applying the delay faults", e)
+}
+
+impl NfqueueBackend {
+    fn counters_for(&mut self, fault: &FaultId) -> Arc<FaultCounters> {
+        self.counters.entry(fault.clone()).or_default().clone()
     }
 
-    fn counters_for(&mut self, fault: &str) -> Arc<FaultCounters> {
-        self.counters.entry(fault.to_string()).or_default().clone()
+    /// Removes the table and closes the queue (after the table is gone:
+    /// nothing is diverted to a queue without a listener, which `bypass`
+    /// would pass anyway).
+    fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
+        let removed = match sb.netns {
+            Some(ns) => ns.run(|_| nft::remove_here())?,
+            None => Ok(()),
+        };
+        self.sandboxes.remove(sb.id);
+        removed
     }
 
     /// Brings a sandbox's netns in line with `faults` (its active delay and
     /// reorder faults): with none, removes the table and closes the queue.
-    pub fn apply(
-        &mut self,
-        sandbox: &str,
-        netns_path: &Path,
-        faults: &[DelayFault],
-    ) -> Result<(), DelayError> {
-        let path = PathBuf::from(netns_path);
+    fn apply(&mut self, sb: &SandboxCtx<'_>, faults: &[ActiveFault<'_>]) -> Result<(), DelayError> {
         if faults.is_empty() {
-            let removed = match netns::run_in(&path, nft::remove_here) {
-                Ok(r) => r,
-                Err(NetnsError::Gone { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            };
-            // Closing the queue after the table is gone: nothing is diverted
-            // to a queue without a listener (which `bypass` would pass anyway).
-            self.sandboxes.remove(sandbox);
-            return removed;
+            return self.remove(sb);
         }
+        let Some(ns) = sb.netns else {
+            return Err(DelayError::Netns(NetnsError::Gone {
+                path: sb.id.to_string().into(),
+            }));
+        };
         let counters: Vec<Arc<FaultCounters>> =
-            faults.iter().map(|f| self.counters_for(&f.id)).collect();
+            faults.iter().map(|f| self.counters_for(f.id)).collect();
         let wire: Vec<HolderFault<'_>> = faults
             .iter()
             .zip(&counters)
             .map(|(f, c)| HolderFault {
-                spec: &f.spec,
+                spec: f.spec,
                 remaining: f.remaining,
                 counters: c,
             })
             .collect();
-        let fresh = !self.sandboxes.contains_key(sandbox);
+        let fresh = !self.sandboxes.contains_key(sb.id);
         if fresh {
-            let (queue, reinjector) = netns::run_in(&path, open_queue_here)??;
-            let engine = Engine::start(queue, reinjector, sandbox)?;
-            self.sandboxes
-                .insert(sandbox.to_string(), SandboxQueue { engine });
+            let (queue, reinjector) = ns.run(|_| open_queue_here())??;
+            let engine = Engine::start(queue, reinjector, sb.id.as_str())?;
+            self.sandboxes.insert(sb.id.clone(), engine);
         }
-        if let Some(sq) = self.sandboxes.get_mut(sandbox) {
-            sq.engine.set_faults(&wire)?;
+        if let Some(engine) = self.sandboxes.get_mut(sb.id) {
+            engine.set_faults(&wire)?;
         }
         // Sandboxes whose last fault went (table removed) lose their tags.
         let live = &self.sandboxes;
-        self.tags.retain_sandboxes(|sb| live.contains_key(sb));
+        self.tags
+            .retain_sandboxes(|name| live.contains_key(&SandboxId::from(name)));
         let ids: Vec<&str> = faults.iter().map(|f| f.id.as_str()).collect();
-        self.tags.retain_faults(sandbox, &ids);
+        self.tags.retain_faults(sb.id.as_str(), &ids);
         let diversions: Vec<nft::Diversion> = faults
             .iter()
             .map(|f| nft::Diversion {
-                tag: self.tags.tag(sandbox, &f.id),
+                tag: self.tags.tag(sb.id.as_str(), f.id.as_str()),
                 direction: f.spec.direction,
                 selector: f.spec.r#match.clone(),
                 timeout_ms: f.remaining.as_nanos().div_ceil(1_000_000) as u64,
             })
             .collect();
-        let known = self.tags.installed(sandbox);
+        let known = self.tags.installed(sb.id.as_str());
         // Only what changed is touched: unchanged faults keep diverting,
         // with their set elements' kernel timeouts running on.
-        let applied = match netns::run_in(&path, move || {
-            nft::sync_here(&diversions, &known, QUEUE_NUM)
-        }) {
+        let applied = match ns.run(move |_| nft::sync_here(&diversions, &known, QUEUE_NUM)) {
             Ok((installed, result)) => {
-                self.tags.set_installed(sandbox, installed);
+                self.tags.set_installed(sb.id.as_str(), installed);
                 result
             }
             Err(e) => Err(e.into()),
         };
         if applied.is_err() && fresh {
-            self.sandboxes.remove(sandbox);
+            self.sandboxes.remove(sb.id);
         }
         applied
     }
+}
 
-    /// Live counters of a delay fault.
-    pub fn counters(&self, fault: &str) -> Option<Counters> {
-        self.counters.get(fault).map(|c| c.snapshot())
+impl Backend for NfqueueBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nfqueue
     }
 
-    /// Forgets a fault's counters (after it was removed or expired).
-    pub fn forget(&mut self, fault: &str) {
+    fn admit(&self, spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError> {
+        // A reorder without its own latency reorders against a delay fault.
+        if let Action::Reorder { latency: None, .. } = spec.action {
+            let has_delay = active
+                .iter()
+                .any(|s| matches!(s.action, Action::Delay { .. }));
+            if !has_delay {
+                return Err(FieldError::unsupported(
+                    "action.latency",
+                    "reorder needs a latency: give action.latency, or first add a delay fault to this sandbox whose delay the in-order packets get",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_>],
+    ) -> Result<(), BackendError> {
+        self.apply(sb, faults).map_err(sync_err)
+    }
+
+    fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
+        let c = self.counters.get(fault)?.clone();
+        Some(CounterReader::new(move || c.snapshot()))
+    }
+
+    fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
-        self.tags.free(fault);
+        self.tags.free(fault.as_str());
+    }
+
+    fn forget_sandbox(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+    ) -> Result<(), BackendError> {
+        self.remove(sb)
+            .map_err(|e| BackendError::new("removing the delay diversion", e))
+    }
+
+    fn availability(&self) -> Availability {
+        let (section, available) = caps::nfqueue_section();
+        Availability {
+            section: Some(("delay", section)),
+            actions: if available {
+                vec!["delay", "reorder"]
+            } else {
+                Vec::new()
+            },
+        }
     }
 }

@@ -29,12 +29,15 @@
 //! belong to the calling thread's netns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::AsRawFd;
 
 use netfault_api::spec::{Direction, Match, Protocol};
 use serde_json::{json, Value};
 
 use super::DelayError;
+use crate::sys::nfnetlink::{
+    batch_socket, elements_msg, Batch, BatchError, Msg, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
+    NFTA_LIST_ELEM,
+};
 use crate::sys::nftjson::{m, port_set, prefix_match};
 
 pub const TABLE: &str = "netfault";
@@ -380,26 +383,10 @@ pub fn remove_here() -> Result<(), DelayError> {
 
 // ----- the xt NFQUEUE rule, over nf_tables netlink -----
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
-const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
-const NFPROTO_INET: u8 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_TARGET_NAME: u16 = 1;
@@ -407,71 +394,6 @@ const NFTA_TARGET_REV: u16 = 2;
 const NFTA_TARGET_INFO: u16 = 3;
 /// `xt_NFQ_info_v3.flags`: pass packets when nobody listens.
 const NFQ_FLAG_BYPASS: u16 = 1;
-
-/// A netlink message under construction.
-struct Msg {
-    buf: Vec<u8>,
-    nests: Vec<usize>,
-}
-
-impl Msg {
-    fn new(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
-        let mut buf = Vec::with_capacity(256);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in finish
-        buf.extend_from_slice(&ty.to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
-        // struct nfgenmsg
-        buf.push(family);
-        buf.push(0); // NFNETLINK_V0
-        buf.extend_from_slice(&res_id.to_be_bytes());
-        Msg {
-            buf,
-            nests: Vec::new(),
-        }
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-
-    fn attr(&mut self, ty: u16, data: &[u8]) {
-        let len = (4 + data.len()) as u16;
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn str(&mut self, ty: u16, s: &str) {
-        let mut d = s.as_bytes().to_vec();
-        d.push(0);
-        self.attr(ty, &d);
-    }
-
-    fn begin(&mut self, ty: u16) {
-        self.nests.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-    }
-
-    fn end(&mut self) {
-        if let Some(start) = self.nests.pop() {
-            let len = (self.buf.len() - start) as u16;
-            self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
-}
 
 /// One nf_tables batch: every fault's set elements (`ipv4`, `ipv6`, with
 /// the fault's remaining time as a millisecond timeout), then, with
@@ -483,121 +405,36 @@ pub fn commit_here(diversions: &[Diversion], queue: Option<u16>) -> Result<(), D
     }
     let fd = batch_socket()
         .map_err(|e| DelayError::Netlink(format!("netfilter netlink socket: {e}")))?;
-
-    let req = libc::NLM_F_REQUEST as u16;
-    let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
-    let mut seq = 1u32;
+    let mut batch = Batch::new();
     for (i, d) in diversions.iter().enumerate() {
-        seq += 1;
+        let seq = batch.next_seq();
         // The kernel acks the batch's last message; errors come regardless.
         let last_msg = queue.is_none() && i + 1 == diversions.len();
-        let set = set_name(d.tag);
-        out.extend(elements_msg(
+        batch.push(elements_msg(
             TABLE,
-            &set,
+            &set_name(d.tag),
             d.timeout_ms,
             false,
             seq,
             last_msg,
         ));
     }
-    if let Some(queue) = queue {
-        seq += 1;
-        out.extend(queue_rule(queue, seq));
-    }
-    let last = seq;
-    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
-    send_batch(&fd, &out, last, queue.is_some())
-}
-
-/// One nf_tables batch, over `fd` (a netfilter netlink socket opened in
-/// the sets' netns), that (re)arms the `ipv4` and `ipv6` elements of each
-/// `(set, ms)` in `leases` of the inet table `table`: each element gets
-/// the timeout and expires `ms` from now, whether it existed (its
-/// expiration is updated: Linux 6.10) or had already expired. No process
-/// is spawned and no namespace entered, so it is cheap to repeat.
-pub fn arm_leases(
-    fd: &std::os::fd::OwnedFd,
-    table: &str,
-    leases: &[(String, u64)],
-) -> Result<(), DelayError> {
-    if leases.is_empty() {
-        return Ok(());
-    }
-    let req = libc::NLM_F_REQUEST as u16;
-    let mut out = Msg::new(NFNL_MSG_BATCH_BEGIN, req, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
-    let mut seq = 1u32;
-    for (i, (set, ms)) in leases.iter().enumerate() {
-        seq += 1;
-        out.extend(elements_msg(
-            table,
-            set,
-            *ms,
-            true,
-            seq,
-            i + 1 == leases.len(),
-        ));
-    }
-    let last = seq;
-    out.extend(Msg::new(NFNL_MSG_BATCH_END, req, last + 1, 0, NFNL_SUBSYS_NFTABLES).finish());
-    send_batch(fd, &out, last, false)
-}
-
-/// A netfilter netlink socket in the calling thread's netns, for
-/// nf_tables batches: waits at most 2 s for the kernel's answer.
-pub fn batch_socket() -> std::io::Result<std::os::fd::OwnedFd> {
-    let fd = super::queue::netfilter_socket()?;
-    let tv = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: valid fd, pointer and size of a timeval.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// The `NEWSETELEM` message `seq` of a batch: the elements `ipv4` and
-/// `ipv6` of `table`'s set `set`, with a timeout of `ms`; with `expire`,
-/// also expiring `ms` from now (which re-arms an element that exists).
-/// `ack`: the batch's last message, which the kernel acknowledges.
-fn elements_msg(table: &str, set: &str, ms: u64, expire: bool, seq: u32, ack: bool) -> Vec<u8> {
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_CREATE) as u16
-        | if ack { libc::NLM_F_ACK as u16 } else { 0 };
-    let mut m = Msg::new(
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-        flags,
-        seq,
-        NFPROTO_INET,
-        0,
-    );
-    m.str(NFTA_SET_ELEM_LIST_TABLE, table);
-    m.str(NFTA_SET_ELEM_LIST_SET, set);
-    m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-    let ms = ms.max(1).to_be_bytes();
-    for key in [NFPROTO_IPV4, NFPROTO_IPV6] {
-        m.begin(NFTA_LIST_ELEM);
-        m.begin(NFTA_SET_ELEM_KEY);
-        m.attr(NFTA_DATA_VALUE, &[key]);
-        m.end();
-        m.attr(NFTA_SET_ELEM_TIMEOUT, &ms);
-        if expire {
-            m.attr(NFTA_SET_ELEM_EXPIRATION, &ms);
+    let rule_seq = queue.map(|q| {
+        let seq = batch.next_seq();
+        batch.push(queue_rule(q, seq));
+        seq
+    });
+    batch.send(&fd).map_err(|e| match e {
+        BatchError::Refused { seq, source } => {
+            let what = if Some(seq) == rule_seq {
+                "the NFQUEUE rule (xt_NFQUEUE through nft_compat)"
+            } else {
+                "a fault's set elements"
+            };
+            DelayError::Netlink(format!("the kernel refused {what}: {source}"))
         }
-        m.end();
-    }
-    m.end();
-    m.finish()
+        other => DelayError::Netlink(other.to_string()),
+    })
 }
 
 /// The rule of chain `divert`, `xt target NFQUEUE --queue-num N
@@ -632,87 +469,6 @@ fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
     rule.end();
     rule.end();
     rule.finish()
-}
-
-/// Sends a batch on `fd` and waits for the ack of its message `last` (the
-/// queue rule if `with_rule`) or the first error.
-fn send_batch(
-    fd: &std::os::fd::OwnedFd,
-    out: &[u8],
-    last: u32,
-    with_rule: bool,
-) -> Result<(), DelayError> {
-    let nl = |what: &str, e: std::io::Error| DelayError::Netlink(format!("{what}: {e}"));
-    // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid fd, buffer and address.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            out.as_ptr() as *const libc::c_void,
-            out.len(),
-            0,
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(nl("sending the batch", std::io::Error::last_os_error()));
-    }
-    let mut buf = vec![0u8; 8192];
-    loop {
-        // SAFETY: valid fd and buffer.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(nl(
-                "waiting for the batch's ack",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let mut off = 0usize;
-        let n = n as usize;
-        while off + 16 <= n {
-            let len =
-                u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            let seq =
-                u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
-            if len < 16 || off + len > n {
-                break;
-            }
-            if ty == libc::NLMSG_ERROR as u16 && len >= 20 {
-                let errno = i32::from_ne_bytes([
-                    buf[off + 16],
-                    buf[off + 17],
-                    buf[off + 18],
-                    buf[off + 19],
-                ]);
-                if errno != 0 {
-                    let what = if seq == last && with_rule {
-                        "the NFQUEUE rule (xt_NFQUEUE through nft_compat)"
-                    } else {
-                        "a fault's set elements"
-                    };
-                    return Err(DelayError::Netlink(format!(
-                        "the kernel refused {what}: {}",
-                        std::io::Error::from_raw_os_error(-errno)
-                    )));
-                }
-                if seq == last {
-                    return Ok(());
-                }
-            }
-            off += (len + 3) & !3;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -4,12 +4,15 @@
 //! batches. Opened from a thread inside the pod netns; the socket keeps that
 //! netns, so it can then be served from any thread.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use super::DelayError;
+use crate::sys::nfnetlink::{
+    self, finish, netfilter_socket, put_attr, u16_at, u32_at, NFNL_SUBSYS_QUEUE, NLA_TYPE_MASK,
+};
+use crate::sys::set_int_opt;
 
-const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;
 const NFQNL_MSG_CONFIG: u16 = 2;
@@ -27,7 +30,6 @@ const NFQNL_COPY_PACKET: u8 = 2;
 const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
 const NF_ACCEPT: u32 = 1;
 const NF_DROP: u32 = 0;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// A bound queue.
 pub struct NfQueue {
@@ -44,84 +46,21 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> DelayError + '_ {
     move |e| DelayError::Queue(format!("{what}: {e}"))
 }
 
+/// The header of a queue message: nfnetlink_queue subsystem, `AF_UNSPEC`,
+/// the queue number as the resource id.
 fn put_hdr(out: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, res_id: u16) -> usize {
-    let start = out.len();
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | ty).to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.push(libc::AF_UNSPEC as u8);
-    out.push(0);
-    out.extend_from_slice(&res_id.to_be_bytes());
-    start
-}
-
-fn put_attr(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
-    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&ty.to_ne_bytes());
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
-fn finish(out: &mut [u8], start: usize) {
-    let len = (out.len() - start) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_ne_bytes([b[i], b[i + 1]])
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-/// A netfilter netlink socket in the calling thread's netns (it keeps that netns).
-pub fn netfilter_socket() -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    nfnetlink::put_header(
+        out,
+        (NFNL_SUBSYS_QUEUE << 8) | ty,
+        flags,
+        seq,
+        libc::AF_UNSPEC as u8,
+        res_id,
+    )
 }
 
 /// Receive buffer of a queue socket: ~20k MTU-sized packets in flight.
 const RCVBUF: libc::c_int = 64 << 20;
-
-/// `setsockopt` of an `int` option.
-pub(crate) fn set_int_opt(
-    fd: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    // SAFETY: valid fd, option pointer and size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            &value as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
 
 impl NfQueue {
     /// Opens a netfilter netlink socket in the calling thread's netns and
@@ -178,25 +117,7 @@ impl NfQueue {
     }
 
     fn send(&self, buf: &[u8]) -> std::io::Result<()> {
-        // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: valid fd, buffer and address.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                buf.as_ptr() as *const libc::c_void,
-                buf.len(),
-                0,
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        nfnetlink::send_to_kernel(&self.fd, buf)
     }
 
     /// Waits for the kernel's answer to message `seq`, accepting any packet

@@ -49,8 +49,8 @@ use serde_json::{json, Value};
 
 use netfault_tproxy::Side;
 
-use crate::backend::nfqueue::queue::set_int_opt;
 use crate::sys::nftjson::{m, port_set, prefix_match};
+use crate::sys::set_int_opt;
 
 /// Packets policy-routed to `lo` (local delivery to the proxy).
 pub const DIVERT_MARK: u32 = 0x4e46_0010;
@@ -82,7 +82,7 @@ pub const TABLE: &str = "netfault_proxy";
 const FAMILY: &str = "inet";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum DivertError {
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -94,9 +94,9 @@ pub enum ProxyError {
     Routing(#[from] netfault_ebpf::TcError),
 }
 
-impl ProxyError {
-    pub fn from_io(what: &'static str, source: std::io::Error) -> ProxyError {
-        ProxyError::Io { what, source }
+impl DivertError {
+    pub fn from_io(what: &'static str, source: std::io::Error) -> DivertError {
+        DivertError::Io { what, source }
     }
 }
 
@@ -147,8 +147,8 @@ impl Listeners {
     }
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ProxyError {
-    move |source| ProxyError::Io { what, source }
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DivertError {
+    move |source| DivertError::Io { what, source }
 }
 
 fn set_transparent(s: &socket2::Socket, ipv6: bool) -> std::io::Result<()> {
@@ -195,7 +195,7 @@ fn has_ipv6() -> bool {
 
 /// Opens the inbound and outbound listeners, IPv4 and (when the netns has
 /// it) IPv6, on ephemeral ports.
-pub fn open_listeners_here() -> Result<Listeners, ProxyError> {
+pub fn open_listeners_here() -> Result<Listeners, DivertError> {
     let mut ports = ListenerPorts::default();
     let mut sockets = Vec::new();
     let v6 = has_ipv6();
@@ -225,7 +225,10 @@ pub fn open_listeners_here() -> Result<Listeners, ProxyError> {
 /// connected: marked [`PROXY_MARK`], and with `from`, bound transparently
 /// to that address (its IP; the port is chosen at connect time) so the
 /// server sees the real client.
-pub fn upstream_socket_here(from: Option<IpAddr>, to: SocketAddr) -> Result<TcpStream, ProxyError> {
+pub fn upstream_socket_here(
+    from: Option<IpAddr>,
+    to: SocketAddr,
+) -> Result<TcpStream, DivertError> {
     let ipv6 = to.is_ipv6();
     let s = tcp_socket(ipv6).map_err(io("creating an upstream socket"))?;
     s.set_mark(PROXY_MARK)
@@ -257,7 +260,7 @@ pub fn upstream_socket_here(from: Option<IpAddr>, to: SocketAddr) -> Result<TcpS
 
 /// Binds `s` to `ip` and a free port of [`UPSTREAM_PORTS`], starting at a
 /// random one.
-fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), ProxyError> {
+fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), DivertError> {
     let (lo, hi) = UPSTREAM_PORTS;
     let span = u32::from(hi - lo) + 1;
     let start: u32 = rand::random_range(0..span);
@@ -267,10 +270,10 @@ fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), ProxyError>
         match s.bind(&SocketAddr::new(ip, port).into()) {
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => last = Some(e),
-            Err(e) => return Err(ProxyError::from_io("binding an upstream socket", e)),
+            Err(e) => return Err(DivertError::from_io("binding an upstream socket", e)),
         }
     }
-    Err(ProxyError::from_io(
+    Err(DivertError::from_io(
         "binding an upstream socket: every port tried is in use",
         last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EADDRINUSE)),
     ))
@@ -450,17 +453,17 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
     json!({"nftables": cmds})
 }
 
-fn nft(payload: &Value) -> Result<(), ProxyError> {
-    crate::sys::nftjson::apply(payload).map_err(ProxyError::Nft)
+fn nft(payload: &Value) -> Result<(), DivertError> {
+    crate::sys::nftjson::apply(payload).map_err(DivertError::Nft)
 }
 
-fn lo_index() -> Result<u32, ProxyError> {
+fn lo_index() -> Result<u32, DivertError> {
     nix::net::if_::if_nametoindex("lo")
-        .map_err(|e| ProxyError::from_io("finding lo", std::io::Error::from(e)))
+        .map_err(|e| DivertError::from_io("finding lo", std::io::Error::from(e)))
 }
 
 /// Installs (or replaces) the diversion: policy routing, then the table.
-pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), ProxyError> {
+pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), DivertError> {
     let lo = lo_index()?;
     let mut nl = netfault_ebpf::TcSocket::open()?;
     nl.add_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
@@ -472,7 +475,7 @@ pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`), in one
 /// transaction: a fault's set never looks empty in between.
-pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
+pub fn refresh_here(diversions: &[Diversion]) -> Result<(), DivertError> {
     let mut cmds = Vec::new();
     for d in diversions {
         cmds.push(json!({"flush": {"set": {"family": FAMILY, "table": TABLE,
@@ -488,23 +491,24 @@ pub fn refresh_here(diversions: &[Diversion]) -> Result<(), ProxyError> {
 /// A netfilter netlink socket in the calling thread's netns, for
 /// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
 /// anywhere, without spawning `nft` or entering the netns).
-pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, ProxyError> {
-    crate::backend::nfqueue::nft::batch_socket().map_err(io("opening a netfilter socket"))
+pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, DivertError> {
+    crate::sys::nfnetlink::batch_socket().map_err(io("opening a netfilter socket"))
 }
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`, with
 /// millisecond precision) in one netlink batch over `fd`
 /// ([`lease_socket_here`]).
-pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), ProxyError> {
+pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), DivertError> {
     let leases: Vec<(String, u64)> = diversions
         .iter()
         .map(|d| (lease_set(d.tag), d.lease_ms))
         .collect();
-    crate::backend::nfqueue::nft::arm_leases(fd, TABLE, &leases).map_err(|e| ProxyError::Nft(e.to_string()))
+    crate::sys::nfnetlink::arm_leases(fd, TABLE, &leases)
+        .map_err(|e| DivertError::Nft(e.to_string()))
 }
 
 /// Removes the table and the policy routing, whatever of them exists.
-pub fn remove_here() -> Result<(), ProxyError> {
+pub fn remove_here() -> Result<(), DivertError> {
     let t = json!({"family": FAMILY, "name": TABLE});
     nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))?;
     let lo = lo_index()?;

@@ -21,17 +21,20 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netfault_api::{Counters, FaultSpec};
+use netfault_api::{BackendKind, FaultSpec, FieldError};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
-use crate::sys::netns::{self, NetnsError};
+use super::{
+    nfqueue, ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx,
+    SandboxMemo,
+};
+use crate::registry::state::{FaultId, SandboxId};
+use crate::sys::netns::{Netns, NetnsError};
 pub mod divert;
-
 
 /// How long a diversion lives without the agent re-arming it: after the
 /// agent dies, new connections go direct within this time.
@@ -42,22 +45,13 @@ const REFRESH: Duration = Duration::from_millis(500);
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
-pub enum L7Error {
+pub enum ProxyError {
     #[error(transparent)]
-    Proxy(#[from] divert::ProxyError),
+    Divert(#[from] divert::DivertError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("starting the proxy runtime: {0}")]
     Runtime(std::io::Error),
-}
-
-/// A proxy fault to apply.
-#[derive(Debug, Clone)]
-pub struct ProxyFault {
-    pub id: String,
-    pub spec: FaultSpec,
-    /// Time left until the fault's deadline.
-    pub remaining: Duration,
 }
 
 type SocketReply = tokio::sync::oneshot::Sender<std::io::Result<OwnedFd>>;
@@ -69,10 +63,10 @@ struct Factory {
 }
 
 impl Factory {
-    fn start(path: &Path, sandbox: &str) -> Result<Factory, NetnsError> {
+    fn start(ns: &Netns, sandbox: &str) -> Result<Factory, NetnsError> {
         let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
         let name = format!("sockets-{}", &sandbox[..sandbox.len().min(8)]);
-        netns::spawn_in(path, &name, move || {
+        ns.spawn(&name, move |_| {
             // Ends when the engine drops the sender.
             while let Ok((from, to, reply)) = rx.recv() {
                 let made = divert::upstream_socket_here(from, to)
@@ -148,7 +142,7 @@ type Leases = Arc<Mutex<Vec<(divert::Diversion, Instant)>>>;
 /// Per sandbox, a number that changes whenever a proxy (re)starts there;
 /// a drain removes the diversion only if its epoch is still current, and
 /// holds the lock while it does.
-type Epochs = Arc<Mutex<HashMap<String, u64>>>;
+type Epochs = Arc<Mutex<HashMap<SandboxId, u64>>>;
 
 struct SandboxProxy {
     proxy: Proxy,
@@ -186,14 +180,14 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(n: usize) -> Result<Workers, L7Error> {
+    fn start(n: usize) -> Result<Workers, ProxyError> {
         let mut handles = Vec::with_capacity(n);
         let mut stop = Vec::with_capacity(n);
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(L7Error::Runtime)?;
+                .map_err(ProxyError::Runtime)?;
             handles.push(rt.handle().clone());
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             stop.push(tx);
@@ -204,7 +198,7 @@ impl Workers {
                         let _ = rx.await;
                     });
                 })
-                .map_err(L7Error::Runtime)?;
+                .map_err(ProxyError::Runtime)?;
         }
         Ok(Workers {
             handles,
@@ -228,24 +222,38 @@ impl Drop for Workers {
     }
 }
 
-/// Every sandbox's proxy state, owned by the registry.
+/// Every sandbox's proxy state.
 #[derive(Default)]
-pub struct ProxyEngine {
+pub struct ProxyBackend {
     /// Accept loops, lease refreshers and drains.
     rt: Option<tokio::runtime::Runtime>,
     workers: Option<Arc<Workers>>,
-    sandboxes: HashMap<String, SandboxProxy>,
+    sandboxes: HashMap<SandboxId, SandboxProxy>,
     /// Sandboxes whose last fault went while connections were open.
-    draining: HashMap<String, tokio::task::JoinHandle<()>>,
+    draining: HashMap<SandboxId, tokio::task::JoinHandle<()>>,
     epochs: Epochs,
-    counters: HashMap<String, Arc<RuleCounters>>,
-    tags: HashMap<String, u32>,
+    counters: HashMap<FaultId, Arc<RuleCounters>>,
+    tags: HashMap<FaultId, u32>,
     next_tag: u32,
+    /// Every running sandbox proxy, for the open-connection gauge.
+    gauge: ConnectionGauge,
 }
 
-impl Drop for ProxyEngine {
+/// Connections the proxy serves right now, over every sandbox; readable
+/// from any thread.
+#[derive(Clone, Default)]
+pub struct ConnectionGauge(Arc<Mutex<HashMap<SandboxId, Proxy>>>);
+
+impl ConnectionGauge {
+    pub fn open_connections(&self) -> u64 {
+        lock(&self.0).values().map(|p| p.open_connections()).sum()
+    }
+}
+
+impl Drop for ProxyBackend {
     fn drop(&mut self) {
         self.sandboxes.clear();
+        lock(&self.gauge.0).clear();
         if let Some(rt) = self.rt.take() {
             // Never blocks, so it is safe inside another runtime.
             rt.shutdown_background();
@@ -257,19 +265,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn flatten<T>(r: Result<Result<T, divert::ProxyError>, NetnsError>) -> Result<T, L7Error> {
+fn flatten<T>(r: Result<Result<T, divert::DivertError>, NetnsError>) -> Result<T, ProxyError> {
     match r {
-        Ok(inner) => inner.map_err(L7Error::from),
+        Ok(inner) => inner.map_err(ProxyError::from),
         Err(e) => Err(e.into()),
     }
 }
 
-impl ProxyEngine {
-    pub fn has(&self, sandbox: &str) -> bool {
-        self.sandboxes.contains_key(sandbox) || self.draining.contains_key(sandbox)
+impl ProxyBackend {
+    /// The open-connection gauge (`netfault_proxy_open_connections`).
+    pub fn gauge(&self) -> ConnectionGauge {
+        self.gauge.clone()
     }
 
-    fn runtime(&mut self) -> Result<tokio::runtime::Handle, L7Error> {
+    fn runtime(&mut self) -> Result<tokio::runtime::Handle, ProxyError> {
         if self.workers.is_none() {
             let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
             self.workers = Some(Arc::new(Workers::start(n)?));
@@ -280,29 +289,29 @@ impl ProxyEngine {
                 .thread_name("proxy-control")
                 .enable_all()
                 .build()
-                .map_err(L7Error::Runtime)?;
+                .map_err(ProxyError::Runtime)?;
             self.rt = Some(rt);
         }
         self.rt
             .as_ref()
             .map(|r| r.handle().clone())
-            .ok_or_else(|| L7Error::Runtime(std::io::Error::other("no runtime")))
+            .ok_or_else(|| ProxyError::Runtime(std::io::Error::other("no runtime")))
     }
 
-    fn tag(&mut self, id: &str) -> u32 {
+    fn tag(&mut self, id: &FaultId) -> u32 {
         if let Some(t) = self.tags.get(id) {
             return *t;
         }
         self.next_tag = self.next_tag.wrapping_add(1);
-        self.tags.insert(id.to_string(), self.next_tag);
+        self.tags.insert(id.clone(), self.next_tag);
         self.next_tag
     }
 
-    fn diversions(&mut self, faults: &[ProxyFault]) -> Vec<divert::Diversion> {
+    fn diversions(&mut self, faults: &[ActiveFault<'_>]) -> Vec<divert::Diversion> {
         faults
             .iter()
             .map(|f| divert::Diversion {
-                tag: self.tag(&f.id),
+                tag: self.tag(f.id),
                 inbound: f.spec.direction.includes_ingress(),
                 outbound: f.spec.direction.includes_egress(),
                 selector: f.spec.r#match.clone(),
@@ -314,51 +323,42 @@ impl ProxyEngine {
     /// Cancels a drain in progress and bumps the sandbox's epoch, so that a
     /// drain that already decided to remove the diversion is done first
     /// (it holds the lock) and one that did not yet never will.
-    fn new_epoch(&mut self, sandbox: &str) {
+    fn new_epoch(&mut self, sandbox: &SandboxId) {
         if let Some(d) = self.draining.remove(sandbox) {
             d.abort();
         }
         let mut epochs = lock(&self.epochs);
-        *epochs.entry(sandbox.to_string()).or_default() += 1;
+        *epochs.entry(sandbox.clone()).or_default() += 1;
     }
 
     /// Closes a sandbox's proxy at once, cutting the connections it
     /// carries, without touching its netns (it is gone or going).
-    pub fn close(&mut self, sandbox: &str) {
+    fn close(&mut self, sandbox: &SandboxId) {
         self.new_epoch(sandbox);
         if let Some(sp) = self.sandboxes.remove(sandbox) {
             sp.proxy.shutdown();
         }
+        lock(&self.gauge.0).remove(sandbox);
         lock(&self.epochs).remove(sandbox);
-    }
-
-    /// The sandbox is being released (CNI DEL): closes its proxy at once
-    /// (no drain: the pod is going away) and removes the diversion if the
-    /// netns is still there.
-    pub fn release(&mut self, sandbox: &str, netns_path: &Path) -> Result<(), L7Error> {
-        self.close(sandbox);
-        remove_diversion(netns_path)
     }
 
     /// Brings a sandbox in line with `faults` (its active proxy faults):
     /// with none, stops diverting new connections and closes the listeners;
     /// the rest goes once the proxied connections are done.
-    pub fn apply(
-        &mut self,
-        sandbox: &str,
-        netns_path: &Path,
-        local: &[IpAddr],
-        faults: &[ProxyFault],
-    ) -> Result<(), L7Error> {
-        let path = PathBuf::from(netns_path);
+    fn apply(&mut self, sb: &SandboxCtx<'_>, faults: &[ActiveFault<'_>]) -> Result<(), ProxyError> {
+        let Some(ns) = sb.netns else {
+            // The pod is gone, and its diversion with it.
+            self.close(sb.id);
+            return Ok(());
+        };
         if faults.is_empty() {
-            return self.wind_down(sandbox, &path);
+            return self.wind_down(sb.id, ns);
         }
         let now = Instant::now();
         let rules: Vec<ProxyRule> = faults
             .iter()
             .map(|f| ProxyRule {
-                id: f.id.clone(),
+                id: f.id.to_string(),
                 direction: f.spec.direction,
                 selector: f.spec.r#match.clone(),
                 action: f.spec.action.clone(),
@@ -368,30 +368,30 @@ impl ProxyEngine {
             .collect();
         let divs = self.diversions(faults);
         let deadlines: Vec<Instant> = faults.iter().map(|f| now + f.remaining).collect();
-        let fresh = !self.sandboxes.contains_key(sandbox);
+        let fresh = !self.sandboxes.contains_key(sb.id);
         if fresh {
-            self.new_epoch(sandbox);
-            let sp = self.start_sandbox(sandbox, &path, local)?;
-            self.sandboxes.insert(sandbox.to_string(), sp);
+            self.new_epoch(sb.id);
+            let sp = self.start_sandbox(sb.id, ns, sb.addresses)?;
+            lock(&self.gauge.0).insert(sb.id.clone(), sp.proxy.clone());
+            self.sandboxes.insert(sb.id.clone(), sp);
         }
-        let Some(sp) = self.sandboxes.get(sandbox) else {
+        let Some(sp) = self.sandboxes.get(sb.id) else {
             return Ok(());
         };
         // Rules first: a connection diverted from now on finds its fault.
         sp.proxy.set_rules(rules);
         let ports = sp.ports;
         let install = divs.clone();
-        match flatten(netns::run_in(&path, move || {
-            divert::install_here(&install, &ports)
-        })) {
+        match flatten(ns.run(move |_| divert::install_here(&install, &ports))) {
             Ok(()) => {
                 *lock(&sp.leases) = divs.into_iter().zip(deadlines).collect();
                 Ok(())
             }
             Err(e) => {
                 if fresh {
-                    let _ = remove_diversion(&path);
-                    self.sandboxes.remove(sandbox);
+                    let _ = remove_diversion(ns);
+                    self.sandboxes.remove(sb.id);
+                    lock(&self.gauge.0).remove(sb.id);
                 }
                 Err(e)
             }
@@ -399,30 +399,29 @@ impl ProxyEngine {
     }
 
     /// The sandbox has no proxy fault left.
-    fn wind_down(&mut self, sandbox: &str, path: &Path) -> Result<(), L7Error> {
+    fn wind_down(&mut self, sandbox: &SandboxId, ns: &Netns) -> Result<(), ProxyError> {
         let Some(sp) = self.sandboxes.remove(sandbox) else {
             if self.draining.contains_key(sandbox) {
                 return Ok(());
             }
             // Nothing of ours runs: remove whatever an earlier agent left.
-            return remove_diversion(path);
+            return remove_diversion(ns);
         };
+        lock(&self.gauge.0).remove(sandbox);
         sp.stop_accepting();
         sp.proxy.set_rules(Vec::new());
         if sp.proxy.open_connections() == 0 {
             self.new_epoch(sandbox);
-            return remove_diversion(path);
+            return remove_diversion(ns);
         }
         // Keep only the connection-level rules while proxied connections
         // finish; new connections go direct from now on.
         let ports = sp.ports;
-        flatten(netns::run_in(path, move || {
-            divert::install_here(&[], &ports)
-        }))?;
+        flatten(ns.run(move |_| divert::install_here(&[], &ports)))?;
         let rt = self.runtime()?;
-        let epoch = *lock(&self.epochs).entry(sandbox.to_string()).or_default();
+        let epoch = *lock(&self.epochs).entry(sandbox.clone()).or_default();
         let epochs = self.epochs.clone();
-        let (sb, p) = (sandbox.to_string(), path.to_path_buf());
+        let (sb, p) = (sandbox.clone(), ns.clone());
         let name = sb.clone();
         let started = Instant::now();
         let drain = rt.spawn(async move {
@@ -450,25 +449,25 @@ impl ProxyEngine {
             }
             drop(sp);
         });
-        self.draining.insert(sandbox.to_string(), drain);
+        self.draining.insert(sandbox.clone(), drain);
         Ok(())
     }
 
     fn start_sandbox(
         &mut self,
-        sandbox: &str,
-        path: &Path,
+        sandbox: &SandboxId,
+        ns: &Netns,
         local: &[IpAddr],
-    ) -> Result<SandboxProxy, L7Error> {
+    ) -> Result<SandboxProxy, ProxyError> {
         let rt = self.runtime()?;
         let workers = self
             .workers
             .clone()
-            .ok_or_else(|| L7Error::Runtime(std::io::Error::other("no proxy workers")))?;
-        let listeners = flatten(netns::run_in(path, divert::open_listeners_here))?;
+            .ok_or_else(|| ProxyError::Runtime(std::io::Error::other("no proxy workers")))?;
+        let listeners = flatten(ns.run(|_| divert::open_listeners_here()))?;
         let ports = listeners.ports();
         let connector = PodConnector {
-            factory: Factory::start(path, sandbox)?,
+            factory: Factory::start(ns, sandbox.as_str())?,
             local: local.to_vec(),
         };
         let proxy = Proxy::new(Arc::new(connector));
@@ -476,7 +475,7 @@ impl ProxyEngine {
         let _guard = rt.enter();
         for (listener, side) in listeners.into_sided() {
             let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| divert::ProxyError::from_io("serving a listener", e))?;
+                .map_err(|e| divert::DivertError::from_io("serving a listener", e))?;
             let p = proxy.clone();
             let sb = sandbox.to_string();
             let workers = workers.clone();
@@ -514,12 +513,12 @@ impl ProxyEngine {
             }));
         }
         let leases: Leases = Arc::default();
-        let lease_fd = Arc::new(flatten(netns::run_in(path, divert::lease_socket_here))?);
+        let lease_fd = Arc::new(flatten(ns.run(|_| divert::lease_socket_here()))?);
         let refresher = rt.spawn(refresh_leases(
             leases.clone(),
             lease_fd,
-            path.to_path_buf(),
-            sandbox.to_string(),
+            ns.clone(),
+            sandbox.clone(),
         ));
         Ok(SandboxProxy {
             proxy,
@@ -529,30 +528,77 @@ impl ProxyEngine {
             ports,
         })
     }
+}
 
-    /// Live counters of a proxy fault.
-    pub fn counters(&self, fault: &str) -> Option<Counters> {
-        self.counters.get(fault).map(|c| c.snapshot())
+impl Backend for ProxyBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Proxy
     }
 
-    /// Forgets a fault's counters and tag (after it was removed or expired).
-    pub fn forget(&mut self, fault: &str) {
+    fn admit(&self, _spec: &FaultSpec, _active: &[&FaultSpec]) -> Result<(), FieldError> {
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_>],
+    ) -> Result<(), BackendError> {
+        self.apply(sb, faults)
+            .map_err(|e| BackendError::new("applying the proxy faults", e))
+    }
+
+    fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
+        let c = self.counters.get(fault)?.clone();
+        Some(CounterReader::new(move || c.snapshot()))
+    }
+
+    fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
         self.tags.remove(fault);
     }
 
-    /// Connections the proxy serves right now, over every sandbox.
-    pub fn open_connections(&self) -> u64 {
-        self.sandboxes
-            .values()
-            .map(|s| s.proxy.open_connections())
-            .sum()
+    /// Closes the sandbox's proxy at once, cutting the connections it
+    /// carries (no drain: the pod is going away), and removes the diversion
+    /// if the netns is still there.
+    fn forget_sandbox(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+    ) -> Result<(), BackendError> {
+        self.close(sb.id);
+        match sb.netns {
+            Some(ns) => remove_diversion(ns)
+                .map_err(|e| BackendError::new("removing the proxy diversion", e)),
+            None => Ok(()),
+        }
+    }
+
+    fn availability(&self) -> Availability {
+        let (section, available) = nfqueue::caps::proxy_section(LEASE);
+        Availability {
+            section: Some(("proxy", section)),
+            actions: if available {
+                vec![
+                    "http-abort",
+                    "http-delay",
+                    "http-replace",
+                    "http-patch",
+                    "tcp-reset",
+                    "tcp-slow-close",
+                    "tcp-bandwidth",
+                ]
+            } else {
+                Vec::new()
+            },
+        }
     }
 }
 
 /// Re-arms a sandbox's leases every [`REFRESH`] for as long as it runs:
 /// a netlink batch through `fd`, or if that fails, `nft` in the netns.
-async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox: String) {
+async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, ns: Netns, sandbox: SandboxId) {
     loop {
         tokio::time::sleep(REFRESH).await;
         let now = Instant::now();
@@ -567,12 +613,12 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
         if divs.is_empty() {
             continue;
         }
-        let (fd, p) = (fd.clone(), path.clone());
+        let (fd, ns) = (fd.clone(), ns.clone());
         let r = tokio::task::spawn_blocking(move || match divert::rearm(&fd, &divs) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::debug!(error = %e, "re-arming over netlink failed; trying nft");
-                flatten(netns::run_in(&p, move || divert::refresh_here(&divs)))
+                flatten(ns.run(move |_| divert::refresh_here(&divs)))
             }
         })
         .await;
@@ -586,14 +632,9 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, path: PathBuf, sandbox
     }
 }
 
-/// Removes the diversion from the netns at `path`; a netns that is gone
-/// has nothing left to remove.
-fn remove_diversion(path: &Path) -> Result<(), L7Error> {
-    match netns::run_in(path, divert::remove_here) {
-        Ok(r) => r.map_err(L7Error::from),
-        Err(NetnsError::Gone { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+/// Removes the diversion from the netns.
+fn remove_diversion(ns: &Netns) -> Result<(), ProxyError> {
+    flatten(ns.run(|_| divert::remove_here()))
 }
 
 /// The lease of a diversion: [`LEASE`], never past the fault's deadline.

@@ -1,0 +1,132 @@
+//! A recording backend for the registry's unit tests: it keeps what it was
+//! told in a shared log, serves fixed counters through readers that log
+//! each read, and can be told to fail its next `sync`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use netfault_api::{BackendKind, Counters, FaultSpec, FieldError};
+
+use super::{
+    ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx, SandboxMemo,
+};
+use crate::registry::state::{FaultId, SandboxId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Sync {
+        kind: BackendKind,
+        sandbox: SandboxId,
+        faults: Vec<FaultId>,
+    },
+    ReadCounters(FaultId),
+    ForgetFault(BackendKind, FaultId),
+    ForgetSandbox(BackendKind, SandboxId),
+}
+
+pub type Log = Arc<Mutex<Vec<Call>>>;
+
+/// What every fake fault has counted.
+pub const COUNTED: Counters = Counters {
+    matched: 7,
+    dropped: 3,
+    affected: 1,
+};
+
+pub struct FakeBackend {
+    kind: BackendKind,
+    log: Log,
+    installed: HashMap<SandboxId, Vec<FaultId>>,
+    pub fail_next_sync: Arc<AtomicBool>,
+}
+
+impl FakeBackend {
+    pub fn new(kind: BackendKind, log: &Log) -> FakeBackend {
+        FakeBackend {
+            kind,
+            log: log.clone(),
+            installed: HashMap::new(),
+            fail_next_sync: Arc::default(),
+        }
+    }
+
+    fn record(&self, call: Call) {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+    }
+}
+
+impl Backend for FakeBackend {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    fn admit(&self, _spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError> {
+        if active.len() >= 2 {
+            return Err(FieldError::conflict("target", "the fake takes two faults"));
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_>],
+    ) -> Result<(), BackendError> {
+        let ids: Vec<FaultId> = faults.iter().map(|f| f.id.clone()).collect();
+        self.record(Call::Sync {
+            kind: self.kind,
+            sandbox: sb.id.clone(),
+            faults: ids.clone(),
+        });
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(BackendError::new("syncing", "the fake was told to fail"));
+        }
+        for (i, f) in faults.iter_mut().enumerate() {
+            *f.memo = Some(i as u32);
+        }
+        memo.attachment = (!ids.is_empty()).then_some(super::AttachmentRecord {
+            created_clsact: true,
+        });
+        self.installed.insert(sb.id.clone(), ids);
+        Ok(())
+    }
+
+    fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
+        let installed = self.installed.values().any(|v| v.contains(fault));
+        let (log, id) = (self.log.clone(), fault.clone());
+        installed.then(|| {
+            CounterReader::new(move || {
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Call::ReadCounters(id.clone()));
+                COUNTED
+            })
+        })
+    }
+
+    fn forget_fault(&mut self, fault: &FaultId) {
+        self.record(Call::ForgetFault(self.kind, fault.clone()));
+    }
+
+    fn forget_sandbox(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+    ) -> Result<(), BackendError> {
+        self.installed.remove(sb.id);
+        self.record(Call::ForgetSandbox(self.kind, sb.id.clone()));
+        Ok(())
+    }
+
+    fn availability(&self) -> Availability {
+        Availability {
+            section: None,
+            actions: vec![self.kind.as_str()],
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! The sandbox registry and fault reconciler: the agent's source of truth.
+//!
+//! What it owns: enrolled sandboxes and faults (`state`), the state file
+//! (`persist`), and the order of the steps that bring the kernel in line
+//! with them: on every change, when faults expire (`reap`), and at start
+//! (`reconcile`). The kernel work itself is the backends' (`backend`).
+//! What it must not do: speak HTTP (see `server`), touch the kernel
+//! itself, or hold a lock while a backend works.
+//!
+//! Concurrency: every change runs on one owner thread, which owns the
+//! backends, so changes are serialized and each is atomic with respect to
+//! the others. The records sit behind a mutex that is held only to read or
+//! write them, never across a backend call, an `nft` run or a process
+//! spawn; API reads take it briefly and read live counters through
+//! [`CounterReader`]s, so they never wait for a change in progress.
+
+pub mod pending;
+mod persist;
+mod reconcile;
+pub mod state;
+mod target;
+#[cfg(test)]
+mod tests;
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use netfault_api::spec::faults_from_annotations;
+use netfault_api::{
+    BackendKind, EnrolRequest, Fault, FaultSpec, FieldError, Limits, Sandbox, Target,
+};
+use serde_json::Value;
+
+use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
+use crate::backend::{ActiveFault, Backend, BackendError, Backends, CounterReader, SandboxCtx};
+use crate::sys::netns::Netns;
+use persist::StateDir;
+use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
+pub use target::{Host, SystemHost};
+
+/// Why a request failed. The server maps a field error's code onto the
+/// HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Field(FieldError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<FieldError> for AgentError {
+    fn from(e: FieldError) -> Self {
+        AgentError::Field(e)
+    }
+}
+
+impl From<BackendError> for AgentError {
+    fn from(e: BackendError) -> Self {
+        AgentError::Internal(e.to_string())
+    }
+}
+
+fn internal(what: &str) -> impl FnOnce(String) -> AgentError + '_ {
+    move |e| AgentError::Internal(format!("{what}: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub max_duration: Duration,
+    /// How long expired faults stay listed.
+    pub retain_expired: Duration,
+}
+
+/// What every operation shares: the records and how to save them.
+struct Shared {
+    cfg: Config,
+    host: Box<dyn Host>,
+    dir: StateDir,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves records that are still
+        // consistent on disk; keep serving rather than poisoning forever.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves the records: serialized under the lock, written without it.
+    fn persist(&self) -> Result<(), AgentError> {
+        let bytes = StateDir::serialize(&self.lock())?;
+        self.dir.write(&bytes)
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Backends) + Send>;
+
+/// The thread that owns the backends and runs every change, one at a time.
+struct Owner {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Owner {
+    fn start(mut backends: Backends) -> Result<Owner, AgentError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("registry".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    // A panicking change fails its caller (the reply is
+                    // dropped); the owner goes on serving the next one.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut backends)));
+                }
+            })
+            .map_err(|e| AgentError::Internal(format!("starting the registry thread: {e}")))?;
+        Ok(Owner { tx })
+    }
+
+    /// Runs `f` on the owner thread and waits for its result.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Backends) -> T + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Box::new(move |b| {
+                let _ = reply.send(f(b));
+            }))
+            .map_err(|_| AgentError::Internal("the registry thread is gone".into()))?;
+        rx.recv()
+            .map_err(|_| AgentError::Internal("the registry operation panicked".into()))
+    }
+}
+
+pub struct Registry {
+    shared: Arc<Shared>,
+    owner: Owner,
+    gauge: Option<ConnectionGauge>,
+}
+
+/// One change in progress: the records, and the backends (owned by the
+/// owner thread, lent for the change).
+struct Core<'a> {
+    sh: &'a Shared,
+    b: &'a mut Backends,
+}
+
+impl Registry {
+    /// Loads the datapath and the persisted state, and reconciles the kernel
+    /// with it: faults still before their deadline are re-installed on the
+    /// new programs (atomically replacing the old filters), the rest are
+    /// marked expired and their filters removed.
+    pub fn open(cfg: Config) -> Result<Registry, AgentError> {
+        let ebpf = crate::backend::ebpf::EbpfBackend::load()?;
+        let proxy = ProxyBackend::default();
+        let gauge = proxy.gauge();
+        let backends = Backends::new(vec![
+            Box::new(ebpf),
+            Box::new(crate::backend::nfqueue::NfqueueBackend::default()),
+            Box::new(proxy),
+        ]);
+        let mut reg = Registry::with_parts(cfg, backends, Box::new(SystemHost))?;
+        reg.gauge = Some(gauge);
+        Ok(reg)
+    }
+
+    /// A registry over the given backends and host (tests use fakes).
+    fn with_parts(
+        cfg: Config,
+        backends: Backends,
+        host: Box<dyn Host>,
+    ) -> Result<Registry, AgentError> {
+        let dir = StateDir::new(&cfg.state_dir)?;
+        let state = dir.load()?;
+        let reg = Registry {
+            shared: Arc::new(Shared {
+                cfg,
+                host,
+                dir,
+                state: Mutex::new(state),
+            }),
+            owner: Owner::start(backends)?,
+            gauge: None,
+        };
+        reg.change(|c| c.reconcile())?;
+        Ok(reg)
+    }
+
+    /// Runs a change on the owner thread.
+    fn change<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core<'_>) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let sh = self.shared.clone();
+        self.owner.run(move |b| f(&mut Core { sh: &sh, b }))?
+    }
+
+    /// Connections the transparent proxy serves now, over every sandbox.
+    pub fn proxy_open_connections(&self) -> u64 {
+        self.gauge.as_ref().map_or(0, |g| g.open_connections())
+    }
+
+    pub fn enrol(&self, id: &str, req: EnrolRequest) -> Result<Sandbox, AgentError> {
+        let id = target::valid_sandbox_id(id)?;
+        target::validate_enrol(&req)?;
+        self.change(move |c| c.enrol(&id, req, false))
+    }
+
+    /// Removes everything installed for the sandbox. Unknown ids are fine.
+    pub fn release(&self, id: &str) -> Result<(), AgentError> {
+        let id = SandboxId::from(id);
+        self.change(move |c| c.release(&id))
+    }
+
+    pub fn sandboxes(&self) -> Vec<Sandbox> {
+        let st = self.shared.lock();
+        st.sandboxes.values().map(SandboxRecord::view).collect()
+    }
+
+    /// Validates and installs a fault from an API body.
+    pub fn create_fault(&self, body: &Value) -> Result<Fault, AgentError> {
+        let spec = FaultSpec::parse(
+            body,
+            &Limits {
+                max_duration: self.shared.cfg.max_duration,
+                target_required: true,
+            },
+        )?;
+        let target = spec
+            .target
+            .clone()
+            .ok_or_else(|| FieldError::missing("target"))?;
+        self.change(move |c| {
+            let sandbox = c.resolve(&target)?;
+            c.install(&sandbox, spec)
+        })
+    }
+
+    pub fn faults(&self) -> Vec<Fault> {
+        let now = netfault_ebpf::boottime_ns();
+        let st = self.shared.lock();
+        st.faults.values().map(|f| st.fault_view(f, now)).collect()
+    }
+
+    pub fn fault(&self, id: &str) -> Result<Fault, AgentError> {
+        let now = netfault_ebpf::boottime_ns();
+        let st = self.shared.lock();
+        st.faults
+            .get(&FaultId::from(id))
+            .map(|f| st.fault_view(f, now))
+            .ok_or_else(|| FieldError::not_found("id", &format!("no fault {id:?}")).into())
+    }
+
+    /// Removes a fault; unknown ids are fine.
+    pub fn delete_fault(&self, id: &str) -> Result<(), AgentError> {
+        let id = FaultId::from(id);
+        self.change(move |c| c.delete_fault(&id))
+    }
+
+    /// Marks faults past their deadline expired (the kernel already stopped
+    /// applying them), takes their final counters, and removes what they
+    /// installed. Returns the time until the next deadline, for the
+    /// caller's sleep.
+    pub fn reap(&self) -> Result<Option<Duration>, AgentError> {
+        self.change(|c| c.reap())
+    }
+
+    /// What this node supports (`GET /v1/capabilities`).
+    pub fn capabilities(&self) -> Result<Value, AgentError> {
+        self.owner.run(|b| b.capabilities())
+    }
+}
+
+impl Core<'_> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.sh.lock()
+    }
+
+    fn backend(&mut self, kind: BackendKind) -> Result<&mut (dyn Backend + 'static), AgentError> {
+        self.b
+            .get_mut(kind)
+            .ok_or_else(|| AgentError::Internal(format!("no {} backend", kind.as_str())))
+    }
+
+    /// Puts the sandbox's `kind` backend in line with its live faults of
+    /// that kind, and records what the backend keeps (memos, counter
+    /// readers), whatever the outcome.
+    fn sync(&mut self, sandbox: &SandboxId, kind: BackendKind) -> Result<(), AgentError> {
+        let now = netfault_ebpf::boottime_ns();
+        let (rec, mut listed) = {
+            let st = self.lock();
+            let Some(rec) = st.sandboxes.get(sandbox).cloned() else {
+                return Ok(());
+            };
+            let listed: Vec<(FaultId, FaultSpec, u64, Option<u32>)> = st
+                .live_faults(sandbox, kind, now)
+                .into_iter()
+                .map(|f| (f.id.clone(), f.spec.clone(), f.deadline_boot_ns, f.memo))
+                .collect();
+            (rec, listed)
+        };
+        let ns = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id)
+            .map_err(|e| internal("opening the sandbox's netns")(e.to_string()))?;
+        let mut memo = rec.memo;
+        let sh = self.sh;
+        let backend = self.backend(kind)?;
+        let result = {
+            let mut active: Vec<ActiveFault<'_>> = listed
+                .iter_mut()
+                .map(|(id, spec, deadline, m)| ActiveFault {
+                    id,
+                    spec,
+                    deadline_boot_ns: *deadline,
+                    remaining: Duration::from_nanos(deadline.saturating_sub(now)),
+                    memo: m,
+                })
+                .collect();
+            let ctx = SandboxCtx {
+                id: sandbox,
+                netns: ns.as_ref(),
+                ifname: &rec.ifname,
+                addresses: &rec.addresses,
+                slot: rec.slot,
+            };
+            backend.sync(&ctx, &mut memo, &mut active)
+        };
+        let readers: Vec<(FaultId, Option<CounterReader>)> = listed
+            .iter()
+            .map(|(id, ..)| (id.clone(), backend.counters(id)))
+            .collect();
+        let mut st = sh.lock();
+        if let Some(r) = st.sandboxes.get_mut(sandbox) {
+            r.memo = memo;
+        }
+        for (id, _, _, m) in &listed {
+            if let Some(f) = st.faults.get_mut(id) {
+                f.memo = *m;
+            }
+        }
+        for (id, reader) in readers {
+            if let Some(reader) = reader {
+                st.readers.insert(id, reader);
+            }
+        }
+        result.map_err(AgentError::from)
+    }
+
+    /// Installs a fault on an enrolled sandbox: the backend admits it, then
+    /// syncs with it added. On failure the sandbox is put back as it was.
+    fn install(&mut self, sandbox: &SandboxId, mut spec: FaultSpec) -> Result<Fault, AgentError> {
+        let kind = spec.action.backend();
+        let now = netfault_ebpf::boottime_ns();
+        let id = {
+            let sh = self.sh;
+            let backend = self
+                .b
+                .get(kind)
+                .ok_or_else(|| AgentError::Internal(format!("no {} backend", kind.as_str())))?;
+            let mut st = sh.lock();
+            if !st.sandboxes.contains_key(sandbox) {
+                return Err(FieldError::not_found("target", "sandbox was released").into());
+            }
+            if spec.target.is_none() {
+                spec.target = Some(Target::Sandbox(sandbox.to_string()));
+            }
+            let active: Vec<&FaultSpec> = st
+                .live_faults(sandbox, kind, now)
+                .into_iter()
+                .map(|f| &f.spec)
+                .collect();
+            backend.admit(&spec, &active)?;
+            let rec = FaultRecord::new(sandbox, spec, now);
+            let id = rec.id.clone();
+            st.faults.insert(id.clone(), rec);
+            id
+        };
+        if let Err(e) = self.sync(sandbox, kind) {
+            {
+                let mut st = self.lock();
+                st.faults.remove(&id);
+                st.readers.remove(&id);
+            }
+            self.backend(kind)?.forget_fault(&id);
+            if let Err(undo) = self.sync(sandbox, kind) {
+                tracing::warn!(sandbox = %sandbox, error = %undo, "putting the sandbox back after a failed install failed");
+            }
+            return Err(e);
+        }
+        self.sh.persist()?;
+        let view = {
+            let st = self.lock();
+            st.faults
+                .get(&id)
+                .map(|f| st.fault_view(f, netfault_ebpf::boottime_ns()))
+                .ok_or_else(|| AgentError::Internal("fault vanished during install".into()))?
+        };
+        tracing::info!(fault = %view.id, sandbox = %sandbox, action = %view.spec["action"]["type"], backend = %view.backend, "fault installed");
+        Ok(view)
+    }
+
+    fn delete_fault(&mut self, id: &FaultId) -> Result<(), AgentError> {
+        let removed = {
+            let mut st = self.lock();
+            st.readers.remove(id);
+            st.faults.remove(id)
+        };
+        let Some(f) = removed else {
+            return Ok(());
+        };
+        if !f.expired {
+            self.sync(&f.sandbox, f.backend())?;
+        }
+        self.backend(f.backend())?.forget_fault(&f.id);
+        self.settle(&f.sandbox);
+        self.sh.persist()
+    }
+
+    /// Releases an implicit sandbox that has no fault left (not even an
+    /// expired one still listed). Its backends are already in sync: each
+    /// was synced when its last fault went.
+    fn settle(&mut self, sandbox: &SandboxId) {
+        let mut st = self.lock();
+        let implicit = st.sandboxes.get(sandbox).is_some_and(|s| s.implicit);
+        if implicit && st.faults_of(sandbox).next().is_none() {
+            st.sandboxes.remove(sandbox);
+        }
+    }
+
+    fn release(&mut self, sandbox: &SandboxId) -> Result<(), AgentError> {
+        let (rec, faults) = {
+            let st = self.lock();
+            let Some(rec) = st.sandboxes.get(sandbox).cloned() else {
+                return Ok(());
+            };
+            let faults: Vec<(FaultId, BackendKind)> = st
+                .faults_of(sandbox)
+                .map(|f| (f.id.clone(), f.backend()))
+                .collect();
+            (rec, faults)
+        };
+        // The sandbox's netns, if it is still the one it was enrolled with.
+        let ns = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id)
+            .ok()
+            .flatten();
+        let ctx = SandboxCtx {
+            id: sandbox,
+            netns: ns.as_ref(),
+            ifname: &rec.ifname,
+            addresses: &rec.addresses,
+            slot: rec.slot,
+        };
+        let mut memo = rec.memo;
+        for b in self.b.iter_mut() {
+            b.forget_sandbox(&ctx, &mut memo)?;
+        }
+        for (id, kind) in &faults {
+            self.backend(*kind)?.forget_fault(id);
+        }
+        {
+            let mut st = self.lock();
+            for (id, _) in &faults {
+                st.faults.remove(id);
+                st.readers.remove(id);
+            }
+            st.sandboxes.remove(sandbox);
+        }
+        self.sh.persist()
+    }
+
+    fn enrol(
+        &mut self,
+        id: &SandboxId,
+        req: EnrolRequest,
+        implicit: bool,
+    ) -> Result<Sandbox, AgentError> {
+        let path = PathBuf::from(&req.netns);
+        let ns = Netns::open(&path).map_err(|e| FieldError::invalid("netns", &e.to_string()))?;
+        let existing = self.lock().sandboxes.get(id).cloned();
+        if let Some(sb) = existing {
+            if sb.netns_id == ns.id() && sb.ifname == req.ifname {
+                return Ok(sb.view());
+            }
+            // Same id, different namespace: the runtime reused the id; start over.
+            self.release(id)?;
+        }
+        let addresses = target::addresses(self.sh.host.as_ref(), &ns, &req)?;
+        // Parse birth-time faults before changing anything.
+        let (birth_specs, annotation_error) = match faults_from_annotations(
+            &req.annotations,
+            self.sh.cfg.max_duration,
+        ) {
+            Ok(specs) => (specs, None),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "invalid netfault annotations; no fault applied");
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
+        {
+            let mut st = self.lock();
+            let slot = target::free_slot(&st)?;
+            target::check_addresses_free(&st, &addresses)?;
+            let rec = SandboxRecord {
+                id: id.clone(),
+                netns: req.netns.clone(),
+                netns_id: ns.id(),
+                ifname: req.ifname.clone(),
+                ips: req.ips.clone(),
+                pod: req.pod.clone(),
+                annotations: req.annotations.clone(),
+                enrolled_at_ms: state::now_ms(),
+                birth_faults: Vec::new(),
+                annotation_error,
+                slot,
+                addresses,
+                implicit,
+                memo: Default::default(),
+            };
+            st.sandboxes.insert(id.clone(), rec);
+        }
+        self.sh.persist()?;
+        drop(ns);
+        let mut birth = Vec::new();
+        for spec in birth_specs {
+            match self.install(id, spec) {
+                Ok(f) => birth.push(FaultId::from(f.id)),
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e, "birth-time fault failed");
+                    if let Some(sb) = self.lock().sandboxes.get_mut(id) {
+                        sb.annotation_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        let view = {
+            let mut st = self.lock();
+            let sb = st
+                .sandboxes
+                .get_mut(id)
+                .ok_or_else(|| AgentError::Internal("sandbox vanished during enrolment".into()))?;
+            sb.birth_faults = birth;
+            sb.view()
+        };
+        self.sh.persist()?;
+        Ok(view)
+    }
+
+    fn reap(&mut self) -> Result<Option<Duration>, AgentError> {
+        let now = netfault_ebpf::boottime_ns();
+        // Counters first: the snapshot is taken before the backend forgets.
+        let due: Vec<(FaultId, SandboxId, BackendKind)> = {
+            let mut st = self.lock();
+            let due: Vec<(FaultId, SandboxId, BackendKind)> = st
+                .faults
+                .values()
+                .filter(|f| !f.expired && f.deadline_boot_ns <= now)
+                .map(|f| (f.id.clone(), f.sandbox.clone(), f.backend()))
+                .collect();
+            for (id, ..) in &due {
+                let counters = st.readers.remove(id).map(|r| r.read()).unwrap_or_default();
+                if let Some(f) = st.faults.get_mut(id) {
+                    f.expired = true;
+                    f.final_counters = counters;
+                }
+                tracing::info!(fault = %id, "fault expired");
+            }
+            due
+        };
+        let mut touched: Vec<(SandboxId, BackendKind)> =
+            due.iter().map(|(_, sb, k)| (sb.clone(), *k)).collect();
+        touched.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+        touched.dedup();
+        for (sb, kind) in &touched {
+            self.sync(sb, *kind)?;
+        }
+        for (id, _, kind) in &due {
+            self.backend(*kind)?.forget_fault(id);
+        }
+        let retain_ms = self.sh.cfg.retain_expired.as_millis() as u64;
+        let wall = state::now_ms();
+        let purged = {
+            let mut st = self.lock();
+            let before = st.faults.len();
+            st.faults
+                .retain(|_, f| !f.expired || f.expires_at_ms + retain_ms > wall);
+            before != st.faults.len()
+        };
+        for (sb, _) in &touched {
+            self.settle(sb);
+        }
+        if purged {
+            // Implicit sandboxes whose last expired fault was just purged.
+            let implicit: Vec<SandboxId> = self
+                .lock()
+                .sandboxes
+                .values()
+                .filter(|s| s.implicit)
+                .map(|s| s.id.clone())
+                .collect();
+            for sb in &implicit {
+                self.settle(sb);
+            }
+        }
+        if !touched.is_empty() || purged {
+            self.sh.persist()?;
+        }
+        let st = self.lock();
+        let next = st
+            .faults
+            .values()
+            .filter(|f| !f.expired)
+            .map(|f| f.deadline_boot_ns.saturating_sub(now))
+            .min();
+        Ok(next.map(Duration::from_nanos))
+    }
+}

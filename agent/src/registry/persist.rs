@@ -1,0 +1,89 @@
+//! The state file: `<state dir>/state.json`, replaced atomically (write a
+//! temporary file, then rename) after every change, and read at start.
+//! The format is the one older agents wrote and read: records keep their
+//! field names, and an unreadable file is moved aside rather than trusted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
+use super::AgentError;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    sandboxes: BTreeMap<SandboxId, SandboxRecord>,
+    faults: BTreeMap<FaultId, FaultRecord>,
+}
+
+/// Where the registry's records live between agents.
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> Result<StateDir, AgentError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Internal(format!("creating {}: {e}", dir.display())))?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// The persisted records, or none when there is no file. An unreadable
+    /// file is moved aside (`state.json.corrupt`) and treated as empty.
+    pub fn load(&self) -> Result<State, AgentError> {
+        let path = self.file();
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    let aside = self.dir.join("state.json.corrupt");
+                    tracing::error!(error = %e, "state file is unreadable; moved aside to {}", aside.display());
+                    let _ = std::fs::rename(&path, aside);
+                    StateFile::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "reading {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        Ok(State {
+            sandboxes: file.sandboxes,
+            faults: file.faults,
+            readers: Default::default(),
+        })
+    }
+
+    /// The file's bytes for the records of `state` (taken under the state
+    /// lock; [`StateDir::write`] then runs without it).
+    pub fn serialize(state: &State) -> Result<Vec<u8>, AgentError> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            sandboxes: &'a BTreeMap<SandboxId, SandboxRecord>,
+            faults: &'a BTreeMap<FaultId, FaultRecord>,
+        }
+        serde_json::to_vec_pretty(&View {
+            sandboxes: &state.sandboxes,
+            faults: &state.faults,
+        })
+        .map_err(|e| AgentError::Internal(format!("serializing state: {e}")))
+    }
+
+    /// Replaces the file atomically.
+    pub fn write(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        let tmp = self.dir.join("state.json.tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, self.file()))
+            .map_err(|e| AgentError::Internal(format!("writing state: {e}")))
+    }
+}

@@ -1,0 +1,267 @@
+//! The registry's records: what is enrolled, which faults exist, and what
+//! each backend keeps per sandbox and per fault. Typed in memory; the
+//! serialized form is the state file's (see `persist`), which older agents
+//! wrote too.
+//! What it must not do: touch the kernel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netfault_api::{BackendKind, Counters, Fault, FaultSpec, Limits, PodRef, Sandbox};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::backend::{CounterReader, SandboxMemo};
+use crate::sys::netns::NetnsId;
+
+/// A sandbox's id: the runtime's container id, or `netns-<dev>-<ino>` for
+/// a namespace enrolled implicitly by a fault's `{"netns": path}` target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SandboxId(String);
+
+/// A fault's id, `f-<16 hex digits>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FaultId(String);
+
+macro_rules! string_id {
+    ($t:ty) => {
+        impl $t {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                Self(s.to_string())
+            }
+        }
+        impl From<String> for $t {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+    };
+}
+string_id!(SandboxId);
+string_id!(FaultId);
+
+impl FaultId {
+    pub fn random() -> FaultId {
+        let r: u64 = rand::random();
+        FaultId(format!("f-{r:016x}"))
+    }
+}
+
+/// Whether a fault still acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultState {
+    Active,
+    Expired,
+}
+
+impl FaultState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultState::Active => "active",
+            FaultState::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: SandboxId,
+    pub netns: String,
+    pub netns_id: NetnsId,
+    pub ifname: String,
+    pub ips: Vec<String>,
+    pub pod: Option<PodRef>,
+    pub annotations: BTreeMap<String, String>,
+    pub enrolled_at_ms: u64,
+    pub birth_faults: Vec<FaultId>,
+    pub annotation_error: Option<String>,
+    /// The sandbox's block of eBPF rules.
+    pub slot: u32,
+    /// The pod's own addresses, which the datapath keys its packets on.
+    pub addresses: Vec<IpAddr>,
+    /// Enrolled implicitly by a `{"netns": path}` target; released with its last fault.
+    pub implicit: bool,
+    /// What the backends keep across restarts (`attachment`).
+    #[serde(flatten)]
+    pub memo: SandboxMemo,
+}
+
+impl SandboxRecord {
+    pub fn view(&self) -> Sandbox {
+        Sandbox {
+            id: self.id.to_string(),
+            netns: self.netns.clone(),
+            ifname: self.ifname.clone(),
+            ips: self.ips.clone(),
+            pod: self.pod.clone(),
+            annotations: self.annotations.clone(),
+            enrolled_at_ms: self.enrolled_at_ms,
+            birth_faults: self.birth_faults.iter().map(ToString::to_string).collect(),
+            annotation_error: self.annotation_error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultRecord {
+    pub id: FaultId,
+    pub sandbox: SandboxId,
+    #[serde(serialize_with = "spec_to_json", deserialize_with = "spec_from_json")]
+    pub spec: FaultSpec,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub deadline_boot_ns: u64,
+    /// The backend's per-fault slot (the eBPF rule index); `u32::MAX` in
+    /// the file for none, as older agents wrote it.
+    #[serde(rename = "rule", with = "rule_memo")]
+    pub memo: Option<u32>,
+    pub expired: bool,
+    /// Counters frozen when the fault expired.
+    pub final_counters: Counters,
+    /// Older agents' backend flags: written so that an older agent can read
+    /// the file after a downgrade; the backend is the action's.
+    #[serde(default)]
+    pub nfqueue: bool,
+    #[serde(default)]
+    pub proxy: bool,
+}
+
+fn spec_to_json<S: Serializer>(spec: &FaultSpec, s: S) -> Result<S::Ok, S::Error> {
+    spec.to_json().serialize(s)
+}
+
+fn spec_from_json<'de, D: Deserializer<'de>>(d: D) -> Result<FaultSpec, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    FaultSpec::parse(
+        &v,
+        &Limits {
+            max_duration: Duration::MAX,
+            target_required: true,
+        },
+    )
+    .map_err(serde::de::Error::custom)
+}
+
+mod rule_memo {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(v.unwrap_or(u32::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        let v = u32::deserialize(d)?;
+        Ok((v != u32::MAX).then_some(v))
+    }
+}
+
+impl FaultRecord {
+    pub fn new(sandbox: &SandboxId, spec: FaultSpec, now_boot_ns: u64) -> FaultRecord {
+        let created = now_ms();
+        let backend = spec.action.backend();
+        FaultRecord {
+            id: FaultId::random(),
+            sandbox: sandbox.clone(),
+            created_at_ms: created,
+            expires_at_ms: created + spec.duration.as_millis() as u64,
+            deadline_boot_ns: now_boot_ns.saturating_add(spec.duration.as_nanos() as u64),
+            memo: None,
+            expired: false,
+            final_counters: Counters::default(),
+            nfqueue: backend == BackendKind::Nfqueue,
+            proxy: backend == BackendKind::Proxy,
+            spec,
+        }
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.spec.action.backend()
+    }
+
+    /// Active: not marked expired and before its deadline at `now`.
+    pub fn is_live(&self, now_boot_ns: u64) -> bool {
+        !self.expired && self.deadline_boot_ns > now_boot_ns
+    }
+
+    pub fn state(&self, now_boot_ns: u64) -> FaultState {
+        // The kernel stops applying a fault at its deadline even before
+        // the reaper marks it.
+        if self.is_live(now_boot_ns) {
+            FaultState::Active
+        } else {
+            FaultState::Expired
+        }
+    }
+
+    pub fn view(&self, live: Option<&CounterReader>, now_boot_ns: u64) -> Fault {
+        let counters = if self.expired {
+            self.final_counters
+        } else {
+            live.map(CounterReader::read).unwrap_or_default()
+        };
+        Fault {
+            id: self.id.to_string(),
+            sandbox: self.sandbox.to_string(),
+            state: self.state(now_boot_ns).as_str().to_string(),
+            spec: self.spec.to_json(),
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            backend: self.backend().as_str().to_string(),
+            counters,
+        }
+    }
+}
+
+/// Everything the registry knows. `sandboxes` and `faults` are persisted;
+/// `readers` are the live counters of installed faults.
+#[derive(Debug, Default)]
+pub struct State {
+    pub sandboxes: BTreeMap<SandboxId, SandboxRecord>,
+    pub faults: BTreeMap<FaultId, FaultRecord>,
+    pub readers: HashMap<FaultId, CounterReader>,
+}
+
+impl State {
+    /// The sandbox's faults of `backend` that are still active at `now`.
+    pub fn live_faults(
+        &self,
+        sandbox: &SandboxId,
+        backend: BackendKind,
+        now_boot_ns: u64,
+    ) -> Vec<&FaultRecord> {
+        self.faults
+            .values()
+            .filter(|f| &f.sandbox == sandbox && f.backend() == backend && f.is_live(now_boot_ns))
+            .collect()
+    }
+
+    pub fn faults_of<'a>(
+        &'a self,
+        sandbox: &'a SandboxId,
+    ) -> impl Iterator<Item = &'a FaultRecord> {
+        self.faults.values().filter(move |f| &f.sandbox == sandbox)
+    }
+
+    pub fn fault_view(&self, f: &FaultRecord, now_boot_ns: u64) -> Fault {
+        f.view(self.readers.get(&f.id), now_boot_ns)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,400 @@
+//! The registry's rules, without root: fake backends record what they are
+//! told, a fake host answers for the netns (this process's own, which any
+//! user may open).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use netfault_api::{BackendKind, EnrolRequest, PodRef};
+use serde_json::json;
+
+use super::*;
+use crate::backend::fake::{Call, FakeBackend, Log, COUNTED};
+use crate::sys::netns::NetnsError;
+
+const OWN_NETNS: &str = "/proc/self/ns/net";
+
+struct FakeHost {
+    next: AtomicU8,
+}
+
+impl Host for FakeHost {
+    fn addresses(&self, _: &Netns, _: &str) -> Result<Result<Vec<IpAddr>, String>, NetnsError> {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        Ok(Ok(vec![IpAddr::V4(Ipv4Addr::new(198, 18, 0, n))]))
+    }
+
+    fn sole_interface(&self, _: &Netns) -> Result<Result<String, String>, NetnsError> {
+        Ok(Ok("eth0".into()))
+    }
+}
+
+/// A state dir of the test's own, removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let r: u64 = rand::random();
+        let p = std::env::temp_dir().join(format!("netfault-registry-{name}-{r:x}"));
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Fixture {
+    reg: Registry,
+    log: Log,
+    fail: Vec<(BackendKind, Arc<std::sync::atomic::AtomicBool>)>,
+    dir: TempDir,
+}
+
+fn open_in(dir: TempDir) -> Fixture {
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let kinds = [BackendKind::Ebpf, BackendKind::Nfqueue, BackendKind::Proxy];
+    let fakes: Vec<FakeBackend> = kinds.iter().map(|k| FakeBackend::new(*k, &log)).collect();
+    let fail = fakes
+        .iter()
+        .map(|f| (f.kind(), f.fail_next_sync.clone()))
+        .collect();
+    let backends = Backends::new(
+        fakes
+            .into_iter()
+            .map(|f| Box::new(f) as Box<dyn Backend>)
+            .collect(),
+    );
+    let cfg = Config {
+        state_dir: dir.0.clone(),
+        max_duration: Duration::from_secs(3600),
+        retain_expired: Duration::from_secs(600),
+    };
+    let host = FakeHost {
+        next: AtomicU8::new(2),
+    };
+    let reg = match Registry::with_parts(cfg, backends, Box::new(host)) {
+        Ok(r) => r,
+        Err(e) => panic!("opening the registry: {e}"),
+    };
+    Fixture {
+        reg,
+        log,
+        fail,
+        dir,
+    }
+}
+
+fn fixture(name: &str) -> Fixture {
+    open_in(TempDir::new(name))
+}
+
+impl Fixture {
+    fn enrol(&self, id: &str) {
+        let req = EnrolRequest {
+            netns: OWN_NETNS.into(),
+            ifname: "eth0".into(),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: id.into(),
+                uid: String::new(),
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = self.reg.enrol(id, req) {
+            panic!("enrolling {id}: {e}");
+        }
+    }
+
+    fn create(&self, sandbox: &str, action: serde_json::Value, duration: &str) -> String {
+        let body = json!({"target": {"sandbox": sandbox}, "action": action, "duration": duration});
+        match self.reg.create_fault(&body) {
+            Ok(f) => f.id,
+            Err(e) => panic!("creating {body}: {e}"),
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The calls that change something (the views read counters too).
+    fn changes(&self) -> Vec<Call> {
+        let mut calls = self.calls();
+        calls.retain(|c| !matches!(c, Call::ReadCounters(_)));
+        calls
+    }
+
+    fn clear(&self) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn fail_next(&self, kind: BackendKind) {
+        for (k, flag) in &self.fail {
+            if *k == kind {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+fn loss() -> serde_json::Value {
+    json!({"type": "loss", "percent": 10})
+}
+
+fn sync_of(kind: BackendKind, sandbox: &str, faults: &[&str]) -> Call {
+    Call::Sync {
+        kind,
+        sandbox: SandboxId::from(sandbox),
+        faults: faults.iter().map(|f| FaultId::from(*f)).collect(),
+    }
+}
+
+#[test]
+fn each_change_syncs_only_its_backend_with_the_full_list() {
+    let fx = fixture("sync");
+    fx.enrol("sb1");
+    fx.clear();
+    let f1 = fx.create("sb1", loss(), "5m");
+    let f2 = fx.create("sb1", json!({"type": "delay", "latency": "10ms"}), "5m");
+    let f3 = fx.create("sb1", loss(), "5m");
+    assert_eq!(
+        fx.changes(),
+        vec![
+            sync_of(BackendKind::Ebpf, "sb1", &[&f1]),
+            sync_of(BackendKind::Nfqueue, "sb1", &[&f2]),
+            sync_of(BackendKind::Ebpf, "sb1", &sorted(&[&f1, &f3])),
+        ]
+    );
+}
+
+fn sorted<'a>(ids: &[&'a String]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_last_ebpf_fault_removed_leaves_the_backend_an_empty_list() {
+    let fx = fixture("detach");
+    fx.enrol("sb1");
+    let f1 = fx.create("sb1", loss(), "5m");
+    let f2 = fx.create("sb1", loss(), "5m");
+    fx.clear();
+    fx.reg.delete_fault(&f1).expect("delete f1");
+    fx.reg.delete_fault(&f2).expect("delete f2");
+    // Deleting again is fine and touches nothing.
+    fx.reg.delete_fault(&f2).expect("delete f2 again");
+    assert_eq!(
+        fx.calls(),
+        vec![
+            sync_of(BackendKind::Ebpf, "sb1", &[&f2]),
+            Call::ForgetFault(BackendKind::Ebpf, FaultId::from(f1.as_str())),
+            sync_of(BackendKind::Ebpf, "sb1", &[]),
+            Call::ForgetFault(BackendKind::Ebpf, FaultId::from(f2.as_str())),
+        ]
+    );
+    let st = fx.reg.shared.lock();
+    let sb = st
+        .sandboxes
+        .get(&SandboxId::from("sb1"))
+        .expect("still enrolled");
+    assert_eq!(sb.memo.attachment, None, "the backend's memo is recorded");
+}
+
+#[test]
+fn reap_takes_the_counters_before_the_backend_forgets() {
+    let fx = fixture("reap");
+    fx.enrol("sb1");
+    let f = fx.create("sb1", loss(), "30ms");
+    let keep = fx.create("sb1", loss(), "5m");
+    std::thread::sleep(Duration::from_millis(60));
+    fx.clear();
+    let next = fx.reg.reap().expect("reap");
+    let calls = fx.calls();
+    let read = calls
+        .iter()
+        .position(|c| *c == Call::ReadCounters(FaultId::from(f.as_str())));
+    let sync = calls
+        .iter()
+        .position(|c| *c == sync_of(BackendKind::Ebpf, "sb1", &[&keep]));
+    let forget = calls
+        .iter()
+        .position(|c| *c == Call::ForgetFault(BackendKind::Ebpf, FaultId::from(f.as_str())));
+    assert!(
+        matches!((read, sync, forget), (Some(r), Some(s), Some(g)) if r < s && s < g),
+        "read, sync, forget in that order: {calls:?}"
+    );
+    let view = fx.reg.fault(&f).expect("expired faults stay listed");
+    assert_eq!(view.state, "expired");
+    assert_eq!(view.counters, COUNTED, "final counters are the snapshot");
+    assert!(
+        next.is_some_and(|d| d > Duration::from_secs(60)),
+        "{next:?}"
+    );
+    // A second reap finds nothing due and changes nothing.
+    fx.clear();
+    fx.reg.reap().expect("reap again");
+    assert_eq!(fx.calls(), vec![]);
+}
+
+#[test]
+fn an_implicit_sandbox_goes_with_its_last_fault() {
+    let fx = fixture("implicit");
+    let body = json!({"target": {"netns": OWN_NETNS}, "action": loss(), "duration": "5m"});
+    let f = fx.reg.create_fault(&body).expect("fault on a bare netns");
+    assert_eq!(fx.reg.sandboxes().len(), 1, "enrolled implicitly");
+    let again = fx
+        .reg
+        .create_fault(&body)
+        .expect("second fault, same netns");
+    assert_eq!(
+        fx.reg.sandboxes().len(),
+        1,
+        "the same sandbox is found again"
+    );
+    fx.reg.delete_fault(&f.id).expect("delete");
+    assert_eq!(fx.reg.sandboxes().len(), 1, "one fault is left");
+    fx.reg.delete_fault(&again.id).expect("delete");
+    assert!(
+        fx.reg.sandboxes().is_empty(),
+        "released with its last fault"
+    );
+}
+
+#[test]
+fn a_failed_sync_leaves_the_sandbox_as_it_was() {
+    let fx = fixture("rollback");
+    fx.enrol("sb1");
+    let f1 = fx.create("sb1", loss(), "5m");
+    fx.clear();
+    fx.fail_next(BackendKind::Ebpf);
+    let body = json!({"target": {"sandbox": "sb1"}, "action": loss(), "duration": "5m"});
+    let err = fx.reg.create_fault(&body).expect_err("the backend failed");
+    assert!(matches!(err, AgentError::Internal(_)), "{err:?}");
+    let ids: Vec<String> = fx.reg.faults().into_iter().map(|f| f.id).collect();
+    assert_eq!(ids, vec![f1.clone()], "nothing new is listed");
+    let calls = fx.changes();
+    assert_eq!(
+        calls.last(),
+        Some(&sync_of(BackendKind::Ebpf, "sb1", &[&f1])),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn admission_errors_change_nothing() {
+    let fx = fixture("admit");
+    fx.enrol("sb1");
+    fx.create("sb1", loss(), "5m");
+    fx.create("sb1", loss(), "5m");
+    fx.clear();
+    let body = json!({"target": {"sandbox": "sb1"}, "action": loss(), "duration": "5m"});
+    match fx.reg.create_fault(&body) {
+        Err(AgentError::Field(e)) => {
+            assert_eq!((e.code.as_str(), e.field.as_str()), ("conflict", "target"))
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(fx.calls(), vec![]);
+    assert_eq!(fx.reg.faults().len(), 2);
+}
+
+#[test]
+fn release_removes_every_backends_state_and_every_fault() {
+    let fx = fixture("release");
+    fx.enrol("sb1");
+    fx.enrol("sb2");
+    fx.create("sb1", loss(), "5m");
+    fx.create("sb1", json!({"type": "delay", "latency": "10ms"}), "5m");
+    let other = fx.create("sb2", loss(), "5m");
+    fx.clear();
+    fx.reg.release("sb1").expect("release");
+    fx.reg.release("sb1").expect("release is idempotent");
+    let calls = fx.calls();
+    for kind in [BackendKind::Ebpf, BackendKind::Nfqueue, BackendKind::Proxy] {
+        assert!(
+            calls.contains(&Call::ForgetSandbox(kind, SandboxId::from("sb1"))),
+            "{calls:?}"
+        );
+    }
+    let ids: Vec<String> = fx.reg.faults().into_iter().map(|f| f.id).collect();
+    assert_eq!(ids, vec![other]);
+    let names: Vec<String> = fx.reg.sandboxes().into_iter().map(|s| s.id).collect();
+    assert_eq!(names, vec!["sb2".to_string()]);
+}
+
+#[test]
+fn a_restart_re_syncs_live_faults_with_their_memos() {
+    let fx = fixture("restart");
+    fx.enrol("sb1");
+    let f = fx.create("sb1", loss(), "5m");
+    let Fixture { reg, dir, .. } = fx;
+    drop(reg);
+    let fx = open_in(dir);
+    let calls = fx.calls();
+    assert_eq!(
+        calls.first(),
+        Some(&sync_of(BackendKind::Ebpf, "sb1", &[&f])),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&sync_of(BackendKind::Nfqueue, "sb1", &[])),
+        "leftovers are removed: {calls:?}"
+    );
+    let st = fx.reg.shared.lock();
+    let rec = st
+        .faults
+        .get(&FaultId::from(f.as_str()))
+        .expect("persisted");
+    assert_eq!(rec.memo, Some(0), "the rule index survives");
+}
+
+#[test]
+fn an_older_agents_state_file_is_read() {
+    let dir = TempDir::new("legacy");
+    std::fs::create_dir_all(&dir.0).expect("state dir");
+    let nid = crate::sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
+    let deadline = netfault_ebpf::boottime_ns() + 300_000_000_000;
+    let old = json!({
+        "sandboxes": {"sb1": {
+            "id": "sb1", "netns": OWN_NETNS, "netns_id": {"dev": nid.dev, "ino": nid.ino},
+            "ifname": "eth0", "ips": [], "pod": null, "annotations": {}, "enrolled_at_ms": 1,
+            "birth_faults": [], "annotation_error": null, "slot": 0,
+            "addresses": ["198.18.0.9"], "implicit": false, "attachment": {"created_clsact": true}
+        }},
+        "faults": {"f-0000000000000001": {
+            "id": "f-0000000000000001", "sandbox": "sb1",
+            "spec": {"target": {"sandbox": "sb1"}, "direction": "both", "match": {},
+                     "action": {"type": "delay", "latency": "10ms"}, "duration": "5m"},
+            "created_at_ms": 1, "expires_at_ms": 300001, "deadline_boot_ns": deadline,
+            "rule": u32::MAX, "expired": false,
+            "final_counters": {"matched": 0, "dropped": 0}, "nfqueue": true
+        }}
+    });
+    std::fs::write(dir.0.join("state.json"), old.to_string()).expect("write");
+    let fx = open_in(dir);
+    let f = fx.reg.fault("f-0000000000000001").expect("listed");
+    assert_eq!(f.backend, "nfqueue");
+    assert_eq!(f.state, "active");
+    let calls = fx.calls();
+    assert!(
+        calls.contains(&sync_of(
+            BackendKind::Nfqueue,
+            "sb1",
+            &["f-0000000000000001"]
+        )),
+        "{calls:?}"
+    );
+    let written = std::fs::read_to_string(fx.dir.0.join("state.json")).expect("rewritten");
+    let v: serde_json::Value = serde_json::from_str(&written).expect("json");
+    assert_eq!(
+        v["faults"]["f-0000000000000001"]["nfqueue"], true,
+        "legacy flags stay"
+    );
+    assert_eq!(v["sandboxes"]["sb1"]["slot"], 0);
+}
