@@ -37,6 +37,8 @@ pub struct RawRule {
     pub addr: [u8; 16],
     pub port_lo: [u16; 8],
     pub port_hi: [u16; 8],
+    /// Explicit padding: every byte of the record is a field.
+    pub pad2: [u8; 4],
     /// rate: refill rate, bucket size, and the time to fill an empty bucket.
     pub bytes_per_sec: u64,
     pub burst_bytes: u64,
@@ -68,8 +70,8 @@ const _: () = assert!(std::mem::size_of::<RawState>() == 24);
 // SAFETY: plain integers, no padding.
 unsafe impl aya::Pod for RawState {}
 
-// SAFETY: plain old data with no padding-dependent invariants; every bit
-// pattern is a valid RawRule.
+// SAFETY: plain integers and byte arrays with no padding (pad2 makes the
+// hole before bytes_per_sec a field); every bit pattern is a valid RawRule.
 unsafe impl aya::Pod for RawRule {}
 
 #[repr(C)]

@@ -64,6 +64,7 @@ struct rule {
 	__u8 addr[16];       // peer network, IPv4 in the first 4 bytes
 	__u16 port_lo[MAX_PORT_RANGES];
 	__u16 port_hi[MAX_PORT_RANGES];
+	__u8 pad2[4];        // explicit, not implicit, padding: the agent writes every byte
 	// rate: bucket size in bytes and refill rate in bytes per second;
 	// fill_ns = time to refill an empty bucket (burst_bytes * 1e9 / bytes_per_sec)
 	__u64 bytes_per_sec;
