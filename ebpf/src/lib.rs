@@ -19,8 +19,8 @@ pub mod tc;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::SchedClassifier;
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::{ProgramError, SchedClassifier};
 use aya::Ebpf;
 
 pub use rule::{RawCounters, RawRule, RawState, MAX_SANDBOXES, RULES_PER_SANDBOX};
@@ -38,12 +38,12 @@ pub enum DatapathError {
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
-        source: aya::programs::ProgramError,
+        source: ProgramError,
     },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
-        source: aya::maps::MapError,
+        source: MapError,
     },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
@@ -109,24 +109,29 @@ pub struct Datapath {
     state: Array<MapData, RawState>,
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+/// What went wrong with map `name`.
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Takes map `name` out of the object as a typed map.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DatapathError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    M::try_from(map).map_err(map_error(name))
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<i32, DatapathError> {
+    let error = |source| DatapathError::Program { name, source };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
+        .ok_or(error(ProgramError::NotLoaded))?
         .try_into()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    let fd = prog
-        .fd()
-        .map_err(|source| DatapathError::Program { name, source })?;
+        .map_err(error)?;
+    prog.load().map_err(error)?;
+    let fd = prog.fd().map_err(error)?;
     Ok(fd.as_fd().as_raw_fd())
 }
 
@@ -136,25 +141,14 @@ impl Datapath {
         let mut ebpf = Ebpf::load(OBJECT)?;
         let egress = load_program(&mut ebpf, EGRESS_PROGRAM)?;
         let ingress = load_program(&mut ebpf, INGRESS_PROGRAM)?;
-        let map_err = |name| move |source| DatapathError::Map { name, source };
-        let sandboxes = HashMap::try_from(take_map(&mut ebpf, abi::SANDBOXES_MAP)?)
-            .map_err(map_err(abi::SANDBOXES_MAP))?;
-        let rules = Array::try_from(take_map(&mut ebpf, abi::RULES_MAP)?)
-            .map_err(map_err(abi::RULES_MAP))?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, abi::COUNTERS_MAP)?)
-            .map_err(map_err(abi::COUNTERS_MAP))?;
-        let last_draw = PerCpuArray::try_from(take_map(&mut ebpf, abi::LAST_DRAW_MAP)?)
-            .map_err(map_err(abi::LAST_DRAW_MAP))?;
-        let state = Array::try_from(take_map(&mut ebpf, abi::STATE_MAP)?)
-            .map_err(map_err(abi::STATE_MAP))?;
         Ok(Datapath {
+            sandboxes: take_map(&mut ebpf, abi::SANDBOXES_MAP)?,
+            rules: take_map(&mut ebpf, abi::RULES_MAP)?,
+            counters: take_map(&mut ebpf, abi::COUNTERS_MAP)?,
+            last_draw: take_map(&mut ebpf, abi::LAST_DRAW_MAP)?,
+            state: take_map(&mut ebpf, abi::STATE_MAP)?,
             _ebpf: ebpf,
             fds: ProgramFds { egress, ingress },
-            sandboxes,
-            rules,
-            counters,
-            last_draw,
-            state,
         })
     }
 
@@ -169,25 +163,17 @@ impl Datapath {
         }
         self.sandboxes
             .insert(AddrKey::from(addr), slot, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::SANDBOXES_MAP,
-                source,
-            })
+            .map_err(map_error(abi::SANDBOXES_MAP))
     }
 
     pub fn unbind_address(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
         match self.sandboxes.remove(&AddrKey::from(addr)) {
             Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
-            Err(source) => Err(DatapathError::Map {
-                name: abi::SANDBOXES_MAP,
-                source,
-            }),
+            Err(source) => Err(map_error(abi::SANDBOXES_MAP)(source)),
         }
     }
 
@@ -204,43 +190,24 @@ impl Datapath {
         let idx = Self::index(slot, rule)?;
         self.counters
             .set(idx, zeroed()?, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::COUNTERS_MAP,
-                source,
-            })?;
+            .map_err(map_error(abi::COUNTERS_MAP))?;
         self.last_draw
             .set(idx, zeroed()?, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::LAST_DRAW_MAP,
-                source,
-            })?;
+            .map_err(map_error(abi::LAST_DRAW_MAP))?;
         self.state
             .set(idx, RawState::default(), 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::STATE_MAP,
-                source,
-            })?;
+            .map_err(map_error(abi::STATE_MAP))?;
         self.rules
             .set(idx, *raw, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::RULES_MAP,
-                source,
-            })
+            .map_err(map_error(abi::RULES_MAP))
     }
 
     /// Frees a rule slot; the program skips it from the next packet on.
     pub fn clear_rule(&mut self, slot: u32, rule: u32) -> Result<(), DatapathError> {
-        self.set_rule_raw(slot, rule, &RawRule::default())
-    }
-
-    fn set_rule_raw(&mut self, slot: u32, rule: u32, raw: &RawRule) -> Result<(), DatapathError> {
         let idx = Self::index(slot, rule)?;
         self.rules
-            .set(idx, *raw, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::RULES_MAP,
-                source,
-            })
+            .set(idx, RawRule::default(), 0)
+            .map_err(map_error(abi::RULES_MAP))
     }
 
     /// Sums a rule's per-CPU counters.
@@ -249,10 +216,7 @@ impl Datapath {
         let values = self
             .counters
             .get(&idx, 0)
-            .map_err(|source| DatapathError::Map {
-                name: abi::COUNTERS_MAP,
-                source,
-            })?;
+            .map_err(map_error(abi::COUNTERS_MAP))?;
         Ok(values
             .iter()
             .fold(RawCounters::default(), |acc, c| RawCounters {
