@@ -312,22 +312,15 @@ impl TcSocket {
         priority: u32,
         lo_index: u32,
     ) -> Result<(), TcError> {
-        let flags = NLM_F_CREATE | NLM_F_EXCL;
-        let exists = [libc::EEXIST];
         let route = local_route(ipv6, table, lo_index);
         let rule = mark_rule(ipv6, mark, table, priority);
-        self.change(
-            "add a local route",
-            RouteNetlinkMessage::NewRoute(route),
-            flags,
-            &exists,
-        )?;
-        self.change(
-            "add a policy rule",
-            RouteNetlinkMessage::NewRule(rule),
-            flags,
-            &exists,
-        )
+        for (op, msg) in [
+            ("add a local route", RouteNetlinkMessage::NewRoute(route)),
+            ("add a policy rule", RouteNetlinkMessage::NewRule(rule)),
+        ] {
+            self.change(op, msg, NLM_F_CREATE | NLM_F_EXCL, &[libc::EEXIST])?;
+        }
+        Ok(())
     }
 
     /// Removes what [`TcSocket::add_local_delivery`] added. Idempotent.
@@ -343,18 +336,13 @@ impl TcSocket {
         let gone = [libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT];
         let rule = mark_rule(ipv6, mark, table, priority);
         let route = local_route(ipv6, table, lo_index);
-        self.change(
-            "delete a policy rule",
-            RouteNetlinkMessage::DelRule(rule),
-            0,
-            &gone,
-        )?;
-        self.change(
-            "delete a local route",
-            RouteNetlinkMessage::DelRoute(route),
-            0,
-            &gone,
-        )
+        for (op, msg) in [
+            ("delete a policy rule", RouteNetlinkMessage::DelRule(rule)),
+            ("delete a local route", RouteNetlinkMessage::DelRoute(route)),
+        ] {
+            self.change(op, msg, 0, &gone)?;
+        }
+        Ok(())
     }
 
     /// Lists the qdiscs on `ifindex`.
