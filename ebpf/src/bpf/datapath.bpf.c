@@ -37,35 +37,21 @@ struct {
 	__type(value, __u32);
 } NF_SANDBOXES_MAP SEC(".maps");
 
-// slot * NF_RULES_PER_SANDBOX + i -> rule
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct rule);
-} NF_RULES_MAP SEC(".maps");
+// A map with one entry per rule slot, at slot * NF_RULES_PER_SANDBOX + i
+// (the agent's Datapath::index).
+#define PER_RULE_MAP(map_type, value_type) \
+	struct { \
+		__uint(type, map_type); \
+		__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX); \
+		__type(key, __u32); \
+		__type(value, value_type); \
+	}
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct counters);
-} NF_COUNTERS_MAP SEC(".maps");
-
+PER_RULE_MAP(BPF_MAP_TYPE_ARRAY, struct rule) NF_RULES_MAP SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, struct counters) NF_COUNTERS_MAP SEC(".maps");
 // Last random draw per rule and CPU, for correlated loss.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, __u32);
-} NF_LAST_DRAW_MAP SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct rule_state);
-} NF_STATE_MAP SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, __u32) NF_LAST_DRAW_MAP SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_ARRAY, struct rule_state) NF_STATE_MAP SEC(".maps");
 
 struct pkt {
 	__u8 family;
