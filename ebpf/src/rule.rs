@@ -1,26 +1,21 @@
 //! Compiling a validated fault into the datapath's rule record.
 //!
-//! The layout mirrors `struct rule` in `bpf/datapath.bpf.c`; the size is
-//! asserted at compile time on this side and checked by the kernel (map value
-//! size) when the object loads.
+//! The records mirror the structs in `bpf/abi.h`; their layout is asserted
+//! at compile time against the header (see [`crate::abi`]) and checked by
+//! the kernel (map value size) when the object loads.
 
 use std::net::IpAddr;
 
 use netfault_api::{Action, Direction, FaultSpec, Protocol};
 
-pub const MAX_SANDBOXES: u32 = 1024;
-pub const RULES_PER_SANDBOX: u32 = 16;
+// The codes `compile` writes (DIR_*, ACTION_*, PROTO_ICMP_ANY), from abi.h.
+use crate::abi::*;
+pub use crate::abi::{MAX_SANDBOXES, RULES_PER_SANDBOX};
 
-const DIR_EGRESS: u8 = 1;
-const DIR_INGRESS: u8 = 2;
-const ACTION_LOSS: u8 = 1;
-const ACTION_BLACKHOLE: u8 = 2;
-const ACTION_CORRUPT: u8 = 3;
-const ACTION_DUPLICATE: u8 = 4;
-const ACTION_RATE: u8 = 5;
-const ACTION_LOSS_GE: u8 = 6;
-const PROTO_ICMP_ANY: u8 = 255;
+// The API accepts no more port ranges than a rule holds.
+const _: () = assert!(netfault_api::spec::MAX_PORT_RANGES == MAX_PORT_RANGES);
 
+/// A fault rule (`struct rule`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawRule {
@@ -35,8 +30,10 @@ pub struct RawRule {
     pub nports: u8,
     pub pad: [u8; 2],
     pub addr: [u8; 16],
-    pub port_lo: [u16; 8],
-    pub port_hi: [u16; 8],
+    pub port_lo: [u16; MAX_PORT_RANGES],
+    pub port_hi: [u16; MAX_PORT_RANGES],
+    /// Explicit padding: every byte of the record is a field.
+    pub pad2: [u8; 4],
     /// rate: refill rate, bucket size, and the time to fill an empty bucket.
     pub bytes_per_sec: u64,
     pub burst_bytes: u64,
@@ -48,8 +45,6 @@ pub struct RawRule {
     pub ge_bad_loss: u64,
     pub ge_good_loss: u64,
 }
-
-const _: () = assert!(std::mem::size_of::<RawRule>() == 136);
 
 /// Shared per-rule state (`struct rule_state`): token bucket and the
 /// Gilbert-Elliott chain. The agent resets it with the rule.
@@ -63,15 +58,16 @@ pub struct RawState {
     pub last_ns: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<RawState>() == 24);
-
-// SAFETY: plain integers, no padding.
+// SAFETY: plain integers, no padding (the generated layout assertions match
+// it field by field to `struct rule_state`, whose fields cover every byte).
 unsafe impl aya::Pod for RawState {}
 
-// SAFETY: plain old data with no padding-dependent invariants; every bit
-// pattern is a valid RawRule.
+// SAFETY: plain integers and byte arrays with no padding (every byte is a
+// field: abi.h and the generated layout assertions); every bit pattern is a
+// valid RawRule.
 unsafe impl aya::Pod for RawRule {}
 
+/// Per-rule, per-CPU counters (`struct counters`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawCounters {

@@ -190,12 +190,48 @@ impl TcSocket {
         }
     }
 
+    /// Every object of `msg`'s kind (`NLM_F_DUMP`).
+    fn dump(
+        &mut self,
+        op: &'static str,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, TcError> {
+        self.request(op, msg, NLM_F_DUMP)
+    }
+
+    /// One line per object of a dump that `line` describes, sorted: for
+    /// before/after comparisons.
+    fn dump_lines(
+        &mut self,
+        op: &'static str,
+        msg: RouteNetlinkMessage,
+        line: impl FnMut(RouteNetlinkMessage) -> Option<String>,
+    ) -> Result<Vec<String>, TcError> {
+        let mut out: Vec<String> = self.dump(op, msg)?.into_iter().filter_map(line).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Sends an acknowledged change (`flags` besides `NLM_F_ACK`), with the
+    /// kernel's refusals in `tolerated` taken as success.
+    fn change(
+        &mut self,
+        op: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        tolerated: &[i32],
+    ) -> Result<(), TcError> {
+        match self.request(op, msg, NLM_F_ACK | flags) {
+            Err(e) if e.errno().is_some_and(|n| tolerated.contains(&n)) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Global-scope (not link-local) addresses on `ifindex`.
     pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>, TcError> {
-        let replies = self.request(
+        let replies = self.dump(
             "list addresses",
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            NLM_F_DUMP,
         )?;
         let mut out = Vec::new();
         for m in replies {
@@ -216,14 +252,10 @@ impl TcSocket {
 
     /// One line per route in every table, for before/after comparisons.
     pub fn route_summary(&mut self) -> Result<Vec<String>, TcError> {
-        let replies = self.request(
+        self.dump_lines(
             "list routes",
             RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        let mut out: Vec<String> = replies
-            .into_iter()
-            .filter_map(|m| match m {
+            |m| match m {
                 RouteNetlinkMessage::NewRoute(r) => {
                     let attrs: Vec<String> = r
                         .attributes
@@ -249,30 +281,22 @@ impl TcSocket {
                     ))
                 }
                 _ => None,
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+            },
+        )
     }
 
     /// One line per policy routing rule, for before/after comparisons.
     pub fn rule_summary(&mut self) -> Result<Vec<String>, TcError> {
-        let replies = self.request(
+        self.dump_lines(
             "list rules",
             RouteNetlinkMessage::GetRule(RuleMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        let mut out: Vec<String> = replies
-            .into_iter()
-            .filter_map(|m| match m {
+            |m| match m {
                 RouteNetlinkMessage::NewRule(r) => {
                     Some(format!("{:?} {:?}", r.header, r.attributes))
                 }
                 _ => None,
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+            },
+        )
     }
 
     /// Policy routing that delivers packets marked `mark` locally (through
@@ -288,22 +312,15 @@ impl TcSocket {
         priority: u32,
         lo_index: u32,
     ) -> Result<(), TcError> {
-        let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        let exists = [libc::EEXIST];
         let route = local_route(ipv6, table, lo_index);
         let rule = mark_rule(ipv6, mark, table, priority);
-        let r = self.request(
-            "add a local route",
-            RouteNetlinkMessage::NewRoute(route),
-            flags,
-        );
-        tolerate(r, &exists)?;
-        let r = self.request(
-            "add a policy rule",
-            RouteNetlinkMessage::NewRule(rule),
-            flags,
-        );
-        tolerate(r, &exists)
+        for (op, msg) in [
+            ("add a local route", RouteNetlinkMessage::NewRoute(route)),
+            ("add a policy rule", RouteNetlinkMessage::NewRule(rule)),
+        ] {
+            self.change(op, msg, NLM_F_CREATE | NLM_F_EXCL, &[libc::EEXIST])?;
+        }
+        Ok(())
     }
 
     /// Removes what [`TcSocket::add_local_delivery`] added. Idempotent.
@@ -319,28 +336,19 @@ impl TcSocket {
         let gone = [libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT];
         let rule = mark_rule(ipv6, mark, table, priority);
         let route = local_route(ipv6, table, lo_index);
-        let r = self.request(
-            "delete a policy rule",
-            RouteNetlinkMessage::DelRule(rule),
-            NLM_F_ACK,
-        );
-        tolerate(r, &gone)?;
-        let r = self.request(
-            "delete a local route",
-            RouteNetlinkMessage::DelRoute(route),
-            NLM_F_ACK,
-        );
-        tolerate(r, &gone)
+        for (op, msg) in [
+            ("delete a policy rule", RouteNetlinkMessage::DelRule(rule)),
+            ("delete a local route", RouteNetlinkMessage::DelRoute(route)),
+        ] {
+            self.change(op, msg, 0, &gone)?;
+        }
+        Ok(())
     }
 
     /// Lists the qdiscs on `ifindex`.
     pub fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, TcError> {
         let msg = TcMessage::default();
-        let replies = self.request(
-            "list qdiscs",
-            RouteNetlinkMessage::GetQueueDiscipline(msg),
-            NLM_F_DUMP,
-        )?;
+        let replies = self.dump("list qdiscs", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -360,12 +368,13 @@ impl TcSocket {
     /// it is not ours to remove).
     pub fn add_clsact(&mut self, ifindex: u32) -> Result<bool, TcError> {
         let msg = clsact_message(ifindex);
-        match self.request(
+        match self.change(
             "add clsact qdisc",
             RouteNetlinkMessage::NewQueueDiscipline(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &[],
         ) {
-            Ok(_) => Ok(true),
+            Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
             Err(e) => Err(e),
         }
@@ -375,25 +384,21 @@ impl TcSocket {
     /// Succeeds when there is none.
     pub fn del_clsact(&mut self, ifindex: u32) -> Result<(), TcError> {
         let msg = clsact_message(ifindex);
-        match self.request(
+        self.change(
             "delete clsact qdisc",
             RouteNetlinkMessage::DelQueueDiscipline(msg),
-            NLM_F_ACK,
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
-            Err(e) => Err(e),
-        }
+            0,
+            &[libc::ENOENT, libc::EINVAL],
+        )
     }
 
     /// Lists the filters on one clsact hook. Empty when there is no clsact.
     pub fn filters(&mut self, ifindex: u32, hook: Hook) -> Result<Vec<FilterInfo>, TcError> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.parent = hook.parent();
-        let replies = match self.request(
+        let replies = match self.dump(
             "list tc filters",
             RouteNetlinkMessage::GetTrafficFilter(msg),
-            NLM_F_DUMP,
         ) {
             Ok(r) => r,
             Err(e) if matches!(e.errno(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {
@@ -452,26 +457,23 @@ impl TcSocket {
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string())),
             TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
         ]));
-        self.request(
+        self.change(
             "attach bpf filter",
             RouteNetlinkMessage::NewTrafficFilter(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
-        Ok(())
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &[],
+        )
     }
 
     /// Removes netfault's filter from one hook. Succeeds when it is absent.
     pub fn detach_bpf(&mut self, ifindex: u32, hook: Hook) -> Result<(), TcError> {
         let msg = filter_message(ifindex, hook);
-        match self.request(
+        self.change(
             "detach bpf filter",
             RouteNetlinkMessage::DelTrafficFilter(msg),
-            NLM_F_ACK,
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
-            Err(e) => Err(e),
-        }
+            0,
+            &[libc::ENOENT, libc::EINVAL],
+        )
     }
 }
 
@@ -505,15 +507,6 @@ fn kind_of(m: &TcMessage) -> String {
             _ => None,
         })
         .unwrap_or_default()
-}
-
-/// `r` without its replies, with the kernel's refusals in `errnos` taken
-/// as success.
-fn tolerate(r: Result<Vec<RouteNetlinkMessage>, TcError>, errnos: &[i32]) -> Result<(), TcError> {
-    match r {
-        Err(e) if e.errno().is_some_and(|n| errnos.contains(&n)) => Ok(()),
-        other => other.map(|_| ()),
-    }
 }
 
 fn family(ipv6: bool) -> AddressFamily {

@@ -26,117 +26,32 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define MAX_SANDBOXES 1024
-#define RULES_PER_SANDBOX 16
-#define MAX_PORT_RANGES 8
-
-#define DIR_EGRESS 1
-#define DIR_INGRESS 2
-
-#define ACTION_LOSS 1
-#define ACTION_BLACKHOLE 2
-#define ACTION_CORRUPT 3
-#define ACTION_DUPLICATE 4
-#define ACTION_RATE 5
-#define ACTION_LOSS_GE 6
-
-// skb->mark bit carried by a duplicate while it re-enters this program
-// (bpf_clone_redirect sends it through the same hook again). The program
-// clears it at once, so it never leaves the hook; a duplicate is not
-// duplicated again but meets every other rule, like any packet on the wire.
-#define DUP_MARK 0x00100000
-
-// "icmp" in the API means ICMP on IPv4 and ICMPv6 on IPv6.
-#define PROTO_ICMP_ANY 255
-
-// Layout shared with ebpf/src/rule.rs (#[repr(C)] RawRule). Keep in sync.
-struct rule {
-	__u64 deadline_ns;   // CLOCK_BOOTTIME; 0 = free slot
-	__u64 threshold;     // drop when a 32-bit random draw < threshold (2^32 = always)
-	__u32 correlation;   // netem-style correlation, scaled to 2^32
-	__u8 family;         // 0 = any, 4, 6 (set when a CIDR is given)
-	__u8 prefixlen;
-	__u8 proto;          // 0 = any, IPPROTO_TCP, IPPROTO_UDP, PROTO_ICMP_ANY
-	__u8 dirs;           // DIR_EGRESS | DIR_INGRESS
-	__u8 action;
-	__u8 nports;
-	__u8 pad[2];
-	__u8 addr[16];       // peer network, IPv4 in the first 4 bytes
-	__u16 port_lo[MAX_PORT_RANGES];
-	__u16 port_hi[MAX_PORT_RANGES];
-	// rate: bucket size in bytes and refill rate in bytes per second;
-	// fill_ns = time to refill an empty bucket (burst_bytes * 1e9 / bytes_per_sec)
-	__u64 bytes_per_sec;
-	__u64 burst_bytes;
-	__u64 fill_ns;
-	// Gilbert-Elliott, scaled to 2^32 like threshold: good->bad, bad->good,
-	// loss probability in the bad state (1-h) and in the good state (1-k).
-	__u64 ge_p;
-	__u64 ge_r;
-	__u64 ge_bad_loss;
-	__u64 ge_good_loss;
-};
-
-// Shared (not per-CPU) per-rule state, reset by the agent with the rule.
-// Layout shared with ebpf/src/rule.rs (RawState).
-struct rule_state {
-	struct bpf_spin_lock lock;
-	__u32 ge_bad;        // Gilbert-Elliott: 1 in the bad state
-	__u64 tokens;        // rate: bucket content in nanobytes (bytes * 1e9), signed (debt)
-	__u64 last_ns;       // rate: last refill, CLOCK_BOOTTIME; 0 = bucket full
-};
-
-// Layout shared with ebpf/src/rule.rs (RawCounters).
-struct counters {
-	__u64 matched;
-	__u64 dropped;
-	__u64 affected;
-};
-
-// A pod address. Layout shared with ebpf/src/lib.rs (AddrKey).
-struct addr_key {
-	__u8 family;
-	__u8 pad[3];
-	__u8 addr[16];
-};
+// The records, codes and names shared with the agent (the one definition).
+#include "abi.h"
 
 // pod address -> sandbox slot
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SANDBOXES * 4);
+	__uint(max_entries, NF_MAX_SANDBOXES * 4);
 	__type(key, struct addr_key);
 	__type(value, __u32);
-} nf_sandboxes SEC(".maps");
+} NF_SANDBOXES_MAP SEC(".maps");
 
-// slot * RULES_PER_SANDBOX + i -> rule
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_SANDBOXES * RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct rule);
-} nf_rules SEC(".maps");
+// A map with one entry per rule slot, at slot * NF_RULES_PER_SANDBOX + i
+// (the agent's Datapath::index).
+#define PER_RULE_MAP(map_type, value_type) \
+	struct { \
+		__uint(type, map_type); \
+		__uint(max_entries, NF_MAX_SANDBOXES * NF_RULES_PER_SANDBOX); \
+		__type(key, __u32); \
+		__type(value, value_type); \
+	}
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MAX_SANDBOXES * RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct counters);
-} nf_counters SEC(".maps");
-
+PER_RULE_MAP(BPF_MAP_TYPE_ARRAY, struct rule) NF_RULES_MAP SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, struct counters) NF_COUNTERS_MAP SEC(".maps");
 // Last random draw per rule and CPU, for correlated loss.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MAX_SANDBOXES * RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, __u32);
-} nf_last_draw SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_SANDBOXES * RULES_PER_SANDBOX);
-	__type(key, __u32);
-	__type(value, struct rule_state);
-} nf_state SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, __u32) NF_LAST_DRAW_MAP SEC(".maps");
+PER_RULE_MAP(BPF_MAP_TYPE_ARRAY, struct rule_state) NF_STATE_MAP SEC(".maps");
 
 struct pkt {
 	__u8 family;
@@ -158,7 +73,7 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 			return -1;
-		p->family = 4;
+		p->family = NF_FAMILY_IPV4;
 		p->proto = ip.protocol;
 		__builtin_memcpy(p->peer, ingress ? &ip.saddr : &ip.daddr, 4);
 		__builtin_memcpy(p->local.addr, ingress ? &ip.daddr : &ip.saddr, 4);
@@ -174,7 +89,7 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
 			return -1;
-		p->family = 6;
+		p->family = NF_FAMILY_IPV6;
 		p->proto = ip6.nexthdr;
 		__builtin_memcpy(p->peer, ingress ? &ip6.saddr : &ip6.daddr, 16);
 		__builtin_memcpy(p->local.addr, ingress ? &ip6.daddr : &ip6.saddr, 16);
@@ -199,7 +114,7 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 static __always_inline int port_in(const struct rule *r, __u16 port)
 {
 #pragma unroll
-	for (int i = 0; i < MAX_PORT_RANGES; i++) {
+	for (int i = 0; i < NF_MAX_PORT_RANGES; i++) {
 		if (i >= r->nports)
 			break;
 		if (port >= r->port_lo[i] && port <= r->port_hi[i])
@@ -215,7 +130,7 @@ static __always_inline int rule_matches(const struct rule *r, const struct pkt *
 	if (r->family && r->family != p->family)
 		return 0;
 	if (r->proto) {
-		if (r->proto == PROTO_ICMP_ANY) {
+		if (r->proto == NF_PROTO_ICMP_ANY) {
 			if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
 				return 0;
 		} else if (r->proto != p->proto) {
@@ -248,7 +163,7 @@ static __always_inline __u32 draw(const struct rule *r, __u32 idx)
 	__u32 value = bpf_get_prandom_u32();
 	if (!r->correlation)
 		return value;
-	__u32 *last = bpf_map_lookup_elem(&nf_last_draw, &idx);
+	__u32 *last = bpf_map_lookup_elem(&NF_LAST_DRAW_MAP, &idx);
 	if (!last)
 		return value;
 	__u64 rho = r->correlation;
@@ -275,7 +190,7 @@ static __always_inline int csum_unverified(struct __sk_buff *skb, const struct p
 	// Pseudo-header sum, in host order over big-endian 16-bit words. The
 	// sum commutes, so peer/local order does not matter.
 	__u64 sum = (__u64)p->proto + p->l4len;
-	int words = p->family == 4 ? 2 : 8;
+	int words = p->family == NF_FAMILY_IPV4 ? 2 : 8;
 	for (int i = 0; i < 8; i++) {
 		if (i >= words)
 			break;
@@ -330,7 +245,7 @@ static __always_inline int corrupt(struct __sk_buff *skb, const struct pkt *p)
 // state, so the rate is the rule's and not the CPU's). 1 = over the limit.
 static __always_inline int rate_drop(const struct rule *r, __u32 idx, __u32 len, __u64 now)
 {
-	struct rule_state *st = bpf_map_lookup_elem(&nf_state, &idx);
+	struct rule_state *st = bpf_map_lookup_elem(&NF_STATE_MAP, &idx);
 	if (!st)
 		return 0;
 	__u64 cost = (__u64)len * 1000000000ULL;
@@ -373,7 +288,7 @@ static __always_inline int ge_drop(const struct rule *r, __u32 idx)
 {
 	__u64 move = bpf_get_prandom_u32();
 	__u64 lose = bpf_get_prandom_u32();
-	struct rule_state *st = bpf_map_lookup_elem(&nf_state, &idx);
+	struct rule_state *st = bpf_map_lookup_elem(&NF_STATE_MAP, &idx);
 	if (!st)
 		return 0;
 	int drop;
@@ -396,52 +311,52 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	// A duplicate made below, back in this hook: take the bit off at once.
 	int is_dup = 0;
 	__u32 mark = skb->mark;
-	if (mark & DUP_MARK) {
-		skb->mark = mark & ~DUP_MARK;
+	if (mark & NF_DUP_MARK) {
+		skb->mark = mark & ~NF_DUP_MARK;
 		is_dup = 1;
 	}
 	struct pkt p = {};
 	if (parse(skb, ingress, &p) < 0)
 		return TC_ACT_OK;
 	p.local.family = p.family;
-	__u32 *slot = bpf_map_lookup_elem(&nf_sandboxes, &p.local);
+	__u32 *slot = bpf_map_lookup_elem(&NF_SANDBOXES_MAP, &p.local);
 	if (!slot)
 		return TC_ACT_OK;
 	__u32 base = *slot;
-	if (base >= MAX_SANDBOXES)
+	if (base >= NF_MAX_SANDBOXES)
 		return TC_ACT_OK;
-	base *= RULES_PER_SANDBOX;
+	base *= NF_RULES_PER_SANDBOX;
 
-	__u8 dir = ingress ? DIR_INGRESS : DIR_EGRESS;
+	__u8 dir = ingress ? NF_DIR_INGRESS : NF_DIR_EGRESS;
 	__u64 now = bpf_ktime_get_boot_ns();
 	// Rules compose: every matching rule acts, in slot order. Once one drops
 	// the packet, only duplicate rules still run: the copy is a packet of its
 	// own that meets every rule (but is not duplicated again), so loss and
 	// duplication compose whatever the rules' order.
 	int dropping = 0;
-	for (__u32 i = 0; i < RULES_PER_SANDBOX; i++) {
+	for (__u32 i = 0; i < NF_RULES_PER_SANDBOX; i++) {
 		__u32 idx = base + i;
-		struct rule *r = bpf_map_lookup_elem(&nf_rules, &idx);
+		struct rule *r = bpf_map_lookup_elem(&NF_RULES_MAP, &idx);
 		if (!r || r->deadline_ns <= now)
 			continue;
 		__u8 action = r->action;
-		if (action == ACTION_DUPLICATE ? is_dup : dropping)
+		if (action == NF_ACTION_DUPLICATE ? is_dup : dropping)
 			continue;
 		if (!rule_matches(r, &p, dir))
 			continue;
-		struct counters *c = bpf_map_lookup_elem(&nf_counters, &idx);
+		struct counters *c = bpf_map_lookup_elem(&NF_COUNTERS_MAP, &idx);
 		if (c)
 			c->matched++;
 		int drop = 0;
-		if (action == ACTION_BLACKHOLE) {
+		if (action == NF_ACTION_BLACKHOLE) {
 			drop = 1;
-		} else if (action == ACTION_LOSS) {
+		} else if (action == NF_ACTION_LOSS) {
 			drop = (__u64)draw(r, idx) < r->threshold;
-		} else if (action == ACTION_LOSS_GE) {
+		} else if (action == NF_ACTION_LOSS_GE) {
 			drop = ge_drop(r, idx);
-		} else if (action == ACTION_RATE) {
+		} else if (action == NF_ACTION_RATE) {
 			drop = rate_drop(r, idx, skb->len, now);
-		} else if (action == ACTION_CORRUPT) {
+		} else if (action == NF_ACTION_CORRUPT) {
 			if ((__u64)draw(r, idx) < r->threshold) {
 				int res = corrupt(skb, &p);
 				if (res != CORRUPT_NONE && c)
@@ -449,12 +364,12 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 				if (res == CORRUPT_DISCARD)
 					dropping = 1;
 			}
-		} else if (action == ACTION_DUPLICATE) {
+		} else if (action == NF_ACTION_DUPLICATE) {
 			if ((__u64)draw(r, idx) < r->threshold) {
-				skb->mark |= DUP_MARK;
+				skb->mark |= NF_DUP_MARK;
 				long err = bpf_clone_redirect(skb, skb->ifindex,
 							      ingress ? BPF_F_INGRESS : 0);
-				skb->mark &= ~DUP_MARK;
+				skb->mark &= ~NF_DUP_MARK;
 				if (err == 0 && c)
 					c->affected++;
 			}
@@ -474,13 +389,13 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 }
 
 SEC("classifier")
-int nf_egress(struct __sk_buff *skb)
+int NF_EGRESS_PROGRAM(struct __sk_buff *skb)
 {
 	return handle(skb, 0);
 }
 
 SEC("classifier")
-int nf_ingress(struct __sk_buff *skb)
+int NF_INGRESS_PROGRAM(struct __sk_buff *skb)
 {
 	return handle(skb, 1);
 }
