@@ -1,7 +1,6 @@
 //! netfault-agent: the node agent's library (used by `netfaultd`).
 //!
 //! - `backend`: one module per backend (`nfqueue`, `proxy`);
-//! - `sys`: the system layer (network namespaces, netfilter);
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
 //! - `metrics`: Prometheus text.
@@ -10,4 +9,3 @@ pub mod backend;
 pub mod metrics;
 pub mod registry;
 pub mod server;
-pub mod sys;

@@ -7,7 +7,7 @@
 //! while it has an active fault here, so removing the last one restores
 //! the netns exactly as it was (the qdisc goes too if we created it).
 //! Every rule carries its deadline, which the program checks itself.
-//! What it must not do: enter a netns other than through `sys::netns`.
+//! What it must not do: enter a netns other than through `netfault_sys::netns`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -109,7 +109,7 @@ impl EbpfBackend {
 }
 
 fn detach(
-    ns: &crate::sys::netns::Netns,
+    ns: &netfault_sys::netns::Netns,
     ifname: &str,
     att: AttachmentRecord,
 ) -> Result<(), BackendError> {

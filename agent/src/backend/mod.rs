@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use netfault_api::{BackendKind, Counters, FaultSpec, FieldError};
+use netfault_sys::netns::Netns;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::registry::state::{FaultId, SandboxId};
-use crate::sys::netns::Netns;
 
 /// Why a backend could not bring the kernel in line.
 #[derive(Debug, thiserror::Error)]

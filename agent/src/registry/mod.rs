@@ -31,11 +31,11 @@ use netfault_api::spec::faults_from_annotations;
 use netfault_api::{
     BackendKind, EnrolRequest, Fault, FaultSpec, FieldError, Limits, Sandbox, Target,
 };
+use netfault_sys::netns::Netns;
 use serde_json::Value;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendError, Backends, CounterReader, SandboxCtx};
-use crate::sys::netns::Netns;
 use persist::StateDir;
 use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
 pub use target::{Host, SystemHost};

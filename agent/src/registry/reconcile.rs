@@ -10,14 +10,15 @@
 
 use std::path::Path;
 
+use netfault_sys::netns::Netns;
+
 use super::state::SandboxId;
 use super::{AgentError, Core};
-use crate::sys::netns::Netns;
 
 impl Core<'_> {
     pub(super) fn reconcile(&mut self) -> Result<(), AgentError> {
         let now = netfault_ebpf::boottime_ns();
-        let sandboxes: Vec<(SandboxId, String, crate::sys::netns::NetnsId)> = self
+        let sandboxes: Vec<(SandboxId, String, netfault_sys::netns::NetnsId)> = self
             .lock()
             .sandboxes
             .values()

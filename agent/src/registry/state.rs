@@ -9,10 +9,10 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netfault_api::{BackendKind, Counters, Fault, FaultSpec, Limits, PodRef, Sandbox};
+use netfault_sys::netns::NetnsId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::backend::{CounterReader, SandboxMemo};
-use crate::sys::netns::NetnsId;
 
 /// A sandbox's id: the runtime's container id, or `netns-<dev>-<ino>` for
 /// a namespace enrolled implicitly by a fault's `{"netns": path}` target.

@@ -8,10 +8,10 @@ use std::net::IpAddr;
 
 use netfault_api::{EnrolRequest, FieldError, Target};
 use netfault_ebpf::MAX_SANDBOXES;
+use netfault_sys::netns::{Netns, NetnsError};
 
 use super::state::{SandboxId, State};
 use super::{AgentError, Core};
-use crate::sys::netns::{Netns, NetnsError};
 
 /// What the registry asks the system about a network namespace. The
 /// registry's unit tests answer with a fake; the agent with [`SystemHost`].
@@ -46,7 +46,7 @@ impl Host for SystemHost {
     }
 
     fn sole_interface(&self, ns: &Netns) -> Result<Result<String, String>, NetnsError> {
-        ns.run(|_| crate::sys::netns::sole_interface_here())
+        ns.run(|_| netfault_sys::netns::sole_interface_here())
     }
 }
 

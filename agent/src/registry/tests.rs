@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netfault_api::{BackendKind, EnrolRequest, PodRef};
+use netfault_sys::netns::NetnsError;
 use serde_json::json;
 
 use super::*;
 use crate::backend::fake::{Call, FakeBackend, Log, COUNTED};
-use crate::sys::netns::NetnsError;
 
 const OWN_NETNS: &str = "/proc/self/ns/net";
 
@@ -358,7 +358,7 @@ fn a_restart_re_syncs_live_faults_with_their_memos() {
 fn an_older_agents_state_file_is_read() {
     let dir = TempDir::new("legacy");
     std::fs::create_dir_all(&dir.0).expect("state dir");
-    let nid = crate::sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
+    let nid = netfault_sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
     let deadline = netfault_ebpf::boottime_ns() + 300_000_000_000;
     let old = json!({
         "sandboxes": {"sb1": {

@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use netfault_api::{Action, BackendKind, FaultSpec, FieldError};
+use netfault_sys::netns::NetnsError;
 
 use super::{
     ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx, SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
-use crate::sys::netns::NetnsError;
 use holder::{Engine, FaultCounters, HolderFault};
 use queue::NfQueue;
 

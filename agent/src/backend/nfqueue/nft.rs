@@ -31,14 +31,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use netfault_api::spec::{Direction, Match, Protocol};
-use serde_json::{json, Value};
-
-use super::DelayError;
-use crate::sys::nfnetlink::{
+use netfault_sys::nfnetlink::{
     batch_socket, elements_msg, Batch, BatchError, Msg, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
     NFTA_LIST_ELEM,
 };
-use crate::sys::nftjson::{m, port_set, prefix_match};
+use netfault_sys::nftjson::{m, port_set, prefix_match};
+use serde_json::{json, Value};
+
+use super::DelayError;
 
 pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
@@ -146,7 +146,7 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
         base.push(goto);
         return vec![base];
     }
-    let ports = port_set(&d.selector.ports);
+    let ports = port_set(d.selector.ports.iter().map(|p| (p.lo, p.hi)));
     ["sport", "dport"]
         .iter()
         .map(|side| {
@@ -187,7 +187,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), DelayError> {
-    crate::sys::nftjson::apply(payload).map_err(DelayError::Nft)
+    netfault_sys::nftjson::apply(payload).map_err(DelayError::Nft)
 }
 
 /// What the kernel's `netfault` table holds, from `nft -j list`.

@@ -7,11 +7,12 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use super::DelayError;
-use crate::sys::nfnetlink::{
+use netfault_sys::nfnetlink::{
     self, finish, netfilter_socket, put_attr, u16_at, u32_at, NFNL_SUBSYS_QUEUE, NLA_TYPE_MASK,
 };
-use crate::sys::set_int_opt;
+use netfault_sys::sockopt::set_int_opt;
+
+use super::DelayError;
 
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;

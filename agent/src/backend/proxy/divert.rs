@@ -45,12 +45,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 
 use netfault_api::spec::Match;
+use netfault_sys::nftjson::{m, port_set, prefix_match};
+use netfault_sys::sockopt::set_int_opt;
 use serde_json::{json, Value};
 
 use netfault_tproxy::Side;
-
-use crate::sys::nftjson::{m, port_set, prefix_match};
-use crate::sys::set_int_opt;
 
 /// Packets policy-routed to `lo` (local delivery to the proxy).
 pub const DIVERT_MARK: u32 = 0x4e46_0010;
@@ -343,7 +342,7 @@ fn selector_exprs(d: &Diversion, ipv6: bool, remote_is_src: bool) -> Vec<Value> 
     out.push(m(meta("l4proto"), json!("tcp")));
     out.push(m(
         json!({"payload": {"protocol": "tcp", "field": "dport"}}),
-        port_set(&d.selector.ports),
+        port_set(d.selector.ports.iter().map(|p| (p.lo, p.hi))),
     ));
     out
 }
@@ -454,7 +453,7 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
 }
 
 fn nft(payload: &Value) -> Result<(), DivertError> {
-    crate::sys::nftjson::apply(payload).map_err(DivertError::Nft)
+    netfault_sys::nftjson::apply(payload).map_err(DivertError::Nft)
 }
 
 fn lo_index() -> Result<u32, DivertError> {
@@ -492,7 +491,7 @@ pub fn refresh_here(diversions: &[Diversion]) -> Result<(), DivertError> {
 /// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
 /// anywhere, without spawning `nft` or entering the netns).
 pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, DivertError> {
-    crate::sys::nfnetlink::batch_socket().map_err(io("opening a netfilter socket"))
+    netfault_sys::nfnetlink::batch_socket().map_err(io("opening a netfilter socket"))
 }
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`, with
@@ -503,7 +502,7 @@ pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), 
         .iter()
         .map(|d| (lease_set(d.tag), d.lease_ms))
         .collect();
-    crate::sys::nfnetlink::arm_leases(fd, TABLE, &leases)
+    netfault_sys::nfnetlink::arm_leases(fd, TABLE, &leases)
         .map_err(|e| DivertError::Nft(e.to_string()))
 }
 

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netfault_api::{BackendKind, FaultSpec, FieldError};
+use netfault_sys::netns::{Netns, NetnsError};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
 use super::{
@@ -33,7 +34,6 @@ use super::{
     SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
-use crate::sys::netns::{Netns, NetnsError};
 pub mod divert;
 
 /// How long a diversion lives without the agent re-arming it: after the

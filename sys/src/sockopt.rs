@@ -1,9 +1,5 @@
-//! The system layer: entering network namespaces, and talking to the
-//! kernel's netfilter. Nothing here knows about faults.
-
-pub mod netns;
-pub mod nfnetlink;
-pub mod nftjson;
+//! Socket options that `socket2` and `nix` lack, set on any socket.
+//! What it must not do: create sockets or know what they are for.
 
 use std::os::fd::AsRawFd;
 

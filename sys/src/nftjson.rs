@@ -1,8 +1,9 @@
-//! Pieces of nft's JSON shared by the delay diversion (`delay::nft`) and
-//! the proxy diversion (`proxy`), and applying a payload through the `nft`
-//! binary (of the calling thread's netns).
+//! Pieces of nft's JSON shared by the agent's diversions (the nfqueue
+//! backend's delay diversion and the proxy backend's), and applying a
+//! payload through the `nft` binary (of the calling thread's netns).
+//! What it must not do: know about faults or their selectors (ports come
+//! as plain ranges), or enter a netns.
 
-use netfault_api::spec::PortRange;
 use serde_json::{json, Value};
 
 /// `left == right`.
@@ -24,15 +25,16 @@ pub fn prefix_match(net: ipnet::IpNet, remote_is_src: bool) -> Value {
     )
 }
 
-/// An anonymous set of ports and port ranges.
-pub fn port_set(ports: &[PortRange]) -> Value {
+/// An anonymous set of ports and port ranges, each given as `(lo, hi)`
+/// (a single port when `lo == hi`).
+pub fn port_set(ports: impl IntoIterator<Item = (u16, u16)>) -> Value {
     let elems: Vec<Value> = ports
-        .iter()
-        .map(|p| {
-            if p.lo == p.hi {
-                json!(p.lo)
+        .into_iter()
+        .map(|(lo, hi)| {
+            if lo == hi {
+                json!(lo)
             } else {
-                json!({"range": [p.lo, p.hi]})
+                json!({"range": [lo, hi]})
             }
         })
         .collect();
