@@ -1,11 +1,15 @@
-//! netfault-sys: the system layer. It owns what netfault asks of the
-//! kernel outside the eBPF datapath:
+//! netfault-sys: the system layer. It owns netfault's calls into the
+//! kernel's networking, except loading eBPF programs and driving their maps
+//! (aya, in netfault-ebpf):
 //!
 //! - `netns`: the [`netns::Netns`] handle, the only place that enters a
 //!   network namespace;
 //! - `nfnetlink`: the netfilter netlink codec and batch socket
 //!   (`nfnetlink_queue`, `nf_tables` set elements);
 //! - `nftjson`: nft rules as JSON, applied through `nft`;
+//! - `rtnetlink`: route netlink (an interface's addresses, routes and
+//!   rules, local delivery for transparent proxying, tc qdiscs and
+//!   filters);
 //! - `sockopt`: socket options the socket crates lack.
 //!
 //! What it must not do: know about faults, sandboxes or the agent's API
@@ -15,4 +19,5 @@
 pub mod netns;
 pub mod nfnetlink;
 pub mod nftjson;
+pub mod rtnetlink;
 pub mod sockopt;

@@ -166,7 +166,7 @@ pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
             .filter_map(|o| o.get("table"))
             .map(|t| format!("{} {}", t["family"], t["name"]))
             .collect();
-        let mut sock = netfault_ebpf::TcSocket::open().expect("netlink");
+        let mut sock = netfault_sys::rtnetlink::RtSocket::open().expect("netlink");
         NetnsState {
             qdiscs: qdiscs
                 .iter()

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use netfault_api::{EnrolRequest, FieldError, Target};
 use netfault_ebpf::MAX_SANDBOXES;
 use netfault_sys::netns::{Netns, NetnsError};
+use netfault_sys::rtnetlink::RtSocket;
 
 use super::state::{SandboxId, State};
 use super::{AgentError, Core};
@@ -38,10 +39,12 @@ impl Host for SystemHost {
         ifname: &str,
     ) -> Result<Result<Vec<IpAddr>, String>, NetnsError> {
         ns.run(|_| {
-            if nix::net::if_::if_nametoindex(ifname).is_err() {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname) else {
                 return Err(format!("interface {ifname:?} does not exist in the netns"));
-            }
-            netfault_ebpf::addresses_here(ifname).map_err(|e| e.to_string())
+            };
+            RtSocket::open()
+                .and_then(|mut sock| sock.addresses(ifindex))
+                .map_err(|e| format!("tc: {e}"))
         })
     }
 

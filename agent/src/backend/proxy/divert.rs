@@ -46,6 +46,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 
 use netfault_api::spec::Match;
 use netfault_sys::nftjson::{m, port_set, prefix_match};
+use netfault_sys::rtnetlink::{RtError, RtSocket};
 use netfault_sys::sockopt::set_int_opt;
 use serde_json::{json, Value};
 
@@ -90,7 +91,7 @@ pub enum DivertError {
     #[error("nft: {0}")]
     Nft(String),
     #[error("policy routing: {0}")]
-    Routing(#[from] netfault_ebpf::TcError),
+    Routing(#[from] RtError),
 }
 
 impl DivertError {
@@ -464,7 +465,7 @@ fn lo_index() -> Result<u32, DivertError> {
 /// Installs (or replaces) the diversion: policy routing, then the table.
 pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), DivertError> {
     let lo = lo_index()?;
-    let mut nl = netfault_ebpf::TcSocket::open()?;
+    let mut nl = RtSocket::open()?;
     nl.add_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
     if ports.in6.is_some() || ports.out6.is_some() {
         nl.add_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
@@ -511,7 +512,7 @@ pub fn remove_here() -> Result<(), DivertError> {
     let t = json!({"family": FAMILY, "name": TABLE});
     nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))?;
     let lo = lo_index()?;
-    let mut nl = netfault_ebpf::TcSocket::open()?;
+    let mut nl = RtSocket::open()?;
     nl.del_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
     nl.del_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
     Ok(())

@@ -1,13 +1,20 @@
-//! Synchronous rtnetlink for the tc objects netfault owns (the `clsact`
-//! qdisc and `bpf` filters on it) and for reading a pod's addresses.
+//! Synchronous route netlink (rtnetlink): one socket type, [`RtSocket`],
+//! and what netfault asks of it: an interface's addresses, route and rule
+//! summaries (for before/after comparisons), the policy routing that
+//! delivers marked packets locally (transparent proxying), and tc's
+//! `clsact` qdisc and `bpf` filters (list, add, delete).
 //!
-//! A [`TcSocket`] talks to the network namespace it was opened in, so open it
-//! on a thread that has already entered the pod's netns (see the agent's
-//! `netns` module). Filters are attached by program fd with a fixed
-//! priority/handle, which lets a restarted agent atomically replace the
-//! previous agent's program (`NLM_F_REPLACE`) and find its own filters again
-//! without aya's per-process link tracking (KERNEL-NOTES: aya keys links by
-//! ifindex, which is 2 in every pod).
+//! An [`RtSocket`] talks to the network namespace it was opened in, so open
+//! it on a thread that has already entered the pod's netns
+//! ([`crate::netns`]). Filters are attached by program fd in a
+//! [`FilterSlot`] (priority and handle) chosen by the caller, which lets a
+//! restarted agent atomically replace the previous agent's program
+//! (`NLM_F_REPLACE`) and find its own filters again without aya's
+//! per-process link tracking (KERNEL-NOTES: aya keys links by ifindex, which
+//! is 2 in every pod).
+//!
+//! What it must not do: enter a netns, or know whose filters and programs
+//! it handles (the eBPF crate owns its slot and its programs).
 
 use std::io;
 use std::net::IpAddr;
@@ -27,16 +34,10 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-/// Priority of netfault's filters on clsact. Low numbers run first; this is
-/// high enough to stay out of the way of CNIs that use priority 1.
-pub const FILTER_PRIORITY: u16 = 0x4e46;
-/// Handle of netfault's filters (one per hook per interface).
-pub const FILTER_HANDLE: u32 = 0x4e46;
-
 const ETH_P_ALL: u16 = 0x0003;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TcError {
+pub enum RtError {
     #[error("netlink socket: {0}")]
     Socket(io::Error),
     #[error("{op}: {source}")]
@@ -45,11 +46,11 @@ pub enum TcError {
     Decode { op: &'static str, detail: String },
 }
 
-impl TcError {
+impl RtError {
     /// The kernel's errno, when the kernel refused the request.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            TcError::Kernel { source, .. } => source.raw_os_error(),
+            RtError::Kernel { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }
@@ -88,6 +89,14 @@ pub struct QdiscInfo {
     pub parent: u32,
 }
 
+/// Where a filter sits on a clsact hook: its priority (low numbers run
+/// first) and its handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterSlot {
+    pub priority: u16,
+    pub handle: u32,
+}
+
 /// A tc filter as listed by the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterInfo {
@@ -101,13 +110,14 @@ pub struct FilterInfo {
 }
 
 impl FilterInfo {
-    /// Whether this filter is one of netfault's.
-    pub fn is_netfault(&self) -> bool {
-        self.kind == "bpf" && self.priority == FILTER_PRIORITY && self.handle == FILTER_HANDLE
+    /// Whether this is a `bpf` filter in `slot`.
+    pub fn is_bpf_at(&self, slot: FilterSlot) -> bool {
+        self.kind == "bpf" && self.priority == slot.priority && self.handle == slot.handle
     }
 }
 
-pub struct TcSocket {
+/// A route netlink socket, bound to the netns of the thread that opened it.
+pub struct RtSocket {
     sock: Socket,
     seq: u32,
 }
@@ -116,14 +126,14 @@ fn handle_u32(h: TcHandle) -> u32 {
     ((h.major as u32) << 16) | h.minor as u32
 }
 
-impl TcSocket {
+impl RtSocket {
     /// Opens a route netlink socket in the calling thread's netns.
-    pub fn open() -> Result<TcSocket, TcError> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(TcError::Socket)?;
-        sock.bind_auto().map_err(TcError::Socket)?;
+    pub fn open() -> Result<RtSocket, RtError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(RtError::Socket)?;
+        sock.bind_auto().map_err(RtError::Socket)?;
         sock.connect(&SocketAddr::new(0, 0))
-            .map_err(TcError::Socket)?;
-        Ok(TcSocket { sock, seq: 1 })
+            .map_err(RtError::Socket)?;
+        Ok(RtSocket { sock, seq: 1 })
     }
 
     /// Sends one request and collects replies until ACK or DONE.
@@ -132,7 +142,7 @@ impl TcSocket {
         op: &'static str,
         msg: RouteNetlinkMessage,
         flags: u16,
-    ) -> Result<Vec<RouteNetlinkMessage>, TcError> {
+    ) -> Result<Vec<RouteNetlinkMessage>, RtError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -143,23 +153,23 @@ impl TcSocket {
         nl.serialize(&mut buf);
         self.sock
             .send(&buf, 0)
-            .map_err(|source| TcError::Kernel { op, source })?;
+            .map_err(|source| RtError::Kernel { op, source })?;
         let mut out = Vec::new();
         loop {
             let (data, _) = self
                 .sock
                 .recv_from_full()
-                .map_err(|source| TcError::Kernel { op, source })?;
+                .map_err(|source| RtError::Kernel { op, source })?;
             let mut offset = 0;
             while offset < data.len() {
                 let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                    .map_err(|e| TcError::Decode {
+                    .map_err(|e| RtError::Decode {
                         op,
                         detail: e.to_string(),
                     })?;
                 let len = msg.header.length as usize;
                 if len == 0 {
-                    return Err(TcError::Decode {
+                    return Err(RtError::Decode {
                         op,
                         detail: "zero-length message".into(),
                     });
@@ -173,7 +183,7 @@ impl TcSocket {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
                             None => Ok(out),
-                            Some(_) => Err(TcError::Kernel {
+                            Some(_) => Err(RtError::Kernel {
                                 op,
                                 source: e.to_io(),
                             }),
@@ -195,7 +205,7 @@ impl TcSocket {
         &mut self,
         op: &'static str,
         msg: RouteNetlinkMessage,
-    ) -> Result<Vec<RouteNetlinkMessage>, TcError> {
+    ) -> Result<Vec<RouteNetlinkMessage>, RtError> {
         self.request(op, msg, NLM_F_DUMP)
     }
 
@@ -206,7 +216,7 @@ impl TcSocket {
         op: &'static str,
         msg: RouteNetlinkMessage,
         line: impl FnMut(RouteNetlinkMessage) -> Option<String>,
-    ) -> Result<Vec<String>, TcError> {
+    ) -> Result<Vec<String>, RtError> {
         let mut out: Vec<String> = self.dump(op, msg)?.into_iter().filter_map(line).collect();
         out.sort();
         Ok(out)
@@ -220,7 +230,7 @@ impl TcSocket {
         msg: RouteNetlinkMessage,
         flags: u16,
         tolerated: &[i32],
-    ) -> Result<(), TcError> {
+    ) -> Result<(), RtError> {
         match self.request(op, msg, NLM_F_ACK | flags) {
             Err(e) if e.errno().is_some_and(|n| tolerated.contains(&n)) => Ok(()),
             other => other.map(|_| ()),
@@ -228,7 +238,7 @@ impl TcSocket {
     }
 
     /// Global-scope (not link-local) addresses on `ifindex`.
-    pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>, TcError> {
+    pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>, RtError> {
         let replies = self.dump(
             "list addresses",
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
@@ -251,7 +261,7 @@ impl TcSocket {
     }
 
     /// One line per route in every table, for before/after comparisons.
-    pub fn route_summary(&mut self) -> Result<Vec<String>, TcError> {
+    pub fn route_summary(&mut self) -> Result<Vec<String>, RtError> {
         self.dump_lines(
             "list routes",
             RouteNetlinkMessage::GetRoute(RouteMessage::default()),
@@ -286,7 +296,7 @@ impl TcSocket {
     }
 
     /// One line per policy routing rule, for before/after comparisons.
-    pub fn rule_summary(&mut self) -> Result<Vec<String>, TcError> {
+    pub fn rule_summary(&mut self) -> Result<Vec<String>, RtError> {
         self.dump_lines(
             "list rules",
             RouteNetlinkMessage::GetRule(RuleMessage::default()),
@@ -311,7 +321,7 @@ impl TcSocket {
         table: u32,
         priority: u32,
         lo_index: u32,
-    ) -> Result<(), TcError> {
+    ) -> Result<(), RtError> {
         let route = local_route(ipv6, table, lo_index);
         let rule = mark_rule(ipv6, mark, table, priority);
         for (op, msg) in [
@@ -323,7 +333,7 @@ impl TcSocket {
         Ok(())
     }
 
-    /// Removes what [`TcSocket::add_local_delivery`] added. Idempotent.
+    /// Removes what [`RtSocket::add_local_delivery`] added. Idempotent.
     pub fn del_local_delivery(
         &mut self,
         ipv6: bool,
@@ -331,7 +341,7 @@ impl TcSocket {
         table: u32,
         priority: u32,
         lo_index: u32,
-    ) -> Result<(), TcError> {
+    ) -> Result<(), RtError> {
         // Already gone, or a netns without IPv6.
         let gone = [libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT];
         let rule = mark_rule(ipv6, mark, table, priority);
@@ -346,7 +356,7 @@ impl TcSocket {
     }
 
     /// Lists the qdiscs on `ifindex`.
-    pub fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, TcError> {
+    pub fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<QdiscInfo>, RtError> {
         let msg = TcMessage::default();
         let replies = self.dump("list qdiscs", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
         Ok(replies
@@ -366,7 +376,7 @@ impl TcSocket {
 
     /// Adds a clsact qdisc. Returns `false` if one was already there (then
     /// it is not ours to remove).
-    pub fn add_clsact(&mut self, ifindex: u32) -> Result<bool, TcError> {
+    pub fn add_clsact(&mut self, ifindex: u32) -> Result<bool, RtError> {
         let msg = clsact_message(ifindex);
         match self.change(
             "add clsact qdisc",
@@ -382,7 +392,7 @@ impl TcSocket {
 
     /// Removes the clsact qdisc (and with it every filter on it).
     /// Succeeds when there is none.
-    pub fn del_clsact(&mut self, ifindex: u32) -> Result<(), TcError> {
+    pub fn del_clsact(&mut self, ifindex: u32) -> Result<(), RtError> {
         let msg = clsact_message(ifindex);
         self.change(
             "delete clsact qdisc",
@@ -393,7 +403,7 @@ impl TcSocket {
     }
 
     /// Lists the filters on one clsact hook. Empty when there is no clsact.
-    pub fn filters(&mut self, ifindex: u32, hook: Hook) -> Result<Vec<FilterInfo>, TcError> {
+    pub fn filters(&mut self, ifindex: u32, hook: Hook) -> Result<Vec<FilterInfo>, RtError> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.parent = hook.parent();
         let replies = match self.dump(
@@ -443,15 +453,17 @@ impl TcSocket {
         Ok(out)
     }
 
-    /// Attaches (or atomically replaces) netfault's direct-action bpf filter.
+    /// Attaches (or atomically replaces) the direct-action bpf filter in
+    /// `slot` of `hook`: program `prog_fd`, named `name`.
     pub fn attach_bpf(
         &mut self,
         ifindex: u32,
         hook: Hook,
+        slot: FilterSlot,
         prog_fd: i32,
         name: &str,
-    ) -> Result<(), TcError> {
-        let mut msg = filter_message(ifindex, hook);
+    ) -> Result<(), RtError> {
+        let mut msg = filter_message(ifindex, hook, slot);
         msg.attributes.push(TcAttribute::Options(vec![
             TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd as u32)),
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string())),
@@ -465,9 +477,14 @@ impl TcSocket {
         )
     }
 
-    /// Removes netfault's filter from one hook. Succeeds when it is absent.
-    pub fn detach_bpf(&mut self, ifindex: u32, hook: Hook) -> Result<(), TcError> {
-        let msg = filter_message(ifindex, hook);
+    /// Removes the bpf filter in `slot` of `hook`. Succeeds when it is absent.
+    pub fn detach_bpf(
+        &mut self,
+        ifindex: u32,
+        hook: Hook,
+        slot: FilterSlot,
+    ) -> Result<(), RtError> {
+        let msg = filter_message(ifindex, hook, slot);
         self.change(
             "detach bpf filter",
             RouteNetlinkMessage::DelTrafficFilter(msg),
@@ -489,12 +506,12 @@ fn clsact_message(ifindex: u32) -> TcMessage {
     msg
 }
 
-/// netfault's bpf filter slot on one hook of `ifindex` (options not set).
-fn filter_message(ifindex: u32, hook: Hook) -> TcMessage {
+/// The bpf filter in `slot` on one hook of `ifindex` (options not set).
+fn filter_message(ifindex: u32, hook: Hook, slot: FilterSlot) -> TcMessage {
     let mut msg = TcMessage::with_index(ifindex as i32);
     msg.header.parent = hook.parent();
-    msg.header.handle = TcHandle::from(FILTER_HANDLE);
-    msg.header.info = ((FILTER_PRIORITY as u32) << 16) | ETH_P_ALL.to_be() as u32;
+    msg.header.handle = TcHandle::from(slot.handle);
+    msg.header.info = ((slot.priority as u32) << 16) | ETH_P_ALL.to_be() as u32;
     msg.attributes.push(TcAttribute::Kind("bpf".into()));
     msg
 }
@@ -542,4 +559,28 @@ fn mark_rule(ipv6: bool, mark: u32, table: u32, priority: u32) -> RuleMessage {
     r.attributes.push(RuleAttribute::Table(table));
     r.attributes.push(RuleAttribute::Priority(priority));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_message_puts_the_slot_in_handle_and_info() {
+        let slot = FilterSlot {
+            priority: 0x4e46,
+            handle: 0x4e46,
+        };
+        let msg = filter_message(2, Hook::Ingress, slot);
+        assert_eq!(msg.header.index, 2);
+        assert_eq!(handle_u32(msg.header.parent), 0xffff_fff2);
+        assert_eq!(handle_u32(msg.header.handle), 0x4e46);
+        // Priority in the high half, the protocol (ETH_P_ALL) in network
+        // byte order in the low half.
+        assert_eq!(
+            msg.header.info,
+            (0x4e46 << 16) | u32::from(ETH_P_ALL.to_be())
+        );
+        assert_eq!(kind_of(&msg), "bpf");
+    }
 }
