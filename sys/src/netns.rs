@@ -6,6 +6,9 @@
 //! and tc attachment bind to the caller's netns). A namespace is identified
 //! by the (device, inode) of its nsfs file, not by its path, because a path can
 //! be reused by a new namespace (ztunnel does the same).
+//!
+//! What it must not do: move a thread it did not start into a namespace
+//! (callers' threads, tokio's workers), or know what the work it runs is.
 
 use std::fs::File;
 use std::marker::PhantomData;
@@ -51,23 +54,10 @@ fn open_error(path: &Path, source: std::io::Error) -> NetnsError {
     }
 }
 
-/// Identity of the namespace at `path`. Also checks that it is a netns by
-/// comparing with the nsfs device of our own.
+/// Identity of the namespace at `path` (checked to be a netns, as
+/// [`Netns::open`] does).
 pub fn identify(path: &Path) -> Result<NetnsId, NetnsError> {
-    let md = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
-    let own = std::fs::metadata("/proc/self/ns/net").map_err(|source| NetnsError::Open {
-        path: "/proc/self/ns/net".into(),
-        source,
-    })?;
-    if md.dev() != own.dev() {
-        return Err(NetnsError::NotNetns {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(NetnsId {
-        dev: md.dev(),
-        ino: md.ino(),
-    })
+    Netns::open(path).map(|ns| ns.id())
 }
 
 /// An open network namespace: the file is opened once and its identity
@@ -207,29 +197,6 @@ fn own_nsfs_dev() -> Result<u64, NetnsError> {
         })
 }
 
-/// Runs `f` on a new thread inside the network namespace at `path`.
-pub fn run_in<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let file = File::open(path).map_err(|e| open_error(path, e))?;
-    let owned = path.to_path_buf();
-    let handle = std::thread::Builder::new()
-        .name("netns".into())
-        .spawn(move || -> Result<T, NetnsError> {
-            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-                path: owned,
-                source,
-            })?;
-            Ok(f())
-        })
-        .map_err(NetnsError::Spawn)?;
-    handle.join().map_err(|_| NetnsError::Panicked {
-        path: path.to_path_buf(),
-    })?
-}
-
 /// The single non-loopback interface of the calling thread's netns, for
 /// `{"netns": path}` targets that were never enrolled through CNI.
 pub fn sole_interface_here() -> Result<String, String> {
@@ -246,39 +213,5 @@ pub fn sole_interface_here() -> Result<String, String> {
             "has several interfaces ({}); enrol it with PUT /v1/sandboxes to choose one",
             many.join(", ")
         )),
-    }
-}
-
-/// Starts a long-lived thread named `name` inside the network namespace at
-/// `path` and runs `f` there (for work that must stay in the pod's netns,
-/// such as creating sockets on demand). Returns once the thread is inside.
-pub fn spawn_in<F>(path: &Path, name: &str, f: F) -> Result<std::thread::JoinHandle<()>, NetnsError>
-where
-    F: FnOnce() + Send + 'static,
-{
-    let file = File::open(path).map_err(|e| open_error(path, e))?;
-    let owned = path.to_path_buf();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let entered =
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-                    path: owned,
-                    source,
-                });
-            let ok = entered.is_ok();
-            let _ = tx.send(entered);
-            if ok {
-                f();
-            }
-        })
-        .map_err(NetnsError::Spawn)?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(NetnsError::Panicked {
-            path: path.to_path_buf(),
-        }),
     }
 }

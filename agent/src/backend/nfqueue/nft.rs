@@ -25,7 +25,7 @@
 //! running) are never rebuilt, so their packets stay delayed throughout.
 //!
 //! Every function with `_here` must run on a thread inside the pod netns
-//! (`netns::run_in`): both the `nft` child process and the netlink socket
+//! (`Netns::run`): both the `nft` child process and the netlink socket
 //! belong to the calling thread's netns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -4,7 +4,7 @@
 //! on to where they were going.
 //!
 //! Everything with `_here` runs on a thread inside the pod netns
-//! (`netns::run_in`): sockets, the `nft` child process and the netlink
+//! (`Netns::run`): sockets, the `nft` child process and the netlink
 //! socket all belong to the netns of the thread that creates them. A socket
 //! keeps its netns afterwards, so the agent's proxy runtime serves the
 //! listeners from anywhere.
