@@ -6,7 +6,9 @@
 //! What it must not do: know about faults or enter a netns (a socket is
 //! opened by a thread already inside the one it should keep).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::sys::socket::{MsgFlags, NetlinkAddr};
 
 pub const NFNL_SUBSYS_QUEUE: u16 = 3;
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -123,19 +125,12 @@ impl Msg {
 
 /// A netfilter netlink socket in the calling thread's netns (it keeps that netns).
 pub fn netfilter_socket() -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    let sock = socket2::Socket::new_raw(
+        socket2::Domain::from(libc::AF_NETLINK),
+        socket2::Type::RAW.cloexec(),
+        Some(socket2::Protocol::from(libc::NETLINK_NETFILTER)),
+    )?;
+    Ok(sock.into())
 }
 
 /// A netfilter netlink socket in the calling thread's netns, for
@@ -233,45 +228,20 @@ impl Batch {
     }
 }
 
-/// Sends `out` to the kernel on a netlink socket.
+/// Sends `out` to the kernel (netlink port 0) on a netlink socket.
 pub fn send_to_kernel(fd: &impl AsRawFd, out: &[u8]) -> std::io::Result<()> {
-    // SAFETY: a zeroed sockaddr_nl (port 0) addresses the kernel.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid fd, buffer and address.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            out.as_ptr() as *const libc::c_void,
-            out.len(),
-            0,
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    let kernel = NetlinkAddr::new(0, 0);
+    nix::sys::socket::sendto(fd.as_raw_fd(), out, &kernel, MsgFlags::empty())?;
+    Ok(())
 }
 
 /// `recv` into `buf`; the number of bytes read.
 pub fn recv(fd: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: valid fd and buffer.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            0,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    Ok(nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        buf,
+        MsgFlags::empty(),
+    )?)
 }
 
 /// The `NEWSETELEM` message `seq` of a batch: the elements `ipv4` and
