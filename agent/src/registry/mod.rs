@@ -35,7 +35,7 @@ use netfault_sys::netns::Netns;
 use serde_json::Value;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
-use crate::backend::{ActiveFault, Backend, BackendError, Backends, CounterReader, SandboxCtx};
+use crate::backend::{ActiveFault, Backend, BackendError, Backends, CounterReader};
 use persist::StateDir;
 use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
 pub use target::{Host, SystemHost};
@@ -318,14 +318,7 @@ impl Core<'_> {
                     memo: m,
                 })
                 .collect();
-            let ctx = SandboxCtx {
-                id: sandbox,
-                netns: ns.as_ref(),
-                ifname: &rec.ifname,
-                addresses: &rec.addresses,
-                slot: rec.slot,
-            };
-            backend.sync(&ctx, &mut memo, &mut active)
+            backend.sync(&rec.ctx(ns.as_ref()), &mut memo, &mut active)
         };
         let readers: Vec<(FaultId, Option<CounterReader>)> = listed
             .iter()
@@ -445,13 +438,7 @@ impl Core<'_> {
         let ns = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id)
             .ok()
             .flatten();
-        let ctx = SandboxCtx {
-            id: sandbox,
-            netns: ns.as_ref(),
-            ifname: &rec.ifname,
-            addresses: &rec.addresses,
-            slot: rec.slot,
-        };
+        let ctx = rec.ctx(ns.as_ref());
         let mut memo = rec.memo;
         for b in self.b.iter_mut() {
             b.forget_sandbox(&ctx, &mut memo)?;

@@ -9,10 +9,10 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netfault_api::{BackendKind, Counters, Fault, FaultSpec, Limits, PodRef, Sandbox};
-use netfault_sys::netns::NetnsId;
+use netfault_sys::netns::{Netns, NetnsId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::backend::{CounterReader, SandboxMemo};
+use crate::backend::{CounterReader, SandboxCtx, SandboxMemo};
 
 /// A sandbox's id: the runtime's container id, or `netns-<dev>-<ino>` for
 /// a namespace enrolled implicitly by a fault's `{"netns": path}` target.
@@ -99,6 +99,17 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
+    /// The sandbox as its backends see it, in `netns` (`None`: gone).
+    pub fn ctx<'a>(&'a self, netns: Option<&'a Netns>) -> SandboxCtx<'a> {
+        SandboxCtx {
+            id: &self.id,
+            netns,
+            ifname: &self.ifname,
+            addresses: &self.addresses,
+            slot: self.slot,
+        }
+    }
+
     pub fn view(&self) -> Sandbox {
         Sandbox {
             id: self.id.to_string(),
