@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netfault_api::spec::{faults_from_annotations, Backend};
 use netfault_api::{
-    Action, Counters, EnrolRequest, Fault, FaultSpec, FieldError, Limits, PodRef, Sandbox, Target,
+    Action, Counters, EnrolRequest, ErrorCode, Fault, FaultSpec, FieldError, Limits, PodRef,
+    Sandbox, Target,
 };
 use netfault_ebpf::{Attachment, Datapath, RawRule, MAX_SANDBOXES, RULES_PER_SANDBOX};
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,7 @@ pub enum AgentError {
 impl AgentError {
     pub fn status(&self) -> u16 {
         match self {
-            AgentError::Invalid(e) if e.code == "unsupported" => 422,
+            AgentError::Invalid(e) if e.code == ErrorCode::Unsupported => 422,
             AgentError::Invalid(_) => 400,
             AgentError::NotFound(_) => 404,
             AgentError::Conflict(_) => 409,
@@ -56,11 +57,7 @@ impl AgentError {
     pub fn field_error(&self) -> FieldError {
         match self {
             AgentError::Invalid(e) | AgentError::NotFound(e) | AgentError::Conflict(e) => e.clone(),
-            AgentError::Internal(m) => FieldError {
-                code: "internal".into(),
-                field: String::new(),
-                message: m.clone(),
-            },
+            AgentError::Internal(m) => FieldError::new(ErrorCode::Internal, "", m),
         }
     }
 }
@@ -521,11 +518,10 @@ impl Registry {
             let slot = (0..MAX_SANDBOXES)
                 .find(|s| !used.contains(s))
                 .ok_or_else(|| {
-                    AgentError::Conflict(FieldError {
-                        code: "conflict".into(),
-                        field: "id".into(),
-                        message: format!("this agent serves at most {MAX_SANDBOXES} sandboxes"),
-                    })
+                    AgentError::Conflict(FieldError::conflict(
+                        "id",
+                        &format!("this agent serves at most {MAX_SANDBOXES} sandboxes"),
+                    ))
                 })?;
             if let Some((other, a)) = inner.state.sandboxes.values().find_map(|s| {
                 s.addresses
@@ -533,11 +529,10 @@ impl Registry {
                     .find(|a| addresses.contains(a))
                     .map(|a| (s.id.clone(), *a))
             }) {
-                return Err(AgentError::Conflict(FieldError {
-                    code: "conflict".into(),
-                    field: "ips".into(),
-                    message: format!("address {a} already belongs to sandbox {other:?}"),
-                }));
+                return Err(AgentError::Conflict(FieldError::conflict(
+                    "ips",
+                    &format!("address {a} already belongs to sandbox {other:?}"),
+                )));
             }
             let rec = SandboxRecord {
                 id: id.to_string(),
@@ -812,13 +807,10 @@ impl Registry {
         let rule = (0..RULES_PER_SANDBOX)
             .find(|r| !used.contains(r))
             .ok_or_else(|| {
-                AgentError::Conflict(FieldError {
-                    code: "conflict".into(),
-                    field: "target".into(),
-                    message: format!(
-                        "the sandbox already has {RULES_PER_SANDBOX} active packet faults"
-                    ),
-                })
+                AgentError::Conflict(FieldError::conflict(
+                    "target",
+                    &format!("the sandbox already has {RULES_PER_SANDBOX} active packet faults"),
+                ))
             })?;
         let now_boot = netfault_ebpf::boottime_ns();
         let deadline = now_boot.saturating_add(spec.duration.as_nanos() as u64);

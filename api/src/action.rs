@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::error::FieldError;
+use crate::error::{ErrorCode, FieldError};
 use crate::spec::{parse_duration, parse_percent};
 
 /// netem's delay distributions.
@@ -981,11 +981,11 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
                         ))
                     }
                     (None, None) => {
-                        return Err(FieldError {
-                            code: "missing".into(),
-                            field: "action.after".into(),
-                            message: "give after (a duration) or after_bytes".into(),
-                        })
+                        return Err(FieldError::new(
+                            ErrorCode::Missing,
+                            "action.after",
+                            "give after (a duration) or after_bytes",
+                        ))
                     }
                     (Some(d), None) if d > Duration::from_secs(24 * 3600) => {
                         return Err(FieldError::invalid("action.after", "must be at most 24h"))
@@ -1032,11 +1032,11 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
                     ))
                 }
                 (None, false) => {
-                    return Err(FieldError {
-                        code: "missing".into(),
-                        field: "action.status".into(),
-                        message: "give status (the reply), or \"reset\": true".into(),
-                    })
+                    return Err(FieldError::new(
+                        ErrorCode::Missing,
+                        "action.status",
+                        "give status (the reply), or \"reset\": true",
+                    ))
                 }
                 (None, true) if body.is_some() => {
                     return Err(FieldError::invalid(

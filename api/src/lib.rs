@@ -9,6 +9,6 @@ pub mod spec;
 pub mod wire;
 
 pub use client::{Client, ClientError};
-pub use error::{ErrorBody, FieldError};
+pub use error::{ErrorBody, ErrorCode, FieldError};
 pub use spec::{Action, Direction, FaultSpec, Limits, Match, PortRange, Protocol, Target};
 pub use wire::{Counters, EnrolRequest, Fault, PodRef, Sandbox};

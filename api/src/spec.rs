@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
-use crate::error::FieldError;
+use crate::error::{ErrorCode, FieldError};
 
 /// Most port ranges a single fault may match: the eBPF rule has this many slots.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -347,13 +347,11 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
 /// The proxy diverts TCP connections to `match.ports`: it needs the ports.
 fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
     if m.ports.is_empty() {
-        return Err(FieldError {
-            code: "missing".into(),
-            field: "match.ports".into(),
-            message:
-                "is required for proxy actions: the TCP ports whose connections the proxy serves"
-                    .into(),
-        });
+        return Err(FieldError::new(
+            ErrorCode::Missing,
+            "match.ports",
+            "is required for proxy actions: the TCP ports whose connections the proxy serves",
+        ));
     }
     if !matches!(m.protocol, None | Some(Protocol::Tcp) | Some(Protocol::Any)) {
         return Err(FieldError::invalid(
