@@ -11,7 +11,10 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
-use crate::spec::{parse_duration, parse_percent};
+use crate::parse::{
+    fmt_duration, opt_duration, opt_percent, opt_str, parse_percent, parse_rate, parse_size,
+    parse_status, reject_unknown, req_percent,
+};
 
 /// netem's delay distributions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,117 +187,6 @@ impl Action {
     }
 }
 
-fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-fn reject_unknown(m: &Map<String, Value>, known: &[&str]) -> Result<(), FieldError> {
-    for k in m.keys() {
-        if !known.contains(&k.as_str()) {
-            return Err(FieldError::invalid(
-                &format!("action.{k}"),
-                &format!("unknown field; expected one of: {}", known.join(", ")),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn opt_percent(m: &Map<String, Value>, key: &str, default: f64) -> Result<f64, FieldError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => parse_percent(v, &format!("action.{key}")),
-    }
-}
-
-fn req_percent(m: &Map<String, Value>, key: &str) -> Result<f64, FieldError> {
-    let field = format!("action.{key}");
-    parse_percent(
-        m.get(key).ok_or_else(|| FieldError::missing(&field))?,
-        &field,
-    )
-}
-
-fn opt_duration(m: &Map<String, Value>, key: &str) -> Result<Option<Duration>, FieldError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => parse_duration(v, &format!("action.{key}")).map(Some),
-    }
-}
-
-/// A number, or a string of a number and a unit that `unit` scales.
-/// The error is the offending text.
-fn scaled(v: &Value, unit: impl Fn(&str) -> Option<f64>) -> Result<f64, String> {
-    match v {
-        Value::Number(n) => n.as_f64().ok_or_else(|| n.to_string()),
-        Value::String(s) => {
-            let t = s.trim().to_ascii_lowercase();
-            let split = t
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(t.len());
-            let (num, u) = t.split_at(split);
-            let num: f64 = num.parse().map_err(|_| s.clone())?;
-            Ok(num * unit(u.trim()).ok_or_else(|| s.clone())?)
-        }
-        other => Err(other.to_string()),
-    }
-}
-
-/// A rate such as `"20mbit"`, `"1.5gbit"`, `"500kbit"`, `"10mbps"` (bytes per
-/// second, as in tc) or a bare number of bits per second. Units are SI.
-pub fn parse_rate(v: &Value, field: &str) -> Result<u64, FieldError> {
-    let bad = |s: &str| {
-        FieldError::invalid(
-            field,
-            &format!("invalid rate {s:?}; expected e.g. \"20mbit\", \"500kbit\", \"10mbps\""),
-        )
-    };
-    let bits = scaled(v, |unit| match unit {
-        "" | "bit" => Some(1.0),
-        "kbit" => Some(1e3),
-        "mbit" => Some(1e6),
-        "gbit" => Some(1e9),
-        "bps" => Some(8.0),
-        "kbps" => Some(8e3),
-        "mbps" => Some(8e6),
-        "gbps" => Some(8e9),
-        _ => None,
-    })
-    .map_err(|s| bad(&s))?;
-    if !bits.is_finite() || !(8_000.0..=400e9).contains(&bits) {
-        return Err(FieldError::invalid(
-            field,
-            "must be between 8kbit and 400gbit",
-        ));
-    }
-    Ok(bits.round() as u64)
-}
-
-/// A size in bytes: a bare number, or with `b`, `kb`/`k`/`kib` (1024),
-/// `mb`/`m`/`mib` (1024²).
-pub fn parse_size(v: &Value, field: &str) -> Result<u64, FieldError> {
-    let bad = |s: &str| {
-        FieldError::invalid(
-            field,
-            &format!("invalid size {s:?}; expected bytes, e.g. 32768 or \"32kb\""),
-        )
-    };
-    let bytes = scaled(v, |unit| match unit {
-        "" | "b" => Some(1.0),
-        "k" | "kb" | "kib" => Some(1024.0),
-        "m" | "mb" | "mib" => Some(1024.0 * 1024.0),
-        _ => None,
-    })
-    .map_err(|s| bad(&s))?;
-    if !bytes.is_finite() || !(1500.0..=(1u64 << 30) as f64).contains(&bytes) {
-        return Err(FieldError::invalid(
-            field,
-            "must be between 1500 bytes and 1gb",
-        ));
-    }
-    Ok(bytes.round() as u64)
-}
-
 fn parse_model(v: &Value) -> Result<GilbertElliott, FieldError> {
     let m = v
         .as_object()
@@ -349,28 +241,29 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
     };
     match ty {
         "loss" => {
-            reject_unknown(m, &["type", "percent", "correlation", "model"])?;
+            reject_unknown(m, "action", &["type", "percent", "correlation", "model"])?;
             let model = match m.get("model") {
                 None | Some(Value::Null) => None,
                 Some(v) => Some(parse_model(v)?),
             };
             let percent = match model {
-                Some(_) => opt_percent(m, "percent", 0.0)?,
-                None => req_percent(m, "percent")?,
+                Some(_) => opt_percent(m, "action", "percent", 0.0)?,
+                None => req_percent(m, "action", "percent")?,
             };
             Ok(Action::Loss {
                 percent,
-                correlation: opt_percent(m, "correlation", 0.0)?,
+                correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 model,
             })
         }
         "blackhole" => {
-            reject_unknown(m, &["type"])?;
+            reject_unknown(m, "action", &["type"])?;
             Ok(Action::Blackhole)
         }
         "delay" => {
             reject_unknown(
                 m,
+                "action",
                 &[
                     "type",
                     "latency",
@@ -380,9 +273,9 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                     "percent",
                 ],
             )?;
-            let latency =
-                opt_duration(m, "latency")?.ok_or_else(|| FieldError::missing("action.latency"))?;
-            let jitter = opt_duration(m, "jitter")?.unwrap_or_default();
+            let latency = opt_duration(m, "action", "latency")?
+                .ok_or_else(|| FieldError::missing("action.latency"))?;
+            let jitter = opt_duration(m, "action", "jitter")?.unwrap_or_default();
             let distribution = match m.get("distribution") {
                 None | Some(Value::Null) => Distribution::Uniform,
                 Some(d) => match d.as_str() {
@@ -417,13 +310,17 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
             Ok(Action::Delay {
                 latency,
                 jitter,
-                correlation: opt_percent(m, "correlation", 0.0)?,
+                correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 distribution,
-                percent: opt_percent(m, "percent", 100.0)?,
+                percent: opt_percent(m, "action", "percent", 100.0)?,
             })
         }
         "reorder" => {
-            reject_unknown(m, &["type", "percent", "correlation", "gap", "latency"])?;
+            reject_unknown(
+                m,
+                "action",
+                &["type", "percent", "correlation", "gap", "latency"],
+            )?;
             let gap = match m.get("gap") {
                 None | Some(Value::Null) => 0,
                 Some(g) => g.as_u64().filter(|g| *g <= 1_000_000).ok_or_else(|| {
@@ -431,16 +328,16 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                 })? as u32,
             };
             Ok(Action::Reorder {
-                percent: req_percent(m, "percent")?,
-                correlation: opt_percent(m, "correlation", 0.0)?,
+                percent: req_percent(m, "action", "percent")?,
+                correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 gap,
-                latency: opt_duration(m, "latency")?,
+                latency: opt_duration(m, "action", "latency")?,
             })
         }
         "corrupt" | "duplicate" => {
-            reject_unknown(m, &["type", "percent", "correlation"])?;
-            let percent = req_percent(m, "percent")?;
-            let correlation = opt_percent(m, "correlation", 0.0)?;
+            reject_unknown(m, "action", &["type", "percent", "correlation"])?;
+            let percent = req_percent(m, "action", "percent")?;
+            let correlation = opt_percent(m, "action", "correlation", 0.0)?;
             Ok(if ty == "corrupt" {
                 Action::Corrupt {
                     percent,
@@ -454,7 +351,7 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
             })
         }
         "rate" => {
-            reject_unknown(m, &["type", "rate", "burst"])?;
+            reject_unknown(m, "action", &["type", "rate", "burst"])?;
             let bits_per_sec = parse_rate(
                 m.get("rate")
                     .ok_or_else(|| FieldError::missing("action.rate"))?,
@@ -762,25 +659,6 @@ const FRAMING_HEADERS: &[&str] = &[
     "proxy-connection",
 ];
 
-fn opt_str<'a>(
-    m: &'a Map<String, Value>,
-    key: &str,
-    prefix: &str,
-) -> Result<Option<&'a str>, FieldError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
-        Some(Value::String(_)) => Err(FieldError::invalid(
-            &format!("{prefix}.{key}"),
-            "must not be empty",
-        )),
-        Some(_) => Err(FieldError::invalid(
-            &format!("{prefix}.{key}"),
-            "must be a string",
-        )),
-    }
-}
-
 /// A map of header names to values; names are lower-cased. `framing`
 /// rejects the headers the proxy owns.
 fn parse_headers(
@@ -823,25 +701,6 @@ fn parse_headers(
     Ok(out)
 }
 
-/// A status code in `range`.
-fn parse_status(v: &Value, field: &str, lo: u16) -> Result<u16, FieldError> {
-    v.as_u64()
-        .filter(|s| (u64::from(lo)..=599).contains(s))
-        .map(|s| s as u16)
-        .ok_or_else(|| {
-            FieldError::invalid(
-                field,
-                &if lo == 100 {
-                    "must be an HTTP status from 100 to 599".to_string()
-                } else {
-                    format!(
-                        "must be an HTTP status from {lo} to 599 (a 1xx is not a final response)"
-                    )
-                },
-            )
-        })
-}
-
 fn parse_method(s: &str, field: &str) -> Result<String, FieldError> {
     if !is_token(s) {
         return Err(FieldError::invalid(
@@ -864,7 +723,7 @@ fn parse_selector(v: &Value) -> Result<HttpSelector, FieldError> {
             ));
         }
     }
-    let path = match opt_str(m, "path", "action.http")? {
+    let path = match opt_str(m, "action.http", "path")? {
         None => None,
         Some(p) => {
             if !(p.starts_with('/') || p.starts_with('*')) {
@@ -890,7 +749,7 @@ fn parse_selector(v: &Value) -> Result<HttpSelector, FieldError> {
             Some(p.to_string())
         }
     };
-    let method = opt_str(m, "method", "action.http")?
+    let method = opt_str(m, "action.http", "method")?
         .map(|s| parse_method(s, "action.http.method"))
         .transpose()?;
     let headers = match m.get("headers") {
@@ -925,7 +784,7 @@ fn parse_phase(m: &Map<String, Value>) -> Result<Phase, FieldError> {
 
 fn proxy_delay(m: &Map<String, Value>, key: &str) -> Result<Duration, FieldError> {
     let field = format!("action.{key}");
-    let d = opt_duration(m, key)?.ok_or_else(|| FieldError::missing(&field))?;
+    let d = opt_duration(m, "action", key)?.ok_or_else(|| FieldError::missing(&field))?;
     if d.is_zero() {
         return Err(FieldError::invalid(&field, "must be greater than zero"));
     }
@@ -962,8 +821,8 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
         &["type", "percent"]
     };
     let all: Vec<&str> = common.iter().chain(known).copied().collect();
-    reject_unknown(m, &all)?;
-    let percent = opt_percent(m, "percent", 100.0)?;
+    reject_unknown(m, "action", &all)?;
+    let percent = opt_percent(m, "action", "percent", 100.0)?;
     if !ty.starts_with("http-") {
         let fault = match ty {
             "tcp-reset" => {
@@ -973,7 +832,7 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
                         FieldError::invalid("action.after_bytes", "must be a whole number of bytes")
                     })?),
                 };
-                let after = match (opt_duration(m, "after")?, bytes) {
+                let after = match (opt_duration(m, "action", "after")?, bytes) {
                     (Some(_), Some(_)) => {
                         return Err(FieldError::invalid(
                             "action.after_bytes",
@@ -1066,7 +925,7 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
                 Some(h) => parse_headers(h, "action.headers", true)?,
             };
             let body = body_string(m)?;
-            let path = match opt_str(m, "path", "action")? {
+            let path = match opt_str(m, "action", "path")? {
                 None => None,
                 Some(p) => {
                     if !p.starts_with('/') {
@@ -1081,7 +940,7 @@ fn parse_proxy_action(ty: &str, m: &Map<String, Value>) -> Result<ProxyAction, F
                     Some(p.to_string())
                 }
             };
-            let method = opt_str(m, "method", "action")?
+            let method = opt_str(m, "action", "method")?
                 .map(|s| parse_method(s, "action.method"))
                 .transpose()?;
             match phase {

@@ -5,6 +5,7 @@
 pub mod action;
 pub mod client;
 pub mod error;
+pub mod parse;
 pub mod spec;
 pub mod wire;
 

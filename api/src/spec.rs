@@ -5,13 +5,14 @@
 //! `match.ports`) the way the API contract promises. Nothing here touches the
 //! system; the agent compiles a validated [`FaultSpec`] into backend plans.
 
-use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
+pub use crate::parse::PortRange;
+use crate::parse::{join, obj, parse_duration, parse_percent, parse_ports, reject_unknown, string};
 
 /// Most port ranges a single fault may match: the eBPF rule has this many slots.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -54,23 +55,6 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Icmp => "icmp",
-        }
-    }
-}
-
-/// An inclusive port range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
         }
     }
 }
@@ -126,125 +110,6 @@ impl Default for Limits {
             target_required: true,
         }
     }
-}
-
-fn obj<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, FieldError> {
-    v.as_object()
-        .ok_or_else(|| FieldError::invalid(field, "must be an object"))
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-fn reject_unknown(m: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), FieldError> {
-    for k in m.keys() {
-        if !known.contains(&k.as_str()) {
-            return Err(FieldError::invalid(
-                &join(prefix, k),
-                &format!("unknown field; expected one of: {}", known.join(", ")),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn string<'a>(v: &'a Value, field: &str) -> Result<&'a str, FieldError> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| FieldError::invalid(field, "must be a string"))?;
-    if s.is_empty() {
-        return Err(FieldError::invalid(field, "must not be empty"));
-    }
-    Ok(s)
-}
-
-/// A percentage 0..=100, given as a number or as a string like `"5%"`.
-pub fn parse_percent(v: &Value, field: &str) -> Result<f64, FieldError> {
-    let p = match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().trim_end_matches('%').trim().parse::<f64>().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| FieldError::invalid(field, "must be a number from 0 to 100"))?;
-    if !p.is_finite() || !(0.0..=100.0).contains(&p) {
-        return Err(FieldError::invalid(
-            field,
-            &format!("must be from 0 to 100, got {p}"),
-        ));
-    }
-    Ok(p)
-}
-
-/// A humantime duration string such as `"150ms"` or `"5m"`.
-pub fn parse_duration(v: &Value, field: &str) -> Result<Duration, FieldError> {
-    let s = v.as_str().ok_or_else(|| {
-        FieldError::invalid(field, "must be a duration string such as \"30s\" or \"5m\"")
-    })?;
-    humantime::parse_duration(s.trim())
-        .map_err(|e| FieldError::invalid(field, &format!("invalid duration {s:?}: {e}")))
-}
-
-/// Ports as `"80,8000-8100"`, a single number, or an array of either.
-pub fn parse_ports(v: &Value, field: &str) -> Result<Vec<PortRange>, FieldError> {
-    let mut out = Vec::new();
-    let mut push_part = |part: &str| -> Result<(), FieldError> {
-        let part = part.trim();
-        let bad = || {
-            FieldError::invalid(
-                field,
-                &format!("invalid port or range {part:?}; expected 1-65535 or LO-HI"),
-            )
-        };
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => (part, part),
-        };
-        let lo: u16 = lo.parse().map_err(|_| bad())?;
-        let hi: u16 = hi.parse().map_err(|_| bad())?;
-        if lo == 0 || lo > hi {
-            return Err(bad());
-        }
-        out.push(PortRange { lo, hi });
-        Ok(())
-    };
-    match v {
-        Value::String(s) => {
-            for part in s.split(',') {
-                push_part(part)?;
-            }
-        }
-        Value::Number(n) => push_part(&n.to_string())?,
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::String(s) => push_part(s)?,
-                    Value::Number(n) => push_part(&n.to_string())?,
-                    _ => return Err(FieldError::invalid(field, "array items must be ports")),
-                }
-            }
-        }
-        _ => {
-            return Err(FieldError::invalid(
-                field,
-                "must be a string such as \"80,8000-8100\"",
-            ))
-        }
-    }
-    if out.is_empty() {
-        return Err(FieldError::invalid(field, "must name at least one port"));
-    }
-    if out.len() > MAX_PORT_RANGES {
-        return Err(FieldError::invalid(
-            field,
-            &format!("at most {MAX_PORT_RANGES} ports or ranges per fault"),
-        ));
-    }
-    Ok(out)
 }
 
 fn parse_target(v: &Value) -> Result<Target, FieldError> {
@@ -329,7 +194,7 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
     };
     let ports = match m.get("ports") {
         None | Some(Value::Null) => Vec::new(),
-        Some(p) => parse_ports(p, "match.ports")?,
+        Some(p) => parse_ports(p, "match.ports", MAX_PORT_RANGES)?,
     };
     if !ports.is_empty() && protocol == Some(Protocol::Icmp) {
         return Err(FieldError::invalid(
