@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use netfault_api::spec::{faults_from_annotations, Backend};
+use netfault_api::spec::{faults_from_annotations, BackendKind, DelayAction};
 use netfault_api::{
     Action, Counters, EnrolRequest, ErrorCode, Fault, FaultSpec, FieldError, Limits, PodRef,
     Sandbox, Target,
@@ -793,9 +793,9 @@ impl Registry {
             spec.target = Some(Target::Sandbox(sandbox.to_string()));
         }
         match spec.action.backend() {
-            Backend::DelayQueue => return self.install_userspace(inner, &sb, spec, false),
-            Backend::Proxy => return self.install_userspace(inner, &sb, spec, true),
-            _ => {}
+            BackendKind::Nfqueue => return self.install_userspace(inner, &sb, spec, false),
+            BackendKind::Proxy => return self.install_userspace(inner, &sb, spec, true),
+            BackendKind::Ebpf => {}
         }
         let used: HashSet<u32> = inner
             .state
@@ -880,7 +880,7 @@ impl Registry {
         spec: FaultSpec,
         proxy: bool,
     ) -> Result<Fault, AgentError> {
-        if let Action::Reorder { latency: None, .. } = spec.action {
+        if let Action::Delay(DelayAction::Reorder { latency: None, .. }) = spec.action {
             let now = netfault_ebpf::boottime_ns();
             let has_delay = inner.state.faults.values().any(|f| {
                 f.sandbox == sb.id

@@ -6,8 +6,10 @@
 //! the one that owns it, so the agent can say when it is unavailable.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
@@ -48,19 +50,79 @@ pub struct GilbertElliott {
     pub one_minus_k: f64,
 }
 
-/// Which part of netfault serves an action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// The tc eBPF datapath.
+/// Which part of netfault serves an action: the one name of each backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// The tc eBPF datapath ([`PacketAction`]s).
     Ebpf,
-    /// nft diversion to NFQUEUE and the agent's delay engine.
-    DelayQueue,
-    /// nft TPROXY diversion to the agent's transparent L4/L7 proxy.
+    /// nft diversion to NFQUEUE and the agent's delay engine ([`DelayAction`]s).
+    Nfqueue,
+    /// nft TPROXY diversion to the agent's transparent L4/L7 proxy
+    /// ([`ProxyAction`]s).
     Proxy,
 }
 
+impl BackendKind {
+    /// Every backend.
+    pub const ALL: [BackendKind; 3] = [BackendKind::Ebpf, BackendKind::Nfqueue, BackendKind::Proxy];
+
+    /// The name the API reports (`"ebpf-tc"`, `"nfqueue"`, `"proxy"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Ebpf => "ebpf-tc",
+            BackendKind::Nfqueue => "nfqueue",
+            BackendKind::Proxy => "proxy",
+        }
+    }
+
+    /// The backend an API name stands for; also takes the older spellings
+    /// `ebpf`, `delay` and `delayqueue`.
+    pub fn from_api_name(name: &str) -> Option<Self> {
+        match name {
+            "ebpf-tc" | "ebpf" => Some(BackendKind::Ebpf),
+            "nfqueue" | "delay" | "delayqueue" => Some(BackendKind::Nfqueue),
+            "proxy" => Some(BackendKind::Proxy),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for BackendKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        BackendKind::from_api_name(&name)
+            .ok_or_else(|| de::Error::custom(format!("unknown backend {name:?}")))
+    }
+}
+
+/// What a fault does to the packets or connections it matches, grouped by
+/// the backend that serves it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// Served by the tc eBPF datapath ([`BackendKind::Ebpf`]).
+    Packet(PacketAction),
+    /// Served by the NFQUEUE delay engine ([`BackendKind::Nfqueue`]).
+    Delay(DelayAction),
+    /// An HTTP or TCP fault served by the transparent proxy
+    /// ([`BackendKind::Proxy`]) on the connections to `match.ports`.
+    Proxy(ProxyAction),
+}
+
+/// The actions served by the tc eBPF datapath.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PacketAction {
     /// Drop `percent` of matching packets. `correlation` (0–100) has netem's
     /// meaning; `model` replaces both with a Gilbert-Elliott chain.
     Loss {
@@ -70,6 +132,20 @@ pub enum Action {
     },
     /// Drop every matching packet.
     Blackhole,
+    /// Flip one random bit in `percent` of packets.
+    Corrupt { percent: f64, correlation: f64 },
+    /// Send `percent` of packets twice.
+    Duplicate { percent: f64, correlation: f64 },
+    /// Limit matching traffic to `bits_per_sec`, with a `burst_bytes` bucket.
+    Rate {
+        bits_per_sec: u64,
+        burst_bytes: Option<u64>,
+    },
+}
+
+/// The actions served by the NFQUEUE delay engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DelayAction {
     /// Hold matching packets for `latency` ± `jitter` drawn from
     /// `distribution`, with netem's `correlation`; `percent` of packets.
     Delay {
@@ -87,18 +163,6 @@ pub enum Action {
         gap: u32,
         latency: Option<Duration>,
     },
-    /// Flip one random bit in `percent` of packets.
-    Corrupt { percent: f64, correlation: f64 },
-    /// Send `percent` of packets twice.
-    Duplicate { percent: f64, correlation: f64 },
-    /// Limit matching traffic to `bits_per_sec`, with a `burst_bytes` bucket.
-    Rate {
-        bits_per_sec: u64,
-        burst_bytes: Option<u64>,
-    },
-    /// An HTTP or TCP fault served by the transparent proxy
-    /// ([`Backend::Proxy`]) on the connections to `match.ports`.
-    Proxy(ProxyAction),
 }
 
 const SUPPORTED: &str = "loss, blackhole, delay, reorder, corrupt, duplicate, rate, \
@@ -107,29 +171,63 @@ const SUPPORTED: &str = "loss, blackhole, delay, reorder, corrupt, duplicate, ra
 impl Action {
     pub fn type_name(&self) -> &'static str {
         match self {
-            Action::Loss { .. } => "loss",
-            Action::Blackhole => "blackhole",
-            Action::Delay { .. } => "delay",
-            Action::Reorder { .. } => "reorder",
-            Action::Corrupt { .. } => "corrupt",
-            Action::Duplicate { .. } => "duplicate",
-            Action::Rate { .. } => "rate",
-            Action::Proxy(p) => p.type_name(),
+            Action::Packet(a) => a.type_name(),
+            Action::Delay(a) => a.type_name(),
+            Action::Proxy(a) => a.type_name(),
         }
     }
 
-    pub fn backend(&self) -> Backend {
+    pub fn backend(&self) -> BackendKind {
         match self {
-            Action::Delay { .. } | Action::Reorder { .. } => Backend::DelayQueue,
-            Action::Proxy(_) => Backend::Proxy,
-            _ => Backend::Ebpf,
+            Action::Packet(_) => BackendKind::Ebpf,
+            Action::Delay(_) => BackendKind::Nfqueue,
+            Action::Proxy(_) => BackendKind::Proxy,
         }
     }
 
     /// The canonical JSON form.
     pub fn to_json(&self) -> Value {
         match self {
-            Action::Loss {
+            Action::Packet(a) => a.to_json(),
+            Action::Delay(a) => a.to_json(),
+            Action::Proxy(a) => a.to_json(),
+        }
+    }
+}
+
+impl From<PacketAction> for Action {
+    fn from(a: PacketAction) -> Self {
+        Action::Packet(a)
+    }
+}
+
+impl From<DelayAction> for Action {
+    fn from(a: DelayAction) -> Self {
+        Action::Delay(a)
+    }
+}
+
+impl From<ProxyAction> for Action {
+    fn from(a: ProxyAction) -> Self {
+        Action::Proxy(a)
+    }
+}
+
+impl PacketAction {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PacketAction::Loss { .. } => "loss",
+            PacketAction::Blackhole => "blackhole",
+            PacketAction::Corrupt { .. } => "corrupt",
+            PacketAction::Duplicate { .. } => "duplicate",
+            PacketAction::Rate { .. } => "rate",
+        }
+    }
+
+    /// The canonical JSON form.
+    pub fn to_json(&self) -> Value {
+        match self {
+            PacketAction::Loss {
                 percent,
                 correlation,
                 model,
@@ -141,8 +239,41 @@ impl Action {
                 }
                 v
             }
-            Action::Blackhole => json!({"type": "blackhole"}),
-            Action::Delay {
+            PacketAction::Blackhole => json!({"type": "blackhole"}),
+            PacketAction::Corrupt {
+                percent,
+                correlation,
+            }
+            | PacketAction::Duplicate {
+                percent,
+                correlation,
+            } => json!({"type": self.type_name(), "percent": percent, "correlation": correlation}),
+            PacketAction::Rate {
+                bits_per_sec,
+                burst_bytes,
+            } => {
+                let mut v = json!({"type": "rate", "rate": format!("{bits_per_sec}bit")});
+                if let Some(b) = burst_bytes {
+                    v["burst"] = json!(b);
+                }
+                v
+            }
+        }
+    }
+}
+
+impl DelayAction {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DelayAction::Delay { .. } => "delay",
+            DelayAction::Reorder { .. } => "reorder",
+        }
+    }
+
+    /// The canonical JSON form.
+    pub fn to_json(&self) -> Value {
+        match self {
+            DelayAction::Delay {
                 latency,
                 jitter,
                 correlation,
@@ -151,7 +282,7 @@ impl Action {
             } => json!({"type": "delay", "latency": fmt_duration(*latency),
                 "jitter": fmt_duration(*jitter), "correlation": correlation,
                 "distribution": distribution.as_str(), "percent": percent}),
-            Action::Reorder {
+            DelayAction::Reorder {
                 percent,
                 correlation,
                 gap,
@@ -164,25 +295,6 @@ impl Action {
                 }
                 v
             }
-            Action::Corrupt {
-                percent,
-                correlation,
-            } => json!({"type": "corrupt", "percent": percent, "correlation": correlation}),
-            Action::Duplicate {
-                percent,
-                correlation,
-            } => json!({"type": "duplicate", "percent": percent, "correlation": correlation}),
-            Action::Rate {
-                bits_per_sec,
-                burst_bytes,
-            } => {
-                let mut v = json!({"type": "rate", "rate": format!("{bits_per_sec}bit")});
-                if let Some(b) = burst_bytes {
-                    v["burst"] = json!(b);
-                }
-                v
-            }
-            Action::Proxy(p) => p.to_json(),
         }
     }
 }
@@ -250,15 +362,15 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                 Some(_) => opt_percent(m, "action", "percent", 0.0)?,
                 None => req_percent(m, "action", "percent")?,
             };
-            Ok(Action::Loss {
+            Ok(Action::Packet(PacketAction::Loss {
                 percent,
                 correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 model,
-            })
+            }))
         }
         "blackhole" => {
             reject_unknown(m, "action", &["type"])?;
-            Ok(Action::Blackhole)
+            Ok(Action::Packet(PacketAction::Blackhole))
         }
         "delay" => {
             reject_unknown(
@@ -307,13 +419,13 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                     "a delay needs a latency or a jitter above zero",
                 ));
             }
-            Ok(Action::Delay {
+            Ok(Action::Delay(DelayAction::Delay {
                 latency,
                 jitter,
                 correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 distribution,
                 percent: opt_percent(m, "action", "percent", 100.0)?,
-            })
+            }))
         }
         "reorder" => {
             reject_unknown(
@@ -327,28 +439,28 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                     FieldError::invalid("action.gap", "must be a whole number from 0 to 1000000")
                 })? as u32,
             };
-            Ok(Action::Reorder {
+            Ok(Action::Delay(DelayAction::Reorder {
                 percent: req_percent(m, "action", "percent")?,
                 correlation: opt_percent(m, "action", "correlation", 0.0)?,
                 gap,
                 latency: opt_duration(m, "action", "latency")?,
-            })
+            }))
         }
         "corrupt" | "duplicate" => {
             reject_unknown(m, "action", &["type", "percent", "correlation"])?;
             let percent = req_percent(m, "action", "percent")?;
             let correlation = opt_percent(m, "action", "correlation", 0.0)?;
-            Ok(if ty == "corrupt" {
-                Action::Corrupt {
+            Ok(Action::Packet(if ty == "corrupt" {
+                PacketAction::Corrupt {
                     percent,
                     correlation,
                 }
             } else {
-                Action::Duplicate {
+                PacketAction::Duplicate {
                     percent,
                     correlation,
                 }
-            })
+            }))
         }
         "rate" => {
             reject_unknown(m, "action", &["type", "rate", "burst"])?;
@@ -361,10 +473,10 @@ pub fn parse_action(v: &Value) -> Result<Action, FieldError> {
                 None | Some(Value::Null) => None,
                 Some(b) => Some(parse_size(b, "action.burst")?),
             };
-            Ok(Action::Rate {
+            Ok(Action::Packet(PacketAction::Rate {
                 bits_per_sec,
                 burst_bytes,
-            })
+            }))
         }
         "http-abort" | "http-delay" | "http-replace" | "http-patch" | "tcp-reset"
         | "tcp-slow-close" | "tcp-bandwidth" => parse_proxy_action(ty, m).map(Action::Proxy),
@@ -1105,23 +1217,75 @@ mod tests {
     }
 
     #[test]
+    fn backends_have_one_name_each() {
+        for b in BackendKind::ALL {
+            assert_eq!(BackendKind::from_api_name(b.as_str()), Some(b));
+            assert_eq!(b.to_string(), b.as_str());
+            let v = serde_json::to_value(b).expect("serializes");
+            assert_eq!(v, json!(b.as_str()));
+            assert_eq!(serde_json::from_value::<BackendKind>(v).ok(), Some(b));
+        }
+        assert_eq!(
+            BackendKind::ALL.map(BackendKind::as_str),
+            ["ebpf-tc", "nfqueue", "proxy"]
+        );
+        for (legacy, b) in [
+            ("ebpf", BackendKind::Ebpf),
+            ("delay", BackendKind::Nfqueue),
+            ("delayqueue", BackendKind::Nfqueue),
+        ] {
+            assert_eq!(BackendKind::from_api_name(legacy), Some(b));
+            assert_eq!(
+                serde_json::from_value::<BackendKind>(json!(legacy)).ok(),
+                Some(b)
+            );
+        }
+        assert_eq!(BackendKind::from_api_name("tc"), None);
+        assert!(serde_json::from_value::<BackendKind>(json!("tc")).is_err());
+    }
+
+    #[test]
+    fn actions_name_their_backend() {
+        for (v, b) in [
+            (json!({"type": "loss", "percent": 1}), BackendKind::Ebpf),
+            (json!({"type": "blackhole"}), BackendKind::Ebpf),
+            (json!({"type": "rate", "rate": "1mbit"}), BackendKind::Ebpf),
+            (
+                json!({"type": "delay", "latency": "1ms"}),
+                BackendKind::Nfqueue,
+            ),
+            (
+                json!({"type": "reorder", "percent": 5}),
+                BackendKind::Nfqueue,
+            ),
+            (
+                json!({"type": "tcp-reset", "after": "1s"}),
+                BackendKind::Proxy,
+            ),
+        ] {
+            let a = parse_action(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(a.backend(), b, "{v}");
+        }
+    }
+
+    #[test]
     fn units_and_defaults() {
         assert_eq!(parse_rate(&json!("20mbit"), "r"), Ok(20_000_000));
         assert_eq!(parse_rate(&json!("1.5gbit"), "r"), Ok(1_500_000_000));
         assert_eq!(parse_rate(&json!("10mbps"), "r"), Ok(80_000_000));
         assert_eq!(parse_size(&json!("32kb"), "b"), Ok(32768));
         assert_eq!(parse_size(&json!(3000), "b"), Ok(3000));
-        let Ok(Action::Loss { model: Some(m), .. }) =
+        let Ok(Action::Packet(PacketAction::Loss { model: Some(m), .. })) =
             parse_action(&json!({"type": "loss", "model": {"p": 5}}))
         else {
             panic!("gemodel with defaults");
         };
         assert_eq!((m.r, m.one_minus_h, m.one_minus_k), (95.0, 100.0, 0.0));
-        let Ok(Action::Delay {
+        let Ok(Action::Delay(DelayAction::Delay {
             distribution,
             percent,
             ..
-        }) = parse_action(&json!({"type": "delay", "latency": "1ms"}))
+        })) = parse_action(&json!({"type": "delay", "latency": "1ms"}))
         else {
             panic!("delay defaults");
         };
@@ -1200,7 +1364,7 @@ mod tests {
             json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
         ] {
             let a = parse_action(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
-            assert_eq!(a.backend(), Backend::Proxy, "{v}");
+            assert_eq!(a.backend(), BackendKind::Proxy, "{v}");
             assert_eq!(a.type_name(), v["type"].as_str().unwrap_or_default());
             let again = parse_action(&a.to_json()).expect("canonical form parses");
             assert_eq!(again, a, "{v}");

@@ -11,5 +11,8 @@ pub mod wire;
 
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, ErrorCode, FieldError};
-pub use spec::{Action, Direction, FaultSpec, Limits, Match, PortRange, Protocol, Target};
+pub use spec::{
+    Action, BackendKind, DelayAction, Direction, FaultSpec, Limits, Match, PacketAction, PortRange,
+    Protocol, ProxyAction, Target,
+};
 pub use wire::{Counters, EnrolRequest, Fault, PodRef, Sandbox};

@@ -77,7 +77,10 @@ impl Match {
     }
 }
 
-pub use crate::action::{parse_action, Action, Backend, Distribution, GilbertElliott};
+pub use crate::action::{
+    parse_action, Action, BackendKind, DelayAction, Distribution, GilbertElliott, PacketAction,
+    ProxyAction,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -267,7 +270,7 @@ impl FaultSpec {
             m.get("action")
                 .ok_or_else(|| FieldError::missing("action"))?,
         )?;
-        if action.backend() == Backend::Proxy {
+        if action.backend() == BackendKind::Proxy {
             check_proxy_match(&r#match)?;
         }
         let duration = parse_duration(
@@ -392,11 +395,11 @@ pub fn faults_from_annotations<'a>(
             target: None,
             direction: Direction::Both,
             r#match: Match::default(),
-            action: Action::Loss {
+            action: Action::Packet(PacketAction::Loss {
                 percent,
                 correlation: 0.0,
                 model: None,
-            },
+            }),
             duration,
         });
     }
@@ -528,7 +531,7 @@ mod tests {
                 "action": {"type": "http-abort", "status": 503}, "duration": "1s"})
         };
         let s = parse(with(json!({"ports": "80,8080", "protocol": "tcp"}))).expect("valid");
-        assert_eq!(s.action.backend(), Backend::Proxy);
+        assert_eq!(s.action.backend(), BackendKind::Proxy);
         assert_eq!(parse(s.to_json()).expect("canonical form parses"), s);
         parse(with(
             json!({"ports": 80, "protocol": "any", "cidr": "fd00::/64"}),
@@ -567,11 +570,11 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(
             f[0].action,
-            Action::Loss {
+            Action::Packet(PacketAction::Loss {
                 percent: 5.0,
                 correlation: 0.0,
                 model: None,
-            }
+            })
         );
     }
 }

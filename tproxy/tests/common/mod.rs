@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use netfault_api::spec::{FaultSpec, Limits};
+use netfault_api::Action;
 use netfault_tproxy::{DirectConnector, Proxy, ProxyRule, RuleCounters, Side};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,7 +408,10 @@ impl Harness {
                 id: format!("rule-{}", spec.action.type_name()),
                 direction: spec.direction,
                 selector: spec.r#match,
-                action: spec.action,
+                action: match spec.action {
+                    Action::Proxy(a) => a,
+                    other => panic!("not a proxy action: {other:?}"),
+                },
                 deadline: Instant::now() + Duration::from_secs(3600),
                 counters: counters.clone(),
             },

@@ -6,6 +6,7 @@
 use std::io::Read;
 use std::path::Path;
 
+use netfault_api::BackendKind;
 use serde_json::{json, Value};
 
 /// `y`, `m`, or absent, per `CONFIG_` option.
@@ -98,7 +99,7 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
         socket.err()
     };
     let mut delay = json!({
-        "backend": "nfqueue",
+        "backend": BackendKind::Nfqueue.as_str(),
         "available": delay_reason.is_none(),
         "diversion": "nft table inet netfault, xt NFQUEUE target with bypass",
         "nft_queue_statement": nft_queue,
@@ -136,7 +137,7 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
         None
     };
     let mut proxy = json!({
-        "backend": "proxy",
+        "backend": BackendKind::Proxy.as_str(),
         "available": proxy_reason.is_none(),
         "diversion": "nft table inet netfault_proxy: tproxy to IP_TRANSPARENT listeners in the pod netns, fwmark policy routing to lo",
         "lease_seconds": crate::backend::proxy::LEASE.as_secs(),

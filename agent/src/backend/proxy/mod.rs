@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netfault_api::{Counters, FaultSpec};
+use netfault_api::{Action, Counters, FaultSpec};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
 use crate::sys::netns::{self, NetnsError};
@@ -357,13 +357,23 @@ impl ProxyEngine {
         let now = Instant::now();
         let rules: Vec<ProxyRule> = faults
             .iter()
-            .map(|f| ProxyRule {
-                id: f.id.clone(),
-                direction: f.spec.direction,
-                selector: f.spec.r#match.clone(),
-                action: f.spec.action.clone(),
-                deadline: now + f.remaining,
-                counters: self.counters.entry(f.id.clone()).or_default().clone(),
+            .filter_map(|f| {
+                let Action::Proxy(action) = &f.spec.action else {
+                    tracing::warn!(
+                        rule = %f.id,
+                        action = f.spec.action.type_name(),
+                        "not a proxy action; ignoring the rule"
+                    );
+                    return None;
+                };
+                Some(ProxyRule {
+                    id: f.id.clone(),
+                    direction: f.spec.direction,
+                    selector: f.spec.r#match.clone(),
+                    action: action.clone(),
+                    deadline: now + f.remaining,
+                    counters: self.counters.entry(f.id.clone()).or_default().clone(),
+                })
             })
             .collect();
         let divs = self.diversions(faults);
