@@ -12,7 +12,9 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
 pub use crate::parse::PortRange;
-use crate::parse::{join, obj, parse_duration, parse_percent, parse_ports, reject_unknown, string};
+use crate::parse::{
+    join, obj, opt, parse_duration, parse_percent, parse_ports, reject_unknown, req, string,
+};
 
 /// Most port ranges a single fault may match: the eBPF rule has this many slots.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -230,6 +232,36 @@ fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
     Ok(())
 }
 
+fn parse_direction(v: &Value, field: &str) -> Result<Direction, FieldError> {
+    match string(v, field)? {
+        "egress" => Ok(Direction::Egress),
+        "ingress" => Ok(Direction::Ingress),
+        "both" => Ok(Direction::Both),
+        other => Err(FieldError::invalid(
+            field,
+            &format!("unknown direction {other:?}; expected egress, ingress or both"),
+        )),
+    }
+}
+
+/// A fault's `duration`: above zero and within the agent's maximum.
+fn check_duration(duration: Duration, limits: &Limits) -> Result<(), FieldError> {
+    if duration.is_zero() {
+        return Err(FieldError::invalid("duration", "must be greater than zero"));
+    }
+    if duration > limits.max_duration {
+        return Err(FieldError::invalid(
+            "duration",
+            &format!(
+                "{} exceeds this agent's maximum of {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(limits.max_duration)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl FaultSpec {
     /// Parses and validates one fault. Errors name the offending field.
     pub fn parse(v: &Value, limits: &Limits) -> Result<FaultSpec, FieldError> {
@@ -241,56 +273,18 @@ impl FaultSpec {
         };
         reject_unknown(m, "", known)?;
         let target = if limits.target_required {
-            Some(parse_target(
-                m.get("target")
-                    .ok_or_else(|| FieldError::missing("target"))?,
-            )?)
+            Some(req(m, "", "target", |t, _| parse_target(t))?)
         } else {
             None
         };
-        let direction = match m.get("direction") {
-            None | Some(Value::Null) => Direction::Both,
-            Some(d) => match string(d, "direction")? {
-                "egress" => Direction::Egress,
-                "ingress" => Direction::Ingress,
-                "both" => Direction::Both,
-                other => {
-                    return Err(FieldError::invalid(
-                        "direction",
-                        &format!("unknown direction {other:?}; expected egress, ingress or both"),
-                    ))
-                }
-            },
-        };
-        let r#match = match m.get("match") {
-            None | Some(Value::Null) => Match::default(),
-            Some(mv) => parse_match(mv)?,
-        };
-        let action = parse_action(
-            m.get("action")
-                .ok_or_else(|| FieldError::missing("action"))?,
-        )?;
+        let direction = opt(m, "", "direction", parse_direction)?.unwrap_or(Direction::Both);
+        let r#match = opt(m, "", "match", |mv, _| parse_match(mv))?.unwrap_or_default();
+        let action = req(m, "", "action", |a, _| parse_action(a))?;
         if action.backend() == BackendKind::Proxy {
             check_proxy_match(&r#match)?;
         }
-        let duration = parse_duration(
-            m.get("duration")
-                .ok_or_else(|| FieldError::missing("duration"))?,
-            "duration",
-        )?;
-        if duration.is_zero() {
-            return Err(FieldError::invalid("duration", "must be greater than zero"));
-        }
-        if duration > limits.max_duration {
-            return Err(FieldError::invalid(
-                "duration",
-                &format!(
-                    "{} exceeds this agent's maximum of {}",
-                    humantime::format_duration(duration),
-                    humantime::format_duration(limits.max_duration)
-                ),
-            ));
-        }
+        let duration = req(m, "", "duration", parse_duration)?;
+        check_duration(duration, limits)?;
         Ok(FaultSpec {
             target,
             direction,

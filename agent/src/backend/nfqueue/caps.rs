@@ -124,7 +124,8 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
     });
     let mut actions: Vec<&str> = ebpf_actions.to_vec();
     if delay_reason.is_none() {
-        actions.extend(["delay", "reorder"]);
+        // The names are 'static; the list holds the caller's shorter-lived ones.
+        actions.extend(BackendKind::Nfqueue.action_types().map(|t| -> &str { t }));
     }
     // Without a readable kernel config, assume it is there (the install
     // then says what is missing).
@@ -146,15 +147,7 @@ pub fn capabilities(ebpf_actions: &[&str]) -> Value {
     if let Some(r) = proxy_reason {
         proxy["reason"] = json!(r);
     } else {
-        actions.extend([
-            "http-abort",
-            "http-delay",
-            "http-replace",
-            "http-patch",
-            "tcp-reset",
-            "tcp-slow-close",
-            "tcp-bandwidth",
-        ]);
+        actions.extend(BackendKind::Proxy.action_types().map(|t| -> &str { t }));
     }
     json!({
         "delay": delay,
