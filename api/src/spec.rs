@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
@@ -113,6 +114,17 @@ impl Default for Limits {
         Limits {
             max_duration: Duration::from_secs(24 * 3600),
             target_required: true,
+        }
+    }
+}
+
+impl Limits {
+    /// For reading back a spec this crate wrote (the agent's state, the
+    /// delay holder's control line): any duration, no target.
+    pub fn stored() -> Self {
+        Limits {
+            max_duration: Duration::MAX,
+            target_required: false,
         }
     }
 }
@@ -328,6 +340,27 @@ impl FaultSpec {
             json!(humantime::format_duration(self.duration).to_string()),
         );
         Value::Object(out)
+    }
+}
+
+/// A spec is stored as its canonical JSON ([`FaultSpec::to_json`]).
+impl Serialize for FaultSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+/// A stored spec is read back with [`FaultSpec::parse`] under
+/// [`Limits::stored`], taking a `target` when it has one. The error is the
+/// [`FieldError`]'s `field: message`.
+impl<'de> Deserialize<'de> for FaultSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        let limits = Limits {
+            target_required: v.get("target").is_some(),
+            ..Limits::stored()
+        };
+        FaultSpec::parse(&v, &limits).map_err(de::Error::custom)
     }
 }
 
@@ -550,6 +583,101 @@ mod tests {
                 "action": {"type": "http-abort"}, "duration": "1s"})),
             "action.status"
         );
+    }
+
+    /// A fault of every action type, with a target and without.
+    fn samples() -> Vec<Value> {
+        let actions = [
+            json!({"type": "loss", "percent": 5, "correlation": 25}),
+            json!({"type": "loss", "model": {"p": 1, "r": 20, "1-h": 90, "1-k": 0.5}}),
+            json!({"type": "blackhole"}),
+            json!({"type": "corrupt", "percent": 40}),
+            json!({"type": "duplicate", "percent": 50, "correlation": 10}),
+            json!({"type": "rate", "rate": "20mbit", "burst": "32kb"}),
+            json!({"type": "delay", "latency": "20ms", "jitter": "5ms", "distribution": "pareto"}),
+            json!({"type": "reorder", "percent": 25, "gap": 5, "latency": "10ms"}),
+            json!({"type": "http-abort", "status": 503, "http": {"path": "/a/*", "method": "get"}}),
+            json!({"type": "http-abort", "reset": true}),
+            json!({"type": "http-delay", "delay": "1s", "phase": "response", "http": {"code": 500}}),
+            json!({"type": "http-replace", "path": "/other?x=1", "method": "put"}),
+            json!({"type": "http-patch", "headers": {"x-a": "1"}, "body_merge": {"a": null}}),
+            json!({"type": "tcp-reset", "after": "300ms"}),
+            json!({"type": "tcp-reset", "after_bytes": 4096, "percent": 25}),
+            json!({"type": "tcp-slow-close", "delay": "2s"}),
+            json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
+        ];
+        let mut out = Vec::new();
+        for a in actions {
+            let spec = json!({"direction": "egress",
+                "match": {"cidr": "10.1.0.0/16", "protocol": "tcp", "ports": "80,8000-8100"},
+                "action": a, "duration": "1h 30m"});
+            let mut targeted = spec.clone();
+            targeted["target"] = json!({"pod": {"namespace": "ns", "name": "web"}});
+            out.extend([spec, targeted]);
+        }
+        out
+    }
+
+    /// A record that keeps its spec typed.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Stored {
+        id: String,
+        spec: FaultSpec,
+    }
+
+    #[test]
+    fn every_action_type_round_trips_through_serde() {
+        let mut types = std::collections::BTreeSet::new();
+        for v in samples() {
+            let limits = Limits {
+                target_required: v.get("target").is_some(),
+                ..Limits::default()
+            };
+            let spec = FaultSpec::parse(&v, &limits).unwrap_or_else(|e| panic!("{v}: {e}"));
+            types.insert(spec.action.type_name());
+            assert_eq!(serde_json::to_value(&spec).ok(), Some(spec.to_json()));
+            let stored = Stored {
+                id: "f-1".into(),
+                spec,
+            };
+            let text = serde_json::to_string(&stored).expect("serializes");
+            let back: Stored =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((back.id, back.spec), (stored.id, stored.spec), "{text}");
+        }
+        let all: std::collections::BTreeSet<&str> = BackendKind::ALL
+            .into_iter()
+            .flat_map(BackendKind::action_types)
+            .collect();
+        assert_eq!(types, all, "a sample of every action type");
+    }
+
+    #[test]
+    fn stored_specs_take_any_duration() {
+        let v = json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "400d"});
+        assert_eq!(field_of(v.clone()), "duration");
+        let spec: FaultSpec = serde_json::from_value(v).expect("no maximum when stored");
+        assert_eq!(spec.duration, Duration::from_secs(400 * 86400));
+        assert_eq!(spec.target, Some(Target::Sandbox("x".into())));
+    }
+
+    #[test]
+    fn a_bad_stored_spec_names_the_field() {
+        let bad = json!({"action": {"type": "loss", "percent": 200}, "duration": "1m"});
+        let e = serde_json::from_value::<FaultSpec>(bad).expect_err("bad percent");
+        assert_eq!(
+            e.to_string(),
+            "action.percent: must be from 0 to 100, got 200"
+        );
+        let text = r#"{"id": "f-1", "spec": {"target": {"sandbox": ""}, "action": {"type": "blackhole"}, "duration": "1m"}}"#;
+        let e = serde_json::from_str::<Stored>(text).expect_err("empty sandbox");
+        assert!(
+            e.to_string()
+                .starts_with("target.sandbox: must not be empty"),
+            "{e}"
+        );
+        let e = serde_json::from_value::<FaultSpec>(json!([1])).expect_err("not an object");
+        assert_eq!(e.to_string(), ": a fault must be a JSON object");
     }
 
     #[test]

@@ -337,10 +337,7 @@ impl Drop for Engine {
 /// Parses one control line into plans (the holder's side).
 fn plans_from_line(line: &str, now: Instant) -> Result<Vec<Plan>, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let limits = Limits {
-        max_duration: Duration::MAX,
-        target_required: false,
-    };
+    let limits = Limits::stored();
     let mut plans = Vec::new();
     for f in v["faults"].as_array().ok_or("no faults list")? {
         let spec = FaultSpec::parse(&f["spec"], &limits).map_err(|e| e.to_string())?;
