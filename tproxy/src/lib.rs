@@ -151,6 +151,7 @@ pub struct ProxyRule {
     /// `ports` are the original destination ports; `cidr` the remote end
     /// (the client on [`Side::Inbound`], the server on [`Side::Outbound`]).
     pub selector: Match,
+    /// What the proxy does to the connections or requests that match.
     pub action: ProxyAction,
     /// The rule is ignored from this instant on.
     pub deadline: Instant,

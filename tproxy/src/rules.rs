@@ -203,6 +203,14 @@ impl CompiledRule {
         Some(CompiledRule { rule, kind })
     }
 
+    /// The HTTP part of an HTTP rule.
+    pub(crate) fn http(&self) -> Option<&HttpRule> {
+        match &self.kind {
+            RuleKind::Http(h) => Some(h),
+            RuleKind::Tcp { .. } => None,
+        }
+    }
+
     /// Whether the rule applies to a connection: live, on this side, to this
     /// port, from or to this network.
     pub(crate) fn applies_to(
