@@ -69,7 +69,7 @@ fn error(e: AgentError) -> Resp {
     let fe = match e {
         AgentError::Field(fe) => fe,
         AgentError::Internal(m) => FieldError {
-            code: "internal".into(),
+            code: netfault_api::ErrorCode::Internal,
             field: String::new(),
             message: m,
         },

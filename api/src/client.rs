@@ -26,6 +26,11 @@ pub enum ClientError {
     #[error("netfaultd answered {status}: {message}")]
     Api {
         status: u16,
+        /// The error's code as the agent spelled it (an [`ErrorCode`]'s
+        /// wire name, or `unknown`); kept as text so that a code from a
+        /// newer agent still reaches the caller.
+        ///
+        /// [`ErrorCode`]: crate::ErrorCode
         code: String,
         field: Option<String>,
         message: String,

@@ -5,11 +5,14 @@
 pub mod action;
 pub mod client;
 pub mod error;
+pub mod parse;
 pub mod spec;
 pub mod wire;
 
-pub use action::BackendKind;
 pub use client::{Client, ClientError};
-pub use error::{ErrorBody, FieldError};
-pub use spec::{Action, Direction, FaultSpec, Limits, Match, PortRange, Protocol, Target};
+pub use error::{ErrorBody, ErrorCode, FieldError};
+pub use spec::{
+    Action, BackendKind, DelayAction, Direction, FaultSpec, Limits, Match, PacketAction, PortRange,
+    Protocol, ProxyAction, Target,
+};
 pub use wire::{Counters, EnrolRequest, Fault, PodRef, Sandbox};

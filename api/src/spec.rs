@@ -5,13 +5,17 @@
 //! `match.ports`) the way the API contract promises. Nothing here touches the
 //! system; the agent compiles a validated [`FaultSpec`] into backend plans.
 
-use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
-use crate::error::FieldError;
+use crate::error::{ErrorCode, FieldError};
+pub use crate::parse::PortRange;
+use crate::parse::{
+    join, obj, opt, parse_duration, parse_percent, parse_ports, reject_unknown, req, string,
+};
 
 /// Most port ranges a single fault may match: the eBPF rule has this many slots.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -58,23 +62,6 @@ impl Protocol {
     }
 }
 
-/// An inclusive port range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
-        }
-    }
-}
-
 /// Which packets a fault applies to. Absent fields match everything.
 ///
 /// `cidr` is the peer's address (destination on egress, source on ingress);
@@ -93,7 +80,10 @@ impl Match {
     }
 }
 
-pub use crate::action::{parse_action, Action, BackendKind, Distribution, GilbertElliott};
+pub use crate::action::{
+    parse_action, Action, BackendKind, DelayAction, Distribution, GilbertElliott, PacketAction,
+    ProxyAction,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -128,123 +118,15 @@ impl Default for Limits {
     }
 }
 
-fn obj<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, FieldError> {
-    v.as_object()
-        .ok_or_else(|| FieldError::invalid(field, "must be an object"))
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-fn reject_unknown(m: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), FieldError> {
-    for k in m.keys() {
-        if !known.contains(&k.as_str()) {
-            return Err(FieldError::invalid(
-                &join(prefix, k),
-                &format!("unknown field; expected one of: {}", known.join(", ")),
-            ));
+impl Limits {
+    /// For reading back a spec this crate wrote (the agent's state, the
+    /// delay holder's control line): any duration, no target.
+    pub fn stored() -> Self {
+        Limits {
+            max_duration: Duration::MAX,
+            target_required: false,
         }
     }
-    Ok(())
-}
-
-fn string<'a>(v: &'a Value, field: &str) -> Result<&'a str, FieldError> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| FieldError::invalid(field, "must be a string"))?;
-    if s.is_empty() {
-        return Err(FieldError::invalid(field, "must not be empty"));
-    }
-    Ok(s)
-}
-
-/// A percentage 0..=100, given as a number or as a string like `"5%"`.
-pub fn parse_percent(v: &Value, field: &str) -> Result<f64, FieldError> {
-    let p = match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().trim_end_matches('%').trim().parse::<f64>().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| FieldError::invalid(field, "must be a number from 0 to 100"))?;
-    if !p.is_finite() || !(0.0..=100.0).contains(&p) {
-        return Err(FieldError::invalid(
-            field,
-            &format!("must be from 0 to 100, got {p}"),
-        ));
-    }
-    Ok(p)
-}
-
-/// A humantime duration string such as `"150ms"` or `"5m"`.
-pub fn parse_duration(v: &Value, field: &str) -> Result<Duration, FieldError> {
-    let s = v.as_str().ok_or_else(|| {
-        FieldError::invalid(field, "must be a duration string such as \"30s\" or \"5m\"")
-    })?;
-    humantime::parse_duration(s.trim())
-        .map_err(|e| FieldError::invalid(field, &format!("invalid duration {s:?}: {e}")))
-}
-
-/// Ports as `"80,8000-8100"`, a single number, or an array of either.
-pub fn parse_ports(v: &Value, field: &str) -> Result<Vec<PortRange>, FieldError> {
-    let mut out = Vec::new();
-    let mut push_part = |part: &str| -> Result<(), FieldError> {
-        let part = part.trim();
-        let bad = || {
-            FieldError::invalid(
-                field,
-                &format!("invalid port or range {part:?}; expected 1-65535 or LO-HI"),
-            )
-        };
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => (part, part),
-        };
-        let lo: u16 = lo.parse().map_err(|_| bad())?;
-        let hi: u16 = hi.parse().map_err(|_| bad())?;
-        if lo == 0 || lo > hi {
-            return Err(bad());
-        }
-        out.push(PortRange { lo, hi });
-        Ok(())
-    };
-    match v {
-        Value::String(s) => {
-            for part in s.split(',') {
-                push_part(part)?;
-            }
-        }
-        Value::Number(n) => push_part(&n.to_string())?,
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::String(s) => push_part(s)?,
-                    Value::Number(n) => push_part(&n.to_string())?,
-                    _ => return Err(FieldError::invalid(field, "array items must be ports")),
-                }
-            }
-        }
-        _ => {
-            return Err(FieldError::invalid(
-                field,
-                "must be a string such as \"80,8000-8100\"",
-            ))
-        }
-    }
-    if out.is_empty() {
-        return Err(FieldError::invalid(field, "must name at least one port"));
-    }
-    if out.len() > MAX_PORT_RANGES {
-        return Err(FieldError::invalid(
-            field,
-            &format!("at most {MAX_PORT_RANGES} ports or ranges per fault"),
-        ));
-    }
-    Ok(out)
 }
 
 fn parse_target(v: &Value) -> Result<Target, FieldError> {
@@ -329,7 +211,7 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
     };
     let ports = match m.get("ports") {
         None | Some(Value::Null) => Vec::new(),
-        Some(p) => parse_ports(p, "match.ports")?,
+        Some(p) => parse_ports(p, "match.ports", MAX_PORT_RANGES)?,
     };
     if !ports.is_empty() && protocol == Some(Protocol::Icmp) {
         return Err(FieldError::invalid(
@@ -347,18 +229,46 @@ fn parse_match(v: &Value) -> Result<Match, FieldError> {
 /// The proxy diverts TCP connections to `match.ports`: it needs the ports.
 fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
     if m.ports.is_empty() {
-        return Err(FieldError {
-            code: "missing".into(),
-            field: "match.ports".into(),
-            message:
-                "is required for proxy actions: the TCP ports whose connections the proxy serves"
-                    .into(),
-        });
+        return Err(FieldError::new(
+            ErrorCode::Missing,
+            "match.ports",
+            "is required for proxy actions: the TCP ports whose connections the proxy serves",
+        ));
     }
     if !matches!(m.protocol, None | Some(Protocol::Tcp) | Some(Protocol::Any)) {
         return Err(FieldError::invalid(
             "match.protocol",
             "proxy actions act on TCP connections; use tcp or any",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_direction(v: &Value, field: &str) -> Result<Direction, FieldError> {
+    match string(v, field)? {
+        "egress" => Ok(Direction::Egress),
+        "ingress" => Ok(Direction::Ingress),
+        "both" => Ok(Direction::Both),
+        other => Err(FieldError::invalid(
+            field,
+            &format!("unknown direction {other:?}; expected egress, ingress or both"),
+        )),
+    }
+}
+
+/// A fault's `duration`: above zero and within the agent's maximum.
+fn check_duration(duration: Duration, limits: &Limits) -> Result<(), FieldError> {
+    if duration.is_zero() {
+        return Err(FieldError::invalid("duration", "must be greater than zero"));
+    }
+    if duration > limits.max_duration {
+        return Err(FieldError::invalid(
+            "duration",
+            &format!(
+                "{} exceeds this agent's maximum of {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(limits.max_duration)
+            ),
         ));
     }
     Ok(())
@@ -375,56 +285,18 @@ impl FaultSpec {
         };
         reject_unknown(m, "", known)?;
         let target = if limits.target_required {
-            Some(parse_target(
-                m.get("target")
-                    .ok_or_else(|| FieldError::missing("target"))?,
-            )?)
+            Some(req(m, "", "target", |t, _| parse_target(t))?)
         } else {
             None
         };
-        let direction = match m.get("direction") {
-            None | Some(Value::Null) => Direction::Both,
-            Some(d) => match string(d, "direction")? {
-                "egress" => Direction::Egress,
-                "ingress" => Direction::Ingress,
-                "both" => Direction::Both,
-                other => {
-                    return Err(FieldError::invalid(
-                        "direction",
-                        &format!("unknown direction {other:?}; expected egress, ingress or both"),
-                    ))
-                }
-            },
-        };
-        let r#match = match m.get("match") {
-            None | Some(Value::Null) => Match::default(),
-            Some(mv) => parse_match(mv)?,
-        };
-        let action = parse_action(
-            m.get("action")
-                .ok_or_else(|| FieldError::missing("action"))?,
-        )?;
+        let direction = opt(m, "", "direction", parse_direction)?.unwrap_or(Direction::Both);
+        let r#match = opt(m, "", "match", |mv, _| parse_match(mv))?.unwrap_or_default();
+        let action = req(m, "", "action", |a, _| parse_action(a))?;
         if action.backend() == BackendKind::Proxy {
             check_proxy_match(&r#match)?;
         }
-        let duration = parse_duration(
-            m.get("duration")
-                .ok_or_else(|| FieldError::missing("duration"))?,
-            "duration",
-        )?;
-        if duration.is_zero() {
-            return Err(FieldError::invalid("duration", "must be greater than zero"));
-        }
-        if duration > limits.max_duration {
-            return Err(FieldError::invalid(
-                "duration",
-                &format!(
-                    "{} exceeds this agent's maximum of {}",
-                    humantime::format_duration(duration),
-                    humantime::format_duration(limits.max_duration)
-                ),
-            ));
-        }
+        let duration = req(m, "", "duration", parse_duration)?;
+        check_duration(duration, limits)?;
         Ok(FaultSpec {
             target,
             direction,
@@ -468,6 +340,27 @@ impl FaultSpec {
             json!(humantime::format_duration(self.duration).to_string()),
         );
         Value::Object(out)
+    }
+}
+
+/// A spec is stored as its canonical JSON ([`FaultSpec::to_json`]).
+impl Serialize for FaultSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+/// A stored spec is read back with [`FaultSpec::parse`] under
+/// [`Limits::stored`], taking a `target` when it has one. The error is the
+/// [`FieldError`]'s `field: message`.
+impl<'de> Deserialize<'de> for FaultSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        let limits = Limits {
+            target_required: v.get("target").is_some(),
+            ..Limits::stored()
+        };
+        FaultSpec::parse(&v, &limits).map_err(de::Error::custom)
     }
 }
 
@@ -529,11 +422,11 @@ pub fn faults_from_annotations<'a>(
             target: None,
             direction: Direction::Both,
             r#match: Match::default(),
-            action: Action::Loss {
+            action: Action::Packet(PacketAction::Loss {
                 percent,
                 correlation: 0.0,
                 model: None,
-            },
+            }),
             duration,
         });
     }
@@ -692,6 +585,101 @@ mod tests {
         );
     }
 
+    /// A fault of every action type, with a target and without.
+    fn samples() -> Vec<Value> {
+        let actions = [
+            json!({"type": "loss", "percent": 5, "correlation": 25}),
+            json!({"type": "loss", "model": {"p": 1, "r": 20, "1-h": 90, "1-k": 0.5}}),
+            json!({"type": "blackhole"}),
+            json!({"type": "corrupt", "percent": 40}),
+            json!({"type": "duplicate", "percent": 50, "correlation": 10}),
+            json!({"type": "rate", "rate": "20mbit", "burst": "32kb"}),
+            json!({"type": "delay", "latency": "20ms", "jitter": "5ms", "distribution": "pareto"}),
+            json!({"type": "reorder", "percent": 25, "gap": 5, "latency": "10ms"}),
+            json!({"type": "http-abort", "status": 503, "http": {"path": "/a/*", "method": "get"}}),
+            json!({"type": "http-abort", "reset": true}),
+            json!({"type": "http-delay", "delay": "1s", "phase": "response", "http": {"code": 500}}),
+            json!({"type": "http-replace", "path": "/other?x=1", "method": "put"}),
+            json!({"type": "http-patch", "headers": {"x-a": "1"}, "body_merge": {"a": null}}),
+            json!({"type": "tcp-reset", "after": "300ms"}),
+            json!({"type": "tcp-reset", "after_bytes": 4096, "percent": 25}),
+            json!({"type": "tcp-slow-close", "delay": "2s"}),
+            json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
+        ];
+        let mut out = Vec::new();
+        for a in actions {
+            let spec = json!({"direction": "egress",
+                "match": {"cidr": "10.1.0.0/16", "protocol": "tcp", "ports": "80,8000-8100"},
+                "action": a, "duration": "1h 30m"});
+            let mut targeted = spec.clone();
+            targeted["target"] = json!({"pod": {"namespace": "ns", "name": "web"}});
+            out.extend([spec, targeted]);
+        }
+        out
+    }
+
+    /// A record that keeps its spec typed.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Stored {
+        id: String,
+        spec: FaultSpec,
+    }
+
+    #[test]
+    fn every_action_type_round_trips_through_serde() {
+        let mut types = std::collections::BTreeSet::new();
+        for v in samples() {
+            let limits = Limits {
+                target_required: v.get("target").is_some(),
+                ..Limits::default()
+            };
+            let spec = FaultSpec::parse(&v, &limits).unwrap_or_else(|e| panic!("{v}: {e}"));
+            types.insert(spec.action.type_name());
+            assert_eq!(serde_json::to_value(&spec).ok(), Some(spec.to_json()));
+            let stored = Stored {
+                id: "f-1".into(),
+                spec,
+            };
+            let text = serde_json::to_string(&stored).expect("serializes");
+            let back: Stored =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((back.id, back.spec), (stored.id, stored.spec), "{text}");
+        }
+        let all: std::collections::BTreeSet<&str> = BackendKind::ALL
+            .into_iter()
+            .flat_map(BackendKind::action_types)
+            .collect();
+        assert_eq!(types, all, "a sample of every action type");
+    }
+
+    #[test]
+    fn stored_specs_take_any_duration() {
+        let v = json!({"target": {"sandbox": "x"}, "action": {"type": "blackhole"}, "duration": "400d"});
+        assert_eq!(field_of(v.clone()), "duration");
+        let spec: FaultSpec = serde_json::from_value(v).expect("no maximum when stored");
+        assert_eq!(spec.duration, Duration::from_secs(400 * 86400));
+        assert_eq!(spec.target, Some(Target::Sandbox("x".into())));
+    }
+
+    #[test]
+    fn a_bad_stored_spec_names_the_field() {
+        let bad = json!({"action": {"type": "loss", "percent": 200}, "duration": "1m"});
+        let e = serde_json::from_value::<FaultSpec>(bad).expect_err("bad percent");
+        assert_eq!(
+            e.to_string(),
+            "action.percent: must be from 0 to 100, got 200"
+        );
+        let text = r#"{"id": "f-1", "spec": {"target": {"sandbox": ""}, "action": {"type": "blackhole"}, "duration": "1m"}}"#;
+        let e = serde_json::from_str::<Stored>(text).expect_err("empty sandbox");
+        assert!(
+            e.to_string()
+                .starts_with("target.sandbox: must not be empty"),
+            "{e}"
+        );
+        let e = serde_json::from_value::<FaultSpec>(json!([1])).expect_err("not an object");
+        assert_eq!(e.to_string(), ": a fault must be a JSON object");
+    }
+
     #[test]
     fn annotations_parse_with_field_paths() {
         let mut a = std::collections::BTreeMap::new();
@@ -704,11 +692,11 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(
             f[0].action,
-            Action::Loss {
+            Action::Packet(PacketAction::Loss {
                 percent: 5.0,
                 correlation: 0.0,
                 model: None,
-            }
+            })
         );
     }
 }

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use netfault_api::{Action, Direction, FaultSpec, Protocol};
+use netfault_api::{Action, Direction, FaultSpec, Match, PacketAction, Protocol};
 
 // The codes `compile` writes (DIR_*, ACTION_*, PROTO_ICMP_ANY), from abi.h.
 use crate::abi::*;
@@ -101,97 +101,121 @@ pub fn default_burst(bits_per_sec: u64) -> u64 {
 
 impl RawRule {
     /// Compiles `spec` into a rule that stops acting at `deadline_ns`
-    /// (CLOCK_BOOTTIME nanoseconds). `None` when the datapath does not
-    /// implement the action.
+    /// (CLOCK_BOOTTIME nanoseconds). `None` when the action is not a
+    /// [`PacketAction`] (another backend serves it).
     pub fn compile(spec: &FaultSpec, deadline_ns: u64) -> Option<RawRule> {
+        let Action::Packet(action) = &spec.action else {
+            return None;
+        };
+        Some(RawRule::compile_packet(
+            spec.direction,
+            &spec.r#match,
+            action,
+            deadline_ns,
+        ))
+    }
+
+    /// Compiles a packet action on the packets `m` selects in `direction`.
+    pub fn compile_packet(
+        direction: Direction,
+        m: &Match,
+        action: &PacketAction,
+        deadline_ns: u64,
+    ) -> RawRule {
         let mut r = RawRule {
             deadline_ns,
             ..RawRule::default()
         };
-        r.dirs = match spec.direction {
+        r.dirs = match direction {
             Direction::Egress => DIR_EGRESS,
             Direction::Ingress => DIR_INGRESS,
             Direction::Both => DIR_EGRESS | DIR_INGRESS,
         };
-        match spec.action {
-            Action::Loss {
+        r.set_action(action);
+        r.set_match(m);
+        r
+    }
+
+    fn set_action(&mut self, action: &PacketAction) {
+        match *action {
+            PacketAction::Loss {
                 percent,
                 correlation,
                 model: None,
             } => {
-                r.action = ACTION_LOSS;
-                r.threshold = scale(percent);
-                r.correlation = scale(correlation).min(u32::MAX as u64) as u32;
+                self.action = ACTION_LOSS;
+                self.threshold = scale(percent);
+                self.correlation = scale(correlation).min(u32::MAX as u64) as u32;
             }
-            Action::Loss {
+            PacketAction::Loss {
                 model: Some(ge), ..
             } => {
-                r.action = ACTION_LOSS_GE;
-                r.ge_p = scale(ge.p);
-                r.ge_r = scale(ge.r);
-                r.ge_bad_loss = scale(ge.one_minus_h);
-                r.ge_good_loss = scale(ge.one_minus_k);
+                self.action = ACTION_LOSS_GE;
+                self.ge_p = scale(ge.p);
+                self.ge_r = scale(ge.r);
+                self.ge_bad_loss = scale(ge.one_minus_h);
+                self.ge_good_loss = scale(ge.one_minus_k);
             }
-            Action::Blackhole => {
-                r.action = ACTION_BLACKHOLE;
-                r.threshold = 1 << 32;
+            PacketAction::Blackhole => {
+                self.action = ACTION_BLACKHOLE;
+                self.threshold = 1 << 32;
             }
-            Action::Corrupt {
+            PacketAction::Corrupt {
                 percent,
                 correlation,
             }
-            | Action::Duplicate {
+            | PacketAction::Duplicate {
                 percent,
                 correlation,
             } => {
-                r.action = if matches!(spec.action, Action::Corrupt { .. }) {
+                self.action = if matches!(action, PacketAction::Corrupt { .. }) {
                     ACTION_CORRUPT
                 } else {
                     ACTION_DUPLICATE
                 };
-                r.threshold = scale(percent);
-                r.correlation = scale(correlation).min(u32::MAX as u64) as u32;
+                self.threshold = scale(percent);
+                self.correlation = scale(correlation).min(u32::MAX as u64) as u32;
             }
-            Action::Rate {
+            PacketAction::Rate {
                 bits_per_sec,
                 burst_bytes,
             } => {
-                r.action = ACTION_RATE;
-                r.bytes_per_sec = (bits_per_sec / 8).max(1);
-                r.burst_bytes = burst_bytes.unwrap_or_else(|| default_burst(bits_per_sec));
+                self.action = ACTION_RATE;
+                self.bytes_per_sec = (bits_per_sec / 8).max(1);
+                self.burst_bytes = burst_bytes.unwrap_or_else(|| default_burst(bits_per_sec));
                 // Time to refill an empty bucket, rounded up.
-                r.fill_ns = (r.burst_bytes as u128 * 1_000_000_000)
-                    .div_ceil(r.bytes_per_sec as u128)
+                self.fill_ns = (self.burst_bytes as u128 * 1_000_000_000)
+                    .div_ceil(self.bytes_per_sec as u128)
                     .min(u64::MAX as u128) as u64;
             }
-            Action::Delay { .. } | Action::Reorder { .. } | Action::Proxy(_) => return None,
         }
-        let m = &spec.r#match;
-        r.proto = match m.protocol() {
+    }
+
+    fn set_match(&mut self, m: &Match) {
+        self.proto = match m.protocol() {
             Protocol::Any => 0,
             Protocol::Tcp => libc::IPPROTO_TCP as u8,
             Protocol::Udp => libc::IPPROTO_UDP as u8,
             Protocol::Icmp => PROTO_ICMP_ANY,
         };
         if let Some(net) = m.cidr {
-            r.prefixlen = net.prefix_len();
+            self.prefixlen = net.prefix_len();
             match net.network() {
                 IpAddr::V4(a) => {
-                    r.family = 4;
-                    r.addr[..4].copy_from_slice(&a.octets());
+                    self.family = 4;
+                    self.addr[..4].copy_from_slice(&a.octets());
                 }
                 IpAddr::V6(a) => {
-                    r.family = 6;
-                    r.addr = a.octets();
+                    self.family = 6;
+                    self.addr = a.octets();
                 }
             }
         }
         for (i, p) in m.ports.iter().take(8).enumerate() {
-            r.port_lo[i] = p.lo;
-            r.port_hi[i] = p.hi;
-            r.nports = (i + 1) as u8;
+            self.port_lo[i] = p.lo;
+            self.port_hi[i] = p.hi;
+            self.nports = (i + 1) as u8;
         }
-        Some(r)
     }
 }
 

@@ -65,7 +65,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use netfault_api::spec::{Direction, Match};
-use netfault_api::Action;
+use netfault_api::ProxyAction;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -151,8 +151,8 @@ pub struct ProxyRule {
     /// `ports` are the original destination ports; `cidr` the remote end
     /// (the client on [`Side::Inbound`], the server on [`Side::Outbound`]).
     pub selector: Match,
-    /// A proxy action ([`Action::Proxy`]); others are ignored with a warning.
-    pub action: Action,
+    /// What the proxy does to the connections or requests that match.
+    pub action: ProxyAction,
     /// The rule is ignored from this instant on.
     pub deadline: Instant,
     pub counters: Arc<RuleCounters>,

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
-use netfault_api::action::{HttpAbort, HttpFault, Phase, ProxyAction, TcpFault};
-use netfault_api::Action;
+use netfault_api::action::{HttpAbort, HttpFault, HttpSelector, Phase, ProxyAction, TcpFault};
 
 use crate::{glob::glob_match, ProxyRule, Side};
 
@@ -99,6 +98,77 @@ fn method(rule: &str, m: &str) -> Option<Method> {
     method
 }
 
+impl Selector {
+    fn compile(id: &str, selector: &HttpSelector) -> Option<Selector> {
+        Some(Selector {
+            path: selector.path.clone(),
+            method: match &selector.method {
+                Some(m) => Some(method(id, m)?),
+                None => None,
+            },
+            headers: header_pairs(id, &selector.headers)?,
+            code: match selector.code {
+                Some(c) => Some(status(id, c)?),
+                None => None,
+            },
+        })
+    }
+}
+
+impl HttpOp {
+    fn compile(id: &str, fault: &HttpFault) -> Option<HttpOp> {
+        Some(match fault {
+            HttpFault::Abort(HttpAbort::Reset) => HttpOp::Reset,
+            HttpFault::Abort(HttpAbort::Status { status: s, body }) => HttpOp::Abort {
+                status: status(id, *s)?,
+                body: body.clone().map(Bytes::from),
+            },
+            HttpFault::Delay { delay, .. } => HttpOp::Delay(*delay),
+            HttpFault::Replace {
+                status: s,
+                headers,
+                body,
+                path,
+                method: m,
+                ..
+            } => HttpOp::Replace {
+                status: match s {
+                    Some(s) => Some(status(id, *s)?),
+                    None => None,
+                },
+                headers: header_pairs(id, headers)?,
+                body: body.clone().map(Bytes::from),
+                path: path.clone(),
+                method: match m {
+                    Some(m) => Some(method(id, m)?),
+                    None => None,
+                },
+            },
+            HttpFault::Patch {
+                headers,
+                query,
+                body_merge,
+                ..
+            } => {
+                let mut q = String::new();
+                for (k, v) in query {
+                    if !q.is_empty() {
+                        q.push('&');
+                    }
+                    encode_query_part(k, &mut q);
+                    q.push('=');
+                    encode_query_part(v, &mut q);
+                }
+                HttpOp::Patch {
+                    headers: header_pairs(id, headers)?,
+                    query: q,
+                    body_merge: body_merge.clone(),
+                }
+            }
+        })
+    }
+}
+
 /// `application/x-www-form-urlencoded`-style encoding of a query part.
 pub(crate) fn encode_query_part(s: &str, out: &mut String) {
     for b in s.bytes() {
@@ -114,95 +184,31 @@ impl CompiledRule {
     /// Compiles a rule; `None` (with a warning) for a rule the proxy cannot
     /// serve. The API validates rules, so that means a caller's bug.
     pub(crate) fn compile(rule: ProxyRule) -> Option<CompiledRule> {
-        let id = rule.id.as_str();
         let kind = match &rule.action {
-            Action::Proxy(ProxyAction::Tcp { fault, percent }) => RuleKind::Tcp {
+            ProxyAction::Tcp { fault, percent } => RuleKind::Tcp {
                 fault: *fault,
                 percent: *percent,
             },
-            Action::Proxy(ProxyAction::Http {
+            ProxyAction::Http {
                 fault,
                 selector,
                 percent,
-            }) => {
-                let sel = Selector {
-                    path: selector.path.clone(),
-                    method: match &selector.method {
-                        Some(m) => Some(method(id, m)?),
-                        None => None,
-                    },
-                    headers: header_pairs(id, &selector.headers)?,
-                    code: match selector.code {
-                        Some(c) => Some(status(id, c)?),
-                        None => None,
-                    },
-                };
-                let op = match fault {
-                    HttpFault::Abort(HttpAbort::Reset) => HttpOp::Reset,
-                    HttpFault::Abort(HttpAbort::Status { status: s, body }) => HttpOp::Abort {
-                        status: status(id, *s)?,
-                        body: body.clone().map(Bytes::from),
-                    },
-                    HttpFault::Delay { delay, .. } => HttpOp::Delay(*delay),
-                    HttpFault::Replace {
-                        status: s,
-                        headers,
-                        body,
-                        path,
-                        method: m,
-                        ..
-                    } => HttpOp::Replace {
-                        status: match s {
-                            Some(s) => Some(status(id, *s)?),
-                            None => None,
-                        },
-                        headers: header_pairs(id, headers)?,
-                        body: body.clone().map(Bytes::from),
-                        path: path.clone(),
-                        method: match m {
-                            Some(m) => Some(method(id, m)?),
-                            None => None,
-                        },
-                    },
-                    HttpFault::Patch {
-                        headers,
-                        query,
-                        body_merge,
-                        ..
-                    } => {
-                        let mut q = String::new();
-                        for (k, v) in query {
-                            if !q.is_empty() {
-                                q.push('&');
-                            }
-                            encode_query_part(k, &mut q);
-                            q.push('=');
-                            encode_query_part(v, &mut q);
-                        }
-                        HttpOp::Patch {
-                            headers: header_pairs(id, headers)?,
-                            query: q,
-                            body_merge: body_merge.clone(),
-                        }
-                    }
-                };
-                RuleKind::Http(HttpRule {
-                    percent: *percent,
-                    phase: fault.phase(),
-                    selector: sel,
-                    op,
-                })
-            }
-            other => {
-                tracing::warn!(
-                    rule = id,
-                    action = other.type_name(),
-                    "not a proxy action; ignoring the rule"
-                );
-                return None;
-            }
+            } => RuleKind::Http(HttpRule {
+                percent: *percent,
+                phase: fault.phase(),
+                selector: Selector::compile(&rule.id, selector)?,
+                op: HttpOp::compile(&rule.id, fault)?,
+            }),
         };
         Some(CompiledRule { rule, kind })
+    }
+
+    /// The HTTP part of an HTTP rule.
+    pub(crate) fn http(&self) -> Option<&HttpRule> {
+        match &self.kind {
+            RuleKind::Http(h) => Some(h),
+            RuleKind::Tcp { .. } => None,
+        }
     }
 
     /// Whether the rule applies to a connection: live, on this side, to this
@@ -287,6 +293,7 @@ pub(crate) fn roll(percent: f64) -> bool {
 mod tests {
     use super::*;
     use netfault_api::spec::{Direction, FaultSpec, Limits};
+    use netfault_api::Action;
     use serde_json::json;
     use std::sync::Arc;
 
@@ -299,7 +306,10 @@ mod tests {
             id: "r".into(),
             direction: spec.direction,
             selector: spec.r#match,
-            action: spec.action,
+            action: match spec.action {
+                Action::Proxy(a) => a,
+                other => panic!("not a proxy action: {other:?}"),
+            },
             deadline: Instant::now() + Duration::from_secs(60),
             counters: Arc::default(),
         })

@@ -12,28 +12,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use netfault_api::{BackendKind, Counters, FaultSpec, FieldError, Limits};
+use netfault_api::{BackendKind, Counters, FieldError, PacketAction};
 use netfault_ebpf::{Attachment, Datapath, RawRule, RULES_PER_SANDBOX};
 
 use super::{
-    ActiveFault, AttachmentRecord, Availability, Backend, BackendError, CounterReader, SandboxCtx,
-    SandboxMemo,
+    ActiveFault, AttachmentRecord, Availability, Backend, BackendError, BackendOps, CounterReader,
+    SandboxCtx, SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
-
-/// The action types the datapath compiles, with a sample of each.
-const SAMPLES: [(&str, &str); 5] = [
-    ("loss", r#"{"type": "loss", "percent": 10}"#),
-    ("blackhole", r#"{"type": "blackhole"}"#),
-    ("corrupt", r#"{"type": "corrupt", "percent": 10}"#),
-    ("duplicate", r#"{"type": "duplicate", "percent": 10}"#),
-    ("rate", r#"{"type": "rate", "rate": "1mbit"}"#),
-];
-
-const STORED: Limits = Limits {
-    max_duration: std::time::Duration::MAX,
-    target_required: true,
-};
 
 /// What is installed for a sandbox.
 struct Installed {
@@ -66,10 +52,6 @@ impl EbpfBackend {
         })
     }
 
-    fn compile(spec: &FaultSpec, deadline_boot_ns: u64) -> Option<RawRule> {
-        RawRule::compile(spec, deadline_boot_ns)
-    }
-
     fn bind(&self, sb: &SandboxCtx<'_>) -> Result<(), BackendError> {
         let mut dp = lock(&self.dp);
         for a in sb.addresses {
@@ -77,6 +59,61 @@ impl EbpfBackend {
                 .map_err(dp_err("binding a sandbox address"))?;
         }
         Ok(())
+    }
+
+    /// Clears the rules of faults no longer listed, and installs the new
+    /// ones (a fault re-installed after a restart keeps its index).
+    /// Returns the program fds, to attach.
+    fn set_rules(
+        &mut self,
+        sandbox: &SandboxId,
+        faults: &mut [ActiveFault<'_, PacketAction>],
+    ) -> Result<netfault_ebpf::ProgramFds, BackendError> {
+        let mut dp = lock(&self.dp);
+        let Some(inst) = self.sandboxes.get_mut(sandbox) else {
+            return Ok(dp.program_fds());
+        };
+        let listed: Vec<&FaultId> = faults.iter().map(|f| f.id).collect();
+        let gone: Vec<FaultId> = inst
+            .rules
+            .keys()
+            .filter(|id| !listed.contains(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(rule) = inst.rules.remove(&id) {
+                dp.clear_rule(inst.slot, rule)
+                    .map_err(dp_err("clearing a rule"))?;
+            }
+        }
+        for f in faults.iter_mut() {
+            if inst.rules.contains_key(f.id) {
+                continue;
+            }
+            let used: Vec<u32> = inst.rules.values().copied().collect();
+            let rule = match *f.memo {
+                Some(r) if r < RULES_PER_SANDBOX && !used.contains(&r) => r,
+                _ => (0..RULES_PER_SANDBOX)
+                    .find(|r| !used.contains(r))
+                    .ok_or_else(|| {
+                        BackendError::new(
+                            "installing the rule",
+                            format!("the sandbox already has {RULES_PER_SANDBOX} packet faults"),
+                        )
+                    })?,
+            };
+            let raw = RawRule::compile_packet(
+                f.spec.direction,
+                &f.spec.r#match,
+                f.action,
+                f.deadline_boot_ns,
+            );
+            dp.set_rule(inst.slot, rule, &raw)
+                .map_err(dp_err("installing the rule"))?;
+            inst.rules.insert(f.id.clone(), rule);
+            *f.memo = Some(rule);
+        }
+        Ok(dp.program_fds())
     }
 
     /// Clears every rule, detaches the programs and unbinds the addresses.
@@ -126,119 +163,9 @@ fn detach(
     .map_err(dp_err("detaching the datapath"))
 }
 
-impl Backend for EbpfBackend {
+impl BackendOps for EbpfBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Ebpf
-    }
-
-    fn admit(&self, spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError> {
-        if Self::compile(spec, u64::MAX).is_none() {
-            return Err(FieldError::unsupported(
-                "action.type",
-                &format!(
-                    "action {:?} with these parameters is not available on this agent yet",
-                    spec.action.type_name()
-                ),
-            ));
-        }
-        if active.len() >= RULES_PER_SANDBOX as usize {
-            return Err(FieldError::conflict(
-                "target",
-                &format!("the sandbox already has {RULES_PER_SANDBOX} active packet faults"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn sync(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        memo: &mut SandboxMemo,
-        faults: &mut [ActiveFault<'_>],
-    ) -> Result<(), BackendError> {
-        if faults.is_empty() {
-            return self.remove_all(sb, memo);
-        }
-        let Some(ns) = sb.netns else {
-            return Err(BackendError::new(
-                "attaching the datapath",
-                format!("the sandbox's network namespace {} is gone", sb.id),
-            ));
-        };
-        let fresh = !self.sandboxes.contains_key(sb.id);
-        if fresh {
-            self.bind(sb)?;
-            self.sandboxes.insert(
-                sb.id.clone(),
-                Installed {
-                    slot: sb.slot,
-                    rules: HashMap::new(),
-                },
-            );
-        }
-        let Some(inst) = self.sandboxes.get_mut(sb.id) else {
-            return Ok(());
-        };
-        let mut dp = lock(&self.dp);
-        // Rules of faults no longer listed go first, freeing their index.
-        let listed: Vec<&FaultId> = faults.iter().map(|f| f.id).collect();
-        let gone: Vec<FaultId> = inst
-            .rules
-            .keys()
-            .filter(|id| !listed.contains(id))
-            .cloned()
-            .collect();
-        for id in gone {
-            if let Some(rule) = inst.rules.remove(&id) {
-                dp.clear_rule(inst.slot, rule)
-                    .map_err(dp_err("clearing a rule"))?;
-            }
-        }
-        for f in faults.iter_mut() {
-            if inst.rules.contains_key(f.id) {
-                continue;
-            }
-            // A fault re-installed after a restart keeps its index.
-            let used: Vec<u32> = inst.rules.values().copied().collect();
-            let rule = match *f.memo {
-                Some(r) if r < RULES_PER_SANDBOX && !used.contains(&r) => r,
-                _ => (0..RULES_PER_SANDBOX)
-                    .find(|r| !used.contains(r))
-                    .ok_or_else(|| {
-                        BackendError::new(
-                            "installing the rule",
-                            format!("the sandbox already has {RULES_PER_SANDBOX} packet faults"),
-                        )
-                    })?,
-            };
-            let raw = Self::compile(f.spec, f.deadline_boot_ns).ok_or_else(|| {
-                BackendError::new("installing the rule", "the fault no longer compiles")
-            })?;
-            dp.set_rule(inst.slot, rule, &raw)
-                .map_err(dp_err("installing the rule"))?;
-            inst.rules.insert(f.id.clone(), rule);
-            *f.memo = Some(rule);
-        }
-        let fds = dp.program_fds();
-        drop(dp);
-        // Attached once per sandbox; after an agent restart, the new
-        // programs atomically replace the old filters.
-        if fresh || memo.attachment.is_none() {
-            let ifname = sb.ifname.to_string();
-            let att = ns
-                .run(move |_| netfault_ebpf::attach_here(fds, &ifname))
-                .map_err(|e| BackendError::new("attaching the datapath", e))?
-                .map_err(dp_err("attaching the datapath"))?;
-            // Keep what the first attachment created: that is what to remove later.
-            let created = memo
-                .attachment
-                .map(|a| a.created_clsact)
-                .unwrap_or(att.created_clsact);
-            memo.attachment = Some(AttachmentRecord {
-                created_clsact: created,
-            });
-        }
-        Ok(())
     }
 
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
@@ -272,23 +199,71 @@ impl Backend for EbpfBackend {
     }
 
     fn availability(&self) -> Availability {
-        let actions = SAMPLES
-            .iter()
-            .filter(|(_, action)| {
-                let body = format!(
-                    r#"{{"target": {{"sandbox": "x"}}, "action": {action}, "duration": "1s"}}"#
-                );
-                serde_json::from_str(&body)
-                    .ok()
-                    .and_then(|v| FaultSpec::parse(&v, &STORED).ok())
-                    .and_then(|s| Self::compile(&s, u64::MAX))
-                    .is_some()
-            })
-            .map(|(name, _)| *name)
-            .collect();
+        // The datapath compiles every packet action.
         Availability {
             section: None,
-            actions,
+            actions: BackendKind::Ebpf.action_types().collect(),
         }
+    }
+}
+
+impl Backend for EbpfBackend {
+    type Action = PacketAction;
+
+    fn admit(&self, _action: &PacketAction, active: &[&PacketAction]) -> Result<(), FieldError> {
+        if active.len() >= RULES_PER_SANDBOX as usize {
+            return Err(FieldError::conflict(
+                "target",
+                &format!("the sandbox already has {RULES_PER_SANDBOX} active packet faults"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_, PacketAction>],
+    ) -> Result<(), BackendError> {
+        if faults.is_empty() {
+            return self.remove_all(sb, memo);
+        }
+        let Some(ns) = sb.netns else {
+            return Err(BackendError::new(
+                "attaching the datapath",
+                format!("the sandbox's network namespace {} is gone", sb.id),
+            ));
+        };
+        let fresh = !self.sandboxes.contains_key(sb.id);
+        if fresh {
+            self.bind(sb)?;
+            self.sandboxes.insert(
+                sb.id.clone(),
+                Installed {
+                    slot: sb.slot,
+                    rules: HashMap::new(),
+                },
+            );
+        }
+        let fds = self.set_rules(sb.id, faults)?;
+        // Attached once per sandbox; after an agent restart, the new
+        // programs atomically replace the old filters.
+        if fresh || memo.attachment.is_none() {
+            let ifname = sb.ifname.to_string();
+            let att = ns
+                .run(move |_| netfault_ebpf::attach_here(fds, &ifname))
+                .map_err(|e| BackendError::new("attaching the datapath", e))?
+                .map_err(dp_err("attaching the datapath"))?;
+            // Keep what the first attachment created: that is what to remove later.
+            let created = memo
+                .attachment
+                .map(|a| a.created_clsact)
+                .unwrap_or(att.created_clsact);
+            memo.attachment = Some(AttachmentRecord {
+                created_clsact: created,
+            });
+        }
+        Ok(())
     }
 }

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use netfault_api::{BackendKind, Counters, FaultSpec, FieldError};
+use netfault_api::{BackendKind, Counters, FieldError};
 
 use super::{
-    ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx, SandboxMemo,
+    ActiveFault, Availability, Backend, BackendAction, BackendError, BackendOps, CounterReader,
+    SandboxCtx, SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
 
@@ -34,18 +35,18 @@ pub const COUNTED: Counters = Counters {
     affected: 1,
 };
 
-pub struct FakeBackend {
-    kind: BackendKind,
+pub struct FakeBackend<A> {
     log: Log,
+    _action: std::marker::PhantomData<fn() -> A>,
     installed: HashMap<SandboxId, Vec<FaultId>>,
     pub fail_next_sync: Arc<AtomicBool>,
 }
 
-impl FakeBackend {
-    pub fn new(kind: BackendKind, log: &Log) -> FakeBackend {
+impl<A> FakeBackend<A> {
+    pub fn new(log: &Log) -> FakeBackend<A> {
         FakeBackend {
-            kind,
             log: log.clone(),
+            _action: std::marker::PhantomData,
             installed: HashMap::new(),
             fail_next_sync: Arc::default(),
         }
@@ -59,41 +60,9 @@ impl FakeBackend {
     }
 }
 
-impl Backend for FakeBackend {
+impl<A: BackendAction> BackendOps for FakeBackend<A> {
     fn kind(&self) -> BackendKind {
-        self.kind
-    }
-
-    fn admit(&self, _spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError> {
-        if active.len() >= 2 {
-            return Err(FieldError::conflict("target", "the fake takes two faults"));
-        }
-        Ok(())
-    }
-
-    fn sync(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        memo: &mut SandboxMemo,
-        faults: &mut [ActiveFault<'_>],
-    ) -> Result<(), BackendError> {
-        let ids: Vec<FaultId> = faults.iter().map(|f| f.id.clone()).collect();
-        self.record(Call::Sync {
-            kind: self.kind,
-            sandbox: sb.id.clone(),
-            faults: ids.clone(),
-        });
-        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
-            return Err(BackendError::new("syncing", "the fake was told to fail"));
-        }
-        for (i, f) in faults.iter_mut().enumerate() {
-            *f.memo = Some(i as u32);
-        }
-        memo.attachment = (!ids.is_empty()).then_some(super::AttachmentRecord {
-            created_clsact: true,
-        });
-        self.installed.insert(sb.id.clone(), ids);
-        Ok(())
+        A::KIND
     }
 
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
@@ -110,7 +79,7 @@ impl Backend for FakeBackend {
     }
 
     fn forget_fault(&mut self, fault: &FaultId) {
-        self.record(Call::ForgetFault(self.kind, fault.clone()));
+        self.record(Call::ForgetFault(A::KIND, fault.clone()));
     }
 
     fn forget_sandbox(
@@ -119,14 +88,50 @@ impl Backend for FakeBackend {
         _memo: &mut SandboxMemo,
     ) -> Result<(), BackendError> {
         self.installed.remove(sb.id);
-        self.record(Call::ForgetSandbox(self.kind, sb.id.clone()));
+        self.record(Call::ForgetSandbox(A::KIND, sb.id.clone()));
         Ok(())
     }
 
     fn availability(&self) -> Availability {
         Availability {
             section: None,
-            actions: vec![self.kind.as_str()],
+            actions: vec![A::KIND.as_str()],
         }
+    }
+}
+
+impl<A: BackendAction> Backend for FakeBackend<A> {
+    type Action = A;
+
+    fn admit(&self, _action: &A, active: &[&A]) -> Result<(), FieldError> {
+        if active.len() >= 2 {
+            return Err(FieldError::conflict("target", "the fake takes two faults"));
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_, A>],
+    ) -> Result<(), BackendError> {
+        let ids: Vec<FaultId> = faults.iter().map(|f| f.id.clone()).collect();
+        self.record(Call::Sync {
+            kind: A::KIND,
+            sandbox: sb.id.clone(),
+            faults: ids.clone(),
+        });
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(BackendError::new("syncing", "the fake was told to fail"));
+        }
+        for (i, f) in faults.iter_mut().enumerate() {
+            *f.memo = Some(i as u32);
+        }
+        memo.attachment = (!ids.is_empty()).then_some(super::AttachmentRecord {
+            created_clsact: true,
+        });
+        self.installed.insert(sb.id.clone(), ids);
+        Ok(())
     }
 }

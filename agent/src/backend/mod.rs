@@ -26,7 +26,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use netfault_api::{BackendKind, Counters, FaultSpec, FieldError};
+use netfault_api::{
+    Action, BackendKind, Counters, DelayAction, FaultSpec, FieldError, PacketAction, ProxyAction,
+};
 use netfault_sys::netns::Netns;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -79,10 +81,54 @@ pub struct SandboxCtx<'a> {
     pub slot: u32,
 }
 
+/// The part of [`Action`] one backend serves: each backend receives only
+/// its own action type.
+pub trait BackendAction: Clone + Send + Sync + 'static {
+    const KIND: BackendKind;
+
+    /// This backend's action, if `action` is one.
+    fn of(action: &Action) -> Option<&Self>;
+}
+
+impl BackendAction for PacketAction {
+    const KIND: BackendKind = BackendKind::Ebpf;
+
+    fn of(action: &Action) -> Option<&Self> {
+        match action {
+            Action::Packet(a) => Some(a),
+            Action::Delay(_) | Action::Proxy(_) => None,
+        }
+    }
+}
+
+impl BackendAction for DelayAction {
+    const KIND: BackendKind = BackendKind::Nfqueue;
+
+    fn of(action: &Action) -> Option<&Self> {
+        match action {
+            Action::Delay(a) => Some(a),
+            Action::Packet(_) | Action::Proxy(_) => None,
+        }
+    }
+}
+
+impl BackendAction for ProxyAction {
+    const KIND: BackendKind = BackendKind::Proxy;
+
+    fn of(action: &Action) -> Option<&Self> {
+        match action {
+            Action::Proxy(a) => Some(a),
+            Action::Packet(_) | Action::Delay(_) => None,
+        }
+    }
+}
+
 /// An active fault handed to its backend.
-pub struct ActiveFault<'a> {
+pub struct ActiveFault<'a, A> {
     pub id: &'a FaultId,
+    /// Direction and selector (`spec.match`); the action is `action`.
     pub spec: &'a FaultSpec,
+    pub action: &'a A,
     /// Absolute `CLOCK_BOOTTIME` deadline, ns (what the kernel checks).
     pub deadline_boot_ns: u64,
     /// Time left until the deadline.
@@ -121,25 +167,11 @@ pub struct Availability {
     pub actions: Vec<&'static str>,
 }
 
-/// One backend. Calls come from one thread at a time (the registry's
-/// owner); none of them may be made with a registry lock held.
-pub trait Backend: Send {
+/// What every backend does, whatever its action type. Calls come from one
+/// thread at a time (the registry's owner); none is made with a registry
+/// lock held.
+pub trait BackendOps: Send {
     fn kind(&self) -> BackendKind;
-
-    /// Checks a new fault against what this backend can do for the sandbox
-    /// (`active` are its other active faults of this backend): an error is
-    /// a 422 naming the field.
-    fn admit(&self, spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError>;
-
-    /// Puts the sandbox's kernel state into what `faults` (every active
-    /// fault of this backend on the sandbox) describes. With none, removes
-    /// everything the backend installed there.
-    fn sync(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        memo: &mut SandboxMemo,
-        faults: &mut [ActiveFault<'_>],
-    ) -> Result<(), BackendError>;
 
     /// A reader of the fault's live counters, once `sync` installed it.
     fn counters(&self, fault: &FaultId) -> Option<CounterReader>;
@@ -161,42 +193,58 @@ pub trait Backend: Send {
     fn availability(&self) -> Availability;
 }
 
-/// Every backend of the agent, one per [`BackendKind`].
+/// A backend of one action type.
+pub trait Backend: BackendOps {
+    type Action: BackendAction;
+
+    /// Checks a new fault against what this backend can do for the sandbox
+    /// (`active` are the actions of its other active faults here): an
+    /// error is a 4xx naming the field.
+    fn admit(&self, action: &Self::Action, active: &[&Self::Action]) -> Result<(), FieldError>;
+
+    /// Puts the sandbox's kernel state into what `faults` (every active
+    /// fault of this backend on the sandbox) describes. With none, removes
+    /// everything the backend installed there.
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_, Self::Action>],
+    ) -> Result<(), BackendError>;
+}
+
+/// Every backend of the agent, one per [`BackendKind`] (and per variant of
+/// [`Action`]).
 pub struct Backends {
-    all: Vec<Box<dyn Backend>>,
+    pub ebpf: Box<dyn Backend<Action = PacketAction>>,
+    pub nfqueue: Box<dyn Backend<Action = DelayAction>>,
+    pub proxy: Box<dyn Backend<Action = ProxyAction>>,
 }
 
 impl Backends {
-    pub fn new(all: Vec<Box<dyn Backend>>) -> Self {
-        Backends { all }
+    pub fn ops(&self, kind: BackendKind) -> &dyn BackendOps {
+        match kind {
+            BackendKind::Ebpf => &*self.ebpf,
+            BackendKind::Nfqueue => &*self.nfqueue,
+            BackendKind::Proxy => &*self.proxy,
+        }
     }
 
-    pub fn get(&self, kind: BackendKind) -> Option<&dyn Backend> {
-        self.all.iter().find(|b| b.kind() == kind).map(|b| &**b)
+    pub fn ops_mut(&mut self, kind: BackendKind) -> &mut dyn BackendOps {
+        match kind {
+            BackendKind::Ebpf => &mut *self.ebpf,
+            BackendKind::Nfqueue => &mut *self.nfqueue,
+            BackendKind::Proxy => &mut *self.proxy,
+        }
     }
 
-    pub fn get_mut(&mut self, kind: BackendKind) -> Option<&mut (dyn Backend + 'static)> {
-        self.all
-            .iter_mut()
-            .find(|b| b.kind() == kind)
-            .map(|b| &mut **b)
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Backend>> {
-        self.all.iter_mut()
-    }
-
-    pub fn kinds(&self) -> Vec<BackendKind> {
-        self.all.iter().map(|b| b.kind()).collect()
-    }
-
-    /// The capabilities document: each backend's section, plus the node
-    /// facts and the actions served.
+    /// The capabilities document: the node facts, each backend's section,
+    /// and the actions served.
     pub fn capabilities(&self) -> Value {
         let mut doc = nfqueue::caps::node_facts();
         let mut actions = Vec::new();
-        for b in &self.all {
-            let a = b.availability();
+        for kind in BackendKind::ALL {
+            let a = self.ops(kind).availability();
             if let (Some((key, section)), Some(obj)) = (a.section, doc.as_object_mut()) {
                 obj.insert(key.to_string(), section);
             }

@@ -291,6 +291,7 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use netfault_api::ErrorCode;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -313,7 +314,7 @@ mod tests {
     fn api_errors_name_the_field() {
         let e = CtlError::from(ClientError::Api {
             status: 400,
-            code: "invalid".into(),
+            code: ErrorCode::Invalid.to_string(),
             field: Some("action.percent".into()),
             message: "must be from 0 to 100".into(),
         });
@@ -334,7 +335,7 @@ mod tests {
             label: "faults[2]".into(),
             error: Box::new(ClientError::Api {
                 status: 404,
-                code: "not_found".into(),
+                code: ErrorCode::NotFound.to_string(),
                 field: Some("target.sandbox".into()),
                 message: "no such sandbox".into(),
             }),

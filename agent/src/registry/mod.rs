@@ -29,13 +29,15 @@ use std::time::Duration;
 
 use netfault_api::spec::faults_from_annotations;
 use netfault_api::{
-    BackendKind, EnrolRequest, Fault, FaultSpec, FieldError, Limits, Sandbox, Target,
+    Action, BackendKind, EnrolRequest, Fault, FaultSpec, FieldError, Limits, Sandbox, Target,
 };
 use netfault_sys::netns::Netns;
 use serde_json::Value;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
-use crate::backend::{ActiveFault, Backend, BackendError, Backends, CounterReader};
+use crate::backend::{
+    ActiveFault, Backend, BackendAction, BackendError, BackendOps, Backends, CounterReader,
+};
 use persist::StateDir;
 use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
 pub use target::{Host, SystemHost};
@@ -157,11 +159,11 @@ impl Registry {
         let ebpf = crate::backend::ebpf::EbpfBackend::load()?;
         let proxy = ProxyBackend::default();
         let gauge = proxy.gauge();
-        let backends = Backends::new(vec![
-            Box::new(ebpf),
-            Box::new(crate::backend::nfqueue::NfqueueBackend::default()),
-            Box::new(proxy),
-        ]);
+        let backends = Backends {
+            ebpf: Box::new(ebpf),
+            nfqueue: Box::new(crate::backend::nfqueue::NfqueueBackend::default()),
+            proxy: Box::new(proxy),
+        };
         let mut reg = Registry::with_parts(cfg, backends, Box::new(SystemHost))?;
         reg.gauge = Some(gauge);
         Ok(reg)
@@ -279,66 +281,28 @@ impl Core<'_> {
         self.sh.lock()
     }
 
-    fn backend(&mut self, kind: BackendKind) -> Result<&mut (dyn Backend + 'static), AgentError> {
-        self.b
-            .get_mut(kind)
-            .ok_or_else(|| AgentError::Internal(format!("no {} backend", kind.as_str())))
+    fn backend(&mut self, kind: BackendKind) -> &mut dyn BackendOps {
+        self.b.ops_mut(kind)
     }
 
     /// Puts the sandbox's `kind` backend in line with its live faults of
-    /// that kind, and records what the backend keeps (memos, counter
-    /// readers), whatever the outcome.
+    /// that kind.
     fn sync(&mut self, sandbox: &SandboxId, kind: BackendKind) -> Result<(), AgentError> {
+        match kind {
+            BackendKind::Ebpf => sync_with(self.sh, &mut *self.b.ebpf, sandbox),
+            BackendKind::Nfqueue => sync_with(self.sh, &mut *self.b.nfqueue, sandbox),
+            BackendKind::Proxy => sync_with(self.sh, &mut *self.b.proxy, sandbox),
+        }
+    }
+
+    /// The backend of `spec`'s action admits it on the sandbox.
+    fn admit(&self, st: &State, sandbox: &SandboxId, spec: &FaultSpec) -> Result<(), FieldError> {
         let now = netfault_ebpf::boottime_ns();
-        let (rec, mut listed) = {
-            let st = self.lock();
-            let Some(rec) = st.sandboxes.get(sandbox).cloned() else {
-                return Ok(());
-            };
-            let listed: Vec<(FaultId, FaultSpec, u64, Option<u32>)> = st
-                .live_faults(sandbox, kind, now)
-                .into_iter()
-                .map(|f| (f.id.clone(), f.spec.clone(), f.deadline_boot_ns, f.memo))
-                .collect();
-            (rec, listed)
-        };
-        let ns = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id)
-            .map_err(|e| internal("opening the sandbox's netns")(e.to_string()))?;
-        let mut memo = rec.memo;
-        let sh = self.sh;
-        let backend = self.backend(kind)?;
-        let result = {
-            let mut active: Vec<ActiveFault<'_>> = listed
-                .iter_mut()
-                .map(|(id, spec, deadline, m)| ActiveFault {
-                    id,
-                    spec,
-                    deadline_boot_ns: *deadline,
-                    remaining: Duration::from_nanos(deadline.saturating_sub(now)),
-                    memo: m,
-                })
-                .collect();
-            backend.sync(&rec.ctx(ns.as_ref()), &mut memo, &mut active)
-        };
-        let readers: Vec<(FaultId, Option<CounterReader>)> = listed
-            .iter()
-            .map(|(id, ..)| (id.clone(), backend.counters(id)))
-            .collect();
-        let mut st = sh.lock();
-        if let Some(r) = st.sandboxes.get_mut(sandbox) {
-            r.memo = memo;
+        match &spec.action {
+            Action::Packet(a) => admit_with(&*self.b.ebpf, st, sandbox, a, now),
+            Action::Delay(a) => admit_with(&*self.b.nfqueue, st, sandbox, a, now),
+            Action::Proxy(a) => admit_with(&*self.b.proxy, st, sandbox, a, now),
         }
-        for (id, _, _, m) in &listed {
-            if let Some(f) = st.faults.get_mut(id) {
-                f.memo = *m;
-            }
-        }
-        for (id, reader) in readers {
-            if let Some(reader) = reader {
-                st.readers.insert(id, reader);
-            }
-        }
-        result.map_err(AgentError::from)
     }
 
     /// Installs a fault on an enrolled sandbox: the backend admits it, then
@@ -347,24 +311,14 @@ impl Core<'_> {
         let kind = spec.action.backend();
         let now = netfault_ebpf::boottime_ns();
         let id = {
-            let sh = self.sh;
-            let backend = self
-                .b
-                .get(kind)
-                .ok_or_else(|| AgentError::Internal(format!("no {} backend", kind.as_str())))?;
-            let mut st = sh.lock();
+            let mut st = self.sh.lock();
             if !st.sandboxes.contains_key(sandbox) {
                 return Err(FieldError::not_found("target", "sandbox was released").into());
             }
             if spec.target.is_none() {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
-            let active: Vec<&FaultSpec> = st
-                .live_faults(sandbox, kind, now)
-                .into_iter()
-                .map(|f| &f.spec)
-                .collect();
-            backend.admit(&spec, &active)?;
+            self.admit(&st, sandbox, &spec)?;
             let rec = FaultRecord::new(sandbox, spec, now);
             let id = rec.id.clone();
             st.faults.insert(id.clone(), rec);
@@ -376,7 +330,7 @@ impl Core<'_> {
                 st.faults.remove(&id);
                 st.readers.remove(&id);
             }
-            self.backend(kind)?.forget_fault(&id);
+            self.backend(kind).forget_fault(&id);
             if let Err(undo) = self.sync(sandbox, kind) {
                 tracing::warn!(sandbox = %sandbox, error = %undo, "putting the sandbox back after a failed install failed");
             }
@@ -406,7 +360,7 @@ impl Core<'_> {
         if !f.expired {
             self.sync(&f.sandbox, f.backend())?;
         }
-        self.backend(f.backend())?.forget_fault(&f.id);
+        self.backend(f.backend()).forget_fault(&f.id);
         self.settle(&f.sandbox);
         self.sh.persist()
     }
@@ -440,11 +394,11 @@ impl Core<'_> {
             .flatten();
         let ctx = rec.ctx(ns.as_ref());
         let mut memo = rec.memo;
-        for b in self.b.iter_mut() {
-            b.forget_sandbox(&ctx, &mut memo)?;
+        for kind in BackendKind::ALL {
+            self.backend(kind).forget_sandbox(&ctx, &mut memo)?;
         }
         for (id, kind) in &faults {
-            self.backend(*kind)?.forget_fault(id);
+            self.backend(*kind).forget_fault(id);
         }
         {
             let mut st = self.lock();
@@ -563,7 +517,7 @@ impl Core<'_> {
             self.sync(sb, *kind)?;
         }
         for (id, _, kind) in &due {
-            self.backend(*kind)?.forget_fault(id);
+            self.backend(*kind).forget_fault(id);
         }
         let retain_ms = self.sh.cfg.retain_expired.as_millis() as u64;
         let wall = state::now_ms();
@@ -602,4 +556,77 @@ impl Core<'_> {
             .min();
         Ok(next.map(Duration::from_nanos))
     }
+}
+
+/// [`Core::sync`] for a backend of action type `A`: hands it the sandbox's
+/// live faults of that type, then records what it keeps (memos, counter
+/// readers), whatever the outcome.
+fn sync_with<A: BackendAction>(
+    sh: &Shared,
+    backend: &mut dyn Backend<Action = A>,
+    sandbox: &SandboxId,
+) -> Result<(), AgentError> {
+    let now = netfault_ebpf::boottime_ns();
+    let (rec, mut listed) = {
+        let st = sh.lock();
+        let Some(rec) = st.sandboxes.get(sandbox).cloned() else {
+            return Ok(());
+        };
+        let listed: Vec<(FaultId, FaultSpec, u64, Option<u32>)> = st
+            .live_faults(sandbox, A::KIND, now)
+            .into_iter()
+            .map(|f| (f.id.clone(), f.spec.clone(), f.deadline_boot_ns, f.memo))
+            .collect();
+        (rec, listed)
+    };
+    let ns = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id)
+        .map_err(|e| internal("opening the sandbox's netns")(e.to_string()))?;
+    let mut memo = rec.memo;
+    let result = {
+        let mut active: Vec<ActiveFault<'_, A>> = listed
+            .iter_mut()
+            .filter_map(|(id, spec, deadline, m)| {
+                Some(ActiveFault {
+                    action: A::of(&spec.action)?,
+                    id,
+                    spec,
+                    deadline_boot_ns: *deadline,
+                    remaining: Duration::from_nanos(deadline.saturating_sub(now)),
+                    memo: m,
+                })
+            })
+            .collect();
+        backend.sync(&rec.ctx(ns.as_ref()), &mut memo, &mut active)
+    };
+    let readers: Vec<(FaultId, CounterReader)> = listed
+        .iter()
+        .filter_map(|(id, ..)| Some((id.clone(), backend.counters(id)?)))
+        .collect();
+    let mut st = sh.lock();
+    if let Some(r) = st.sandboxes.get_mut(sandbox) {
+        r.memo = memo;
+    }
+    for (id, _, _, m) in &listed {
+        if let Some(f) = st.faults.get_mut(id) {
+            f.memo = *m;
+        }
+    }
+    st.readers.extend(readers);
+    result.map_err(AgentError::from)
+}
+
+/// [`Core::admit`] for a backend of action type `A`.
+fn admit_with<A: BackendAction>(
+    backend: &dyn Backend<Action = A>,
+    st: &State,
+    sandbox: &SandboxId,
+    action: &A,
+    now: u64,
+) -> Result<(), FieldError> {
+    let active: Vec<&A> = st
+        .live_faults(sandbox, A::KIND, now)
+        .into_iter()
+        .filter_map(|f| A::of(&f.spec.action))
+        .collect();
+    backend.admit(action, &active)
 }

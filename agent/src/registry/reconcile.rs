@@ -39,7 +39,7 @@ impl Core<'_> {
                 }
             }
             drop(st);
-            for kind in self.b.kinds() {
+            for kind in netfault_api::BackendKind::ALL {
                 self.sync(&id, kind)?;
             }
         }

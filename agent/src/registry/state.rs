@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use netfault_api::{BackendKind, Counters, Fault, FaultSpec, Limits, PodRef, Sandbox};
+use netfault_api::{BackendKind, Counters, Fault, FaultSpec, PodRef, Sandbox};
 use netfault_sys::netns::{Netns, NetnsId};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::backend::{CounterReader, SandboxCtx, SandboxMemo};
 
@@ -129,7 +129,6 @@ impl SandboxRecord {
 pub struct FaultRecord {
     pub id: FaultId,
     pub sandbox: SandboxId,
-    #[serde(serialize_with = "spec_to_json", deserialize_with = "spec_from_json")]
     pub spec: FaultSpec,
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
@@ -147,22 +146,6 @@ pub struct FaultRecord {
     pub nfqueue: bool,
     #[serde(default)]
     pub proxy: bool,
-}
-
-fn spec_to_json<S: Serializer>(spec: &FaultSpec, s: S) -> Result<S::Ok, S::Error> {
-    spec.to_json().serialize(s)
-}
-
-fn spec_from_json<'de, D: Deserializer<'de>>(d: D) -> Result<FaultSpec, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    FaultSpec::parse(
-        &v,
-        &Limits {
-            max_duration: Duration::MAX,
-            target_required: true,
-        },
-    )
-    .map_err(serde::de::Error::custom)
 }
 
 mod rule_memo {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netfault_api::{BackendKind, EnrolRequest, PodRef};
+use netfault_api::{BackendKind, DelayAction, EnrolRequest, PacketAction, PodRef, ProxyAction};
 use netfault_sys::netns::NetnsError;
 use serde_json::json;
 
@@ -57,18 +57,19 @@ struct Fixture {
 
 fn open_in(dir: TempDir) -> Fixture {
     let log: Log = Arc::new(Mutex::new(Vec::new()));
-    let kinds = [BackendKind::Ebpf, BackendKind::Nfqueue, BackendKind::Proxy];
-    let fakes: Vec<FakeBackend> = kinds.iter().map(|k| FakeBackend::new(*k, &log)).collect();
-    let fail = fakes
-        .iter()
-        .map(|f| (f.kind(), f.fail_next_sync.clone()))
-        .collect();
-    let backends = Backends::new(
-        fakes
-            .into_iter()
-            .map(|f| Box::new(f) as Box<dyn Backend>)
-            .collect(),
-    );
+    let ebpf = FakeBackend::<PacketAction>::new(&log);
+    let nfqueue = FakeBackend::<DelayAction>::new(&log);
+    let proxy = FakeBackend::<ProxyAction>::new(&log);
+    let fail = vec![
+        (BackendKind::Ebpf, ebpf.fail_next_sync.clone()),
+        (BackendKind::Nfqueue, nfqueue.fail_next_sync.clone()),
+        (BackendKind::Proxy, proxy.fail_next_sync.clone()),
+    ];
+    let backends = Backends {
+        ebpf: Box::new(ebpf),
+        nfqueue: Box::new(nfqueue),
+        proxy: Box::new(proxy),
+    };
     let cfg = Config {
         state_dir: dir.0.clone(),
         max_duration: Duration::from_secs(3600),

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::io::ConnControl;
-use crate::rules::{CompiledRule, HttpOp, RuleKind};
+use crate::rules::{CompiledRule, HttpOp, HttpRule, RuleKind};
 use crate::{Shared, Side};
 use body::ProxyBody;
 
@@ -303,10 +303,7 @@ async fn handle(
     }
     let grpc = faults::is_grpc(req.headers());
     let mut later = Vec::new();
-    for r in &rules {
-        let RuleKind::Http(h) = &r.kind else {
-            continue;
-        };
+    for (r, h) in rules.iter().filter_map(|r| Some((r.as_ref(), r.http()?))) {
         if !h
             .selector
             .matches_request(req.method(), req.uri().path(), req.headers())
@@ -314,79 +311,119 @@ async fn handle(
             continue;
         }
         if h.phase == Phase::Response {
-            later.push(r);
+            later.push((r, h));
             continue;
         }
-        let counters = &r.rule.counters;
-        if !counters.fires(h.percent) {
+        if !fires(r, h, "request fault") {
             continue;
         }
-        tracing::debug!(rule = %r.rule.id, "request fault");
-        match &h.op {
-            HttpOp::Delay(d) => crate::io::sleep_precisely(*d).await,
-            HttpOp::Abort { status, body: b } => {
-                counters.add_dropped();
-                if ctx.http1 {
-                    // Read the rest of the request so the connection can
-                    // carry the next one; hyper closes it otherwise.
-                    let _ = tokio::time::timeout(
-                        ABORT_DRAIN_TIME,
-                        body::drain(req.into_body(), ABORT_DRAIN_LIMIT),
-                    )
-                    .await;
-                }
-                return Ok(faults::abort_response(*status, b.as_ref(), grpc));
-            }
-            HttpOp::Reset => {
-                counters.add_dropped();
-                if ctx.http1 {
-                    ctx.ctrl.fire_reset();
-                }
-                return Err(ProxyError::AbortReset);
-            }
-            HttpOp::Replace {
-                headers,
-                body: b,
-                path,
-                method,
-                ..
-            } => faults::replace_request(
-                &mut req,
-                headers,
-                b.as_ref(),
-                path.as_deref(),
-                method.as_ref(),
-            ),
-            HttpOp::Patch {
-                headers,
-                query,
-                body_merge,
-            } => {
-                req = faults::patch_request(req, headers, query, body_merge.as_ref())
-                    .await
-                    .map_err(ProxyError::Body)?;
-            }
-        }
+        req = match request_fault(&ctx, req, r, &h.op, grpc).await? {
+            Next::Forward(req) => req,
+            Next::Answer(resp) => return Ok(resp),
+        };
     }
     let head = req.method() == Method::HEAD;
-    let mut resp = forward(&ctx, &up, req).await?;
+    let resp = forward(&ctx, &up, req).await?;
+    response_faults(resp, &later, head).await
+}
+
+/// Whether the HTTP rule `r` (`h`) acts on an exchange it matched: counts
+/// the match, draws its percentage, and logs `what` when it fires.
+fn fires(r: &CompiledRule, h: &HttpRule, what: &str) -> bool {
+    if !r.rule.counters.fires(h.percent) {
+        return false;
+    }
+    tracing::debug!(rule = %r.rule.id, "{what}");
+    true
+}
+
+/// What follows a request-phase fault.
+enum Next {
+    /// Go on with this request.
+    Forward(Request<ProxyBody>),
+    /// Answer the client with this instead of forwarding.
+    Answer(Response<ProxyBody>),
+}
+
+/// Applies the request-phase fault `op` of rule `r`.
+async fn request_fault(
+    ctx: &HttpCtx,
+    mut req: Request<ProxyBody>,
+    r: &CompiledRule,
+    op: &HttpOp,
+    grpc: bool,
+) -> Result<Next, ProxyError> {
+    match op {
+        HttpOp::Delay(d) => crate::io::sleep_precisely(*d).await,
+        HttpOp::Abort { status, body: b } => {
+            r.rule.counters.add_dropped();
+            if ctx.http1 {
+                // Read the rest of the request so the connection can
+                // carry the next one; hyper closes it otherwise.
+                let _ = tokio::time::timeout(
+                    ABORT_DRAIN_TIME,
+                    body::drain(req.into_body(), ABORT_DRAIN_LIMIT),
+                )
+                .await;
+            }
+            return Ok(Next::Answer(faults::abort_response(
+                *status,
+                b.as_ref(),
+                grpc,
+            )));
+        }
+        HttpOp::Reset => {
+            r.rule.counters.add_dropped();
+            if ctx.http1 {
+                ctx.ctrl.fire_reset();
+            }
+            return Err(ProxyError::AbortReset);
+        }
+        HttpOp::Replace {
+            headers,
+            body: b,
+            path,
+            method,
+            ..
+        } => faults::replace_request(
+            &mut req,
+            headers,
+            b.as_ref(),
+            path.as_deref(),
+            method.as_ref(),
+        ),
+        HttpOp::Patch {
+            headers,
+            query,
+            body_merge,
+        } => {
+            req = faults::patch_request(req, headers, query, body_merge.as_ref())
+                .await
+                .map_err(ProxyError::Body)?;
+        }
+    }
+    Ok(Next::Forward(req))
+}
+
+/// Applies the response-phase faults (`later`, in rule order) that match
+/// the server's response.
+async fn response_faults(
+    mut resp: Response<ProxyBody>,
+    later: &[(&CompiledRule, &HttpRule)],
+    head: bool,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let status = resp.status();
     if status.is_informational() {
         return Ok(resp);
     }
     let has_body = !head && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED;
-    for r in later {
-        let RuleKind::Http(h) = &r.kind else {
-            continue;
-        };
+    for &(r, h) in later {
         if !h.selector.matches_code(resp.status()) {
             continue;
         }
-        let counters = &r.rule.counters;
-        if !counters.fires(h.percent) {
+        if !fires(r, h, "response fault") {
             continue;
         }
-        tracing::debug!(rule = %r.rule.id, "response fault");
         match &h.op {
             HttpOp::Delay(d) => crate::io::sleep_precisely(*d).await,
             HttpOp::Replace {

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use netfault_api::spec::{FaultSpec, Limits};
+use netfault_api::Action;
 use netfault_tproxy::{DirectConnector, Proxy, ProxyRule, RuleCounters, Side};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -230,121 +231,98 @@ async fn listen() -> TcpListener {
         .expect("bind loopback")
 }
 
-/// An HTTP/1.1 server running [`app`].
-pub async fn http1_server() -> SocketAddr {
-    let l = listen().await;
+/// Accepts on `l` until it fails, each connection served by `serve` on a
+/// task of its own; the listener's address.
+pub fn serve_each<F, Fut>(l: TcpListener, serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| app(req, peer));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .with_upgrades()
-                    .await;
-            });
+            tokio::spawn(serve(s, peer));
         }
     });
     addr
+}
+
+/// An HTTP/1.1 server running [`app`].
+pub async fn http1_server() -> SocketAddr {
+    serve_each(listen().await, |s, peer| async move {
+        let svc = hyper::service::service_fn(move |req| app(req, peer));
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .with_upgrades()
+            .await;
+    })
 }
 
 /// An HTTP/2 (prior knowledge) server running [`app`].
 pub async fn http2_server() -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| app(req, peer));
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_each(listen().await, |s, peer| async move {
+        let svc = hyper::service::service_fn(move |req| app(req, peer));
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
 }
 
 /// Echoes every byte back; closes its side when the client does.
 pub async fn echo_server() -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    serve_each(listen().await, |mut s, _| async move { echo(&mut s).await })
+}
+
+/// Echoes until the client closes, then closes.
+async fn echo(s: &mut TcpStream) {
+    let (mut r, mut w) = s.split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
 }
 
 /// Speaks first with `banner`, then echoes.
 pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if s.write_all(banner).await.is_err() {
-                    return;
-                }
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+    serve_each(listen().await, move |mut s, _| async move {
+        if s.write_all(banner).await.is_ok() {
+            echo(&mut s).await;
         }
-    });
-    addr
+    })
 }
 
 /// Sends `n` pattern bytes to every client, then closes.
 pub async fn source_server(n: u64) -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let data: Vec<u8> = (0..n).map(pattern).collect();
-                let _ = s.write_all(&data).await;
-                let _ = s.shutdown().await;
-                let mut sink = [0u8; 1024];
-                while let Ok(k) = s.read(&mut sink).await {
-                    if k == 0 {
-                        break;
-                    }
-                }
-            });
+    serve_each(listen().await, move |mut s, _| async move {
+        let data: Vec<u8> = (0..n).map(pattern).collect();
+        let _ = s.write_all(&data).await;
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 1024];
+        while let Ok(k) = s.read(&mut sink).await {
+            if k == 0 {
+                break;
+            }
         }
-    });
-    addr
+    })
 }
 
 /// Captures each request head it gets (raw bytes), answers `ok` with a
 /// Content-Length, then closes the connection (no `Connection: close`).
 pub async fn capture_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
+    let addr = serve_each(listen().await, move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
-                let _ = tx.send(got);
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
+            }
+            let _ = tx.send(got);
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
         }
     });
     (addr, rx)
@@ -368,15 +346,16 @@ impl Harness {
     }
 
     pub async fn with_side(target: SocketAddr, side: Side) -> Harness {
+        Harness::on(listen().await, target, side)
+    }
+
+    /// A proxy accepting on `l`.
+    pub fn on(l: TcpListener, target: SocketAddr, side: Side) -> Harness {
         let proxy = Proxy::new(Arc::new(DirectConnector));
-        let l = listen().await;
-        let addr = l.local_addr().expect("addr");
         let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((s, peer)) = l.accept().await {
-                let p = p.clone();
-                tokio::spawn(async move { p.serve(s, peer, target, side).await });
-            }
+        let addr = serve_each(l, move |s, peer| {
+            let p = p.clone();
+            async move { p.serve(s, peer, target, side).await }
         });
         Harness {
             proxy,
@@ -407,7 +386,10 @@ impl Harness {
                 id: format!("rule-{}", spec.action.type_name()),
                 direction: spec.direction,
                 selector: spec.r#match,
-                action: spec.action,
+                action: match spec.action {
+                    Action::Proxy(a) => a,
+                    other => panic!("not a proxy action: {other:?}"),
+                },
                 deadline: Instant::now() + Duration::from_secs(3600),
                 counters: counters.clone(),
             },

@@ -6,6 +6,7 @@
 use std::io::Read;
 use std::path::Path;
 
+use netfault_api::BackendKind;
 use serde_json::{json, Value};
 
 /// `y`, `m`, or absent, per `CONFIG_` option.
@@ -122,7 +123,7 @@ pub fn nfqueue_section() -> (Value, bool) {
         nfqueue_socket_opens().err()
     };
     let mut delay = json!({
-        "backend": "nfqueue",
+        "backend": BackendKind::Nfqueue.as_str(),
         "available": reason.is_none(),
         "diversion": "nft table inet netfault, xt NFQUEUE target with bypass",
         "nft_queue_statement": nft_queue,
@@ -150,7 +151,7 @@ pub fn proxy_section(lease: std::time::Duration) -> (Value, bool) {
         None
     };
     let mut proxy = json!({
-        "backend": "proxy",
+        "backend": BackendKind::Proxy.as_str(),
         "available": reason.is_none(),
         "diversion": "nft table inet netfault_proxy: tproxy to IP_TRANSPARENT listeners in the pod netns, fwmark policy routing to lo",
         "lease_seconds": lease.as_secs(),

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netfault_api::spec::{Direction, Match, Protocol};
-use netfault_api::{Action, FaultSpec};
+use netfault_api::DelayAction;
 
 use super::dist::{Correlated, DelaySampler};
 use super::queue::NfQueue;
@@ -365,11 +365,18 @@ impl Shared {
     }
 }
 
-/// The engine's view of one fault (see `holder`, which builds it from the
-/// agent's control line).
-pub fn plan_for(spec: &FaultSpec, deadline: Instant, counters: Arc<FaultCounters>) -> Plan {
-    let kind = match &spec.action {
-        Action::Delay {
+/// The engine's view of one fault: `action` on the packets `selector`
+/// matches in `direction` (see `holder`, which builds it from the agent's
+/// control line).
+pub fn plan_for(
+    direction: Direction,
+    selector: &Match,
+    action: &DelayAction,
+    deadline: Instant,
+    counters: Arc<FaultCounters>,
+) -> Plan {
+    let kind = match action {
+        DelayAction::Delay {
             latency,
             jitter,
             correlation,
@@ -385,7 +392,7 @@ pub fn plan_for(spec: &FaultSpec, deadline: Instant, counters: Arc<FaultCounters
             percent: *percent,
             pick: Correlated::new(0.0),
         },
-        Action::Reorder {
+        DelayAction::Reorder {
             percent,
             correlation,
             gap,
@@ -397,16 +404,10 @@ pub fn plan_for(spec: &FaultSpec, deadline: Instant, counters: Arc<FaultCounters
             rnd: Correlated::new(*correlation),
             counter: 0,
         },
-        // Not a delay-backend action (never routed here): delays nothing.
-        _ => Kind::Delay {
-            sampler: DelaySampler::new(0.0, 0.0, 0.0, netfault_api::spec::Distribution::Uniform),
-            percent: 0.0,
-            pick: Correlated::new(0.0),
-        },
     };
     Plan {
-        direction: spec.direction,
-        selector: spec.r#match.clone(),
+        direction,
+        selector: selector.clone(),
         kind,
         deadline,
         counters,

@@ -27,7 +27,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use netfault_api::spec::Limits;
-use netfault_api::{Counters, FaultSpec};
+use netfault_api::{Action, Counters, FaultSpec};
 use serde_json::{json, Value};
 
 use super::engine::{self, Plan, Reinjector, Shared};
@@ -337,25 +337,29 @@ impl Drop for Engine {
 /// Parses one control line into plans (the holder's side).
 fn plans_from_line(line: &str, now: Instant) -> Result<Vec<Plan>, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let limits = Limits {
-        max_duration: Duration::MAX,
-        target_required: false,
-    };
-    v["faults"]
-        .as_array()
-        .ok_or("no faults list")?
-        .iter()
-        .map(|f| {
-            let spec = FaultSpec::parse(&f["spec"], &limits).map_err(|e| e.to_string())?;
-            let remaining = Duration::from_nanos(f["remaining_ns"].as_u64().unwrap_or(0));
-            let slot = f["slot"].as_u64().unwrap_or(0) as usize;
-            Ok(engine::plan_for(
-                &spec,
-                now + remaining,
-                std::sync::Arc::new(FaultCounters::view(slot)),
-            ))
-        })
-        .collect()
+    let limits = Limits::stored();
+    let mut plans = Vec::new();
+    for f in v["faults"].as_array().ok_or("no faults list")? {
+        let spec = FaultSpec::parse(&f["spec"], &limits).map_err(|e| e.to_string())?;
+        let Action::Delay(action) = &spec.action else {
+            // The agent sends delay-engine faults only.
+            tracing::warn!(
+                action = spec.action.type_name(),
+                "not a delay action; ignored"
+            );
+            continue;
+        };
+        let remaining = Duration::from_nanos(f["remaining_ns"].as_u64().unwrap_or(0));
+        let slot = f["slot"].as_u64().unwrap_or(0) as usize;
+        plans.push(engine::plan_for(
+            spec.direction,
+            &spec.r#match,
+            action,
+            now + remaining,
+            std::sync::Arc::new(FaultCounters::view(slot)),
+        ));
+    }
+    Ok(plans)
 }
 
 /// `netfaultd delay-holder NAME`: serves the inherited queue until the

@@ -21,11 +21,12 @@ pub mod queue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use netfault_api::{Action, BackendKind, FaultSpec, FieldError};
+use netfault_api::{BackendKind, DelayAction, FieldError};
 use netfault_sys::netns::NetnsError;
 
 use super::{
-    ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx, SandboxMemo,
+    ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader, SandboxCtx,
+    SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
 use holder::{Engine, FaultCounters, HolderFault};
@@ -102,7 +103,11 @@ impl NfqueueBackend {
 
     /// Brings a sandbox's netns in line with `faults` (its active delay and
     /// reorder faults): with none, removes the table and closes the queue.
-    fn apply(&mut self, sb: &SandboxCtx<'_>, faults: &[ActiveFault<'_>]) -> Result<(), DelayError> {
+    fn apply(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        faults: &[ActiveFault<'_, DelayAction>],
+    ) -> Result<(), DelayError> {
         if faults.is_empty() {
             return self.remove(sb);
         }
@@ -163,34 +168,9 @@ impl NfqueueBackend {
     }
 }
 
-impl Backend for NfqueueBackend {
+impl BackendOps for NfqueueBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Nfqueue
-    }
-
-    fn admit(&self, spec: &FaultSpec, active: &[&FaultSpec]) -> Result<(), FieldError> {
-        // A reorder without its own latency reorders against a delay fault.
-        if let Action::Reorder { latency: None, .. } = spec.action {
-            let has_delay = active
-                .iter()
-                .any(|s| matches!(s.action, Action::Delay { .. }));
-            if !has_delay {
-                return Err(FieldError::unsupported(
-                    "action.latency",
-                    "reorder needs a latency: give action.latency, or first add a delay fault to this sandbox whose delay the in-order packets get",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn sync(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        _memo: &mut SandboxMemo,
-        faults: &mut [ActiveFault<'_>],
-    ) -> Result<(), BackendError> {
-        self.apply(sb, faults).map_err(sync_err)
     }
 
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
@@ -217,10 +197,39 @@ impl Backend for NfqueueBackend {
         Availability {
             section: Some(("delay", section)),
             actions: if available {
-                vec!["delay", "reorder"]
+                BackendKind::Nfqueue.action_types().collect()
             } else {
                 Vec::new()
             },
         }
+    }
+}
+
+impl Backend for NfqueueBackend {
+    type Action = DelayAction;
+
+    fn admit(&self, action: &DelayAction, active: &[&DelayAction]) -> Result<(), FieldError> {
+        // A reorder without its own latency reorders against a delay fault.
+        if let DelayAction::Reorder { latency: None, .. } = action {
+            let has_delay = active
+                .iter()
+                .any(|a| matches!(a, DelayAction::Delay { .. }));
+            if !has_delay {
+                return Err(FieldError::unsupported(
+                    "action.latency",
+                    "reorder needs a latency: give action.latency, or first add a delay fault to this sandbox whose delay the in-order packets get",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_, DelayAction>],
+    ) -> Result<(), BackendError> {
+        self.apply(sb, faults).map_err(sync_err)
     }
 }

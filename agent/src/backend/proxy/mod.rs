@@ -25,13 +25,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netfault_api::{BackendKind, FaultSpec, FieldError};
+use netfault_api::{BackendKind, FieldError, ProxyAction};
 use netfault_sys::netns::{Netns, NetnsError};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
 use super::{
-    nfqueue, ActiveFault, Availability, Backend, BackendError, CounterReader, SandboxCtx,
-    SandboxMemo,
+    nfqueue, ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader,
+    SandboxCtx, SandboxMemo,
 };
 use crate::registry::state::{FaultId, SandboxId};
 pub mod divert;
@@ -307,7 +307,7 @@ impl ProxyBackend {
         self.next_tag
     }
 
-    fn diversions(&mut self, faults: &[ActiveFault<'_>]) -> Vec<divert::Diversion> {
+    fn diversions(&mut self, faults: &[ActiveFault<'_, ProxyAction>]) -> Vec<divert::Diversion> {
         faults
             .iter()
             .map(|f| divert::Diversion {
@@ -345,7 +345,11 @@ impl ProxyBackend {
     /// Brings a sandbox in line with `faults` (its active proxy faults):
     /// with none, stops diverting new connections and closes the listeners;
     /// the rest goes once the proxied connections are done.
-    fn apply(&mut self, sb: &SandboxCtx<'_>, faults: &[ActiveFault<'_>]) -> Result<(), ProxyError> {
+    fn apply(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        faults: &[ActiveFault<'_, ProxyAction>],
+    ) -> Result<(), ProxyError> {
         let Some(ns) = sb.netns else {
             // The pod is gone, and its diversion with it.
             self.close(sb.id);
@@ -361,7 +365,7 @@ impl ProxyBackend {
                 id: f.id.to_string(),
                 direction: f.spec.direction,
                 selector: f.spec.r#match.clone(),
-                action: f.spec.action.clone(),
+                action: f.action.clone(),
                 deadline: now + f.remaining,
                 counters: self.counters.entry(f.id.clone()).or_default().clone(),
             })
@@ -530,23 +534,9 @@ impl ProxyBackend {
     }
 }
 
-impl Backend for ProxyBackend {
+impl BackendOps for ProxyBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Proxy
-    }
-
-    fn admit(&self, _spec: &FaultSpec, _active: &[&FaultSpec]) -> Result<(), FieldError> {
-        Ok(())
-    }
-
-    fn sync(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        _memo: &mut SandboxMemo,
-        faults: &mut [ActiveFault<'_>],
-    ) -> Result<(), BackendError> {
-        self.apply(sb, faults)
-            .map_err(|e| BackendError::new("applying the proxy faults", e))
     }
 
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
@@ -580,19 +570,29 @@ impl Backend for ProxyBackend {
         Availability {
             section: Some(("proxy", section)),
             actions: if available {
-                vec![
-                    "http-abort",
-                    "http-delay",
-                    "http-replace",
-                    "http-patch",
-                    "tcp-reset",
-                    "tcp-slow-close",
-                    "tcp-bandwidth",
-                ]
+                BackendKind::Proxy.action_types().collect()
             } else {
                 Vec::new()
             },
         }
+    }
+}
+
+impl Backend for ProxyBackend {
+    type Action = ProxyAction;
+
+    fn admit(&self, _action: &ProxyAction, _active: &[&ProxyAction]) -> Result<(), FieldError> {
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        sb: &SandboxCtx<'_>,
+        _memo: &mut SandboxMemo,
+        faults: &mut [ActiveFault<'_, ProxyAction>],
+    ) -> Result<(), BackendError> {
+        self.apply(sb, faults)
+            .map_err(|e| BackendError::new("applying the proxy faults", e))
     }
 }
 
