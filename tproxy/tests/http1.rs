@@ -528,43 +528,8 @@ async fn an_unreachable_server_is_a_reset_for_the_client() {
 
 #[tokio::test]
 async fn ipv6_and_rule_scoping_by_side_and_network() {
-    let server = {
-        let l = tokio::net::TcpListener::bind("[::1]:0")
-            .await
-            .expect("bind ::1");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((s, peer)) = l.accept().await {
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| app(req, peer));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
-    let proxy = netfault_tproxy::Proxy::new(std::sync::Arc::new(netfault_tproxy::DirectConnector));
-    let l = tokio::net::TcpListener::bind("[::1]:0")
-        .await
-        .expect("bind ::1");
-    let paddr = l.local_addr().expect("addr");
-    let p = proxy.clone();
-    tokio::spawn(async move {
-        while let Ok((s, peer)) = l.accept().await {
-            let p = p.clone();
-            tokio::spawn(async move {
-                p.serve(s, peer, server, netfault_tproxy::Side::Inbound)
-                    .await
-            });
-        }
-    });
-    let h = Harness {
-        proxy,
-        addr: paddr,
-        target: server,
-    };
+    let server = http1_server_at("[::1]:0").await;
+    let h = Harness::at("[::1]:0", server, netfault_tproxy::Side::Inbound).await;
     let mut s = h.h1().await;
     let status = |fault: serde_json::Value| {
         let (rule, _) = h.rule_with(fault);

@@ -10,11 +10,12 @@ use netfault_tproxy::{Side, SNIFF_TIMEOUT};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn echo_round(s: &mut tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
+/// Writes `data` and asserts that the same bytes come back.
+async fn assert_echoed(s: &mut tokio::net::TcpStream, data: &[u8]) {
     s.write_all(data).await.expect("write");
     let mut back = vec![0u8; data.len()];
     within(10, s.read_exact(&mut back)).await.expect("echo");
-    back
+    assert_eq!(back, data);
 }
 
 #[tokio::test]
@@ -24,14 +25,11 @@ async fn non_http_bytes_echo_back_unchanged() {
     h.set(vec![json!({"type": "http-abort", "status": 503})]);
     let data: Vec<u8> = (0..1_000_000u64).map(pattern).collect();
     let mut s = h.connect().await;
-    assert_eq!(echo_round(&mut s, &data).await, data);
+    assert_echoed(&mut s, &data).await;
     // A line protocol whose commands look like `WORD arg`.
     let mut s = h.connect().await;
-    assert_eq!(
-        echo_round(&mut s, b"SET key value\r\n").await,
-        b"SET key value\r\n"
-    );
-    assert_eq!(echo_round(&mut s, b"GET key\r\n").await, b"GET key\r\n");
+    assert_echoed(&mut s, b"SET key value\r\n").await;
+    assert_echoed(&mut s, b"GET key\r\n").await;
     // Half-close: the client's FIN reaches the server, whose FIN comes back.
     s.shutdown().await.expect("shutdown");
     let (rest, err) = within(5, read_all(&mut s)).await;
@@ -48,7 +46,7 @@ async fn tls_looking_bytes_are_relayed_unchanged() {
     ];
     hello.extend((0..160u64).map(pattern));
     let mut s = h.connect().await;
-    assert_eq!(echo_round(&mut s, &hello).await, hello);
+    assert_echoed(&mut s, &hello).await;
 }
 
 #[tokio::test]
@@ -68,10 +66,7 @@ async fn a_server_that_speaks_first_is_not_held_up() {
         waited < SNIFF_TIMEOUT,
         "the banner waited for the sniff timeout: {waited:?}"
     );
-    assert_eq!(
-        echo_round(&mut s, b"EHLO client\r\n").await,
-        b"EHLO client\r\n"
-    );
+    assert_echoed(&mut s, b"EHLO client\r\n").await;
 }
 
 #[tokio::test]
@@ -80,10 +75,7 @@ async fn a_silent_client_is_relayed_after_the_sniff_timeout() {
     let mut s = h.connect().await;
     tokio::time::sleep(SNIFF_TIMEOUT + Duration::from_millis(100)).await;
     // Looks like HTTP, but the decision was made: bytes, untouched.
-    assert_eq!(
-        echo_round(&mut s, b"GET / HTTP/1.1\r\n\r\n").await,
-        b"GET / HTTP/1.1\r\n\r\n"
-    );
+    assert_echoed(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
 }
 
 #[tokio::test]
@@ -92,7 +84,7 @@ async fn tcp_reset_after_a_duration() {
     let c = h.set(vec![json!({"type": "tcp-reset", "after": "300ms"})]);
     let t = Instant::now();
     let mut s = h.connect().await;
-    assert_eq!(echo_round(&mut s, b"before").await, b"before");
+    assert_echoed(&mut s, b"before").await;
     let (_, err) = within(5, read_all(&mut s)).await;
     let at = t.elapsed();
     assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::ConnectionReset));
@@ -128,7 +120,7 @@ async fn tcp_reset_after_n_bytes_counted_both_ways() {
     let mut s = h.connect().await;
     // 4000 out and 4000 back: 8000 of the 10000.
     let data: Vec<u8> = (0..4000u64).map(pattern).collect();
-    assert_eq!(echo_round(&mut s, &data).await, data);
+    assert_echoed(&mut s, &data).await;
     // 2000 more bytes reach the limit on their way out.
     s.write_all(&data).await.expect("write");
     let (back, err) = within(5, read_all(&mut s)).await;
@@ -242,7 +234,7 @@ async fn tcp_slow_close_holds_the_fin_back() {
     let h = Harness::new(echo_server().await).await;
     h.set(vec![json!({"type": "tcp-slow-close", "delay": "400ms"})]);
     let mut s = h.connect().await;
-    assert_eq!(echo_round(&mut s, b"x").await, b"x");
+    assert_echoed(&mut s, b"x").await;
     let t = Instant::now();
     s.shutdown().await.expect("shutdown");
     let (_, err) = within(5, read_all(&mut s)).await;

@@ -224,129 +224,116 @@ impl Body for Frames {
     }
 }
 
-async fn listen() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0")
+/// Where the servers and the proxy listen unless a test says otherwise.
+pub const LOOPBACK: &str = "127.0.0.1:0";
+
+/// Listens on `bind` and runs `handle(stream, peer)` on a task of its own
+/// for every connection; the address it listens on.
+pub async fn serve_each<F, Fut>(bind: &str, handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind(bind)
         .await
-        .expect("bind loopback")
+        .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = l.accept().await {
+            tokio::spawn(handle(s, peer));
+        }
+    });
+    addr
 }
 
 /// An HTTP/1.1 server running [`app`].
 pub async fn http1_server() -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| app(req, peer));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    addr
+    http1_server_at(LOOPBACK).await
+}
+
+/// [`http1_server`] listening on `bind`.
+pub async fn http1_server_at(bind: &str) -> SocketAddr {
+    serve_each(bind, |s, peer| async move {
+        let svc = hyper::service::service_fn(move |req| app(req, peer));
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .with_upgrades()
+            .await;
+    })
+    .await
 }
 
 /// An HTTP/2 (prior knowledge) server running [`app`].
 pub async fn http2_server() -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| app(req, peer));
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_each(LOOPBACK, |s, peer| async move {
+        let svc = hyper::service::service_fn(move |req| app(req, peer));
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
+    .await
 }
 
 /// Echoes every byte back; closes its side when the client does.
 pub async fn echo_server() -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    serve_each(LOOPBACK, |s, _| echo(s)).await
+}
+
+/// Copies what `s` reads back to it until EOF, then closes its side.
+async fn echo(mut s: TcpStream) {
+    let (mut r, mut w) = s.split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
 }
 
 /// Speaks first with `banner`, then echoes.
 pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if s.write_all(banner).await.is_err() {
-                    return;
-                }
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+    serve_each(LOOPBACK, move |mut s, _| async move {
+        if s.write_all(banner).await.is_ok() {
+            echo(s).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Sends `n` pattern bytes to every client, then closes.
 pub async fn source_server(n: u64) -> SocketAddr {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let data: Vec<u8> = (0..n).map(pattern).collect();
-                let _ = s.write_all(&data).await;
-                let _ = s.shutdown().await;
-                let mut sink = [0u8; 1024];
-                while let Ok(k) = s.read(&mut sink).await {
-                    if k == 0 {
-                        break;
-                    }
-                }
-            });
+    serve_each(LOOPBACK, move |mut s, _| async move {
+        let data: Vec<u8> = (0..n).map(pattern).collect();
+        let _ = s.write_all(&data).await;
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 1024];
+        while let Ok(k) = s.read(&mut sink).await {
+            if k == 0 {
+                break;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Captures each request head it gets (raw bytes), answers `ok` with a
 /// Content-Length, then closes the connection (no `Connection: close`).
 pub async fn capture_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    let l = listen().await;
-    let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
+    let addr = serve_each(LOOPBACK, move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
-                let _ = tx.send(got);
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
+            }
+            let _ = tx.send(got);
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
         }
-    });
+    })
+    .await;
     (addr, rx)
 }
 
@@ -368,16 +355,18 @@ impl Harness {
     }
 
     pub async fn with_side(target: SocketAddr, side: Side) -> Harness {
+        Harness::at(LOOPBACK, target, side).await
+    }
+
+    /// A proxy listening on `bind` for connections to `target` on `side`.
+    pub async fn at(bind: &str, target: SocketAddr, side: Side) -> Harness {
         let proxy = Proxy::new(Arc::new(DirectConnector));
-        let l = listen().await;
-        let addr = l.local_addr().expect("addr");
         let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((s, peer)) = l.accept().await {
-                let p = p.clone();
-                tokio::spawn(async move { p.serve(s, peer, target, side).await });
-            }
-        });
+        let addr = serve_each(bind, move |s, peer| {
+            let p = p.clone();
+            async move { p.serve(s, peer, target, side).await }
+        })
+        .await;
         Harness {
             proxy,
             addr,
