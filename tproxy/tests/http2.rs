@@ -62,10 +62,7 @@ async fn h2_prior_knowledge_passes_through_with_streams_and_trailers() {
         let req = Request::builder()
             .method(Method::POST)
             .uri("http://web.test/upload")
-            .body(http_body_util::BodyExt::boxed_unsync(PatternBody::new(
-                3 << 20,
-                false,
-            )))
+            .body(pattern_body(3 << 20, false))
             .expect("request");
         send2(&mut up, req).await
     });

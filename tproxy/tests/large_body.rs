@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use http::{Method, Request};
-use http_body_util::BodyExt;
 use serde_json::json;
 
 const SIZE: u64 = 64 << 20;
@@ -42,7 +41,7 @@ async fn a_64mb_body_through_a_non_matching_rule_streams_intact() {
         .uri("/upload")
         .header("host", "web.test")
         .header("content-type", "application/json")
-        .body(PatternBody::new(SIZE, false).boxed_unsync())
+        .body(pattern_body(SIZE, false))
         .expect("request");
     let (status, _, body) = within(120, send1(&mut s, req)).await.expect("upload");
     assert_eq!(status, 200);
@@ -79,7 +78,7 @@ async fn a_64mb_body_through_a_non_matching_rule_streams_intact() {
         .uri("/api/upload")
         .header("host", "web.test")
         .header("content-type", "application/json")
-        .body(PatternBody::new(20 << 20, false).boxed_unsync())
+        .body(pattern_body(20 << 20, false))
         .expect("request");
     let (status, _, body) = within(120, send1(&mut s, req)).await.expect("upload");
     assert_eq!(status, 200);

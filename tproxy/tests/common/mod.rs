@@ -38,25 +38,15 @@ pub fn pattern(i: u64) -> u8 {
     ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8) ^ (i as u8)
 }
 
-/// A body of `n` pattern bytes, made as it is read, 64 KiB at a time, with
-/// no length announced (chunked on HTTP/1) unless `sized`.
-pub struct PatternBody {
-    sent: u64,
-    len: u64,
-    sized: bool,
+/// A body whose frames `next` makes as they are read (`None`: the end).
+/// Its size hint is exact while `left` (the data bytes still to come) is
+/// known, and unknown otherwise.
+pub struct MadeBody<F> {
+    next: F,
+    left: Option<u64>,
 }
 
-impl PatternBody {
-    pub fn new(len: u64, sized: bool) -> PatternBody {
-        PatternBody {
-            sent: 0,
-            len,
-            sized,
-        }
-    }
-}
-
-impl Body for PatternBody {
+impl<F: FnMut() -> Option<Frame<Bytes>> + Unpin> Body for MadeBody<F> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -65,22 +55,47 @@ impl Body for PatternBody {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.sent >= this.len {
-            return Poll::Ready(None);
+        let frame = (this.next)();
+        if let (Some(left), Some(d)) = (&mut this.left, frame.as_ref().and_then(Frame::data_ref)) {
+            *left -= d.len() as u64;
         }
-        let n = (this.len - this.sent).min(64 << 10);
-        let chunk: Vec<u8> = (this.sent..this.sent + n).map(pattern).collect();
-        this.sent += n;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+        Poll::Ready(frame.map(Ok))
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sized {
-            SizeHint::with_exact(self.len - self.sent)
-        } else {
-            SizeHint::default()
-        }
+        self.left
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
+}
+
+/// A body of `len` pattern bytes, made as it is read, 64 KiB at a time,
+/// with no length announced (chunked on HTTP/1) unless `sized`.
+pub fn pattern_body(len: u64, sized: bool) -> TestBody {
+    let mut sent = 0u64;
+    let next = move || {
+        if sent >= len {
+            return None;
+        }
+        let n = (len - sent).min(64 << 10);
+        let chunk: Vec<u8> = (sent..sent + n).map(pattern).collect();
+        sent += n;
+        Some(Frame::data(Bytes::from(chunk)))
+    };
+    MadeBody {
+        next,
+        left: sized.then_some(len),
+    }
+    .boxed_unsync()
+}
+
+/// A body of fixed frames (data and trailers), no length announced.
+pub fn frames_body(frames: Vec<Frame<Bytes>>) -> TestBody {
+    let mut frames = frames.into_iter();
+    MadeBody {
+        next: move || frames.next(),
+        left: None,
+    }
+    .boxed_unsync()
 }
 
 /// Reads a body to its end checking it against the pattern; its length.
@@ -152,7 +167,7 @@ pub async fn app(
     }
     if let Some(n) = path.strip_prefix("/big/") {
         let n: u64 = n.parse()?;
-        return Ok(Response::new(PatternBody::new(n, true).boxed_unsync()));
+        return Ok(Response::new(pattern_body(n, true)));
     }
     if path.ends_with("/upload") {
         let len = check_pattern(req.into_body()).await?;
@@ -174,7 +189,7 @@ pub async fn app(
             Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x02hi")),
             Frame::trailers(trailers),
         ];
-        let mut r = Response::new(Frames(frames.into()).boxed_unsync());
+        let mut r = Response::new(frames_body(frames));
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("application/grpc"));
         return Ok(r);
@@ -208,20 +223,6 @@ fn echo_json_parts(req: &Request<()>, body_len: usize, peer: SocketAddr) -> Valu
         "peer": peer.to_string(),
         "version": format!("{:?}", req.version()),
     })
-}
-
-/// A body of fixed frames (data and trailers).
-pub struct Frames(pub std::collections::VecDeque<Frame<Bytes>>);
-
-impl Body for Frames {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Poll::Ready(self.get_mut().0.pop_front().map(Ok))
-    }
 }
 
 /// Where the servers and the proxy listen unless a test says otherwise.
