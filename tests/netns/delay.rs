@@ -73,16 +73,26 @@ fn echo(pod: &Pod, port: u16) -> Repeat<()> {
     })
 }
 
-/// Runs a ping schedule: ping `i` is sent by `send(i)` at `gap * i` after
-/// `start` (pipelined: the schedule does not wait for replies), which
-/// returns its send time since `start`; meanwhile `recv` runs on a thread of
-/// its own and yields each echo it gets as (ping, arrival since `start`).
-/// After `linger` for the last echoes, RTT = arrival minus send time.
-fn ping_schedule(
-    start: Instant,
+/// `count` pings, one every `gap` (pipelined: the schedule does not wait
+/// for replies), then `linger` for the last echoes.
+#[derive(Clone, Copy)]
+struct Pings {
     count: usize,
     gap: Duration,
     linger: Duration,
+}
+
+fn pings(count: usize, gap: Duration, linger: Duration) -> Pings {
+    Pings { count, gap, linger }
+}
+
+/// Runs a ping schedule: ping `i` is sent by `send(i)` at `gap * i` after
+/// `start`, which returns its send time since `start`; meanwhile `recv`
+/// runs on a thread of its own and yields each echo it gets as (ping,
+/// arrival since `start`). RTT = arrival minus send time.
+fn ping_schedule(
+    start: Instant,
+    Pings { count, gap, linger }: Pings,
     mut send: impl FnMut(usize) -> Duration,
     mut recv: impl FnMut() -> Option<(usize, Duration)> + Send + 'static,
 ) -> Rtts {
@@ -113,18 +123,11 @@ fn ping_schedule(
     }
 }
 
-/// Sends `count` pings from `from` to `to_ip:port` every `gap` (pipelined:
-/// the schedule does not wait for replies) and waits `linger` for the last
-/// echoes. RTT = arrival of the echo minus the ping's send time.
-fn rtts(
-    from: &Pod,
-    to_ip: IpAddr,
-    port: u16,
-    count: usize,
-    gap: Duration,
-    linger: Duration,
-) -> Rtts {
-    rtts_stamped(from, to_ip, port, count, gap, linger, Clock::Kernel)
+/// Pings from `from` to the UDP echo on `to_ip:port` on the schedule
+/// `sched`. RTT = arrival of the echo (the kernel's stamp) minus the ping's
+/// send time.
+fn rtts(from: &Pod, to_ip: IpAddr, port: u16, sched: Pings) -> Rtts {
+    rtts_stamped(from, to_ip, port, sched, Clock::Kernel)
 }
 
 /// Where an echo's arrival time comes from.
@@ -139,15 +142,8 @@ enum Clock {
     App,
 }
 
-fn rtts_stamped(
-    from: &Pod,
-    to_ip: IpAddr,
-    port: u16,
-    count: usize,
-    gap: Duration,
-    linger: Duration,
-    clock: Clock,
-) -> Rtts {
+/// [`rtts`], with the echoes' arrival times from `clock`.
+fn rtts_stamped(from: &Pod, to_ip: IpAddr, port: u16, sched: Pings, clock: Clock) -> Rtts {
     use nix::sys::socket::{setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 
     let sock = udp_bind(from, SocketAddr::new(testbed::unspecified(to_ip), 0));
@@ -201,7 +197,7 @@ fn rtts_stamped(
         sock.send_to(&pkt, dst).expect("send must not fail");
         sent
     };
-    ping_schedule(start, count, gap, linger, send, recv)
+    ping_schedule(start, sched, send, recv)
 }
 
 /// Baseline median RTT between the pods, without any fault.
@@ -210,9 +206,15 @@ fn baseline(a: &Pod, ip: IpAddr, port: u16) -> Duration {
 }
 
 fn baseline_by(a: &Pod, ip: IpAddr, port: u16, clock: Clock) -> Duration {
-    let r = rtts_stamped(a, ip, port, 200, MS / 2, 50 * MS, clock);
+    let r = rtts_stamped(a, ip, port, pings(200, MS / 2, 50 * MS), clock);
     assert_eq!(r.lost(), 0, "baseline pings lost");
     r.quantile(0.5)
+}
+
+/// What a test compares with once its faults are gone: `a`'s netns, and
+/// the baseline RTT to `ip:port` (by `clock`).
+fn before_faults(a: &Pod, ip: IpAddr, port: u16, clock: Clock) -> (Pristine<'_>, Duration) {
+    (Pristine::of(a), baseline_by(a, ip, port, clock))
 }
 
 /// Asserts that every ping of `r` came back and that their median RTT is
@@ -280,15 +282,14 @@ fn fixed_delay_egress_ipv4() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
     let (a, _b, _e, ip) = echo_pair(&c, 7301);
-    let pristine = Pristine::of(&a);
-    let base = baseline(&a, ip, 7301);
+    let (pristine, base) = before_faults(&a, ip, 7301, Clock::Kernel);
 
     for (lat, d) in [("20ms", 20 * MS), ("100ms", 100 * MS)] {
         let id = c.fault_on(&a, "egress", json!({}), delay(lat), "60s");
         let f = c.get_fault(&id);
         assert_eq!(f["backend"], "nfqueue", "{f}");
         assert_fixed_delay(
-            || rtts(&a, ip, 7301, 400, MS, d + 100 * MS),
+            || rtts(&a, ip, 7301, pings(400, MS, d + 100 * MS)),
             base,
             d,
             &format!("egress {lat}"),
@@ -299,7 +300,7 @@ fn fixed_delay_egress_ipv4() {
         assert!(matched >= 400 && affected >= 400, "counters: {f}");
         c.delete_fault(&id);
         pristine.assert_unchanged("removal restores the netns");
-        let after = rtts(&a, ip, 7301, 100, MS, 50 * MS);
+        let after = rtts(&a, ip, 7301, pings(100, MS, 50 * MS));
         assert_undelayed(&after, base, "baseline not restored");
     }
 }
@@ -321,12 +322,12 @@ fn ingress_delay_ipv6_selected() {
         "60s",
     );
     assert_fixed_delay(
-        || rtts_stamped(&a, v6(&b), 7302, 400, MS, 150 * MS, Clock::App),
+        || rtts_stamped(&a, v6(&b), 7302, pings(400, MS, 150 * MS), Clock::App),
         base6,
         20 * MS,
         "ingress ipv6 20ms",
     );
-    let r4 = rtts_stamped(&a, v4(&b), 7302, 200, MS, 50 * MS, Clock::App);
+    let r4 = rtts_stamped(&a, v4(&b), 7302, pings(200, MS, 50 * MS), Clock::App);
     assert_undelayed(&r4, base4, "IPv4 was delayed too");
     c.delete_fault(&id);
 }
@@ -423,7 +424,7 @@ fn jitter_distributions_match_model() {
                 json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "distribution": dist}),
                 "60s",
             );
-            let r = rtts(&a, ip, 7303, 1500, MS / 2, 150 * MS);
+            let r = rtts(&a, ip, 7303, pings(1500, MS / 2, 150 * MS));
             c.delete_fault(&id);
             assert_eq!(r.lost(), 0, "{dist}: a delay must not drop");
             let added: Vec<f64> = r.received().iter().map(|d| ms(*d) - ms(base)).collect();
@@ -484,11 +485,10 @@ fn agent_killed_under_delay_fails_open() {
     testbed::require_root!();
     let mut c = Cluster::exclusive(false);
     let (a, _b, _e, ip) = echo_pair(&c, 7304);
-    let pristine = Pristine::of(&a);
-    let base = baseline(&a, ip, 7304);
+    let (pristine, base) = before_faults(&a, ip, 7304, Clock::Kernel);
     let id = c.fault_on(&a, "egress", json!({}), delay("100ms"), "60s");
     assert_fixed_delay(
-        || rtts(&a, ip, 7304, 100, MS, 200 * MS),
+        || rtts(&a, ip, 7304, pings(100, MS, 200 * MS)),
         base,
         100 * MS,
         "before the kill",
@@ -498,7 +498,7 @@ fn agent_killed_under_delay_fails_open() {
     // that moment must arrive too (the holder process releases them when
     // the agent dies), and those sent 1 s later must be undelayed.
     let (r, killed) = std::thread::scope(|s| {
-        let stream = s.spawn(|| rtts(&a, ip, 7304, 1800, MS, 300 * MS));
+        let stream = s.spawn(|| rtts(&a, ip, 7304, pings(1800, MS, 300 * MS)));
         std::thread::sleep(Duration::from_millis(500));
         c.agent.kill().expect("SIGKILL the agent");
         let killed = Instant::now();
@@ -540,13 +540,13 @@ fn agent_killed_under_delay_fails_open() {
 
     c.agent.restart().expect("agent restarts");
     assert_fixed_delay(
-        || rtts(&a, ip, 7304, 100, MS, 200 * MS),
+        || rtts(&a, ip, 7304, pings(100, MS, 200 * MS)),
         base,
         100 * MS,
         "after restart",
     );
     c.delete_fault(&id);
-    let r = rtts(&a, ip, 7304, 100, MS, 50 * MS);
+    let r = rtts(&a, ip, 7304, pings(100, MS, 50 * MS));
     assert_undelayed(&r, base, "baseline after removal");
     pristine.assert_unchanged("no leftovers");
 }
@@ -572,8 +572,7 @@ fn expires_with_agent_dead() {
     testbed::require_root!();
     let mut c = Cluster::exclusive(false);
     let (a, _b, _e, ip) = echo_pair(&c, 7305);
-    let pristine = Pristine::of(&a);
-    let base = baseline(&a, ip, 7305);
+    let (pristine, base) = before_faults(&a, ip, 7305, Clock::Kernel);
     let created = Instant::now();
     let id = c.fault_on(&a, "egress", json!({}), delay("20ms"), "1500ms");
     assert_eq!(diversion_elements(&a), 2, "ipv4 and ipv6 keys while active");
@@ -588,7 +587,7 @@ fn expires_with_agent_dead() {
         0,
         "the kernel did not time out the keys"
     );
-    let r = rtts(&a, ip, 7305, 100, MS, 50 * MS);
+    let r = rtts(&a, ip, 7305, pings(100, MS, 50 * MS));
     assert_undelayed(&r, base, "undelayed after the deadline");
     c.agent.restart().expect("agent restarts");
     let f = c.get_fault(&id);
@@ -654,12 +653,11 @@ fn delay_both_directions_composes_with_loss() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
     let (a, _b, _e, ip) = echo_pair(&c, 7307);
-    let pristine = Pristine::of(&a);
-    let base = baseline_by(&a, ip, 7307, Clock::App);
+    let (pristine, base) = before_faults(&a, ip, 7307, Clock::App);
     let udp = json!({"protocol": "udp"});
     let d = c.fault_on(&a, "both", udp.clone(), delay("10ms"), "60s");
     let l = c.fault_on(&a, "egress", udp, loss(30), "60s");
-    let r = rtts_stamped(&a, ip, 7307, 1000, MS, 150 * MS, Clock::App);
+    let r = rtts_stamped(&a, ip, 7307, pings(1000, MS, 150 * MS), Clock::App);
     let n = r.rtt.len() as f64;
     let lost = r.lost() as f64;
     let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
@@ -739,7 +737,7 @@ fn delay_correlation_makes_successive_delays_close() {
         let jitter =
             json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "correlation": corr});
         let id = c.fault_on(&a, "egress", json!({}), jitter, "60s");
-        let r = rtts(&a, ip, 7308, 600, MS, 100 * MS);
+        let r = rtts(&a, ip, 7308, pings(600, MS, 100 * MS));
         c.delete_fault(&id);
         assert_eq!(r.lost(), 0);
         let d: Vec<f64> = r.rtt.iter().flatten().map(|d| ms(*d)).collect();
@@ -897,12 +895,11 @@ fn changing_faults_never_undelays_others() {
     let c = Cluster::exclusive(false);
     let port = 7311;
     let (a, _b, _e, ip) = echo_pair(&c, port);
-    let pristine = Pristine::of(&a);
-    let base = baseline(&a, ip, port);
+    let (pristine, base) = before_faults(&a, ip, port, Clock::Kernel);
     let kept = c.fault_on(&a, "egress", proto_port("udp", port), delay("20ms"), "60s");
     // ~4 s of pings every 0.5 ms; the changes run inside that window.
     let (r, changes) = std::thread::scope(|s| {
-        let stream = s.spawn(|| rtts(&a, ip, port, 8000, MS / 2, 100 * MS));
+        let stream = s.spawn(|| rtts(&a, ip, port, pings(8000, MS / 2, 100 * MS)));
         std::thread::sleep(Duration::from_millis(300));
         let start = Instant::now();
         for i in 0..20 {
@@ -969,9 +966,8 @@ fn inet_checksum(data: &[u8]) -> u16 {
 }
 
 /// ICMP echo round trips from `from` to `to_ip` over a raw socket (ICMP for
-/// IPv4, ICMPv6 for IPv6), scheduled as in [`rtts`]: `count` echo requests
-/// every `gap`, then `linger` for the last replies.
-fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Duration) -> Rtts {
+/// IPv4, ICMPv6 for IPv6), on the schedule `sched`, as in [`rtts`].
+fn icmp_rtts(from: &Pod, to_ip: IpAddr, sched: Pings) -> Rtts {
     use nix::sys::socket::{
         recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
         SockType, SockaddrStorage,
@@ -1035,7 +1031,7 @@ fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Dur
         sendto(sock.as_raw_fd(), &pkt, &dst, MsgFlags::empty()).expect("send must not fail");
         sent
     };
-    ping_schedule(start, count, gap, linger, send, recv)
+    ping_schedule(start, sched, send, recv)
 }
 
 /// ICMP is delayed too: echo requests from a raw socket in pod `a`,
@@ -1053,7 +1049,7 @@ fn icmp_echo_is_delayed() {
     let bases: Vec<Duration> = targets
         .iter()
         .map(|(what, ip)| {
-            let r = icmp_rtts(&a, *ip, 200, MS / 2, 50 * MS);
+            let r = icmp_rtts(&a, *ip, pings(200, MS / 2, 50 * MS));
             assert_eq!(r.lost(), 0, "{what}: baseline echoes lost");
             r.quantile(0.5)
         })
@@ -1068,7 +1064,7 @@ fn icmp_echo_is_delayed() {
     assert_eq!(c.get_fault(&id)["backend"], "nfqueue");
     for ((what, ip), base) in targets.iter().zip(&bases) {
         assert_fixed_delay(
-            || icmp_rtts(&a, *ip, 400, MS, 100 * MS),
+            || icmp_rtts(&a, *ip, pings(400, MS, 100 * MS)),
             *base,
             20 * MS,
             &format!("icmp echo {what} 20ms"),
@@ -1076,7 +1072,7 @@ fn icmp_echo_is_delayed() {
     }
     c.delete_fault(&id);
     for ((what, ip), base) in targets.iter().zip(&bases) {
-        let r = icmp_rtts(&a, *ip, 100, MS, 50 * MS);
+        let r = icmp_rtts(&a, *ip, pings(100, MS, 50 * MS));
         assert_eq!(r.lost(), 0, "{what}: echoes lost after removal");
         let p50 = r.quantile(0.5);
         eprintln!(

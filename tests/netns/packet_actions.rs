@@ -16,13 +16,6 @@ use crate::support::{
 const PACKETS: u32 = 3000;
 const GAP: Duration = Duration::from_micros(100);
 
-fn counter(c: &Cluster, id: &str, name: &str) -> u64 {
-    let f = c.get_fault(id);
-    f["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {f}"))
-}
-
 /// Sends `percent` of the packets twice.
 fn duplicate(percent: u32) -> Value {
     json!({"type": "duplicate", "percent": percent})
@@ -204,7 +197,7 @@ fn corrupt_is_discarded_by_the_receiver() {
         );
         assert_eq!(bad, 0, "{what}: corrupted payloads reached the application");
         assert_eq!(
-            counter(&c, &id, "affected"),
+            c.counter(&id, "affected"),
             lost,
             "{what}: affected counts the corrupted packets"
         );
@@ -260,7 +253,7 @@ fn duplicate_half_of_the_packets() {
             seen[*s as usize] += 1;
         }
         assert!(seen.iter().all(|n| *n <= 2), "{what}: a copy was copied");
-        assert_eq!(counter(&c, &id, "affected"), p.duplicates(), "{what}");
+        assert_eq!(c.counter(&id, "affected"), p.duplicates(), "{what}");
         c.delete_fault(&id);
     }
 }
@@ -312,7 +305,7 @@ fn gilbert_elliott_bursts_differ_from_uncorrelated_loss() {
     let ge_burst = mean(&ge_runs);
     assert_eq!(ge.send_errors, 0, "GE loss is silent");
     assert_eq!(
-        counter(&c, &id, "dropped"),
+        c.counter(&id, "dropped"),
         ge.sent - ge.unique_received(),
         "dropped counter vs wire"
     );
@@ -385,7 +378,7 @@ fn loss_and_duplicate_compose() {
         0.88 * n
     );
     // Both rules acted, and the counters add up to the wire.
-    let (dropped, copies) = (counter(&c, &loss, "dropped"), counter(&c, &dup, "affected"));
+    let (dropped, copies) = (c.counter(&loss, "dropped"), c.counter(&dup, "affected"));
     assert_eq!(p.sent + copies - dropped, p.received, "counters vs wire");
     c.delete_fault(&dup);
     c.delete_fault(&loss);
@@ -494,7 +487,7 @@ fn rate_limits_tcp_goodput() {
             "rate 20mbit: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
             limited / 1e6,
             free / 1e6,
-            counter(&c, &id, "dropped")
+            c.counter(&id, "dropped")
         );
         if (limited - 20e6).abs() <= 0.15 * 20e6 {
             break;
@@ -505,7 +498,7 @@ fn rate_limits_tcp_goodput() {
             limited / 1e6
         );
     }
-    assert!(counter(&c, &id, "dropped") > 0, "the policer dropped");
+    assert!(c.counter(&id, "dropped") > 0, "the policer dropped");
     c.delete_fault(&id);
 }
 

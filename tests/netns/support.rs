@@ -2,7 +2,6 @@
 //! sockets in pods, leftover inspection, and statistics for loss measured
 //! on the wire.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -81,8 +80,7 @@ impl Cluster {
     }
 
     pub fn pod(&self, name: &str) -> Pod {
-        self.node
-            .add_pod(name, &BTreeMap::new())
+        self.add_pod(name)
             .expect("CNI ADD through bridge + netfault")
     }
 
@@ -114,9 +112,12 @@ impl Cluster {
         self.agent.get_fault(id).expect("GET fault")
     }
 
-    /// A counter of a fault, 0 when it has none.
+    /// A counter of a fault; panics when the fault has no such counter.
     pub fn counter(&self, id: &str, name: &str) -> u64 {
-        self.get_fault(id)["counters"][name].as_u64().unwrap_or(0)
+        let f = self.get_fault(id);
+        f["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("counter {name} in {f}"))
     }
 
     pub fn delete_fault(&self, id: &str) {
