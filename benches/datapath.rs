@@ -42,8 +42,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use testbed::{in_netns, Agent, Node, NodeOptions, Pod, TempDir};
+use serde_json::json;
+use testbed::{in_netns, Agent, AgentNode, Node, NodeOptions, Pod};
 
 /// Section 1: length of one TCP throughput run, and of the warm-up run.
 const TCP_RUN: Duration = Duration::from_secs(2);
@@ -69,27 +69,30 @@ type R<T> = Result<T, String>;
 /// Adds what was being done to any error.
 trait Ctx<T> {
     fn ctx(self, what: &str) -> R<T>;
+    /// The error as it is (it says what was being done).
+    fn plain(self) -> R<T>;
 }
 
 impl<T, E: Display> Ctx<T> for Result<T, E> {
     fn ctx(self, what: &str) -> R<T> {
         self.map_err(|e| format!("{what}: {e}"))
     }
+
+    fn plain(self) -> R<T> {
+        self.map_err(|e| e.to_string())
+    }
 }
 
 fn main() {
-    if !testbed::bench_ready("datapath") {
-        return;
-    }
-    let started = Instant::now();
-    if let Err(e) = run() {
-        eprintln!("datapath bench failed: {e}");
-        std::process::exit(1);
-    }
-    println!(
-        "\ntotal bench time: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    testbed::bench_main("datapath", || {
+        let started = Instant::now();
+        run()?;
+        println!(
+            "\ntotal bench time: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        R::Ok(())
+    });
 }
 
 fn run() -> R<()> {
@@ -97,46 +100,46 @@ fn run() -> R<()> {
 
     // Drop order (reverse of declaration): pods are deleted explicitly, then
     // the nodes, then the agent, then its directory.
-    let agent_dir = TempDir::new("nf-bench").ctx("creating the agent dir")?;
-    let agent = Agent::start(agent_dir.path()).ctx("starting netfaultd")?;
+    let bed = AgentNode::start(
+        "nf-bench",
+        NodeOptions {
+            failure_policy: "fail".into(),
+            ..NodeOptions::default()
+        },
+    )
+    .ctx("starting netfaultd and the node with netfault")?;
+    let (agent, enrolled) = (&bed.agent, &bed.node);
     let plain = Node::new(NodeOptions {
         with_netfault: false,
         ..NodeOptions::default()
     })
     .ctx("creating the node without netfault")?;
-    let enrolled = Node::new(NodeOptions {
-        socket: agent.socket(),
-        failure_policy: "fail".into(),
-        ..NodeOptions::default()
-    })
-    .ctx("creating the node with netfault")?;
 
     let pairs = [
         Pair::new(&plain, "a")?,
-        Pair::new(&enrolled, "b")?,
-        Pair::new(&enrolled, "c")?,
+        Pair::new(enrolled, "b")?,
+        Pair::new(enrolled, "c")?,
     ];
     // (c): an active fault on the client that never matches the traffic:
     // blackhole UDP port 9, both directions.
-    let unmatched = post_fault(
-        &agent,
-        &json!({
+    let unmatched = agent
+        .post_fault(&json!({
             "target": {"sandbox": pairs[2].client.container_id},
             "direction": "both",
             "match": {"protocol": "udp", "ports": "9"},
             "action": {"type": "blackhole"},
             "duration": "10m",
-        }),
-    )?;
-    check_unmatched_fault_runs(&agent, &pairs[2], &unmatched)?;
+        }))
+        .plain()?;
+    check_unmatched_fault_runs(agent, &pairs[2], &unmatched)?;
 
     section_overhead(&pairs)?;
-    section_time_to_effect(&agent, &pairs[1], &pairs[2])?;
-    delete_fault(&agent, &unmatched)?;
+    section_time_to_effect(agent, &pairs[1], &pairs[2])?;
+    agent.delete_fault(&unmatched).plain()?;
     for p in &pairs {
         p.delete()?;
     }
-    section_cni(&plain, &enrolled)?;
+    section_cni(&plain, enrolled)?;
     Ok(())
 }
 
@@ -208,6 +211,35 @@ impl<'n> Pair<'n> {
         })
     }
 
+    /// Runs `open` in the client pod's netns (`what` names it in an error).
+    fn in_client<T: Send>(&self, what: &str, open: impl FnOnce() -> io::Result<T> + Send) -> R<T> {
+        in_netns(self.client.netns_path(), open)
+            .ctx("entering the client netns")?
+            .ctx(what)
+    }
+
+    /// Runs `open` in the server pod's netns (`what` names it in an error).
+    fn in_server<T: Send>(&self, what: &str, open: impl FnOnce() -> io::Result<T> + Send) -> R<T> {
+        in_netns(self.server.netns_path(), open)
+            .ctx("entering the server netns")?
+            .ctx(what)
+    }
+
+    /// A UDP socket on the server's address (any port).
+    fn server_udp(&self, what: &str) -> R<UdpSocket> {
+        let sip = self.server_ip;
+        self.in_server(what, move || UdpSocket::bind((sip, 0)))
+    }
+
+    /// A UDP socket in the client pod connected to `dest`.
+    fn client_udp_to(&self, dest: SocketAddr, what: &str) -> R<UdpSocket> {
+        self.in_client(what, move || {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(dest)?;
+            Ok(s)
+        })
+    }
+
     /// CNI DEL of both pods (their netns go when the `Pair` drops).
     fn delete(&self) -> R<()> {
         self.node
@@ -219,42 +251,16 @@ impl<'n> Pair<'n> {
     }
 }
 
-fn post_fault(agent: &Agent, body: &Value) -> R<String> {
-    let f = agent
-        .client()
-        .call("POST", "/v1/faults", Some(body))
-        .ctx(&format!("POST /v1/faults {body}"))?;
-    f["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| format!("POST /v1/faults answered without an id: {f}"))
-}
-
-fn delete_fault(agent: &Agent, id: &str) -> R<()> {
-    agent
-        .client()
-        .call("DELETE", &format!("/v1/faults/{id}"), None)
-        .map(drop)
-        .ctx(&format!("DELETE /v1/faults/{id}"))
-}
-
 /// Proves configuration (c) is what it claims: the fault is active and the
 /// datapath is attached (datagrams to port 9 are dropped and counted).
 fn check_unmatched_fault_runs(agent: &Agent, pair: &Pair, id: &str) -> R<()> {
     let dest = SocketAddr::new(pair.server_ip, 9);
-    let sock = in_netns(pair.client.netns_path(), move || {
-        UdpSocket::bind(("0.0.0.0", 0))
-    })
-    .ctx("entering the client netns")?
-    .ctx("binding a UDP socket")?;
+    let sock = pair.in_client("binding a UDP socket", || UdpSocket::bind(("0.0.0.0", 0)))?;
     for _ in 0..20 {
         sock.send_to(b"port 9 probe", dest)
             .ctx("sending to port 9")?;
     }
-    let f = agent
-        .client()
-        .call("GET", &format!("/v1/faults/{id}"), None)
-        .ctx("GET the unmatched fault")?;
+    let f = agent.get_fault(id).ctx("GET the unmatched fault")?;
     let dropped = f["counters"]["dropped"].as_u64().unwrap_or(0);
     if f["state"] != "active" || dropped < 20 {
         return Err(format!(
@@ -293,11 +299,9 @@ fn ms(d: Duration) -> f64 {
 /// One TCP flow client → server for `dur`, 128 KiB writes; Gbit/s as received.
 fn tcp_throughput(pair: &Pair, dur: Duration) -> R<f64> {
     let sip = pair.server_ip;
-    let listener = in_netns(pair.server.netns_path(), move || {
+    let listener = pair.in_server("binding the TCP listener", move || {
         TcpListener::bind((sip, 0))
-    })
-    .ctx("entering the server netns")?
-    .ctx("binding the TCP listener")?;
+    })?;
     let port = listener.local_addr().ctx("TCP listener address")?.port();
     let receiver = thread::spawn(move || -> io::Result<(u64, Duration)> {
         let (mut s, _) = listener.accept()?;
@@ -316,11 +320,9 @@ fn tcp_throughput(pair: &Pair, dur: Duration) -> R<f64> {
         Ok((total, first.map(|t| t.elapsed()).unwrap_or_default()))
     });
     let dest = SocketAddr::new(sip, port);
-    let mut conn = in_netns(pair.client.netns_path(), move || {
+    let mut conn = pair.in_client("TCP connect", move || {
         TcpStream::connect_timeout(&dest, Duration::from_secs(5))
-    })
-    .ctx("entering the client netns")?
-    .ctx("TCP connect")?;
+    })?;
     let chunk = vec![0x5au8; TCP_WRITE];
     let start = Instant::now();
     while start.elapsed() < dur {
@@ -352,19 +354,10 @@ impl RttRig {
         let mut echoes = Vec::new();
         let mut clients = Vec::new();
         for pair in pairs {
-            let sip = pair.server_ip;
-            let echo = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
-                .ctx("entering the server netns")?
-                .ctx("binding the UDP echo socket")?;
+            let echo = pair.server_udp("binding the UDP echo socket")?;
             echo.set_nonblocking(true).ctx("O_NONBLOCK")?;
             let dest = echo.local_addr().ctx("echo address")?;
-            let client = in_netns(pair.client.netns_path(), move || {
-                let s = UdpSocket::bind(("0.0.0.0", 0))?;
-                s.connect(dest)?;
-                Ok::<_, io::Error>(s)
-            })
-            .ctx("entering the client netns")?
-            .ctx("UDP client socket")?;
+            let client = pair.client_udp_to(dest, "UDP client socket")?;
             client.set_nonblocking(true).ctx("O_NONBLOCK")?;
             echoes.push(echo);
             clients.push(client);
@@ -619,10 +612,7 @@ fn ns_since(base: Instant) -> u64 {
 
 impl Stream {
     fn start(pair: &Pair) -> R<Stream> {
-        let sip = pair.server_ip;
-        let rx = in_netns(pair.server.netns_path(), move || UdpSocket::bind((sip, 0)))
-            .ctx("entering the server netns")?
-            .ctx("binding the stream receiver")?;
+        let rx = pair.server_udp("binding the stream receiver")?;
         rx.set_read_timeout(Some(Duration::from_millis(20)))
             .ctx("SO_RCVTIMEO")?;
         // A large receive buffer, so the receiver never drops on its own.
@@ -644,13 +634,7 @@ impl Stream {
             ));
         }
         let dest = rx.local_addr().ctx("stream receiver address")?;
-        let tx = in_netns(pair.client.netns_path(), move || {
-            let s = UdpSocket::bind(("0.0.0.0", 0))?;
-            s.connect(dest)?;
-            Ok::<_, io::Error>(s)
-        })
-        .ctx("entering the client netns")?
-        .ctx("stream sender socket")?;
+        let tx = pair.client_udp_to(dest, "stream sender socket")?;
 
         let base = Instant::now();
         let stop_recv = Arc::new(AtomicBool::new(false));
@@ -768,11 +752,11 @@ fn time_to_effect(agent: &Agent, pair: &Pair) -> R<(Vec<Cycle>, StreamLog)> {
     let result = (|| -> R<()> {
         for _ in 0..TTE_ITERATIONS {
             let t0 = stream.now();
-            let id = post_fault(agent, &body)?;
+            let id = agent.post_fault(&body).plain()?;
             let t1 = stream.now();
             thread::sleep(TTE_PAUSE);
             let t2 = stream.now();
-            delete_fault(agent, &id)?;
+            agent.delete_fault(&id).plain()?;
             let t3 = stream.now();
             thread::sleep(TTE_PAUSE);
             cycles.push(Cycle { t0, t1, t2, t3 });

@@ -20,7 +20,6 @@
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
 //!    limits: the receive window, and TCP small queues (KERNEL-NOTES).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,24 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use testbed::{in_netns, udp_probe_with, Agent, Node, NodeOptions, Pod, ProbeOptions, TempDir};
+use testbed::{in_netns, quantile, udp_probe_with, AgentNode, NodeOptions, Pod, ProbeOptions};
 
 const DELAY: Duration = Duration::from_millis(10);
 
 fn main() {
-    if !testbed::bench_ready("delay") {
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("delay bench failed: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-struct Bed {
-    node: Node,
-    agent: Agent,
-    _dir: TempDir,
+    testbed::bench_main("delay", run);
 }
 
 fn v4(p: &Pod) -> anyhow::Result<IpAddr> {
@@ -53,12 +40,9 @@ fn v4(p: &Pod) -> anyhow::Result<IpAddr> {
         .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", p.name))
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+/// The `q` quantile of `samples`; NaN when there are none.
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    quantile(samples, q).unwrap_or(f64::NAN)
 }
 
 /// CPU seconds of `pid` (user + system, all threads); with `children`,
@@ -111,7 +95,7 @@ struct Sample {
 
 /// One stream at `pps` for `secs`; errors relative to `base_ms` + `delay`.
 fn stream(
-    bed: &Bed,
+    bed: &AgentNode,
     a: &Pod,
     b: &Pod,
     pps: u32,
@@ -130,15 +114,13 @@ fn stream(
     let cpu0 = agent_cpu_seconds(bed.agent.pid());
     let p = udp_probe_with(a, b, v4(b)?, &opts)?;
     let cpu = agent_cpu_seconds(bed.agent.pid()) - cpu0;
-    let mut lat: Vec<f64> = p.latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    lat.sort_by(f64::total_cmp);
+    let lat: Vec<f64> = p.latencies.iter().copied().map(testbed::ms).collect();
     let median = percentile(&lat, 0.5);
     let (p50, p99) = match base_ms {
         None => (0.0, 0.0),
         Some(base) => {
-            let target = base + DELAY.as_secs_f64() * 1e3;
-            let mut errs: Vec<f64> = lat.iter().map(|l| (l - target).abs()).collect();
-            errs.sort_by(f64::total_cmp);
+            let target = base + testbed::ms(DELAY);
+            let errs: Vec<f64> = lat.iter().map(|l| (l - target).abs()).collect();
             (percentile(&errs, 0.5), percentile(&errs, 0.99))
         }
     };
@@ -155,40 +137,23 @@ fn stream(
     ))
 }
 
+/// A 10-minute egress delay of `latency` on `pod`'s traffic that `matcher` selects.
 fn delay_fault(
-    bed: &Bed,
+    bed: &AgentNode,
     pod: &Pod,
     latency: &str,
     matcher: serde_json::Value,
-) -> anyhow::Result<String> {
-    let f = bed.agent.client().call(
-        "POST",
-        "/v1/faults",
-        Some(
-            &json!({"target": {"sandbox": pod.container_id}, "direction": "egress",
-            "match": matcher, "action": {"type": "delay", "latency": latency}, "duration": "10m"}),
-        ),
-    )?;
-    f["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("no fault id in {f}"))
+) -> testbed::Result<String> {
+    bed.agent.post_fault(
+        &json!({"target": {"sandbox": pod.container_id}, "direction": "egress",
+        "match": matcher, "action": {"type": "delay", "latency": latency}, "duration": "10m"}),
+    )
 }
 
 fn run() -> anyhow::Result<()> {
-    let dir = TempDir::new("nf-delay-bench")?;
-    let agent = Agent::start(dir.path())?;
-    let node = Node::new(NodeOptions {
-        socket: agent.socket(),
-        ..NodeOptions::default()
-    })?;
-    let bed = Bed {
-        node,
-        agent,
-        _dir: dir,
-    };
-    let a = bed.node.add_pod("client", &BTreeMap::new())?;
-    let b = bed.node.add_pod("server", &BTreeMap::new())?;
+    let bed = AgentNode::start("nf-delay-bench", NodeOptions::default())?;
+    let a = bed.add_pod("client")?;
+    let b = bed.add_pod("server")?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "netfault delay bench (kernel {}, {} CPUs)",
@@ -218,9 +183,7 @@ fn run() -> anyhow::Result<()> {
             json!({"protocol": "udp", "ports": port.to_string()}),
         )?;
         let (s, _) = stream(&bed, &a, &b, pps, secs, Some(base), port)?;
-        bed.agent
-            .client()
-            .call("DELETE", &format!("/v1/faults/{id}"), None)?;
+        bed.agent.delete_fault(&id)?;
         let lost = s.sent - s.received;
         println!(
             "   {:>7} {:>9} {:>9} {:>9.3}ms {:>12.3} {:>12.3} {:>14.1}",
@@ -272,9 +235,7 @@ fn run() -> anyhow::Result<()> {
             "   {label:<12} goodput {mbit:>9.1} Mbit/s   (queue overflows so far: {overflows})"
         );
         if let Some(id) = id {
-            bed.agent
-                .client()
-                .call("DELETE", &format!("/v1/faults/{id}"), None)?;
+            bed.agent.delete_fault(&id)?;
         }
     }
     let rtt = 0.050;

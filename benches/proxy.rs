@@ -33,7 +33,7 @@ use anyhow::Context as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use serde_json::json;
-use testbed::{in_netns, Agent, Node, NodeOptions, Pod, TempDir};
+use testbed::{in_netns, AgentNode, NodeOptions, Pod};
 
 const SERVER_PORT: u16 = 8080;
 const HAPROXY_PORT: u16 = 8081;
@@ -41,13 +41,7 @@ const ROUND: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 3;
 
 fn main() {
-    if !testbed::bench_ready("proxy") {
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("proxy bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    testbed::bench_main("proxy", run);
 }
 
 /// A tokio listener bound inside `pod`'s netns (a socket keeps its netns).
@@ -156,11 +150,9 @@ async fn load(client: &Pod, to: SocketAddr, conns: usize, dur: Duration) -> anyh
     })
 }
 
-fn pct(sorted: &[u32], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64
+/// The `q` quantile of `samples`; NaN when there are none.
+fn pct(samples: &[u32], q: f64) -> f64 {
+    testbed::quantile(samples, q).map_or(f64::NAN, f64::from)
 }
 
 fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
@@ -200,14 +192,10 @@ fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
 }
 
 fn run() -> anyhow::Result<()> {
-    let dir = TempDir::new("nf-proxy-bench")?;
-    let agent = Agent::start(dir.path())?;
-    let node = Node::new(NodeOptions {
-        socket: agent.socket(),
-        ..NodeOptions::default()
-    })?;
-    let client = node.add_pod("client", &BTreeMap::new())?;
-    let server = node.add_pod("server", &BTreeMap::new())?;
+    let bed = AgentNode::start("nf-proxy-bench", NodeOptions::default())?;
+    let (agent, dir) = (&bed.agent, &bed.dir);
+    let client = bed.add_pod("client")?;
+    let server = bed.add_pod("server")?;
     let server_ip = server
         .ipv4()
         .ok_or_else(|| anyhow::anyhow!("server pod has no IPv4 address"))?;
@@ -255,7 +243,6 @@ fn run() -> anyhow::Result<()> {
         "action": {"type": "http-abort", "status": 503, "http": {"path": "/never-matches"}},
         "duration": "30m"
     });
-    let api = agent.client();
     for conns in [1usize, 64] {
         println!("\n== concurrency {conns}");
         println!(
@@ -268,11 +255,10 @@ fn run() -> anyhow::Result<()> {
                 .block_on(load(&client, direct, conns, ROUND))
                 .context("direct load")?;
             results.entry("direct").or_default().push(r);
-            match api.call("POST", "/v1/faults", Some(&fault_body)) {
-                Ok(f) => {
-                    let id = f["id"].as_str().unwrap_or_default().to_string();
+            match agent.post_fault(&fault_body) {
+                Ok(id) => {
                     let r = rt.block_on(load(&client, direct, conns, ROUND));
-                    api.call("DELETE", &format!("/v1/faults/{id}"), None)?;
+                    agent.delete_fault(&id)?;
                     results
                         .entry("netfault")
                         .or_default()
@@ -319,14 +305,13 @@ fn run() -> anyhow::Result<()> {
 
     // Memory per open proxied connection.
     println!("\n== memory per open proxied connection");
-    let f = match api.call("POST", "/v1/faults", Some(&fault_body)) {
-        Ok(f) => f,
+    let id = match agent.post_fault(&fault_body) {
+        Ok(id) => id,
         Err(e) => {
             println!("   skipped: the proxy fault was refused: {e}");
             return Ok(());
         }
     };
-    let id = f["id"].as_str().unwrap_or_default().to_string();
     let before = testbed::rss_kib(agent.pid());
     let n = 1000usize;
     let kept = rt.block_on(async {
@@ -366,6 +351,6 @@ fn run() -> anyhow::Result<()> {
         (after.saturating_sub(before)) as f64 / kept.len().max(1) as f64
     );
     drop(kept);
-    let _ = api.call("DELETE", &format!("/v1/faults/{id}"), None);
+    let _ = agent.delete_fault(&id);
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 
 use crate::error::{Context, Error, Result};
 
@@ -62,6 +63,49 @@ impl Agent {
     /// A client for the agent's socket (10 s timeout).
     pub fn client(&self) -> netfault_api::Client {
         netfault_api::Client::new(self.socket())
+    }
+
+    /// `POST /v1/faults`: the new fault's id.
+    pub fn post_fault(&self, body: &Value) -> Result<String> {
+        let f = self
+            .client()
+            .call("POST", "/v1/faults", Some(body))
+            .ctx(|| format!("POST /v1/faults {body}"))?;
+        f["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Agent(format!("POST /v1/faults answered without an id: {f}")))
+    }
+
+    /// `GET /v1/faults/ID`: the fault with its state and counters.
+    pub fn get_fault(&self, id: &str) -> Result<Value> {
+        let path = format!("/v1/faults/{id}");
+        self.client()
+            .call("GET", &path, None)
+            .ctx(|| format!("GET {path}"))
+    }
+
+    /// `DELETE /v1/faults/ID`.
+    pub fn delete_fault(&self, id: &str) -> Result<()> {
+        let path = format!("/v1/faults/{id}");
+        self.client()
+            .call("DELETE", &path, None)
+            .map(drop)
+            .ctx(|| format!("DELETE {path}"))
+    }
+
+    /// `GET /v1/sandboxes`: the enrolled sandboxes.
+    pub fn sandboxes(&self) -> Result<Vec<Value>> {
+        let list = self
+            .client()
+            .call("GET", "/v1/sandboxes", None)
+            .ctx(|| "GET /v1/sandboxes".into())?;
+        match list {
+            Value::Array(l) => Ok(l),
+            other => Err(Error::Agent(format!(
+                "GET /v1/sandboxes answered {other}, not a list"
+            ))),
+        }
     }
 
     /// The value of one unlabelled metric from `/metrics` (for example

@@ -23,6 +23,13 @@ pub enum Error {
     Plugin(Box<PluginError>),
     #[error("netfaultd: {0}")]
     Agent(String),
+    /// A request to the agent's API failed (or it refused it).
+    #[error("{context}: {source}")]
+    Api {
+        context: String,
+        #[source]
+        source: netfault_api::ClientError,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -77,6 +84,15 @@ pub(crate) trait Context<T> {
 impl<T> Context<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, netfault_api::ClientError> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Api {
             context: context(),
             source,
         })

@@ -12,7 +12,8 @@
 //!   libcni does (env vars, injected `name`/`cniVersion`/`prevResult`,
 //!   `runtimeConfig` for declared capabilities), with every plugin process in the
 //!   node netns; [`Node::del_pod`] runs DEL in reverse with the cached result.
-//! - [`Agent`]: a real `netfaultd` on a socket in a temp dir.
+//! - [`Agent`]: a real `netfaultd` on a socket in a temp dir; [`AgentNode`]:
+//!   a node whose netfault entry talks to one.
 //! - Traffic: [`udp_probe`], [`tcp_listen`], [`tcp_connect_ok`], [`tcp_echo`],
 //!   real sockets opened inside the pods' namespaces; [`http_serve`] and
 //!   [`http_get`] for HTTP.
@@ -25,10 +26,12 @@
 //! ([`workspace_bin`]); [`ensure_workspace_bins`] builds them first.
 
 mod agent;
+mod agent_node;
 mod error;
 mod http;
 mod netns;
 mod node;
+mod stats;
 mod tmp;
 mod traffic;
 
@@ -37,14 +40,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 pub use agent::Agent;
+pub use agent_node::AgentNode;
 pub use error::{Error, PluginError, Result};
 pub use http::{http_get, http_serve, HttpReply, HttpServer};
 pub use netns::{in_netns, remove_stale_netns, Netns};
 pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
+pub use stats::{ms, quantile};
 pub use tmp::TempDir;
 pub use traffic::{
-    tcp_connect_ok, tcp_echo, tcp_listen, udp_probe, udp_probe_with, ProbeOptions, TcpServer,
-    UdpProbe,
+    tcp_connect_ok, tcp_echo, tcp_listen, udp_probe, udp_probe_with, unspecified, ProbeOptions,
+    TcpServer, UdpProbe,
 };
 
 /// Resident memory (`VmRSS`) of a process, in KiB; 0 if it cannot be read.
@@ -228,6 +233,22 @@ pub(crate) fn random_uuid() -> String {
         h[8..10].concat(),
         h[10..16].concat()
     )
+}
+
+/// The `main` of an on-the-wire bench (`harness = false`): [`bench_ready`],
+/// then `run`; an error is printed as `BENCH bench failed: ERROR` (`{:#}`,
+/// so an `anyhow` error shows its causes) and the process exits 1.
+pub fn bench_main<E: std::fmt::Display>(
+    bench: &str,
+    run: impl FnOnce() -> std::result::Result<(), E>,
+) {
+    if !bench_ready(bench) {
+        return;
+    }
+    if let Err(e) = run() {
+        eprintln!("{bench} bench failed: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 /// The start of every on-the-wire bench (`harness = false`): `false` (after

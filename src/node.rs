@@ -485,16 +485,10 @@ impl Node {
         let mut timing = AddTiming::default();
         let mut prev: Option<Value> = None;
         for entry in self.plugins() {
-            let plugin = entry["type"].as_str().unwrap_or_default().to_string();
-            let conf = self.build_conf(&entry, prev.as_ref(), annotations);
-            let out = self.run_plugin_raw(
-                &plugin,
-                &self.pod_env("ADD", &pod),
-                conf.to_string().as_bytes(),
-            )?;
-            timing.plugins.push((plugin.clone(), out.elapsed));
+            let (plugin, out) = self.run_entry(&entry, "ADD", &pod, prev.as_ref(), annotations)?;
+            timing.plugins.push((plugin.to_string(), out.elapsed));
             if !out.success() {
-                let err = out.into_error(&plugin, "ADD");
+                let err = out.into_error(plugin, "ADD");
                 // containerd tears a failed sandbox's network down.
                 if let Err(e) = self.run_del_chain(&pod, prev.as_ref(), annotations) {
                     eprintln!("testbed: DEL after failed ADD: {e}");
@@ -522,17 +516,7 @@ impl Node {
     /// removed. Stops at the first failing plugin. The pod's netns is kept
     /// until the `Pod` is dropped.
     pub fn del_pod(&self, pod: &Pod) -> Result<()> {
-        let cached = self.cache_read(pod);
-        let (prev, annotations) = match &cached {
-            Some(c) => (
-                c.get("result").cloned(),
-                c.get("capabilityArgs")
-                    .and_then(|a| a.get(ANNOTATIONS_CAPABILITY))
-                    .and_then(|a| serde_json::from_value(a.clone()).ok())
-                    .unwrap_or_default(),
-            ),
-            None => (None, BTreeMap::new()),
-        };
+        let (prev, annotations) = self.cached(pod).unwrap_or_default();
         self.run_del_chain(pod, prev.as_ref(), &annotations)?;
         let path = self.cache_path(pod);
         match std::fs::remove_file(&path) {
@@ -548,45 +532,56 @@ impl Node {
         prev: Option<&Value>,
         annotations: &BTreeMap<String, String>,
     ) -> Result<()> {
-        for entry in self.plugins().iter().rev() {
-            let plugin = entry["type"].as_str().unwrap_or_default();
-            let conf = self.build_conf(entry, prev, annotations);
-            let out = self.run_plugin_raw(
-                plugin,
-                &self.pod_env("DEL", pod),
-                conf.to_string().as_bytes(),
-            )?;
+        let mut plugins = self.plugins();
+        plugins.reverse();
+        self.run_chain(&plugins, "DEL", pod, prev, annotations)
+    }
+
+    /// CNI CHECK through the chain in order with the cached result.
+    pub fn check_pod(&self, pod: &Pod) -> Result<()> {
+        let (prev, annotations) = self
+            .cached(pod)
+            .ok_or_else(|| Error::Other(format!("no cached result for pod {}", pod.name)))?;
+        self.run_chain(&self.plugins(), "CHECK", pod, prev.as_ref(), &annotations)
+    }
+
+    /// Runs `command` for `pod` through `plugins` in the order given, all
+    /// with the same `prevResult`; stops at the first failing plugin.
+    fn run_chain(
+        &self,
+        plugins: &[Value],
+        command: &str,
+        pod: &Pod,
+        prev: Option<&Value>,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        for entry in plugins {
+            let (plugin, out) = self.run_entry(entry, command, pod, prev, annotations)?;
             if !out.success() {
-                return Err(out.into_error(plugin, "DEL"));
+                return Err(out.into_error(plugin, command));
             }
         }
         Ok(())
     }
 
-    /// CNI CHECK through the chain in order with the cached result.
-    pub fn check_pod(&self, pod: &Pod) -> Result<()> {
-        let cached = self
-            .cache_read(pod)
-            .ok_or_else(|| Error::Other(format!("no cached result for pod {}", pod.name)))?;
-        let prev = cached.get("result").cloned();
-        let annotations: BTreeMap<String, String> = cached
-            .get("capabilityArgs")
-            .and_then(|a| a.get(ANNOTATIONS_CAPABILITY))
-            .and_then(|a| serde_json::from_value(a.clone()).ok())
-            .unwrap_or_default();
-        for entry in self.plugins() {
-            let plugin = entry["type"].as_str().unwrap_or_default();
-            let conf = self.build_conf(&entry, prev.as_ref(), &annotations);
-            let out = self.run_plugin_raw(
-                plugin,
-                &self.pod_env("CHECK", pod),
-                conf.to_string().as_bytes(),
-            )?;
-            if !out.success() {
-                return Err(out.into_error(plugin, "CHECK"));
-            }
-        }
-        Ok(())
+    /// Runs `command` of one chain entry for `pod`, with the conf libcni
+    /// would give it; the entry's plugin type and what the plugin did.
+    fn run_entry<'e>(
+        &self,
+        entry: &'e Value,
+        command: &str,
+        pod: &Pod,
+        prev: Option<&Value>,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(&'e str, PluginOutput)> {
+        let plugin = entry["type"].as_str().unwrap_or_default();
+        let conf = self.build_conf(entry, prev, annotations);
+        let out = self.run_plugin_raw(
+            plugin,
+            &self.pod_env(command, pod),
+            conf.to_string().as_bytes(),
+        )?;
+        Ok((plugin, out))
     }
 
     /// Runs one command of the netfault plugin alone, for `pod`, with the conf
@@ -623,9 +618,17 @@ impl Node {
         ))
     }
 
-    fn cache_read(&self, pod: &Pod) -> Option<Value> {
+    /// The cached result of `pod` (if the cache entry has one) and the
+    /// annotations it was added with.
+    fn cached(&self, pod: &Pod) -> Option<(Option<Value>, BTreeMap<String, String>)> {
         let bytes = std::fs::read(self.cache_path(pod)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let cached: Value = serde_json::from_slice(&bytes).ok()?;
+        let annotations = cached
+            .get("capabilityArgs")
+            .and_then(|a| a.get(ANNOTATIONS_CAPABILITY))
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        Some((cached.get("result").cloned(), annotations))
     }
 
     /// Writes libcni's cache entry (`kind: cniCacheV1`).

@@ -63,9 +63,7 @@ impl UdpProbe {
 
     /// The median one-way delay, if anything arrived.
     pub fn median_latency(&self) -> Option<Duration> {
-        let mut l = self.latencies.clone();
-        l.sort();
-        l.get(l.len() / 2).copied()
+        crate::quantile(&self.latencies, 0.5)
     }
 }
 
@@ -117,7 +115,9 @@ pub fn udp_probe(
     )
 }
 
-fn unspecified(ip: IpAddr) -> IpAddr {
+/// The unspecified address (`0.0.0.0` or `::`) of `ip`'s family: what a
+/// socket that talks to `ip` binds to.
+pub fn unspecified(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),

@@ -7,14 +7,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use testbed::udp_probe;
 
-use crate::support::{netns_state, v4, Cluster};
+use crate::support::{v4, Cluster, Pristine};
 
 #[test]
 fn invalid_fault_bodies_name_the_field_and_change_nothing() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let sb = a.container_id.clone();
     let ok_action = json!({"type": "loss", "percent": 10});
     let with = |patch: Value| {
@@ -155,7 +154,7 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
 
     let client = c.agent.client();
     let faults_before = client.call("GET", "/v1/faults", None).expect("list");
-    let netns_before = netns_state(a.netns.path(), "eth0");
+    let netns_before = Pristine::of(&a);
     for (body, field, status) in &cases {
         let r = client
             .raw("POST", "/v1/faults", Some(body.as_bytes()))
@@ -177,11 +176,7 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
         faults_before,
         "a rejected request created a fault"
     );
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        netns_before,
-        "a rejected request touched the netns"
-    );
+    netns_before.assert_unchanged("a rejected request touched the netns");
     let p = udp_probe(&a, &b, v4(&b), 7201, 300, Duration::from_micros(200)).expect("probe");
     assert_eq!(p.received, p.sent, "traffic untouched by rejected requests");
 
@@ -225,8 +220,7 @@ fn invalid_fault_bodies_name_the_field_and_change_nothing() {
 fn pod_and_netns_targets_and_metrics() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("alpha");
-    let b = c.pod("beta");
+    let [a, b] = c.pods(["alpha", "beta"]);
     let by_pod = c.fault(json!({
         "target": {"pod": {"namespace": "default", "name": "alpha"}},
         "direction": "egress", "match": {"protocol": "udp", "ports": "7301"},

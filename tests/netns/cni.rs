@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use testbed::{tcp_connect_ok, tcp_listen, udp_probe, Agent, Node, NodeOptions, Pod, TempDir};
 
+use crate::support::{v4, Cluster};
+
 const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 fn none() -> BTreeMap<String, String> {
@@ -21,8 +23,12 @@ fn node(opts: NodeOptions) -> Node {
     Node::new(opts).expect("node netns and CNI chain")
 }
 
-fn v4(p: &Pod) -> IpAddr {
-    p.ipv4().expect("pod has an IPv4 address")
+/// A node whose netfault entry has `failurePolicy: fail`.
+fn fail_policy() -> NodeOptions {
+    NodeOptions {
+        failure_policy: "fail".into(),
+        ..NodeOptions::default()
+    }
 }
 
 /// UDP both ways: everything sent arrives, and no send fails.
@@ -87,13 +93,7 @@ fn prev_result() -> Value {
 }
 
 fn sandboxes(agent: &Agent) -> Vec<Value> {
-    agent
-        .client()
-        .call("GET", "/v1/sandboxes", None)
-        .expect("GET /v1/sandboxes")
-        .as_array()
-        .cloned()
-        .expect("a list of sandboxes")
+    agent.sandboxes().expect("GET /v1/sandboxes")
 }
 
 fn find<'a>(list: &'a [Value], id: &str) -> Option<&'a Value> {
@@ -149,10 +149,7 @@ fn chain_works_for_older_cni_versions() {
 #[test]
 fn agent_down_fail_policy_add_fails_with_cni_error() {
     testbed::require_root!();
-    let node = node(NodeOptions {
-        failure_policy: "fail".into(),
-        ..NodeOptions::default()
-    });
+    let node = node(fail_policy());
     let err = node
         .add_pod("a", &none())
         .expect_err("ADD must fail with failurePolicy fail and no agent");
@@ -348,21 +345,18 @@ fn status_reflects_agent_health_and_policy() {
 #[test]
 fn enrol_and_release_with_running_agent() {
     testbed::require_root!();
-    let dir = TempDir::new("nf-cni-enrol").expect("temp dir");
-    let agent = Agent::start(dir.path()).expect("netfaultd starts");
-    let node = node(NodeOptions {
-        socket: agent.socket(),
-        failure_policy: "fail".into(),
+    let c = Cluster::with_options(NodeOptions {
         ipv6: true,
-        ..NodeOptions::default()
+        ..fail_policy()
     });
+    let (node, agent) = (&c.node, &c.agent);
     let mut ann = BTreeMap::new();
     ann.insert("example.com/team".to_string(), "chaos".to_string());
     let a = node.add_pod("web", &ann).expect("ADD enrols");
     let b = node.add_pod("api", &none()).expect("ADD enrols");
     assert!(a.ipv6().is_some(), "dual stack: {:?}", a.ips);
 
-    let list = sandboxes(&agent);
+    let list = sandboxes(agent);
     let s = find(&list, &a.container_id).expect("the sandbox is listed");
     assert_eq!(s["pod"]["name"], "web");
     assert_eq!(s["pod"]["namespace"], "default");
@@ -388,7 +382,7 @@ fn enrol_and_release_with_running_agent() {
         .expect("CHECK passes for an enrolled pod");
 
     node.del_pod(&a).expect("DEL releases");
-    let list = sandboxes(&agent);
+    let list = sandboxes(agent);
     assert!(find(&list, &a.container_id).is_none(), "released: {list:?}");
     assert!(find(&list, &b.container_id).is_some(), "b untouched");
     node.del_pod(&a)
@@ -400,19 +394,14 @@ fn enrol_and_release_with_running_agent() {
         .expect("plugin runs");
     assert_eq!(out.cni_code(), Some(999), "{out:?}");
     node.del_pod(&b).expect("DEL");
-    assert!(find(&sandboxes(&agent), &b.container_id).is_none());
+    assert!(find(&sandboxes(agent), &b.container_id).is_none());
 }
 
 #[test]
 fn bad_annotations_do_not_stop_the_pod() {
     testbed::require_root!();
-    let dir = TempDir::new("nf-cni-ann").expect("temp dir");
-    let agent = Agent::start(dir.path()).expect("netfaultd starts");
-    let node = node(NodeOptions {
-        socket: agent.socket(),
-        failure_policy: "fail".into(),
-        ..NodeOptions::default()
-    });
+    let c = Cluster::with_options(fail_policy());
+    let node = &c.node;
     let mut ann = BTreeMap::new();
     ann.insert(
         "netfault.io/faults".to_string(),
@@ -425,7 +414,7 @@ fn bad_annotations_do_not_stop_the_pod() {
     assert_connected(&a, &b, v4);
     // The agent records the error rather than failing the pod (contract:
     // an Event with the exact error, no fault, pod untouched).
-    if let Some(s) = find(&sandboxes(&agent), &a.container_id) {
+    if let Some(s) = find(&sandboxes(&c.agent), &a.container_id) {
         assert!(s["annotation_error"].is_string(), "recorded: {s}");
         assert!(
             s["birth_faults"].as_array().is_none_or(Vec::is_empty),
@@ -498,16 +487,11 @@ fn fail_open_recovery_after_agent_starts() {
 #[test]
 fn check_reports_unknown_sandbox() {
     testbed::require_root!();
-    let dir = TempDir::new("nf-cni-check").expect("temp dir");
-    let agent = Agent::start(dir.path()).expect("netfaultd starts");
-    let node = node(NodeOptions {
-        socket: agent.socket(),
-        failure_policy: "fail".into(),
-        ..NodeOptions::default()
-    });
+    let c = Cluster::with_options(fail_policy());
+    let node = &c.node;
     let a = node.add_pod("a", &none()).expect("ADD");
     node.check_pod(&a).expect("CHECK passes");
-    agent
+    c.agent
         .client()
         .call("DELETE", &format!("/v1/sandboxes/{}", a.container_id), None)
         .expect("released behind the runtime's back");
@@ -525,15 +509,11 @@ fn check_reports_unknown_sandbox() {
 #[test]
 fn gc_releases_sandboxes_the_runtime_forgot() {
     testbed::require_root!();
-    let dir = TempDir::new("nf-cni-gc").expect("temp dir");
-    let agent = Agent::start(dir.path()).expect("netfaultd starts");
-    let node = node(NodeOptions {
-        socket: agent.socket(),
-        ..NodeOptions::default()
-    });
+    let c = Cluster::new(false);
+    let (node, agent) = (&c.node, &c.agent);
     let keep = node.add_pod("keep", &none()).expect("ADD");
     let stale = node.add_pod("stale", &none()).expect("ADD");
-    let list = sandboxes(&agent);
+    let list = sandboxes(agent);
     assert!(find(&list, &stale.container_id).is_some());
 
     let gc = |socket: &std::path::Path, policy: &str| {
@@ -550,7 +530,7 @@ fn gc_releases_sandboxes_the_runtime_forgot() {
     };
     let out = gc(&agent.socket(), "fail");
     assert!(out.success(), "{out:?}");
-    let list = sandboxes(&agent);
+    let list = sandboxes(agent);
     assert!(
         find(&list, &keep.container_id).is_some(),
         "valid one kept: {list:?}"
@@ -562,7 +542,7 @@ fn gc_releases_sandboxes_the_runtime_forgot() {
     // The released pod still has connectivity: release removes only netfault's state.
     assert_connected(&keep, &stale, v4);
     // GC with the agent down: fine with ignore.
-    let out = gc(&dir.path().join("nothing.sock"), "ignore");
+    let out = gc(&c.dir.path().join("nothing.sock"), "ignore");
     assert!(out.success(), "{out:?}");
     // GC needs cniVersion 1.1.0.
     let out = node

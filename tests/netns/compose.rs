@@ -6,37 +6,19 @@ use std::time::Duration;
 use serde_json::json;
 use testbed::{udp_probe_with, ProbeOptions};
 
-use crate::support::{fault_on, netns_state, v4, Cluster};
+use crate::support::{delay, loss, proto_port, v4, Cluster, Pristine};
 
 #[test]
 fn delay_loss_and_rate_compose() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let sel = json!({"protocol": "udp", "ports": "7501"});
-    let delay = c.fault(fault_on(
-        &a,
-        "egress",
-        sel.clone(),
-        json!({"type": "delay", "latency": "10ms"}),
-        "60s",
-    ));
-    let loss = c.fault(fault_on(
-        &a,
-        "egress",
-        sel.clone(),
-        json!({"type": "loss", "percent": 10}),
-        "60s",
-    ));
-    let rate = c.fault(fault_on(
-        &a,
-        "egress",
-        sel,
-        json!({"type": "rate", "rate": "8mbit", "burst": "32kb"}),
-        "60s",
-    ));
+    let [a, b] = c.pods(["a", "b"]);
+    let pristine = Pristine::of(&a);
+    let sel = proto_port("udp", 7501);
+    let rate = json!({"type": "rate", "rate": "8mbit", "burst": "32kb"});
+    let delay = c.fault_on(&a, "egress", sel.clone(), delay("10ms"), "60s");
+    let loss = c.fault_on(&a, "egress", sel.clone(), loss(10), "60s");
+    let rate = c.fault_on(&a, "egress", sel, rate, "60s");
 
     // 19.2 Mbit/s offered for 2 s: the 8 Mbit/s limit must bind.
     let opts = ProbeOptions {
@@ -60,17 +42,14 @@ fn delay_loss_and_rate_compose() {
     );
 
     // Delay: every delivered datagram took ~10 ms more than on an idle veth.
-    let mut lat = p.latencies.clone();
-    lat.sort();
-    let p50 = lat[lat.len() / 2].as_secs_f64() * 1e3;
+    let p50 = testbed::ms(p.median_latency().expect("datagrams delivered"));
     assert!(
         (9.8..=11.0).contains(&p50),
         "one-way latency p50 {p50:.3} ms under a 10 ms delay"
     );
 
     // Loss and rate each dropped, and together they account for every lost datagram.
-    let dropped = |id: &str| c.get_fault(id)["counters"]["dropped"].as_u64().unwrap_or(0);
-    let (by_loss, by_rate) = (dropped(&loss), dropped(&rate));
+    let (by_loss, by_rate) = (c.counter(&loss, "dropped"), c.counter(&rate, "dropped"));
     let lost = p.sent - p.received;
     assert!(
         by_loss > 0 && by_rate > 0,
@@ -82,19 +61,13 @@ fn delay_loss_and_rate_compose() {
         (by_loss as f64 - 400.0).abs() <= 60.0,
         "loss dropped {by_loss} of 4000"
     );
-    let delayed = c.get_fault(&delay)["counters"]["affected"]
-        .as_u64()
-        .unwrap_or(0);
+    let delayed = c.counter(&delay, "affected");
     assert_eq!(delayed, p.sent, "every datagram was delayed");
 
     for id in [&delay, &loss, &rate] {
         c.delete_fault(id);
     }
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    pristine.assert_unchanged("no leftovers");
     let after =
         udp_probe_with(&a, &b, v4(&b), &ProbeOptions { count: 500, ..opts }).expect("probe after");
     assert_eq!(after.received, after.sent, "traffic whole again");

@@ -22,8 +22,7 @@ fn ctl(c: &Cluster, args: &[&str], stdin_file: Option<&std::path::Path>) -> Outp
 fn ctl_apply_list_delete_changes_the_wire() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let dir = testbed::TempDir::new("nfctl").expect("temp dir");
 
     // A bad file: refused before anything is sent.

@@ -3,15 +3,17 @@
 //! first, in the same test), with and without the fault; fail-open and
 //! kernel deadlines with the agent SIGKILLed; no leftovers.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testbed::{udp_probe, Pod};
+use testbed::{ms, udp_probe, Pod};
 
-use crate::support::{fault_on, netns_state, tcp_pair, v4, v6, Cluster};
+use crate::support::{
+    connect, delay, fault_on, in_pod, loss, nft_objects, nft_ruleset, proto_port, tcp_pair,
+    udp_bind, v4, v6, Cluster, Pristine, Repeat,
+};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -28,70 +30,104 @@ impl Rtts {
     fn lost(&self) -> usize {
         self.rtt.iter().filter(|r| r.is_none()).count()
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+    /// The `q` quantile of the RTTs that came back.
+    fn quantile(&self, q: f64) -> Duration {
+        quantile(&self.received(), q)
+    }
+    /// In ms, the RTTs that came back of the pings sent at a time `when`
+    /// accepts.
+    fn ms_of_sent(&self, when: impl Fn(Instant) -> bool) -> Vec<f64> {
+        self.sent_at
+            .iter()
+            .zip(&self.rtt)
+            .filter(|(s, _)| when(**s))
+            .filter_map(|(_, rtt)| *rtt)
+            .map(ms)
+            .collect()
+    }
 }
 
 fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    assert!(!v.is_empty(), "no samples");
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    testbed::quantile(v, q).expect("no samples")
+}
+
+/// Pods `a` and `b` of `c`, with a UDP echo on `port` in `b` (stopped on
+/// drop), and `b`'s IPv4 address.
+fn echo_pair(c: &Cluster, port: u16) -> (Pod, Pod, Repeat<()>, IpAddr) {
+    let [a, b] = c.pods(["a", "b"]);
+    let echo = echo(&b, port);
+    let ip = v4(&b);
+    (a, b, echo, ip)
 }
 
 /// Echoes UDP datagrams on `port` inside `pod` until dropped.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn echo(pod: &Pod, port: u16) -> Echo {
-    let sock = testbed::in_netns(pod.netns.path(), move || {
-        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
-    })
-    .expect("enter netns")
-    .expect("bind echo");
+fn echo(pod: &Pod, port: u16) -> Repeat<()> {
+    let sock = udp_bind(pod, (Ipv6Addr::UNSPECIFIED, port).into());
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .expect("timeout");
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || {
+    Repeat::spawn((), move |_| {
         let mut buf = [0u8; 2048];
-        while !s.load(Ordering::Acquire) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(&buf[..n], from);
-            }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
         }
-    });
-    Echo {
-        stop,
-        thread: Some(thread),
-    }
+    })
 }
 
-/// Sends `count` pings from `from` to `to_ip:port` every `gap` (pipelined:
-/// the schedule does not wait for replies) and waits `linger` for the last
-/// echoes. RTT = arrival of the echo minus the ping's send time.
-fn rtts(
-    from: &Pod,
-    to_ip: IpAddr,
-    port: u16,
+/// `count` pings, one every `gap` (pipelined: the schedule does not wait
+/// for replies), then `linger` for the last echoes.
+#[derive(Clone, Copy)]
+struct Pings {
     count: usize,
     gap: Duration,
     linger: Duration,
+}
+
+fn pings(count: usize, gap: Duration, linger: Duration) -> Pings {
+    Pings { count, gap, linger }
+}
+
+/// Runs a ping schedule: ping `i` is sent by `send(i)` at `gap * i` after
+/// `start`, which returns its send time since `start`; meanwhile `recv`
+/// runs on a thread of its own and yields each echo it gets as (ping,
+/// arrival since `start`). RTT = arrival minus send time.
+fn ping_schedule(
+    start: Instant,
+    Pings { count, gap, linger }: Pings,
+    mut send: impl FnMut(usize) -> Duration,
+    mut recv: impl FnMut() -> Option<(usize, Duration)> + Send + 'static,
 ) -> Rtts {
-    rtts_stamped(from, to_ip, port, count, gap, linger, Clock::Kernel)
+    let receiver = Repeat::spawn(Vec::new(), move |got: &mut Vec<(usize, Duration)>| {
+        got.extend(recv());
+    });
+    let mut sent = Vec::with_capacity(count);
+    for i in 0..count {
+        let due = gap * i as u32;
+        if let Some(w) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(w);
+        }
+        sent.push(send(i));
+    }
+    std::thread::sleep(linger);
+    let got = receiver.finish();
+    let mut rtt = vec![None; count];
+    for (seq, at) in got {
+        if let Some(slot) = rtt.get_mut(seq) {
+            if slot.is_none() {
+                *slot = Some(at.saturating_sub(sent[seq]));
+            }
+        }
+    }
+    Rtts {
+        sent_at: sent.iter().map(|d| start + *d).collect(),
+        rtt,
+    }
+}
+
+/// Pings from `from` to the UDP echo on `to_ip:port` on the schedule
+/// `sched`. RTT = arrival of the echo (the kernel's stamp) minus the ping's
+/// send time.
+fn rtts(from: &Pod, to_ip: IpAddr, port: u16, sched: Pings) -> Rtts {
+    rtts_stamped(from, to_ip, port, sched, Clock::Kernel)
 }
 
 /// Where an echo's arrival time comes from.
@@ -106,104 +142,62 @@ enum Clock {
     App,
 }
 
-fn rtts_stamped(
-    from: &Pod,
-    to_ip: IpAddr,
-    port: u16,
-    count: usize,
-    gap: Duration,
-    linger: Duration,
-    clock: Clock,
-) -> Rtts {
-    let any: IpAddr = if to_ip.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let sock = testbed::in_netns(from.netns.path(), move || UdpSocket::bind((any, 0)))
-        .expect("enter netns")
-        .expect("bind client");
+/// [`rtts`], with the echoes' arrival times from `clock`.
+fn rtts_stamped(from: &Pod, to_ip: IpAddr, port: u16, sched: Pings, clock: Clock) -> Rtts {
+    use nix::sys::socket::{setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+
+    let sock = udp_bind(from, SocketAddr::new(testbed::unspecified(to_ip), 0));
     sock.set_read_timeout(Some(Duration::from_millis(10)))
         .expect("timeout");
     let rx = sock.try_clone().expect("clone socket");
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
     let magic: u32 = rand::random();
     // Arrival times are the kernel's receive timestamps (SO_TIMESTAMPNS), so
     // a receiver thread that wakes late (a descheduled vCPU) does not count
     // as delay: what is measured is when the echo reached the client socket.
-    use nix::sys::socket::{setsockopt, sockopt, ControlMessageOwned, MsgFlags};
-    use std::os::fd::AsRawFd;
     setsockopt(&rx, sockopt::ReceiveTimestampns, &(clock == Clock::Kernel))
         .expect("SO_TIMESTAMPNS");
     let start_wall = std::time::SystemTime::now();
     let start = Instant::now();
-    let receiver = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-        while !s.load(Ordering::Acquire) {
-            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let Ok(msg) = nix::sys::socket::recvmsg::<()>(
-                rx.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::empty(),
-            ) else {
-                continue;
-            };
-            let n = msg.bytes;
-            let stamp = msg.cmsgs().ok().and_then(|mut c| {
-                c.find_map(|m| match m {
-                    ControlMessageOwned::ScmTimestampns(ts) => Some(
-                        std::time::UNIX_EPOCH
-                            + Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32),
-                    ),
-                    _ => None,
-                })
-            });
-            // Time since `start`, on the wall clock the stamps use.
-            let at = stamp
-                .and_then(|t| t.duration_since(start_wall).ok())
-                .unwrap_or_else(|| start.elapsed());
-            if n >= 8 && buf[0..4] == magic.to_be_bytes() {
-                got.push((u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]), at));
-            }
-        }
-        got
-    });
+    let since_start = move |t: std::time::SystemTime| t.duration_since(start_wall).ok();
+    let mut buf = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let recv = move || {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            rx.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .ok()?;
+        let n = msg.bytes;
+        let stamp = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::ScmTimestampns(ts) => Some(
+                    std::time::UNIX_EPOCH + Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32),
+                ),
+                _ => None,
+            })
+        });
+        // Time since `start`, on the wall clock the stamps use.
+        let at = stamp
+            .and_then(since_start)
+            .unwrap_or_else(|| start.elapsed());
+        (n >= 8 && buf[0..4] == magic.to_be_bytes()).then(|| {
+            let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            (seq as usize, at)
+        })
+    };
     let dst = SocketAddr::new(to_ip, port);
-    let mut sent = Vec::with_capacity(count);
     let mut pkt = [0u8; 32];
     pkt[0..4].copy_from_slice(&magic.to_be_bytes());
-    for i in 0..count {
-        let due = gap * i as u32;
-        if let Some(w) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(w);
-        }
+    let send = |i: usize| {
         pkt[4..8].copy_from_slice(&(i as u32).to_be_bytes());
-        sent.push(
-            std::time::SystemTime::now()
-                .duration_since(start_wall)
-                .unwrap_or_else(|_| start.elapsed()),
-        );
+        let sent = since_start(std::time::SystemTime::now()).unwrap_or_else(|| start.elapsed());
         sock.send_to(&pkt, dst).expect("send must not fail");
-    }
-    std::thread::sleep(linger);
-    stop.store(true, Ordering::Release);
-    let got = receiver.join().expect("receiver");
-    let mut rtt = vec![None; count];
-    for (seq, at) in got {
-        if let Some(slot) = rtt.get_mut(seq as usize) {
-            if slot.is_none() {
-                *slot = Some(at.saturating_sub(sent[seq as usize]));
-            }
-        }
-    }
-    Rtts {
-        sent_at: sent.iter().map(|d| start + *d).collect(),
-        rtt,
-    }
+        sent
+    };
+    ping_schedule(start, sched, send, recv)
 }
 
 /// Baseline median RTT between the pods, without any fault.
@@ -212,9 +206,23 @@ fn baseline(a: &Pod, ip: IpAddr, port: u16) -> Duration {
 }
 
 fn baseline_by(a: &Pod, ip: IpAddr, port: u16, clock: Clock) -> Duration {
-    let r = rtts_stamped(a, ip, port, 200, MS / 2, 50 * MS, clock);
+    let r = rtts_stamped(a, ip, port, pings(200, MS / 2, 50 * MS), clock);
     assert_eq!(r.lost(), 0, "baseline pings lost");
-    quantile(&r.received(), 0.5)
+    r.quantile(0.5)
+}
+
+/// What a test compares with once its faults are gone: `a`'s netns, and
+/// the baseline RTT to `ip:port` (by `clock`).
+fn before_faults(a: &Pod, ip: IpAddr, port: u16, clock: Clock) -> (Pristine<'_>, Duration) {
+    (Pristine::of(a), baseline_by(a, ip, port, clock))
+}
+
+/// Asserts that every ping of `r` came back and that their median RTT is
+/// below `base` + 1 ms: nothing delays them.
+fn assert_undelayed(r: &Rtts, base: Duration, what: &str) {
+    assert_eq!(r.lost(), 0, "{what}: pings lost");
+    let p50 = r.quantile(0.5);
+    assert!(p50 < base + MS, "{what}: {p50:?} vs {base:?}");
 }
 
 /// Measurements of a timing property before it fails. The suite runs tests
@@ -266,10 +274,6 @@ fn assert_fixed_delay(
     unreachable!()
 }
 
-fn delay(latency: &str) -> Value {
-    json!({"type": "delay", "latency": latency})
-}
-
 /// 20 ms and then 100 ms on a pod's egress: the added RTT is the delay, every
 /// packet arrives, the fault reports its backend and counters; removal
 /// restores the baseline and the netns.
@@ -277,19 +281,15 @@ fn delay(latency: &str) -> Value {
 fn fixed_delay_egress_ipv4() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7301);
-    let ip = v4(&b);
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline(&a, ip, 7301);
+    let (a, _b, _e, ip) = echo_pair(&c, 7301);
+    let (pristine, base) = before_faults(&a, ip, 7301, Clock::Kernel);
 
     for (lat, d) in [("20ms", 20 * MS), ("100ms", 100 * MS)] {
-        let id = c.fault(fault_on(&a, "egress", json!({}), delay(lat), "60s"));
+        let id = c.fault_on(&a, "egress", json!({}), delay(lat), "60s");
         let f = c.get_fault(&id);
         assert_eq!(f["backend"], "nfqueue", "{f}");
         assert_fixed_delay(
-            || rtts(&a, ip, 7301, 400, MS, d + 100 * MS),
+            || rtts(&a, ip, 7301, pings(400, MS, d + 100 * MS)),
             base,
             d,
             &format!("egress {lat}"),
@@ -299,18 +299,9 @@ fn fixed_delay_egress_ipv4() {
         let affected = f["counters"]["affected"].as_u64().unwrap_or(0);
         assert!(matched >= 400 && affected >= 400, "counters: {f}");
         c.delete_fault(&id);
-        assert_eq!(
-            netns_state(a.netns.path(), "eth0"),
-            pristine,
-            "removal restores the netns"
-        );
-        let after = rtts(&a, ip, 7301, 100, MS, 50 * MS);
-        assert_eq!(after.lost(), 0);
-        let p50 = quantile(&after.received(), 0.5);
-        assert!(
-            p50 < base + MS,
-            "baseline not restored: {p50:?} vs {base:?}"
-        );
+        pristine.assert_unchanged("removal restores the netns");
+        let after = rtts(&a, ip, 7301, pings(100, MS, 50 * MS));
+        assert_undelayed(&after, base, "baseline not restored");
     }
 }
 
@@ -320,31 +311,24 @@ fn fixed_delay_egress_ipv4() {
 fn ingress_delay_ipv6_selected() {
     testbed::require_root!();
     let c = Cluster::exclusive(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7302);
+    let (a, b, _e, _) = echo_pair(&c, 7302);
     let base6 = baseline_by(&a, v6(&b), 7302, Clock::App);
     let base4 = baseline_by(&a, v4(&b), 7302, Clock::App);
-    let id = c.fault(fault_on(
+    let id = c.fault_on(
         &a,
         "ingress",
         json!({"cidr": format!("{}/128", v6(&b)), "protocol": "udp"}),
         delay("20ms"),
         "60s",
-    ));
+    );
     assert_fixed_delay(
-        || rtts_stamped(&a, v6(&b), 7302, 400, MS, 150 * MS, Clock::App),
+        || rtts_stamped(&a, v6(&b), 7302, pings(400, MS, 150 * MS), Clock::App),
         base6,
         20 * MS,
         "ingress ipv6 20ms",
     );
-    let r4 = rtts_stamped(&a, v4(&b), 7302, 200, MS, 50 * MS, Clock::App);
-    assert_eq!(r4.lost(), 0);
-    let p50 = quantile(&r4.received(), 0.5);
-    assert!(
-        p50 < base4 + MS,
-        "IPv4 was delayed too: {p50:?} vs {base4:?}"
-    );
+    let r4 = rtts_stamped(&a, v4(&b), 7302, pings(200, MS, 50 * MS), Clock::App);
+    assert_undelayed(&r4, base4, "IPv4 was delayed too");
     c.delete_fault(&id);
 }
 
@@ -423,10 +407,7 @@ fn model_moments(dist: &str) -> (f64, f64) {
 fn jitter_distributions_match_model() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7303);
-    let ip = v4(&b);
+    let (a, _b, _e, ip) = echo_pair(&c, 7303);
     let base = baseline(&a, ip, 7303);
     let (lat, jit) = (30.0, 10.0);
     for dist in ["uniform", "normal", "pareto", "paretonormal"] {
@@ -436,14 +417,14 @@ fn jitter_distributions_match_model() {
         // a burst of load from the tests running beside this one can push a
         // few percent of samples late, which is the machine, not the model.
         for attempt in 0..ATTEMPTS {
-            let id = c.fault(fault_on(
+            let id = c.fault_on(
                 &a,
                 "egress",
                 json!({}),
                 json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "distribution": dist}),
                 "60s",
-            ));
-            let r = rtts(&a, ip, 7303, 1500, MS / 2, 150 * MS);
+            );
+            let r = rtts(&a, ip, 7303, pings(1500, MS / 2, 150 * MS));
             c.delete_fault(&id);
             assert_eq!(r.lost(), 0, "{dist}: a delay must not drop");
             let added: Vec<f64> = r.received().iter().map(|d| ms(*d) - ms(base)).collect();
@@ -503,15 +484,11 @@ fn jitter_matches(
 fn agent_killed_under_delay_fails_open() {
     testbed::require_root!();
     let mut c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7304);
-    let ip = v4(&b);
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline(&a, ip, 7304);
-    let id = c.fault(fault_on(&a, "egress", json!({}), delay("100ms"), "60s"));
+    let (a, _b, _e, ip) = echo_pair(&c, 7304);
+    let (pristine, base) = before_faults(&a, ip, 7304, Clock::Kernel);
+    let id = c.fault_on(&a, "egress", json!({}), delay("100ms"), "60s");
     assert_fixed_delay(
-        || rtts(&a, ip, 7304, 100, MS, 200 * MS),
+        || rtts(&a, ip, 7304, pings(100, MS, 200 * MS)),
         base,
         100 * MS,
         "before the kill",
@@ -521,7 +498,7 @@ fn agent_killed_under_delay_fails_open() {
     // that moment must arrive too (the holder process releases them when
     // the agent dies), and those sent 1 s later must be undelayed.
     let (r, killed) = std::thread::scope(|s| {
-        let stream = s.spawn(|| rtts(&a, ip, 7304, 1800, MS, 300 * MS));
+        let stream = s.spawn(|| rtts(&a, ip, 7304, pings(1800, MS, 300 * MS)));
         std::thread::sleep(Duration::from_millis(500));
         c.agent.kill().expect("SIGKILL the agent");
         let killed = Instant::now();
@@ -532,33 +509,17 @@ fn agent_killed_under_delay_fails_open() {
         0,
         "pings lost across the agent's death (held ones included)"
     );
-    let before: Vec<f64> = r
-        .sent_at
-        .iter()
-        .zip(&r.rtt)
-        .filter(|(s, _)| **s + Duration::from_millis(150) < killed)
-        .filter_map(|(_, rtt)| *rtt)
-        .map(ms)
-        .collect();
+    let before = r.ms_of_sent(|s| s + Duration::from_millis(150) < killed);
     let held = r
         .sent_at
         .iter()
         .filter(|s| **s <= killed && **s + Duration::from_millis(100) > killed)
         .count();
-    let mut sorted_before = before.clone();
-    sorted_before.sort_by(f64::total_cmp);
     assert!(
-        !sorted_before.is_empty() && sorted_before[sorted_before.len() / 2] > 99.0,
+        testbed::quantile(&before, 0.5).is_some_and(|median| median > 99.0),
         "the delay was not active before the kill"
     );
-    let late: Vec<f64> = r
-        .sent_at
-        .iter()
-        .zip(&r.rtt)
-        .filter(|(s, _)| **s >= killed + Duration::from_secs(1))
-        .filter_map(|(_, rtt)| *rtt)
-        .map(ms)
-        .collect();
+    let late = r.ms_of_sent(|s| s >= killed + Duration::from_secs(1));
     let worst = late.iter().cloned().fold(0.0, f64::max);
     eprintln!(
         "SIGKILL across a ping stream: {held} pings held at the kill, 0 lost; worst RTT from 1 s after: {worst:.3} ms"
@@ -567,9 +528,7 @@ fn agent_killed_under_delay_fails_open() {
     // Undelayed: the median is the baseline; no ping is anywhere near the
     // 100 ms delay (20 ms leaves room for a descheduled thread on a busy
     // machine).
-    let mut sorted = late.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = testbed::quantile(&late, 0.5).expect("late pings");
     assert!(
         median < ms(base) + 1.0,
         "still delayed 1 s after the kill: median {median:.3} ms"
@@ -581,47 +540,28 @@ fn agent_killed_under_delay_fails_open() {
 
     c.agent.restart().expect("agent restarts");
     assert_fixed_delay(
-        || rtts(&a, ip, 7304, 100, MS, 200 * MS),
+        || rtts(&a, ip, 7304, pings(100, MS, 200 * MS)),
         base,
         100 * MS,
         "after restart",
     );
     c.delete_fault(&id);
-    let r = rtts(&a, ip, 7304, 100, MS, 50 * MS);
-    assert_eq!(r.lost(), 0);
-    assert!(
-        quantile(&r.received(), 0.5) < base + MS,
-        "baseline after removal"
-    );
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    let r = rtts(&a, ip, 7304, pings(100, MS, 50 * MS));
+    assert_undelayed(&r, base, "baseline after removal");
+    pristine.assert_unchanged("no leftovers");
 }
 
-/// The set elements that key the diversion in the pod netns. (Read as raw
-/// JSON: the `nftables` crate's schema has no variant for the xtables
-/// NFQUEUE expression of the divert rule.)
+/// The set elements that key the diversion in the pod netns.
 fn diversion_elements(pod: &Pod) -> usize {
-    testbed::in_netns(pod.netns.path(), || {
-        let raw = nftables::helper::get_current_ruleset_raw(
-            nftables::helper::DEFAULT_NFT,
-            nftables::helper::DEFAULT_ARGS,
-        )
-        .expect("nft -j list ruleset");
-        let v: Value = serde_json::from_str(&raw).expect("nft JSON");
-        v["nftables"]
-            .as_array()
-            .map(|objs| {
-                objs.iter()
-                    .filter(|o| o["set"]["table"] == "netfault")
-                    .map(|o| o["set"]["elem"].as_array().map(Vec::len).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
-    })
-    .expect("enter netns")
+    nft_ruleset(pod)["nftables"]
+        .as_array()
+        .map(|objs| {
+            objs.iter()
+                .filter(|o| o["set"]["table"] == "netfault")
+                .map(|o| o["set"]["elem"].as_array().map(Vec::len).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// With the agent dead, the fault's diversion ends by itself: the kernel
@@ -631,14 +571,10 @@ fn diversion_elements(pod: &Pod) -> usize {
 fn expires_with_agent_dead() {
     testbed::require_root!();
     let mut c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7305);
-    let ip = v4(&b);
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline(&a, ip, 7305);
+    let (a, _b, _e, ip) = echo_pair(&c, 7305);
+    let (pristine, base) = before_faults(&a, ip, 7305, Clock::Kernel);
     let created = Instant::now();
-    let id = c.fault(fault_on(&a, "egress", json!({}), delay("20ms"), "1500ms"));
+    let id = c.fault_on(&a, "egress", json!({}), delay("20ms"), "1500ms");
     assert_eq!(diversion_elements(&a), 2, "ipv4 and ipv6 keys while active");
     c.agent.kill().expect("SIGKILL");
     // The keys carry millisecond timeouts: there just before the deadline,
@@ -651,17 +587,12 @@ fn expires_with_agent_dead() {
         0,
         "the kernel did not time out the keys"
     );
-    let r = rtts(&a, ip, 7305, 100, MS, 50 * MS);
-    assert_eq!(r.lost(), 0);
-    assert!(quantile(&r.received(), 0.5) < base + MS);
+    let r = rtts(&a, ip, 7305, pings(100, MS, 50 * MS));
+    assert_undelayed(&r, base, "undelayed after the deadline");
     c.agent.restart().expect("agent restarts");
     let f = c.get_fault(&id);
     assert_eq!(f["state"], "expired", "{f}");
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    pristine.assert_unchanged("no leftovers");
 }
 
 /// netem reordering: 25% of packets skip the 10 ms delay the rest get. A
@@ -671,15 +602,9 @@ fn expires_with_agent_dead() {
 fn reorder_share_out_of_order() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "udp"}),
-        json!({"type": "reorder", "percent": 25, "latency": "10ms"}),
-        "60s",
-    ));
+    let [a, b] = c.pods(["a", "b"]);
+    let reorder = json!({"type": "reorder", "percent": 25, "latency": "10ms"});
+    let id = c.fault_on(&a, "egress", json!({"protocol": "udp"}), reorder, "60s");
     let p = udp_probe(&a, &b, v4(&b), 7306, 1000, MS).expect("probe");
     assert_eq!(p.received, p.sent, "reordering must not drop");
     // A packet is early if some lower sequence number arrives after it.
@@ -710,20 +635,10 @@ fn reorder_share_out_of_order() {
         "counter {affected} vs wire {early}: {f}"
     );
     // Reorder without a latency and without a delay fault to borrow from.
+    let no_latency = json!({"type": "reorder", "percent": 10});
     let err = c
         .agent
-        .client()
-        .call(
-            "POST",
-            "/v1/faults",
-            Some(&fault_on(
-                &a,
-                "egress",
-                json!({}),
-                json!({"type": "reorder", "percent": 10}),
-                "10s",
-            )),
-        )
+        .post_fault(&fault_on(&a, "egress", json!({}), no_latency, "10s"))
         .expect_err("reorder without latency must be refused");
     assert!(err.to_string().contains("action.latency"), "{err}");
     c.delete_fault(&id);
@@ -737,32 +652,17 @@ fn reorder_share_out_of_order() {
 fn delay_both_directions_composes_with_loss() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7307);
-    let ip = v4(&b);
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline_by(&a, ip, 7307, Clock::App);
-    let d = c.fault(fault_on(
-        &a,
-        "both",
-        json!({"protocol": "udp"}),
-        delay("10ms"),
-        "60s",
-    ));
-    let l = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "udp"}),
-        json!({"type": "loss", "percent": 30}),
-        "60s",
-    ));
-    let r = rtts_stamped(&a, ip, 7307, 1000, MS, 150 * MS, Clock::App);
+    let (a, _b, _e, ip) = echo_pair(&c, 7307);
+    let (pristine, base) = before_faults(&a, ip, 7307, Clock::App);
+    let udp = json!({"protocol": "udp"});
+    let d = c.fault_on(&a, "both", udp.clone(), delay("10ms"), "60s");
+    let l = c.fault_on(&a, "egress", udp, loss(30), "60s");
+    let r = rtts_stamped(&a, ip, 7307, pings(1000, MS, 150 * MS), Clock::App);
     let n = r.rtt.len() as f64;
     let lost = r.lost() as f64;
     let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
     let got = r.received();
-    let p50 = ms(quantile(&got, 0.5)) - ms(base);
+    let p50 = ms(r.quantile(0.5)) - ms(base);
     eprintln!("delay both 10ms + loss 30%: lost {lost} of {n} (expected {mean:.0} ± {:.0}), added RTT p50 {p50:.3} ms", 3.0 * sigma);
     assert!(
         (lost - mean).abs() <= 3.0 * sigma + 1.0,
@@ -788,11 +688,7 @@ fn delay_both_directions_composes_with_loss() {
     );
     c.delete_fault(&d);
     c.delete_fault(&l);
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    pristine.assert_unchanged("no leftovers");
 }
 
 /// `GET /v1/capabilities` says which backends this node has, and why not.
@@ -835,20 +731,13 @@ fn capabilities_report_backends() {
 fn delay_correlation_makes_successive_delays_close() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let _e = echo(&b, 7308);
-    let ip = v4(&b);
+    let (a, _b, _e, ip) = echo_pair(&c, 7308);
     let mut steps = Vec::new();
     for corr in [0, 90] {
-        let id = c.fault(fault_on(
-            &a,
-            "egress",
-            json!({}),
-            json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "correlation": corr}),
-            "60s",
-        ));
-        let r = rtts(&a, ip, 7308, 600, MS, 100 * MS);
+        let jitter =
+            json!({"type": "delay", "latency": "30ms", "jitter": "10ms", "correlation": corr});
+        let id = c.fault_on(&a, "egress", json!({}), jitter, "60s");
+        let r = rtts(&a, ip, 7308, pings(600, MS, 100 * MS));
         c.delete_fault(&id);
         assert_eq!(r.lost(), 0);
         let d: Vec<f64> = r.rtt.iter().flatten().map(|d| ms(*d)).collect();
@@ -875,15 +764,9 @@ fn tcp_is_delayed() {
     use std::io::{Read, Write};
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let srv = testbed::tcp_listen(&b, 0).expect("listen");
-    let dst = SocketAddr::new(v4(&b), srv.port());
-    let mut conn = testbed::in_netns(a.netns.path(), move || {
-        std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
-    })
-    .expect("enter netns")
-    .expect("connect");
+    let mut conn = connect(&a, SocketAddr::new(v4(&b), srv.port())).expect("connect");
     conn.set_nodelay(true).expect("TCP_NODELAY");
     conn.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
@@ -900,13 +783,8 @@ fn tcp_is_delayed() {
             .collect()
     };
     let base = quantile(&echoes(50), 0.5);
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "tcp", "ports": srv.port().to_string()}),
-        delay("20ms"),
-        "60s",
-    ));
+    let tcp = proto_port("tcp", srv.port());
+    let id = c.fault_on(&a, "egress", tcp, delay("20ms"), "60s");
     let with = quantile(&echoes(50), 0.5);
     c.delete_fault(&id);
     let after = quantile(&echoes(20), 0.5);
@@ -955,16 +833,10 @@ fn bulk_tcp_flow_never_skips_the_delay() {
     use std::io::{Read, Write};
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let port = 7310;
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "tcp", "ports": port.to_string()}),
-        delay("20ms"),
-        "60s",
-    ));
+    let tcp = proto_port("tcp", port);
+    let id = c.fault_on(&a, "egress", tcp, delay("20ms"), "60s");
     let (mut tx, mut rx) = tcp_pair(&a, &b, v4(&b), port);
     let (bytes, min_rtt) = std::thread::scope(|s| {
         let reader = s.spawn(move || {
@@ -1005,24 +877,11 @@ fn cni_del_removes_delay_table() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
     let a = c.pod("a");
-    let id = c.fault(fault_on(&a, "egress", json!({}), delay("50ms"), "60s"));
+    let id = c.fault_on(&a, "egress", json!({}), delay("50ms"), "60s");
     assert_eq!(diversion_elements(&a), 2);
     c.node.del_pod(&a).expect("CNI DEL");
-    let gone = c
-        .agent
-        .client()
-        .call("GET", &format!("/v1/faults/{id}"), None);
-    assert!(gone.is_err(), "fault still listed after DEL: {gone:?}");
-    let objects = testbed::in_netns(a.netns.path(), || {
-        let raw = nftables::helper::get_current_ruleset_raw(
-            nftables::helper::DEFAULT_NFT,
-            nftables::helper::DEFAULT_ARGS,
-        )
-        .expect("nft -j list ruleset");
-        let v: Value = serde_json::from_str(&raw).expect("nft JSON");
-        v["nftables"].as_array().map(Vec::len).unwrap_or(0)
-    })
-    .expect("enter netns");
+    assert!(!c.has_fault(&id), "fault still listed after DEL");
+    let objects = nft_objects(&a);
     assert!(objects <= 1, "nft objects left after DEL: {objects}");
 }
 
@@ -1034,42 +893,21 @@ fn cni_del_removes_delay_table() {
 fn changing_faults_never_undelays_others() {
     testbed::require_root!();
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
     let port = 7311;
-    let _e = echo(&b, port);
-    let ip = v4(&b);
-    let pristine = netns_state(a.netns.path(), "eth0");
-    let base = baseline(&a, ip, port);
-    let kept = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "udp", "ports": port.to_string()}),
-        delay("20ms"),
-        "60s",
-    ));
+    let (a, _b, _e, ip) = echo_pair(&c, port);
+    let (pristine, base) = before_faults(&a, ip, port, Clock::Kernel);
+    let kept = c.fault_on(&a, "egress", proto_port("udp", port), delay("20ms"), "60s");
     // ~4 s of pings every 0.5 ms; the changes run inside that window.
     let (r, changes) = std::thread::scope(|s| {
-        let stream = s.spawn(|| rtts(&a, ip, port, 8000, MS / 2, 100 * MS));
+        let stream = s.spawn(|| rtts(&a, ip, port, pings(8000, MS / 2, 100 * MS)));
         std::thread::sleep(Duration::from_millis(300));
         let start = Instant::now();
         for i in 0..20 {
             let other = if i % 2 == 0 {
-                fault_on(
-                    &a,
-                    "egress",
-                    json!({"protocol": "udp", "ports": "7312"}),
-                    delay("10ms"),
-                    "60s",
-                )
+                fault_on(&a, "egress", proto_port("udp", 7312), delay("10ms"), "60s")
             } else {
-                fault_on(
-                    &a,
-                    "both",
-                    json!({"protocol": "tcp"}),
-                    json!({"type": "delay", "latency": "5ms", "jitter": "1ms"}),
-                    "60s",
-                )
+                let jitter = json!({"type": "delay", "latency": "5ms", "jitter": "1ms"});
+                fault_on(&a, "both", json!({"protocol": "tcp"}), jitter, "60s")
             };
             let id = c.fault(other);
             std::thread::sleep(Duration::from_millis(20));
@@ -1112,11 +950,7 @@ fn changing_faults_never_undelays_others() {
         &undelayed[..undelayed.len().min(10)]
     );
     c.delete_fault(&kept);
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    pristine.assert_unchanged("no leftovers");
 }
 
 /// The internet checksum (RFC 1071) of `data`.
@@ -1132,24 +966,26 @@ fn inet_checksum(data: &[u8]) -> u16 {
 }
 
 /// ICMP echo round trips from `from` to `to_ip` over a raw socket (ICMP for
-/// IPv4, ICMPv6 for IPv6), scheduled as in [`rtts`]: `count` echo requests
-/// every `gap`, then `linger` for the last replies.
-fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Duration) -> Rtts {
+/// IPv4, ICMPv6 for IPv6), on the schedule `sched`, as in [`rtts`].
+fn icmp_rtts(from: &Pod, to_ip: IpAddr, sched: Pings) -> Rtts {
     use nix::sys::socket::{
         recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
         SockType, SockaddrStorage,
     };
-    use std::os::fd::AsRawFd;
 
     let (family, proto, request, reply) = if to_ip.is_ipv4() {
         (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8)
     } else {
         (AddressFamily::Inet6, SockProtocol::IcmpV6, 128u8, 129u8)
     };
-    let sock = testbed::in_netns(from.netns.path(), move || {
-        socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, proto)
+    let sock = in_pod(from, move || {
+        Ok(socket(
+            family,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            proto,
+        )?)
     })
-    .expect("enter netns")
     .expect("raw ICMP socket");
     setsockopt(
         &sock,
@@ -1162,42 +998,25 @@ fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Dur
     let magic: u32 = rand::random();
     let v4 = to_ip.is_ipv4();
     let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let receiver = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while !s.load(Ordering::Acquire) {
-            let Ok(n) = recv(rx.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
-                continue;
-            };
-            let at = start.elapsed();
-            // IPv4 raw sockets deliver the IP header too; ICMPv6 ones do not.
-            let off = if v4 {
-                usize::from(buf[0] & 0x0f) * 4
-            } else {
-                0
-            };
-            let Some(m) = buf.get(off..n) else {
-                continue;
-            };
-            if m.len() >= 12
-                && m[0] == reply
-                && m[4..6] == ident.to_be_bytes()
-                && m[8..12] == magic.to_be_bytes()
-            {
-                got.push((u16::from_be_bytes([m[6], m[7]]), at));
-            }
-        }
-        got
-    });
+    let mut buf = [0u8; 2048];
+    let recv = move || {
+        let n = recv(rx.as_raw_fd(), &mut buf, MsgFlags::empty()).ok()?;
+        let at = start.elapsed();
+        // IPv4 raw sockets deliver the IP header too; ICMPv6 ones do not.
+        let off = if v4 {
+            usize::from(buf[0] & 0x0f) * 4
+        } else {
+            0
+        };
+        let m = buf.get(off..n)?;
+        let ours = m.len() >= 12
+            && m[0] == reply
+            && m[4..6] == ident.to_be_bytes()
+            && m[8..12] == magic.to_be_bytes();
+        ours.then(|| (usize::from(u16::from_be_bytes([m[6], m[7]])), at))
+    };
     let dst = SockaddrStorage::from(SocketAddr::new(to_ip, 0));
-    let mut sent = Vec::with_capacity(count);
-    for i in 0..count {
-        let due = gap * i as u32;
-        if let Some(w) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(w);
-        }
+    let send = |i: usize| {
         let mut pkt = [0u8; 40];
         pkt[0] = request;
         pkt[4..6].copy_from_slice(&ident.to_be_bytes());
@@ -1208,24 +1027,11 @@ fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Dur
             let sum = inet_checksum(&pkt);
             pkt[2..4].copy_from_slice(&sum.to_be_bytes());
         }
-        sent.push(start.elapsed());
+        let sent = start.elapsed();
         sendto(sock.as_raw_fd(), &pkt, &dst, MsgFlags::empty()).expect("send must not fail");
-    }
-    std::thread::sleep(linger);
-    stop.store(true, Ordering::Release);
-    let got = receiver.join().expect("receiver");
-    let mut rtt = vec![None; count];
-    for (seq, at) in got {
-        if let Some(slot) = rtt.get_mut(usize::from(seq)) {
-            if slot.is_none() {
-                *slot = Some(at.saturating_sub(sent[usize::from(seq)]));
-            }
-        }
-    }
-    Rtts {
-        sent_at: sent.iter().map(|d| start + *d).collect(),
-        rtt,
-    }
+        sent
+    };
+    ping_schedule(start, sched, send, recv)
 }
 
 /// ICMP is delayed too: echo requests from a raw socket in pod `a`,
@@ -1237,29 +1043,28 @@ fn icmp_rtts(from: &Pod, to_ip: IpAddr, count: usize, gap: Duration, linger: Dur
 fn icmp_echo_is_delayed() {
     testbed::require_root!();
     let c = Cluster::exclusive(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let pristine = netns_state(a.netns.path(), "eth0");
+    let [a, b] = c.pods(["a", "b"]);
+    let pristine = Pristine::of(&a);
     let targets = [("ipv4", v4(&b)), ("ipv6", v6(&b))];
     let bases: Vec<Duration> = targets
         .iter()
         .map(|(what, ip)| {
-            let r = icmp_rtts(&a, *ip, 200, MS / 2, 50 * MS);
+            let r = icmp_rtts(&a, *ip, pings(200, MS / 2, 50 * MS));
             assert_eq!(r.lost(), 0, "{what}: baseline echoes lost");
-            quantile(&r.received(), 0.5)
+            r.quantile(0.5)
         })
         .collect();
-    let id = c.fault(fault_on(
+    let id = c.fault_on(
         &a,
         "egress",
         json!({"protocol": "icmp"}),
         delay("20ms"),
         "60s",
-    ));
+    );
     assert_eq!(c.get_fault(&id)["backend"], "nfqueue");
     for ((what, ip), base) in targets.iter().zip(&bases) {
         assert_fixed_delay(
-            || icmp_rtts(&a, *ip, 400, MS, 100 * MS),
+            || icmp_rtts(&a, *ip, pings(400, MS, 100 * MS)),
             *base,
             20 * MS,
             &format!("icmp echo {what} 20ms"),
@@ -1267,9 +1072,9 @@ fn icmp_echo_is_delayed() {
     }
     c.delete_fault(&id);
     for ((what, ip), base) in targets.iter().zip(&bases) {
-        let r = icmp_rtts(&a, *ip, 100, MS, 50 * MS);
+        let r = icmp_rtts(&a, *ip, pings(100, MS, 50 * MS));
         assert_eq!(r.lost(), 0, "{what}: echoes lost after removal");
-        let p50 = quantile(&r.received(), 0.5);
+        let p50 = r.quantile(0.5);
         eprintln!(
             "icmp echo {what} after removal: p50 {:.3} ms (baseline {:.3} ms)",
             ms(p50),
@@ -1280,9 +1085,5 @@ fn icmp_echo_is_delayed() {
             "{what}: baseline not restored: {p50:?} vs {base:?}"
         );
     }
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "no leftovers"
-    );
+    pristine.assert_unchanged("no leftovers");
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use testbed::udp_probe;
 
-use crate::support::{bpffs_pins, fault_on, netns_state, timed_stream, v4, Cluster};
+use crate::support::{
+    blackhole, bpffs_pins, loss, nft_objects, pod_state, proto_port, timed_stream, v4, Cluster,
+    Pristine,
+};
 
 const GAP: Duration = Duration::from_micros(200);
 
@@ -17,17 +20,10 @@ const GAP: Duration = Duration::from_micros(200);
 fn deadline_holds_with_agent_killed() {
     testbed::require_root!();
     let mut c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
 
     let before = Instant::now();
-    c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "blackhole"}),
-        "3s",
-    ));
+    c.fault_on(&a, "egress", json!({}), blackhole(), "3s");
     let created = Instant::now();
     c.agent.kill().expect("SIGKILL the agent");
 
@@ -76,37 +72,19 @@ fn deadline_holds_with_agent_killed() {
 fn faults_survive_agent_restart() {
     testbed::require_root!();
     let mut c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "udp"}),
-        json!({"type": "loss", "percent": 100}),
-        "120s",
-    ));
+    let [a, b] = c.pods(["a", "b"]);
+    let id = c.fault_on(&a, "egress", json!({"protocol": "udp"}), loss(100), "120s");
 
     c.agent.restart().expect("agent restarts");
     let listed = c.get_fault(&id);
     assert_eq!(listed["state"], "active", "fault after restart: {listed}");
-    let sandboxes = c
-        .agent
-        .client()
-        .call("GET", "/v1/sandboxes", None)
-        .expect("list sandboxes");
-    assert_eq!(
-        sandboxes.as_array().map(Vec::len),
-        Some(2),
-        "both pods still enrolled"
-    );
+    let sandboxes = c.agent.sandboxes().expect("list sandboxes");
+    assert_eq!(sandboxes.len(), 2, "both pods still enrolled");
 
     let p = udp_probe(&a, &b, v4(&b), 7103, 300, GAP).expect("probe after restart");
     assert_eq!(p.received, 0, "the fault stopped across the restart");
-    let f = c.get_fault(&id);
-    assert!(
-        f["counters"]["dropped"].as_u64().unwrap_or(0) >= 300,
-        "the new agent counts drops: {f}"
-    );
+    let dropped = c.counter(&id, "dropped");
+    assert!(dropped >= 300, "the new agent counts {dropped} drops");
 
     c.delete_fault(&id);
     let p = udp_probe(&a, &b, v4(&b), 7103, 300, GAP).expect("probe after delete");
@@ -122,30 +100,18 @@ fn faults_survive_agent_restart() {
 fn no_leftovers_after_removal_expiry_and_del() {
     testbed::require_root!();
     let c = Cluster::new(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let pristine = netns_state(a.netns.path(), "eth0");
+    let [a, b] = c.pods(["a", "b"]);
+    let pristine = Pristine::of(&a);
+    let state = &pristine.state;
     assert!(
-        pristine.filters.is_empty() && pristine.tcx.is_empty(),
-        "{pristine:?}"
+        state.filters.is_empty() && state.tcx.is_empty(),
+        "{state:?}"
     );
 
     // Two composed faults, then removal.
-    let f1 = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "loss", "percent": 30}),
-        "60s",
-    ));
-    let f2 = c.fault(fault_on(
-        &a,
-        "ingress",
-        json!({"protocol": "udp", "ports": "9"}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
-    let active = netns_state(a.netns.path(), "eth0");
+    let f1 = c.fault_on(&a, "egress", json!({}), loss(30), "60s");
+    let f2 = c.fault_on(&a, "ingress", proto_port("udp", 9), blackhole(), "60s");
+    let active = pod_state(&a);
     assert_eq!(
         active.filters.len(),
         2,
@@ -153,59 +119,22 @@ fn no_leftovers_after_removal_expiry_and_del() {
     );
     c.delete_fault(&f1);
     c.delete_fault(&f2);
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "removal restores the netns exactly"
-    );
+    pristine.assert_unchanged("removal restores the netns exactly");
     assert!(bpffs_pins().is_empty(), "bpffs pins: {:?}", bpffs_pins());
 
     // Expiry also restores it (the agent reaps within its tick).
-    c.fault(fault_on(
-        &a,
-        "both",
-        json!({}),
-        json!({"type": "loss", "percent": 5}),
-        "500ms",
-    ));
+    c.fault_on(&a, "both", json!({}), loss(5), "500ms");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        netns_state(a.netns.path(), "eth0"),
-        pristine,
-        "expiry restores the netns exactly"
-    );
+    pristine.assert_unchanged("expiry restores the netns exactly");
     let p = udp_probe(&a, &b, v4(&b), 7104, 300, GAP).expect("probe after expiry");
     assert_eq!(p.received, p.sent);
 
     // CNI DEL with an active fault: the agent releases everything first.
-    let f3 = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
+    let f3 = c.fault_on(&a, "egress", json!({}), blackhole(), "60s");
     c.node.del_pod(&a).expect("CNI DEL");
-    let gone = c
-        .agent
-        .client()
-        .call("GET", &format!("/v1/faults/{f3}"), None);
-    assert!(gone.is_err(), "fault still listed after DEL: {gone:?}");
-    let sandboxes = c
-        .agent
-        .client()
-        .call("GET", "/v1/sandboxes", None)
-        .expect("list");
-    assert!(
-        !sandboxes.to_string().contains(&a.container_id),
-        "sandbox still enrolled after DEL"
-    );
-    let after_del = testbed::in_netns(a.netns.path(), || {
-        nftables::helper::get_current_ruleset()
-            .map(|r| r.objects.len())
-            .unwrap_or(usize::MAX)
-    })
-    .expect("enter netns");
+    assert!(!c.has_fault(&f3), "fault still listed after DEL");
+    assert!(!c.enrolled(&a), "sandbox still enrolled after DEL");
+    let after_del = nft_objects(&a);
     assert!(
         after_del <= 1,
         "nft objects left in the pod netns after DEL: {after_del}"

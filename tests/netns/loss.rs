@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use testbed::udp_probe;
 
-use crate::support::{assert_binomial_loss, fault_on, v4, v6, Cluster};
+use crate::support::{assert_binomial_loss, blackhole, ends, loss, proto_port, v4, v6, Cluster};
 
 const PACKETS: u32 = 3000;
 const GAP: Duration = Duration::from_micros(100);
@@ -17,13 +17,8 @@ const GAP: Duration = Duration::from_micros(100);
 fn loss_levels(direction: &str) {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let (from, to) = if direction == "egress" {
-        (&a, &b)
-    } else {
-        (&b, &a)
-    };
+    let [a, b] = c.pods(["a", "b"]);
+    let (from, to) = ends(direction, &a, &b);
 
     let base = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("baseline probe");
     assert_eq!(base.send_errors, 0);
@@ -33,13 +28,7 @@ fn loss_levels(direction: &str) {
     );
 
     for percent in [10.0, 50.0, 100.0] {
-        let id = c.fault(fault_on(
-            &a,
-            direction,
-            json!({}),
-            json!({"type": "loss", "percent": percent}),
-            "60s",
-        ));
+        let id = c.fault_on(&a, direction, json!({}), loss(percent), "60s");
         let samples = assert_binomial_loss(
             || udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("probe under loss"),
             percent / 100.0,
@@ -77,17 +66,10 @@ fn ingress_loss_is_binomial() {
 fn selectors_confine_the_fault() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let d = c.pod("d");
+    let [a, b, d] = c.pods(["a", "b", "d"]);
 
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"cidr": format!("{}/32", v4(&b))}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
+    let to_b = json!({"cidr": format!("{}/32", v4(&b))});
+    let id = c.fault_on(&a, "egress", to_b, blackhole(), "60s");
     let to_b = udp_probe(&a, &b, v4(&b), 7002, 500, GAP).expect("probe a->b");
     let to_d = udp_probe(&a, &d, v4(&d), 7002, 500, GAP).expect("probe a->d");
     assert_eq!(
@@ -98,26 +80,14 @@ fn selectors_confine_the_fault() {
     assert_eq!(to_d.received, to_d.sent, "a->d is untouched");
     c.delete_fault(&id);
 
-    let id = c.fault(fault_on(
-        &a,
-        "both",
-        json!({"protocol": "udp", "ports": "7003"}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
+    let id = c.fault_on(&a, "both", proto_port("udp", 7003), blackhole(), "60s");
     let hit = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe port 7003");
     let miss = udp_probe(&b, &a, v4(&a), 7004, 500, GAP).expect("probe port 7004");
     assert_eq!(hit.received, 0, "port 7003 is blackholed");
     assert_eq!(miss.received, miss.sent, "port 7004 is untouched");
     // A TCP fault on the same port does not touch UDP.
     c.delete_fault(&id);
-    let id = c.fault(fault_on(
-        &a,
-        "both",
-        json!({"protocol": "tcp", "ports": "7003"}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
+    let id = c.fault_on(&a, "both", proto_port("tcp", 7003), blackhole(), "60s");
     let udp = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe udp 7003");
     assert_eq!(udp.received, udp.sent, "a tcp-only fault leaves udp alone");
     c.delete_fault(&id);
@@ -129,20 +99,12 @@ fn selectors_confine_the_fault() {
 fn ipv6_dual_stack() {
     testbed::require_root!();
     let c = Cluster::new(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let d = c.pod("d");
+    let [a, b, d] = c.pods(["a", "b", "d"]);
 
     let base = udp_probe(&a, &b, v6(&b), 7005, 1000, GAP).expect("v6 baseline");
     assert_eq!(base.received, base.sent, "v6 baseline lossless");
 
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "loss", "percent": 50}),
-        "60s",
-    ));
+    let id = c.fault_on(&a, "egress", json!({}), loss(50), "60s");
     assert_binomial_loss(
         || udp_probe(&a, &b, v6(&b), 7005, PACKETS, GAP).expect("v6 under loss"),
         0.5,
@@ -150,13 +112,8 @@ fn ipv6_dual_stack() {
     );
     c.delete_fault(&id);
 
-    let id = c.fault(fault_on(
-        &a,
-        "ingress",
-        json!({"cidr": format!("{}/128", v6(&b))}),
-        json!({"type": "blackhole"}),
-        "60s",
-    ));
+    let from_b = json!({"cidr": format!("{}/128", v6(&b))});
+    let id = c.fault_on(&a, "ingress", from_b, blackhole(), "60s");
     let from_b6 = udp_probe(&b, &a, v6(&a), 7006, 300, GAP).expect("b->a v6");
     let from_b4 = udp_probe(&b, &a, v4(&a), 7006, 300, GAP).expect("b->a v4");
     let from_d6 = udp_probe(&d, &a, v6(&a), 7006, 300, GAP).expect("d->a v6");

@@ -2,25 +2,23 @@
 //! loss, and their composition. Every effect is measured by the receiver.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use testbed::{udp_probe, Pod, UdpProbe};
 
-use crate::support::{assert_binomial_loss, fault_on, tcp_pair, v4, v6, Cluster};
+use crate::support::{
+    assert_binomial_loss, ends, loss, proto_port, tcp_pair, udp_bind, v4, v6, Cluster, Repeat,
+};
 
 const PACKETS: u32 = 3000;
 const GAP: Duration = Duration::from_micros(100);
 
-fn counter(c: &Cluster, id: &str, name: &str) -> u64 {
-    let f = c.get_fault(id);
-    f["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {f}"))
+/// Sends `percent` of the packets twice.
+fn duplicate(percent: u32) -> Value {
+    json!({"type": "duplicate", "percent": percent})
 }
 
 /// FNV-1a 64. Any single flipped bit changes it: each step (xor, multiply by
@@ -71,27 +69,16 @@ struct CheckedProbe {
     bad_payload: u64,
 }
 
-fn bind_in(netns: &Path, addr: SocketAddr) -> UdpSocket {
-    testbed::in_netns(netns, move || UdpSocket::bind(addr))
-        .expect("enter netns")
-        .expect("bind UDP")
-}
-
 /// Sends `count` datagrams of 512 bytes (sequence, random filler, FNV of the
 /// rest) from `from` to `to_ip:port`. With `sw_csum` every datagram is sent
 /// corked (UDP_CORK), so the kernel computes the UDP checksum in software
 /// and the skb is not CHECKSUM_PARTIAL: the receiver then really verifies it.
 fn checked_probe(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, sw_csum: bool) -> CheckedProbe {
-    let any: IpAddr = if to_ip.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let rx = bind_in(to.netns.path(), SocketAddr::new(any, port));
-    let tx = bind_in(from.netns.path(), SocketAddr::new(any, 0));
+    let any = testbed::unspecified(to_ip);
+    let rx = udp_bind(to, SocketAddr::new(any, port));
+    let tx = udp_bind(from, SocketAddr::new(any, 0));
     rx.set_read_timeout(Some(Duration::from_millis(20)))
         .expect("SO_RCVTIMEO");
-    let stop = AtomicBool::new(false);
     let dest = SocketAddr::new(to_ip, port);
     let set_cork = |on: libc::c_int| {
         // SAFETY: setsockopt on a socket we own with a c_int option value.
@@ -106,57 +93,50 @@ fn checked_probe(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, sw_csum: bool) 
         };
         assert_eq!(r, 0, "UDP_CORK: {}", std::io::Error::last_os_error());
     };
-    std::thread::scope(|s| {
-        let receiver = s.spawn(|| {
-            let (mut seqs, mut bad) = (Vec::new(), 0u64);
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Acquire) {
-                let Ok(n) = rx.recv(&mut buf) else { continue };
-                let ok = n == 512 && {
-                    let mut h = [0u8; 8];
-                    h.copy_from_slice(&buf[504..512]);
-                    fnv(&buf[..504]) == u64::from_be_bytes(h)
-                };
-                if ok {
-                    seqs.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
-                } else {
-                    bad += 1;
-                }
-            }
-            (seqs, bad)
-        });
-        let mut probe = UdpProbe::default();
-        let start = Instant::now();
-        let mut pkt = [0u8; 512];
-        for seq in 0..PACKETS {
-            if let Some(w) = (GAP * seq).checked_sub(start.elapsed()) {
-                std::thread::sleep(w);
-            }
-            pkt[..4].copy_from_slice(&seq.to_be_bytes());
-            rand::fill(&mut pkt[4..504]);
-            let h = fnv(&pkt[..504]);
-            pkt[504..].copy_from_slice(&h.to_be_bytes());
-            probe.sent += 1;
-            if sw_csum {
-                set_cork(1);
-            }
-            if tx.send_to(&pkt, dest).is_err() {
-                probe.send_errors += 1;
-            }
-            if sw_csum {
-                set_cork(0);
-            }
+    let receiver = Repeat::spawn((Vec::new(), 0u64), move |(seqs, bad)| {
+        let mut buf = [0u8; 2048];
+        let Ok(n) = rx.recv(&mut buf) else { return };
+        let ok = n == 512 && {
+            let mut h = [0u8; 8];
+            h.copy_from_slice(&buf[504..512]);
+            fnv(&buf[..504]) == u64::from_be_bytes(h)
+        };
+        if ok {
+            seqs.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+        } else {
+            *bad += 1;
         }
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Release);
-        let (seqs, bad) = receiver.join().expect("receiver thread");
-        probe.received = seqs.len() as u64;
-        probe.received_seqs = seqs;
-        CheckedProbe {
-            probe,
-            bad_payload: bad,
+    });
+    let mut probe = UdpProbe::default();
+    let start = Instant::now();
+    let mut pkt = [0u8; 512];
+    for seq in 0..PACKETS {
+        if let Some(w) = (GAP * seq).checked_sub(start.elapsed()) {
+            std::thread::sleep(w);
         }
-    })
+        pkt[..4].copy_from_slice(&seq.to_be_bytes());
+        rand::fill(&mut pkt[4..504]);
+        let h = fnv(&pkt[..504]);
+        pkt[504..].copy_from_slice(&h.to_be_bytes());
+        probe.sent += 1;
+        if sw_csum {
+            set_cork(1);
+        }
+        if tx.send_to(&pkt, dest).is_err() {
+            probe.send_errors += 1;
+        }
+        if sw_csum {
+            set_cork(0);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (seqs, bad) = receiver.finish();
+    probe.received = seqs.len() as u64;
+    probe.received_seqs = seqs;
+    CheckedProbe {
+        probe,
+        bad_payload: bad,
+    }
 }
 
 /// corrupt 40%: the receiver gets ~60% (3σ binomial), and no datagram reaches
@@ -169,8 +149,7 @@ fn checked_probe(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, sw_csum: bool) 
 fn corrupt_is_discarded_by_the_receiver() {
     testbed::require_root!();
     let c = Cluster::new(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let cases = [
         ("egress", false, false),
         ("egress", true, true),
@@ -178,11 +157,7 @@ fn corrupt_is_discarded_by_the_receiver() {
         ("ingress", true, false),
     ];
     for (i, (direction, ipv6, sw_csum)) in cases.into_iter().enumerate() {
-        let (from, to) = if direction == "egress" {
-            (&a, &b)
-        } else {
-            (&b, &a)
-        };
+        let (from, to) = ends(direction, &a, &b);
         let ip = if ipv6 { v6(to) } else { v4(to) };
         let port = 7301 + i as u16;
         let what = format!(
@@ -200,13 +175,8 @@ fn corrupt_is_discarded_by_the_receiver() {
             (base.probe.sent, 0),
             "{what}: baseline must be clean"
         );
-        let id = c.fault(fault_on(
-            &a,
-            direction,
-            json!({"protocol": "udp", "ports": port.to_string()}),
-            json!({"type": "corrupt", "percent": 40}),
-            "60s",
-        ));
+        let corrupt = json!({"type": "corrupt", "percent": 40});
+        let id = c.fault_on(&a, direction, proto_port("udp", port), corrupt, "60s");
         let mut bad = 0;
         let csum_before = csum_errors_in(to, ipv6);
         let samples = assert_binomial_loss(
@@ -227,7 +197,7 @@ fn corrupt_is_discarded_by_the_receiver() {
         );
         assert_eq!(bad, 0, "{what}: corrupted payloads reached the application");
         assert_eq!(
-            counter(&c, &id, "affected"),
+            c.counter(&id, "affected"),
             lost,
             "{what}: affected counts the corrupted packets"
         );
@@ -249,26 +219,15 @@ fn corrupt_is_discarded_by_the_receiver() {
 fn duplicate_half_of_the_packets() {
     testbed::require_root!();
     let c = Cluster::new(true);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     for (i, (direction, ipv6)) in [("egress", false), ("ingress", true)]
         .into_iter()
         .enumerate()
     {
-        let (from, to) = if direction == "egress" {
-            (&a, &b)
-        } else {
-            (&b, &a)
-        };
+        let (from, to) = ends(direction, &a, &b);
         let ip = if ipv6 { v6(to) } else { v4(to) };
         let port = 7311 + i as u16;
-        let id = c.fault(fault_on(
-            &a,
-            direction,
-            json!({}),
-            json!({"type": "duplicate", "percent": 50}),
-            "60s",
-        ));
+        let id = c.fault_on(&a, direction, json!({}), duplicate(50), "60s");
         let p = udp_probe(from, to, ip, port, PACKETS, GAP).expect("probe");
         let what = format!("duplicate 50% {direction} v{}", if ipv6 { 6 } else { 4 });
         eprintln!(
@@ -294,7 +253,7 @@ fn duplicate_half_of_the_packets() {
             seen[*s as usize] += 1;
         }
         assert!(seen.iter().all(|n| *n <= 2), "{what}: a copy was copied");
-        assert_eq!(counter(&c, &id, "affected"), p.duplicates(), "{what}");
+        assert_eq!(c.counter(&id, "affected"), p.duplicates(), "{what}");
         c.delete_fault(&id);
     }
 }
@@ -337,34 +296,23 @@ fn mean(v: &[u32]) -> f64 {
 fn gilbert_elliott_bursts_differ_from_uncorrelated_loss() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "loss", "model": {"p": 5, "r": 20, "1-h": 100, "1-k": 0}}),
-        "60s",
-    ));
+    let [a, b] = c.pods(["a", "b"]);
+    let gilbert_elliott = json!({"type": "loss", "model": {"p": 5, "r": 20, "1-h": 100, "1-k": 0}});
+    let id = c.fault_on(&a, "egress", json!({}), gilbert_elliott, "60s");
     let ge = udp_probe(&a, &b, v4(&b), 7321, 10_000, GAP).expect("probe under GE");
     let ge_runs = loss_runs(&ge);
     let ge_loss = ge.loss_ratio();
     let ge_burst = mean(&ge_runs);
     assert_eq!(ge.send_errors, 0, "GE loss is silent");
     assert_eq!(
-        counter(&c, &id, "dropped"),
+        c.counter(&id, "dropped"),
         ge.sent - ge.unique_received(),
         "dropped counter vs wire"
     );
     c.delete_fault(&id);
 
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "loss", "percent": 20, "correlation": 0}),
-        "60s",
-    ));
+    let uncorrelated = json!({"type": "loss", "percent": 20, "correlation": 0});
+    let id = c.fault_on(&a, "egress", json!({}), uncorrelated, "60s");
     let plain = udp_probe(&a, &b, v4(&b), 7321, 10_000, GAP).expect("probe under loss");
     let plain_burst = mean(&loss_runs(&plain));
     c.delete_fault(&id);
@@ -401,23 +349,10 @@ fn gilbert_elliott_bursts_differ_from_uncorrelated_loss() {
 fn loss_and_duplicate_compose() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     // Loss first, so it holds the lower rule slot and runs first.
-    let loss = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "loss", "percent": 20}),
-        "60s",
-    ));
-    let dup = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({}),
-        json!({"type": "duplicate", "percent": 50}),
-        "60s",
-    ));
+    let loss = c.fault_on(&a, "egress", json!({}), loss(20), "60s");
+    let dup = c.fault_on(&a, "egress", json!({}), duplicate(50), "60s");
     let p = udp_probe(&a, &b, v4(&b), 7331, PACKETS, GAP).expect("probe");
     let n = p.sent as f64;
     eprintln!(
@@ -443,7 +378,7 @@ fn loss_and_duplicate_compose() {
         0.88 * n
     );
     // Both rules acted, and the counters add up to the wire.
-    let (dropped, copies) = (counter(&c, &loss, "dropped"), counter(&c, &dup, "affected"));
+    let (dropped, copies) = (c.counter(&loss, "dropped"), c.counter(&dup, "affected"));
     assert_eq!(p.sent + copies - dropped, p.received, "counters vs wire");
     c.delete_fault(&dup);
     c.delete_fault(&loss);
@@ -534,8 +469,7 @@ fn rate_limits_tcp_goodput() {
     // Alone: a TCP flow through a policer reacts to CPU contention from a
     // neighbouring test as much as to the policer.
     let c = Cluster::exclusive(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     // Sanity, without the fault: 16 MB go through far faster than 20 Mbit/s
     // (6.7 s) would allow. A fixed amount rather than a timed run keeps the
     // full-speed transfer short, so it does not starve concurrent tests.
@@ -545,20 +479,15 @@ fn rate_limits_tcp_goodput() {
         "unlimited transfer too slow to compare: {:.0} Mbit/s",
         free / 1e6
     );
-    let id = c.fault(fault_on(
-        &a,
-        "egress",
-        json!({"protocol": "tcp"}),
-        json!({"type": "rate", "rate": "20mbit"}),
-        "60s",
-    ));
+    let rate = json!({"type": "rate", "rate": "20mbit"});
+    let id = c.fault_on(&a, "egress", json!({"protocol": "tcp"}), rate, "60s");
     for attempt in 0..3 {
         let limited = tcp_goodput(&a, &b, v4(&b), 7342 + attempt, 5.0);
         eprintln!(
             "rate 20mbit: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
             limited / 1e6,
             free / 1e6,
-            counter(&c, &id, "dropped")
+            c.counter(&id, "dropped")
         );
         if (limited - 20e6).abs() <= 0.15 * 20e6 {
             break;
@@ -569,7 +498,7 @@ fn rate_limits_tcp_goodput() {
             limited / 1e6
         );
     }
-    assert!(counter(&c, &id, "dropped") > 0, "the policer dropped");
+    assert!(c.counter(&id, "dropped") > 0, "the policer dropped");
     c.delete_fault(&id);
 }
 
@@ -580,14 +509,10 @@ fn rate_limits_tcp_goodput() {
 fn packet_actions_end_at_deadline_without_agent() {
     testbed::require_root!();
     let mut c = Cluster::new(false);
-    let a = c.pod("a");
-    let b = c.pod("b");
+    let [a, b] = c.pods(["a", "b"]);
     let created = Instant::now();
-    for action in [
-        json!({"type": "duplicate", "percent": 100}),
-        json!({"type": "rate", "rate": "8kbit"}),
-    ] {
-        c.fault(fault_on(&a, "egress", json!({}), action, "1500ms"));
+    for action in [duplicate(100), json!({"type": "rate", "rate": "8kbit"})] {
+        c.fault_on(&a, "egress", json!({}), action, "1500ms");
     }
     c.agent.kill().expect("SIGKILL the agent");
     let during = udp_probe(&a, &b, v4(&b), 7351, 300, GAP).expect("probe during");

@@ -1,14 +1,16 @@
-//! Shared pieces of the netns tests: a node with an agent, leftover
-//! inspection, and statistics for loss measured on the wire.
+//! Shared pieces of the netns tests: a node with an agent, fault bodies,
+//! sockets in pods, leftover inspection, and statistics for loss measured
+//! on the wire.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testbed::{Agent, Node, NodeOptions, Pod};
+use testbed::{AgentNode, NodeOptions, Pod};
 
 /// Tests that measure sub-millisecond timing run alone; every other test
 /// that builds a `Cluster` runs beside the others. On a 2-core machine a
@@ -21,90 +23,135 @@ pub enum Gate {
     Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
 }
 
-/// One simulated node: a private agent and a CNI chain with netfault.
+/// One simulated node: a private agent and a CNI chain with netfault
+/// (`c.node`, `c.agent` and `c.dir` through [`AgentNode`]).
 pub struct Cluster {
-    // Field order is drop order: pods' node first, then the agent, then its
-    // dir, and last the gate (so the next test starts on a clean machine).
-    pub node: Node,
-    pub agent: Agent,
-    pub _dir: testbed::TempDir,
-    pub _gate: Gate,
+    // Field order is drop order: the node, the agent and its dir first, and
+    // last the gate (so the next test starts on a clean machine).
+    bed: AgentNode,
+    _gate: Gate,
+}
+
+impl Deref for Cluster {
+    type Target = AgentNode;
+
+    fn deref(&self) -> &AgentNode {
+        &self.bed
+    }
+}
+
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut AgentNode {
+        &mut self.bed
+    }
 }
 
 impl Cluster {
     /// A cluster for a test that may run beside others.
     pub fn new(ipv6: bool) -> Cluster {
+        Cluster::with_options(NodeOptions {
+            ipv6,
+            ..NodeOptions::default()
+        })
+    }
+
+    /// [`Cluster::new`] with a node built from `opts` (its socket is the
+    /// agent's).
+    pub fn with_options(opts: NodeOptions) -> Cluster {
         let gate = Gate::Shared(GATE.read().unwrap_or_else(|p| p.into_inner()));
-        Cluster::with_gate(ipv6, gate)
+        Cluster::with_gate(opts, gate)
     }
 
     /// A cluster for a timing test: waits until no other cluster test runs,
     /// and keeps others out until it is dropped.
     pub fn exclusive(ipv6: bool) -> Cluster {
         let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
-        Cluster::with_gate(ipv6, gate)
-    }
-
-    fn with_gate(ipv6: bool, gate: Gate) -> Cluster {
-        let dir = testbed::TempDir::new("netfault-test").expect("temp dir");
-        let agent = Agent::start(dir.path()).expect("netfaultd starts");
-        let node = Node::new(NodeOptions {
-            socket: agent.socket(),
+        let opts = NodeOptions {
             ipv6,
             ..NodeOptions::default()
-        })
-        .expect("node netns and CNI chain");
-        Cluster {
-            node,
-            agent,
-            _dir: dir,
-            _gate: gate,
-        }
+        };
+        Cluster::with_gate(opts, gate)
+    }
+
+    fn with_gate(opts: NodeOptions, gate: Gate) -> Cluster {
+        let bed = AgentNode::start("netfault-test", opts)
+            .unwrap_or_else(|e| panic!("netfaultd, node netns and CNI chain: {e}"));
+        Cluster { bed, _gate: gate }
     }
 
     pub fn pod(&self, name: &str) -> Pod {
-        self.node
-            .add_pod(name, &BTreeMap::new())
+        self.add_pod(name)
             .expect("CNI ADD through bridge + netfault")
+    }
+
+    /// One pod per name, in order.
+    pub fn pods<const N: usize>(&self, names: [&str; N]) -> [Pod; N] {
+        names.map(|n| self.pod(n))
     }
 
     /// POSTs a fault and returns its id; panics with the agent's answer otherwise.
     pub fn fault(&self, body: Value) -> String {
-        let f = self
-            .agent
-            .client()
-            .call("POST", "/v1/faults", Some(&body))
-            .unwrap_or_else(|e| panic!("POST /v1/faults {body}: {e}"));
-        f["id"].as_str().expect("fault id").to_string()
+        self.agent
+            .post_fault(&body)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Cluster::fault`] of [`fault_on`]`(pod, ...)`.
+    pub fn fault_on(
+        &self,
+        pod: &Pod,
+        direction: &str,
+        matcher: Value,
+        action: Value,
+        duration: &str,
+    ) -> String {
+        self.fault(fault_on(pod, direction, matcher, action, duration))
     }
 
     pub fn get_fault(&self, id: &str) -> Value {
-        self.agent
-            .client()
-            .call("GET", &format!("/v1/faults/{id}"), None)
-            .expect("GET fault")
+        self.agent.get_fault(id).expect("GET fault")
+    }
+
+    /// A counter of a fault; panics when the fault has no such counter.
+    pub fn counter(&self, id: &str, name: &str) -> u64 {
+        let f = self.get_fault(id);
+        f["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("counter {name} in {f}"))
     }
 
     pub fn delete_fault(&self, id: &str) {
-        self.agent
-            .client()
-            .call("DELETE", &format!("/v1/faults/{id}"), None)
-            .expect("DELETE fault");
+        self.agent.delete_fault(id).expect("DELETE fault");
+    }
+
+    /// Whether the agent lists `id` (`GET /v1/faults/ID` answers).
+    pub fn has_fault(&self, id: &str) -> bool {
+        self.agent.get_fault(id).is_ok()
+    }
+
+    /// Whether `pod`'s sandbox id appears in the agent's sandbox list.
+    pub fn enrolled(&self, pod: &Pod) -> bool {
+        let list = self.agent.sandboxes().expect("GET /v1/sandboxes");
+        Value::from(list).to_string().contains(&pod.container_id)
     }
 }
 
 pub fn v4(pod: &Pod) -> IpAddr {
-    *pod.ips
-        .iter()
-        .find(|i| i.is_ipv4())
-        .expect("pod has an IPv4 address")
+    pod.ipv4().expect("pod has an IPv4 address")
 }
 
 pub fn v6(pod: &Pod) -> IpAddr {
-    *pod.ips
-        .iter()
-        .find(|i| i.is_ipv6())
-        .expect("pod has an IPv6 address")
+    pod.ipv6().expect("pod has an IPv6 address")
+}
+
+/// `(from, to)` for traffic that crosses `pod`'s `direction`: `pod` sends
+/// on egress and receives on ingress; `peer` is the other end.
+pub fn ends<'p>(direction: &str, pod: &'p Pod, peer: &'p Pod) -> (&'p Pod, &'p Pod) {
+    if direction == "egress" {
+        (pod, peer)
+    } else {
+        (peer, pod)
+    }
 }
 
 pub fn fault_on(
@@ -121,6 +168,153 @@ pub fn fault_on(
         "action": action,
         "duration": duration,
     })
+}
+
+/// `protocol` traffic to or from `port`: a `match`.
+pub fn proto_port(protocol: &str, port: u16) -> Value {
+    json!({"protocol": protocol, "ports": port.to_string()})
+}
+
+/// Drops `percent` of the packets.
+pub fn loss(percent: impl serde::Serialize) -> Value {
+    json!({"type": "loss", "percent": percent})
+}
+
+pub fn blackhole() -> Value {
+    json!({"type": "blackhole"})
+}
+
+/// A fixed delay.
+pub fn delay(latency: &str) -> Value {
+    json!({"type": "delay", "latency": latency})
+}
+
+/// Runs `f` inside `pod`'s netns (a socket opened there stays there).
+pub fn in_pod<T: Send>(
+    pod: &Pod,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    testbed::in_netns(pod.netns.path(), f).map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// A UDP socket bound to `addr` in `pod`.
+pub fn udp_bind(pod: &Pod, addr: SocketAddr) -> UdpSocket {
+    in_pod(pod, move || UdpSocket::bind(addr))
+        .unwrap_or_else(|e| panic!("bind UDP {addr} in pod {}: {e}", pod.name))
+}
+
+/// A TCP connection opened from inside `from`'s netns.
+pub fn connect(from: &Pod, to: SocketAddr) -> std::io::Result<TcpStream> {
+    in_pod(from, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(2))
+    })
+}
+
+/// A thread that calls `step` again and again until stopped (by
+/// [`Repeat::finish`], which returns the state `step` built, or by drop).
+pub struct Repeat<T: Send + 'static> {
+    stop: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Repeat<T> {
+    /// Calls `step(&mut state)` on a thread of its own until stopped.
+    pub fn spawn(mut state: T, mut step: impl FnMut(&mut T) + Send + 'static) -> Repeat<T> {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Acquire) {
+                step(&mut state);
+            }
+            state
+        });
+        Repeat {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the thread; what it collected.
+    pub fn finish(mut self) -> T {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("running");
+        thread.join().expect("the thread panicked")
+    }
+}
+
+impl<T: Send + 'static> Drop for Repeat<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A pod's netns as it was before a test's faults.
+pub struct Pristine<'p> {
+    pod: &'p Pod,
+    pub state: NetnsState,
+}
+
+impl<'p> Pristine<'p> {
+    /// The state of `pod`'s netns (`eth0`) now.
+    pub fn of(pod: &'p Pod) -> Pristine<'p> {
+        Pristine {
+            pod,
+            state: pod_state(pod),
+        }
+    }
+
+    /// Asserts the netns is as it was.
+    pub fn assert_unchanged(&self, what: &str) {
+        assert_eq!(pod_state(self.pod), self.state, "{what}");
+    }
+
+    /// Polls until the netns is as it was (a removed proxy fault drains its
+    /// connections first) or 3 s pass; asserts it is.
+    pub fn assert_restored(&self, when: &str) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let now = pod_state(self.pod);
+            if now == self.state {
+                return;
+            }
+            if Instant::now() > deadline {
+                assert_eq!(now, self.state, "{when}: the pod netns must be as before");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// [`netns_state`] of a pod's `eth0`.
+pub fn pod_state(pod: &Pod) -> NetnsState {
+    netns_state(pod.netns.path(), "eth0")
+}
+
+/// The pod netns's nftables ruleset (`nft -j list ruleset`), as raw JSON:
+/// the `nftables` crate's schema has no variant for some expressions
+/// netfault uses (tproxy, the NFQUEUE divert).
+pub fn nft_ruleset(pod: &Pod) -> Value {
+    testbed::in_netns(pod.netns.path(), || {
+        let raw = nftables::helper::get_current_ruleset_raw(
+            nftables::helper::DEFAULT_NFT,
+            nftables::helper::DEFAULT_ARGS,
+        )
+        .expect("nft -j list ruleset");
+        serde_json::from_str::<Value>(&raw).expect("nft JSON")
+    })
+    .expect("enter netns")
+}
+
+/// How many objects (metainfo, tables, chains, rules, sets...) the pod
+/// netns's ruleset lists.
+pub fn nft_objects(pod: &Pod) -> usize {
+    nft_ruleset(pod)["nftables"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
 }
 
 /// Everything in a netns that netfault could have left behind.
@@ -253,13 +447,13 @@ pub fn assert_binomial_loss(
 /// A UDP stream whose packets carry their send time, to locate on the wire
 /// the moment a fault starts or ends.
 pub struct TimedStream {
-    pub sent_at: Vec<std::time::Instant>,
+    pub sent_at: Vec<Instant>,
     pub received: Vec<bool>,
 }
 
 impl TimedStream {
     /// Send time of the first packet that arrived.
-    pub fn first_received_sent_at(&self) -> Option<std::time::Instant> {
+    pub fn first_received_sent_at(&self) -> Option<Instant> {
         self.received
             .iter()
             .position(|r| *r)
@@ -267,7 +461,7 @@ impl TimedStream {
     }
 
     /// Packets sent at or after `t` that never arrived.
-    pub fn lost_after(&self, t: std::time::Instant) -> usize {
+    pub fn lost_after(&self, t: Instant) -> usize {
         self.sent_at
             .iter()
             .zip(&self.received)
@@ -283,57 +477,34 @@ pub fn timed_stream(
     to: &Pod,
     to_ip: IpAddr,
     port: u16,
-    until: std::time::Instant,
-    gap: std::time::Duration,
+    until: Instant,
+    gap: Duration,
 ) -> TimedStream {
-    use std::net::{SocketAddr, UdpSocket};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
-    let bind: SocketAddr = if to_ip.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .expect("literal");
-    let rx_addr = SocketAddr::new(bind.ip(), port);
-    // Sockets keep the netns they were created in; drive them from here.
-    let rx = testbed::in_netns(to.netns.path(), move || UdpSocket::bind(rx_addr))
-        .expect("enter receiver netns")
-        .expect("bind receiver");
-    let tx = testbed::in_netns(from.netns.path(), move || UdpSocket::bind(bind))
-        .expect("enter sender netns")
-        .expect("bind sender");
-    rx.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+    let any = testbed::unspecified(to_ip);
+    let rx = udp_bind(to, SocketAddr::new(any, port));
+    let tx = udp_bind(from, SocketAddr::new(any, 0));
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_rx = stop.clone();
-    let receiver = std::thread::spawn(move || {
-        let mut got = Vec::new();
+    let receiver = Repeat::spawn(Vec::new(), move |got: &mut Vec<u32>| {
         let mut buf = [0u8; 64];
-        while !stop_rx.load(Ordering::Relaxed) {
-            if let Ok(n) = rx.recv(&mut buf) {
-                if n >= 4 {
-                    got.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
-                }
+        if let Ok(n) = rx.recv(&mut buf) {
+            if n >= 4 {
+                got.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
             }
         }
-        got
     });
     let mut sent_at = Vec::new();
     let dst = SocketAddr::new(to_ip, port);
     let mut seq: u32 = 0;
-    while std::time::Instant::now() < until {
-        sent_at.push(std::time::Instant::now());
+    while Instant::now() < until {
+        sent_at.push(Instant::now());
         tx.send_to(&seq.to_be_bytes(), dst)
             .expect("send must not fail under loss");
         seq += 1;
         std::thread::sleep(gap);
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    let got = receiver.join().expect("receiver thread");
+    std::thread::sleep(Duration::from_millis(200));
+    let got = receiver.finish();
     let mut received = vec![false; sent_at.len()];
     for s in got {
         if let Some(r) = received.get_mut(s as usize) {
@@ -346,22 +517,9 @@ pub fn timed_stream(
 /// One TCP connection from `from` to `to_ip:port` (a listener in `to`):
 /// the sending and the receiving end.
 pub fn tcp_pair(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16) -> (TcpStream, TcpStream) {
-    let any: IpAddr = if to_ip.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let listener = testbed::in_netns(to.netns.path(), move || {
-        TcpListener::bind(SocketAddr::new(any, port))
-    })
-    .expect("enter netns")
-    .expect("listen");
-    let dest = SocketAddr::new(to_ip, port);
-    let tx = testbed::in_netns(from.netns.path(), move || {
-        TcpStream::connect_timeout(&dest, Duration::from_secs(2))
-    })
-    .expect("enter netns")
-    .expect("connect");
+    let any = SocketAddr::new(testbed::unspecified(to_ip), port);
+    let listener = in_pod(to, move || TcpListener::bind(any)).expect("listen");
+    let tx = connect(from, SocketAddr::new(to_ip, port)).expect("connect");
     let (rx, _) = listener.accept().expect("accept");
     (tx, rx)
 }

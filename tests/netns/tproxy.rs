@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use testbed::Pod;
 
-use crate::support::{fault_on, netns_state, v4, v6, Cluster};
+use crate::support::{connect, fault_on, in_pod, netns_state, v4, v6, Cluster, Pristine};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -119,10 +119,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn serve(pod: &Pod, port: u16, h2: bool) -> Server {
-    let listener = testbed::in_netns(pod.netns.path(), move || {
+    let listener = in_pod(pod, move || {
         std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
     })
-    .expect("enter server netns")
     .expect("listen");
     listener.set_nonblocking(true).expect("O_NONBLOCK");
     let rt = runtime();
@@ -154,14 +153,6 @@ fn serve(pod: &Pod, port: u16, h2: bool) -> Server {
         rt: Some(rt),
         accepted,
     }
-}
-
-/// A TCP connection opened from inside `from`'s netns.
-fn connect(from: &Pod, to: SocketAddr) -> std::io::Result<TcpStream> {
-    testbed::in_netns(from.netns.path(), move || {
-        TcpStream::connect_timeout(&to, Duration::from_secs(2))
-    })
-    .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// One HTTP/1.1 client connection (blocking, hand-written: what is on the
@@ -319,38 +310,19 @@ fn proxy_fault(pod: &Pod, direction: &str, port: u16, action: Value) -> Value {
     )
 }
 
-/// Polls until the pod's netns is back to `pristine` (a removed proxy
-/// fault drains its connections first) or 3 s pass; asserts it is.
-fn assert_restored(pod: &Pod, pristine: &crate::support::NetnsState, when: &str) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let now = netns_state(pod.netns.path(), "eth0");
-        if &now == pristine {
-            return;
-        }
-        if Instant::now() > deadline {
-            assert_eq!(&now, pristine, "{when}: the pod netns must be as before");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Server side and client side `http-abort`: the status reaches the client
 /// on matching paths only, a `percent` lands within binomial bounds, the
 /// server sees the client's real address through the proxy, and removal
 /// leaves both netns as they were.
 #[test]
 fn aborts_on_both_sides_by_path_and_percent() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18080, false);
     let to = SocketAddr::new(v4(&server), 18080);
-    let pristine_c = netns_state(client.netns.path(), "eth0");
-    let pristine_s = netns_state(server.netns.path(), "eth0");
+    let pristine_c = Pristine::of(&client);
+    let pristine_s = Pristine::of(&server);
     assert_eq!(status(&client, to, "/fail/x"), 200, "baseline");
 
     let srv_fault = c.fault(proxy_fault(
@@ -402,20 +374,17 @@ fn aborts_on_both_sides_by_path_and_percent() {
     assert_eq!(f["counters"]["affected"], aborted as u64, "{f}");
     c.delete_fault(&pct);
     assert_eq!(status(&client, to, "/fail/x"), 200, "direct again at once");
-    assert_restored(&client, &pristine_c, "client after removal");
-    assert_restored(&server, &pristine_s, "server after removal");
+    pristine_c.assert_restored("client after removal");
+    pristine_s.assert_restored("server after removal");
 }
 
 /// One keep-alive connection with matching and non-matching requests gets
 /// the right answer for each, on one server connection.
 #[test]
 fn keep_alive_connection_answers_each_request_right() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let srv = serve(&server, 18081, false);
     let to = SocketAddr::new(v4(&server), 18081);
     c.fault(proxy_fault(
@@ -445,12 +414,9 @@ fn keep_alive_connection_answers_each_request_right() {
 /// measures it; a JSON merge patch yields valid JSON with right framing.
 #[test]
 fn delays_and_json_merge_patch() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18082, false);
     let to = SocketAddr::new(v4(&server), 18082);
     let time = |path: &str| {
@@ -508,12 +474,9 @@ fn delays_and_json_merge_patch() {
 /// less than the body.
 #[test]
 fn large_body_streams_through_unbuffered() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18083, false);
     let to = SocketAddr::new(v4(&server), 18083);
     c.fault(proxy_fault(
@@ -589,12 +552,9 @@ fn large_body_streams_through_unbuffered() {
 /// `grpc-status`; other streams reach the server.
 #[test]
 fn h2_and_grpc_aborts() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18084, true);
     let to = SocketAddr::new(v4(&server), 18084);
     let f = c.fault(proxy_fault(
@@ -668,12 +628,9 @@ fn h2_and_grpc_aborts() {
 /// echo server.
 #[test]
 fn non_http_bytes_are_relayed_untouched() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let echo = testbed::tcp_listen(&server, 18085).expect("echo server");
     c.fault(proxy_fault(
         &server,
@@ -701,12 +658,9 @@ fn non_http_bytes_are_relayed_untouched() {
 /// `tcp-bandwidth`, measured by the client.
 #[test]
 fn tcp_reset_and_bandwidth() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18086, false);
     let _srv2 = serve(&server, 18087, false);
     let _srv3 = serve(&server, 18088, false);
@@ -793,16 +747,13 @@ fn tcp_reset_and_bandwidth() {
 /// agent re-installs the faults, and removal leaves the netns as it was.
 #[test]
 fn agent_killed_fails_open_then_restart_and_removal() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let mut c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18089, false);
     let _srv2 = serve(&server, 18090, false);
-    let pristine_c = netns_state(client.netns.path(), "eth0");
-    let pristine_s = netns_state(server.netns.path(), "eth0");
+    let pristine_c = Pristine::of(&client);
+    let pristine_s = Pristine::of(&server);
     let in_port = SocketAddr::new(v4(&server), 18089);
     let out_port = SocketAddr::new(v4(&server), 18090);
     let f1 = c.fault(proxy_fault(
@@ -867,8 +818,8 @@ fn agent_killed_fails_open_then_restart_and_removal() {
     c.delete_fault(&f2);
     assert_eq!(status(&client, in_port, "/"), 200);
     assert_eq!(status(&client, out_port, "/"), 200);
-    assert_restored(&client, &pristine_c, "client after removal");
-    assert_restored(&server, &pristine_s, "server after removal");
+    pristine_c.assert_restored("client after removal");
+    pristine_s.assert_restored("server after removal");
 }
 
 /// A fault changes only connections opened after it: a keep-alive
@@ -878,15 +829,12 @@ fn agent_killed_fails_open_then_restart_and_removal() {
 /// of a pod with a live proxy fault leaves nothing either.
 #[test]
 fn connections_before_and_across_changes() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let srv = serve(&server, 18091, false);
     let to = SocketAddr::new(v4(&server), 18091);
-    let pristine_s = netns_state(server.netns.path(), "eth0");
+    let pristine_s = Pristine::of(&server);
     let mut before = H1::open(&client, to).expect("connect");
     assert_eq!(before.get("/a").expect("reply").status, 200);
     let f = c.fault(proxy_fault(
@@ -918,11 +866,7 @@ fn connections_before_and_across_changes() {
         "before, the proxy's upstream, the new direct one"
     );
     drop(during);
-    assert_restored(
-        &server,
-        &pristine_s,
-        "after the last proxied connection closed",
-    );
+    pristine_s.assert_restored("after the last proxied connection closed");
 
     c.fault(proxy_fault(
         &server,
@@ -941,33 +885,22 @@ fn connections_before_and_across_changes() {
     // goes away. Its netns (still there) holds nothing of ours.
     let left = netns_state(server.netns.path(), "lo");
     assert!(left.nft_tables.is_empty(), "after CNI DEL: {left:?}");
-    assert_eq!(left.rules, pristine_s.rules, "after CNI DEL");
+    assert_eq!(left.rules, pristine_s.state.rules, "after CNI DEL");
     assert!(
         !left.routes.iter().any(|r| r.contains("Table(20038)")),
         "after CNI DEL: {:?}",
         left.routes
     );
-    let sandboxes = c
-        .agent
-        .client()
-        .call("GET", "/v1/sandboxes", None)
-        .expect("sandboxes");
-    assert!(
-        !sandboxes.to_string().contains(&server.container_id),
-        "released: {sandboxes}"
-    );
+    assert!(!c.enrolled(&server), "released");
 }
 
 /// IPv6: a server-side abort on a v6 prefix acts on IPv6 clients and
 /// leaves IPv4 alone; the server sees the client's v6 address.
 #[test]
 fn ipv6_abort_leaves_ipv4_alone() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(true);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18092, false);
     let to6 = SocketAddr::new(v6(&server), 18092);
     let to4 = SocketAddr::new(v4(&server), 18092);
@@ -975,13 +908,13 @@ fn ipv6_abort_leaves_ipv4_alone() {
         IpAddr::V6(a) => format!("{}/64", a),
         IpAddr::V4(_) => unreachable!(),
     };
-    c.fault(fault_on(
+    c.fault_on(
         &server,
         "ingress",
         json!({"ports": "18092", "cidr": net}),
         json!({"type": "http-abort", "status": 503, "http": {"path": "/fail"}}),
         "60s",
-    ));
+    );
     assert_eq!(status(&client, to6, "/fail"), 503, "IPv6 aborted");
     assert_eq!(status(&client, to4, "/fail"), 200, "IPv4 untouched");
     let r = get(&client, to6, "/ok").expect("reply");
@@ -996,12 +929,9 @@ fn ipv6_abort_leaves_ipv4_alone() {
 /// EOF sees the reply at once and the close only after the delay.
 #[test]
 fn slow_close_holds_the_fin() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     // One request per connection; the server closes after replying.
     let _srv = testbed::http_serve(&server, 18093).expect("HTTP server");
     let to = SocketAddr::new(v4(&server), 18093);
@@ -1054,12 +984,9 @@ fn slow_close_holds_the_fin() {
 /// (with matching framing) and header.
 #[test]
 fn http_replace_request_and_response() {
-    if !testbed::is_root() {
-        eprintln!("skipped: requires root");
-        return;
-    }
+    testbed::require_root!();
     let c = Cluster::new(false);
-    let (client, server) = (c.pod("client"), c.pod("server"));
+    let [client, server] = c.pods(["client", "server"]);
     let _srv = serve(&server, 18094, false);
     let to = SocketAddr::new(v4(&server), 18094);
     c.fault(proxy_fault(
