@@ -431,39 +431,43 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 const ACTIVE_TICK: Duration = Duration::from_micros(100);
 const EARLY_WAKE: Duration = Duration::from_micros(300);
 
-pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
-    set_timer_slack();
-    // (release time, arrival order, what is held): a min-heap by release
-    // time, FIFO among equal times.
-    let mut heap: BinaryHeap<Reverse<(Instant, u64, Held)>> = BinaryHeap::new();
-    let mut seq: u64 = 0;
-    let mut errors: u64 = 0;
-    let mut overflows: u64 = 0;
-    let mut closing = false;
-    let mut now_ids: Vec<u32> = Vec::new();
-    let mut drop_ids: Vec<u32> = Vec::new();
-    let mut resend: Vec<Vec<u8>> = Vec::new();
-    let mut report = |what: &str, e: std::io::Error| {
-        errors += 1;
-        if errors.is_power_of_two() {
-            tracing::warn!(error = %e, count = errors, "NFQUEUE {what} failed");
+/// What the engine thread holds between turns of its loop.
+#[derive(Default)]
+struct Holding {
+    /// (release time, arrival order, what is held): a min-heap by release
+    /// time, FIFO among equal times.
+    heap: BinaryHeap<Reverse<(Instant, u64, Held)>>,
+    seq: u64,
+    errors: u64,
+    overflows: u64,
+    /// This turn's verdicts: accept now, drop (copied for a re-send), and
+    /// the copies due for re-sending.
+    now_ids: Vec<u32>,
+    drop_ids: Vec<u32>,
+    resend: Vec<Vec<u8>>,
+}
+
+impl Holding {
+    fn report(&mut self, what: &str, e: std::io::Error) {
+        self.errors += 1;
+        if self.errors.is_power_of_two() {
+            tracing::warn!(error = %e, count = self.errors, "NFQUEUE {what} failed");
         }
-    };
-    loop {
-        let stopping = shared.stop.load(Ordering::Acquire);
-        if stopping && !closing {
-            // Hand-over without loss: with a maximum length of 0 the
-            // fail-open queue passes every new packet in the kernel; what
-            // was queued before is drained and released below. Closing the
-            // socket with packets still queued would drop them.
-            closing = true;
-            if let Err(e) = queue.set_maxlen(0) {
-                report("closing", e);
-            }
-        }
-        now_ids.clear();
-        drop_ids.clear();
-        resend.clear();
+    }
+
+    /// Takes what the queue has: a packet no plan delays (or any, when
+    /// stopping) is accepted this turn; the others are held, egress ones
+    /// as a copy (the original is dropped), ingress ones by the kernel.
+    fn take_in(&mut self, queue: &mut NfQueue, shared: &Shared, stopping: bool) {
+        self.now_ids.clear();
+        self.drop_ids.clear();
+        self.resend.clear();
+        let (heap, seq, now_ids, drop_ids) = (
+            &mut self.heap,
+            &mut self.seq,
+            &mut self.now_ids,
+            &mut self.drop_ids,
+        );
         let drained = {
             let mut plans = shared.plans.lock().unwrap_or_else(|p| p.into_inner());
             queue.drain(|id, hook, payload| {
@@ -476,7 +480,7 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
                 if hold.is_zero() {
                     now_ids.push(id);
                 } else {
-                    seq += 1;
+                    *seq += 1;
                     // hook 0 is prerouting: ingress packets are held by the kernel.
                     let held = if hook != 0 && is_whole_packet(payload) {
                         drop_ids.push(id);
@@ -484,61 +488,65 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
                     } else {
                         Held::Verdict(id)
                     };
-                    heap.push(Reverse((now + hold, seq, held)));
+                    heap.push(Reverse((now + hold, *seq, held)));
                 }
             })
         };
         if let Err(e) = drained {
-            report("receive", e);
+            self.report("receive", e);
         }
-        if queue.overflows() > overflows {
-            let new = queue.overflows() - overflows;
-            overflows = queue.overflows();
+        if queue.overflows() > self.overflows {
+            let new = queue.overflows() - self.overflows;
+            self.overflows = queue.overflows();
             super::holder::add_overflows(new);
             tracing::warn!(
-                total = overflows,
+                total = self.overflows,
                 "NFQUEUE receive buffer overflowed: packets passed undelayed"
             );
         }
-        if !drop_ids.is_empty() {
-            if let Err(e) = queue.drop_packets(&drop_ids) {
-                report("verdict", e);
+    }
+
+    /// Issues this turn's verdicts and re-sends: the copied packets'
+    /// drops, then everything due (everything, when stopping).
+    fn release(&mut self, queue: &mut NfQueue, reinjector: &Reinjector, stopping: bool) {
+        if !self.drop_ids.is_empty() {
+            if let Err(e) = queue.drop_packets(&self.drop_ids) {
+                self.report("verdict", e);
             }
         }
         let now = Instant::now();
-        while let Some(Reverse((at, _, _))) = heap.peek() {
+        while let Some(Reverse((at, _, _))) = self.heap.peek() {
             if *at > now && !stopping {
                 break;
             }
-            match heap.pop() {
-                Some(Reverse((_, _, Held::Verdict(id)))) => now_ids.push(id),
-                Some(Reverse((_, _, Held::Copy(pkt)))) => resend.push(pkt),
+            match self.heap.pop() {
+                Some(Reverse((_, _, Held::Verdict(id)))) => self.now_ids.push(id),
+                Some(Reverse((_, _, Held::Copy(pkt)))) => self.resend.push(pkt),
                 None => break,
             }
         }
-        if !now_ids.is_empty() {
-            if let Err(e) = queue.accept(&now_ids) {
-                report("verdict", e);
+        if !self.now_ids.is_empty() {
+            if let Err(e) = queue.accept(&self.now_ids) {
+                self.report("verdict", e);
             }
         }
+        // Taken out for the loop (`report` needs `self`), kept for reuse.
+        let resend = std::mem::take(&mut self.resend);
         for pkt in &resend {
             if let Err(e) = reinjector.send(pkt) {
-                report("re-send", e);
+                self.report("re-send", e);
             }
         }
-        if stopping {
-            // Packets queued just before the length change may still be on
-            // their way to the socket: wait for quiet before closing.
-            match queue.wait(Duration::from_millis(5)) {
-                Ok(true) => continue,
-                _ => return,
-            }
-        }
-        // Sleep until shortly before the next release, then in steps of at
-        // most ACTIVE_TICK: on a VM an idle vCPU is descheduled by the host,
-        // and waking it for a timer can take milliseconds; a vCPU that woke
-        // recently wakes fast. With nothing held, sleep until a packet comes.
-        let wait = match heap.peek() {
+        self.resend = resend;
+    }
+
+    /// How long to sleep: until shortly before the next release, then in
+    /// steps of at most ACTIVE_TICK. On a VM an idle vCPU is descheduled by
+    /// the host, and waking it for a timer can take milliseconds; a vCPU
+    /// that woke recently wakes fast. With nothing held, until a packet
+    /// comes (or the stop flag is due a check).
+    fn next_wait(&self) -> Duration {
+        match self.heap.peek() {
             None => STOP_CHECK,
             Some(Reverse((at, _, _))) => {
                 let left = at.saturating_duration_since(Instant::now());
@@ -548,10 +556,40 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
                     left.min(ACTIVE_TICK)
                 }
             }
-        };
+        }
+    }
+}
+
+pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
+    set_timer_slack();
+    let mut h = Holding::default();
+    let mut closing = false;
+    loop {
+        let stopping = shared.stop.load(Ordering::Acquire);
+        if stopping && !closing {
+            // Hand-over without loss: with a maximum length of 0 the
+            // fail-open queue passes every new packet in the kernel; what
+            // was queued before is drained and released below. Closing the
+            // socket with packets still queued would drop them.
+            closing = true;
+            if let Err(e) = queue.set_maxlen(0) {
+                h.report("closing", e);
+            }
+        }
+        h.take_in(&mut queue, shared, stopping);
+        h.release(&mut queue, reinjector, stopping);
+        if stopping {
+            // Packets queued just before the length change may still be on
+            // their way to the socket: wait for quiet before closing.
+            match queue.wait(Duration::from_millis(5)) {
+                Ok(true) => continue,
+                _ => return,
+            }
+        }
+        let wait = h.next_wait();
         if !wait.is_zero() {
             if let Err(e) = queue.wait(wait) {
-                report("poll", e);
+                h.report("poll", e);
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
