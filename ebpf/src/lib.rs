@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::Ebpf;
+use netfault_sys::netns::InNetns;
 use netfault_sys::rtnetlink::{FilterInfo, FilterSlot, Hook, QdiscInfo, RtError, RtSocket};
 
 pub use rule::{RawCounters, RawRule, RawState, MAX_SANDBOXES, RULES_PER_SANDBOX};
@@ -276,8 +277,12 @@ pub struct Attachment {
 }
 
 /// Attaches (or atomically re-points, after an agent restart) both programs
-/// on `ifname` in the calling thread's netns.
-pub fn attach_here(fds: ProgramFds, ifname: &str) -> Result<Attachment, DatapathError> {
+/// on `ifname` in the netns the calling thread is in (`_inside` proves it).
+pub fn attach_here(
+    _inside: &InNetns,
+    fds: ProgramFds,
+    ifname: &str,
+) -> Result<Attachment, DatapathError> {
     let ifindex = ifindex_here(ifname)?;
     let mut sock = RtSocket::open()?;
     let created_clsact = sock.add_clsact(ifindex)?;
@@ -301,7 +306,11 @@ pub fn attach_here(fds: ProgramFds, ifname: &str) -> Result<Attachment, Datapath
 /// Removes netfault's filters from `ifname` in the calling thread's netns,
 /// and the clsact qdisc if netfault created it and nothing else uses it.
 /// A missing interface is not an error: the pod is gone.
-pub fn detach_here(ifname: &str, attachment: Attachment) -> Result<(), DatapathError> {
+pub fn detach_here(
+    _inside: &InNetns,
+    ifname: &str,
+    attachment: Attachment,
+) -> Result<(), DatapathError> {
     let ifindex = match ifindex_here(ifname) {
         Ok(i) => i,
         Err(DatapathError::NoInterface { .. }) => return Ok(()),
@@ -322,7 +331,10 @@ pub fn detach_here(ifname: &str, attachment: Attachment) -> Result<(), DatapathE
 
 /// Every tc object on `ifname` in the calling thread's netns: qdiscs and
 /// clsact filters. For leftover checks.
-pub fn tc_state_here(ifname: &str) -> Result<(Vec<QdiscInfo>, Vec<FilterInfo>), DatapathError> {
+pub fn tc_state_here(
+    _inside: &InNetns,
+    ifname: &str,
+) -> Result<(Vec<QdiscInfo>, Vec<FilterInfo>), DatapathError> {
     let ifindex = ifindex_here(ifname)?;
     let mut sock = RtSocket::open()?;
     let qdiscs = sock.qdiscs(ifindex)?;

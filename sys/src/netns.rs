@@ -199,7 +199,7 @@ fn own_nsfs_dev() -> Result<u64, NetnsError> {
 
 /// The single non-loopback interface of the calling thread's netns, for
 /// `{"netns": path}` targets that were never enrolled through CNI.
-pub fn sole_interface_here() -> Result<String, String> {
+pub fn sole_interface_here(_inside: &InNetns) -> Result<String, String> {
     let names: Vec<String> = nix::net::if_::if_nameindex()
         .map_err(|e| format!("listing interfaces: {e}"))?
         .iter()

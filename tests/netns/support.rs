@@ -332,8 +332,9 @@ pub struct NetnsState {
 /// routes and policy rules inside the pod's netns.
 pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
     let ifname = ifname.to_string();
-    testbed::in_netns(netns, move || {
-        let (qdiscs, filters) = netfault_ebpf::tc_state_here(&ifname).expect("tc state");
+    let ns = netfault_sys::netns::Netns::open(netns).expect("the pod's netns");
+    ns.run(move |inside| {
+        let (qdiscs, filters) = netfault_ebpf::tc_state_here(inside, &ifname).expect("tc state");
         let mut tcx = Vec::new();
         for t in [
             aya::programs::TcAttachType::Ingress,

@@ -151,8 +151,9 @@ fn detach(
     att: AttachmentRecord,
 ) -> Result<(), BackendError> {
     let ifname = ifname.to_string();
-    ns.run(move |_| {
+    ns.run(move |inside| {
         netfault_ebpf::detach_here(
+            inside,
             &ifname,
             Attachment {
                 created_clsact: att.created_clsact,
@@ -252,7 +253,7 @@ impl Backend for EbpfBackend {
         if fresh || memo.attachment.is_none() {
             let ifname = sb.ifname.to_string();
             let att = ns
-                .run(move |_| netfault_ebpf::attach_here(fds, &ifname))
+                .run(move |inside| netfault_ebpf::attach_here(inside, fds, &ifname))
                 .map_err(|e| BackendError::new("attaching the datapath", e))?
                 .map_err(dp_err("attaching the datapath"))?;
             // Keep what the first attachment created: that is what to remove later.

@@ -49,7 +49,7 @@ impl Host for SystemHost {
     }
 
     fn sole_interface(&self, ns: &Netns) -> Result<Result<String, String>, NetnsError> {
-        ns.run(|_| netfault_sys::netns::sole_interface_here())
+        ns.run(netfault_sys::netns::sole_interface_here)
     }
 }
 

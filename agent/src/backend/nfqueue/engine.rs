@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use netfault_api::spec::{Direction, Match, Protocol};
 use netfault_api::DelayAction;
+use netfault_sys::netns::InNetns;
 
 use super::dist::{Correlated, DelaySampler};
 use super::queue::NfQueue;
@@ -37,8 +38,8 @@ pub struct Reinjector {
 }
 
 impl Reinjector {
-    /// Opens the sockets in the calling thread's netns, marked with `mark`.
-    pub fn open_here(mark: u32) -> Result<Reinjector, DelayError> {
+    /// Opens the sockets in the pod's netns (which they keep), marked with `mark`.
+    pub fn open_here(_inside: &InNetns, mark: u32) -> Result<Reinjector, DelayError> {
         use std::os::fd::FromRawFd;
         let open = |family: libc::c_int| -> Result<std::os::fd::OwnedFd, DelayError> {
             // SAFETY: plain socket(2); the fd is owned right away.

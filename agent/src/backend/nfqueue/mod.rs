@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use netfault_api::{BackendKind, DelayAction, FieldError};
-use netfault_sys::netns::NetnsError;
+use netfault_sys::netns::{InNetns, NetnsError};
 
 use super::{
     ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader, SandboxCtx,
@@ -74,9 +74,9 @@ pub struct NfqueueBackend {
     tags: nft::Tags,
 }
 
-fn open_queue_here() -> Result<(NfQueue, engine::Reinjector), DelayError> {
-    let queue = NfQueue::open(QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)?;
-    let reinjector = engine::Reinjector::open_here(REINJECT_MARK)?;
+fn open_queue_here(inside: &InNetns) -> Result<(NfQueue, engine::Reinjector), DelayError> {
+    let queue = NfQueue::open(inside, QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)?;
+    let reinjector = engine::Reinjector::open_here(inside, REINJECT_MARK)?;
     Ok((queue, reinjector))
 }
 
@@ -129,7 +129,7 @@ impl NfqueueBackend {
             .collect();
         let fresh = !self.sandboxes.contains_key(sb.id);
         if fresh {
-            let (queue, reinjector) = ns.run(|_| open_queue_here())??;
+            let (queue, reinjector) = ns.run(open_queue_here)??;
             let engine = Engine::start(queue, reinjector, sb.id.as_str())?;
             self.sandboxes.insert(sb.id.clone(), engine);
         }

@@ -13,6 +13,7 @@ use netfault_sys::nfnetlink::{
 use netfault_sys::sockopt::set_int_opt;
 
 use super::DelayError;
+use netfault_sys::netns::InNetns;
 
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;
@@ -67,7 +68,12 @@ impl NfQueue {
     /// Opens a netfilter netlink socket in the calling thread's netns and
     /// binds queue `num`: copy `copy_range` bytes of each packet, hold at
     /// most `maxlen` packets, fail open when full.
-    pub fn open(num: u16, maxlen: u32, copy_range: u32) -> Result<NfQueue, DelayError> {
+    pub fn open(
+        _inside: &InNetns,
+        num: u16,
+        maxlen: u32,
+        copy_range: u32,
+    ) -> Result<NfQueue, DelayError> {
         let fd = netfilter_socket().map_err(io("netfilter netlink socket"))?;
         // A deep receive buffer: every queued packet is its own netlink
         // message, and when the buffer is full a fail-open queue lets the
