@@ -18,7 +18,7 @@
 //!    or packets are lost; CPU time per delayed packet of the agent and its
 //!    holder processes (from /proc/PID/stat).
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
-//!    limits: the receive window, and TCP small queues (KERNEL-NOTES).
+//!    limits: the receive window, and TCP small queues (docs/design.md, kernel facts).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

@@ -1,4 +1,4 @@
-//! Compiles the C tc programs with clang into OUT_DIR (KERNEL-NOTES: the
+//! Compiles the C tc programs with clang into OUT_DIR (docs/design.md, kernel facts: the
 //! toolchain cannot build Rust eBPF, so the datapath is C loaded by aya), and
 //! generates OUT_DIR/abi.rs from the ABI header `src/bpf/abi.h`: a host probe
 //! (`src/bpf/abi_probe.c`, built with the same clang, no libclang needed)

@@ -1,4 +1,4 @@
-//! The agent's HTTP/1.1 + JSON API on a unix socket (DESIGN.md, "Agent API").
+//! The agent's HTTP/1.1 + JSON API on a unix socket (docs/design.md, "Socket API").
 //!
 //! What it owns: routing, body limits, JSON (de)serialization and mapping
 //! errors onto `{"error": {"code", "message", "field"}}`. What it must not

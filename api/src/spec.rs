@@ -1,4 +1,4 @@
-//! The fault specification: parsing and validation of the JSON shape in DESIGN.md.
+//! The fault specification: parsing and validation of the JSON shape in docs/design.md ("Fault JSON").
 //!
 //! Parsing is done by hand from `serde_json::Value` rather than with derived
 //! `Deserialize`, so every rejection names the exact field (`action.percent`,

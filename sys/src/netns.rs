@@ -2,7 +2,7 @@
 //!
 //! The one place netfault calls `setns`. Work is run on a fresh OS thread that
 //! joins the target netns and then exits, so no tokio worker (and no other
-//! code) ever finds itself in a pod's namespace (KERNEL-NOTES: netlink sockets
+//! code) ever finds itself in a pod's namespace (docs/design.md, kernel facts: netlink sockets
 //! and tc attachment bind to the caller's netns). A namespace is identified
 //! by the (device, inode) of its nsfs file, not by its path, because a path can
 //! be reused by a new namespace (ztunnel does the same).

@@ -10,7 +10,7 @@
 //! [`FilterSlot`] (priority and handle) chosen by the caller, which lets a
 //! restarted agent atomically replace the previous agent's program
 //! (`NLM_F_REPLACE`) and find its own filters again without aya's
-//! per-process link tracking (KERNEL-NOTES: aya keys links by ifindex, which
+//! per-process link tracking (docs/design.md, kernel facts: aya keys links by ifindex, which
 //! is 2 in every pod).
 //!
 //! What it must not do: enter a netns, or know whose filters and programs
@@ -313,7 +313,7 @@ impl RtSocket {
     /// `lo`), whatever their destination: `ip rule add fwmark MARK lookup
     /// TABLE priority PRIORITY` and `ip route add local default dev lo
     /// table TABLE`, for IPv4 or IPv6. What transparent proxying needs
-    /// (KERNEL-NOTES). Idempotent.
+    /// (docs/design.md, kernel facts). Idempotent.
     pub fn add_local_delivery(
         &mut self,
         ipv6: bool,

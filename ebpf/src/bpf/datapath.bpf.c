@@ -10,11 +10,11 @@
 // What it must not do: keep any state the agent cannot rebuild, or let a rule
 // act after its deadline. Rules carry an absolute CLOCK_BOOTTIME deadline that
 // is checked here, so a fault ends on time even if the agent is dead
-// (KERNEL-NOTES: legacy clsact filters outlive the agent).
+// (docs/design.md, kernel facts: legacy clsact filters outlive the agent).
 //
 // Pods are told apart by their own IP addresses (source on egress,
 // destination on ingress), not by ifindex: every pod's eth0 has ifindex 2
-// (KERNEL-NOTES). bpf_get_netns_cookie() was tried and rejected: on this
+// (docs/design.md, kernel facts). bpf_get_netns_cookie() was tried and rejected: on this
 // kernel it reports the pod's netns on egress but not on ingress.
 
 #include <linux/bpf.h>
@@ -382,7 +382,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	}
 	// Egress: STOLEN hides the drop from the sending socket, as a real
 	// network (and netem) does; SHOT would return NET_XMIT_DROP and make
-	// TCP/ping see local congestion (KERNEL-NOTES).
+	// TCP/ping see local congestion (docs/design.md, kernel facts).
 	if (dropping)
 		return ingress ? TC_ACT_SHOT : TC_ACT_STOLEN;
 	return TC_ACT_OK;

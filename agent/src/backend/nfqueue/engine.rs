@@ -3,7 +3,7 @@
 //! release times.
 //!
 //! Egress packets are not held in the kernel: a packet held at postrouting
-//! still counts against its TCP socket (TCP small queues, KERNEL-NOTES), which
+//! still counts against its TCP socket (TCP small queues, docs/design.md, kernel facts), which
 //! capped one flow through a 50 ms delay at about 1 Mbit/s. The engine copies
 //! each delayed egress packet, drops the original at once (freeing the
 //! socket's budget; TCP is not told) and re-sends the copy at its release time
