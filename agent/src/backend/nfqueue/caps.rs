@@ -57,23 +57,9 @@ fn in_path(bin: &str) -> bool {
 }
 
 fn nfqueue_socket_opens() -> Result<(), String> {
-    // SAFETY: socket(2) with constant arguments; closed at once if opened.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "cannot open a netfilter netlink socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: `fd` is ours.
-    unsafe { libc::close(fd) };
-    Ok(())
+    netfault_sys::nfnetlink::netfilter_socket()
+        .map(drop)
+        .map_err(|e| format!("cannot open a netfilter netlink socket: {e}"))
 }
 
 /// What the node offers every backend: `edt`, `netem`, `ipv6` and whether

@@ -40,45 +40,20 @@ pub struct Reinjector {
 impl Reinjector {
     /// Opens the sockets in the pod's netns (which they keep), marked with `mark`.
     pub fn open_here(_inside: &InNetns, mark: u32) -> Result<Reinjector, DelayError> {
-        use std::os::fd::FromRawFd;
-        let open = |family: libc::c_int| -> Result<std::os::fd::OwnedFd, DelayError> {
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let fd = unsafe {
-                libc::socket(
-                    family,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::IPPROTO_RAW,
-                )
-            };
-            if fd < 0 {
-                return Err(DelayError::Queue(format!(
-                    "raw socket for re-sending delayed packets: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
-            // SAFETY: fd is a fresh socket nobody else owns.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            // SAFETY: setsockopt reads one c_uint from `mark`.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&mark as *const u32).cast(),
-                    std::mem::size_of::<u32>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                return Err(DelayError::Queue(format!(
-                    "SO_MARK on the re-send socket: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
-            Ok(fd)
+        use socket2::{Domain, Protocol, Socket, Type};
+        let open = |domain: Domain| -> Result<std::os::fd::OwnedFd, DelayError> {
+            // IPPROTO_RAW: the packet is sent as it is, headers included.
+            let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
+                .map_err(|e| {
+                    DelayError::Queue(format!("raw socket for re-sending delayed packets: {e}"))
+                })?;
+            s.set_mark(mark)
+                .map_err(|e| DelayError::Queue(format!("SO_MARK on the re-send socket: {e}")))?;
+            Ok(s.into())
         };
         Ok(Reinjector {
-            v4: open(libc::AF_INET)?,
-            v6: open(libc::AF_INET6)?,
+            v4: open(Domain::IPV4)?,
+            v6: open(Domain::IPV6)?,
         })
     }
 
@@ -94,46 +69,22 @@ impl Reinjector {
 
     /// Sends one whole IP packet as it is.
     fn send(&self, pkt: &[u8]) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let rc = match pkt.first().map(|b| b >> 4) {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+        let (fd, to) = match pkt.first().map(|b| b >> 4) {
             Some(4) if pkt.len() >= 20 => {
-                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-                sa.sin_family = libc::AF_INET as libc::sa_family_t;
-                sa.sin_addr.s_addr = u32::from_ne_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
-                // SAFETY: pkt and sa are valid for the lengths given.
-                unsafe {
-                    libc::sendto(
-                        self.v4.as_raw_fd(),
-                        pkt.as_ptr().cast(),
-                        pkt.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                }
+                let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+                (&self.v4, SocketAddr::from((dst, 0)))
             }
             Some(6) if pkt.len() >= 40 => {
-                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sa.sin6_addr.s6_addr.copy_from_slice(&pkt[24..40]);
-                // SAFETY: pkt and sa are valid for the lengths given.
-                unsafe {
-                    libc::sendto(
-                        self.v6.as_raw_fd(),
-                        pkt.as_ptr().cast(),
-                        pkt.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                    )
-                }
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&pkt[24..40]);
+                (&self.v6, SocketAddr::from((Ipv6Addr::from(octets), 0)))
             }
             _ => return Err(std::io::Error::other("not an IP packet")),
         };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        socket2::SockRef::from(fd)
+            .send_to(pkt, &to.into())
+            .map(drop)
     }
 }
 

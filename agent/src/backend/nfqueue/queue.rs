@@ -4,7 +4,7 @@
 //! batches. Opened from a thread inside the pod netns; the socket keeps that
 //! netns, so it can then be served from any thread.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use netfault_sys::nfnetlink::{
@@ -83,22 +83,9 @@ impl NfQueue {
         set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF)
             .or_else(|_| set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF))
             .map_err(io("sizing the queue socket's receive buffer"))?;
-        // SAFETY: a zeroed sockaddr_nl lets the kernel pick the port id.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: valid fd and address.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io("binding the netlink socket")(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        // Port id 0: the kernel picks one.
+        nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::NetlinkAddr::new(0, 0))
+            .map_err(|e| io("binding the netlink socket")(e.into()))?;
         let mut q = NfQueue::from_fd(fd, num);
         // One config message: bind, copy mode, queue length, fail-open.
         let mut out = Vec::with_capacity(128);
@@ -207,56 +194,37 @@ impl NfQueue {
     /// Waits until the socket is readable or `timeout` passed (ppoll, ns
     /// resolution). Returns whether it is readable.
     pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: one valid pollfd, a valid timespec, no signal mask.
-        let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(e);
+        use nix::poll::{ppoll, PollFd, PollFlags};
+        let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match ppoll(&mut pfd, Some(timeout.into()), None) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(r > 0)
     }
 
     /// Reads every message available now (non-blocking) and hands each one
     /// (type, seq, body after the netlink header) to `f`.
     fn drain_raw(&mut self, mut f: impl FnMut(u16, u32, &[u8])) -> std::io::Result<()> {
         loop {
-            // SAFETY: valid fd and buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) {
+            use nix::errno::Errno;
+            let n = match nix::sys::socket::recv(
+                self.fd.as_raw_fd(),
+                &mut self.buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(n) => n,
+                Err(Errno::ENOBUFS) => {
                     // The kernel could not queue a message to us: the packet
                     // it carried passed undelayed (fail-open). Count it; the
                     // socket stays usable.
                     self.overflows += 1;
                     continue;
                 }
-                return match e.kind() {
-                    std::io::ErrorKind::WouldBlock => Ok(()),
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
-            }
-            let n = n as usize;
+                Err(Errno::EAGAIN) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
             let mut off = 0;
             while off + 16 <= n {
                 let len = u32_at(&self.buf, off) as usize;
