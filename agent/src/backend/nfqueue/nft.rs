@@ -346,6 +346,25 @@ pub fn sync_here(
         .filter(|d| !keep.contains(&d.tag))
         .cloned()
         .collect();
+    let Some(payload) = delta(&listed, &keep, &added) else {
+        return (keep, Ok(()));
+    };
+    // All or nothing: on failure the table is as it was.
+    if let Err(e) = nft(&payload) {
+        return (keep, Err(e));
+    }
+    if let Err(e) = commit_here(&added, None) {
+        // The new faults' rules and (empty) sets stay until the next call,
+        // which removes them as unknown; they divert nothing meanwhile.
+        return (keep, Err(e));
+    }
+    (all, Ok(()))
+}
+
+/// The nft transaction of a change to a complete table (`None`: nothing to
+/// do): it deletes the rules (by handle) and sets of the listed faults not
+/// in `keep`, then adds the sets and rules of `added`.
+fn delta(listed: &Listed, keep: &BTreeSet<u32>, added: &[Diversion]) -> Option<Value> {
     let mut cmds = Vec::new();
     for tag in listed.sets.iter().filter(|t| !keep.contains(t)) {
         for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
@@ -357,28 +376,21 @@ pub fn sync_here(
     }
     // Deletions first: a set may be removed and added again under the same
     // name in this one transaction.
-    for d in &added {
+    for d in added {
         fault_cmds(d, &mut cmds);
     }
-    if cmds.is_empty() {
-        return (keep, Ok(()));
-    }
-    // All or nothing: on failure the table is as it was.
-    if let Err(e) = nft(&json!({"nftables": cmds})) {
-        return (keep, Err(e));
-    }
-    if let Err(e) = commit_here(&added, None) {
-        // The new faults' rules and (empty) sets stay until the next call,
-        // which removes them as unknown; they divert nothing meanwhile.
-        return (keep, Err(e));
-    }
-    (all, Ok(()))
+    (!cmds.is_empty()).then(|| json!({"nftables": cmds}))
+}
+
+/// The nft transaction that removes the table whether or not it exists.
+fn removal() -> Value {
+    let t = json!({"family": FAMILY, "name": TABLE});
+    json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]})
 }
 
 /// Removes the table if it exists.
 pub fn remove_here() -> Result<(), DelayError> {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))
+    nft(&removal())
 }
 
 // ----- the xt NFQUEUE rule, over nf_tables netlink -----

@@ -476,16 +476,27 @@ pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(
 /// Re-arms the leases of `diversions` (each to its `lease_ms`), in one
 /// transaction: a fault's set never looks empty in between.
 pub fn refresh_here(diversions: &[Diversion]) -> Result<(), DivertError> {
+    match refresh(diversions) {
+        Some(payload) => nft(&payload),
+        None => Ok(()),
+    }
+}
+
+/// The nft transaction of [`refresh_here`] (`None`: no diversions).
+fn refresh(diversions: &[Diversion]) -> Option<Value> {
     let mut cmds = Vec::new();
     for d in diversions {
         cmds.push(json!({"flush": {"set": {"family": FAMILY, "table": TABLE,
             "name": lease_set(d.tag)}}}));
         cmds.push(lease_elements(d));
     }
-    if cmds.is_empty() {
-        return Ok(());
-    }
-    nft(&json!({"nftables": cmds}))
+    (!cmds.is_empty()).then(|| json!({"nftables": cmds}))
+}
+
+/// The nft transaction that removes the table whether or not it exists.
+fn removal() -> Value {
+    let t = json!({"family": FAMILY, "name": TABLE});
+    json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]})
 }
 
 /// A netfilter netlink socket in the calling thread's netns, for
@@ -509,8 +520,7 @@ pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), 
 
 /// Removes the table and the policy routing, whatever of them exists.
 pub fn remove_here() -> Result<(), DivertError> {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))?;
+    nft(&removal())?;
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;
     nl.del_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
