@@ -486,6 +486,7 @@ fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::golden;
 
     fn rule(chain: &str, handle: u64, expr: Value) -> Value {
         json!({"rule": {"family": "inet", "table": "netfault", "chain": chain,
@@ -583,6 +584,129 @@ mod tests {
         for bad in ["f", "g1", "f-1", "f1x", "f4294967296", "f+1"] {
             assert_eq!(tag_of(bad), None, "{bad}");
         }
+    }
+
+    fn div(tag: u32, direction: Direction, cidr: Option<&str>, protocol: Protocol) -> Diversion {
+        Diversion {
+            tag,
+            direction,
+            selector: Match {
+                cidr: cidr.map(|c| c.parse().expect("cidr")),
+                protocol: Some(protocol),
+                ports: Vec::new(),
+            },
+            timeout_ms: 5000,
+        }
+    }
+
+    fn ports(mut d: Diversion, ports: &[(u16, u16)]) -> Diversion {
+        d.selector.ports = ports
+            .iter()
+            .map(|&(lo, hi)| netfault_api::spec::PortRange { lo, hi })
+            .collect();
+        d
+    }
+
+    /// One diversion per kind of selector, tags 1 to 6.
+    fn sample() -> Vec<(&'static str, Diversion)> {
+        use Direction::*;
+        vec![
+            (
+                "egress_v4_tcp_port",
+                ports(
+                    div(1, Egress, Some("10.0.0.0/8"), Protocol::Tcp),
+                    &[(80, 80)],
+                ),
+            ),
+            (
+                "ingress_v6_udp_ports_and_range",
+                ports(
+                    div(2, Ingress, Some("fd00::/8"), Protocol::Udp),
+                    &[(53, 53), (5000, 5010)],
+                ),
+            ),
+            ("both_icmp", div(3, Both, None, Protocol::Icmp)),
+            (
+                "both_any_with_ports_v4_host",
+                ports(
+                    div(4, Both, Some("192.0.2.7/32"), Protocol::Any),
+                    &[(443, 443), (8000, 8099)],
+                ),
+            ),
+            (
+                "egress_any_v6",
+                div(5, Egress, Some("2001:db8::/32"), Protocol::Any),
+            ),
+            (
+                "ingress_tcp_every_port",
+                div(6, Ingress, None, Protocol::Tcp),
+            ),
+        ]
+    }
+
+    /// What the kernel lists after `ruleset` of tags 1, 3 and 4 of
+    /// [`sample`] in a fresh netns (sets and rule handles).
+    fn listed_1_3_4() -> Listed {
+        let rules = |r: &[(&str, u64)]| r.iter().map(|&(c, h)| (c.to_string(), h)).collect();
+        let rules = BTreeMap::from([
+            (1, rules(&[("egress", 6), ("egress", 7)])),
+            (3, rules(&[("egress", 10), ("ingress", 12)])),
+            (
+                4,
+                rules(&[
+                    ("egress", 16),
+                    ("egress", 19),
+                    ("ingress", 22),
+                    ("ingress", 25),
+                ]),
+            ),
+        ]);
+        Listed {
+            sets: BTreeSet::from([1, 3, 4]),
+            rules,
+            complete: true,
+        }
+    }
+
+    fn golden_cases() -> Vec<golden::Case> {
+        let sample = sample();
+        let all: Vec<Diversion> = sample.iter().map(|(_, d)| d.clone()).collect();
+        let mut cases = vec![golden::Case::new("ruleset_empty", ruleset(&[]))];
+        for (name, d) in &sample {
+            cases.push(golden::Case::new(
+                format!("ruleset_{name}"),
+                ruleset(std::slice::from_ref(d)),
+            ));
+        }
+        cases.push(golden::Case::new("ruleset_several", ruleset(&all)));
+        let before = ruleset(&[all[0].clone(), all[2].clone(), all[3].clone()]);
+        // Tag 4 stays; 1 and 3 go; 1 comes back with another selector (its
+        // set removed and added in one transaction) and 7 is new.
+        let added = [
+            ports(div(1, Direction::Both, None, Protocol::Udp), &[(123, 123)]),
+            div(7, Direction::Egress, Some("198.51.100.0/24"), Protocol::Any),
+        ];
+        let delta = delta(&listed_1_3_4(), &BTreeSet::from([4]), &added).expect("a change");
+        cases.push(golden::Case::new("delta", delta).after(vec![before.clone()]));
+        cases.push(golden::Case::new("removal", removal()).after(vec![before]));
+        cases
+    }
+
+    #[test]
+    fn golden_payloads() {
+        golden::check("delay", &golden_cases());
+    }
+
+    /// Root only: the golden payloads and the built ones leave the same
+    /// table in the kernel.
+    #[test]
+    fn golden_payloads_load_the_same_ruleset() {
+        golden::check_kernel("delay", &golden_cases());
+    }
+
+    #[test]
+    fn a_delta_without_changes_is_none() {
+        assert!(delta(&listed_1_3_4(), &BTreeSet::from([1, 3, 4]), &[]).is_none());
     }
 
     #[test]

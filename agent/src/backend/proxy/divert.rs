@@ -531,6 +531,7 @@ pub fn remove_here() -> Result<(), DivertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::golden;
     use netfault_api::spec::PortRange;
 
     fn div(cidr: Option<&str>) -> Diversion {
@@ -600,6 +601,86 @@ mod tests {
         let v = ruleset(&[div(None)], &only4);
         assert_eq!(rules_in(&v, "prerouting").len(), 2);
         assert_eq!(rules_in(&v, "output").len(), 4);
+    }
+
+    fn with(
+        tag: u32,
+        inbound: bool,
+        outbound: bool,
+        cidr: Option<&str>,
+        lease_ms: u64,
+    ) -> Diversion {
+        Diversion {
+            tag,
+            inbound,
+            outbound,
+            lease_ms,
+            ..div(cidr)
+        }
+    }
+
+    fn only4() -> ListenerPorts {
+        ListenerPorts {
+            in6: None,
+            out6: None,
+            ..ports()
+        }
+    }
+
+    fn golden_cases() -> Vec<golden::Case> {
+        let mut v6_inbound = with(8, true, false, Some("fd00:1::/64"), 1);
+        v6_inbound.selector.ports = vec![PortRange { lo: 443, hi: 443 }];
+        let mut outbound = with(9, false, true, None, 60_000);
+        outbound.selector.ports = vec![PortRange { lo: 6379, hi: 6379 }];
+        let sample = [
+            ("v4_cidr_both_sides", div(Some("198.18.0.0/15"))),
+            ("v6_cidr_inbound_one_port", v6_inbound),
+            ("no_cidr_outbound", outbound),
+            ("no_cidr_both_sides", with(10, true, true, None, 999)),
+        ];
+        let all: Vec<Diversion> = sample.iter().map(|(_, d)| d.clone()).collect();
+        let mut cases = vec![
+            golden::Case::new("ruleset_draining", ruleset(&[], &ports())),
+            golden::Case::new("ruleset_draining_v4_only", ruleset(&[], &only4())),
+        ];
+        for (name, d) in &sample {
+            cases.push(golden::Case::new(
+                format!("ruleset_{name}"),
+                ruleset(std::slice::from_ref(d), &ports()),
+            ));
+        }
+        cases.push(golden::Case::new(
+            "ruleset_no_cidr_v4_listeners_only",
+            ruleset(&all[3..], &only4()),
+        ));
+        cases.push(golden::Case::new(
+            "ruleset_several",
+            ruleset(&all, &ports()),
+        ));
+        let before = ruleset(&all, &ports());
+        cases.push(
+            golden::Case::new("refresh", refresh(&all[..3]).expect("diversions"))
+                .after(vec![before.clone()]),
+        );
+        cases.push(golden::Case::new("removal", removal()).after(vec![before]));
+        cases
+    }
+
+    #[test]
+    fn golden_payloads() {
+        golden::check("proxy", &golden_cases());
+    }
+
+    /// Root only: the golden payloads and the built ones leave the same
+    /// table in the kernel.
+    #[test]
+    fn golden_payloads_load_the_same_ruleset() {
+        golden::check_kernel("proxy", &golden_cases());
+    }
+
+    #[test]
+    fn no_diversions_refresh_nothing() {
+        assert!(refresh(&[]).is_none());
     }
 
     #[test]
