@@ -6,6 +6,8 @@
 //!   network namespace;
 //! - `nfnetlink`: the netfilter netlink codec and batch socket
 //!   (`nfnetlink_queue`, `nf_tables` set elements);
+//! - `nft`: nft rules as the `nftables` crate's typed values, applied
+//!   through `nft` as one transaction;
 //! - `nftjson`: nft rules as JSON, applied through `nft`;
 //! - `rtnetlink`: route netlink (an interface's addresses, routes and
 //!   rules, local delivery for transparent proxying, tc qdiscs and
@@ -18,6 +20,7 @@
 
 pub mod netns;
 pub mod nfnetlink;
+pub mod nft;
 pub mod nftjson;
 pub mod rtnetlink;
 pub mod sockopt;
