@@ -3,9 +3,10 @@
 //! (`{"nftables": [...]}`) a builder produced when the file was written, so
 //! a change to a builder that changes what nft is told shows up as a diff.
 //!
-//! Payloads are compared as JSON values (key order aside).
-//! `NETFAULT_BLESS=1 cargo test -p netfault-agent golden` rewrites the
-//! files from the builders.
+//! Payloads are compared as JSON values (key order aside), after
+//! [`canonical`], which makes one the spellings that tell nft the same
+//! thing. `NETFAULT_BLESS=1 cargo test -p netfault-agent golden` rewrites
+//! the files from the builders.
 //!
 //! [`check_kernel`] loads the golden payloads and the built ones into
 //! scratch netns (`unshare -n`, root only) and compares what the kernel
@@ -45,6 +46,52 @@ impl Case {
     }
 }
 
+/// `v` with each spelling that differs only in form from another made one
+/// (the second is what the `nftables` crate writes; nft reads both alike,
+/// which [`check_kernel`] shows):
+/// - a set element object (`{"elem": {...}}`) without its `null` members
+///   (`"expires": null`, `"comment": null`, `"counter": null`);
+/// - a set in a `delete` or `flush` command without its `type` (nft reads
+///   only family, table and name there);
+/// - a rule in a `delete` command without an empty `expr` (nft reads only
+///   family, table, chain and handle there).
+pub fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| {
+                    let x = match (k.as_str(), x) {
+                        ("elem", Value::Object(e)) => Value::Object(
+                            e.iter()
+                                .filter(|(_, y)| !y.is_null())
+                                .map(|(k, y)| (k.clone(), y.clone()))
+                                .collect(),
+                        ),
+                        ("delete" | "flush", Value::Object(c)) => {
+                            let mut c = c.clone();
+                            if let Some(Value::Object(set)) = c.get_mut("set") {
+                                set.remove("type");
+                            }
+                            if k == "delete" {
+                                if let Some(Value::Object(rule)) = c.get_mut("rule") {
+                                    if rule.get("expr") == Some(&Value::Array(Vec::new())) {
+                                        rule.remove("expr");
+                                    }
+                                }
+                            }
+                            Value::Object(c)
+                        }
+                        _ => x.clone(),
+                    };
+                    (k.clone(), canonical(&x))
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("testdata/nft")
@@ -58,7 +105,7 @@ pub fn check(name: &str, cases: &[Case]) {
     let mut now = Map::new();
     for c in cases {
         assert!(
-            now.insert(c.name.clone(), c.payload.clone()).is_none(),
+            now.insert(c.name.clone(), canonical(&c.payload)).is_none(),
             "case {} twice",
             c.name
         );
@@ -79,7 +126,7 @@ pub fn check(name: &str, cases: &[Case]) {
     for (case, payload) in &now {
         match golden.get(case) {
             None => failed.push(format!("{case}: not in the golden file")),
-            Some(g) if g != payload => {
+            Some(g) if canonical(g) != *payload => {
                 failed.push(format!("{case}:\n  golden: {g}\n  built:  {payload}"))
             }
             Some(_) => {}
