@@ -8,7 +8,6 @@
 //!   (`nfnetlink_queue`, `nf_tables` set elements);
 //! - `nft`: nft rules as the `nftables` crate's typed values, applied
 //!   through `nft` as one transaction;
-//! - `nftjson`: nft rules as JSON, applied through `nft`;
 //! - `rtnetlink`: route netlink (an interface's addresses, routes and
 //!   rules, local delivery for transparent proxying, tc qdiscs and
 //!   filters);
@@ -21,6 +20,5 @@
 pub mod netns;
 pub mod nfnetlink;
 pub mod nft;
-pub mod nftjson;
 pub mod rtnetlink;
 pub mod sockopt;

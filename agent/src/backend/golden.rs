@@ -168,7 +168,7 @@ fn render(cases: &Map<String, Value>) -> String {
 /// note) unless root with `nft` and `unshare`.
 pub fn check_kernel(name: &str, cases: &[Case]) {
     if !can_use_kernel() {
-        eprintln!("skipped: needs root, nft and unshare");
+        eprintln!("skipped: requires root (and nft, unshare)");
         return;
     }
     let raw = std::fs::read_to_string(path(name)).expect("reads the golden file");
