@@ -6,7 +6,8 @@
 //!   network namespace;
 //! - `nfnetlink`: the netfilter netlink codec and batch socket
 //!   (`nfnetlink_queue`, `nf_tables` set elements);
-//! - `nftjson`: nft rules as JSON, applied through `nft`;
+//! - `nft`: nft rules as the `nftables` crate's typed values, applied
+//!   through `nft` as one transaction;
 //! - `rtnetlink`: route netlink (an interface's addresses, routes and
 //!   rules, local delivery for transparent proxying, tc qdiscs and
 //!   filters);
@@ -18,6 +19,6 @@
 
 pub mod netns;
 pub mod nfnetlink;
-pub mod nftjson;
+pub mod nft;
 pub mod rtnetlink;
 pub mod sockopt;

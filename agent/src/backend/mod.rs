@@ -19,6 +19,8 @@
 pub mod ebpf;
 #[cfg(test)]
 pub mod fake;
+#[cfg(test)]
+pub mod golden;
 pub mod nfqueue;
 pub mod proxy;
 

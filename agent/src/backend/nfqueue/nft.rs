@@ -16,8 +16,9 @@
 //! statement cannot load. It has `nft_compat` and `xt_NFQUEUE`, which is what
 //! iptables-nft uses. The nft binary cannot write an xtables expression, so
 //! that one rule (and the set elements, for their millisecond timeouts) is
-//! sent here as one raw nf_tables netlink batch; everything else goes
-//! through the `nftables` crate (the `nft` binary, JSON).
+//! sent here as one raw nf_tables netlink batch; everything else is built
+//! from the `nftables` crate's typed values (`netfault_sys::nft`) and goes
+//! through the `nft` binary as one transaction.
 //!
 //! A fault's tag is stable while it lives ([`Tags`]). Once the table exists,
 //! a change touches only the faults that come or go ([`sync_here`]): the
@@ -35,13 +36,24 @@ use netfault_sys::nfnetlink::{
     batch_socket, elements_msg, Batch, BatchError, Msg, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
     NFTA_LIST_ELEM,
 };
-use netfault_sys::nftjson::{m, port_set, prefix_match};
-use serde_json::{json, Value};
+use netfault_sys::nft::{
+    accept, anonymous_set, eq, meta, number, payload, port_set, prefix_match, set_lookup, word,
+    NfTable, Transaction,
+};
+use nftables::expr::MetaKey;
+use nftables::schema::NfListObject;
+use nftables::stmt::{JumpTarget, Statement};
+use nftables::types::{NfChainType, NfFamily, NfHook};
+use serde_json::Value;
 
 use super::DelayError;
 
 pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
+const NFT: NfTable = NfTable {
+    family: NfFamily::INet,
+    name: TABLE,
+};
 
 /// What one fault diverts, and for how long the kernel keeps diverting.
 #[derive(Debug, Clone)]
@@ -122,40 +134,38 @@ fn set_name(tag: u32) -> String {
     format!("f{tag}")
 }
 
-/// The rules (expression lists) of one fault in one chain.
-fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
-    let mut base = vec![m(
-        json!({"meta": {"key": "nfproto"}}),
-        json!(format!("@{}", set_name(d.tag))),
-    )];
+/// The rules (statement lists) of one fault in one chain.
+fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Statement<'static>>> {
+    let mut base = vec![eq(meta(MetaKey::Nfproto), set_lookup(&set_name(d.tag)))];
     if let Some(net) = d.selector.cidr {
         base.push(prefix_match(net, !egress));
     }
-    let l4 = json!({"meta": {"key": "l4proto"}});
+    let l4 = || meta(MetaKey::L4proto);
     match d.selector.protocol() {
         Protocol::Any if !d.selector.ports.is_empty() => {
-            base.push(m(l4, json!({"set": ["tcp", "udp"]})))
+            base.push(eq(l4(), anonymous_set([word("tcp"), word("udp")])))
         }
         Protocol::Any => {}
-        Protocol::Tcp => base.push(m(l4, json!("tcp"))),
-        Protocol::Udp => base.push(m(l4, json!("udp"))),
-        Protocol::Icmp => base.push(m(l4, json!({"set": ["icmp", "ipv6-icmp"]}))),
+        Protocol::Tcp => base.push(eq(l4(), word("tcp"))),
+        Protocol::Udp => base.push(eq(l4(), word("udp"))),
+        Protocol::Icmp => base.push(eq(l4(), anonymous_set([word("icmp"), word("ipv6-icmp")]))),
     }
-    let goto = json!({"goto": {"target": "divert"}});
+    let goto = || {
+        Statement::Goto(JumpTarget {
+            target: "divert".into(),
+        })
+    };
     if d.selector.ports.is_empty() {
-        base.push(goto);
+        base.push(goto());
         return vec![base];
     }
     let ports = port_set(d.selector.ports.iter().map(|p| (p.lo, p.hi)));
     ["sport", "dport"]
-        .iter()
+        .into_iter()
         .map(|side| {
             let mut r = base.clone();
-            r.push(m(
-                json!({"payload": {"protocol": "th", "field": side}}),
-                ports.clone(),
-            ));
-            r.push(goto.clone());
+            r.push(eq(payload("th", side), ports.clone()));
+            r.push(goto());
             r
         })
         .collect()
@@ -163,31 +173,33 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Value>> {
 
 /// One nft transaction that replaces the whole table with `diversions`
 /// (without the set elements and the queue rule, which [`commit_here`] adds).
-pub fn ruleset(diversions: &[Diversion]) -> Value {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    let mut cmds = vec![
-        // add + delete: removes the table whether or not it exists.
-        json!({"add": {"table": t}}),
-        json!({"delete": {"table": t}}),
-        json!({"add": {"table": t}}),
-        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "divert"}}}),
-        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "egress",
-            "type": "filter", "hook": "postrouting", "prio": 0, "policy": "accept"}}}),
-        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "ingress",
-            "type": "filter", "hook": "prerouting", "prio": 0, "policy": "accept"}}}),
-        // Packets the engine re-sends after their delay must not be diverted again.
-        json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": "egress",
-            "expr": [m(json!({"meta": {"key": "mark"}}), json!(crate::backend::nfqueue::REINJECT_MARK)),
-                     json!({"accept": null})]}}}),
-    ];
+pub fn ruleset(diversions: &[Diversion]) -> Transaction {
+    let mut tx = Transaction::new();
+    // Removes the table whether or not it exists.
+    tx.remove_table(&NFT);
+    tx.add(NFT.table());
+    tx.add(NFT.chain("divert"));
+    tx.add(NFT.base_chain("egress", NfChainType::Filter, NfHook::Postrouting, 0));
+    tx.add(NFT.base_chain("ingress", NfChainType::Filter, NfHook::Prerouting, 0));
+    // Packets the engine re-sends after their delay must not be diverted again.
+    tx.add(NFT.rule(
+        "egress",
+        vec![
+            eq(
+                meta(MetaKey::Mark),
+                number(crate::backend::nfqueue::REINJECT_MARK),
+            ),
+            accept(),
+        ],
+    ));
     for d in diversions {
-        fault_cmds(d, &mut cmds);
+        fault_cmds(d, &mut tx);
     }
-    json!({"nftables": cmds})
+    tx
 }
 
-fn nft(payload: &Value) -> Result<(), DelayError> {
-    netfault_sys::nftjson::apply(payload).map_err(DelayError::Nft)
+fn nft(tx: &Transaction) -> Result<(), DelayError> {
+    tx.apply().map_err(DelayError::Nft)
 }
 
 /// What the kernel's `netfault` table holds, from `nft -j list`.
@@ -196,7 +208,7 @@ struct Listed {
     /// Tags of the fault sets `f<tag>`.
     sets: BTreeSet<u32>,
     /// Per tag, its rules: (chain, handle).
-    rules: BTreeMap<u32, Vec<(String, u64)>>,
+    rules: BTreeMap<u32, Vec<(String, u32)>>,
     /// Chains `divert`, `egress` and `ingress`, the queue rule and the
     /// reinject-mark rule are there, and nothing else is.
     complete: bool,
@@ -247,7 +259,9 @@ fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
             chains.insert(chain["name"].as_str().unwrap_or_default().to_string());
         } else if let Some(rule) = o.get("rule").filter(|r| ours(r)) {
             let chain = rule["chain"].as_str().unwrap_or_default();
-            let handle = rule["handle"].as_u64();
+            // (A handle past u32, which the crate cannot name, counts as
+            // foreign: the table is then rebuilt.)
+            let handle = rule["handle"].as_u64().and_then(|h| u32::try_from(h).ok());
             match (chain, rule_tag(&rule["expr"]), handle) {
                 ("divert", None, _) => queue_rules += 1,
                 ("egress" | "ingress", Some(tag), Some(h)) => {
@@ -276,10 +290,9 @@ fn list_here() -> Result<Option<Listed>, DelayError> {
     parse_listing(&raw)
 }
 
-/// The rules and set of one fault, as nft commands (`add` them).
-fn fault_cmds(d: &Diversion, cmds: &mut Vec<Value>) {
-    cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
-        "name": set_name(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
+/// Adds the rules and set of one fault to `tx`.
+fn fault_cmds(d: &Diversion, tx: &mut Transaction) {
+    tx.add_set(&NFT, set_name(d.tag));
     for (egress, chain) in [(true, "egress"), (false, "ingress")] {
         let wanted = if egress {
             d.direction.includes_egress()
@@ -290,8 +303,7 @@ fn fault_cmds(d: &Diversion, cmds: &mut Vec<Value>) {
             continue;
         }
         for expr in rules_for(d, egress) {
-            cmds.push(json!({"add": {"rule": {"family": FAMILY, "table": TABLE,
-                "chain": chain, "expr": expr}}}));
+            tx.add(NFT.rule(chain, expr));
         }
     }
 }
@@ -346,25 +358,11 @@ pub fn sync_here(
         .filter(|d| !keep.contains(&d.tag))
         .cloned()
         .collect();
-    let mut cmds = Vec::new();
-    for tag in listed.sets.iter().filter(|t| !keep.contains(t)) {
-        for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
-            cmds.push(json!({"delete": {"rule": {"family": FAMILY, "table": TABLE,
-                "chain": chain, "handle": handle}}}));
-        }
-        cmds.push(json!({"delete": {"set": {"family": FAMILY, "table": TABLE,
-            "name": set_name(*tag)}}}));
-    }
-    // Deletions first: a set may be removed and added again under the same
-    // name in this one transaction.
-    for d in &added {
-        fault_cmds(d, &mut cmds);
-    }
-    if cmds.is_empty() {
+    let Some(payload) = delta(&listed, &keep, &added) else {
         return (keep, Ok(()));
-    }
+    };
     // All or nothing: on failure the table is as it was.
-    if let Err(e) = nft(&json!({"nftables": cmds})) {
+    if let Err(e) = nft(&payload) {
         return (keep, Err(e));
     }
     if let Err(e) = commit_here(&added, None) {
@@ -375,10 +373,35 @@ pub fn sync_here(
     (all, Ok(()))
 }
 
+/// The nft transaction of a change to a complete table (`None`: nothing to
+/// do): it deletes the rules (by handle) and sets of the listed faults not
+/// in `keep`, then adds the sets and rules of `added`.
+fn delta(listed: &Listed, keep: &BTreeSet<u32>, added: &[Diversion]) -> Option<Transaction> {
+    let mut tx = Transaction::new();
+    for tag in listed.sets.iter().filter(|t| !keep.contains(t)) {
+        for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
+            tx.delete(NFT.rule_at(chain.clone(), *handle));
+        }
+        tx.delete(NfListObject::Set(NFT.set(set_name(*tag))));
+    }
+    // Deletions first: a set may be removed and added again under the same
+    // name in this one transaction.
+    for d in added {
+        fault_cmds(d, &mut tx);
+    }
+    (!tx.is_empty()).then_some(tx)
+}
+
+/// The nft transaction that removes the table whether or not it exists.
+fn removal() -> Transaction {
+    let mut tx = Transaction::new();
+    tx.remove_table(&NFT);
+    tx
+}
+
 /// Removes the table if it exists.
 pub fn remove_here() -> Result<(), DelayError> {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))
+    nft(&removal())
 }
 
 // ----- the xt NFQUEUE rule, over nf_tables netlink -----
@@ -474,6 +497,8 @@ fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::golden;
+    use serde_json::json;
 
     fn rule(chain: &str, handle: u64, expr: Value) -> Value {
         json!({"rule": {"family": "inet", "table": "netfault", "chain": chain,
@@ -571,6 +596,134 @@ mod tests {
         for bad in ["f", "g1", "f-1", "f1x", "f4294967296", "f+1"] {
             assert_eq!(tag_of(bad), None, "{bad}");
         }
+    }
+
+    fn div(tag: u32, direction: Direction, cidr: Option<&str>, protocol: Protocol) -> Diversion {
+        Diversion {
+            tag,
+            direction,
+            selector: Match {
+                cidr: cidr.map(|c| c.parse().expect("cidr")),
+                protocol: Some(protocol),
+                ports: Vec::new(),
+            },
+            timeout_ms: 5000,
+        }
+    }
+
+    fn ports(mut d: Diversion, ports: &[(u16, u16)]) -> Diversion {
+        d.selector.ports = ports
+            .iter()
+            .map(|&(lo, hi)| netfault_api::spec::PortRange { lo, hi })
+            .collect();
+        d
+    }
+
+    /// One diversion per kind of selector, tags 1 to 6.
+    fn sample() -> Vec<(&'static str, Diversion)> {
+        use Direction::*;
+        vec![
+            (
+                "egress_v4_tcp_port",
+                ports(
+                    div(1, Egress, Some("10.0.0.0/8"), Protocol::Tcp),
+                    &[(80, 80)],
+                ),
+            ),
+            (
+                "ingress_v6_udp_ports_and_range",
+                ports(
+                    div(2, Ingress, Some("fd00::/8"), Protocol::Udp),
+                    &[(53, 53), (5000, 5010)],
+                ),
+            ),
+            ("both_icmp", div(3, Both, None, Protocol::Icmp)),
+            (
+                "both_any_with_ports_v4_host",
+                ports(
+                    div(4, Both, Some("192.0.2.7/32"), Protocol::Any),
+                    &[(443, 443), (8000, 8099)],
+                ),
+            ),
+            (
+                "egress_any_v6",
+                div(5, Egress, Some("2001:db8::/32"), Protocol::Any),
+            ),
+            (
+                "ingress_tcp_every_port",
+                div(6, Ingress, None, Protocol::Tcp),
+            ),
+        ]
+    }
+
+    /// What the kernel lists after `ruleset` of tags 1, 3 and 4 of
+    /// [`sample`] in a fresh netns (sets and rule handles).
+    fn listed_1_3_4() -> Listed {
+        let rules = |r: &[(&str, u32)]| r.iter().map(|&(c, h)| (c.to_string(), h)).collect();
+        let rules = BTreeMap::from([
+            (1, rules(&[("egress", 6), ("egress", 7)])),
+            (3, rules(&[("egress", 10), ("ingress", 12)])),
+            (
+                4,
+                rules(&[
+                    ("egress", 16),
+                    ("egress", 19),
+                    ("ingress", 22),
+                    ("ingress", 25),
+                ]),
+            ),
+        ]);
+        Listed {
+            sets: BTreeSet::from([1, 3, 4]),
+            rules,
+            complete: true,
+        }
+    }
+
+    fn golden_cases() -> Vec<golden::Case> {
+        let sample = sample();
+        let all: Vec<Diversion> = sample.iter().map(|(_, d)| d.clone()).collect();
+        let mut cases = vec![golden::Case::new("ruleset_empty", ruleset(&[]).to_json())];
+        for (name, d) in &sample {
+            cases.push(golden::Case::new(
+                format!("ruleset_{name}"),
+                ruleset(std::slice::from_ref(d)).to_json(),
+            ));
+        }
+        cases.push(golden::Case::new(
+            "ruleset_several",
+            ruleset(&all).to_json(),
+        ));
+        let before = ruleset(&[all[0].clone(), all[2].clone(), all[3].clone()]).to_json();
+        // Tag 4 stays; 1 and 3 go; 1 comes back with another selector (its
+        // set removed and added in one transaction) and 7 is new.
+        let added = [
+            ports(div(1, Direction::Both, None, Protocol::Udp), &[(123, 123)]),
+            div(7, Direction::Egress, Some("198.51.100.0/24"), Protocol::Any),
+        ];
+        let delta = delta(&listed_1_3_4(), &BTreeSet::from([4]), &added)
+            .expect("a change")
+            .to_json();
+        cases.push(golden::Case::new("delta", delta).after(vec![before.clone()]));
+        cases.push(golden::Case::new("removal", removal().to_json()).after(vec![before]));
+        cases
+    }
+
+    #[test]
+    fn golden_payloads() {
+        golden::check("delay", &golden_cases());
+    }
+
+    /// Root only: the golden payloads and the built ones leave the same
+    /// table in the kernel.
+    #[test]
+    fn golden_payloads_load_the_same_ruleset() {
+        golden::check_kernel("delay", &golden_cases());
+    }
+
+    #[test]
+    fn a_delta_without_changes_is_none() {
+        assert!(delta(&listed_1_3_4(), &BTreeSet::from([1, 3, 4]), &[]).is_none());
     }
 
     #[test]

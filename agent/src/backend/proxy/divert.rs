@@ -45,10 +45,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 
 use netfault_api::spec::Match;
-use netfault_sys::nftjson::{m, port_set, prefix_match};
+use netfault_sys::nft::{
+    accept, ct, eq, mangle, meta, ne, number, payload, port_set, prefix_match, set_lookup, word,
+    NfTable, Transaction,
+};
 use netfault_sys::rtnetlink::{RtError, RtSocket};
 use netfault_sys::sockopt::set_int_opt;
-use serde_json::{json, Value};
+use nftables::expr::{Elem, Expression, MetaKey, NamedExpression};
+use nftables::schema::{FlushObject, NfListObject};
+use nftables::stmt::{Statement, TProxy};
+use nftables::types::{NfChainType, NfFamily, NfHook};
 
 use netfault_tproxy::Side;
 
@@ -79,7 +85,10 @@ pub const UPSTREAM_PORTS: (u16, u16) = (61000, 65535);
 const PORT_TRIES: usize = 64;
 
 pub const TABLE: &str = "netfault_proxy";
-const FAMILY: &str = "inet";
+const NFT: NfTable = NfTable {
+    family: NfFamily::INet,
+    name: TABLE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DivertError {
@@ -279,70 +288,64 @@ fn bind_upstream_port(s: &socket2::Socket, ip: IpAddr) -> Result<(), DivertError
     ))
 }
 
-fn ne(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "!=", "left": left, "right": right}})
+fn set_meta_mark(mark: u32) -> Statement<'static> {
+    mangle(meta(MetaKey::Mark), number(mark))
 }
 
-fn meta(key: &str) -> Value {
-    json!({"meta": {"key": key}})
-}
-
-fn ct(key: &str) -> Value {
-    json!({"ct": {"key": key}})
-}
-
-fn set_meta_mark(mark: u32) -> Value {
-    json!({"mangle": {"key": meta("mark"), "value": mark}})
-}
-
-fn set_ct_mark(mark: u32) -> Value {
-    json!({"mangle": {"key": ct("mark"), "value": mark}})
-}
-
-fn accept() -> Value {
-    json!({"accept": null})
+fn set_ct_mark(mark: u32) -> Statement<'static> {
+    mangle(ct("mark"), number(mark))
 }
 
 fn lease_set(tag: u32) -> String {
     format!("l{tag}")
 }
 
-fn rule(chain: &str, expr: Vec<Value>) -> Value {
-    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}})
+fn nfproto(ipv6: bool) -> Statement<'static> {
+    eq(
+        meta(MetaKey::Nfproto),
+        word(if ipv6 { "ipv6" } else { "ipv4" }),
+    )
 }
 
-fn nfproto(ipv6: bool) -> Value {
-    m(meta("nfproto"), json!(if ipv6 { "ipv6" } else { "ipv4" }))
-}
-
-fn tproxy_to(ipv6: bool, port: u16) -> Value {
-    json!({"tproxy": {"family": if ipv6 { "ip6" } else { "ip" }, "port": port}})
+fn tproxy_to(ipv6: bool, port: u16) -> Statement<'static> {
+    Statement::TProxy(TProxy {
+        family: Some((if ipv6 { "ip6" } else { "ip" }).into()),
+        port,
+        addr: None,
+    })
 }
 
 /// The lease elements of a fault's set, with their timeout in seconds
 /// (rounded up; nft's JSON takes whole seconds).
-fn lease_elements(d: &Diversion) -> Value {
+fn lease_elements(d: &Diversion) -> NfListObject<'static> {
     let secs = d.lease_ms.div_ceil(1000).max(1);
-    let elem: Vec<Value> = ["ipv4", "ipv6"]
-        .iter()
-        .map(|p| json!({"elem": {"val": p, "timeout": secs}}))
+    let elem = ["ipv4", "ipv6"]
+        .into_iter()
+        .map(|p| {
+            Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(word(p)),
+                timeout: Some(u32::try_from(secs).unwrap_or(u32::MAX)),
+                expires: None,
+                comment: None,
+                counter: None,
+            }))
+        })
         .collect();
-    json!({"add": {"element": {"family": FAMILY, "table": TABLE,
-        "name": lease_set(d.tag), "elem": elem}}})
+    NFT.elements(lease_set(d.tag), elem)
 }
 
 /// A fault's match on the remote address and the destination ports.
-fn selector_exprs(d: &Diversion, ipv6: bool, remote_is_src: bool) -> Vec<Value> {
+fn selector_exprs(d: &Diversion, ipv6: bool, remote_is_src: bool) -> Vec<Statement<'static>> {
     let mut out = vec![
-        m(meta("nfproto"), json!(format!("@{}", lease_set(d.tag)))),
+        eq(meta(MetaKey::Nfproto), set_lookup(&lease_set(d.tag))),
         nfproto(ipv6),
     ];
     if let Some(net) = d.selector.cidr {
         out.push(prefix_match(net, remote_is_src));
     }
-    out.push(m(meta("l4proto"), json!("tcp")));
-    out.push(m(
-        json!({"payload": {"protocol": "tcp", "field": "dport"}}),
+    out.push(eq(meta(MetaKey::L4proto), word("tcp")));
+    out.push(eq(
+        payload("tcp", "dport"),
         port_set(d.selector.ports.iter().map(|p| (p.lo, p.hi))),
     ));
     out
@@ -359,32 +362,27 @@ fn family_wanted(d: &Diversion, ipv6: bool) -> bool {
 /// The nft transaction that replaces the table with one diverting
 /// `diversions` to the listeners at `ports`. With no diversions, the table
 /// keeps only the connection-level rules (a draining proxy).
-pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    let mut cmds = vec![
-        // add + delete: removes the table whether or not it exists.
-        json!({"add": {"table": t}}),
-        json!({"delete": {"table": t}}),
-        json!({"add": {"table": t}}),
-        // Before conntrack's own priority (-200) would be too early for ct
-        // marks; mangle (-150) is after it and before routing.
-        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "prerouting",
-            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
-        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "output",
-            "type": "route", "hook": "output", "prio": -150, "policy": "accept"}}}),
-    ];
-    let lo = || m(meta("iifname"), json!("lo"));
+pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Transaction {
+    let mut tx = Transaction::new();
+    // Removes the table whether or not it exists.
+    tx.remove_table(&NFT);
+    tx.add(NFT.table());
+    // Before conntrack's own priority (-200) would be too early for ct
+    // marks; mangle (-150) is after it and before routing.
+    tx.add(NFT.base_chain("prerouting", NfChainType::Filter, NfHook::Prerouting, -150));
+    tx.add(NFT.base_chain("output", NfChainType::Route, NfHook::Output, -150));
+    let lo = || eq(meta(MetaKey::Iifname), word("lo"));
     // Outbound connections looped through lo meet the outbound listener.
     for (ipv6, port) in [(false, ports.out4), (true, ports.out6)] {
         if let Some(port) = port {
-            cmds.push(rule(
+            tx.add(NFT.rule(
                 "prerouting",
                 vec![
                     lo(),
-                    m(ct("direction"), json!("original")),
-                    m(ct("mark"), json!(CT_OUTBOUND)),
+                    eq(ct("direction"), word("original")),
+                    eq(ct("mark"), number(CT_OUTBOUND)),
                     nfproto(ipv6),
-                    m(meta("l4proto"), json!("tcp")),
+                    eq(meta(MetaKey::L4proto), word("tcp")),
                     tproxy_to(ipv6, port),
                     set_meta_mark(DIVERT_MARK),
                     accept(),
@@ -394,67 +392,66 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Value {
     }
     // The proxy's upstream connections: the server's replies go back to
     // the proxy, and nothing of theirs is diverted again.
-    cmds.push(rule(
+    tx.add(NFT.rule(
         "output",
         vec![
-            m(meta("mark"), json!(PROXY_MARK)),
+            eq(meta(MetaKey::Mark), number(PROXY_MARK)),
             set_ct_mark(CT_UPSTREAM),
             accept(),
         ],
     ));
-    cmds.push(rule(
+    tx.add(NFT.rule(
         "output",
         vec![
-            m(ct("direction"), json!("reply")),
-            m(ct("mark"), json!(CT_UPSTREAM)),
+            eq(ct("direction"), word("reply")),
+            eq(ct("mark"), number(CT_UPSTREAM)),
             set_meta_mark(DIVERT_MARK),
             accept(),
         ],
     ));
     // Outbound connections already taken by the proxy stay on it.
-    cmds.push(rule(
+    tx.add(NFT.rule(
         "output",
         vec![
-            m(ct("direction"), json!("original")),
-            m(ct("mark"), json!(CT_OUTBOUND)),
+            eq(ct("direction"), word("original")),
+            eq(ct("mark"), number(CT_OUTBOUND)),
             set_meta_mark(DIVERT_MARK),
             accept(),
         ],
     ));
     for d in diversions {
-        cmds.push(json!({"add": {"set": {"family": FAMILY, "table": TABLE,
-            "name": lease_set(d.tag), "type": "nf_proto", "flags": ["timeout"]}}}));
-        cmds.push(lease_elements(d));
+        tx.add_set(&NFT, lease_set(d.tag));
+        tx.add(lease_elements(d));
         for ipv6 in [false, true] {
             if !family_wanted(d, ipv6) {
                 continue;
             }
             let inbound = if ipv6 { ports.in6 } else { ports.in4 };
             if let (true, Some(port)) = (d.inbound, inbound) {
-                let mut e = vec![ne(meta("iifname"), json!("lo"))];
+                let mut e = vec![ne(meta(MetaKey::Iifname), word("lo"))];
                 e.extend(selector_exprs(d, ipv6, true));
                 e.extend([tproxy_to(ipv6, port), set_meta_mark(DIVERT_MARK), accept()]);
-                cmds.push(rule("prerouting", e));
+                tx.add(NFT.rule("prerouting", e));
             }
             let outbound = if ipv6 { ports.out6 } else { ports.out4 };
             if d.outbound && outbound.is_some() {
-                let mut e = vec![ne(meta("mark"), json!(PROXY_MARK))];
+                let mut e = vec![ne(meta(MetaKey::Mark), number(PROXY_MARK))];
                 e.extend(selector_exprs(d, ipv6, false));
                 e.extend([
-                    m(ct("state"), json!("new")),
+                    eq(ct("state"), word("new")),
                     set_ct_mark(CT_OUTBOUND),
                     set_meta_mark(DIVERT_MARK),
                     accept(),
                 ]);
-                cmds.push(rule("output", e));
+                tx.add(NFT.rule("output", e));
             }
         }
     }
-    json!({"nftables": cmds})
+    tx
 }
 
-fn nft(payload: &Value) -> Result<(), DivertError> {
-    netfault_sys::nftjson::apply(payload).map_err(DivertError::Nft)
+fn nft(tx: &Transaction) -> Result<(), DivertError> {
+    tx.apply().map_err(DivertError::Nft)
 }
 
 fn lo_index() -> Result<u32, DivertError> {
@@ -476,16 +473,27 @@ pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(
 /// Re-arms the leases of `diversions` (each to its `lease_ms`), in one
 /// transaction: a fault's set never looks empty in between.
 pub fn refresh_here(diversions: &[Diversion]) -> Result<(), DivertError> {
-    let mut cmds = Vec::new();
+    match refresh(diversions) {
+        Some(payload) => nft(&payload),
+        None => Ok(()),
+    }
+}
+
+/// The nft transaction of [`refresh_here`] (`None`: no diversions).
+fn refresh(diversions: &[Diversion]) -> Option<Transaction> {
+    let mut tx = Transaction::new();
     for d in diversions {
-        cmds.push(json!({"flush": {"set": {"family": FAMILY, "table": TABLE,
-            "name": lease_set(d.tag)}}}));
-        cmds.push(lease_elements(d));
+        tx.flush(FlushObject::Set(NFT.set(lease_set(d.tag))));
+        tx.add(lease_elements(d));
     }
-    if cmds.is_empty() {
-        return Ok(());
-    }
-    nft(&json!({"nftables": cmds}))
+    (!tx.is_empty()).then_some(tx)
+}
+
+/// The nft transaction that removes the table whether or not it exists.
+fn removal() -> Transaction {
+    let mut tx = Transaction::new();
+    tx.remove_table(&NFT);
+    tx
 }
 
 /// A netfilter netlink socket in the calling thread's netns, for
@@ -509,8 +517,7 @@ pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), 
 
 /// Removes the table and the policy routing, whatever of them exists.
 pub fn remove_here() -> Result<(), DivertError> {
-    let t = json!({"family": FAMILY, "name": TABLE});
-    nft(&json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}))?;
+    nft(&removal())?;
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;
     nl.del_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
@@ -521,7 +528,9 @@ pub fn remove_here() -> Result<(), DivertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::golden;
     use netfault_api::spec::PortRange;
+    use serde_json::Value;
 
     fn div(cidr: Option<&str>) -> Diversion {
         let selector = Match {
@@ -562,7 +571,7 @@ mod tests {
 
     #[test]
     fn a_v4_cidr_diverts_only_v4_and_leases_round_up() {
-        let v = ruleset(&[div(Some("198.18.0.0/15"))], &ports());
+        let v = ruleset(&[div(Some("198.18.0.0/15"))], &ports()).to_json();
         let pre = rules_in(&v, "prerouting");
         // Two outbound-listener rules plus one inbound rule (v4 only).
         assert_eq!(pre.len(), 3, "{pre:#?}");
@@ -579,7 +588,7 @@ mod tests {
 
     #[test]
     fn no_cidr_diverts_both_families_and_no_v6_listener_means_no_v6_rules() {
-        let v = ruleset(&[div(None)], &ports());
+        let v = ruleset(&[div(None)], &ports()).to_json();
         assert_eq!(rules_in(&v, "prerouting").len(), 4);
         assert_eq!(rules_in(&v, "output").len(), 5);
         let only4 = ListenerPorts {
@@ -587,14 +596,94 @@ mod tests {
             out6: None,
             ..ports()
         };
-        let v = ruleset(&[div(None)], &only4);
+        let v = ruleset(&[div(None)], &only4).to_json();
         assert_eq!(rules_in(&v, "prerouting").len(), 2);
         assert_eq!(rules_in(&v, "output").len(), 4);
     }
 
+    fn with(
+        tag: u32,
+        inbound: bool,
+        outbound: bool,
+        cidr: Option<&str>,
+        lease_ms: u64,
+    ) -> Diversion {
+        Diversion {
+            tag,
+            inbound,
+            outbound,
+            lease_ms,
+            ..div(cidr)
+        }
+    }
+
+    fn only4() -> ListenerPorts {
+        ListenerPorts {
+            in6: None,
+            out6: None,
+            ..ports()
+        }
+    }
+
+    fn golden_cases() -> Vec<golden::Case> {
+        let mut v6_inbound = with(8, true, false, Some("fd00:1::/64"), 1);
+        v6_inbound.selector.ports = vec![PortRange { lo: 443, hi: 443 }];
+        let mut outbound = with(9, false, true, None, 60_000);
+        outbound.selector.ports = vec![PortRange { lo: 6379, hi: 6379 }];
+        let sample = [
+            ("v4_cidr_both_sides", div(Some("198.18.0.0/15"))),
+            ("v6_cidr_inbound_one_port", v6_inbound),
+            ("no_cidr_outbound", outbound),
+            ("no_cidr_both_sides", with(10, true, true, None, 999)),
+        ];
+        let all: Vec<Diversion> = sample.iter().map(|(_, d)| d.clone()).collect();
+        let mut cases = vec![
+            golden::Case::new("ruleset_draining", ruleset(&[], &ports()).to_json()),
+            golden::Case::new("ruleset_draining_v4_only", ruleset(&[], &only4()).to_json()),
+        ];
+        for (name, d) in &sample {
+            cases.push(golden::Case::new(
+                format!("ruleset_{name}"),
+                ruleset(std::slice::from_ref(d), &ports()).to_json(),
+            ));
+        }
+        cases.push(golden::Case::new(
+            "ruleset_no_cidr_v4_listeners_only",
+            ruleset(&all[3..], &only4()).to_json(),
+        ));
+        cases.push(golden::Case::new(
+            "ruleset_several",
+            ruleset(&all, &ports()).to_json(),
+        ));
+        let before = ruleset(&all, &ports()).to_json();
+        cases.push(
+            golden::Case::new("refresh", refresh(&all[..3]).expect("diversions").to_json())
+                .after(vec![before.clone()]),
+        );
+        cases.push(golden::Case::new("removal", removal().to_json()).after(vec![before]));
+        cases
+    }
+
+    #[test]
+    fn golden_payloads() {
+        golden::check("proxy", &golden_cases());
+    }
+
+    /// Root only: the golden payloads and the built ones leave the same
+    /// table in the kernel.
+    #[test]
+    fn golden_payloads_load_the_same_ruleset() {
+        golden::check_kernel("proxy", &golden_cases());
+    }
+
+    #[test]
+    fn no_diversions_refresh_nothing() {
+        assert!(refresh(&[]).is_none());
+    }
+
     #[test]
     fn draining_keeps_only_connection_rules() {
-        let v = ruleset(&[], &ports());
+        let v = ruleset(&[], &ports()).to_json();
         let all = v.to_string();
         assert!(!all.contains("@l"), "no lease sets: {all}");
         assert_eq!(rules_in(&v, "output").len(), 3);
