@@ -187,6 +187,10 @@ impl BackendOps for EbpfBackend {
         }))
     }
 
+    fn holds(&self, sandbox: &SandboxId) -> bool {
+        self.sandboxes.contains_key(sandbox)
+    }
+
     fn forget_fault(&mut self, _fault: &FaultId) {
         // `sync` already freed the fault's rule.
     }

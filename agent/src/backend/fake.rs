@@ -78,6 +78,10 @@ impl<A: BackendAction> BackendOps for FakeBackend<A> {
         })
     }
 
+    fn holds(&self, sandbox: &SandboxId) -> bool {
+        self.installed.contains_key(sandbox)
+    }
+
     fn forget_fault(&mut self, fault: &FaultId) {
         self.record(Call::ForgetFault(A::KIND, fault.clone()));
     }

@@ -178,6 +178,10 @@ pub trait BackendOps: Send {
     /// A reader of the fault's live counters, once `sync` installed it.
     fn counters(&self, fault: &FaultId) -> Option<CounterReader>;
 
+    /// Whether the backend has anything installed for the sandbox (after
+    /// the reconcile at start, what it holds is all there is).
+    fn holds(&self, sandbox: &SandboxId) -> bool;
+
     /// Drops what the backend keeps about a fault that is gone (after the
     /// `sync` that removed it, and after its counters were read).
     fn forget_fault(&mut self, fault: &FaultId);

@@ -394,8 +394,14 @@ impl Core<'_> {
             .flatten();
         let ctx = rec.ctx(ns.as_ref());
         let mut memo = rec.memo;
+        // Only the backends that hold something for it, or served one of
+        // its faults (an `nft` run costs milliseconds on every CNI DEL).
         for kind in BackendKind::ALL {
-            self.backend(kind).forget_sandbox(&ctx, &mut memo)?;
+            let served = faults.iter().any(|(_, k)| *k == kind);
+            let attached = kind == BackendKind::Ebpf && memo.attachment.is_some();
+            if served || attached || self.b.ops(kind).holds(sandbox) {
+                self.backend(kind).forget_sandbox(&ctx, &mut memo)?;
+            }
         }
         for (id, kind) in &faults {
             self.backend(*kind).forget_fault(id);

@@ -178,6 +178,10 @@ impl BackendOps for NfqueueBackend {
         Some(CounterReader::new(move || c.snapshot()))
     }
 
+    fn holds(&self, sandbox: &SandboxId) -> bool {
+        self.sandboxes.contains_key(sandbox)
+    }
+
     fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
         self.tags.free(fault.as_str());

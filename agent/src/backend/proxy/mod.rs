@@ -544,6 +544,10 @@ impl BackendOps for ProxyBackend {
         Some(CounterReader::new(move || c.snapshot()))
     }
 
+    fn holds(&self, sandbox: &SandboxId) -> bool {
+        self.sandboxes.contains_key(sandbox) || self.draining.contains_key(sandbox)
+    }
+
     fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
         self.tags.remove(fault);
