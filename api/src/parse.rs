@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::FieldError;
 
+/// The field every action sits under in a fault.
+pub(crate) const ACTION: &str = "action";
+
 /// A JSON object, or `must be an object`.
 pub(crate) fn obj<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, FieldError> {
     v.as_object()

@@ -19,7 +19,7 @@ use super::{
     ActiveFault, AttachmentRecord, Availability, Backend, BackendError, BackendOps, CounterReader,
     SandboxCtx, SandboxMemo,
 };
-use crate::registry::state::{FaultId, SandboxId};
+use crate::ids::{FaultId, SandboxId};
 
 /// What is installed for a sandbox.
 struct Installed {

@@ -12,7 +12,7 @@ use super::{
     ActiveFault, Availability, Backend, BackendAction, BackendError, BackendOps, CounterReader,
     SandboxCtx, SandboxMemo,
 };
-use crate::registry::state::{FaultId, SandboxId};
+use crate::ids::{FaultId, SandboxId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {

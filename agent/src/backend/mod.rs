@@ -16,6 +16,7 @@
 //! What a backend must not do: keep records of its own that the registry
 //! also keeps (sandboxes, deadlines, specs), or persist anything itself.
 
+pub mod caps;
 pub mod ebpf;
 #[cfg(test)]
 pub mod fake;
@@ -35,7 +36,7 @@ use netfault_sys::netns::Netns;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::registry::state::{FaultId, SandboxId};
+use crate::ids::{FaultId, SandboxId};
 
 /// Why a backend could not bring the kernel in line.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +248,7 @@ impl Backends {
     /// The capabilities document: the node facts, each backend's section,
     /// and the actions served.
     pub fn capabilities(&self) -> Value {
-        let mut doc = nfqueue::caps::node_facts();
+        let mut doc = caps::node_facts();
         let mut actions = Vec::new();
         for kind in BackendKind::ALL {
             let a = self.ops(kind).availability();

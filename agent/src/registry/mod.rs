@@ -14,7 +14,8 @@
 //! spawn; API reads take it briefly and read live counters through
 //! [`CounterReader`]s, so they never wait for a change in progress.
 
-pub mod pending;
+mod error;
+mod pending;
 mod persist;
 mod reconcile;
 pub mod state;
@@ -35,34 +36,11 @@ use netfault_sys::netns::Netns;
 use serde_json::Value;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
-use crate::backend::{
-    ActiveFault, Backend, BackendAction, BackendError, BackendOps, Backends, CounterReader,
-};
+use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
+pub use error::AgentError;
 use persist::StateDir;
 use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
 pub use target::{Host, SystemHost};
-
-/// Why a request failed. The server maps a field error's code onto the
-/// HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("{0}")]
-    Field(FieldError),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<FieldError> for AgentError {
-    fn from(e: FieldError) -> Self {
-        AgentError::Field(e)
-    }
-}
-
-impl From<BackendError> for AgentError {
-    fn from(e: BackendError) -> Self {
-        AgentError::Internal(e.to_string())
-    }
-}
 
 fn internal(what: &str) -> impl FnOnce(String) -> AgentError + '_ {
     move |e| AgentError::Internal(format!("{what}: {e}"))
@@ -215,6 +193,25 @@ impl Registry {
     pub fn release(&self, id: &str) -> Result<(), AgentError> {
         let id = SandboxId::from(id);
         self.change(move |c| c.release(&id))
+    }
+
+    /// Enrols the sandboxes the CNI plugin recorded while the agent was
+    /// unreachable (see `pending`); pods whose netns is gone by now are
+    /// dropped. Returns how many were enrolled.
+    pub fn adopt_pending(&self, dir: &Path) -> usize {
+        let mut adopted = 0;
+        for (id, req) in pending::take(dir) {
+            match self.enrol(&id, req) {
+                Ok(_) => {
+                    tracing::info!(sandbox = %id, "enrolled a pod created while the agent was down");
+                    adopted += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "could not enrol a pending pod")
+                }
+            }
+        }
+        adopted
     }
 
     pub fn sandboxes(&self) -> Vec<Sandbox> {
@@ -492,6 +489,33 @@ impl Core<'_> {
         };
         self.sh.persist()?;
         Ok(view)
+    }
+
+    /// The sandbox a fault's target names; a bare netns is enrolled
+    /// implicitly, on its sole interface, and released with its last fault.
+    fn resolve(&mut self, target: &Target) -> Result<SandboxId, AgentError> {
+        let found = target::resolve(&self.lock(), target)?;
+        match found {
+            target::Resolved::Enrolled(id) => Ok(id),
+            target::Resolved::Bare { path, ns } => {
+                let (id, req) = target::implicit_enrolment(self.sh.host.as_ref(), &path, &ns)?;
+                self.enrol(&id, req, true)?;
+                Ok(id)
+            }
+        }
+    }
+
+    /// Reconcile at start (see `reconcile`): forgets sandboxes whose netns
+    /// is gone, marks faults past their deadline expired, then syncs every
+    /// backend of every sandbox.
+    fn reconcile(&mut self) -> Result<(), AgentError> {
+        let live = reconcile::settle_records(&mut self.lock(), netfault_ebpf::boottime_ns());
+        for id in live {
+            for kind in BackendKind::ALL {
+                self.sync(&id, kind)?;
+            }
+        }
+        self.sh.persist()
     }
 
     fn reap(&mut self) -> Result<Option<Duration>, AgentError> {

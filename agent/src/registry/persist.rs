@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::error::AgentError;
 use super::state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
-use super::AgentError;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {

@@ -12,7 +12,6 @@ use netfault_sys::netns::{Netns, NetnsError};
 use netfault_sys::rtnetlink::RtSocket;
 
 use super::state::{SandboxId, State};
-use super::{AgentError, Core};
 
 /// What the registry asks the system about a network namespace. The
 /// registry's unit tests answer with a fake; the agent with [`SystemHost`].
@@ -152,72 +151,74 @@ pub(super) fn check_addresses_free(st: &State, addresses: &[IpAddr]) -> Result<(
     }
 }
 
-impl Core<'_> {
-    /// The sandbox a fault's target names.
-    pub(super) fn resolve(&mut self, target: &Target) -> Result<SandboxId, AgentError> {
-        let st = self.lock();
-        match target {
-            Target::Sandbox(id) => {
-                let id = SandboxId::from(id.as_str());
-                if st.sandboxes.contains_key(&id) {
-                    Ok(id)
-                } else {
-                    Err(FieldError::not_found(
-                        "target.sandbox",
-                        &format!("no enrolled sandbox {:?}", id.as_str()),
-                    )
-                    .into())
-                }
+/// What a target names.
+pub(super) enum Resolved {
+    Enrolled(SandboxId),
+    /// A netns no sandbox has: to enrol implicitly.
+    Bare {
+        path: String,
+        ns: Netns,
+    },
+}
+
+/// The sandbox a fault's target names.
+pub(super) fn resolve(st: &State, target: &Target) -> Result<Resolved, FieldError> {
+    match target {
+        Target::Sandbox(id) => {
+            let id = SandboxId::from(id.as_str());
+            if st.sandboxes.contains_key(&id) {
+                Ok(Resolved::Enrolled(id))
+            } else {
+                Err(FieldError::not_found(
+                    "target.sandbox",
+                    &format!("no enrolled sandbox {:?}", id.as_str()),
+                ))
             }
-            Target::Pod { namespace, name } => st
-                .sandboxes
-                .values()
-                .filter(|s| {
-                    s.pod
-                        .as_ref()
-                        .is_some_and(|p| &p.namespace == namespace && &p.name == name)
-                })
-                .max_by_key(|s| s.enrolled_at_ms)
-                .map(|s| s.id.clone())
-                .ok_or_else(|| {
-                    FieldError::not_found(
-                        "target.pod",
-                        &format!("no enrolled pod {namespace}/{name}"),
-                    )
-                    .into()
+        }
+        Target::Pod { namespace, name } => st
+            .sandboxes
+            .values()
+            .filter(|s| {
+                s.pod
+                    .as_ref()
+                    .is_some_and(|p| &p.namespace == namespace && &p.name == name)
+            })
+            .max_by_key(|s| s.enrolled_at_ms)
+            .map(|s| Resolved::Enrolled(s.id.clone()))
+            .ok_or_else(|| {
+                FieldError::not_found("target.pod", &format!("no enrolled pod {namespace}/{name}"))
+            }),
+        Target::Netns(path) => {
+            let ns = Netns::open(std::path::Path::new(path))
+                .map_err(|e| FieldError::invalid("target.netns", &e.to_string()))?;
+            match st.sandboxes.values().find(|s| s.netns_id == ns.id()) {
+                Some(s) => Ok(Resolved::Enrolled(s.id.clone())),
+                None => Ok(Resolved::Bare {
+                    path: path.clone(),
+                    ns,
                 }),
-            Target::Netns(path) => {
-                let ns = Netns::open(std::path::Path::new(path))
-                    .map_err(|e| FieldError::invalid("target.netns", &e.to_string()))?;
-                if let Some(s) = st.sandboxes.values().find(|s| s.netns_id == ns.id()) {
-                    return Ok(s.id.clone());
-                }
-                drop(st);
-                self.enrol_implicit(path, &ns)
             }
         }
     }
+}
 
-    /// Enrols a namespace that CNI never showed us, on its sole interface;
-    /// it is released with its last fault.
-    fn enrol_implicit(&mut self, path: &str, ns: &Netns) -> Result<SandboxId, AgentError> {
-        let ifname = self
-            .sh
-            .host
-            .sole_interface(ns)
-            .map_err(|e| FieldError::invalid("target.netns", &e.to_string()))?
-            .map_err(|e| FieldError::invalid("target.netns", &format!("{path} {e}")))?;
-        let nid = ns.id();
-        let id = SandboxId::from(format!("netns-{}-{}", nid.dev, nid.ino));
-        self.enrol(
-            &id,
-            EnrolRequest {
-                netns: path.to_string(),
-                ifname,
-                ..Default::default()
-            },
-            true,
-        )?;
-        Ok(id)
-    }
+/// The enrolment of a namespace that CNI never showed us: its sole
+/// interface, under the id `netns-<dev>-<ino>`.
+pub(super) fn implicit_enrolment(
+    host: &dyn Host,
+    path: &str,
+    ns: &Netns,
+) -> Result<(SandboxId, EnrolRequest), FieldError> {
+    let ifname = host
+        .sole_interface(ns)
+        .map_err(|e| FieldError::invalid("target.netns", &e.to_string()))?
+        .map_err(|e| FieldError::invalid("target.netns", &format!("{path} {e}")))?;
+    let nid = ns.id();
+    let id = SandboxId::from(format!("netns-{}-{}", nid.dev, nid.ino));
+    let req = EnrolRequest {
+        netns: path.to_string(),
+        ifname,
+        ..Default::default()
+    };
+    Ok((id, req))
 }

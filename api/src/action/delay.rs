@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::ACTION;
 use crate::error::FieldError;
+use crate::parse::ACTION;
 use crate::parse::{fmt_duration, opt, opt_duration, opt_percent, reject_unknown, req_percent};
 
 /// netem's delay distributions.

@@ -13,7 +13,7 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::error::FieldError;
-use crate::parse::obj;
+use crate::parse::{obj, ACTION};
 
 mod delay;
 mod packet;
@@ -25,9 +25,6 @@ pub use proxy::{
     HttpAbort, HttpFault, HttpSelector, Phase, ProxyAction, ResetAfter, TcpFault, MAX_PROXY_BODY,
     MAX_PROXY_DELAY,
 };
-
-/// The JSON path of the action in a fault.
-const ACTION: &str = "action";
 
 /// Which part of netfault serves an action: the one name of each backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

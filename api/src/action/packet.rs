@@ -3,8 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::ACTION;
 use crate::error::FieldError;
+use crate::parse::ACTION;
 use crate::parse::{
     obj, opt, opt_percent, parse_percent, parse_rate, parse_size, reject_unknown, req, req_percent,
 };

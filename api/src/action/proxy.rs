@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::ACTION;
 use crate::error::{ErrorCode, FieldError};
+use crate::parse::ACTION;
 use crate::parse::{
     fmt_duration, given, obj, opt, opt_duration, opt_percent, opt_str, parse_rate, parse_status,
     reject_unknown, req,

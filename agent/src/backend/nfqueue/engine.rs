@@ -28,8 +28,12 @@ use netfault_api::DelayAction;
 use netfault_sys::netns::InNetns;
 
 use super::dist::{Correlated, DelaySampler};
+use super::error::DelayError;
 use super::queue::NfQueue;
-use super::DelayError;
+
+/// `SO_MARK` of the engine's re-sent egress packets; the egress chain lets
+/// them through undiverted.
+pub const REINJECT_MARK: u32 = 0x4e46_0001;
 
 /// Raw sockets in the pod netns that re-send delayed egress packets.
 pub struct Reinjector {
@@ -106,7 +110,7 @@ enum Held {
     Copy(Vec<u8>),
 }
 
-pub use super::holder::FaultCounters;
+pub use super::counters::FaultCounters;
 
 #[derive(Debug)]
 pub enum Kind {
@@ -450,7 +454,7 @@ impl Holding {
         if queue.overflows() > self.overflows {
             let new = queue.overflows() - self.overflows;
             self.overflows = queue.overflows();
-            super::holder::add_overflows(new);
+            super::counters::add_overflows(new);
             tracing::warn!(
                 total = self.overflows,
                 "NFQUEUE receive buffer overflowed: packets passed undelayed"

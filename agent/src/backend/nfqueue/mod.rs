@@ -11,12 +11,18 @@
 //! rule looks up a per-fault set element whose `timeout` is the fault's
 //! remaining duration, so diversion ends in the kernel without the agent.
 
-pub mod caps;
+pub mod counters;
 pub mod dist;
 pub mod engine;
+mod error;
 pub mod holder;
 pub mod nft;
 pub mod queue;
+
+pub use counters::queue_overflows;
+pub use engine::REINJECT_MARK;
+pub use error::DelayError;
+pub use queue::QUEUE_NUM;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,42 +34,17 @@ use super::{
     ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader, SandboxCtx,
     SandboxMemo,
 };
-use crate::registry::state::{FaultId, SandboxId};
-use holder::{Engine, FaultCounters, HolderFault};
+use crate::ids::{FaultId, SandboxId};
+use counters::FaultCounters;
+use holder::{Engine, HolderFault};
 use queue::NfQueue;
 
-/// The NFQUEUE number used in every pod netns (queues are per netns).
-pub const QUEUE_NUM: u16 = 0x4e46;
 /// Packets the kernel holds for the engine before failing open.
 const QUEUE_MAXLEN: u32 = 8192;
 /// Bytes of each packet copied to the engine: whole packets, because egress
 /// packets are re-sent from the copy (see `engine`). NFQUEUE segments GSO
 /// packets for a queue without `NFQA_CFG_F_GSO`, so copies are MTU-sized.
 const COPY_RANGE: u32 = 65535;
-/// `SO_MARK` of the engine's re-sent egress packets; the egress chain lets
-/// them through undiverted.
-pub const REINJECT_MARK: u32 = 0x4e46_0001;
-
-/// Receive-buffer overflows of every queue socket since the agent started:
-/// each one let at least one packet through undelayed (fail-open). Exposed
-/// as `netfault_delay_queue_overflows_total`.
-pub fn queue_overflows() -> u64 {
-    holder::queue_overflows()
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DelayError {
-    #[error("nft: {0}")]
-    Nft(String),
-    #[error("nf_tables netlink: {0}")]
-    Netlink(String),
-    #[error("NFQUEUE: {0}")]
-    Queue(String),
-    #[error("starting the delay thread: {0}")]
-    Thread(String),
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-}
 
 /// Every sandbox's NFQUEUE state.
 #[derive(Default)]
@@ -197,7 +178,7 @@ impl BackendOps for NfqueueBackend {
     }
 
     fn availability(&self) -> Availability {
-        let (section, available) = caps::nfqueue_section();
+        let (section, available) = super::caps::nfqueue_section();
         Availability {
             section: Some(("delay", section)),
             actions: if available {

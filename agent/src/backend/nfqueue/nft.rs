@@ -46,7 +46,7 @@ use nftables::stmt::{JumpTarget, Statement};
 use nftables::types::{NfChainType, NfFamily, NfHook};
 use serde_json::Value;
 
-use super::DelayError;
+use super::error::DelayError;
 
 pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
@@ -185,10 +185,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Transaction {
     tx.add(NFT.rule(
         "egress",
         vec![
-            eq(
-                meta(MetaKey::Mark),
-                number(crate::backend::nfqueue::REINJECT_MARK),
-            ),
+            eq(meta(MetaKey::Mark), number(super::engine::REINJECT_MARK)),
             accept(),
         ],
     ));
@@ -525,7 +522,7 @@ mod tests {
                 "egress",
                 6,
                 json!([{"match": {"op": "==", "left": {"meta": {"key": "mark"}},
-                "right": crate::backend::nfqueue::REINJECT_MARK}}, {"accept": null}]),
+                "right": crate::backend::nfqueue::engine::REINJECT_MARK}}, {"accept": null}]),
             ),
             rule(
                 "egress",

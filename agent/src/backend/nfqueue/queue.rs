@@ -12,7 +12,7 @@ use netfault_sys::nfnetlink::{
 };
 use netfault_sys::sockopt::set_int_opt;
 
-use super::DelayError;
+use super::error::DelayError;
 use netfault_sys::netns::InNetns;
 
 const NFQNL_MSG_PACKET: u16 = 0;
@@ -32,6 +32,9 @@ const NFQNL_COPY_PACKET: u8 = 2;
 const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
 const NF_ACCEPT: u32 = 1;
 const NF_DROP: u32 = 0;
+
+/// The NFQUEUE number used in every pod netns (queues are per netns).
+pub const QUEUE_NUM: u16 = 0x4e46;
 
 /// A bound queue.
 pub struct NfQueue {

@@ -30,10 +30,10 @@ use netfault_sys::netns::{Netns, NetnsError};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
 use super::{
-    nfqueue, ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader,
-    SandboxCtx, SandboxMemo,
+    ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader, SandboxCtx,
+    SandboxMemo,
 };
-use crate::registry::state::{FaultId, SandboxId};
+use crate::ids::{FaultId, SandboxId};
 pub mod divert;
 
 /// How long a diversion lives without the agent re-arming it: after the
@@ -570,7 +570,7 @@ impl BackendOps for ProxyBackend {
     }
 
     fn availability(&self) -> Availability {
-        let (section, available) = nfqueue::caps::proxy_section(LEASE);
+        let (section, available) = super::caps::proxy_section(LEASE);
         Availability {
             section: Some(("proxy", section)),
             actions: if available {
