@@ -116,6 +116,18 @@ impl FilterInfo {
     }
 }
 
+/// Policy routing that delivers packets marked `mark` locally, through
+/// `lo`: `fwmark MARK lookup TABLE priority PRIORITY` plus `local default dev
+/// lo table TABLE`, for IPv4 or IPv6.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalDelivery {
+    pub ipv6: bool,
+    pub mark: u32,
+    pub table: u32,
+    pub priority: u32,
+    pub lo_index: u32,
+}
+
 /// A route netlink socket, bound to the netns of the thread that opened it.
 pub struct RtSocket {
     sock: Socket,
@@ -314,16 +326,9 @@ impl RtSocket {
     /// TABLE priority PRIORITY` and `ip route add local default dev lo
     /// table TABLE`, for IPv4 or IPv6. What transparent proxying needs
     /// (docs/design.md, kernel facts). Idempotent.
-    pub fn add_local_delivery(
-        &mut self,
-        ipv6: bool,
-        mark: u32,
-        table: u32,
-        priority: u32,
-        lo_index: u32,
-    ) -> Result<(), RtError> {
-        let route = local_route(ipv6, table, lo_index);
-        let rule = mark_rule(ipv6, mark, table, priority);
+    pub fn add_local_delivery(&mut self, d: &LocalDelivery) -> Result<(), RtError> {
+        let route = local_route(d.ipv6, d.table, d.lo_index);
+        let rule = mark_rule(d.ipv6, d.mark, d.table, d.priority);
         for (op, msg) in [
             ("add a local route", RouteNetlinkMessage::NewRoute(route)),
             ("add a policy rule", RouteNetlinkMessage::NewRule(rule)),
@@ -334,18 +339,11 @@ impl RtSocket {
     }
 
     /// Removes what [`RtSocket::add_local_delivery`] added. Idempotent.
-    pub fn del_local_delivery(
-        &mut self,
-        ipv6: bool,
-        mark: u32,
-        table: u32,
-        priority: u32,
-        lo_index: u32,
-    ) -> Result<(), RtError> {
+    pub fn del_local_delivery(&mut self, d: &LocalDelivery) -> Result<(), RtError> {
         // Already gone, or a netns without IPv6.
         let gone = [libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT];
-        let rule = mark_rule(ipv6, mark, table, priority);
-        let route = local_route(ipv6, table, lo_index);
+        let rule = mark_rule(d.ipv6, d.mark, d.table, d.priority);
+        let route = local_route(d.ipv6, d.table, d.lo_index);
         for (op, msg) in [
             ("delete a policy rule", RouteNetlinkMessage::DelRule(rule)),
             ("delete a local route", RouteNetlinkMessage::DelRoute(route)),

@@ -170,6 +170,21 @@ pub struct Availability {
     pub actions: Vec<&'static str>,
 }
 
+impl Availability {
+    /// Section `key` of the document, and every action of `kind` if the
+    /// section says the backend is `available`.
+    pub fn section(kind: BackendKind, key: &'static str, (doc, available): (Value, bool)) -> Self {
+        Availability {
+            section: Some((key, doc)),
+            actions: if available {
+                kind.action_types().collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
 /// What every backend does, whatever its action type. Calls come from one
 /// thread at a time (the registry's owner); none is made with a registry
 /// lock held.

@@ -178,15 +178,11 @@ impl BackendOps for NfqueueBackend {
     }
 
     fn availability(&self) -> Availability {
-        let (section, available) = super::caps::nfqueue_section();
-        Availability {
-            section: Some(("delay", section)),
-            actions: if available {
-                BackendKind::Nfqueue.action_types().collect()
-            } else {
-                Vec::new()
-            },
-        }
+        Availability::section(
+            BackendKind::Nfqueue,
+            "delay",
+            super::caps::nfqueue_section(),
+        )
     }
 }
 

@@ -49,7 +49,7 @@ use netfault_sys::nft::{
     accept, ct, eq, mangle, meta, ne, number, payload, port_set, prefix_match, set_lookup, word,
     NfTable, Transaction,
 };
-use netfault_sys::rtnetlink::{RtError, RtSocket};
+use netfault_sys::rtnetlink::{LocalDelivery, RtError, RtSocket};
 use netfault_sys::sockopt::set_int_opt;
 use nftables::expr::{Elem, Expression, MetaKey, NamedExpression};
 use nftables::schema::{FlushObject, NfListObject};
@@ -459,13 +459,24 @@ fn lo_index() -> Result<u32, DivertError> {
         .map_err(|e| DivertError::from_io("finding lo", std::io::Error::from(e)))
 }
 
+/// The policy routing that brings diverted packets to the listeners.
+fn delivery(lo_index: u32, ipv6: bool) -> LocalDelivery {
+    LocalDelivery {
+        ipv6,
+        mark: DIVERT_MARK,
+        table: ROUTE_TABLE,
+        priority: RULE_PRIORITY,
+        lo_index,
+    }
+}
+
 /// Installs (or replaces) the diversion: policy routing, then the table.
 pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), DivertError> {
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;
-    nl.add_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    nl.add_local_delivery(&delivery(lo, false))?;
     if ports.in6.is_some() || ports.out6.is_some() {
-        nl.add_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+        nl.add_local_delivery(&delivery(lo, true))?;
     }
     nft(&ruleset(diversions, ports))
 }
@@ -520,8 +531,8 @@ pub fn remove_here() -> Result<(), DivertError> {
     nft(&removal())?;
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;
-    nl.del_local_delivery(false, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
-    nl.del_local_delivery(true, DIVERT_MARK, ROUTE_TABLE, RULE_PRIORITY, lo)?;
+    nl.del_local_delivery(&delivery(lo, false))?;
+    nl.del_local_delivery(&delivery(lo, true))?;
     Ok(())
 }
 

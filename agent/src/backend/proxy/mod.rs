@@ -570,15 +570,11 @@ impl BackendOps for ProxyBackend {
     }
 
     fn availability(&self) -> Availability {
-        let (section, available) = super::caps::proxy_section(LEASE);
-        Availability {
-            section: Some(("proxy", section)),
-            actions: if available {
-                BackendKind::Proxy.action_types().collect()
-            } else {
-                Vec::new()
-            },
-        }
+        Availability::section(
+            BackendKind::Proxy,
+            "proxy",
+            super::caps::proxy_section(LEASE),
+        )
     }
 }
 
