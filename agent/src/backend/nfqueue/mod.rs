@@ -75,7 +75,7 @@ impl NfqueueBackend {
     /// would pass anyway).
     fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
         let removed = match sb.netns {
-            Some(ns) => ns.run(|_| nft::remove_here())?,
+            Some(ns) => ns.run(nft::remove_here)?,
             None => Ok(()),
         };
         self.sandboxes.remove(sb.id);
@@ -135,13 +135,14 @@ impl NfqueueBackend {
         let known = self.tags.installed(sb.id.as_str());
         // Only what changed is touched: unchanged faults keep diverting,
         // with their set elements' kernel timeouts running on.
-        let applied = match ns.run(move |_| nft::sync_here(&diversions, &known, QUEUE_NUM)) {
-            Ok((installed, result)) => {
-                self.tags.set_installed(sb.id.as_str(), installed);
-                result
-            }
-            Err(e) => Err(e.into()),
-        };
+        let applied =
+            match ns.run(move |inside| nft::sync_here(inside, &diversions, &known, QUEUE_NUM)) {
+                Ok((installed, result)) => {
+                    self.tags.set_installed(sb.id.as_str(), installed);
+                    result
+                }
+                Err(e) => Err(e.into()),
+            };
         if applied.is_err() && fresh {
             self.sandboxes.remove(sb.id);
         }

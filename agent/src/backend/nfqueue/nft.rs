@@ -29,6 +29,7 @@
 //! (`Netns::run`): both the `nft` child process and the netlink socket
 //! belong to the calling thread's netns.
 
+use netfault_sys::netns::InNetns;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use netfault_api::spec::{Direction, Match, Protocol};
@@ -278,7 +279,7 @@ fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
 }
 
 /// Lists the `netfault` table of the calling thread's netns.
-fn list_here() -> Result<Option<Listed>, DelayError> {
+fn list_here(_inside: &InNetns) -> Result<Option<Listed>, DelayError> {
     let raw = nftables::helper::get_current_ruleset_raw(
         nftables::helper::DEFAULT_NFT,
         ["list", "ruleset", FAMILY],
@@ -325,19 +326,20 @@ fn fault_cmds(d: &Diversion, tx: &mut Transaction) {
 /// Returns the tags whose diversion is in place afterwards (for `known` on
 /// the next call) and the outcome.
 pub fn sync_here(
+    inside: &InNetns,
     wanted: &[Diversion],
     known: &BTreeSet<u32>,
     queue: u16,
 ) -> (BTreeSet<u32>, Result<(), DelayError>) {
     let all: BTreeSet<u32> = wanted.iter().map(|d| d.tag).collect();
-    let listed = match list_here() {
+    let listed = match list_here(inside) {
         Ok(Some(l)) if l.complete => l,
         Ok(_) => {
             if let Err(e) = nft(&ruleset(wanted)) {
                 return (BTreeSet::new(), Err(e));
             }
-            if let Err(e) = commit_here(wanted, Some(queue)) {
-                let _ = remove_here();
+            if let Err(e) = commit_here(inside, wanted, Some(queue)) {
+                let _ = remove_here(inside);
                 return (BTreeSet::new(), Err(e));
             }
             return (all, Ok(()));
@@ -362,7 +364,7 @@ pub fn sync_here(
     if let Err(e) = nft(&payload) {
         return (keep, Err(e));
     }
-    if let Err(e) = commit_here(&added, None) {
+    if let Err(e) = commit_here(inside, &added, None) {
         // The new faults' rules and (empty) sets stay until the next call,
         // which removes them as unknown; they divert nothing meanwhile.
         return (keep, Err(e));
@@ -397,7 +399,7 @@ fn removal() -> Transaction {
 }
 
 /// Removes the table if it exists.
-pub fn remove_here() -> Result<(), DelayError> {
+pub fn remove_here(_inside: &InNetns) -> Result<(), DelayError> {
     nft(&removal())
 }
 
@@ -419,7 +421,11 @@ const NFQ_FLAG_BYPASS: u16 = 1;
 /// the fault's remaining time as a millisecond timeout), then, with
 /// `Some(queue)`, the single rule of chain `divert`:
 /// `xt target NFQUEUE --queue-num N --queue-bypass`.
-pub fn commit_here(diversions: &[Diversion], queue: Option<u16>) -> Result<(), DelayError> {
+pub fn commit_here(
+    _inside: &InNetns,
+    diversions: &[Diversion],
+    queue: Option<u16>,
+) -> Result<(), DelayError> {
     if diversions.is_empty() && queue.is_none() {
         return Ok(());
     }

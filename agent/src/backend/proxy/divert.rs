@@ -42,6 +42,7 @@
 //! new connections (`ct state new` for outbound; for inbound, `tproxy`
 //! finds the established server socket and leaves the packet alone).
 
+use netfault_sys::netns::InNetns;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 
 use netfault_api::spec::Match;
@@ -204,7 +205,7 @@ fn has_ipv6() -> bool {
 
 /// Opens the inbound and outbound listeners, IPv4 and (when the netns has
 /// it) IPv6, on ephemeral ports.
-pub fn open_listeners_here() -> Result<Listeners, DivertError> {
+pub fn open_listeners_here(_inside: &InNetns) -> Result<Listeners, DivertError> {
     let mut ports = ListenerPorts::default();
     let mut sockets = Vec::new();
     let v6 = has_ipv6();
@@ -235,6 +236,7 @@ pub fn open_listeners_here() -> Result<Listeners, DivertError> {
 /// to that address (its IP; the port is chosen at connect time) so the
 /// server sees the real client.
 pub fn upstream_socket_here(
+    _inside: &InNetns,
     from: Option<IpAddr>,
     to: SocketAddr,
 ) -> Result<TcpStream, DivertError> {
@@ -471,7 +473,11 @@ fn delivery(lo_index: u32, ipv6: bool) -> LocalDelivery {
 }
 
 /// Installs (or replaces) the diversion: policy routing, then the table.
-pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(), DivertError> {
+pub fn install_here(
+    _inside: &InNetns,
+    diversions: &[Diversion],
+    ports: &ListenerPorts,
+) -> Result<(), DivertError> {
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;
     nl.add_local_delivery(&delivery(lo, false))?;
@@ -483,7 +489,7 @@ pub fn install_here(diversions: &[Diversion], ports: &ListenerPorts) -> Result<(
 
 /// Re-arms the leases of `diversions` (each to its `lease_ms`), in one
 /// transaction: a fault's set never looks empty in between.
-pub fn refresh_here(diversions: &[Diversion]) -> Result<(), DivertError> {
+pub fn refresh_here(_inside: &InNetns, diversions: &[Diversion]) -> Result<(), DivertError> {
     match refresh(diversions) {
         Some(payload) => nft(&payload),
         None => Ok(()),
@@ -510,7 +516,7 @@ fn removal() -> Transaction {
 /// A netfilter netlink socket in the calling thread's netns, for
 /// [`rearm`] (it keeps its netns; the agent re-arms leases through it from
 /// anywhere, without spawning `nft` or entering the netns).
-pub fn lease_socket_here() -> Result<std::os::fd::OwnedFd, DivertError> {
+pub fn lease_socket_here(_inside: &InNetns) -> Result<std::os::fd::OwnedFd, DivertError> {
     netfault_sys::nfnetlink::batch_socket().map_err(io("opening a netfilter socket"))
 }
 
@@ -527,7 +533,7 @@ pub fn rearm(fd: &std::os::fd::OwnedFd, diversions: &[Diversion]) -> Result<(), 
 }
 
 /// Removes the table and the policy routing, whatever of them exists.
-pub fn remove_here() -> Result<(), DivertError> {
+pub fn remove_here(_inside: &InNetns) -> Result<(), DivertError> {
     nft(&removal())?;
     let lo = lo_index()?;
     let mut nl = RtSocket::open()?;

@@ -66,10 +66,10 @@ impl Factory {
     fn start(ns: &Netns, sandbox: &str) -> Result<Factory, NetnsError> {
         let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
         let name = format!("sockets-{}", &sandbox[..sandbox.len().min(8)]);
-        ns.spawn(&name, move |_| {
+        ns.spawn(&name, move |inside| {
             // Ends when the engine drops the sender.
             while let Ok((from, to, reply)) = rx.recv() {
-                let made = divert::upstream_socket_here(from, to)
+                let made = divert::upstream_socket_here(inside, from, to)
                     .map(OwnedFd::from)
                     .map_err(|e| std::io::Error::other(e.to_string()));
                 let _ = reply.send(made);
@@ -386,7 +386,7 @@ impl ProxyBackend {
         sp.proxy.set_rules(rules);
         let ports = sp.ports;
         let install = divs.clone();
-        match flatten(ns.run(move |_| divert::install_here(&install, &ports))) {
+        match flatten(ns.run(move |inside| divert::install_here(inside, &install, &ports))) {
             Ok(()) => {
                 *lock(&sp.leases) = divs.into_iter().zip(deadlines).collect();
                 Ok(())
@@ -421,7 +421,7 @@ impl ProxyBackend {
         // Keep only the connection-level rules while proxied connections
         // finish; new connections go direct from now on.
         let ports = sp.ports;
-        flatten(ns.run(move |_| divert::install_here(&[], &ports)))?;
+        flatten(ns.run(move |inside| divert::install_here(inside, &[], &ports)))?;
         let rt = self.runtime()?;
         let epoch = *lock(&self.epochs).entry(sandbox.clone()).or_default();
         let epochs = self.epochs.clone();
@@ -468,7 +468,7 @@ impl ProxyBackend {
             .workers
             .clone()
             .ok_or_else(|| ProxyError::Runtime(std::io::Error::other("no proxy workers")))?;
-        let listeners = flatten(ns.run(|_| divert::open_listeners_here()))?;
+        let listeners = flatten(ns.run(divert::open_listeners_here))?;
         let ports = listeners.ports();
         let connector = PodConnector {
             factory: Factory::start(ns, sandbox.as_str())?,
@@ -517,7 +517,7 @@ impl ProxyBackend {
             }));
         }
         let leases: Leases = Arc::default();
-        let lease_fd = Arc::new(flatten(ns.run(|_| divert::lease_socket_here()))?);
+        let lease_fd = Arc::new(flatten(ns.run(divert::lease_socket_here))?);
         let refresher = rt.spawn(refresh_leases(
             leases.clone(),
             lease_fd,
@@ -618,7 +618,7 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, ns: Netns, sandbox: Sa
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::debug!(error = %e, "re-arming over netlink failed; trying nft");
-                flatten(ns.run(move |_| divert::refresh_here(&divs)))
+                flatten(ns.run(move |inside| divert::refresh_here(inside, &divs)))
             }
         })
         .await;
@@ -634,7 +634,7 @@ async fn refresh_leases(leases: Leases, fd: Arc<OwnedFd>, ns: Netns, sandbox: Sa
 
 /// Removes the diversion from the netns.
 fn remove_diversion(ns: &Netns) -> Result<(), ProxyError> {
-    flatten(ns.run(|_| divert::remove_here()))
+    flatten(ns.run(divert::remove_here))
 }
 
 /// The lease of a diversion: [`LEASE`], never past the fault's deadline.
