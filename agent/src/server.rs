@@ -4,9 +4,15 @@
 //! errors onto `{"error": {"code", "message", "field"}}`. What it must not
 //! do: decide anything about faults; every request is handed to the
 //! [`Registry`] on a blocking thread, since registry calls may enter netns.
+//!
+//! Access control is the socket file's: mode `0660`, owner root, group
+//! [`SocketAccess::group`], in place before the first connection can be made
+//! ([`bind`]). Every mutating request is logged at info with the caller's
+//! pid, uid and gid (`SO_PEERCRED`).
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,8 +30,26 @@ use tokio::net::UnixListener;
 use crate::metrics::Metrics;
 use crate::registry::{AgentError, Registry};
 
-/// Largest request body accepted.
+/// Largest request body accepted; a larger one is refused with 413.
 const MAX_BODY: usize = 1 << 20;
+
+/// The socket file's mode: owner (root) and group read/write, nothing else.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// Who may connect to the API socket: root, and the members of `group`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketAccess {
+    /// The socket file's group; `None` keeps the creating process's (root's).
+    pub group: Option<nix::unistd::Gid>,
+}
+
+/// The connecting process, from `SO_PEERCRED` on the accepted stream.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    pid: Option<i32>,
+    uid: u32,
+    gid: u32,
+}
 
 pub struct Api {
     pub registry: Arc<Registry>,
@@ -87,23 +111,28 @@ fn bad(field: &str, msg: &str) -> AgentError {
     AgentError::Field(FieldError::invalid(field, msg))
 }
 
-/// Reads a body of at most `limit` bytes.
-async fn collect_limited(body: Incoming, limit: usize) -> Result<Bytes, String> {
+/// The request's body as JSON; the error is the finished response (413 for
+/// a body over [`MAX_BODY`], 400 for anything else wrong with it).
+async fn body_json(req: Request<Incoming>) -> Result<Value, Resp> {
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-async fn body_json(req: Request<Incoming>) -> Result<Value, AgentError> {
-    let bytes = collect_limited(req.into_body(), MAX_BODY)
+    let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
         .await
-        .map_err(|e| bad("", &format!("reading the body: {e}")))?;
+    {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!("the request body is larger than {MAX_BODY} bytes");
+            let mut r = error(bad("body", &msg));
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            return Err(r);
+        }
+        Err(e) => return Err(error(bad("", &format!("reading the body: {e}")))),
+    };
     if bytes.is_empty() {
-        return Err(bad("", "the request needs a JSON body"));
+        return Err(error(bad("", "the request needs a JSON body")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| bad("", &format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(bad("", &format!("body is not valid JSON: {e}"))))
 }
 
 /// Runs a registry call off the async runtime.
@@ -116,6 +145,22 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Api {
+    /// Answers one request; mutating ones (any method but GET and HEAD) are
+    /// logged at info with the caller, reads at debug.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Resp {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let resp = self.route(req).await;
+        let status = resp.status().as_u16();
+        let pid = peer.pid.unwrap_or(-1);
+        if method == Method::GET || method == Method::HEAD {
+            tracing::debug!(%method, %path, status, pid, uid = peer.uid, gid = peer.gid, "api read");
+        } else {
+            tracing::info!(%method, %path, status, pid, uid = peer.uid, gid = peer.gid, "api request");
+        }
+        resp
+    }
+
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Resp {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -141,7 +186,7 @@ impl Api {
             (&Method::PUT, ["v1", "sandboxes", id]) => {
                 let id = id.to_string();
                 match body_json(req).await {
-                    Err(e) => Err(e),
+                    Err(r) => Ok(r),
                     Ok(v) => match serde_json::from_value::<EnrolRequest>(v) {
                         Err(e) => Err(bad(&serde_field(&e), &e.to_string())),
                         Ok(enrol) => blocking(move || reg.enrol(&id, enrol))
@@ -158,7 +203,7 @@ impl Api {
             }
             (&Method::GET, ["v1", "faults"]) => Ok(json(StatusCode::OK, &reg.faults())),
             (&Method::POST, ["v1", "faults"]) => match body_json(req).await {
-                Err(e) => Err(e),
+                Err(r) => Ok(r),
                 Ok(v) => blocking(move || reg.create_fault(&v))
                     .await
                     .map(|f| json(StatusCode::CREATED, &f)),
@@ -199,18 +244,57 @@ fn serde_field(e: &serde_json::Error) -> String {
     msg.split('`').nth(1).unwrap_or_default().to_string()
 }
 
-/// Serves the API on `socket` until the process ends.
-pub async fn serve(api: Arc<Api>, socket: &Path) -> std::io::Result<()> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(socket) {
+/// Binds the API socket at `socket` with [`SOCKET_MODE`] and `access`'s group
+/// already in place when the path appears: it is bound inside a fresh
+/// root-only (0700) directory next to `socket`, given its mode and group
+/// there, and then renamed over `socket` (replacing a stale one). No process
+/// but root can connect before the mode and group are set, and the process
+/// umask is left alone (other threads may be creating files).
+pub fn bind(socket: &Path, access: SocketAccess) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = socket
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{}: not a file path", socket.display())))?;
+    let mut private = name.to_os_string();
+    private.push(".bind");
+    let private = dir.join(format!(".{}", private.to_string_lossy()));
+    match std::fs::remove_dir_all(&private) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(socket)?;
-    tracing::info!(socket = %socket.display(), "serving the API");
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    // A one-letter name: the staged path is only 8 bytes longer than `socket`
+    // (a unix socket path has at most 107).
+    let staged = private.join("s");
+    let bound = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::os::unix::fs::chown(&staged, Some(0), access.group.map(|g| g.as_raw()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        std::fs::rename(&staged, socket)?;
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
+    })();
+    let cleanup = std::fs::remove_dir_all(&private);
+    let listener = bound?;
+    cleanup?;
+    Ok(listener)
+}
+
+/// Serves the API on `socket` until the process ends.
+pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::io::Result<()> {
+    let listener = bind(socket, access)?;
+    tracing::info!(
+        socket = %socket.display(),
+        mode = %format_args!("{SOCKET_MODE:04o}"),
+        gid = access.group.map_or(0, |g| g.as_raw()),
+        "serving the API"
+    );
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -219,12 +303,23 @@ pub async fn serve(api: Arc<Api>, socket: &Path) -> std::io::Result<()> {
                 continue;
             }
         };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                pid: c.pid(),
+                uid: c.uid(),
+                gid: c.gid(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERCRED failed; dropping the connection");
+                continue;
+            }
+        };
         let api = api.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let svc = service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.route(req).await) }
+                async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

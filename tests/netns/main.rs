@@ -6,5 +6,6 @@ mod delay;
 mod lifecycle;
 mod loss;
 mod packet_actions;
+mod socket;
 mod support;
 mod tproxy;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
-use netfault_agent::server::{serve, Api};
+use netfault_agent::server::{serve, Api, SocketAccess};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +20,11 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = netfault_api::wire::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Group (name or numeric gid) whose members may use the API socket. The
+    /// socket is mode 0660, owned by root; without this flag its group is
+    /// root's (gid 0).
+    #[arg(long, value_name = "NAME|GID")]
+    socket_group: Option<String>,
     /// Directory for persisted state (survives agent restarts).
     #[arg(long, default_value = netfault_api::wire::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -31,8 +36,22 @@ struct Args {
     retain_expired: Duration,
 }
 
+/// `--socket-group`: a numeric gid as is, a name through the group database.
+fn socket_group(value: &str) -> anyhow::Result<nix::unistd::Gid> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => anyhow::bail!("--socket-group {value}: no such group"),
+        Err(e) => Err(e).with_context(|| format!("--socket-group {value}: looking up the group")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -49,6 +68,9 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("delay holder for {name}"));
     }
     let args = Args::parse();
+    let access = SocketAccess {
+        group: args.socket_group.as_deref().map(socket_group).transpose()?,
+    };
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
@@ -97,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             registry,
             metrics: Arc::new(Metrics::default()),
         });
-        let server = serve(api, &args.socket);
+        let server = serve(api, &args.socket, access);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
