@@ -121,9 +121,10 @@ struct Seen {
     detail: String,
 }
 
-/// Forks a child that drops to `uid` with primary group `gid` and no
-/// supplementary groups, then makes one request on `socket`.
-fn as_user(uid: u32, gid: u32, socket: &Path, method: &str, path: &str) -> Seen {
+/// Forks a child that drops to `uid` with primary group `gid` and the
+/// supplementary `groups`, then makes one request on `socket`.
+fn as_user(uid: u32, gid: u32, groups: &[u32], socket: &Path, method: &str, path: &str) -> Seen {
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
     let (rd, wr) = nix::unistd::pipe().expect("pipe");
     // SAFETY: the child only makes syscalls and allocates (glibc's malloc is
     // fork-safe), reports through the pipe and leaves with `_exit`.
@@ -131,7 +132,7 @@ fn as_user(uid: u32, gid: u32, socket: &Path, method: &str, path: &str) -> Seen 
         ForkResult::Child => {
             drop(rd);
             let report = (|| -> Result<String, String> {
-                setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+                setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
                 setgid(Gid::from_raw(gid)).map_err(|e| format!("setgid: {e}"))?;
                 setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
                 match http_simple(socket, method, path) {
@@ -269,7 +270,7 @@ fn only_root_and_group_members_can_connect() {
         Agent::start_with_args(dir.path(), &["--socket-group", "daemon"]).expect("netfaultd");
     let socket = agent.socket();
 
-    let outsider = as_user(NOBODY, NOBODY, &socket, "GET", "/healthz");
+    let outsider = as_user(NOBODY, NOBODY, &[], &socket, "GET", "/healthz");
     assert_eq!(
         outsider.result,
         Err(libc::EACCES),
@@ -277,12 +278,20 @@ fn only_root_and_group_members_can_connect() {
         outsider.detail
     );
 
-    let member = as_user(NOBODY, daemon, &socket, "GET", "/healthz");
+    let member = as_user(NOBODY, daemon, &[], &socket, "GET", "/healthz");
     assert_eq!(
         member.result,
         Ok(200),
         "uid nobody, gid daemon: {}",
         member.detail
+    );
+
+    let supplementary = as_user(NOBODY, NOBODY, &[daemon], &socket, "GET", "/healthz");
+    assert_eq!(
+        supplementary.result,
+        Ok(200),
+        "uid/gid nobody, supplementary group daemon: {}",
+        supplementary.detail
     );
 
     let (status, _) = http(&socket, "GET", "/healthz", None, false).expect("root connects");
@@ -300,7 +309,7 @@ fn mutating_requests_are_logged_with_the_callers_pid_and_uid() {
 
     // A member of the group releases a sandbox (204 even when unknown).
     let path = "/v1/sandboxes/sock-log-test";
-    let seen = as_user(NOBODY, daemon, &socket, "DELETE", path);
+    let seen = as_user(NOBODY, daemon, &[], &socket, "DELETE", path);
     assert_eq!(seen.result, Ok(204), "DELETE as a member: {}", seen.detail);
     let pid = format!("pid={}", seen.pid);
     let uid = format!("uid={NOBODY}");
