@@ -380,8 +380,9 @@ fn reconcile(cfg: &Config) {
 
 /// Installs, then watches the conf dir until `shutdown` fires (a message or a dropped
 /// sender), re-inserting the entry [`DEBOUNCE`] after the last relevant event; then
-/// uninstalls. Errors while watching are logged, not returned; install and uninstall
-/// errors are returned (uninstall is still attempted after a watch setup error).
+/// uninstalls. A config file that cannot be edited (not JSON, bad shape) and errors while
+/// watching are logged, not returned; the other install errors (inotify setup, the binary)
+/// and uninstall errors are returned.
 pub fn run(cfg: &Config, shutdown: Receiver<()>) -> Result<(), Error> {
     let dir = &cfg.cni_conf_dir;
     // Watch first, so no rewrite between install and watch is missed.
