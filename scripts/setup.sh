@@ -16,6 +16,14 @@ fi
 # need; haproxy is the reference proxy of `cargo bench --bench proxy`.
 PACKAGES=(clang llvm libbpf-dev linux-libc-dev libc6-dev nftables containernetworking-plugins
     iproute2 iperf3 curl jq ca-certificates haproxy)
+# kubectl renders daemonset/ in tests/daemonset.rs (`kubectl kustomize`, offline).
+# Debian's kubernetes-client (1.20) conflicts with other kubectl packages (e.g.
+# Google Cloud's), so it is only installed when no kubectl is on the PATH.
+if command -v kubectl >/dev/null 2>&1; then
+    log "kubectl: $(command -v kubectl) present"
+else
+    PACKAGES+=(kubernetes-client)
+fi
 
 installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]

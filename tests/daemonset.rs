@@ -1,0 +1,376 @@
+//! The DaemonSet kustomization (`daemonset/`) rendered offline with
+//! `kubectl kustomize` and checked object by object: the RBAC rules exactly,
+//! the DaemonSet's host access, mounts, probes, env and least-privilege
+//! security contexts. Also: `daemonset/build-image.sh` parses, and it and
+//! `daemonset/Dockerfile` ship the same binaries with the same entrypoint.
+//!
+//! Needs `kubectl` (Debian: kubernetes-client; `KUBECTL` overrides the path);
+//! without it the render test prints a skip line and passes. No cluster.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kubectl() -> Option<String> {
+    let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string());
+    let ok = Command::new(&bin)
+        .args(["version", "--client"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok.then_some(bin)
+}
+
+fn render(kubectl: &str) -> Vec<Value> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(root().join("daemonset"))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize daemonset/ failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = objs.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "exactly one {kind}");
+    found[0]
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array, got {v}"))
+        .iter()
+        .map(|s| s.as_str().expect("a string"))
+        .collect()
+}
+
+fn container<'a>(spec: &'a Value, name: &str) -> &'a Value {
+    spec["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("container {name}"))
+}
+
+/// `(mountPath, hostPath, mountPropagation, readOnly)` of each mount.
+fn mounts(spec: &Value, c: &Value) -> Vec<(String, String, String, bool)> {
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let mut out: Vec<_> = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            let vol = volumes
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .unwrap_or_else(|| panic!("volume for {m}"));
+            let host = match vol["hostPath"]["path"].as_str() {
+                Some(p) => p.to_string(),
+                None => format!("<{}>", vol["name"].as_str().unwrap()),
+            };
+            (
+                m["mountPath"].as_str().unwrap().to_string(),
+                host,
+                m["mountPropagation"].as_str().unwrap_or("None").to_string(),
+                m["readOnly"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn owned(v: &[(&str, &str, &str, bool)]) -> Vec<(String, String, String, bool)> {
+    let mut out: Vec<_> = v
+        .iter()
+        .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), *d))
+        .collect();
+    out.sort();
+    out
+}
+
+fn assert_no_privileged(v: &Value, at: &str) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == "privileged" {
+                    assert_eq!(x, &Value::Bool(false), "{at}.privileged");
+                }
+                assert_no_privileged(x, &format!("{at}.{k}"));
+            }
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| assert_no_privileged(x, &format!("{at}[{i}]"))),
+        _ => {}
+    }
+}
+
+#[test]
+fn kustomization_renders_the_expected_objects() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: kubectl not found (apt-get install kubernetes-client)");
+        return;
+    };
+    let objs = render(&kubectl);
+    let mut kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Namespace",
+            "ServiceAccount"
+        ]
+    );
+
+    assert_eq!(find(&objs, "Namespace")["metadata"]["name"], "netfault");
+    let sa = find(&objs, "ServiceAccount");
+    assert_eq!(sa["metadata"]["name"], "netfault");
+    assert_eq!(sa["metadata"]["namespace"], "netfault");
+
+    // RBAC: exactly these rules, nothing wider.
+    let role = find(&objs, "ClusterRole");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": ["netfault.io"], "resources": ["networkfaults"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["netfault.io"], "resources": ["networkfaults/status"], "verbs": ["update", "patch"]},
+        ])
+    );
+    for rule in role["rules"].as_array().unwrap() {
+        for field in ["apiGroups", "resources", "verbs"] {
+            assert!(!strings(&rule[field]).contains(&"*"), "`*` in {field}");
+        }
+    }
+    let binding = find(&objs, "ClusterRoleBinding");
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]})
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
+    );
+
+    // The DaemonSet.
+    let ds = find(&objs, "DaemonSet");
+    assert_eq!(ds["metadata"]["name"], "netfault");
+    assert_eq!(ds["metadata"]["namespace"], "netfault");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["serviceAccountName"], "netfault");
+    assert_eq!(spec["hostNetwork"], true);
+    assert_ne!(spec["hostPID"], true);
+    assert_ne!(spec["hostIPC"], true);
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(spec["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        (10..=120).contains(&grace),
+        "terminationGracePeriodSeconds {grace}"
+    );
+    assert_no_privileged(ds, "DaemonSet");
+
+    let names: Vec<&str> = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["netfaultd", "install-cni"]);
+    for c in spec["containers"].as_array().unwrap() {
+        assert_eq!(c["image"], "docker.io/library/netfaultd:dev");
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsUser"], 0);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert!(c["resources"]["requests"]["memory"].is_string());
+        assert!(c["resources"]["limits"]["memory"].is_string());
+    }
+
+    let d = container(spec, "netfaultd");
+    assert!(
+        d["command"].is_null(),
+        "netfaultd runs the image's entrypoint"
+    );
+    assert_eq!(
+        strings(&d["args"]),
+        [
+            "--socket",
+            "/run/netfault/netfaultd.sock",
+            "--state-dir",
+            "/run/netfault"
+        ]
+    );
+    assert_eq!(
+        d["env"],
+        json!([{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
+    );
+    let mut caps = strings(&d["securityContext"]["capabilities"]["add"]);
+    caps.sort();
+    assert_eq!(
+        caps,
+        ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_ADMIN"]
+    );
+    let probe = json!([
+        "/opt/netfault/bin/netfaultctl",
+        "--socket",
+        "/run/netfault/netfaultd.sock",
+        "health"
+    ]);
+    for p in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(d[p]["exec"]["command"], probe, "{p}");
+        let period = d[p]["periodSeconds"].as_u64().unwrap();
+        let timeout = d[p]["timeoutSeconds"].as_u64().unwrap();
+        assert!(
+            timeout >= 1 && timeout < period,
+            "{p}: timeout {timeout}, period {period}"
+        );
+    }
+    assert_eq!(
+        d["resources"]["requests"],
+        json!({"cpu": "50m", "memory": "64Mi"})
+    );
+    assert_eq!(d["resources"]["limits"]["memory"], "512Mi");
+    assert_eq!(
+        mounts(spec, d),
+        owned(&[
+            ("/run/netfault", "/run/netfault", "None", false),
+            ("/var/run/netns", "/var/run/netns", "HostToContainer", false),
+            ("/sys/fs/bpf", "/sys/fs/bpf", "HostToContainer", false),
+            ("/run/containerd", "/run/containerd", "None", true),
+            ("/tmp", "<tmp>", "None", false),
+        ])
+    );
+
+    let i = container(spec, "install-cni");
+    assert_eq!(
+        strings(&i["command"]),
+        ["/opt/netfault/bin/netfault-install-cni"]
+    );
+    assert_eq!(
+        strings(&i["args"]),
+        [
+            "--cni-bin-dir",
+            "/host/opt/cni/bin",
+            "--cni-conf-dir",
+            "/host/etc/cni/net.d",
+            "--plugin-src",
+            "/opt/netfault/bin/netfault",
+            "--socket",
+            "/run/netfault/netfaultd.sock"
+        ]
+    );
+    assert!(i["securityContext"]["capabilities"]["add"].is_null());
+    assert_eq!(
+        mounts(spec, i),
+        owned(&[
+            ("/host/opt/cni/bin", "/opt/cni/bin", "None", false),
+            ("/host/etc/cni/net.d", "/etc/cni/net.d", "None", false),
+            ("/run/netfault", "/run/netfault", "None", false),
+        ])
+    );
+    let run = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == "/run/netfault")
+        .unwrap();
+    assert_eq!(run["hostPath"]["type"], "DirectoryOrCreate");
+    assert!(
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["hostPath"]["path"] != "/proc"),
+        "/proc is not mounted"
+    );
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The binaries of the image, in /opt/netfault/bin (build-image.sh: BINARIES then OPTIONAL_BINARIES).
+const BINARIES: [&str; 4] = [
+    "netfaultd",
+    "netfaultctl",
+    "netfault",
+    "netfault-install-cni",
+];
+
+#[test]
+fn build_script_parses_and_matches_the_dockerfile() {
+    let script_path = root().join("daemonset/build-image.sh");
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(&script_path)
+        .output()
+        .expect("run bash -n");
+    assert!(
+        out.status.success(),
+        "bash -n build-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = read(&script_path);
+    let dockerfile = read(&root().join("daemonset/Dockerfile"));
+
+    // The same entrypoint.
+    assert!(script.contains("ENTRYPOINT=/opt/netfault/bin/netfaultd\n"));
+    assert!(script.contains("--config.entrypoint \"$ENTRYPOINT\""));
+    assert!(dockerfile.contains("ENTRYPOINT [\"/opt/netfault/bin/netfaultd\"]\n"));
+    // The same binaries in the same directory.
+    assert!(script.contains("BIN_DIR=/opt/netfault/bin\n"));
+    assert!(script.contains("BINARIES=(netfaultd netfaultctl netfault)\n"));
+    assert!(script.contains("OPTIONAL_BINARIES=(netfault-install-cni)\n"));
+    let copy = dockerfile
+        .lines()
+        .find(|l| l.starts_with("COPY --from=builder"))
+        .expect("COPY --from=builder line");
+    let words: Vec<&str> = copy.split_whitespace().skip(2).collect();
+    let (dest, srcs) = words.split_last().unwrap();
+    assert_eq!(*dest, "/opt/netfault/bin/");
+    let names: Vec<&str> = srcs.iter().map(|s| s.rsplit('/').next().unwrap()).collect();
+    assert_eq!(names, BINARIES);
+    let built: Vec<&str> = dockerfile
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("target/release/"))
+        .collect();
+    assert_eq!(built, BINARIES, "the builder stage copies out");
+    // The same base: Debian bookworm with nftables.
+    assert!(script.contains("SUITE=bookworm\n") && script.contains("--include=nftables"));
+    assert!(dockerfile.contains("FROM debian:bookworm-slim\n"));
+    assert!(dockerfile.contains("install -y --no-install-recommends nftables"));
+    assert!(dockerfile.contains("FROM rust:1.95-bookworm AS builder\n"));
+    // The same image name.
+    assert!(script.contains("IMAGE_NAME=docker.io/library/netfaultd:dev\n"));
+    assert!(dockerfile.contains("docker.io/library/netfaultd:dev"));
+    // The DaemonSet runs what the image holds.
+    let ds = read(&root().join("daemonset/daemonset.yaml"));
+    assert!(ds.contains("image: docker.io/library/netfaultd:dev"));
+    assert!(ds.contains("/opt/netfault/bin/netfault-install-cni"));
+}
