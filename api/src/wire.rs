@@ -20,6 +20,41 @@ pub fn pending_dir(socket: &std::path::Path) -> std::path::PathBuf {
         .join("pending")
 }
 
+/// The CNI plugin entry's `failurePolicy`: what the plugin does when the
+/// agent cannot be reached. The plugin reads it from its config; install-cni
+/// writes it into the conflist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Log and carry on: a pod never fails to start because chaos tooling is down.
+    #[default]
+    Ignore,
+    /// Fail the CNI operation.
+    Fail,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Ignore => "ignore",
+            FailurePolicy::Fail => "fail",
+        }
+    }
+}
+
+impl std::str::FromStr for FailurePolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ignore" => Ok(FailurePolicy::Ignore),
+            "fail" => Ok(FailurePolicy::Fail),
+            other => Err(format!(
+                "unknown failure policy {other:?}; expected ignore or fail"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     #[serde(default)]

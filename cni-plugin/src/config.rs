@@ -18,23 +18,7 @@ pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
 /// Default agent call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What to do when the agent cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailurePolicy {
-    /// Log and carry on: a pod never fails to start because chaos tooling is down.
-    Ignore,
-    /// Fail the CNI operation.
-    Fail,
-}
-
-impl FailurePolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailurePolicy::Ignore => "ignore",
-            FailurePolicy::Fail => "fail",
-        }
-    }
-}
+pub use netfault_api::wire::FailurePolicy;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

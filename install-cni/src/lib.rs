@@ -61,20 +61,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FailurePolicy {
-    Ignore,
-    Fail,
-}
-
-impl FailurePolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailurePolicy::Ignore => "ignore",
-            FailurePolicy::Fail => "fail",
-        }
-    }
-}
+pub use netfault_api::wire::FailurePolicy;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -453,5 +440,9 @@ pub fn run(cfg: &Config, shutdown: Receiver<()>) -> Result<(), Error> {
     uninstall(cfg)
 }
 
+#[cfg(test)]
+extern crate self as netfault_install_cni;
+#[cfg(test)]
+mod testdirs;
 #[cfg(test)]
 mod tests;

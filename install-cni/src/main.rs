@@ -43,12 +43,7 @@ struct Args {
     )]
     socket: String,
     /// The entry's failurePolicy.
-    #[arg(
-        long,
-        env = "NETFAULT_FAILURE_POLICY",
-        value_enum,
-        default_value = "ignore"
-    )]
+    #[arg(long, env = "NETFAULT_FAILURE_POLICY", default_value = "ignore")]
     failure_policy: FailurePolicy,
     /// Install the binary and the entry, then exit.
     #[arg(long, conflicts_with = "uninstall")]

@@ -1,44 +1,7 @@
 use super::*;
 use std::os::unix::fs::MetadataExt;
 
-/// A unique temp dir with `bin/` and `net.d/`, removed on drop.
-pub(crate) struct Dirs {
-    root: PathBuf,
-}
-
-impl Dirs {
-    fn new(tag: &str) -> Dirs {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!(
-            "netfault-install-cni-unit-{tag}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(root.join("bin")).unwrap();
-        fs::create_dir_all(root.join("net.d")).unwrap();
-        fs::write(root.join("plugin-src"), b"#!/bin/sh\necho fake netfault\n").unwrap();
-        Dirs { root }
-    }
-    fn conf(&self) -> PathBuf {
-        self.root.join("net.d")
-    }
-    fn cfg(&self) -> Config {
-        Config {
-            cni_bin_dir: self.root.join("bin"),
-            cni_conf_dir: self.conf(),
-            plugin_src: self.root.join("plugin-src"),
-            socket: "/run/netfault/netfaultd.sock".into(),
-            failure_policy: FailurePolicy::Ignore,
-        }
-    }
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
+use crate::testdirs::{types, Dirs};
 
 fn entry() -> Value {
     json!({"type": "netfault", "socket": "/run/netfault/netfaultd.sock", "failurePolicy": "ignore",
@@ -57,15 +20,6 @@ const CALICO: &str = r#"{
 
 fn parse(s: &str) -> Value {
     serde_json::from_str(s).unwrap()
-}
-
-fn types(conf: &Value) -> Vec<String> {
-    conf["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[test]
@@ -155,35 +109,35 @@ fn convert_conf_wraps_the_plugin() {
 #[test]
 fn primary_file_is_the_lexically_first_config() {
     let d = Dirs::new("primary");
-    assert_eq!(primary_file(&d.conf()).unwrap(), None);
-    fs::write(d.conf().join("20-b.conflist"), CALICO).unwrap();
-    fs::write(d.conf().join("README"), "x").unwrap();
-    fs::write(d.conf().join(".netfault-install-cni.1.0.tmp"), "x").unwrap();
+    assert_eq!(primary_file(&d.conf_dir()).unwrap(), None);
+    fs::write(d.conf_dir().join("20-b.conflist"), CALICO).unwrap();
+    fs::write(d.conf_dir().join("README"), "x").unwrap();
+    fs::write(d.conf_dir().join(".netfault-install-cni.1.0.tmp"), "x").unwrap();
     assert_eq!(
-        primary_file(&d.conf()).unwrap(),
-        Some(d.conf().join("20-b.conflist"))
+        primary_file(&d.conf_dir()).unwrap(),
+        Some(d.conf_dir().join("20-b.conflist"))
     );
-    fs::write(d.conf().join("10-a.json"), CALICO).unwrap();
+    fs::write(d.conf_dir().join("10-a.json"), CALICO).unwrap();
     assert_eq!(
-        primary_file(&d.conf()).unwrap(),
-        Some(d.conf().join("10-a.json"))
+        primary_file(&d.conf_dir()).unwrap(),
+        Some(d.conf_dir().join("10-a.json"))
     );
-    fs::write(d.conf().join("05-c.conf"), CALICO).unwrap();
+    fs::write(d.conf_dir().join("05-c.conf"), CALICO).unwrap();
     assert_eq!(
-        primary_file(&d.conf()).unwrap(),
-        Some(d.conf().join("05-c.conf"))
+        primary_file(&d.conf_dir()).unwrap(),
+        Some(d.conf_dir().join("05-c.conf"))
     );
-    fs::create_dir(d.conf().join("00-dir.conf")).unwrap();
+    fs::create_dir(d.conf_dir().join("00-dir.conf")).unwrap();
     assert_eq!(
-        primary_file(&d.conf()).unwrap(),
-        Some(d.conf().join("05-c.conf"))
+        primary_file(&d.conf_dir()).unwrap(),
+        Some(d.conf_dir().join("05-c.conf"))
     );
 }
 
 #[test]
 fn ensure_entry_writes_once_then_never() {
     let d = Dirs::new("idem");
-    let f = d.conf().join("10-calico.conflist");
+    let f = d.conf_dir().join("10-calico.conflist");
     fs::write(&f, CALICO).unwrap();
     assert_eq!(ensure_entry(&d.cfg()).unwrap(), Outcome::Written(f.clone()));
     let bytes = fs::read(&f).unwrap();
@@ -204,7 +158,7 @@ fn ensure_entry_writes_once_then_never() {
         ["calico", "portmap", "bandwidth", "netfault"]
     );
     // No temp file is left behind.
-    let names: Vec<_> = fs::read_dir(d.conf())
+    let names: Vec<_> = fs::read_dir(d.conf_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -214,7 +168,7 @@ fn ensure_entry_writes_once_then_never() {
 #[test]
 fn ensure_entry_fixes_stale_entry_in_one_rewrite() {
     let d = Dirs::new("stale");
-    let f = d.conf().join("10-calico.conflist");
+    let f = d.conf_dir().join("10-calico.conflist");
     let mut conf = parse(CALICO);
     let mut old = entry();
     old["socket"] = json!("/old.sock");
@@ -232,10 +186,10 @@ fn ensure_entry_fixes_stale_entry_in_one_rewrite() {
 #[test]
 fn ensure_entry_converts_a_conf() {
     let d = Dirs::new("conv");
-    let conf = d.conf().join("10-bridge.conf");
+    let conf = d.conf_dir().join("10-bridge.conf");
     let text = r#"{"cniVersion": "0.4.0", "name": "bridge-net", "type": "bridge", "ipam": {"type": "host-local"}}"#;
     fs::write(&conf, text).unwrap();
-    let list = d.conf().join("10-bridge.conflist");
+    let list = d.conf_dir().join("10-bridge.conflist");
     assert_eq!(
         ensure_entry(&d.cfg()).unwrap(),
         Outcome::Converted {
@@ -263,7 +217,7 @@ fn ensure_entry_converts_a_conf() {
 #[test]
 fn remove_entry_restores_the_file() {
     let d = Dirs::new("remove");
-    let f = d.conf().join("10-calico.conflist");
+    let f = d.conf_dir().join("10-calico.conflist");
     fs::write(&f, CALICO).unwrap();
     ensure_entry(&d.cfg()).unwrap();
     assert_eq!(remove_entry(&d.cfg()).unwrap(), Outcome::Written(f.clone()));
@@ -275,7 +229,7 @@ fn remove_entry_restores_the_file() {
 #[test]
 fn invalid_json_is_left_alone() {
     let d = Dirs::new("invalid");
-    let f = d.conf().join("10-calico.conflist");
+    let f = d.conf_dir().join("10-calico.conflist");
     fs::write(&f, b"{\"plugins\": [").unwrap();
     let err = ensure_entry(&d.cfg()).unwrap_err();
     assert!(matches!(err, Error::Json { .. }), "{err}");
@@ -298,7 +252,7 @@ fn invalid_json_is_left_alone() {
 fn install_binary_is_atomic_and_executable() {
     let d = Dirs::new("bin");
     let dst = install_binary(&d.cfg()).unwrap();
-    assert_eq!(dst, d.root.join("bin/netfault"));
+    assert_eq!(dst, d.bin());
     assert_eq!(
         fs::read(&dst).unwrap(),
         fs::read(d.root.join("plugin-src")).unwrap()

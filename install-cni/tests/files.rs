@@ -4,65 +4,29 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use netfault_install_cni::{run, Config, FailurePolicy};
+use netfault_install_cni::{run, Config};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netfault-install-cni");
 
-/// A unique temp dir with `bin/`, `net.d/` and a fake plugin binary, removed on drop.
-struct Dirs {
-    root: PathBuf,
-}
+#[path = "../src/testdirs.rs"]
+mod testdirs;
+use testdirs::{types, Dirs};
 
-impl Dirs {
-    fn new(tag: &str) -> Dirs {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!(
-            "netfault-install-cni-it-{tag}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(root.join("bin")).unwrap();
-        fs::create_dir_all(root.join("net.d")).unwrap();
-        fs::write(root.join("plugin-src"), b"#!/bin/sh\necho fake netfault\n").unwrap();
-        Dirs { root }
-    }
-    fn conf_dir(&self) -> PathBuf {
-        self.root.join("net.d")
-    }
-    fn bin(&self) -> PathBuf {
-        self.root.join("bin/netfault")
-    }
-    fn cfg(&self) -> Config {
-        Config {
-            cni_bin_dir: self.root.join("bin"),
-            cni_conf_dir: self.conf_dir(),
-            plugin_src: self.root.join("plugin-src"),
-            socket: "/run/netfault/netfaultd.sock".into(),
-            failure_policy: FailurePolicy::Ignore,
-        }
-    }
-    fn command(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--cni-bin-dir")
-            .arg(self.root.join("bin"))
-            .arg("--cni-conf-dir")
-            .arg(self.conf_dir())
-            .arg("--plugin-src")
-            .arg(self.root.join("plugin-src"));
-        c
-    }
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
+/// The binary, pointed at `d`'s directories.
+fn command(d: &Dirs) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--cni-bin-dir")
+        .arg(d.root.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(d.conf_dir())
+        .arg("--plugin-src")
+        .arg(d.root.join("plugin-src"));
+    c
 }
 
 fn calico(mtu: u64) -> Value {
@@ -78,15 +42,6 @@ fn calico(mtu: u64) -> Value {
 
 fn read(path: &Path) -> Value {
     serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
-}
-
-fn types(conf: &Value) -> Vec<String> {
-    conf["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 fn has_netfault_last(path: &Path) -> bool {
@@ -115,8 +70,7 @@ fn once_installs_and_uninstall_removes() {
     let d = Dirs::new("once");
     let f = d.conf_dir().join("10-calico.conflist");
     fs::write(&f, serde_json::to_vec_pretty(&calico(1500)).unwrap()).unwrap();
-    let out = d
-        .command()
+    let out = command(&d)
         .args(["--once", "--failure-policy", "fail", "--socket", "/x.sock"])
         .output()
         .unwrap();
@@ -137,7 +91,7 @@ fn once_installs_and_uninstall_removes() {
                "capabilities": {"io.kubernetes.cri.pod-annotations": true}})
     );
 
-    let out = d.command().arg("--uninstall").output().unwrap();
+    let out = command(&d).arg("--uninstall").output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -150,14 +104,12 @@ fn once_installs_and_uninstall_removes() {
 #[test]
 fn bad_flags_are_usage_errors() {
     let d = Dirs::new("flags");
-    let out = d
-        .command()
+    let out = command(&d)
         .args(["--once", "--failure-policy", "maybe"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = d
-        .command()
+    let out = command(&d)
         .args(["--once", "--uninstall"])
         .output()
         .unwrap();
@@ -169,7 +121,7 @@ fn sigterm_removes_entry_and_binary_then_exits_zero() {
     let d = Dirs::new("sigterm");
     let f = d.conf_dir().join("10-calico.conflist");
     fs::write(&f, serde_json::to_vec_pretty(&calico(1500)).unwrap()).unwrap();
-    let mut child = d.command().spawn().unwrap();
+    let mut child = command(&d).spawn().unwrap();
     wait_for("install", Duration::from_secs(5), || {
         has_netfault_last(&f) && d.bin().exists()
     });
