@@ -395,8 +395,7 @@ impl Core<'_> {
         // its faults (an `nft` run costs milliseconds on every CNI DEL).
         for kind in BackendKind::ALL {
             let served = faults.iter().any(|(_, k)| *k == kind);
-            let attached = kind == BackendKind::Ebpf && memo.attachment.is_some();
-            if served || attached || self.b.ops(kind).holds(sandbox) {
+            if served || self.b.ops(kind).holds(sandbox) {
                 self.backend(kind).forget_sandbox(&ctx, &mut memo)?;
             }
         }
@@ -558,11 +557,10 @@ impl Core<'_> {
                 .retain(|_, f| !f.expired || f.expires_at_ms + retain_ms > wall);
             before != st.faults.len()
         };
-        for (sb, _) in &touched {
-            self.settle(sb);
-        }
         if purged {
-            // Implicit sandboxes whose last expired fault was just purged.
+            // Implicit sandboxes whose last (expired) fault was just purged:
+            // a fault that expired now stays listed, so only a purge can
+            // leave a sandbox without faults.
             let implicit: Vec<SandboxId> = self
                 .lock()
                 .sandboxes
