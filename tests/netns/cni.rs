@@ -103,6 +103,7 @@ fn find<'a>(list: &'a [Value], id: &str) -> Option<&'a Value> {
 #[test]
 fn agent_down_ignore_policy_pods_start_and_talk() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(NodeOptions::default());
     let a = node
         .add_pod("a", &none())
@@ -129,6 +130,7 @@ fn agent_down_ignore_policy_pods_start_and_talk() {
 #[test]
 fn chain_works_for_older_cni_versions() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     for version in ["0.3.1", "0.4.0"] {
         let node = node(NodeOptions {
             cni_version: version.into(),
@@ -149,6 +151,7 @@ fn chain_works_for_older_cni_versions() {
 #[test]
 fn agent_down_fail_policy_add_fails_with_cni_error() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(fail_policy());
     let err = node
         .add_pod("a", &none())
@@ -171,6 +174,7 @@ fn agent_down_fail_policy_add_fails_with_cni_error() {
 #[test]
 fn invalid_stdin_gets_exact_error_codes() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(NodeOptions::default());
     let sock = node.socket().to_path_buf();
     let ns = node.netns().path().to_string_lossy().into_owned();
@@ -266,6 +270,7 @@ fn invalid_stdin_gets_exact_error_codes() {
 #[test]
 fn version_lists_supported_versions() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(NodeOptions::default());
     let out = node
         .run_plugin_raw(
@@ -283,6 +288,7 @@ fn version_lists_supported_versions() {
 #[test]
 fn del_is_idempotent() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(NodeOptions::default());
     let a = node.add_pod("a", &none()).expect("ADD");
     let b = node.add_pod("b", &none()).expect("ADD");
@@ -318,6 +324,7 @@ fn del_is_idempotent() {
 #[test]
 fn status_reflects_agent_health_and_policy() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let node = node(NodeOptions::default());
     let sock = node.socket().to_path_buf();
     let status = |policy: &str, socket: &std::path::Path| {
@@ -432,6 +439,7 @@ fn bad_annotations_do_not_stop_the_pod() {
 #[test]
 fn fail_open_recovery_after_agent_starts() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let dir = TempDir::new("nf-cni-recover").expect("temp dir");
     let socket = dir.path().join("netfaultd.sock");
     let pending = dir.path().join("pending");

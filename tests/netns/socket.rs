@@ -194,6 +194,7 @@ fn log_lines_with(agent: &Agent, needles: &[&str]) -> Vec<String> {
 #[test]
 fn socket_is_mode_0660_owned_by_root_with_the_configured_group() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let daemon = gid_of("daemon");
     let nogroup = gid_of("nogroup");
     assert_ne!(daemon, 0);
@@ -243,6 +244,7 @@ fn socket_is_mode_0660_owned_by_root_with_the_configured_group() {
 #[test]
 fn unknown_socket_group_is_a_startup_error_naming_the_flag() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let dir = agent_dir("nf-sock-badgroup");
     let out = std::process::Command::new(testbed::workspace_bin("netfaultd"))
         .arg("--socket")
@@ -264,6 +266,7 @@ fn unknown_socket_group_is_a_startup_error_naming_the_flag() {
 #[test]
 fn only_root_and_group_members_can_connect() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let daemon = gid_of("daemon");
     let dir = agent_dir("nf-sock-access");
     let agent =
@@ -301,6 +304,7 @@ fn only_root_and_group_members_can_connect() {
 #[test]
 fn mutating_requests_are_logged_with_the_callers_pid_and_uid() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let daemon = gid_of("daemon");
     let dir = agent_dir("nf-sock-log");
     let agent =
@@ -369,6 +373,7 @@ fn mutating_requests_are_logged_with_the_callers_pid_and_uid() {
 #[test]
 fn oversized_body_is_refused_with_413_naming_body_and_changes_nothing() {
     testbed::require_root!();
+    let _gate = crate::support::Gate::shared();
     let dir = agent_dir("nf-sock-big");
     let agent = Agent::start(dir.path()).expect("netfaultd");
     let socket = agent.socket();

@@ -23,6 +23,14 @@ pub enum Gate {
     Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
 }
 
+impl Gate {
+    /// For a test that starts agents or traffic without a [`Cluster`]: it
+    /// may run beside other such tests, never beside a timing test.
+    pub fn shared() -> Gate {
+        Gate::Shared(GATE.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// One simulated node: a private agent and a CNI chain with netfault
 /// (`c.node`, `c.agent` and `c.dir` through [`AgentNode`]).
 pub struct Cluster {
@@ -58,8 +66,7 @@ impl Cluster {
     /// [`Cluster::new`] with a node built from `opts` (its socket is the
     /// agent's).
     pub fn with_options(opts: NodeOptions) -> Cluster {
-        let gate = Gate::Shared(GATE.read().unwrap_or_else(|p| p.into_inner()));
-        Cluster::with_gate(opts, gate)
+        Cluster::with_gate(opts, Gate::shared())
     }
 
     /// A cluster for a timing test: waits until no other cluster test runs,
