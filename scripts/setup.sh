@@ -15,7 +15,13 @@ fi
 # the kernel uapi headers) and the netns tests (nft, CNI plugins, ip, iperf3)
 # need; haproxy is the reference proxy of `cargo bench --bench proxy`.
 PACKAGES=(clang llvm libbpf-dev linux-libc-dev libc6-dev nftables containernetworking-plugins
-    iproute2 iperf3 curl jq ca-certificates haproxy)
+    iproute2 iperf3 curl jq ca-certificates haproxy
+    protobuf-compiler containerd runc busybox-static mmdebstrap umoci)
+# protobuf-compiler: netfault-cri's build compiles the CRI proto (k8s-cri).
+# containerd, runc, busybox-static, mmdebstrap, umoci: the CRI test level
+# (e2e/cri) runs a private containerd with images built here, no registry.
+# Installing containerd starts no daemon where systemd is absent; where it
+# does, the suite's own containerd is private (root, state, socket) anyway.
 # kubectl renders daemonset/ in tests/daemonset.rs (`kubectl kustomize`, offline).
 # Debian's kubernetes-client (1.20) conflicts with other kubectl packages (e.g.
 # Google Cloud's), so it is only installed when no kubectl is on the PATH.
