@@ -16,6 +16,9 @@ use crate::error::{Context, Error, Result};
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running `netfaultd --socket DIR/netfaultd.sock --state-dir DIR/state`.
+/// CRI adoption is off (`--cri-socket ""`) unless the extra arguments pass a
+/// `--cri-socket` of their own: a container runtime on the machine running
+/// the tests must never see, adopt or release the tests' namespaces.
 /// Its stdout and stderr go to `DIR/netfaultd.log` (appended across restarts).
 /// `RUST_LOG` and the rest of the environment pass through. Drop stops it:
 /// SIGTERM, then SIGKILL after 2 s.
@@ -212,11 +215,21 @@ impl Agent {
             .ctx(|| format!("opening {}", log_path.display()))?;
         self.log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log2 = log.try_clone().ctx(|| "dup log fd".into())?;
+        let cri_off: &[&str] = if self
+            .args
+            .iter()
+            .any(|a| a == "--cri-socket" || a.starts_with("--cri-socket="))
+        {
+            &[]
+        } else {
+            &["--cri-socket", ""]
+        };
         let child = Command::new(&bin)
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .args(cri_off)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -223,7 +223,9 @@ fn kustomization_renders_the_expected_objects() {
             "--socket",
             "/run/netfault/netfaultd.sock",
             "--state-dir",
-            "/run/netfault"
+            "/run/netfault",
+            "--cri-socket",
+            "/run/containerd/containerd.sock"
         ]
     );
     assert_eq!(
@@ -265,6 +267,21 @@ fn kustomization_renders_the_expected_objects() {
             ("/run/containerd", "/run/containerd", "None", true),
             ("/tmp", "<tmp>", "None", false),
         ])
+    );
+    // The CRI socket the agent is told to use lies in a directory mounted
+    // from the same host path: the runtime's socket, seen from inside.
+    let args = strings(&d["args"]);
+    let cri = args
+        .iter()
+        .position(|a| *a == "--cri-socket")
+        .and_then(|i| args.get(i + 1))
+        .expect("--cri-socket PATH");
+    let dir = std::path::Path::new(cri).parent().expect("socket dir");
+    assert!(
+        mounts(spec, d)
+            .iter()
+            .any(|(at, host, _, _)| std::path::Path::new(at) == dir && at == host),
+        "{cri} is not under a host mount of the same path"
     );
 
     let i = container(spec, "install-cni");

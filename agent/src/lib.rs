@@ -1,12 +1,14 @@
 //! netfault-agent: the node agent's library (used by `netfaultd`).
 //!
 //! - `backend`: one module per backend (`nfqueue`, `proxy`);
+//! - `cri`: adoption of the container runtime's pod sandboxes (`--cri-socket`);
 //! - `ids`: the sandbox and fault ids they share;
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
 //! - `metrics`: Prometheus text.
 
 pub mod backend;
+pub mod cri;
 pub mod ids;
 pub mod metrics;
 pub mod registry;

@@ -4,7 +4,7 @@
 //! (through the registry), so the numbers are what the kernel did.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::registry::Registry;
 
@@ -13,6 +13,21 @@ pub struct Metrics {
     requests_ok: AtomicU64,
     requests_client_error: AtomicU64,
     requests_server_error: AtomicU64,
+    /// CRI adoption (`--cri-socket`).
+    pub cri: CriCounters,
+}
+
+/// What the CRI adopter counts (see `cri`).
+#[derive(Default)]
+pub struct CriCounters {
+    /// Sandboxes enrolled from the runtime's list.
+    pub adopted: AtomicU64,
+    /// Sandboxes released because the runtime (or their netns) says they are gone.
+    pub released: AtomicU64,
+    /// Failed runtime passes and failed adoptions.
+    pub errors: AtomicU64,
+    /// The last pass reached the runtime.
+    pub connected: AtomicBool,
 }
 
 fn label(v: &str) -> String {
@@ -59,6 +74,35 @@ impl Metrics {
             out,
             "# HELP netfault_proxy_open_connections Connections the transparent proxy serves now.\n# TYPE netfault_proxy_open_connections gauge\nnetfault_proxy_open_connections {}",
             reg.proxy_open_connections()
+        );
+        let cri = &self.cri;
+        for (name, help, v) in [
+            (
+                "netfault_cri_adopted_total",
+                "Sandboxes adopted from the container runtime (CRI).",
+                &cri.adopted,
+            ),
+            (
+                "netfault_cri_released_total",
+                "Sandboxes released because the container runtime stopped them or their netns is gone.",
+                &cri.released,
+            ),
+            (
+                "netfault_cri_errors_total",
+                "Failed container runtime passes and failed adoptions.",
+                &cri.errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netfault_cri_connected Whether the last container runtime pass reached the runtime.\n# TYPE netfault_cri_connected gauge\nnetfault_cri_connected {}",
+            u8::from(cri.connected.load(Ordering::Relaxed))
         );
         for (name, help) in [
             (

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::net::UnixListener;
 
+use crate::cri::{Adopter, TARGET_REFRESH_BUDGET};
 use crate::metrics::Metrics;
 use crate::registry::{AgentError, Registry};
 
@@ -54,6 +55,8 @@ struct Peer {
 pub struct Api {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// CRI adoption; `None` when `--cri-socket ""` turned it off.
+    pub cri: Option<Arc<Adopter>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -179,9 +182,22 @@ impl Api {
                 );
                 Ok(r)
             }
-            (&Method::GET, ["v1", "capabilities"]) => blocking(move || reg.capabilities())
+            (&Method::GET, ["v1", "capabilities"]) => {
+                let cri = self.cri.clone();
+                blocking(move || {
+                    let mut caps = reg.capabilities()?;
+                    if let Some(obj) = caps.as_object_mut() {
+                        let section = match &cri {
+                            Some(c) => c.capabilities(),
+                            None => serde_json::json!({"enabled": false}),
+                        };
+                        obj.insert("cri".into(), section);
+                    }
+                    Ok(caps)
+                })
                 .await
-                .map(|c| json(StatusCode::OK, &c)),
+                .map(|c| json(StatusCode::OK, &c))
+            }
             (&Method::GET, ["v1", "sandboxes"]) => Ok(json(StatusCode::OK, &reg.sandboxes())),
             (&Method::PUT, ["v1", "sandboxes", id]) => {
                 let id = id.to_string();
@@ -204,7 +220,8 @@ impl Api {
             (&Method::GET, ["v1", "faults"]) => Ok(json(StatusCode::OK, &reg.faults())),
             (&Method::POST, ["v1", "faults"]) => match body_json(req).await {
                 Err(r) => Ok(r),
-                Ok(v) => blocking(move || reg.create_fault(&v))
+                Ok(v) => self
+                    .create_fault(v)
                     .await
                     .map(|f| json(StatusCode::CREATED, &f)),
             },
@@ -235,6 +252,35 @@ impl Api {
         let resp = result.unwrap_or_else(error);
         self.metrics.count_request(resp.status().as_u16());
         resp
+    }
+}
+
+/// The target names a pod or sandbox that is not enrolled: the runtime may
+/// know it (CRI adoption).
+fn unknown_target(e: &AgentError) -> bool {
+    matches!(e, AgentError::Field(fe)
+        if fe.code == netfault_api::ErrorCode::NotFound
+            && matches!(fe.field.as_str(), "target.pod" | "target.sandbox"))
+}
+
+impl Api {
+    /// `POST /v1/faults`. A target naming a pod or sandbox that is not
+    /// enrolled triggers one runtime pass (shared with concurrent ones,
+    /// bounded by [`TARGET_REFRESH_BUDGET`]) and is resolved again; still
+    /// unknown, the first answer (404) stands.
+    async fn create_fault(&self, body: Value) -> Result<netfault_api::Fault, AgentError> {
+        let reg = self.registry.clone();
+        let first_body = body.clone();
+        let first = blocking(move || reg.create_fault(&first_body)).await;
+        let cri = match (&first, &self.cri) {
+            (Err(e), Some(cri)) if unknown_target(e) => cri,
+            _ => return first,
+        };
+        if !cri.refresh_within(TARGET_REFRESH_BUDGET).await {
+            return first;
+        }
+        let reg = self.registry.clone();
+        blocking(move || reg.create_fault(&body)).await
     }
 }
 

@@ -83,6 +83,33 @@ fn default_ifname() -> String {
     "eth0".to_string()
 }
 
+/// How a sandbox came to be enrolled (`source` in `GET /v1/sandboxes` and
+/// in the state file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrolSource {
+    /// `PUT /v1/sandboxes/{id}`: the CNI plugin at ADD (or any API client).
+    #[default]
+    Cni,
+    /// A pending-enrolment file the CNI plugin left while the agent was down.
+    Pending,
+    /// Adopted from the container runtime over CRI (`--cri-socket`).
+    Cri,
+    /// Enrolled implicitly by a fault's `{"netns": path}` target.
+    Netns,
+}
+
+impl EnrolSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrolSource::Cni => "cni",
+            EnrolSource::Pending => "pending",
+            EnrolSource::Cri => "cri",
+            EnrolSource::Netns => "netns",
+        }
+    }
+}
+
 /// A sandbox as the agent reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sandbox {
@@ -102,6 +129,9 @@ pub struct Sandbox {
     /// Why the annotations were rejected, if they were (the pod is untouched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotation_error: Option<String>,
+    /// How it was enrolled (agents before this field: absent, read as `cni`).
+    #[serde(default)]
+    pub source: EnrolSource,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

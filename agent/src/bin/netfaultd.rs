@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use netfault_agent::cri::{Adopter, CriConfig};
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
 use netfault_agent::server::{serve, Api, SocketAccess};
+
+/// Bounds the connect to the runtime and each CRI call.
+const CRI_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +38,24 @@ struct Args {
     /// How long expired faults remain listed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retain_expired: Duration,
+    /// The container runtime's CRI socket (containerd's, or CRI-O's
+    /// /var/run/crio/crio.sock). Its ready pod sandboxes are adopted at start
+    /// and when a target names an unknown pod; sandboxes it stops are
+    /// released. An empty value ("") turns CRI adoption off.
+    #[arg(long, value_name = "PATH", default_value = netfault_cri::CONTAINERD_SOCKET)]
+    cri_socket: String,
+    /// Time between two polls of the container runtime.
+    #[arg(long, value_name = "D", default_value = "2s", value_parser = positive_duration)]
+    cri_poll_interval: Duration,
+}
+
+/// A duration of at least 1 ms (humantime syntax).
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err("must be at least 1ms".into());
+    }
+    Ok(d)
 }
 
 /// `--socket-group`: a numeric gid as is, a name through the group database.
@@ -71,6 +93,11 @@ fn main() -> anyhow::Result<()> {
     let access = SocketAccess {
         group: args.socket_group.as_deref().map(socket_group).transpose()?,
     };
+    let cri = (!args.cri_socket.is_empty()).then(|| CriConfig {
+        socket: PathBuf::from(&args.cri_socket),
+        poll: args.cri_poll_interval,
+        call_timeout: CRI_CALL_TIMEOUT,
+    });
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
@@ -115,9 +142,23 @@ fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
         });
+        let metrics = Arc::new(Metrics::default());
+        let adopter = match cri {
+            Some(cfg) => {
+                tracing::info!(socket = %cfg.socket.display(), poll = ?cfg.poll, "adopting pod sandboxes from the container runtime");
+                let a = Adopter::new(cfg, registry.clone(), metrics.clone());
+                tokio::spawn(a.clone().run());
+                Some(a)
+            }
+            None => {
+                tracing::info!("CRI adoption is off (--cri-socket \"\")");
+                None
+            }
+        };
         let api = Arc::new(Api {
             registry,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            cri: adopter,
         });
         let server = serve(api, &args.socket, access);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

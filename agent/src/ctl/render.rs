@@ -249,6 +249,7 @@ pub fn sandboxes_table(items: &[Value]) -> Result<String, serde_json::Error> {
         let mut row = vec![
             or_dash(short_id(&s.id)),
             pod,
+            s.source.as_str().to_string(),
             or_dash(s.netns.clone()),
             or_dash(s.ips.join(",")),
         ];
@@ -257,7 +258,7 @@ pub fn sandboxes_table(items: &[Value]) -> Result<String, serde_json::Error> {
         }
         rows.push(row);
     }
-    let mut headers = vec!["ID", "NAMESPACE/NAME", "NETNS", "IPS"];
+    let mut headers = vec!["ID", "NAMESPACE/NAME", "SOURCE", "NETNS", "IPS"];
     if with_faults {
         headers.push("FAULTS");
     }
@@ -411,14 +412,15 @@ mod tests {
             json!({"id": "abcdef0123456789abcdef", "netns": "/var/run/netns/pod-a", "ifname": "eth0",
                    "ips": ["10.22.0.5/16", "fd00::5/64"], "pod": {"namespace": "shop", "name": "web", "uid": "u"},
                    "enrolled_at_ms": 1}),
-            json!({"id": "short", "netns": "/proc/1/ns/net", "ifname": "eth0", "ips": [], "enrolled_at_ms": 2}),
+            json!({"id": "short", "netns": "/proc/1/ns/net", "ifname": "eth0", "ips": [], "enrolled_at_ms": 2,
+                   "source": "cri"}),
         ];
         let t = sandboxes_table(&items).expect("valid sandboxes");
         assert_eq!(
             t,
-            "ID            NAMESPACE/NAME  NETNS                 IPS\n\
-             abcdef012345  shop/web        /var/run/netns/pod-a  10.22.0.5/16,fd00::5/64\n\
-             short         -               /proc/1/ns/net        -\n"
+            "ID            NAMESPACE/NAME  SOURCE  NETNS                 IPS\n\
+             abcdef012345  shop/web        cni     /var/run/netns/pod-a  10.22.0.5/16,fd00::5/64\n\
+             short         -               cri     /proc/1/ns/net        -\n"
         );
     }
 

@@ -30,7 +30,8 @@ use std::time::Duration;
 
 use netfault_api::spec::faults_from_annotations;
 use netfault_api::{
-    Action, BackendKind, EnrolRequest, Fault, FaultSpec, FieldError, Limits, Sandbox, Target,
+    Action, BackendKind, EnrolRequest, EnrolSource, Fault, FaultSpec, FieldError, Limits, Sandbox,
+    Target,
 };
 use netfault_sys::netns::Netns;
 use serde_json::Value;
@@ -39,7 +40,8 @@ use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
 pub use error::AgentError;
 use persist::StateDir;
-use state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
+use state::{FaultId, FaultRecord, SandboxRecord, State};
+pub use state::{NetnsId, SandboxId};
 pub use target::{Host, SystemHost};
 
 fn internal(what: &str) -> impl FnOnce(String) -> AgentError + '_ {
@@ -115,6 +117,16 @@ impl Owner {
     }
 }
 
+/// An enrolled sandbox as [`Registry::enrolled`] lists it.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub id: SandboxId,
+    pub source: EnrolSource,
+    pub enrolled_at_ms: u64,
+    pub netns: PathBuf,
+    pub netns_id: NetnsId,
+}
+
 pub struct Registry {
     shared: Arc<Shared>,
     owner: Owner,
@@ -183,10 +195,51 @@ impl Registry {
         self.gauge.as_ref().map_or(0, |g| g.open_connections())
     }
 
+    /// Enrols a sandbox through the API (the CNI plugin's ADD).
     pub fn enrol(&self, id: &str, req: EnrolRequest) -> Result<Sandbox, AgentError> {
+        self.enrol_from(id, req, EnrolSource::Cni)
+    }
+
+    fn enrol_from(
+        &self,
+        id: &str,
+        req: EnrolRequest,
+        source: EnrolSource,
+    ) -> Result<Sandbox, AgentError> {
         let id = target::valid_sandbox_id(id)?;
         target::validate_enrol(&req)?;
-        self.change(move |c| c.enrol(&id, req, false))
+        self.change(move |c| c.enrol(&id, req, source))
+    }
+
+    /// Enrols a sandbox the container runtime reported (CRI adoption). An
+    /// empty `req.ifname` means: `eth0`, or the netns's sole interface when
+    /// it has no `eth0`. Enrolling an id that is already enrolled on the
+    /// same netns changes nothing (its source stays).
+    pub fn adopt(&self, id: &str, mut req: EnrolRequest) -> Result<Sandbox, AgentError> {
+        let id = target::valid_sandbox_id(id)?;
+        self.change(move |c| {
+            if req.ifname.is_empty() {
+                req.ifname = c.pod_interface(&req.netns)?;
+            }
+            target::validate_enrol(&req)?;
+            c.enrol(&id, req, EnrolSource::Cri)
+        })
+    }
+
+    /// What the runtime poll decides on: every enrolled sandbox's id,
+    /// source, enrolment time and netns.
+    pub fn enrolled(&self) -> Vec<Enrolled> {
+        let st = self.shared.lock();
+        st.sandboxes
+            .values()
+            .map(|s| Enrolled {
+                id: s.id.clone(),
+                source: s.source,
+                enrolled_at_ms: s.enrolled_at_ms,
+                netns: PathBuf::from(&s.netns),
+                netns_id: s.netns_id,
+            })
+            .collect()
     }
 
     /// Removes everything installed for the sandbox. Unknown ids are fine.
@@ -201,7 +254,7 @@ impl Registry {
     pub fn adopt_pending(&self, dir: &Path) -> usize {
         let mut adopted = 0;
         for (id, req) in pending::take(dir) {
-            match self.enrol(&id, req) {
+            match self.enrol_from(&id, req, EnrolSource::Pending) {
                 Ok(_) => {
                     tracing::info!(sandbox = %id, "enrolled a pod created while the agent was down");
                     adopted += 1;
@@ -413,11 +466,25 @@ impl Core<'_> {
         self.sh.persist()
     }
 
+    /// The interface an adopted sandbox is enrolled on: `eth0` if the netns
+    /// has it, else its sole non-loopback interface.
+    fn pod_interface(&self, netns: &str) -> Result<String, AgentError> {
+        let ns = Netns::open(Path::new(netns))
+            .map_err(|e| FieldError::invalid("netns", &e.to_string()))?;
+        let host = self.sh.host.as_ref();
+        if let Ok(Ok(_)) = host.addresses(&ns, "eth0") {
+            return Ok("eth0".into());
+        }
+        host.sole_interface(&ns)
+            .map_err(|e| FieldError::invalid("netns", &e.to_string()))?
+            .map_err(|e| FieldError::invalid("ifname", &format!("{netns}: {e}")).into())
+    }
+
     fn enrol(
         &mut self,
         id: &SandboxId,
         req: EnrolRequest,
-        implicit: bool,
+        source: EnrolSource,
     ) -> Result<Sandbox, AgentError> {
         let path = PathBuf::from(&req.netns);
         let ns = Netns::open(&path).map_err(|e| FieldError::invalid("netns", &e.to_string()))?;
@@ -458,7 +525,8 @@ impl Core<'_> {
                 annotation_error,
                 slot,
                 addresses,
-                implicit,
+                implicit: source == EnrolSource::Netns,
+                source,
                 memo: Default::default(),
             };
             st.sandboxes.insert(id.clone(), rec);
@@ -498,7 +566,7 @@ impl Core<'_> {
             target::Resolved::Enrolled(id) => Ok(id),
             target::Resolved::Bare { path, ns } => {
                 let (id, req) = target::implicit_enrolment(self.sh.host.as_ref(), &path, &ns)?;
-                self.enrol(&id, req, true)?;
+                self.enrol(&id, req, EnrolSource::Netns)?;
                 Ok(id)
             }
         }

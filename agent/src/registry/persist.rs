@@ -57,8 +57,12 @@ impl StateDir {
                 )))
             }
         };
+        let mut sandboxes = file.sandboxes;
+        sandboxes
+            .values_mut()
+            .for_each(SandboxRecord::settle_source);
         Ok(State {
-            sandboxes: file.sandboxes,
+            sandboxes,
             faults: file.faults,
             readers: Default::default(),
         })

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use netfault_api::{BackendKind, Counters, Fault, FaultSpec, PodRef, Sandbox};
-use netfault_sys::netns::{Netns, NetnsId};
+use netfault_api::{BackendKind, Counters, EnrolSource, Fault, FaultSpec, PodRef, Sandbox};
+use netfault_sys::netns::Netns;
+pub use netfault_sys::netns::NetnsId;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{CounterReader, SandboxCtx, SandboxMemo};
@@ -50,6 +51,9 @@ pub struct SandboxRecord {
     pub addresses: Vec<IpAddr>,
     /// Enrolled implicitly by a `{"netns": path}` target; released with its last fault.
     pub implicit: bool,
+    /// How it was enrolled. Older agents' files lack it: see [`SandboxRecord::settle_source`].
+    #[serde(default)]
+    pub source: EnrolSource,
     /// What the backends keep across restarts (`attachment`).
     #[serde(flatten)]
     pub memo: SandboxMemo,
@@ -67,6 +71,14 @@ impl SandboxRecord {
         }
     }
 
+    /// A record from an older agent's file has no `source`: it was enrolled
+    /// implicitly (`netns`) or through the API (`cni`, the default).
+    pub fn settle_source(&mut self) {
+        if self.implicit && self.source == EnrolSource::Cni {
+            self.source = EnrolSource::Netns;
+        }
+    }
+
     pub fn view(&self) -> Sandbox {
         Sandbox {
             id: self.id.to_string(),
@@ -78,6 +90,7 @@ impl SandboxRecord {
             enrolled_at_ms: self.enrolled_at_ms,
             birth_faults: self.birth_faults.iter().map(ToString::to_string).collect(),
             annotation_error: self.annotation_error.clone(),
+            source: self.source,
         }
     }
 }

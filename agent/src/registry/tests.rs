@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netfault_api::{BackendKind, DelayAction, EnrolRequest, PacketAction, PodRef, ProxyAction};
+use netfault_api::{
+    BackendKind, DelayAction, EnrolRequest, EnrolSource, PacketAction, PodRef, ProxyAction,
+};
 use netfault_sys::netns::NetnsError;
 use serde_json::json;
 
@@ -16,18 +18,28 @@ use crate::backend::fake::{Call, FakeBackend, Log, COUNTED};
 
 const OWN_NETNS: &str = "/proc/self/ns/net";
 
+/// A netns with one interface, `sole`, which has a fresh address each time
+/// it is asked.
 struct FakeHost {
     next: AtomicU8,
+    sole: &'static str,
 }
 
 impl Host for FakeHost {
-    fn addresses(&self, _: &Netns, _: &str) -> Result<Result<Vec<IpAddr>, String>, NetnsError> {
+    fn addresses(
+        &self,
+        _: &Netns,
+        ifname: &str,
+    ) -> Result<Result<Vec<IpAddr>, String>, NetnsError> {
+        if ifname != self.sole {
+            return Ok(Err(format!("interface {ifname:?} does not exist")));
+        }
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         Ok(Ok(vec![IpAddr::V4(Ipv4Addr::new(198, 18, 0, n))]))
     }
 
     fn sole_interface(&self, _: &Netns) -> Result<Result<String, String>, NetnsError> {
-        Ok(Ok("eth0".into()))
+        Ok(Ok(self.sole.into()))
     }
 }
 
@@ -56,6 +68,11 @@ struct Fixture {
 }
 
 fn open_in(dir: TempDir) -> Fixture {
+    open_with(dir, "eth0")
+}
+
+/// A registry whose netns has the one interface `sole`.
+fn open_with(dir: TempDir, sole: &'static str) -> Fixture {
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let ebpf = FakeBackend::<PacketAction>::new(&log);
     let nfqueue = FakeBackend::<DelayAction>::new(&log);
@@ -77,6 +94,7 @@ fn open_in(dir: TempDir) -> Fixture {
     };
     let host = FakeHost {
         next: AtomicU8::new(2),
+        sole,
     };
     let reg = match Registry::with_parts(cfg, backends, Box::new(host)) {
         Ok(r) => r,
@@ -402,4 +420,93 @@ fn an_older_agents_state_file_is_read() {
         "legacy flags stay"
     );
     assert_eq!(v["sandboxes"]["sb1"]["slot"], 0);
+    assert_eq!(
+        fx.reg.sandboxes()[0].source,
+        EnrolSource::Cni,
+        "no source in an older file: enrolled through the API"
+    );
+}
+
+fn adoption(name: &str, ifname: &str) -> EnrolRequest {
+    EnrolRequest {
+        netns: OWN_NETNS.into(),
+        ifname: ifname.into(),
+        ips: vec!["198.18.0.200".into()],
+        pod: Some(PodRef {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }),
+        annotations: Default::default(),
+    }
+}
+
+#[test]
+fn an_adopted_sandbox_is_enrolled_on_eth0_or_the_sole_interface_and_says_so() {
+    let fx = fixture("adopt-eth0");
+    let sb = fx.reg.adopt("sb-a", adoption("a", "")).expect("adopt");
+    assert_eq!(sb.ifname, "eth0");
+    assert_eq!(sb.source, EnrolSource::Cri);
+    assert_eq!(sb.pod.as_ref().map(|p| p.uid.as_str()), Some("uid-a"));
+
+    let other = open_with(TempDir::new("adopt-net1"), "net1");
+    let sb = other.reg.adopt("sb-b", adoption("b", "")).expect("adopt");
+    assert_eq!(sb.ifname, "net1", "no eth0: the sole interface");
+    let named = open_with(TempDir::new("adopt-named"), "net1");
+    let sb = named
+        .reg
+        .adopt("sb-c", adoption("c", "net1"))
+        .expect("adopt on the runtime's interface");
+    assert_eq!(sb.ifname, "net1");
+}
+
+#[test]
+fn adopting_an_enrolled_sandbox_changes_nothing_and_keeps_its_source() {
+    let fx = fixture("adopt-twice");
+    fx.enrol("sb1");
+    fx.clear();
+    let sb = fx.reg.adopt("sb1", adoption("sb1", "")).expect("adopt");
+    assert_eq!(sb.source, EnrolSource::Cni, "CNI enrolled it first");
+    assert_eq!(fx.calls(), vec![], "no backend was touched");
+}
+
+#[test]
+fn an_adopted_pod_is_found_by_name_and_its_source_survives_a_restart() {
+    let fx = fixture("adopt-persist");
+    fx.reg.adopt("sb-a", adoption("web", "")).expect("adopt");
+    let body = json!({"target": {"pod": {"namespace": "default", "name": "web"}},
+                      "action": loss(), "duration": "5m"});
+    let f = fx
+        .reg
+        .create_fault(&body)
+        .expect("fault on the adopted pod");
+    assert_eq!(f.sandbox, "sb-a");
+    let written = std::fs::read_to_string(fx.dir.0.join("state.json")).expect("state file");
+    let v: serde_json::Value = serde_json::from_str(&written).expect("json");
+    assert_eq!(v["sandboxes"]["sb-a"]["source"], "cri");
+    let Fixture { reg, dir, .. } = fx;
+    drop(reg);
+    let again = open_in(dir);
+    let listed = again.reg.sandboxes();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].source, EnrolSource::Cri);
+    let enrolled = again.reg.enrolled();
+    assert_eq!(enrolled[0].source, EnrolSource::Cri);
+}
+
+#[test]
+fn pending_and_implicit_enrolments_say_how_they_came() {
+    let fx = fixture("sources");
+    let body = json!({"target": {"netns": OWN_NETNS}, "action": loss(), "duration": "5m"});
+    fx.reg.create_fault(&body).expect("fault on a bare netns");
+    let listed = fx.reg.sandboxes();
+    assert_eq!(listed[0].source, EnrolSource::Netns);
+
+    let pending = TempDir::new("pending");
+    std::fs::create_dir_all(&pending.0).expect("pending dir");
+    let other = fixture("sources-pending");
+    let req = serde_json::to_vec(&adoption("p", "eth0")).expect("json");
+    std::fs::write(pending.0.join("sb-p.json"), req).expect("pending file");
+    assert_eq!(other.reg.adopt_pending(&pending.0), 1);
+    assert_eq!(other.reg.sandboxes()[0].source, EnrolSource::Pending);
 }
