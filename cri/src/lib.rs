@@ -16,6 +16,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use api::image_service_client::ImageServiceClient;
 use api::runtime_service_client::RuntimeServiceClient;
 pub use k8s_cri::v1 as api;
+/// A gRPC status, as a failed CRI call carries it.
+pub use tonic::Status;
 
 /// containerd's CRI socket, the default of `netfaultd --cri-socket`.
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";

@@ -16,15 +16,19 @@
 //! listing that failed.
 
 pub mod decide;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netfault_api::{EnrolRequest, EnrolSource, PodRef};
-use netfault_cri::{Cri, CriError, SandboxView};
+use netfault_cri::{api, Cri, CriError, SandboxView};
 use netfault_sys::netns::Netns;
 use serde_json::{json, Value};
 
@@ -43,6 +47,60 @@ pub struct CriConfig {
     pub poll: Duration,
     /// Bounds the connect and every CRI call.
     pub call_timeout: Duration,
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A sandbox's verbose status: the status and the runtime's info map.
+pub type StatusReply = (api::PodSandboxStatus, HashMap<String, String>);
+
+/// What a pass asks of the container runtime: [`Cri`] over the socket (a
+/// fake in the unit tests). The futures own what they need, so status
+/// calls can run concurrently.
+pub trait Runtime: Send + Sync + 'static {
+    fn version(&self) -> BoxFut<Result<(String, String), CriError>>;
+    /// Every sandbox, READY or NOTREADY.
+    fn sandboxes(&self) -> BoxFut<Result<Vec<api::PodSandbox>, CriError>>;
+    fn status(&self, id: String) -> BoxFut<Result<StatusReply, CriError>>;
+}
+
+/// How a pass reaches the runtime (again, after a failure).
+pub trait Connect: Send + Sync + 'static {
+    fn connect(&self) -> BoxFut<Result<Arc<dyn Runtime>, CriError>>;
+}
+
+impl Runtime for Cri {
+    fn version(&self) -> BoxFut<Result<(String, String), CriError>> {
+        let mut c = self.clone();
+        // The inherent method: `c.version()` would be this one (by `&self`).
+        Box::pin(async move { Cri::version(&mut c).await })
+    }
+
+    fn sandboxes(&self) -> BoxFut<Result<Vec<api::PodSandbox>, CriError>> {
+        let mut c = self.clone();
+        Box::pin(async move { Cri::sandboxes(&mut c).await })
+    }
+
+    fn status(&self, id: String) -> BoxFut<Result<StatusReply, CriError>> {
+        let mut c = self.clone();
+        Box::pin(async move { Cri::sandbox_status(&mut c, &id).await })
+    }
+}
+
+/// The CRI socket of [`CriConfig`].
+struct CriSocket {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Connect for CriSocket {
+    fn connect(&self) -> BoxFut<Result<Arc<dyn Runtime>, CriError>> {
+        let (path, timeout) = (self.path.clone(), self.timeout);
+        Box::pin(async move {
+            let c = Cri::connect(&path, timeout).await?;
+            Ok(Arc::new(c) as Arc<dyn Runtime>)
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +132,7 @@ struct Status {
 struct PassState {
     /// The generation of the last finished pass.
     done: u64,
-    client: Option<Cri>,
+    client: Option<Arc<dyn Runtime>>,
     /// Ids the runtime listed READY in an earlier pass.
     seen_ready: HashSet<String>,
     /// READY sandboxes that are not adopted, and why (hostNetwork, no
@@ -86,6 +144,7 @@ struct PassState {
 
 pub struct Adopter {
     cfg: CriConfig,
+    connector: Box<dyn Connect>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     /// Generations of passes started.
@@ -96,8 +155,23 @@ pub struct Adopter {
 
 impl Adopter {
     pub fn new(cfg: CriConfig, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Arc<Adopter> {
+        let connector = Box::new(CriSocket {
+            path: cfg.socket.clone(),
+            timeout: cfg.call_timeout,
+        });
+        Adopter::with_connector(cfg, connector, registry, metrics)
+    }
+
+    /// An adopter that reaches its runtime through `connector`.
+    pub fn with_connector(
+        cfg: CriConfig,
+        connector: Box<dyn Connect>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Adopter> {
         Arc::new(Adopter {
             cfg,
+            connector,
             registry,
             metrics,
             started: AtomicU64::new(0),
@@ -236,18 +310,16 @@ impl Adopter {
     }
 
     /// Every sandbox the runtime knows (connecting first if needed).
-    async fn list(
-        &self,
-        st: &mut PassState,
-    ) -> Result<Vec<netfault_cri::api::PodSandbox>, AdoptError> {
-        let client = match &mut st.client {
-            Some(c) => c,
+    async fn list(&self, st: &mut PassState) -> Result<Vec<api::PodSandbox>, AdoptError> {
+        let client = match &st.client {
+            Some(c) => c.clone(),
             None => {
-                let mut c = Cri::connect(&self.cfg.socket, self.cfg.call_timeout).await?;
+                let c = self.connector.connect().await?;
                 let (name, version) = c.version().await?;
                 tracing::info!(socket = %self.cfg.socket.display(), runtime = %name, %version, "connected to the container runtime");
                 self.status().runtime = Some((name, version));
-                st.client.insert(c)
+                st.client = Some(c.clone());
+                c
             }
         };
         Ok(client.sandboxes().await?)
@@ -279,12 +351,9 @@ impl Adopter {
         // The status calls run concurrently over the one HTTP/2 channel.
         let mut calls = tokio::task::JoinSet::new();
         for id in todo {
-            let mut c = client.clone();
+            let call = client.status(id.clone());
             let id = id.clone();
-            calls.spawn(async move {
-                let r = c.sandbox_status(&id).await;
-                (id, r)
-            });
+            calls.spawn(async move { (id, call.await) });
         }
         let mut requests = Vec::new();
         while let Some(done) = calls.join_next().await {
@@ -443,73 +512,3 @@ fn candidate(e: &Enrolled) -> Candidate {
 
 /// The pass that found a target unknown must be quick: the caller's request waits on it.
 pub const TARGET_REFRESH_BUDGET: Duration = Duration::from_secs(2);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    fn view() -> SandboxView {
-        SandboxView {
-            id: "sb".into(),
-            ready: true,
-            namespace: "ns".into(),
-            name: "web".into(),
-            uid: "u1".into(),
-            annotations: BTreeMap::from([("netfault.io/loss".into(), "10%".into())]),
-            ips: vec!["198.18.0.7".parse().expect("ip")],
-            netns: Some("/var/run/netns/cni-1".into()),
-            host_network: false,
-            netns_closed: false,
-            ifname: Some("eth0".into()),
-        }
-    }
-
-    #[test]
-    fn a_pod_sandbox_becomes_an_enrolment_with_its_pod_and_annotations() {
-        let req = enrol_request(&view()).expect("enrolment");
-        assert_eq!(req.netns, "/var/run/netns/cni-1");
-        assert_eq!(req.ifname, "eth0");
-        assert_eq!(req.ips, ["198.18.0.7"]);
-        assert_eq!(
-            req.pod,
-            Some(PodRef {
-                namespace: "ns".into(),
-                name: "web".into(),
-                uid: "u1".into()
-            })
-        );
-        assert_eq!(req.annotations["netfault.io/loss"], "10%");
-        let unnamed = SandboxView {
-            ifname: None,
-            ..view()
-        };
-        assert_eq!(
-            enrol_request(&unnamed).expect("enrolment").ifname,
-            "",
-            "the registry picks the interface"
-        );
-    }
-
-    #[test]
-    fn host_network_and_netns_less_sandboxes_are_not_adopted() {
-        let host = SandboxView {
-            host_network: true,
-            netns: None,
-            ..view()
-        };
-        assert!(enrol_request(&host)
-            .expect_err("host")
-            .contains("hostNetwork"));
-        let none = SandboxView {
-            netns: None,
-            ..view()
-        };
-        assert!(enrol_request(&none).is_err());
-        let closed = SandboxView {
-            netns_closed: true,
-            ..view()
-        };
-        assert!(enrol_request(&closed).is_err());
-    }
-}

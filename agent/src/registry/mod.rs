@@ -160,7 +160,7 @@ impl Registry {
     }
 
     /// A registry over the given backends and host (tests use fakes).
-    fn with_parts(
+    pub(crate) fn with_parts(
         cfg: Config,
         backends: Backends,
         host: Box<dyn Host>,
