@@ -264,6 +264,7 @@ impl Adopter {
 
     /// One pass: list, adopt, release.
     async fn pass(&self, st: &mut PassState) -> Result<PassOutcome, AdoptError> {
+        let started = std::time::Instant::now();
         let listed = match self.list(st).await {
             Ok(l) => {
                 if st.down {
@@ -306,6 +307,15 @@ impl Adopter {
                 .map(|(id, _)| id.clone()),
         );
         st.skipped.retain(|id, _| runtime.contains_key(id));
+        if adopted + released > 0 {
+            tracing::info!(
+                listed = runtime.len(),
+                adopted,
+                released,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "container runtime pass"
+            );
+        }
         Ok(PassOutcome { adopted, released })
     }
 
