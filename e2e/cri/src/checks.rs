@@ -18,6 +18,7 @@ pub struct Footprint {
     pub node_netns: PathBuf,
     pub pod_netns: Vec<PathBuf>,
     pub network: String,
+    pub sandbox_ids: Vec<String>,
     pub cgroup_parent: String,
     pub containerd_socket: PathBuf,
 }
@@ -39,8 +40,13 @@ impl Footprint {
                 out.push(format!("netns {}", p.display()));
             }
         }
-        for e in cni_cache_entries(&self.network) {
+        for e in node_cni_cache(&self.network, &self.sandbox_ids) {
             out.push(format!("CNI cache {}", e.display()));
+        }
+        for id in &self.sandbox_ids {
+            if let Some(s) = shim_socket(&self.containerd_socket, id).filter(|s| s.exists()) {
+                out.push(format!("shim socket {}", s.display()));
+            }
         }
         for c in cgroup_dirs(&self.cgroup_parent) {
             out.push(format!("cgroup {}", c.display()));
@@ -123,11 +129,50 @@ pub fn cni_cache_entries(network: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Removes the CNI result cache entries of `network`.
-pub fn remove_cni_cache(network: &str) {
-    for e in cni_cache_entries(network) {
+/// A node's CNI result cache entries: its network's, and those of
+/// containerd's built-in `cni-loopback` network for its sandboxes.
+pub fn node_cni_cache(network: &str, sandbox_ids: &[String]) -> Vec<PathBuf> {
+    let mut out = cni_cache_entries(network);
+    for e in cni_cache_entries("cni-loopback") {
+        let name = e
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if sandbox_ids.iter().any(|id| name.contains(id.as_str())) {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Removes a node's CNI result cache entries ([`node_cni_cache`]).
+pub fn remove_cni_cache(network: &str, sandbox_ids: &[String]) {
+    for e in node_cni_cache(network, sandbox_ids) {
         let _ = std::fs::remove_file(&e);
     }
+}
+
+/// The shim socket containerd 1.6 uses for a sandbox:
+/// `/run/containerd/s/<sha256 of "<containerd socket>/k8s.io/<id>">` (a
+/// fixed dir, whatever the config says). `None` if `sha256sum` fails.
+pub fn shim_socket(containerd_socket: &Path, id: &str) -> Option<PathBuf> {
+    use std::io::Write;
+    let key = containerd_socket.join("k8s.io").join(id);
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child
+        .stdin
+        .take()?
+        .write_all(key.as_os_str().as_encoded_bytes())
+        .ok()?;
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split_whitespace().next()?;
+    Some(Path::new("/run/containerd/s").join(hex))
 }
 
 /// The cgroup dirs named `parent` in every mounted hierarchy.

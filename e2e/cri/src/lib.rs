@@ -59,7 +59,12 @@
 //! - teardown of one pod: [`Node::stop_pod`] (as the kubelet: StopContainer
 //!   with the grace period, then StopPodSandbox), [`Node::stop_sandbox`],
 //!   [`Node::remove_sandbox`];
-//! - the node netns: [`Node::nft`] runs `nft` in it.
+//! - the node netns: [`Node::nft`] runs `nft` in it; [`Node::pod_processes`]
+//!   lists what runs in the node's cgroup parent, [`Node::container_pid`]
+//!   a container's init pid;
+//! - measurements: [`ping_replies`] (a busybox ping log: seq → RTT),
+//!   [`TcpSink`] (a listener in a pod's netns) with [`tcp_connect_time`] /
+//!   [`tcp_connect_median`] (handshakes from another pod's netns).
 //!
 //! # The DaemonSet
 //!
@@ -88,16 +93,19 @@ mod checks;
 pub mod daemonset;
 mod error;
 mod images;
+mod measure;
 mod node;
 
 pub use agent_pod::{AgentPod, Probe, AGENT_CONTAINER, INSTALL_CNI_CONTAINER};
 pub use checks::{
-    cgroup_dirs, cni_cache_entries, mount_of, mounts_under, processes, Footprint, CNI_CACHE_DIR,
+    cgroup_dirs, cni_cache_entries, mount_of, mounts_under, node_cni_cache, processes, shim_socket,
+    Footprint, CNI_CACHE_DIR,
 };
 pub use error::{Error, Result};
 pub use images::{
     agent_image, box_image, cache_dir, repo_root, AGENT_BINARIES, AGENT_IMAGE, BOX_IMAGE, BUSYBOX,
 };
+pub use measure::{ping_replies, tcp_connect_median, tcp_connect_time, TcpSink};
 pub use netfault_cri::api;
 pub use node::{
     parse_cri_log, prepare_host, random_uuid, ExecResult, Layout, Node, PodSpec, Sandbox,

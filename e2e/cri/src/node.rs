@@ -187,6 +187,8 @@ pub struct Node {
     containerd: Mutex<Option<Child>>,
     /// Netns paths of the sandboxes started here (removed if containerd left them).
     netns_paths: Mutex<Vec<PathBuf>>,
+    /// Ids of the sandboxes started here (CNI cache entries, shim sockets).
+    sandbox_ids: Mutex<Vec<String>>,
     /// tmpfs mounts made for emptyDir volumes.
     pub(crate) tmpfs: Mutex<Vec<PathBuf>>,
     netns: Netns,
@@ -351,6 +353,7 @@ impl Node {
             cri,
             containerd,
             netns_paths: Mutex::new(Vec::new()),
+            sandbox_ids: Mutex::new(Vec::new()),
             tmpfs: Mutex::new(Vec::new()),
             netns,
             _dir: dir,
@@ -530,6 +533,9 @@ impl Node {
                 .map(|r| r.into_inner().pod_sandbox_id)
                 .map_err(netfault_cri::CriError::call("RunPodSandbox"))
         })?;
+        if let Ok(mut v) = self.sandbox_ids.lock() {
+            v.push(id.clone());
+        }
         let mut cri = self.cri();
         let (status, info) = self.block_on(cri.sandbox_status(&id))?;
         let netns = netfault_cri::netns_path(&info);
@@ -789,9 +795,47 @@ impl Node {
                 .map(|v| v.clone())
                 .unwrap_or_default(),
             network: self.network.clone(),
+            sandbox_ids: self
+                .sandbox_ids
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default(),
             cgroup_parent: self.cgroup_parent.clone(),
             containerd_socket: self.layout.containerd_socket(),
         }
+    }
+
+    /// The host pid of a running container's init process (from the
+    /// verbose ContainerStatus).
+    pub fn container_pid(&self, container: &str) -> Result<u32> {
+        let mut cri = self.cri();
+        let r = self
+            .block_on(cri.runtime.container_status(api::ContainerStatusRequest {
+                container_id: container.to_string(),
+                verbose: true,
+            }))
+            .map_err(netfault_cri::CriError::call("ContainerStatus"))?
+            .into_inner();
+        r.info
+            .get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .and_then(|v| v["pid"].as_u64())
+            .filter(|p| *p > 0)
+            .map(|p| p as u32)
+            .ok_or_else(|| Error::Other(format!("container {container} has no pid (not running?)")))
+    }
+
+    /// The processes in this node's cgroup parent (pod containers and
+    /// what they started, such as the agent's delay holders): (pid, command line).
+    pub fn pod_processes(&self) -> Vec<(u32, String)> {
+        let needle = format!(":{}/", self.cgroup_parent);
+        crate::checks::processes()
+            .into_iter()
+            .filter(|(pid, _)| {
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.lines().any(|l| l.contains(&needle)))
+            })
+            .collect()
     }
 
     /// containerd's pid (for the leftovers check).
@@ -868,8 +912,19 @@ impl Node {
         crate::checks::remove_cgroup_parent(&self.cgroup_parent);
         // 4. Mounts (overlay rootfs, shm, tmpfs emptyDirs) under the node dir.
         unmount_under(&self.layout.dir);
-        // 5. CNI result cache entries of this node's network; netns files.
-        crate::checks::remove_cni_cache(&self.network);
+        // 5. CNI result cache entries (the pod network's and containerd's own
+        // `cni-loopback`), shim sockets in /run/containerd/s, netns files.
+        let ids = self
+            .sandbox_ids
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        crate::checks::remove_cni_cache(&self.network, &ids);
+        for id in &ids {
+            if let Some(s) = crate::checks::shim_socket(&socket, id) {
+                let _ = std::fs::remove_file(s);
+            }
+        }
         if let Ok(paths) = self.netns_paths.lock() {
             for p in paths.iter() {
                 if p.exists() {

@@ -28,8 +28,21 @@ fn node_runs_pods_over_cri_and_leaves_nothing_behind() {
     let log = node.container_log(&a, "ping").expect("ping's log");
     assert_eq!(code, 0, "ping from a to b failed:\n{log}");
     assert!(log.contains("3 packets received"), "{log}");
+    // What the leftovers check looks for exists while the node runs.
     let fp = node.footprint();
-    assert!(!fp.pod_netns.is_empty());
+    assert_eq!(fp.pod_netns.len(), 2);
+    assert!(fp.pod_netns.iter().all(|p| p.exists()));
+    let cache = e2e_cri::node_cni_cache(node.network(), &fp.sandbox_ids);
+    assert_eq!(
+        cache.len(),
+        4,
+        "bridge and loopback results of 2 pods: {cache:?}"
+    );
+    for id in &fp.sandbox_ids {
+        let sock = e2e_cri::shim_socket(&fp.containerd_socket, id).expect("sha256sum");
+        assert!(sock.exists(), "shim socket {} of {id}", sock.display());
+    }
+    assert!(!e2e_cri::cgroup_dirs(node.cgroup_parent()).is_empty());
     drop(node);
     assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
 }
