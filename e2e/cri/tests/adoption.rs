@@ -348,3 +348,102 @@ fn adoption_pods_started_before_the_agent_are_targeted_by_name_and_released_when
     drop(node);
     assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
 }
+
+#[test]
+fn adoption_agent_started_before_the_runtime_runs_node_only_then_adopts() {
+    testbed::require_root!();
+    // The agent (a plain process, as the testbed runs it) is told of a CRI
+    // socket that does not exist yet: a symlink that will point at the
+    // node's containerd once it runs.
+    let dir = testbed::TempDir::new("nfcri-early").expect("agent dir");
+    let link = dir.path().join("cri.sock");
+    let link_arg = link.display().to_string();
+    let agent = testbed::Agent::start_with_args(
+        dir.path(),
+        &["--cri-socket", &link_arg, "--cri-poll-interval", "50ms"],
+    )
+    .expect("the agent starts without a runtime");
+    let client = agent.client();
+    // Node-only: it serves, says why CRI is down, and a pod target is 404
+    // at once (the on-demand pass fails fast).
+    let caps = client
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities");
+    assert_eq!(caps["cri"]["enabled"], true, "{caps}");
+    assert_eq!(caps["cri"]["connected"], false, "{caps}");
+    assert!(
+        caps["cri"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cri.sock")),
+        "{caps}"
+    );
+    let t = Instant::now();
+    match client.call(
+        "POST",
+        "/v1/faults",
+        Some(&on_pod("nobody", json!({"type": "blackhole"}))),
+    ) {
+        Err(netfault_api::ClientError::Api { status, .. }) => assert_eq!(status, 404),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a 404 took {:?}",
+        t.elapsed()
+    );
+
+    // The runtime comes up (while the agent keeps retrying quietly).
+    let node = Node::start().expect("start the node");
+    let failed = client
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities")["cri"]["passes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(failed >= 3, "only {failed} polls failed so far");
+    std::os::unix::fs::symlink(node.layout().containerd_socket(), &link)
+        .expect("point the agent's socket path at containerd");
+    let pod = node.pod("after", &[]).expect("a pod");
+    let peer = node.pod("peer", &[]).expect("a peer");
+    let sink = TcpSink::start(&peer, 8080).expect("listener in the peer");
+    assert!(
+        tcp_connect_time(&pod, sink.addr, Duration::from_secs(2))
+            .expect("connect")
+            .is_some(),
+        "baseline"
+    );
+    // Targeted by name right away: the unknown name makes the agent ask the
+    // runtime now, whatever its backoff.
+    let f = agent
+        .post_fault(&on_pod("after", json!({"type": "blackhole"})))
+        .expect("POST on a pod of the runtime that came up late");
+    let f = agent.get_fault(&f).expect("GET the fault");
+    assert_eq!(f["sandbox"], pod.id.as_str(), "{f}");
+    assert_eq!(
+        tcp_connect_time(&pod, sink.addr, Duration::from_millis(500)).expect("connect"),
+        None,
+        "the blackhole does not act"
+    );
+    let caps = client
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities");
+    assert_eq!(caps["cri"]["connected"], true, "{caps}");
+    assert!(caps["cri"]["last_error"].is_null(), "{caps}");
+
+    // Several failed polls, one warning; and one line when it came back.
+    let log = std::fs::read_to_string(agent.log_path()).expect("agent log");
+    let down = log.matches("container runtime unreachable").count();
+    let back = log.matches("the container runtime answers again").count();
+    assert_eq!((down, back), (1, 1), "log:\n{log}");
+
+    // Stopped: released by the poll, as for any adopted pod.
+    node.stop_sandbox(&pod.id).expect("StopPodSandbox");
+    let released = eventually(Duration::from_secs(3), || {
+        agent
+            .sandboxes()
+            .is_ok_and(|l| !l.iter().any(|s| s["id"] == pod.id.as_str()))
+    });
+    assert!(released, "not released: {:#?}", agent.sandboxes());
+    drop(agent);
+    drop(sink);
+    drop(node);
+}
