@@ -205,6 +205,11 @@ fn tar_layout(layout: &Path, out: &Path) -> Result<()> {
 /// The agent image's OCI archive, built by `daemonset/build-image.sh` from
 /// this profile's workspace binaries (if the cache has none for them).
 pub fn agent_image() -> Result<PathBuf> {
+    // Not testbed::ensure_workspace_bins: its `cargo build -p … --bins`
+    // unifies features differently from `cargo build --workspace`, so the
+    // two rebuild each other's binaries (a minute here, and a new image each
+    // time). The binaries come from `cargo build --workspace`, which
+    // scripts/e2e-cri.sh and scripts/test.sh run first.
     let bins: Vec<PathBuf> = AGENT_BINARIES
         .iter()
         .map(|b| testbed::workspace_bin(b))

@@ -64,7 +64,8 @@
 //!   a container's init pid;
 //! - measurements: [`ping_replies`] (a busybox ping log: seq → RTT),
 //!   [`TcpSink`] (a listener in a pod's netns) with [`tcp_connect_time`] /
-//!   [`tcp_connect_median`] (handshakes from another pod's netns).
+//!   [`tcp_connect_median`] (handshakes from another pod's netns),
+//!   [`HttpOk`] + [`http_status`] (HTTP status codes between pods).
 //!
 //! # The DaemonSet
 //!
@@ -105,7 +106,9 @@ pub use error::{Error, Result};
 pub use images::{
     agent_image, box_image, cache_dir, repo_root, AGENT_BINARIES, AGENT_IMAGE, BOX_IMAGE, BUSYBOX,
 };
-pub use measure::{ping_replies, tcp_connect_median, tcp_connect_time, TcpSink};
+pub use measure::{
+    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, TcpSink,
+};
 pub use netfault_cri::api;
 pub use node::{
     parse_cri_log, prepare_host, random_uuid, ExecResult, Layout, Node, PodSpec, Sandbox,
