@@ -80,14 +80,22 @@ fn key(files: &[PathBuf], extra: &[u8]) -> Result<String> {
     Ok(format!("{:016x}", h.finish()))
 }
 
-/// Removes `prefix*suffix` files in the cache other than `keep`.
+/// Removes `prefix*suffix` files in the cache other than `keep` that are
+/// older than 10 minutes (a younger one may be imported right now by a
+/// test process that still has the binaries it was built from).
 fn prune(prefix: &str, suffix: &str, keep: &Path) {
     let Ok(rd) = std::fs::read_dir(cache_dir()) else {
         return;
     };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with(prefix) && n.ends_with(suffix) && e.path() != keep {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(600));
+        if n.starts_with(prefix) && n.ends_with(suffix) && e.path() != keep && old {
             let _ = std::fs::remove_file(e.path());
         }
     }

@@ -42,6 +42,9 @@
 //! the CNI result cache entries (`/var/lib/cni/results/<network>-*`), the
 //! pods' netns files, the node netns and the dir. [`Node::footprint`] taken
 //! before the drop lists what is left after it ([`Footprint::leftovers`]).
+//! A test process killed before its drops run leaves its node behind; the
+//! next test process sweeps it at its first [`Node::start`]
+//! ([`sweep_stale_nodes`], keyed by the dead owner's pid in the dir name).
 //!
 //! # Driving it
 //!
@@ -111,6 +114,6 @@ pub use measure::{
 };
 pub use netfault_cri::api;
 pub use node::{
-    parse_cri_log, prepare_host, random_uuid, ExecResult, Layout, Node, PodSpec, Sandbox,
-    CRI_TIMEOUT, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SHARED_HOST_PATHS,
+    parse_cri_log, prepare_host, random_uuid, sweep_stale_nodes, ExecResult, Layout, Node, PodSpec,
+    Sandbox, CRI_TIMEOUT, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SHARED_HOST_PATHS,
 };

@@ -193,6 +193,19 @@ fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
     let sink = TcpSink::start(&b, 8080).expect("listener in b");
     let timeout = Duration::from_secs(2);
     tcp_connect_median(&a, sink.addr, 3, timeout).expect("a reaches b with the agent up");
+    // a has a delay (its packets sit in a holder process of the agent's).
+    agent
+        .post_fault(&on_pod(
+            "a",
+            json!({"type": "delay", "latency": "50ms"}),
+            json!({}),
+        ))
+        .expect("POST a delay on a");
+    let delayed = tcp_connect_median(&a, sink.addr, 3, timeout).expect("delayed handshakes");
+    assert!(
+        delayed >= Duration::from_millis(95),
+        "the delay is not active: {delayed:?}"
+    );
 
     // Kill the agent container (StopContainer, timeout 0: SIGKILL).
     let id = agent
@@ -209,8 +222,11 @@ fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
         "netfault must still be chained (install-cni runs)"
     );
 
-    // Running pods keep talking.
-    tcp_connect_median(&a, sink.addr, 5, timeout).expect("a reaches b with the agent dead");
+    // Running pods keep talking; the delayed one too (its holder released
+    // what it held and exited; the queue's bypass passes traffic).
+    let after =
+        tcp_connect_median(&a, sink.addr, 5, timeout).expect("a reaches b with the agent dead");
+    eprintln!("a's handshakes: {delayed:?} delayed, {after:?} with the agent dead");
     // New pods start (the plugin fails open) and talk.
     let t = Instant::now();
     let c = node
