@@ -330,6 +330,15 @@ impl PodPlan {
             .find(|c| c.name == name)
             .ok_or_else(|| Error::Manifest(format!("no container named {name}")))
     }
+
+    /// A container to change before [`crate::Node::start_plan`] (extra
+    /// args, another seccomp profile, ...).
+    pub fn container_mut(&mut self, name: &str) -> Result<&mut ContainerPlan> {
+        self.containers
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::Manifest(format!("no container named {name}")))
+    }
 }
 
 /// What the translation needs to know about the node.

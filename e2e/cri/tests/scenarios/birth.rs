@@ -72,10 +72,11 @@ fn birth_loss_shorthand_drops_the_first_packets_until_it_expires() {
         .keys()
         .next()
         .unwrap_or_else(|| panic!("no reply at all after the fault's 2 s:\n{log}"));
-    // 2 s of loss from ADD at one ping per 200 ms: about 10 pings lost
-    // (fewer by the container's start time).
+    // 2 s of loss from ADD at one ping per 200 ms: about 10 pings lost,
+    // fewer by the container's start time (up to a second or more on a
+    // loaded machine), never more than the 2 s allow.
     assert!(
-        (4..=14).contains(&first),
+        (2..=14).contains(&first),
         "first reply at seq={first}; a 2 s loss at 5 pings/s loses about 10:\n{log}"
     );
     let after: Vec<u64> = (first..25).filter(|s| !replies.contains_key(s)).collect();
