@@ -55,7 +55,8 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn new(dir: &Path) -> Layout {
+    /// The layout of a node whose private dir is `dir` (creates nothing).
+    pub fn new(dir: &Path) -> Layout {
         Layout {
             dir: dir.to_path_buf(),
             run_netfault: dir.join("run-netfault"),
