@@ -26,7 +26,7 @@ fi
 [ "${1:-}" = "--" ] && shift
 
 missing=()
-for tool in containerd containerd-shim-runc-v2 runc ctr umoci mmdebstrap kubectl protoc jq nft strip; do
+for tool in containerd containerd-shim-runc-v2 runc ctr umoci mmdebstrap kubectl protoc jq nft; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 for f in /bin/busybox /usr/lib/cni/bridge /usr/lib/cni/host-local; do

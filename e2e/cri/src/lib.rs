@@ -68,7 +68,8 @@
 //! - measurements: [`ping_replies`] (a busybox ping log: seq → RTT),
 //!   [`TcpSink`] (a listener in a pod's netns) with [`tcp_connect_time`] /
 //!   [`tcp_connect_median`] (handshakes from another pod's netns),
-//!   [`HttpOk`] + [`http_status`] (HTTP status codes between pods).
+//!   [`HttpOk`] + [`http_status`] (HTTP status codes between pods),
+//!   [`IcmpTap`] (the echo requests a pod receives, by sequence number).
 //!
 //! # The DaemonSet
 //!
@@ -110,7 +111,7 @@ pub use images::{
     agent_image, box_image, cache_dir, repo_root, AGENT_BINARIES, AGENT_IMAGE, BOX_IMAGE, BUSYBOX,
 };
 pub use measure::{
-    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, TcpSink,
+    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, IcmpTap, TcpSink,
 };
 pub use netfault_cri::api;
 pub use node::{
