@@ -12,9 +12,10 @@
 //!   `valueFrom.fieldRef` of `spec.nodeName` → the node's name,
 //!   `metadata.name`, `metadata.namespace`, `metadata.uid`);
 //! - `volumeMounts` over `volumes`: `hostPath` (its `path` through the
-//!   node-layout map, [`Layout::host_path`]; `type` `DirectoryOrCreate`
-//!   creates it, `Directory` and others must exist), `emptyDir` (a dir under
-//!   the pod's dir; `medium: Memory` mounts a tmpfs of `sizeLimit`);
+//!   node-layout map, [`Layout::host_path`], symlinks resolved; `type`
+//!   `DirectoryOrCreate` is created by [`prepare`], `Directory` and others
+//!   must exist), `emptyDir` (a dir under the pod's dir; `medium: Memory`
+//!   gets a tmpfs of `sizeLimit`, mounted by [`prepare`]);
 //!   `readOnly`, `mountPropagation` (`None` → PRIVATE, `HostToContainer` →
 //!   HOST_TO_CONTAINER, `Bidirectional` → BIDIRECTIONAL), `subPath`;
 //! - `securityContext`: `capabilities.add/drop`, `privileged`, `runAsUser`,
