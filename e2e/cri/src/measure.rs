@@ -183,6 +183,8 @@ impl IcmpTap {
                 }
             })?
             .ctx(|| format!("raw ICMP socket in pod {}", pod.name))?;
+        // std has no raw socket type; UdpSocket only wraps the descriptor
+        // for recv with a timeout, which works on any datagram-like socket.
         let sock = std::net::UdpSocket::from(fd);
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .ctx(|| "SO_RCVTIMEO".into())?;
