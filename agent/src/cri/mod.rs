@@ -135,9 +135,9 @@ struct PassState {
     client: Option<Arc<dyn Runtime>>,
     /// Ids the runtime listed READY in an earlier pass.
     seen_ready: HashSet<String>,
-    /// READY sandboxes that are not adopted, and why (hostNetwork, no
-    /// netns, a refused enrolment): each is logged once per reason.
-    skipped: HashMap<String, String>,
+    /// READY sandboxes that are not adopted, and why: each is logged once
+    /// per reason.
+    skipped: HashMap<String, Skipped>,
     /// The runtime was unreachable on the last pass (logged once).
     down: bool,
 }
@@ -350,6 +350,7 @@ impl Adopter {
         let todo: Vec<&String> = runtime
             .iter()
             .filter(|(id, s)| **s == RuntimeState::Ready && !enrolled.contains(*id))
+            .filter(|(id, _)| !matches!(st.skipped.get(*id), Some(Skipped::Never(_))))
             .map(|(id, _)| id)
             .collect();
         if todo.is_empty() {
@@ -381,7 +382,7 @@ impl Adopter {
             let view = SandboxView::new(&status, &info);
             match enrol_request(&view) {
                 Ok(req) => requests.push((id, view, req)),
-                Err(why) => skip(st, &id, &view, why, false),
+                Err(why) => skip(st, &id, &view, Skipped::Never(why)),
             }
         }
         let registry = self.registry.clone();
@@ -409,7 +410,7 @@ impl Adopter {
                 }
                 Err(e) => {
                     self.metrics.cri.errors.fetch_add(1, Ordering::Relaxed);
-                    skip(st, id, view, format!("enrolment refused: {e}"), true);
+                    skip(st, id, view, Skipped::Refused(e.to_string()));
                 }
             }
         }
@@ -466,16 +467,31 @@ impl Adopter {
     }
 }
 
-/// Records why a READY sandbox is not adopted; logs it once per reason.
-fn skip(st: &mut PassState, id: &str, view: &SandboxView, why: String, warn: bool) {
+/// Why a READY sandbox is not adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Skipped {
+    /// Its status says it cannot be (hostNetwork, no netns path, a closed
+    /// netns): a sandbox's namespaces never change, so it is not asked again.
+    Never(String),
+    /// The registry refused it (an address another sandbox has, full
+    /// slots): tried again on every pass.
+    Refused(String),
+}
+
+/// Records why a READY sandbox is not adopted; logs it once per reason
+/// (a refusal at warn, the rest at debug).
+fn skip(st: &mut PassState, id: &str, view: &SandboxView, why: Skipped) {
     if st.skipped.get(id) == Some(&why) {
         return;
     }
     let pod = format!("{}/{}", view.namespace, view.name);
-    if warn {
-        tracing::warn!(sandbox = %id, %pod, reason = %why, "not adopting a pod sandbox");
-    } else {
-        tracing::debug!(sandbox = %id, %pod, reason = %why, "not adopting a pod sandbox");
+    match &why {
+        Skipped::Refused(reason) => {
+            tracing::warn!(sandbox = %id, %pod, %reason, "not adopting a pod sandbox")
+        }
+        Skipped::Never(reason) => {
+            tracing::debug!(sandbox = %id, %pod, %reason, "not adopting a pod sandbox")
+        }
     }
     st.skipped.insert(id.to_string(), why);
 }

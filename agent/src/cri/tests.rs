@@ -39,6 +39,7 @@ struct Pod {
     name: String,
     ready: bool,
     host_network: bool,
+    netns: &'static str,
 }
 
 /// The runtime's sandboxes, what it was asked, and whether it answers.
@@ -55,6 +56,10 @@ struct World {
 
 impl World {
     fn add(&self, id: &str, ready: bool, host_network: bool) {
+        self.add_in(id, ready, host_network, OWN_NETNS);
+    }
+
+    fn add_in(&self, id: &str, ready: bool, host_network: bool, netns: &'static str) {
         let mut pods = self.pods.lock().expect("pods");
         pods.retain(|p| p.id != id);
         pods.push(Pod {
@@ -62,6 +67,7 @@ impl World {
             name: format!("pod-{id}"),
             ready,
             host_network,
+            netns,
         });
     }
 
@@ -140,7 +146,7 @@ impl Runtime for FakeRuntime {
             let namespaces = if p.host_network {
                 serde_json::json!([{"type": "pid"}])
             } else {
-                serde_json::json!([{"type": "network", "path": OWN_NETNS}])
+                serde_json::json!([{"type": "network", "path": p.netns}])
             };
             let status = api::PodSandboxStatus {
                 id: p.id.clone(),
@@ -281,14 +287,12 @@ async fn a_pass_adopts_ready_pod_sandboxes_with_their_pod_but_not_host_network_o
         })
     );
     assert_eq!(sb.ifname, "eth0");
-    // Nothing new: the next pass asks no status and adopts nothing.
+    // Nothing new: the next pass asks no status (not even the host-network
+    // sandbox's again) and adopts nothing.
     let asked = fx.world.statuses.load(Ordering::SeqCst);
+    assert_eq!(asked, 2, "a and host were asked once");
     assert_eq!(fx.pass().await, PassOutcome::default());
-    assert_eq!(
-        fx.world.statuses.load(Ordering::SeqCst) - asked,
-        1,
-        "only the host-network sandbox is asked again"
-    );
+    assert_eq!(fx.world.statuses.load(Ordering::SeqCst), asked);
     assert_eq!(fx.metrics.cri.adopted.load(Ordering::SeqCst), 1);
     let caps = fx.adopter.capabilities();
     assert_eq!(caps["connected"], true);
@@ -500,4 +504,19 @@ fn host_network_and_netns_less_sandboxes_are_not_adopted() {
         ..view()
     };
     assert!(enrol_request(&closed).is_err());
+}
+
+#[tokio::test]
+async fn a_refused_adoption_is_retried_on_every_pass() {
+    let fx = fixture("refused");
+    fx.world
+        .add_in("gone", true, false, "/nonexistent/netfault-netns");
+    assert_eq!(fx.pass().await, PassOutcome::default());
+    assert_eq!(fx.metrics.cri.errors.load(Ordering::SeqCst), 1);
+    fx.pass().await;
+    assert_eq!(fx.world.statuses.load(Ordering::SeqCst), 2, "asked again");
+    assert_eq!(fx.metrics.cri.errors.load(Ordering::SeqCst), 2);
+    // Fixed on the runtime's side: adopted.
+    fx.world.add("gone", true, false);
+    assert_eq!(fx.pass().await.adopted, 1);
 }
