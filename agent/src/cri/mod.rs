@@ -109,6 +109,9 @@ pub enum AdoptError {
     Cri(#[from] CriError),
     #[error("registry worker failed: {0}")]
     Worker(String),
+    /// The pass this call waited for failed (its error, as text).
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// What one pass did.
@@ -140,6 +143,8 @@ struct PassState {
     skipped: HashMap<String, Skipped>,
     /// The runtime was unreachable on the last pass (logged once).
     down: bool,
+    /// Why the last pass failed.
+    last_error: Option<String>,
 }
 
 pub struct Adopter {
@@ -208,11 +213,37 @@ impl Adopter {
         let want = self.started.load(Ordering::SeqCst) + 1;
         let mut st = self.pass.lock().await;
         if st.done >= want {
-            return Ok(PassOutcome::default());
+            // A pass that started after this call ran meanwhile: its outcome.
+            return match &st.last_error {
+                None => Ok(PassOutcome::default()),
+                Some(e) => Err(AdoptError::Shared(e.clone())),
+            };
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let result = self.pass(&mut st).await;
         st.done = generation;
+        match &result {
+            Ok(_) => {
+                if st.down {
+                    tracing::info!(socket = %self.cfg.socket.display(), "the container runtime answers again");
+                }
+                st.down = false;
+                st.last_error = None;
+            }
+            Err(e) => {
+                // Connect again next time.
+                st.client = None;
+                self.metrics.cri.errors.fetch_add(1, Ordering::Relaxed);
+                if !st.down {
+                    tracing::warn!(socket = %self.cfg.socket.display(), error = %e,
+                        "container runtime unreachable: running node-only (CNI and pending enrolments); retrying quietly");
+                } else {
+                    tracing::debug!(error = %e, "container runtime still unreachable");
+                }
+                st.down = true;
+                st.last_error = Some(e.to_string());
+            }
+        }
         let mut status = self.status();
         status.passes += 1;
         match &result {
@@ -265,27 +296,7 @@ impl Adopter {
     /// One pass: list, adopt, release.
     async fn pass(&self, st: &mut PassState) -> Result<PassOutcome, AdoptError> {
         let started = std::time::Instant::now();
-        let listed = match self.list(st).await {
-            Ok(l) => {
-                if st.down {
-                    tracing::info!(socket = %self.cfg.socket.display(), "the container runtime answers again");
-                }
-                st.down = false;
-                l
-            }
-            Err(e) => {
-                st.client = None;
-                self.metrics.cri.errors.fetch_add(1, Ordering::Relaxed);
-                if !st.down {
-                    tracing::warn!(socket = %self.cfg.socket.display(), error = %e,
-                        "container runtime unreachable: running node-only (CNI and pending enrolments); retrying quietly");
-                } else {
-                    tracing::debug!(error = %e, "container runtime still unreachable");
-                }
-                st.down = true;
-                return Err(e);
-            }
-        };
+        let listed = self.list(st).await?;
         let runtime: HashMap<String, RuntimeState> = listed
             .iter()
             .map(|sb| {
@@ -373,11 +384,7 @@ impl Adopter {
                 Ok(s) => s,
                 // Removed since the listing: nothing to adopt.
                 Err(e) if e.is_not_found() => continue,
-                Err(e) => {
-                    st.client = None;
-                    self.metrics.cri.errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             };
             let view = SandboxView::new(&status, &info);
             match enrol_request(&view) {

@@ -520,3 +520,32 @@ async fn a_refused_adoption_is_retried_on_every_pass() {
     fx.world.add("gone", true, false);
     assert_eq!(fx.pass().await.adopted, 1);
 }
+
+#[tokio::test]
+async fn callers_that_share_a_failed_pass_get_its_error() {
+    let fx = fixture("shared-error");
+    fx.pass().await;
+    fx.world.up.store(false, Ordering::SeqCst);
+    fx.world.list_ms.store(200, Ordering::SeqCst);
+    let a = fx.adopter.clone();
+    let first = tokio::spawn(async move { a.refresh().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let a = fx.adopter.clone();
+            tokio::spawn(async move { a.refresh().await })
+        })
+        .collect();
+    assert!(first.await.expect("join").is_err());
+    for w in waiting {
+        let r = w.await.expect("join");
+        assert!(
+            r.as_ref().is_err_and(|e| e.to_string().contains("down")),
+            "{r:?}"
+        );
+    }
+    assert!(
+        !fx.adopter.refresh_within(Duration::from_secs(1)).await,
+        "a failed pass is not a refresh"
+    );
+}
