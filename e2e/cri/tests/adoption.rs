@@ -354,8 +354,9 @@ fn adoption_agent_started_before_the_runtime_runs_node_only_then_adopts() {
     testbed::require_root!();
     // The agent (a plain process, as the testbed runs it) is told of a CRI
     // socket that does not exist yet: a symlink that will point at the
-    // node's containerd once it runs.
-    let dir = testbed::TempDir::new("nfcri-early").expect("agent dir");
+    // node's containerd once it runs. (Not named `nfcri-*`: the harness
+    // sweeps such dirs of dead processes, killing what names them.)
+    let dir = testbed::TempDir::new("nfadopt-early").expect("agent dir");
     let link = dir.path().join("cri.sock");
     let link_arg = link.display().to_string();
     let agent = testbed::Agent::start_with_args(
