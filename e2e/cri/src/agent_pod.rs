@@ -230,6 +230,37 @@ impl Node {
         }
     }
 
+    /// Restarts a container of the pod as the kubelet does after it died
+    /// (restartPolicy Always): a new container from the same config with the
+    /// next attempt number, logging to `<name>/<attempt>.log`. The new id
+    /// replaces the old one in `pod.containers`.
+    pub fn restart_container(&self, pod: &mut AgentPod, name: &str) -> Result<String> {
+        let old = pod.container_id(name)?.to_string();
+        let mut cri = self.cri();
+        let attempt = self
+            .block_on(
+                cri.runtime
+                    .container_status(crate::api::ContainerStatusRequest {
+                        container_id: old,
+                        verbose: false,
+                    }),
+            )
+            .map_err(netfault_cri::CriError::call("ContainerStatus"))?
+            .into_inner()
+            .status
+            .and_then(|s| s.metadata)
+            .map_or(0, |m| m.attempt)
+            + 1;
+        let mut config = pod.plan.container(name)?.config.clone();
+        if let Some(m) = config.metadata.as_mut() {
+            m.attempt = attempt;
+        }
+        config.log_path = format!("{name}/{attempt}.log");
+        let id = self.run_container(&pod.sandbox, config)?;
+        pod.containers.insert(name.to_string(), id.clone());
+        Ok(id)
+    }
+
     /// Whether the pod conflist's last plugin is netfault.
     pub fn conflist_has_netfault(&self) -> bool {
         std::fs::read(self.conflist_path())

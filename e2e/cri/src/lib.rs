@@ -81,7 +81,8 @@
 //! the conflist ends with netfault. The [`AgentPod`] has the container ids,
 //! the host-side socket ([`AgentPod::client`], [`AgentPod::post_fault`], …)
 //! and the plan; [`Node::probe`], [`Node::agent_log`], [`Node::stop_agent`]
-//! act on it. [`Node::daemonset_plan`] + [`Node::start_plan`] split the
+//! act on it; [`Node::restart_container`] restarts a dead container as the
+//! kubelet does. [`Node::daemonset_plan`] + [`Node::start_plan`] split the
 //! deployment for tests that change the plan or start the agent later.
 //!
 //! install-cni's `--socket` is the one argument translated through the

@@ -885,8 +885,20 @@ impl Node {
 
     /// A container's log as the text it wrote (the CRI log format's
     /// timestamps, streams and partial-line tags removed).
+    /// The log of the container's latest attempt (`<name>/<attempt>.log`,
+    /// as the kubelet names them) is read.
     pub fn container_log(&self, sandbox: &Sandbox, container: &str) -> Result<String> {
-        let path = sandbox.log_dir.join(container).join("0.log");
+        let dir = sandbox.log_dir.join(container);
+        let latest = std::fs::read_dir(&dir)
+            .ctx(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_suffix(".log")?.parse::<u32>().ok()
+            })
+            .max()
+            .unwrap_or(0);
+        let path = dir.join(format!("{latest}.log"));
         let raw = std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
         Ok(parse_cri_log(&raw))
     }

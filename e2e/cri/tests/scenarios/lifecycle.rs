@@ -184,6 +184,11 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
     assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
 }
 
+/// The agent container killed (SIGKILL): running pods keep talking (also
+/// one whose packets the agent's holder delayed), new pods start (the
+/// plugin fails open and leaves a pending enrolment); restarted as the
+/// kubelet would, the agent adopts the pending pod and its annotation's
+/// fault takes effect.
 #[test]
 fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
     testbed::require_root!();
@@ -249,5 +254,35 @@ fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
         pending.exists(),
         "no pending enrolment {}",
         pending.display()
+    );
+
+    // The kubelet restarts the agent: it adopts the pending enrolment, and
+    // c's birth-time loss (100%) takes effect on the wire.
+    let mut agent = agent;
+    node.restart_container(&mut agent, AGENT_CONTAINER)
+        .expect("restart netfaultd");
+    node.wait_agent_ready(&agent, Duration::from_secs(30))
+        .expect("the restarted agent is ready");
+    let adopted = eventually(Duration::from_secs(5), || {
+        agent
+            .sandboxes()
+            .is_ok_and(|l| l.iter().any(|s| s["id"] == c.id.as_str()))
+    });
+    assert!(
+        adopted,
+        "c's pending enrolment was not adopted: {:#?}",
+        agent.sandboxes()
+    );
+    assert!(
+        tcp_connect_time(&c, sink.addr, Duration::from_millis(500))
+            .expect("connect")
+            .is_none(),
+        "c's 100% loss annotation has no effect after the adoption"
+    );
+    assert!(
+        tcp_connect_time(&a, sink.addr, timeout)
+            .expect("connect")
+            .is_some(),
+        "a lost its connectivity over the agent's restart"
     );
 }
