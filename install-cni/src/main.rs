@@ -2,6 +2,7 @@
 //! Installs the `netfault` plugin binary and its conflist entry, keeps the entry in place
 //! while the primary CNI rewrites its config, and removes both on SIGTERM/SIGINT.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::mpsc;
 
@@ -56,6 +57,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: container logs are files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -284,6 +284,12 @@ pub fn sweep_stale_nodes() -> usize {
             continue;
         }
         let dir = e.path();
+        // Only node dirs: the record is written before containerd starts,
+        // so a dir without one holds no process of a node (and may be
+        // another test's dir that happens to share the prefix).
+        if !dir.join(NODE_RECORD).exists() {
+            continue;
+        }
         let needle = dir.to_string_lossy().into_owned();
         for (p, cmd) in crate::checks::processes() {
             if cmd.contains(&needle) {
