@@ -155,11 +155,17 @@ impl Api {
         let path = req.uri().path().to_string();
         let resp = self.route(req).await;
         let status = resp.status().as_u16();
-        let pid = peer.pid.unwrap_or(-1);
+        // SO_PEERCRED reports pid 0 for a caller outside the agent's pid
+        // namespace (the DaemonSet runs with hostPID: false, so the CNI
+        // plugin and host tools are such callers); the uid still names them.
+        let pid = match peer.pid {
+            Some(p) if p > 0 => p.to_string(),
+            _ => "outside-pidns".to_string(),
+        };
         if method == Method::GET || method == Method::HEAD {
-            tracing::debug!(%method, %path, status, pid, uid = peer.uid, gid = peer.gid, "api read");
+            tracing::debug!(%method, %path, status, %pid, uid = peer.uid, gid = peer.gid, "api read");
         } else {
-            tracing::info!(%method, %path, status, pid, uid = peer.uid, gid = peer.gid, "api request");
+            tracing::info!(%method, %path, status, %pid, uid = peer.uid, gid = peer.gid, "api request");
         }
         resp
     }
