@@ -11,8 +11,16 @@
 # tests/daemonset.rs checks this).
 #
 # Load it into containerd:  ctr -n k8s.io images import target/netfaultd-image.oci.tar
+#
+# Usage: daemonset/build-image.sh [--bin-dir DIR] [--out FILE]
+#   --bin-dir DIR  take the binaries from DIR (default: target/release, built
+#                  with cargo if missing); with --bin-dir nothing is built and
+#                  a missing binary is an error. The CRI test level (e2e/cri)
+#                  passes target/debug, which `cargo build --workspace` fills.
+#   --out FILE     write the archive there (default: target/netfaultd-image.oci.tar)
 set -euo pipefail
 
+CALLER_DIR=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
@@ -28,6 +36,30 @@ BINARIES=(netfaultd netfaultctl netfault)
 OPTIONAL_BINARIES=(netfault-install-cni)
 RELEASE_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
 OUT=$ROOT/target/netfaultd-image.oci.tar
+# Set by --bin-dir: use the binaries there as they are, build nothing.
+EXPLICIT_BIN_DIR=0
+
+usage() { printf 'usage: %s [--bin-dir DIR] [--out FILE]\n' "$0" >&2; exit 2; }
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --bin-dir)
+            [ "$#" -ge 2 ] || usage
+            case "$2" in /*) d=$2 ;; *) d=$CALLER_DIR/$2 ;; esac
+            [ -d "$d" ] || die "--bin-dir $2: not a directory"
+            RELEASE_DIR=$(cd "$d" && pwd)
+            EXPLICIT_BIN_DIR=1
+            shift 2 ;;
+        --out)
+            [ "$#" -ge 2 ] && [ -n "$2" ] || usage
+            case "$2" in
+                /*) OUT=$2 ;;
+                *) OUT=$CALLER_DIR/$2 ;;
+            esac
+            shift 2 ;;
+        -h|--help) usage ;;
+        *) printf 'build-image: unknown argument %s\n' "$1" >&2; usage ;;
+    esac
+done
 
 # --- packages -----------------------------------------------------------------
 need=()
@@ -48,14 +80,14 @@ missing=0
 for b in "${BINARIES[@]}"; do
     [ -x "$RELEASE_DIR/$b" ] || missing=1
 done
-if [ "$missing" -eq 1 ]; then
+if [ "$missing" -eq 1 ] && [ "$EXPLICIT_BIN_DIR" -eq 0 ]; then
     . scripts/lib.sh
     find_cargo build-image.sh
     log "building release binaries (cargo build --release -p netfault-agent -p netfault-cni)"
     cargo build --release -p netfault-agent -p netfault-cni
 fi
 for b in "${BINARIES[@]}"; do
-    [ -x "$RELEASE_DIR/$b" ] || die "$RELEASE_DIR/$b missing after the build"
+    [ -x "$RELEASE_DIR/$b" ] || die "$RELEASE_DIR/$b missing (build it first: cargo build --workspace, or --release)"
 done
 include=("${BINARIES[@]}")
 for b in "${OPTIONAL_BINARIES[@]}"; do
@@ -74,9 +106,9 @@ export SOURCE_DATE_EPOCH
 CREATED=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 log "SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH ($CREATED)"
 
-WORK=$ROOT/target/image-build
-rm -rf "$WORK"
-mkdir -p "$WORK"
+# A work dir of its own, so that two builds (of different --out) never share one.
+mkdir -p "$ROOT/target"
+WORK=$(mktemp -d "$ROOT/target/image-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # --- rootfs -------------------------------------------------------------------

@@ -1,0 +1,220 @@
+//! Lifecycle: a pod with faults of every backend stopped and removed
+//! through CRI leaves nothing of netfault anywhere; a killed agent stops no
+//! pod from starting or talking.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use e2e_cri::{tcp_connect_median, tcp_connect_time, TcpSink, AGENT_CONTAINER};
+use serde_json::json;
+
+use crate::support::{deployed, eventually, on_pod};
+
+/// Files under a dir (relative paths), recursively.
+fn tree(dir: &Path) -> BTreeSet<String> {
+    fn walk(base: &Path, d: &Path, out: &mut BTreeSet<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                out.insert(p.strip_prefix(base).unwrap_or(&p).display().to_string());
+                if p.is_dir() {
+                    walk(base, &p, out);
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// netfault's entries in bpffs (it pins nothing; any entry is a leak).
+fn bpffs_netfault() -> Vec<String> {
+    fn walk(d: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.to_string_lossy().contains("netfault") {
+                    out.push(p.display().to_string());
+                }
+                if p.is_dir() {
+                    walk(&p, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/bpf"), &mut out);
+    out
+}
+
+#[test]
+fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
+    testbed::require_root!();
+    let (node, agent) = deployed();
+    let peer = node.pod("peer", &[]).expect("peer pod");
+    let sink = TcpSink::start(&peer, 8080).expect("listener in the peer pod");
+    let state_before = tree(&node.layout().run_netfault);
+    let nft_before = node
+        .nft(&["list", "tables"])
+        .expect("nft in the node netns");
+    let pins_before = bpffs_netfault();
+
+    let x = node.pod("x", &[]).expect("pod x");
+    let x_netns = x.netns.clone().expect("x has a netns");
+    let faults = [
+        (
+            "ebpf-tc",
+            on_pod(
+                "x",
+                json!({"type": "loss", "percent": 100}),
+                json!({"match": {"protocol": "udp", "ports": "9"}}),
+            ),
+        ),
+        (
+            "nfqueue",
+            on_pod("x", json!({"type": "delay", "latency": "60ms"}), json!({})),
+        ),
+        (
+            "proxy",
+            on_pod(
+                "x",
+                json!({"type": "http-abort", "status": 503}),
+                json!({"match": {"protocol": "tcp", "ports": "80"}}),
+            ),
+        ),
+    ];
+    for (backend, body) in &faults {
+        let f = agent.post_fault(body).expect("POST a fault");
+        assert_eq!(f["backend"], *backend, "{f}");
+        assert_eq!(f["state"], "active", "{f}");
+    }
+    // Active on the wire (the delay), with its holder process running.
+    let rtt = tcp_connect_median(&x, sink.addr, 3, Duration::from_secs(3)).expect("handshakes");
+    assert!(
+        rtt >= Duration::from_millis(115),
+        "the delay is not active: {rtt:?}"
+    );
+    let holders = || {
+        node.pod_processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("delay-holder"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        !holders().is_empty(),
+        "no delay holder while a delay is active"
+    );
+
+    // StopPodSandbox: CNI DEL, the agent releases everything.
+    let t = Instant::now();
+    node.stop_sandbox(&x.id).expect("StopPodSandbox");
+    eprintln!("StopPodSandbox with 3 faults: {:?}", t.elapsed());
+    let gone = eventually(Duration::from_secs(5), || {
+        agent
+            .sandboxes()
+            .is_ok_and(|l| !l.iter().any(|s| s["id"] == x.id.as_str()))
+    });
+    assert!(gone, "x still enrolled: {:#?}", agent.sandboxes());
+    let faults_left: Vec<_> = agent
+        .faults()
+        .expect("GET /v1/faults")
+        .into_iter()
+        .filter(|f| f["sandbox"] == x.id.as_str())
+        .collect();
+    assert!(
+        faults_left.is_empty(),
+        "x's faults still listed: {faults_left:#?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || holders().is_empty()),
+        "delay holders left: {:?}",
+        holders()
+    );
+    assert_eq!(bpffs_netfault(), pins_before, "bpffs pins left");
+    assert_eq!(
+        node.nft(&["list", "tables"]).expect("nft"),
+        nft_before,
+        "nft tables changed in the node netns"
+    );
+    assert_eq!(
+        tree(&node.layout().run_netfault),
+        state_before,
+        "state dir changed"
+    );
+    let state =
+        std::fs::read_to_string(node.layout().run_netfault.join("state.json")).unwrap_or_default();
+    assert!(!state.contains(&x.id), "state.json still names x: {state}");
+
+    // RemovePodSandbox: the netns and the CNI cache entry go too.
+    node.remove_sandbox(&x.id).expect("RemovePodSandbox");
+    assert!(!x_netns.exists(), "x's netns file is left");
+    let cache: Vec<_> = e2e_cri::cni_cache_entries(node.network())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&x.id))
+        .collect();
+    assert!(cache.is_empty(), "CNI cache entries left: {cache:?}");
+    assert!(agent
+        .faults()
+        .expect("faults")
+        .iter()
+        .all(|f| f["sandbox"] != x.id.as_str()));
+
+    let fp = node.footprint();
+    drop(sink);
+    drop(node);
+    assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
+}
+
+#[test]
+fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
+    testbed::require_root!();
+    let (node, agent) = deployed();
+    let a = node.pod("a", &[]).expect("pod a");
+    let b = node.pod("b", &[]).expect("pod b");
+    let sink = TcpSink::start(&b, 8080).expect("listener in b");
+    let timeout = Duration::from_secs(2);
+    tcp_connect_median(&a, sink.addr, 3, timeout).expect("a reaches b with the agent up");
+
+    // Kill the agent container (StopContainer, timeout 0: SIGKILL).
+    let id = agent
+        .container_id(AGENT_CONTAINER)
+        .expect("agent id")
+        .to_string();
+    node.stop_container(&id, Duration::ZERO)
+        .expect("kill netfaultd");
+    node.wait_exited(&id, Duration::from_secs(5))
+        .expect("netfaultd exited");
+    assert!(agent.healthz().is_err(), "the socket still answers");
+    assert!(
+        node.conflist_has_netfault(),
+        "netfault must still be chained (install-cni runs)"
+    );
+
+    // Running pods keep talking.
+    tcp_connect_median(&a, sink.addr, 5, timeout).expect("a reaches b with the agent dead");
+    // New pods start (the plugin fails open) and talk.
+    let t = Instant::now();
+    let c = node
+        .pod("c", &[("netfault.io/loss", "100%")])
+        .expect("a pod starts with the agent dead");
+    eprintln!("RunPodSandbox with the agent dead: {:?}", t.elapsed());
+    assert!(
+        tcp_connect_time(&c, sink.addr, timeout)
+            .expect("connect")
+            .is_some(),
+        "the new pod cannot reach b"
+    );
+    // The enrolment waits for the agent in the pending dir.
+    let pending = node
+        .layout()
+        .run_netfault
+        .join("pending")
+        .join(format!("{}.json", c.id));
+    assert!(
+        pending.exists(),
+        "no pending enrolment {}",
+        pending.display()
+    );
+}
