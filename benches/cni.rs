@@ -20,9 +20,9 @@
 //! it) and a static one that the bench builds first (`RUSTFLAGS='-C
 //! target-feature=+crt-static' cargo build --release -p netfault-cni
 //! --target <arch>-unknown-linux-gnu`, into the same target dir; see
-//! docs/design.md, "CNI plugin speed"). `NETFAULT_CNI_BENCH_PLUGIN=PATH`
-//! runs that binary instead of the static build; `NETFAULT_CNI_BENCH_STATIC=0`
-//! runs the workspace build alone.
+//! docs/design.md, "CNI plugin speed"); `NETFAULT_CNI_BENCH_STATIC=0` leaves
+//! it out. `NETFAULT_CNI_BENCH_PLUGIN=PATH` adds a third binary, named
+//! `given` (an older build, for a before/after).
 //!
 //! Two nodes, chain bridge (+ host-local) then netfault: one whose agent runs
 //! (`failurePolicy: ignore`), one whose socket has no listener (ADD records the
@@ -422,26 +422,27 @@ struct Build {
     path: PathBuf,
 }
 
-/// The builds to compare: the workspace's, and a static one (or
-/// `NETFAULT_CNI_BENCH_PLUGIN`) unless `NETFAULT_CNI_BENCH_STATIC=0`.
+/// The builds to compare: the workspace's, a static one unless
+/// `NETFAULT_CNI_BENCH_STATIC=0`, and `NETFAULT_CNI_BENCH_PLUGIN` if set.
 fn builds() -> Vec<Build> {
     let mut builds = vec![Build {
         name: "workspace",
         path: testbed::workspace_bin("netfault"),
     }];
-    if let Some(path) = std::env::var_os("NETFAULT_CNI_BENCH_PLUGIN") {
-        builds.push(Build {
-            name: "given",
-            path: PathBuf::from(path),
-        });
-    } else if std::env::var_os("NETFAULT_CNI_BENCH_STATIC").is_none_or(|v| v != "0") {
+    if std::env::var_os("NETFAULT_CNI_BENCH_STATIC").is_none_or(|v| v != "0") {
         match build_static() {
             Ok(path) => builds.push(Build {
                 name: "static",
                 path,
             }),
-            Err(e) => eprintln!("cni bench: no static build, the workspace build alone: {e}"),
+            Err(e) => eprintln!("cni bench: no static build: {e}"),
         }
+    }
+    if let Some(path) = std::env::var_os("NETFAULT_CNI_BENCH_PLUGIN") {
+        builds.push(Build {
+            name: "given",
+            path: PathBuf::from(path),
+        });
     }
     builds
 }
