@@ -7,6 +7,10 @@
 #   scripts/e2e-cri.sh birth         # only tests with "birth" in their name
 #   scripts/e2e-cri.sh packaging -- --nocapture
 #
+# Scenario names start with their area: node_, packaging_, birth_, socket_,
+# lifecycle_, bad_input_, seccomp_ (list them: cargo test -p netfault-e2e-cri
+# -- --list).
+#
 # Runs scripts/setup.sh first when a tool the suite needs is missing, then
 # `cargo build --workspace` (the agent image is built from those debug
 # binaries), then `cargo test -p netfault-e2e-cri -- FOCUS`. Needs root; as
@@ -26,7 +30,7 @@ fi
 [ "${1:-}" = "--" ] && shift
 
 missing=()
-for tool in containerd containerd-shim-runc-v2 runc ctr umoci mmdebstrap kubectl protoc jq nft strip; do
+for tool in containerd containerd-shim-runc-v2 runc ctr umoci mmdebstrap kubectl protoc jq nft; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 for f in /bin/busybox /usr/lib/cni/bridge /usr/lib/cni/host-local; do

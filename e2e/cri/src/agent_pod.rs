@@ -108,22 +108,18 @@ impl AgentPod {
 
 impl Node {
     /// The DaemonSet's pod, translated for this node (renders
-    /// `kubectl kustomize daemonset/`). Mounts its emptyDir tmpfs volumes.
+    /// `kubectl kustomize daemonset/`). Changes nothing yet.
     pub fn daemonset_plan(&self) -> Result<PodPlan> {
         let rendered = daemonset::render(&daemonset::manifest_dir())?;
         let ds = daemonset::parse_daemonset(&rendered)?;
-        let plan = daemonset::translate(
+        daemonset::translate(
             &ds,
             &NodeInfo {
                 name: self.name(),
                 layout: self.layout(),
                 cgroup_parent: self.cgroup_parent(),
             },
-        )?;
-        if let Ok(mut t) = self.tmpfs.lock() {
-            t.extend(plan.tmpfs.iter().cloned());
-        }
-        Ok(plan)
+        )
     }
 
     /// Builds (or reuses) and imports the agent image, starts the
@@ -135,7 +131,8 @@ impl Node {
         Ok(pod)
     }
 
-    /// Imports the images the plan's containers use, then RunPodSandbox and
+    /// Imports the images the plan's containers use, prepares the host
+    /// ([`daemonset::prepare`]: dirs, tmpfs), then RunPodSandbox and
     /// CreateContainer + StartContainer for each container in order, as
     /// the kubelet does. Does not wait for readiness.
     pub fn start_plan(&self, plan: PodPlan) -> Result<AgentPod> {
@@ -172,6 +169,10 @@ impl Node {
                 "container {AGENT_CONTAINER}: --socket {sock_in_container} is not on a volume, the host cannot reach it"
             ))
         })?;
+        if let Ok(mut t) = self.tmpfs.lock() {
+            t.extend(plan.tmpfs.iter().cloned());
+        }
+        daemonset::prepare(&plan)?;
         let sandbox = self.run_sandbox_config(plan.sandbox.clone())?;
         let mut containers = BTreeMap::new();
         for c in &plan.containers {

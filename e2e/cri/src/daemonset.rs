@@ -12,9 +12,10 @@
 //!   `valueFrom.fieldRef` of `spec.nodeName` → the node's name,
 //!   `metadata.name`, `metadata.namespace`, `metadata.uid`);
 //! - `volumeMounts` over `volumes`: `hostPath` (its `path` through the
-//!   node-layout map, [`Layout::host_path`]; `type` `DirectoryOrCreate`
-//!   creates it, `Directory` and others must exist), `emptyDir` (a dir under
-//!   the pod's dir; `medium: Memory` mounts a tmpfs of `sizeLimit`);
+//!   node-layout map, [`Layout::host_path`], symlinks resolved; `type`
+//!   `DirectoryOrCreate` is created by [`prepare`], `Directory` and others
+//!   must exist), `emptyDir` (a dir under the pod's dir; `medium: Memory`
+//!   gets a tmpfs of `sizeLimit`, mounted by [`prepare`]);
 //!   `readOnly`, `mountPropagation` (`None` → PRIVATE, `HostToContainer` →
 //!   HOST_TO_CONTAINER, `Bidirectional` → BIDIRECTIONAL), `subPath`;
 //! - `securityContext`: `capabilities.add/drop`, `privileged`, `runAsUser`,
@@ -319,14 +320,59 @@ pub struct PodPlan {
     pub sandbox: api::PodSandboxConfig,
     pub containers: Vec<ContainerPlan>,
     pub grace: Duration,
-    /// emptyDir tmpfs mounts made while translating (the node unmounts them).
+    /// The emptyDir dirs that get a tmpfs ([`prepare`] mounts them; the
+    /// node unmounts them).
     pub tmpfs: Vec<PathBuf>,
+    /// What the kubelet would do on the host before the pod starts
+    /// (done by [`prepare`]).
+    pub prepare: Vec<Prepare>,
+}
+
+/// One host-side step before the pod starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepare {
+    /// Create a dir (`hostPath` `DirectoryOrCreate`, an emptyDir).
+    Dir(PathBuf),
+    /// Mount a tmpfs of this many bytes (`emptyDir.medium: Memory`).
+    Tmpfs { dir: PathBuf, size: Option<u64> },
+}
+
+/// Carries out a plan's [`Prepare`] steps: the dirs, the tmpfs mounts.
+pub fn prepare(plan: &PodPlan) -> Result<()> {
+    for step in &plan.prepare {
+        match step {
+            Prepare::Dir(d) => {
+                std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?
+            }
+            Prepare::Tmpfs { dir, size } => {
+                let opts = size.map(|s| format!("size={s}")).unwrap_or_default();
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    dir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    Some(opts.as_str()),
+                )
+                .ctx(|| format!("mounting a tmpfs on {}", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl PodPlan {
     pub fn container(&self, name: &str) -> Result<&ContainerPlan> {
         self.containers
             .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::Manifest(format!("no container named {name}")))
+    }
+
+    /// A container to change before [`crate::Node::start_plan`] (extra
+    /// args, another seccomp profile, ...).
+    pub fn container_mut(&mut self, name: &str) -> Result<&mut ContainerPlan> {
+        self.containers
+            .iter_mut()
             .find(|c| c.name == name)
             .ok_or_else(|| Error::Manifest(format!("no container named {name}")))
     }
@@ -339,9 +385,10 @@ pub struct NodeInfo<'a> {
     pub cgroup_parent: &'a str,
 }
 
-/// Translates the DaemonSet's pod template for `node`. Creates the
-/// hostPath dirs of `DirectoryOrCreate` volumes and the emptyDir dirs (the
-/// kubelet's job); the pod is named `<daemonset>-<5 random>`.
+/// Translates the DaemonSet's pod template for `node`; changes nothing on
+/// the host (the dirs and tmpfs mounts the kubelet would make are listed in
+/// [`PodPlan::prepare`]). The pod is named `<daemonset>-<5 random>`. An
+/// error names the manifest field.
 pub fn translate(ds: &DaemonSet, node: &NodeInfo) -> Result<PodPlan> {
     let spec = &ds.spec.template.spec;
     if !spec.init_containers.is_empty() {
@@ -433,14 +480,14 @@ pub fn translate(ds: &DaemonSet, node: &NodeInfo) -> Result<PodPlan> {
     // Volumes: name → host path (created as the kubelet would).
     let mut volumes: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut tmpfs = Vec::new();
+    let mut prepare = Vec::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         let field = format!("spec.template.spec.volumes[{i}] ({})", v.name);
         let host = match (&v.host_path, &v.empty_dir) {
             (Some(hp), None) => {
                 let host = node.layout.host_path(&hp.path);
                 match hp.kind.as_str() {
-                    "DirectoryOrCreate" => std::fs::create_dir_all(&host)
-                        .ctx(|| format!("{field}: creating {}", host.display()))?,
+                    "DirectoryOrCreate" => prepare.push(Prepare::Dir(host.clone())),
                     "" => {}
                     "Directory" if host.is_dir() => {}
                     "Directory" => {
@@ -470,28 +517,22 @@ pub fn translate(ds: &DaemonSet, node: &NodeInfo) -> Result<PodPlan> {
             }
             (None, Some(ed)) => {
                 let dir = pod_dir.join("volumes").join(&v.name);
-                std::fs::create_dir_all(&dir)
-                    .ctx(|| format!("{field}: creating {}", dir.display()))?;
+                prepare.push(Prepare::Dir(dir.clone()));
                 match ed.medium.as_str() {
                     "" => {}
                     "Memory" => {
                         let size = match &ed.size_limit {
-                            Some(s) => format!(
-                                "size={}",
-                                quantity_bytes(s).ok_or_else(|| Error::Manifest(format!(
+                            Some(s) => Some(quantity_bytes(s).ok_or_else(|| {
+                                Error::Manifest(format!(
                                     "{field}.emptyDir.sizeLimit: cannot read {s:?}"
-                                )))?
-                            ),
-                            None => String::new(),
+                                ))
+                            })?),
+                            None => None,
                         };
-                        nix::mount::mount(
-                            Some("tmpfs"),
-                            &dir,
-                            Some("tmpfs"),
-                            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-                            Some(size.as_str()),
-                        )
-                        .ctx(|| format!("{field}: mounting a tmpfs on {}", dir.display()))?;
+                        prepare.push(Prepare::Tmpfs {
+                            dir: dir.clone(),
+                            size,
+                        });
                         tmpfs.push(dir.clone());
                     }
                     other => {
@@ -544,6 +585,7 @@ pub fn translate(ds: &DaemonSet, node: &NodeInfo) -> Result<PodPlan> {
         containers,
         grace: Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30)),
         tmpfs,
+        prepare,
     })
 }
 
@@ -808,6 +850,236 @@ mod tests {
         assert_eq!(quantity_bytes("x"), None);
         assert_eq!(cpu_millis("50m"), Some(50));
         assert_eq!(cpu_millis("0.5"), Some(500));
+    }
+
+    /// The repository's DaemonSet, rendered (None without kubectl).
+    fn rendered() -> Option<DaemonSet> {
+        if Command::new("kubectl")
+            .arg("version")
+            .arg("--client")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: kubectl not found (scripts/setup.sh installs it)");
+            return None;
+        }
+        let yaml = render(&manifest_dir()).expect("kubectl kustomize daemonset/");
+        Some(parse_daemonset(&yaml).expect("one DaemonSet"))
+    }
+
+    fn scratch_layout() -> (PathBuf, Layout) {
+        let dir = std::env::temp_dir().join(format!("nfcri-unit-{}", crate::node::random_uuid()));
+        let layout = Layout::new(&dir);
+        // The one `type: Directory` hostPath that the layout redirects.
+        std::fs::create_dir_all(&layout.run_containerd).expect("scratch dir");
+        (dir, layout)
+    }
+
+    fn mount<'a>(c: &'a ContainerPlan, path: &str) -> &'a api::Mount {
+        c.config
+            .mounts
+            .iter()
+            .find(|m| m.container_path == path)
+            .unwrap_or_else(|| panic!("{} has no mount at {path}", c.name))
+    }
+
+    #[test]
+    fn the_manifest_translates_as_a_kubelet_would() {
+        let Some(ds) = rendered() else { return };
+        let (dir, layout) = scratch_layout();
+        let plan = translate(
+            &ds,
+            &NodeInfo {
+                name: "node-1",
+                layout: &layout,
+                cgroup_parent: "/nfunit",
+            },
+        )
+        .expect("translate");
+        // Nothing on the host yet.
+        assert!(!layout.run_netfault.exists());
+
+        let meta = plan.sandbox.metadata.clone().expect("metadata");
+        assert_eq!(meta.namespace, "netfault");
+        assert!(meta.name.starts_with("netfault-"), "{}", meta.name);
+        let linux = plan.sandbox.linux.clone().expect("linux");
+        assert_eq!(linux.cgroup_parent, "/nfunit");
+        let ns = linux
+            .security_context
+            .and_then(|s| s.namespace_options)
+            .expect("namespace options");
+        assert_eq!(ns.network, api::NamespaceMode::Node as i32, "hostNetwork");
+        assert_eq!(ns.pid, api::NamespaceMode::Container as i32);
+        assert_eq!(ns.ipc, api::NamespaceMode::Pod as i32);
+        assert_eq!(plan.grace, Duration::from_secs(30));
+
+        let agent = plan.container("netfaultd").expect("netfaultd");
+        assert!(
+            agent.config.command.is_empty(),
+            "the image's entrypoint runs"
+        );
+        assert_eq!(
+            agent.flag("--socket").as_deref(),
+            Some("/run/netfault/netfaultd.sock")
+        );
+        let m = mount(agent, "/run/netfault");
+        assert_eq!(Path::new(&m.host_path), layout.run_netfault);
+        assert_eq!(
+            m.propagation,
+            api::MountPropagation::PropagationPrivate as i32
+        );
+        let m = mount(agent, "/var/run/netns");
+        assert_eq!(
+            Path::new(&m.host_path),
+            std::fs::canonicalize("/var/run/netns").unwrap_or("/var/run/netns".into())
+        );
+        assert_eq!(
+            m.propagation,
+            api::MountPropagation::PropagationHostToContainer as i32
+        );
+        let m = mount(agent, "/sys/fs/bpf");
+        assert_eq!(m.host_path, "/sys/fs/bpf");
+        assert_eq!(
+            m.propagation,
+            api::MountPropagation::PropagationHostToContainer as i32
+        );
+        let m = mount(agent, "/run/containerd");
+        assert_eq!(Path::new(&m.host_path), layout.run_containerd);
+        assert!(m.readonly);
+        let tmp = mount(agent, "/tmp");
+        assert_eq!(plan.tmpfs, [PathBuf::from(&tmp.host_path)]);
+        assert!(plan.prepare.contains(&Prepare::Tmpfs {
+            dir: PathBuf::from(&tmp.host_path),
+            size: Some(16 << 20)
+        }));
+        assert!(plan
+            .prepare
+            .contains(&Prepare::Dir(layout.run_netfault.clone())));
+        assert_eq!(
+            agent.host_path_of("/run/netfault/netfaultd.sock"),
+            Some(layout.run_netfault.join("netfaultd.sock"))
+        );
+        assert!(agent
+            .config
+            .envs
+            .iter()
+            .any(|e| e.key == "NODE_NAME" && e.value == "node-1"));
+
+        let linux = agent.config.linux.clone().expect("linux");
+        let sc = linux.security_context.expect("security context");
+        let caps = sc.capabilities.clone().expect("capabilities");
+        assert_eq!(caps.drop_capabilities, ["ALL"]);
+        assert_eq!(
+            caps.add_capabilities,
+            ["NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON", "NET_RAW"]
+        );
+        assert!(!sc.privileged && sc.no_new_privs && sc.readonly_rootfs);
+        assert_eq!(sc.run_as_user.map(|u| u.value), Some(0));
+        assert_eq!(sc.masked_paths.len(), DEFAULT_MASKED_PATHS.len());
+        let res = linux.resources.expect("resources");
+        assert_eq!(res.memory_limit_in_bytes, 512 << 20);
+        assert_eq!(res.cpu_shares, 51);
+        let probe = agent.readiness.clone().expect("readiness probe");
+        assert_eq!(
+            probe.command,
+            [
+                "/opt/netfault/bin/netfaultctl",
+                "--socket",
+                "/run/netfault/netfaultd.sock",
+                "health"
+            ]
+        );
+        assert_eq!(probe.timeout, Duration::from_secs(5));
+        assert!(agent.liveness.is_some());
+
+        // install-cni: its --socket is a host path for the CNI plugin.
+        let icni = plan.container("install-cni").expect("install-cni");
+        assert_eq!(
+            icni.flag("--socket").map(PathBuf::from),
+            Some(layout.run_netfault.join("netfaultd.sock"))
+        );
+        assert_eq!(
+            icni.flag("--cni-bin-dir").as_deref(),
+            Some("/host/opt/cni/bin")
+        );
+        assert_eq!(
+            Path::new(&mount(icni, "/host/opt/cni/bin").host_path),
+            layout.cni_bin
+        );
+        assert_eq!(
+            Path::new(&mount(icni, "/host/etc/cni/net.d").host_path),
+            layout.cni_conf
+        );
+        let caps = icni
+            .config
+            .linux
+            .clone()
+            .and_then(|l| l.security_context)
+            .and_then(|s| s.capabilities)
+            .expect("capabilities");
+        assert!(caps.add_capabilities.is_empty());
+        assert_eq!(caps.drop_capabilities, ["ALL"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn what_cannot_be_translated_is_an_error_naming_the_field() {
+        let Some(ds) = rendered() else { return };
+        let (dir, layout) = scratch_layout();
+        let node = NodeInfo {
+            name: "node-1",
+            layout: &layout,
+            cgroup_parent: "/nfunit",
+        };
+        let err = |ds: &DaemonSet| match translate(ds, &node) {
+            Ok(_) => panic!("translated"),
+            Err(e) => e.to_string(),
+        };
+
+        let mut bad = ds.clone();
+        bad.spec.template.spec.volumes.push(VolumeYaml {
+            name: "cfg".into(),
+            host_path: None,
+            empty_dir: None,
+            other: BTreeMap::from([("configMap".to_string(), serde_yaml::Value::Null)]),
+        });
+        let e = err(&bad);
+        assert!(
+            e.contains("volumes[") && e.contains("(cfg)") && e.contains("configMap"),
+            "{e}"
+        );
+
+        let mut bad = ds.clone();
+        bad.spec.template.spec.containers[0].volume_mounts[0].mount_propagation =
+            Some("Sideways".into());
+        let e = err(&bad);
+        assert!(
+            e.contains("volumeMounts[0]") && e.contains("mountPropagation"),
+            "{e}"
+        );
+
+        let mut bad = ds.clone();
+        bad.spec.template.spec.containers[0].env.push(EnvYaml {
+            name: "POD_IP".into(),
+            value: None,
+            value_from: Some(
+                serde_yaml::from_str("fieldRef: {fieldPath: status.podIP}").expect("yaml"),
+            ),
+        });
+        let e = err(&bad);
+        assert!(e.contains("(POD_IP)") && e.contains("status.podIP"), "{e}");
+
+        let mut bad = ds.clone();
+        bad.spec.template.spec.containers[0].readiness_probe = Some(ProbeYaml {
+            exec: None,
+            timeout_seconds: None,
+            other: BTreeMap::from([("httpGet".to_string(), serde_yaml::Value::Null)]),
+        });
+        let e = err(&bad);
+        assert!(e.contains("readinessProbe"), "{e}");
+        // Nothing was created by any of them.
+        assert!(!layout.run_netfault.exists());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

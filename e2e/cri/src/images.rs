@@ -80,14 +80,22 @@ fn key(files: &[PathBuf], extra: &[u8]) -> Result<String> {
     Ok(format!("{:016x}", h.finish()))
 }
 
-/// Removes `prefix*suffix` files in the cache other than `keep`.
+/// Removes `prefix*suffix` files in the cache other than `keep` that are
+/// older than 10 minutes (a younger one may be imported right now by a
+/// test process that still has the binaries it was built from).
 fn prune(prefix: &str, suffix: &str, keep: &Path) {
     let Ok(rd) = std::fs::read_dir(cache_dir()) else {
         return;
     };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with(prefix) && n.ends_with(suffix) && e.path() != keep {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(600));
+        if n.starts_with(prefix) && n.ends_with(suffix) && e.path() != keep && old {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -205,6 +213,11 @@ fn tar_layout(layout: &Path, out: &Path) -> Result<()> {
 /// The agent image's OCI archive, built by `daemonset/build-image.sh` from
 /// this profile's workspace binaries (if the cache has none for them).
 pub fn agent_image() -> Result<PathBuf> {
+    // Not testbed::ensure_workspace_bins: its `cargo build -p … --bins`
+    // unifies features differently from `cargo build --workspace`, so the
+    // two rebuild each other's binaries (a minute here, and a new image each
+    // time). The binaries come from `cargo build --workspace`, which
+    // scripts/e2e-cri.sh and scripts/test.sh run first.
     let bins: Vec<PathBuf> = AGENT_BINARIES
         .iter()
         .map(|b| testbed::workspace_bin(b))
@@ -229,12 +242,28 @@ pub fn agent_image() -> Result<PathBuf> {
         let name = b.file_name().unwrap_or_default();
         let dst = stage.join(name);
         // strip writes a new file; --strip-debug keeps the symbols (panics
-        // still name functions).
-        run(Command::new("strip")
+        // still name functions). Without binutils' strip, the binaries go in
+        // as they are (a bigger image, nothing else changes).
+        let stripped = Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&dst)
-            .arg(b))?;
+            .arg(b)
+            .stdin(std::process::Stdio::null())
+            .status();
+        match stripped {
+            Ok(st) if st.success() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::copy(b, &dst).ctx(|| format!("copying {}", b.display()))?;
+            }
+            other => {
+                return Err(Error::Command {
+                    command: format!("strip --strip-debug -o {} {}", dst.display(), b.display()),
+                    status: format!("{other:?}"),
+                    output: String::new(),
+                })
+            }
+        }
     }
     let tmp = cache_dir().join(format!("netfaultd-{k}.building"));
     run(Command::new("bash")

@@ -42,6 +42,9 @@
 //! the CNI result cache entries (`/var/lib/cni/results/<network>-*`), the
 //! pods' netns files, the node netns and the dir. [`Node::footprint`] taken
 //! before the drop lists what is left after it ([`Footprint::leftovers`]).
+//! A test process killed before its drops run leaves its node behind; the
+//! next test process sweeps it at its first [`Node::start`]
+//! ([`sweep_stale_nodes`], keyed by the dead owner's pid in the dir name).
 //!
 //! # Driving it
 //!
@@ -64,7 +67,9 @@
 //!   a container's init pid;
 //! - measurements: [`ping_replies`] (a busybox ping log: seq → RTT),
 //!   [`TcpSink`] (a listener in a pod's netns) with [`tcp_connect_time`] /
-//!   [`tcp_connect_median`] (handshakes from another pod's netns).
+//!   [`tcp_connect_median`] (handshakes from another pod's netns),
+//!   [`HttpOk`] + [`http_status`] (HTTP status codes between pods),
+//!   [`IcmpTap`] (the echo requests a pod receives, by sequence number).
 //!
 //! # The DaemonSet
 //!
@@ -105,9 +110,11 @@ pub use error::{Error, Result};
 pub use images::{
     agent_image, box_image, cache_dir, repo_root, AGENT_BINARIES, AGENT_IMAGE, BOX_IMAGE, BUSYBOX,
 };
-pub use measure::{ping_replies, tcp_connect_median, tcp_connect_time, TcpSink};
+pub use measure::{
+    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, IcmpTap, TcpSink,
+};
 pub use netfault_cri::api;
 pub use node::{
-    parse_cri_log, prepare_host, random_uuid, ExecResult, Layout, Node, PodSpec, Sandbox,
-    CRI_TIMEOUT, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SHARED_HOST_PATHS,
+    parse_cri_log, prepare_host, random_uuid, sweep_stale_nodes, ExecResult, Layout, Node, PodSpec,
+    Sandbox, CRI_TIMEOUT, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, SHARED_HOST_PATHS,
 };

@@ -73,6 +73,170 @@ impl Drop for TcpSink {
     }
 }
 
+/// A minimal HTTP/1.1 server inside a pod's netns: answers every request
+/// with `200 OK` and body `ok`, one connection at a time, until dropped.
+pub struct HttpOk {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpOk {
+    pub fn start(pod: &Sandbox, port: u16) -> Result<HttpOk> {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::new(pod.ip()?, port);
+        let listener = pod
+            .run(move || TcpListener::bind(addr))?
+            .ctx(|| format!("listening on {addr} in pod {}", pod.name))?;
+        listener
+            .set_nonblocking(true)
+            .ctx(|| "nonblocking listener".into())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Ok(HttpOk {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HttpOk {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `GET /` from `from`'s netns to `to`: the response's status code.
+pub fn http_status(from: &Sandbox, to: SocketAddr, timeout: Duration) -> Result<u16> {
+    use std::io::{Read, Write};
+    let resp = from
+        .run(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect_timeout(&to, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(
+                format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out)?;
+            Ok(out)
+        })?
+        .ctx(|| format!("GET http://{to}/ from pod {}", from.name))?;
+    let text = String::from_utf8_lossy(&resp);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::Other(format!("not an HTTP response from {to}: {text:?}")))
+}
+
+/// A raw ICMP socket inside a pod's netns that records the echo requests
+/// arriving there (the receiver's view of another pod's pings), until
+/// dropped.
+pub struct IcmpTap {
+    seen: Arc<std::sync::Mutex<Vec<(std::net::Ipv4Addr, u16)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IcmpTap {
+    pub fn start(pod: &Sandbox) -> Result<IcmpTap> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let fd = pod
+            .run(|| {
+                // SAFETY: plain socket(2); the result is checked.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                        libc::IPPROTO_ICMP,
+                    )
+                };
+                if fd < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    // SAFETY: fd is a fresh, owned descriptor.
+                    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                }
+            })?
+            .ctx(|| format!("raw ICMP socket in pod {}", pod.name))?;
+        // std has no raw socket type; UdpSocket only wraps the descriptor
+        // for recv with a timeout, which works on any datagram-like socket.
+        let sock = std::net::UdpSocket::from(fd);
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .ctx(|| "SO_RCVTIMEO".into())?;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (rec, flag) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                let Ok(n) = sock.recv(&mut buf) else { continue };
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                if n < ihl + 8 || buf[ihl] != 8 {
+                    continue; // not an echo request
+                }
+                let src = std::net::Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                let seq = u16::from_be_bytes([buf[ihl + 6], buf[ihl + 7]]);
+                if let Ok(mut v) = rec.lock() {
+                    v.push((src, seq));
+                }
+            }
+        });
+        Ok(IcmpTap {
+            seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The sequence numbers of the echo requests seen from `src`, in
+    /// arrival order.
+    pub fn seqs_from(&self, src: std::net::IpAddr) -> Vec<u16> {
+        self.seen
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(s, _)| std::net::IpAddr::V4(*s) == src)
+                    .map(|(_, q)| *q)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for IcmpTap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// How long a TCP handshake from `from`'s netns to `to` takes; `Ok(None)`
 /// when it does not complete within `timeout`.
 pub fn tcp_connect_time(

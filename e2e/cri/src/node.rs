@@ -55,7 +55,8 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn new(dir: &Path) -> Layout {
+    /// The layout of a node whose private dir is `dir` (creates nothing).
+    pub fn new(dir: &Path) -> Layout {
         Layout {
             dir: dir.to_path_buf(),
             run_netfault: dir.join("run-netfault"),
@@ -247,6 +248,99 @@ pub fn prepare_host() -> Result<()> {
 
 static HOST_PREPARED: Mutex<bool> = Mutex::new(false);
 
+/// The node dirs' prefix under the temp dir (`/tmp/nfcri-<unique>`).
+const DIR_PREFIX: &str = "nfcri";
+/// In a node dir: the node's name, network, cgroup parent and netns.
+const NODE_RECORD: &str = "node.json";
+/// In a node dir: one `<sandbox id> <netns path or ->` line per sandbox.
+const SANDBOX_RECORD: &str = "sandboxes";
+
+/// Removes the nodes of test processes that died before their drops ran
+/// (killed, or a timeout): for each `/tmp/nfcri-*` dir whose owner pid (in
+/// its name, [`testbed::unique_name`]) is gone, kills the processes that
+/// name the dir (containerd, shims) and what runs in its cgroup parent,
+/// unmounts and removes the dir, its cgroups, CNI cache entries, shim
+/// sockets and netns files. Nodes of live processes are never touched.
+/// Runs once per process, at the first [`Node::start`]. Returns how many
+/// nodes it removed.
+pub fn sweep_stale_nodes() -> usize {
+    let tmp = std::env::temp_dir();
+    let Ok(rd) = std::fs::read_dir(&tmp) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(unique) = name.strip_prefix(&format!("{DIR_PREFIX}-")) else {
+            continue;
+        };
+        let Some(pid) = unique
+            .get(..5)
+            .and_then(|p| u32::from_str_radix(p, 36).ok())
+        else {
+            continue;
+        };
+        if pid == 0 || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        let needle = dir.to_string_lossy().into_owned();
+        for (p, cmd) in crate::checks::processes() {
+            if cmd.contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let record: serde_json::Value = std::fs::read(dir.join(NODE_RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let sandboxes = std::fs::read_to_string(dir.join(SANDBOX_RECORD)).unwrap_or_default();
+        let mut ids = Vec::new();
+        let mut netns: Vec<PathBuf> = record["netns"]
+            .as_str()
+            .map(PathBuf::from)
+            .into_iter()
+            .collect();
+        for line in sandboxes.lines() {
+            let mut parts = line.split(' ');
+            if let Some(id) = parts.next() {
+                ids.push(id.to_string());
+            }
+            if let Some(ns) = parts.next().filter(|n| n.starts_with('/')) {
+                netns.push(PathBuf::from(ns));
+            }
+        }
+        if let Some(parent) = record["cgroup_parent"].as_str() {
+            crate::checks::remove_cgroup_parent(parent);
+        }
+        unmount_under(&dir);
+        if let Some(network) = record["network"].as_str() {
+            crate::checks::remove_cni_cache(network, &ids);
+        }
+        let socket = Layout::new(&dir).containerd_socket();
+        for id in &ids {
+            if let Some(s) = crate::checks::shim_socket(&socket, id) {
+                let _ = std::fs::remove_file(s);
+            }
+        }
+        for ns in netns.iter().filter(|n| n.starts_with(testbed_netns_dir())) {
+            let _ = nix::mount::umount2(ns, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(ns);
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            swept += 1;
+        }
+    }
+    swept
+}
+
+fn testbed_netns_dir() -> &'static Path {
+    Path::new("/var/run/netns")
+}
+
 impl Node {
     /// Creates the node netns and dirs, writes the pod conflist (`bridge` +
     /// `host-local` in 198.18.N.0/24), starts containerd inside the netns and
@@ -256,11 +350,15 @@ impl Node {
             let mut done = HOST_PREPARED.lock().unwrap_or_else(|p| p.into_inner());
             if !*done {
                 prepare_host()?;
+                let swept = sweep_stale_nodes();
+                if swept > 0 {
+                    eprintln!("e2e-cri: swept {swept} node(s) left by dead test processes");
+                }
                 *done = true;
             }
         }
         let name = testbed::unique_name("nfcri");
-        let dir = TempDir::new("nfcri")?;
+        let dir = TempDir::new(DIR_PREFIX)?;
         let layout = Layout::new(dir.path());
         for d in [
             &layout.run_netfault,
@@ -288,6 +386,15 @@ impl Node {
                 .ctx(|| format!("copying {}", src.display()))?;
         }
         let netns = Netns::create(&name)?;
+        // For sweep_stale_nodes, should this process die before its drops run.
+        let record = serde_json::json!({
+            "name": name,
+            "network": format!("nfcri-{name}"),
+            "cgroup_parent": format!("/{name}"),
+            "netns": netns.path(),
+        });
+        std::fs::write(layout.dir.join(NODE_RECORD), record.to_string())
+            .ctx(|| "writing the node record".into())?;
         let subnet = 1 + (rand::random::<u8>() % 250);
         let network = format!("nfcri-{name}");
         let bridge = testbed::unique_name("nfcbr");
@@ -539,6 +646,20 @@ impl Node {
         let mut cri = self.cri();
         let (status, info) = self.block_on(cri.sandbox_status(&id))?;
         let netns = netfault_cri::netns_path(&info);
+        {
+            use std::io::Write;
+            let line = format!(
+                "{id} {}\n",
+                netns.as_deref().unwrap_or(Path::new("-")).display()
+            );
+            let path = self.layout.dir.join(SANDBOX_RECORD);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .ctx(|| format!("appending to {}", path.display()))?;
+        }
         if let (Some(ns), Ok(mut v)) = (&netns, self.netns_paths.lock()) {
             v.push(ns.clone());
         }

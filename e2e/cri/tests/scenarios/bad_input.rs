@@ -51,6 +51,7 @@ fn bad_input_invalid_annotation_starts_the_pod_without_faults() {
         .unwrap_or_else(|| panic!("no annotation_error: {entry:#}"));
     assert!(error.contains("netfault.io/loss"), "{error}");
     assert!(error.contains("130"), "{error}");
+    eprintln!("annotation_error: {error}");
     let logged = eventually(Duration::from_secs(3), || {
         node.agent_log(&agent).is_ok_and(|l| {
             l.lines()

@@ -6,10 +6,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e_cri::{tcp_connect_median, tcp_connect_time, TcpSink, AGENT_CONTAINER};
+use e2e_cri::{
+    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, TcpSink,
+    AGENT_CONTAINER,
+};
 use serde_json::json;
 
-use crate::support::{deployed, eventually, on_pod};
+use crate::support::{deployed, eventually, on_pod, ping};
 
 /// Files under a dir (relative paths), recursively.
 fn tree(dir: &Path) -> BTreeSet<String> {
@@ -63,18 +66,25 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
 
     let x = node.pod("x", &[]).expect("pod x");
     let x_netns = x.netns.clone().expect("x has a netns");
+    let web = HttpOk::start(&peer, 80).expect("HTTP server in the peer pod");
+    let t = Duration::from_secs(3);
+    assert_eq!(http_status(&x, web.addr, t).expect("GET before"), 200);
     let faults = [
         (
             "ebpf-tc",
             on_pod(
                 "x",
-                json!({"type": "loss", "percent": 100}),
-                json!({"match": {"protocol": "udp", "ports": "9"}}),
+                json!({"type": "blackhole"}),
+                json!({"match": {"protocol": "icmp"}}),
             ),
         ),
         (
             "nfqueue",
-            on_pod("x", json!({"type": "delay", "latency": "60ms"}), json!({})),
+            on_pod(
+                "x",
+                json!({"type": "delay", "latency": "60ms"}),
+                json!({"match": {"protocol": "tcp", "ports": "8080"}}),
+            ),
         ),
         (
             "proxy",
@@ -90,12 +100,18 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
         assert_eq!(f["backend"], *backend, "{f}");
         assert_eq!(f["state"], "active", "{f}");
     }
-    // Active on the wire (the delay), with its holder process running.
-    let rtt = tcp_connect_median(&x, sink.addr, 3, Duration::from_secs(3)).expect("handshakes");
+    // All three active on the wire, and the delay's holder process runs.
+    let log = ping(&node, &x, "ping", &peer, 3, "0.2");
+    assert!(
+        ping_replies(&log).is_empty(),
+        "ICMP passed the blackhole:\n{log}"
+    );
+    let rtt = tcp_connect_median(&x, sink.addr, 3, t).expect("handshakes");
     assert!(
         rtt >= Duration::from_millis(115),
         "the delay is not active: {rtt:?}"
     );
+    assert_eq!(http_status(&x, web.addr, t).expect("GET during"), 503);
     let holders = || {
         node.pod_processes()
             .into_iter()
@@ -163,6 +179,7 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
 
     let fp = node.footprint();
     drop(sink);
+    drop(web);
     drop(node);
     assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
 }
@@ -176,6 +193,19 @@ fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
     let sink = TcpSink::start(&b, 8080).expect("listener in b");
     let timeout = Duration::from_secs(2);
     tcp_connect_median(&a, sink.addr, 3, timeout).expect("a reaches b with the agent up");
+    // a has a delay (its packets sit in a holder process of the agent's).
+    agent
+        .post_fault(&on_pod(
+            "a",
+            json!({"type": "delay", "latency": "50ms"}),
+            json!({}),
+        ))
+        .expect("POST a delay on a");
+    let delayed = tcp_connect_median(&a, sink.addr, 3, timeout).expect("delayed handshakes");
+    assert!(
+        delayed >= Duration::from_millis(95),
+        "the delay is not active: {delayed:?}"
+    );
 
     // Kill the agent container (StopContainer, timeout 0: SIGKILL).
     let id = agent
@@ -192,8 +222,11 @@ fn lifecycle_agent_killed_pods_keep_starting_and_talking() {
         "netfault must still be chained (install-cni runs)"
     );
 
-    // Running pods keep talking.
-    tcp_connect_median(&a, sink.addr, 5, timeout).expect("a reaches b with the agent dead");
+    // Running pods keep talking; the delayed one too (its holder released
+    // what it held and exited; the queue's bypass passes traffic).
+    let after =
+        tcp_connect_median(&a, sink.addr, 5, timeout).expect("a reaches b with the agent dead");
+    eprintln!("a's handshakes: {delayed:?} delayed, {after:?} with the agent dead");
     // New pods start (the plugin fails open) and talk.
     let t = Instant::now();
     let c = node

@@ -7,5 +7,6 @@ mod birth;
 mod lifecycle;
 mod node;
 mod packaging;
+mod seccomp;
 mod socket;
 mod support;

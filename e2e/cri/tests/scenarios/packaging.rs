@@ -142,3 +142,37 @@ fn packaging_daemonset_installs_serves_and_uninstalls() {
     drop(node);
     assert_eq!(fp.leftovers(), Vec::<String>::new(), "left on the host");
 }
+
+/// The primary CNI rewrites its conflist (atomically, as they do) while the
+/// DaemonSet runs: install-cni chains netfault in again, and containerd
+/// runs the new chain for the next pod.
+#[test]
+fn packaging_conflist_rewritten_by_the_primary_is_chained_again() {
+    testbed::require_root!();
+    let node = Node::start().expect("start the node");
+    let original = std::fs::read(node.conflist_path()).expect("the pod conflist");
+    let agent = node.deploy_daemonset().expect("deploy the DaemonSet");
+    let before = node.pod("before", &[]).expect("a pod");
+
+    // The primary's rewrite: its own config, without netfault, renamed over
+    // the file from a temp file in the same dir.
+    let tmp = node.layout().cni_conf.join(".10-pods.conflist.tmp");
+    std::fs::write(&tmp, &original).expect("write the primary's temp file");
+    std::fs::rename(&tmp, node.conflist_path()).expect("rename over the conflist");
+    let t = Instant::now();
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), || node.conflist_has_netfault()),
+        "install-cni did not chain netfault in again"
+    );
+    eprintln!("re-chained {:?} after the primary's rewrite", t.elapsed());
+
+    let after = node.pod("after", &[]).expect("a pod after the rewrite");
+    let enrolled = agent.sandboxes().expect("GET /v1/sandboxes");
+    for pod in [&before, &after] {
+        assert!(
+            enrolled.iter().any(|s| s["id"] == pod.id.as_str()),
+            "{} not enrolled: {enrolled:#?}",
+            pod.name
+        );
+    }
+}
