@@ -45,7 +45,9 @@
 //! - the same enrolment `PUT` and the release `DELETE`, sent by this process
 //!   on a fresh connection (the plugin's own client): the agent's part;
 //! - `GET /healthz` from this process: the socket round trip and the agent's
-//!   HTTP path, with no work behind it.
+//!   HTTP path, with no work behind it;
+//! - the plugin's ADD again on the same pod after that release (a settled
+//!   pod), and once more (the agent finds it enrolled and answers at once).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
@@ -380,6 +382,15 @@ impl Bench<'_> {
                 self.build.name
             ),
             again.elapsed,
+        );
+        // Once more: the agent finds the sandbox enrolled and answers at once.
+        let known = self.plugin("netfault", "ADD", pod, Some(&pod.result))?;
+        s.push(
+            &format!(
+                "{}: netfault ADD again, already enrolled, agent up",
+                self.build.name
+            ),
+            known.elapsed,
         );
         Ok(())
     }
