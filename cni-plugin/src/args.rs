@@ -25,6 +25,8 @@ impl Env {
         }
     }
 
+    /// The process environment (used by the C entry point, not in unit tests).
+    #[cfg_attr(test, allow(dead_code))]
     pub fn from_process() -> Self {
         Env::from_lookup(|k| std::env::var(k).ok())
     }

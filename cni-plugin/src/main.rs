@@ -8,6 +8,15 @@
 //! fails a pod: ADD then leaves the enrolment in the agent's pending dir for it
 //! to adopt when it is back (see `pending`). Errors are CNI error JSON on
 //! stdout; logs go to stderr.
+//!
+//! A runtime execs it for every pod, on the pod's critical path, so its start
+//! is kept short (docs/design.md, "CNI plugin speed"): the C `main` below
+//! skips std's runtime setup, whose main-thread stack probe reads and parses
+//! `/proc/self/maps` (a third of the user-space instructions of a run); stdin
+//! is read in one call; every log line is one `write`.
+
+// Outside tests, `main` is the C entry point (see `main` below).
+#![cfg_attr(not(test), no_main)]
 
 mod args;
 mod config;
@@ -17,7 +26,6 @@ mod result;
 mod version;
 
 use std::io::{Read, Write};
-use std::process::ExitCode;
 
 use netfault_api::{Client, ClientError, EnrolRequest, PodRef};
 use serde_json::Value;
@@ -26,33 +34,70 @@ use crate::args::Env;
 use crate::config::{FailurePolicy, NetConf};
 use crate::error::{code, CniError};
 
-fn main() -> ExitCode {
-    let env = Env::from_process();
-    let mut stdin = Vec::new();
-    let outcome = match std::io::stdin().read_to_end(&mut stdin) {
-        Ok(_) => run(&env, &stdin),
+/// The process entry point, called by the C runtime instead of std's
+/// `lang_start`, whose setup this plugin does not need but for two parts,
+/// done here: SIGPIPE is ignored (a closed stdout or stderr is an error,
+/// not a kill), and a panic exits with status 101. Nothing flushes stdout
+/// at exit: `plugin_main` flushes it.
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    // SAFETY: setting a signal's disposition to SIG_IGN before any other
+    // thread exists has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    std::panic::catch_unwind(|| {
+        plugin_main(
+            &Env::from_process(),
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout().lock(),
+        )
+    })
+    .unwrap_or(101)
+}
+
+/// Bytes read from stdin per call: one call for any usual config.
+const STDIN_CHUNK: usize = 64 * 1024;
+
+/// Runs the plugin once on `input`, writes the reply (if any) to `out` and
+/// flushes it; the process exit status.
+fn plugin_main(env: &Env, input: &mut impl Read, out: &mut impl Write) -> std::ffi::c_int {
+    let mut stdin = Vec::with_capacity(STDIN_CHUNK);
+    let outcome = match input.read_to_end(&mut stdin) {
+        Ok(_) => run(env, &stdin),
         Err(e) => Err(CniError::new(code::IO, format!("cannot read stdin: {e}"))),
     };
-    let (text, exit) = match outcome {
-        Ok(None) => return ExitCode::SUCCESS,
-        Ok(Some(v)) => (v.to_string(), ExitCode::SUCCESS),
+    let (mut text, exit) = match outcome {
+        Ok(None) => return 0,
+        Ok(Some(v)) => (v.to_string(), 0),
         Err(e) => {
-            log(&env, &format!("error {}: {}", e.code, e.msg));
+            log(env, &format!("error {}: {}", e.code, e.msg));
             let v = e.to_json(&version::reply_version(&stdin));
-            (v.to_string(), ExitCode::from(1))
+            (v.to_string(), 1)
         }
     };
-    let mut out = std::io::stdout().lock();
-    if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
-        return ExitCode::from(1);
+    text.push('\n');
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
+        return 1;
     }
     exit
 }
 
+/// One line on stderr, in one `write`.
 fn log(env: &Env, msg: &str) {
     let cmd = env.command.as_deref().unwrap_or("-");
     let id = env.container_id.as_deref().unwrap_or("-");
-    eprintln!("netfault: {cmd} {id}: {msg}");
+    let line = format!("netfault: {cmd} {id}: {msg}\n");
+    // Nowhere to report a failed log write.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Runs one CNI command. `Ok(Some)` is printed on stdout; `Ok(None)` prints nothing.
@@ -357,6 +402,52 @@ mod tests {
             ("CNI_IFNAME", "eth0"),
             ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
         ])
+    }
+
+    /// A reader that fails, as a broken stdin would.
+    struct Broken;
+
+    impl Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("broken"))
+        }
+    }
+
+    #[test]
+    fn main_prints_one_line_and_sets_the_status() {
+        let version = env(&[("CNI_COMMAND", "VERSION")]);
+        let mut out = Vec::new();
+        let status = plugin_main(&version, &mut &br#"{"cniVersion":"1.0.0"}"#[..], &mut out);
+        assert_eq!(status, 0);
+        let text = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            text.ends_with("}\n") && text.matches('\n').count() == 1,
+            "{text:?}"
+        );
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(v["cniVersion"], "1.0.0");
+
+        let mut out = Vec::new();
+        assert_eq!(plugin_main(&env(&[]), &mut &b"{}"[..], &mut out), 1);
+        let v: Value = serde_json::from_slice(&out).expect("error JSON");
+        assert_eq!(v["code"], code::INVALID_ENV);
+
+        let mut out = Vec::new();
+        assert_eq!(plugin_main(&version, &mut Broken, &mut out), 1);
+        let v: Value = serde_json::from_slice(&out).expect("error JSON");
+        assert_eq!(v["code"], code::IO);
+
+        let mut out = Vec::new();
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
+        assert_eq!(
+            plugin_main(&del, &mut &no_agent_conf("ignore", "")[..], &mut out),
+            0
+        );
+        assert!(out.is_empty(), "DEL prints nothing");
     }
 
     #[test]

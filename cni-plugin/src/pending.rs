@@ -5,6 +5,12 @@
 //! outage still gets enrolled. DEL and GC remove the file, so a pod that is
 //! gone is never adopted. Writes are atomic (temp file + rename), and the temp
 //! name has no `.json` suffix, so the agent never reads half a file.
+//!
+//! There is no fsync: the rename alone makes the file appear whole to the
+//! agent, and a pending enrolment only matters until the next boot (the
+//! pod's netns does not survive one, and the agent drops enrolments whose
+//! netns is gone); the default dir, `/run/netfault`, is a tmpfs anyway. It
+//! saved 0.5 ms or more of the fail-open ADD on a disk-backed dir.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -33,7 +39,7 @@ pub fn record(socket: &Path, id: &str, req: &EnrolRequest) -> std::io::Result<Pa
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(&body).and_then(|_| f.sync_all()));
+        .and_then(|mut f| f.write_all(&body));
     let target = file(socket, id);
     let renamed = written.and_then(|_| std::fs::rename(&tmp, &target));
     if renamed.is_err() {

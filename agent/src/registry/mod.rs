@@ -533,6 +533,7 @@ impl Core<'_> {
         }
         self.sh.persist()?;
         drop(ns);
+        let with_birth_faults = !birth_specs.is_empty();
         let mut birth = Vec::new();
         for spec in birth_specs {
             match self.install(id, spec) {
@@ -554,7 +555,10 @@ impl Core<'_> {
             sb.birth_faults = birth;
             sb.view()
         };
-        self.sh.persist()?;
+        // Without birth faults the records are as saved above (CNI ADD's latency).
+        if with_birth_faults {
+            self.sh.persist()?;
+        }
         Ok(view)
     }
 
