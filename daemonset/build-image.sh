@@ -76,25 +76,36 @@ fi
 [ "$(id -u)" -eq 0 ] || die "must run as root (mmdebstrap's root mode, file ownership in the layers)"
 
 # --- binaries -----------------------------------------------------------------
-missing=0
-for b in "${BINARIES[@]}"; do
-    [ -x "$RELEASE_DIR/$b" ] || missing=1
-done
-if [ "$missing" -eq 1 ] && [ "$EXPLICIT_BIN_DIR" -eq 0 ]; then
+# Without --bin-dir: the release build (a no-op when up to date), and the CNI
+# plugin linked statically. The plugin runs on the host, once per pod, from
+# whatever glibc the node has: the static build needs none, and it starts in
+# about half the time (no dynamic linking; docs/design.md, "CNI plugin speed").
+# Cargo cannot set crt-static for one package of a workspace build, so it is a
+# second build for the host triple, in its own target subdir.
+declare -A SRC
+if [ "$EXPLICIT_BIN_DIR" -eq 0 ]; then
     . scripts/lib.sh
     find_cargo build-image.sh
-    log "building release binaries (cargo build --release -p netfault-agent -p netfault-cni)"
-    cargo build --release -p netfault-agent -p netfault-cni
+    log "cargo build --release -p netfault-agent -p netfault-cni -p netfault-install-cni"
+    cargo build --release -p netfault-agent -p netfault-cni -p netfault-install-cni
+    HOST_TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+    [ -n "$HOST_TRIPLE" ] || die "rustc -vV names no host triple"
+    log "static CNI plugin: RUSTFLAGS=-Ctarget-feature=+crt-static cargo build --release -p netfault-cni --target $HOST_TRIPLE"
+    RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p netfault-cni --target "$HOST_TRIPLE"
+    SRC[netfault]=${CARGO_TARGET_DIR:-$ROOT/target}/$HOST_TRIPLE/release/netfault
 fi
+for b in "${BINARIES[@]}" "${OPTIONAL_BINARIES[@]}"; do
+    [ -n "${SRC[$b]:-}" ] || SRC[$b]=$RELEASE_DIR/$b
+done
 for b in "${BINARIES[@]}"; do
-    [ -x "$RELEASE_DIR/$b" ] || die "$RELEASE_DIR/$b missing (build it first: cargo build --workspace, or --release)"
+    [ -x "${SRC[$b]}" ] || die "${SRC[$b]} missing (build it first: cargo build --workspace, or --release)"
 done
 include=("${BINARIES[@]}")
 for b in "${OPTIONAL_BINARIES[@]}"; do
-    if [ -x "$RELEASE_DIR/$b" ]; then
+    if [ -x "${SRC[$b]}" ]; then
         include+=("$b")
     else
-        log "warning: $RELEASE_DIR/$b not found; the image will lack it (the install-cni container cannot start)"
+        log "warning: ${SRC[$b]} not found; the image will lack it (the install-cni container cannot start)"
     fi
 done
 
@@ -123,7 +134,7 @@ mmdebstrap --quiet --variant=extract --include=nftables \
 # --- the binaries' layer ------------------------------------------------------
 mkdir -p "$WORK/bin-layer$BIN_DIR"
 for b in "${include[@]}"; do
-    install -m 0755 "$RELEASE_DIR/$b" "$WORK/bin-layer$BIN_DIR/$b"
+    install -m 0755 "${SRC[$b]}" "$WORK/bin-layer$BIN_DIR/$b"
 done
 tar --create --file "$WORK/bin.tar" --directory "$WORK/bin-layer" \
     --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \

@@ -373,11 +373,25 @@ fn build_script_parses_and_matches_the_dockerfile() {
     assert_eq!(*dest, "/opt/netfault/bin/");
     let names: Vec<&str> = srcs.iter().map(|s| s.rsplit('/').next().unwrap()).collect();
     assert_eq!(names, BINARIES);
-    let built: Vec<&str> = dockerfile
+    // What the builder stage copies out: target/release/* and the static
+    // plugin from target/<triple>/release/.
+    let mut built: Vec<&str> = dockerfile
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix("target/release/"))
+        .map(|w| w.trim_matches('"'))
+        .filter(|w| w.starts_with("target/") && w.contains("/release/"))
+        .filter_map(|w| w.rsplit('/').next())
         .collect();
-    assert_eq!(built, BINARIES, "the builder stage copies out");
+    built.sort_unstable();
+    let mut want = BINARIES.to_vec();
+    want.sort_unstable();
+    assert_eq!(built, want, "the builder stage copies out");
+    // Both link the CNI plugin statically (it runs on the host, from any glibc).
+    for (name, text) in [("build-image.sh", &script), ("Dockerfile", &dockerfile)] {
+        assert!(
+            text.contains("-C target-feature=+crt-static' cargo build --release -p netfault-cni --target"),
+            "{name} builds the static CNI plugin"
+        );
+    }
     // The same base: Debian bookworm with nftables.
     assert!(script.contains("SUITE=bookworm\n") && script.contains("--include=nftables"));
     assert!(dockerfile.contains("FROM debian:bookworm-slim\n"));
