@@ -388,7 +388,9 @@ fn build_script_parses_and_matches_the_dockerfile() {
     // Both link the CNI plugin statically (it runs on the host, from any glibc).
     for (name, text) in [("build-image.sh", &script), ("Dockerfile", &dockerfile)] {
         assert!(
-            text.contains("-C target-feature=+crt-static' cargo build --release -p netfault-cni --target"),
+            text.contains(
+                "-C target-feature=+crt-static' cargo build --release -p netfault-cni --target"
+            ),
             "{name} builds the static CNI plugin"
         );
     }
