@@ -84,15 +84,7 @@ impl<T, E: Display> Ctx<T> for Result<T, E> {
 }
 
 fn main() {
-    testbed::bench_main("datapath", || {
-        let started = Instant::now();
-        run()?;
-        println!(
-            "\ntotal bench time: {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        R::Ok(())
-    });
+    testbed::bench_main("datapath", run);
 }
 
 fn run() -> R<()> {

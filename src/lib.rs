@@ -220,7 +220,7 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 }
 
 /// A random RFC 4122 version 4 UUID, as Kubernetes pod UIDs look.
-pub(crate) fn random_uuid() -> String {
+pub fn random_uuid() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -236,7 +236,7 @@ pub(crate) fn random_uuid() -> String {
 }
 
 /// The `main` of an on-the-wire bench (`harness = false`): [`bench_ready`],
-/// then `run`; an error is printed as `BENCH bench failed: ERROR` (`{:#}`,
+/// then `run`, then the total time; an error is printed as `BENCH bench failed: ERROR` (`{:#}`,
 /// so an `anyhow` error shows its causes) and the process exits 1.
 pub fn bench_main<E: std::fmt::Display>(
     bench: &str,
@@ -245,10 +245,15 @@ pub fn bench_main<E: std::fmt::Display>(
     if !bench_ready(bench) {
         return;
     }
+    let started = std::time::Instant::now();
     if let Err(e) = run() {
         eprintln!("{bench} bench failed: {e:#}");
         std::process::exit(1);
     }
+    println!(
+        "\ntotal bench time: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The start of every on-the-wire bench (`harness = false`): `false` (after

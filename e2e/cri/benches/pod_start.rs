@@ -45,15 +45,7 @@ const WARMUP: usize = 3;
 type R<T> = Result<T, String>;
 
 fn main() {
-    testbed::bench_main("pod_start", || {
-        let started = Instant::now();
-        run()?;
-        println!(
-            "\ntotal bench time: {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        R::Ok(())
-    });
+    testbed::bench_main("pod_start", run);
 }
 
 fn pods() -> R<usize> {

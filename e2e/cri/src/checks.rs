@@ -265,3 +265,23 @@ pub fn mount_of(path: &Path) -> Option<(PathBuf, bool)> {
     }
     best
 }
+
+/// netfault's entries in bpffs (it pins nothing; any entry is a leak).
+pub fn bpffs_netfault() -> Vec<String> {
+    fn walk(d: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.to_string_lossy().contains("netfault") {
+                    out.push(p.display().to_string());
+                }
+                if p.is_dir() {
+                    walk(&p, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/bpf"), &mut out);
+    out
+}

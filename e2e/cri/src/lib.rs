@@ -104,15 +104,16 @@ mod node;
 
 pub use agent_pod::{AgentPod, Probe, AGENT_CONTAINER, INSTALL_CNI_CONTAINER};
 pub use checks::{
-    cgroup_dirs, cni_cache_entries, mount_of, mounts_under, node_cni_cache, processes, shim_socket,
-    Footprint, CNI_CACHE_DIR,
+    bpffs_netfault, cgroup_dirs, cni_cache_entries, mount_of, mounts_under, node_cni_cache,
+    processes, shim_socket, Footprint, CNI_CACHE_DIR,
 };
 pub use error::{Error, Result};
 pub use images::{
     agent_image, box_image, cache_dir, repo_root, AGENT_BINARIES, AGENT_IMAGE, BOX_IMAGE, BUSYBOX,
 };
 pub use measure::{
-    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, IcmpTap, TcpSink,
+    http_status, ping_replies, tcp_connect_median, tcp_connect_time, HttpOk, IcmpTap, PodServer,
+    TcpSink,
 };
 pub use netfault_cri::api;
 pub use node::{

@@ -28,17 +28,22 @@ pub fn ping_replies(log: &str) -> BTreeMap<u64, f64> {
     out
 }
 
-/// A TCP listener inside a pod's netns that accepts (and drops) every
-/// connection on a background thread until dropped.
-pub struct TcpSink {
+/// A TCP server inside a pod's netns: a background thread accepts
+/// connections on the pod's primary IP and hands each to `serve`, one at a
+/// time, until dropped.
+pub struct PodServer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl TcpSink {
+impl PodServer {
     /// Listens on the pod's primary IP and `port`.
-    pub fn start(pod: &Sandbox, port: u16) -> Result<TcpSink> {
+    pub fn start(
+        pod: &Sandbox,
+        port: u16,
+        serve: impl Fn(TcpStream) + Send + 'static,
+    ) -> Result<PodServer> {
         let addr = SocketAddr::new(pod.ip()?, port);
         let listener = pod
             .run(move || TcpListener::bind(addr))?
@@ -51,12 +56,12 @@ impl TcpSink {
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((s, _)) => drop(s),
+                    Ok((s, _)) => serve(s),
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Ok(TcpSink {
+        Ok(PodServer {
             addr,
             stop,
             thread: Some(thread),
@@ -64,70 +69,47 @@ impl TcpSink {
     }
 }
 
-impl Drop for TcpSink {
+impl Drop for PodServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A TCP listener inside a pod's netns that accepts (and drops) every
+/// connection until dropped.
+pub struct TcpSink;
+
+impl TcpSink {
+    /// Listens on the pod's primary IP and `port`.
+    pub fn start(pod: &Sandbox, port: u16) -> Result<PodServer> {
+        PodServer::start(pod, port, drop)
     }
 }
 
 /// A minimal HTTP/1.1 server inside a pod's netns: answers every request
 /// with `200 OK` and body `ok`, one connection at a time, until dropped.
-pub struct HttpOk {
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct HttpOk;
 
 impl HttpOk {
-    pub fn start(pod: &Sandbox, port: u16) -> Result<HttpOk> {
-        use std::io::{Read, Write};
-        let addr = SocketAddr::new(pod.ip()?, port);
-        let listener = pod
-            .run(move || TcpListener::bind(addr))?
-            .ctx(|| format!("listening on {addr} in pod {}", pod.name))?;
-        listener
-            .set_nonblocking(true)
-            .ctx(|| "nonblocking listener".into())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
+    pub fn start(pod: &Sandbox, port: u16) -> Result<PodServer> {
+        PodServer::start(pod, port, |mut s| {
+            use std::io::{Read, Write};
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                );
             }
-        });
-        Ok(HttpOk {
-            addr,
-            stop,
-            thread: Some(thread),
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         })
-    }
-}
-
-impl Drop for HttpOk {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -782,10 +782,10 @@ impl Node {
         Ok(())
     }
 
-    /// The container's state (`ContainerStatus`).
-    pub fn container_state(&self, container: &str) -> Result<api::ContainerState> {
+    /// `ContainerStatus` (not verbose).
+    fn container_status(&self, container: &str) -> Result<api::ContainerStatus> {
         let mut cri = self.cri();
-        let st = self
+        Ok(self
             .block_on(cri.runtime.container_status(api::ContainerStatusRequest {
                 container_id: container.to_string(),
                 verbose: false,
@@ -793,7 +793,12 @@ impl Node {
             .map_err(netfault_cri::CriError::call("ContainerStatus"))?
             .into_inner()
             .status
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    /// The container's state (`ContainerStatus`).
+    pub fn container_state(&self, container: &str) -> Result<api::ContainerState> {
+        let st = self.container_status(container)?;
         Ok(
             api::ContainerState::try_from(st.state)
                 .unwrap_or(api::ContainerState::ContainerUnknown),
@@ -804,16 +809,7 @@ impl Node {
     pub fn wait_exited(&self, container: &str, timeout: Duration) -> Result<i32> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut cri = self.cri();
-            let st = self
-                .block_on(cri.runtime.container_status(api::ContainerStatusRequest {
-                    container_id: container.to_string(),
-                    verbose: false,
-                }))
-                .map_err(netfault_cri::CriError::call("ContainerStatus"))?
-                .into_inner()
-                .status
-                .unwrap_or_default();
+            let st = self.container_status(container)?;
             if st.state == api::ContainerState::ContainerExited as i32 {
                 return Ok(st.exit_code);
             }
@@ -1237,21 +1233,7 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A random RFC 4122 version 4 UUID, as Kubernetes pod UIDs look.
-pub fn random_uuid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
-}
+pub use testbed::random_uuid;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,6 @@
 //!
 //! Run alone: `scripts/e2e-cri.sh adoption`.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -87,26 +86,6 @@ fn netns_state(pod: &Sandbox) -> NetnsState {
     }
 }
 
-/// netfault's entries in bpffs (it pins nothing; any entry is a leak).
-fn bpffs_netfault() -> Vec<String> {
-    fn walk(d: &Path, out: &mut Vec<String>) {
-        if let Ok(rd) = std::fs::read_dir(d) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.to_string_lossy().contains("netfault") {
-                    out.push(p.display().to_string());
-                }
-                if p.is_dir() {
-                    walk(&p, out);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/bpf"), &mut out);
-    out
-}
-
 /// The DaemonSet's agent container alone (no install-cni), ready: its
 /// readiness probe passes and the socket answers.
 fn agent_only(node: &Node) -> AgentPod {
@@ -177,7 +156,7 @@ fn adoption_pods_started_before_the_agent_are_targeted_by_name_and_released_when
         "c talks before the agent exists (nothing applied its annotation)"
     );
     let a_pristine = netns_state(&a);
-    let pins_before = bpffs_netfault();
+    let pins_before = e2e_cri::bpffs_netfault();
 
     // The agent starts and adopts them from containerd's list.
     let started = Instant::now();
@@ -331,7 +310,7 @@ fn adoption_pods_started_before_the_agent_are_targeted_by_name_and_released_when
         "delay holders left: {:?}",
         delay_holders(&node)
     );
-    assert_eq!(bpffs_netfault(), pins_before, "bpffs pins left");
+    assert_eq!(e2e_cri::bpffs_netfault(), pins_before, "bpffs pins left");
     let state =
         std::fs::read_to_string(node.layout().run_netfault.join("state.json")).unwrap_or_default();
     assert!(!state.contains(&a.id), "state.json still names a");

@@ -32,26 +32,6 @@ fn tree(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-/// netfault's entries in bpffs (it pins nothing; any entry is a leak).
-fn bpffs_netfault() -> Vec<String> {
-    fn walk(d: &Path, out: &mut Vec<String>) {
-        if let Ok(rd) = std::fs::read_dir(d) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.to_string_lossy().contains("netfault") {
-                    out.push(p.display().to_string());
-                }
-                if p.is_dir() {
-                    walk(&p, out);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/bpf"), &mut out);
-    out
-}
-
 #[test]
 fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
     testbed::require_root!();
@@ -62,7 +42,7 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
     let nft_before = node
         .nft(&["list", "tables"])
         .expect("nft in the node netns");
-    let pins_before = bpffs_netfault();
+    let pins_before = e2e_cri::bpffs_netfault();
 
     let x = node.pod("x", &[]).expect("pod x");
     let x_netns = x.netns.clone().expect("x has a netns");
@@ -148,7 +128,7 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
         "delay holders left: {:?}",
         holders()
     );
-    assert_eq!(bpffs_netfault(), pins_before, "bpffs pins left");
+    assert_eq!(e2e_cri::bpffs_netfault(), pins_before, "bpffs pins left");
     assert_eq!(
         node.nft(&["list", "tables"]).expect("nft"),
         nft_before,
