@@ -137,6 +137,7 @@ fn kustomization_renders_the_expected_objects() {
         [
             "ClusterRole",
             "ClusterRoleBinding",
+            "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
             "ServiceAccount"
@@ -406,4 +407,94 @@ fn build_script_parses_and_matches_the_dockerfile() {
     let ds = read(&root().join("daemonset/daemonset.yaml"));
     assert!(ds.contains("image: docker.io/library/netfaultd:dev"));
     assert!(ds.contains("/opt/netfault/bin/netfault-install-cni"));
+}
+
+/// The NetworkFault CRD (daemonset/networkfault-crd.yaml, generated from
+/// k8s/src/resource.rs) renders unchanged, namespaced, with a status
+/// subresource and the printer columns; the agent's ClusterRole grants what
+/// the reconciler needs on it (read the resources, server-side apply = PATCH
+/// on the status subresource).
+#[test]
+fn kustomization_renders_the_networkfault_crd() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: kubectl not found (apt-get install kubernetes-client)");
+        return;
+    };
+    let objs = render(&kubectl);
+    let crd = find(&objs, "CustomResourceDefinition");
+    assert_eq!(crd["apiVersion"], "apiextensions.k8s.io/v1");
+    assert_eq!(crd["metadata"]["name"], "networkfaults.netfault.io");
+    let spec = &crd["spec"];
+    assert_eq!(spec["group"], "netfault.io");
+    assert_eq!(spec["scope"], "Namespaced");
+    assert_eq!(spec["names"]["kind"], "NetworkFault");
+    assert_eq!(spec["names"]["plural"], "networkfaults");
+    assert_eq!(spec["names"]["singular"], "networkfault");
+    assert_eq!(spec["names"]["shortNames"], json!(["nf"]));
+    let versions = spec["versions"].as_array().expect("versions");
+    assert_eq!(versions.len(), 1);
+    let v = &versions[0];
+    assert_eq!(
+        (&v["name"], &v["served"], &v["storage"]),
+        (&json!("v1alpha1"), &json!(true), &json!(true))
+    );
+    assert_eq!(v["subresources"], json!({"status": {}}));
+    let columns: Vec<(&str, &str, &str)> = v["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().expect("name"),
+                c["type"].as_str().expect("type"),
+                c["jsonPath"].as_str().expect("jsonPath"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Action", "string", ".spec.action.type"),
+            ("Mode", "string", ".spec.mode"),
+            ("Value", "string", ".spec.value"),
+            ("Pods", "integer", ".status.selectedPods"),
+            ("Duration", "string", ".spec.duration"),
+            ("Age", "date", ".metadata.creationTimestamp"),
+        ]
+    );
+    let schema = &v["schema"]["openAPIV3Schema"];
+    let required = strings(&schema["properties"]["spec"]["required"]);
+    for f in ["action", "duration", "mode", "selector"] {
+        assert!(required.contains(&f), "spec.{f} is required");
+    }
+    let nodes = &schema["properties"]["status"]["properties"]["nodes"];
+    assert_eq!(nodes["x-kubernetes-list-type"], "map");
+    assert_eq!(nodes["x-kubernetes-list-map-keys"], json!(["node"]));
+
+    // The rendered CRD is the committed file, untouched by kustomize.
+    let text = read(&root().join("daemonset/networkfault-crd.yaml"));
+    let committed = Value::deserialize(serde_yaml::Deserializer::from_str(&text))
+        .expect("the committed CRD is YAML");
+    assert_eq!(crd, &committed);
+
+    // RBAC for the reconciler: read the resources (get/list/watch), and
+    // server-side apply its node's status entry (PATCH networkfaults/status).
+    let role = find(&objs, "ClusterRole");
+    let allows = |resource: &str, verb: &str| {
+        role["rules"].as_array().expect("rules").iter().any(|r| {
+            strings(&r["apiGroups"]).contains(&"netfault.io")
+                && strings(&r["resources"]).contains(&resource)
+                && strings(&r["verbs"]).contains(&verb)
+        })
+    };
+    for verb in ["get", "list", "watch"] {
+        assert!(allows("networkfaults", verb), "networkfaults {verb}");
+    }
+    assert!(allows("networkfaults/status", "patch"), "status patch");
+    for verb in ["create", "update", "patch", "delete"] {
+        assert!(
+            !allows("networkfaults", verb),
+            "agents never {verb} the resources"
+        );
+    }
 }
