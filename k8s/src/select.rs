@@ -380,6 +380,7 @@ mod tests {
             .values()
             .map(|h| (f64::from(*h) - expected).powi(2) / expected)
             .sum();
+        println!("one of 10 pods over {rounds} resource uids: chi-square {chi2:.1}");
         assert!(chi2 < 27.9, "chi-square {chi2:.1}: {hits:?}");
         // Sequential uids (as a test or a generator might make) spread too.
         let seq: Vec<PodKey> = (0..10)
@@ -399,6 +400,7 @@ mod tests {
             .iter()
             .map(|h| (f64::from(*h) - expected).powi(2) / expected)
             .sum();
+        println!("sequential uids: chi-square {chi2:.1}, hits {hits:?}");
         assert!(
             chi2 < 27.9,
             "sequential uids: chi-square {chi2:.1}: {hits:?}"
