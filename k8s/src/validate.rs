@@ -357,6 +357,27 @@ mod tests {
         assert!(validate_with(&long, Duration::from_secs(3 * 86400)).is_ok());
     }
 
+    /// `match.ports` in each of the API's spellings (kept unpruned by the
+    /// schema), and an absent or empty `match`.
+    #[test]
+    fn ports_and_match_take_every_api_form() {
+        for ports in [json!(80), json!("80,8000-8100"), json!([80, "8000-8100"])] {
+            let v = validate(&with(&["match", "ports"], ports.clone()))
+                .unwrap_or_else(|e| panic!("{ports}: {e}"));
+            assert_eq!(v.fault.r#match.ports[0].lo, 80, "{ports}");
+        }
+        assert_eq!(
+            field_of(with(&["match", "ports"], json!([80, true]))),
+            "spec.match.ports"
+        );
+        let v = validate(&with(&["match"], Value::Null)).expect("no match");
+        assert_eq!(v.fault.r#match, netfault_api::Match::default());
+        let v = validate(&with(&["match"], json!({}))).expect("empty match");
+        assert_eq!(v.fault.r#match, netfault_api::Match::default());
+        let v = validate(&with(&["direction"], Value::Null)).expect("no direction");
+        assert_eq!(v.fault.direction, Direction::Both, "the API's default");
+    }
+
     #[test]
     fn selector_and_metadata_errors_name_the_field() {
         assert_eq!(
