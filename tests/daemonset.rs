@@ -267,8 +267,41 @@ fn kustomization_renders_the_expected_objects() {
             ("/sys/fs/bpf", "/sys/fs/bpf", "HostToContainer", false),
             ("/run/containerd", "/run/containerd", "None", true),
             ("/tmp", "<tmp>", "None", false),
+            ("/etc/netfault", "<api-token>", "None", true),
         ])
     );
+    // The TCP listener's token: an optional Secret, read-only, mode 0400.
+    let token_vol = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "api-token")
+        .expect("api-token volume");
+    assert_eq!(
+        token_vol["secret"],
+        json!({"secretName": "netfault-api-token", "optional": true, "defaultMode": 0o400,
+               "items": [{"key": "token", "path": "token"}]})
+    );
+    // --listen-tcp is off by default; the commented flags, once uncommented,
+    // name a loopback address and the token file inside that mount.
+    let text = read(&root().join("daemonset/daemonset.yaml"));
+    let commented: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("# - "))
+        .collect();
+    let after = |flag: &str| {
+        commented
+            .iter()
+            .position(|a| *a == flag)
+            .and_then(|i| commented.get(i + 1))
+            .copied()
+            .unwrap_or_else(|| panic!("a commented {flag} VALUE in daemonset.yaml"))
+    };
+    let listen: std::net::SocketAddr = after("--listen-tcp").parse().expect("ADDR:PORT");
+    assert!(listen.ip().is_loopback(), "{listen}");
+    assert_eq!(after("--token-file"), "/etc/netfault/token");
+    assert!(!strings(&d["args"]).contains(&"--listen-tcp"));
+    assert!(text.contains("create secret generic netfault-api-token"));
     // The CRI socket the agent is told to use lies in a directory mounted
     // from the same host path: the runtime's socket, seen from inside.
     let args = strings(&d["args"]);
@@ -497,4 +530,39 @@ fn kustomization_renders_the_networkfault_crd() {
             "agents never {verb} the resources"
         );
     }
+}
+
+/// `daemonset/test-suite-rbac.yaml`: the optional Role and RoleBinding a test
+/// suite needs for `kubectl port-forward` to an agent; not in the
+/// kustomization.
+#[test]
+fn test_suite_rbac_is_narrow_and_optional() {
+    let text = read(&root().join("daemonset/test-suite-rbac.yaml"));
+    let objs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("a YAML document"))
+        .collect();
+    let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Role", "RoleBinding"]);
+    let role = &objs[0];
+    assert_eq!(role["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["netfault-api-token"], "verbs": ["get"]},
+        ])
+    );
+    let binding = &objs[1];
+    assert_eq!(binding["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]})
+    );
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    let kustomization = read(&root().join("daemonset/kustomization.yaml"));
+    assert!(
+        !kustomization.contains("test-suite-rbac"),
+        "the test-suite RBAC is optional: not in the kustomization"
+    );
 }

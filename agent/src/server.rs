@@ -9,11 +9,20 @@
 //! [`SocketAccess::group`], in place before the first connection can be made
 //! ([`bind`]). Every mutating request is logged at info with the caller's
 //! pid, uid and gid (`SO_PEERCRED`).
+//!
+//! The same API can also be served on a loopback TCP port ([`serve_tcp`],
+//! `netfaultd --listen-tcp`), for test suites that reach the agent through
+//! `kubectl port-forward`. There every request needs
+//! `Authorization: Bearer <token>`, the token being the content of
+//! `--token-file` ([`TokenFile`]); mutating requests are logged with the TCP
+//! peer's address.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http_body_util::Full;
@@ -25,7 +34,9 @@ use hyper_util::rt::TokioIo;
 use netfault_api::{EnrolRequest, ErrorBody, FieldError};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::net::UnixListener;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::cri::{Adopter, TARGET_REFRESH_BUDGET};
 use crate::metrics::Metrics;
@@ -44,12 +55,19 @@ pub struct SocketAccess {
     pub group: Option<nix::unistd::Gid>,
 }
 
-/// The connecting process, from `SO_PEERCRED` on the accepted stream.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    pid: Option<i32>,
-    uid: u32,
-    gid: u32,
+/// Who is calling: a process on the unix socket (from `SO_PEERCRED` on the
+/// accepted stream), or a TCP peer that must present the bearer token.
+#[derive(Debug, Clone)]
+enum Peer {
+    Unix {
+        pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+    },
+    Tcp {
+        addr: SocketAddr,
+        token: Arc<TokenFile>,
+    },
 }
 
 pub struct Api {
@@ -85,6 +103,7 @@ fn status_of(e: &AgentError) -> StatusCode {
             "unsupported" => StatusCode::UNPROCESSABLE_ENTITY,
             "not_found" => StatusCode::NOT_FOUND,
             "conflict" => StatusCode::CONFLICT,
+            "unauthorized" => StatusCode::UNAUTHORIZED,
             _ => StatusCode::BAD_REQUEST,
         },
         AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -153,21 +172,53 @@ impl Api {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Resp {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let resp = self.route(req).await;
-        let status = resp.status().as_u16();
-        // SO_PEERCRED reports pid 0 for a caller outside the agent's pid
-        // namespace (the DaemonSet runs with hostPID: false, so the CNI
-        // plugin and host tools are such callers); the uid still names them.
-        let pid = match peer.pid {
-            Some(p) if p > 0 => p.to_string(),
-            _ => "outside-pidns".to_string(),
-        };
-        if method == Method::GET || method == Method::HEAD {
-            tracing::debug!(%method, %path, status, %pid, uid = peer.uid, gid = peer.gid, "api read");
-        } else {
-            tracing::info!(%method, %path, status, %pid, uid = peer.uid, gid = peer.gid, "api request");
+        let read = method == Method::GET || method == Method::HEAD;
+        match peer {
+            Peer::Unix { pid, uid, gid } => {
+                let resp = self.route(req).await;
+                let status = resp.status().as_u16();
+                // SO_PEERCRED reports pid 0 for a caller outside the agent's pid
+                // namespace (the DaemonSet runs with hostPID: false, so the CNI
+                // plugin and host tools are such callers); the uid still names them.
+                let pid = match pid {
+                    Some(p) if p > 0 => p.to_string(),
+                    _ => "outside-pidns".to_string(),
+                };
+                if read {
+                    tracing::debug!(%method, %path, status, %pid, uid, gid, "api read");
+                } else {
+                    tracing::info!(%method, %path, status, %pid, uid, gid, "api request");
+                }
+                resp
+            }
+            Peer::Tcp { addr, token } => {
+                // The token is checked before anything else, the body included.
+                let values: Vec<&[u8]> = req
+                    .headers()
+                    .get_all(hyper::header::AUTHORIZATION)
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect();
+                let header = match values.as_slice() {
+                    [] => None,
+                    [one] => Some(*one),
+                    _ => Some(&b""[..]), // several: malformed
+                };
+                if let Err(why) = token.check(header) {
+                    tracing::warn!(%method, %path, peer = %addr, reason = why, "api request refused: no valid bearer token");
+                    self.metrics.count_request(401);
+                    return unauthorized(why);
+                }
+                let resp = self.route(req).await;
+                let status = resp.status().as_u16();
+                if read {
+                    tracing::debug!(%method, %path, status, peer = %addr, "api read (tcp)");
+                } else {
+                    tracing::info!(%method, %path, status, peer = %addr, "api request (tcp)");
+                }
+                resp
+            }
         }
-        resp
     }
 
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Resp {
@@ -356,7 +407,7 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
             }
         };
         let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
+            Ok(c) => Peer::Unix {
                 pid: c.pid(),
                 uid: c.uid(),
                 gid: c.gid(),
@@ -371,6 +422,7 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
             let started = Instant::now();
             let svc = service_fn(move |req| {
                 let api = api.clone();
+                let peer = peer.clone();
                 async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
             });
             if let Err(e) = http1::Builder::new()
@@ -380,5 +432,386 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
                 tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
             }
         });
+    }
+}
+
+/// 401 with `WWW-Authenticate: Bearer` and the usual error body naming the
+/// `Authorization` header.
+fn unauthorized(why: &str) -> Resp {
+    let fe = FieldError::new(netfault_api::ErrorCode::Unauthorized, "Authorization", why);
+    let mut r = error(AgentError::Field(fe));
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer realm=\"netfaultd\""),
+    );
+    r
+}
+
+/// `--listen-tcp`: an IP address and port on the loopback interface
+/// (127.0.0.0/8 or ::1); port 0 picks a free one (logged at start). The
+/// DaemonSet runs with hostNetwork, so any other address would expose the
+/// API to the node's network.
+pub fn loopback_addr(value: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = value.parse().map_err(|_| {
+        format!("{value:?} is not ADDR:PORT (for example 127.0.0.1:7979 or [::1]:7979)")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{} is not a loopback address: only 127.0.0.0/8 and ::1 are accepted (the agent runs in the node's network namespace; reach it with kubectl port-forward)",
+            addr.ip()
+        ));
+    }
+    Ok(addr)
+}
+
+/// Why the token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("--token-file {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--token-file {path}: the file holds no token (it is empty or only whitespace)")]
+    Empty { path: PathBuf },
+    #[error("--token-file {path}: the token must be printable ASCII without spaces (byte {index} is not)")]
+    Invalid { path: PathBuf, index: usize },
+}
+
+/// What identifies one version of the token file (after symlinks: a
+/// Kubernetes Secret volume swaps a `..data` symlink on update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    len: u64,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+            len: m.len(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TokenState {
+    stamp: Option<Stamp>,
+    /// SHA-256 of the token; `None` while the file is unusable (every request
+    /// is then refused).
+    digest: Option<[u8; 32]>,
+}
+
+/// The TCP listener's bearer token: the content of `--token-file`, with
+/// surrounding whitespace trimmed. Each request `stat`s the file (following
+/// symlinks) and re-reads it when its device, inode, mtime or size changed,
+/// so a rewritten file or a swapped Secret volume takes effect on the next
+/// request. A file that becomes unreadable or empty refuses every request
+/// until it is fixed (logged once per change).
+///
+/// Only the token's SHA-256 is kept; a presented token is hashed and the two
+/// digests compared in constant time, so neither the content nor the length
+/// of the token leaks through timing.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    state: Mutex<TokenState>,
+}
+
+/// Mode bits beyond `0640`: the token file should not be readable by others
+/// (nor writable by the group).
+const TOKEN_MODE_MAX: u32 = 0o640;
+
+impl TokenFile {
+    /// Reads the token file; an unreadable, empty or malformed file is an error.
+    pub fn open(path: &Path) -> Result<TokenFile, TokenError> {
+        let (stamp, digest) = load_token(path)?;
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            state: Mutex::new(TokenState {
+                stamp: Some(stamp),
+                digest: Some(digest),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current token's digest, re-reading the file if it changed.
+    fn current(&self) -> Option<[u8; 32]> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = std::fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
+        if stamp.is_some() && stamp == st.stamp {
+            return st.digest;
+        }
+        match load_token(&self.path) {
+            Ok((stamp, digest)) => {
+                if st.digest.is_some() {
+                    tracing::info!(path = %self.path.display(), "the API token file changed; using the new token");
+                } else {
+                    tracing::info!(path = %self.path.display(), "the API token file is usable again");
+                }
+                st.stamp = Some(stamp);
+                st.digest = Some(digest);
+            }
+            Err(e) => {
+                if st.digest.is_some() || st.stamp.is_some() {
+                    tracing::error!(error = %e, "refusing every TCP API request until the token file is fixed");
+                }
+                st.stamp = None;
+                st.digest = None;
+            }
+        }
+        st.digest
+    }
+
+    /// Checks an `Authorization` header value (`None`: absent). The error is
+    /// the reason, for the 401's message.
+    pub fn check(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
+        let header = header.ok_or("the request needs an Authorization: Bearer <token> header")?;
+        let presented =
+            bearer_token(header).ok_or("the Authorization header is not \"Bearer <token>\"")?;
+        let expected = self
+            .current()
+            .ok_or("the agent has no usable token (see its log)")?;
+        if digest_eq(&sha256(presented), &expected) {
+            Ok(())
+        } else {
+            Err("the bearer token is not valid")
+        }
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Constant-time equality of two digests.
+pub fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    bool::from(a.ct_eq(b))
+}
+
+/// Whether `token` may be sent in a header: printable ASCII, no spaces
+/// (`Err(index)` of the first byte that is not).
+fn check_token_bytes(token: &[u8]) -> Result<(), usize> {
+    match token.iter().position(|b| !(0x21..=0x7e).contains(b)) {
+        Some(i) => Err(i),
+        None => Ok(()),
+    }
+}
+
+fn load_token(path: &Path) -> Result<(Stamp, [u8; 32]), TokenError> {
+    let read_err = |source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(TokenError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    check_token_bytes(token).map_err(|index| TokenError::Invalid {
+        path: path.to_path_buf(),
+        index,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & !TOKEN_MODE_MAX != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = %format_args!("{mode:04o}"),
+            "the API token file is readable or writable beyond owner and group; make it 0600 or 0640 (a Secret volume: defaultMode: 0400)"
+        );
+    }
+    if token.len() < 16 {
+        tracing::warn!(path = %path.display(), len = token.len(), "the API token is short; use at least 32 random characters");
+    }
+    Ok((Stamp::of(&meta), sha256(token)))
+}
+
+/// The token of an `Authorization` header value: the scheme `Bearer` in any
+/// case, one or more spaces or tabs, then a token of printable ASCII without
+/// spaces (trailing whitespace allowed). `None` for anything else, non-UTF-8
+/// bytes included.
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ' || *b == b'\t')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii_start();
+    if token.is_empty() || check_token_bytes(token).is_err() {
+        return None;
+    }
+    Some(token)
+}
+
+/// Binds the TCP listener (see [`loopback_addr`]; the address is checked
+/// again here).
+pub async fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(std::io::Error::other(format!(
+            "{addr} is not a loopback address"
+        )));
+    }
+    TcpListener::bind(addr).await
+}
+
+/// Serves the API on `listener` (see [`bind_tcp`]) until the process ends;
+/// every request must carry `token`.
+pub async fn serve_tcp(
+    api: Arc<Api>,
+    listener: TcpListener,
+    token: Arc<TokenFile>,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, token_file = %token.path().display(), "serving the API on TCP (bearer token required)");
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = Peer::Tcp {
+            addr,
+            token: token.clone(),
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let svc = service_fn(move |req| {
+                let api = api.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_header_parsing() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"  Bearer    abc  "), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Bearer\tabc"), Some(&b"abc"[..]));
+        assert_eq!(
+            bearer_token(b"Bearer a.b-c_d~e+f/g=="),
+            Some(&b"a.b-c_d~e+f/g=="[..])
+        );
+        for bad in [
+            &b""[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Bearerabc",
+            b"Basic abc",
+            b"Token abc",
+            b"Bearer abc def",
+            b"Bearer \xff\xfe",
+            b"Bearer caf\xc3\xa9",
+            b"Bearer a\x00b",
+        ] {
+            assert_eq!(
+                bearer_token(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn digests_compare_equal_only_when_equal() {
+        let a = sha256(b"secret-token-0123456789");
+        assert!(digest_eq(&a, &sha256(b"secret-token-0123456789")));
+        assert!(!digest_eq(&a, &sha256(b"secret-token-0123456788")));
+        assert!(!digest_eq(&a, &sha256(b"secret-token")));
+        assert!(!digest_eq(&a, &sha256(b"")));
+        let mut b = a;
+        b[31] ^= 1;
+        assert!(!digest_eq(&a, &b));
+        b = a;
+        b[0] ^= 0x80;
+        assert!(!digest_eq(&a, &b));
+    }
+
+    #[test]
+    fn listen_tcp_accepts_only_loopback() {
+        for ok in ["127.0.0.1:7979", "127.1.2.3:0", "[::1]:7979"] {
+            assert!(loopback_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0:7979",
+            "10.0.0.1:7979",
+            "[::]:7979",
+            "[::ffff:127.0.0.1]:7979",
+            "localhost:7979",
+            "127.0.0.1",
+            "7979",
+        ] {
+            assert!(loopback_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_file_is_trimmed_checked_and_reread() {
+        let dir = std::env::temp_dir().join(format!("nf-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("token");
+        std::fs::write(&path, "  \n").expect("write");
+        assert!(matches!(
+            TokenFile::open(&path),
+            Err(TokenError::Empty { .. })
+        ));
+        std::fs::write(&path, "two words").expect("write");
+        assert!(matches!(
+            TokenFile::open(&path),
+            Err(TokenError::Invalid { index: 3, .. })
+        ));
+        assert!(matches!(
+            TokenFile::open(&dir.join("missing")),
+            Err(TokenError::Read { .. })
+        ));
+        std::fs::write(&path, "first-token-0123456789\n").expect("write");
+        let t = TokenFile::open(&path).expect("token");
+        assert_eq!(t.check(Some(b"Bearer first-token-0123456789")), Ok(()));
+        assert!(t.check(Some(b"Bearer first-token-012345678")).is_err());
+        assert!(t.check(None).is_err());
+        // Rotation: a new file renamed over the old one (a new inode).
+        let next = dir.join("token.new");
+        std::fs::write(&next, "second-token-0123456789").expect("write");
+        std::fs::rename(&next, &path).expect("rename");
+        assert!(t.check(Some(b"Bearer first-token-0123456789")).is_err());
+        assert_eq!(t.check(Some(b"Bearer second-token-0123456789")), Ok(()));
+        // Emptied: everything is refused, until a token is back.
+        std::fs::write(&path, "").expect("write");
+        assert!(t.check(Some(b"Bearer second-token-0123456789")).is_err());
+        std::fs::write(&path, "third-token-0123456789").expect("write");
+        assert_eq!(t.check(Some(b"Bearer third-token-0123456789")), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

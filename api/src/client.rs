@@ -1,4 +1,5 @@
-//! A small blocking HTTP/1.1 client for the agent's unix socket.
+//! A small blocking HTTP/1.1 client for the agent's unix socket, or for its
+//! loopback TCP listener with a bearer token ([`Client::tcp`]).
 //!
 //! The CNI plugin runs once per pod with a tight latency budget and must not
 //! start an async runtime, so this is plain `std` I/O with timeouts. It speaks
@@ -6,6 +7,7 @@
 //! `Content-Length` or chunked responses.
 
 use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +21,10 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot connect to netfaultd at {url}: {source}")]
+    ConnectTcp { url: String, source: std::io::Error },
+    #[error("invalid agent URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
     #[error("i/o with netfaultd failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("malformed response from netfaultd: {0}")]
@@ -37,10 +43,71 @@ pub enum ClientError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     socket: PathBuf,
+    /// `Some`: talk to this TCP listener instead of `socket`.
+    tcp: Option<TcpEndpoint>,
+    /// Sent as `Authorization: Bearer <token>`; never printed.
+    token: Option<String>,
     timeout: Duration,
+}
+
+/// `http://HOST:PORT` of a TCP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TcpEndpoint {
+    url: String,
+    host: String,
+    port: u16,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.endpoint())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Splits `http://HOST:PORT[/]` (HOST a name, an IPv4 address or a
+/// bracketed IPv6 address).
+fn parse_url(url: &str) -> Result<TcpEndpoint, ClientError> {
+    let bad = |reason: &str| ClientError::Url {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("only http://HOST:PORT is supported (the agent listens on loopback; use kubectl port-forward to reach it)"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(bad(
+            "give only http://HOST:PORT, without a path, query or user",
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("an IPv6 address needs a closing ]"))?;
+        (h, p.strip_prefix(':').unwrap_or(""))
+    } else {
+        authority.rsplit_once(':').unwrap_or((authority, ""))
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("needs a port from 1 to 65535 (http://HOST:PORT)"))?;
+    Ok(TcpEndpoint {
+        url: url.to_string(),
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// A raw response: status and body bytes.
@@ -63,7 +130,34 @@ impl Client {
     pub fn new(socket: impl AsRef<Path>) -> Self {
         Client {
             socket: socket.as_ref().to_path_buf(),
+            tcp: None,
+            token: None,
             timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A client for the agent's TCP listener at `url` (`http://HOST:PORT`).
+    /// It needs a token ([`Client::with_token`]) unless the agent is reached
+    /// through something that adds one.
+    pub fn tcp(url: &str) -> Result<Self, ClientError> {
+        let endpoint = parse_url(url)?;
+        Ok(Client {
+            tcp: Some(endpoint),
+            ..Client::new("")
+        })
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Where requests go: the socket's path, or the TCP URL.
+    pub fn endpoint(&self) -> String {
+        match &self.tcp {
+            Some(t) => t.url.clone(),
+            None => self.socket.display().to_string(),
         }
     }
 
@@ -72,8 +166,40 @@ impl Client {
         self
     }
 
+    /// The unix socket (empty for a TCP client, see [`Client::endpoint`]).
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+        let Some(t) = &self.tcp else {
+            let stream =
+                UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+            stream.set_read_timeout(Some(self.timeout))?;
+            stream.set_write_timeout(Some(self.timeout))?;
+            return Ok(Box::new(stream));
+        };
+        let fail = |source| ClientError::ConnectTcp {
+            url: t.url.clone(),
+            source,
+        };
+        let addrs = (t.host.as_str(), t.port).to_socket_addrs().map_err(fail)?;
+        let mut last = std::io::Error::other("the host name resolved to no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, self.timeout) {
+                Ok(stream) => {
+                    stream.set_read_timeout(Some(self.timeout))?;
+                    stream.set_write_timeout(Some(self.timeout))?;
+                    let _ = stream.set_nodelay(true);
+                    return Ok(Box::new(stream));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(fail(last))
     }
 
     /// Sends one request and returns the status and body, whatever the status.
@@ -83,16 +209,26 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        stream.set_read_timeout(Some(self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout))?;
+        if let Some(t) = &self.token {
+            if t.is_empty() || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                return Err(ClientError::Protocol(
+                    "the bearer token must be printable ASCII without spaces".into(),
+                ));
+            }
+        }
+        let mut stream = self.connect()?;
         let body = body.unwrap_or_default();
+        let host = match &self.tcp {
+            Some(t) if t.host.contains(':') => format!("[{}]:{}", t.host, t.port),
+            Some(t) => format!("{}:{}", t.host, t.port),
+            None => "netfaultd".to_string(),
+        };
+        let auth = match &self.token {
+            Some(t) => format!("Authorization: Bearer {t}\r\n"),
+            None => String::new(),
+        };
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: netfaultd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         let mut req = head.into_bytes();
@@ -128,6 +264,10 @@ impl Client {
         resp.json()
     }
 }
+
+/// A connected stream of either kind.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
 
 fn parse_response(buf: &[u8]) -> Result<Response, ClientError> {
     let split = buf
@@ -204,5 +344,40 @@ mod tests {
             .expect("ok");
         assert_eq!(r.body, b"abcde");
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn parses_agent_urls() {
+        let e = parse_url("http://127.0.0.1:7979").expect("ok");
+        assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 7979));
+        let e = parse_url("http://[::1]:80/").expect("ok");
+        assert_eq!((e.host.as_str(), e.port), ("::1", 80));
+        let e = parse_url("http://localhost:1").expect("ok");
+        assert_eq!((e.host.as_str(), e.port), ("localhost", 1));
+        for bad in [
+            "https://127.0.0.1:7979",
+            "127.0.0.1:7979",
+            "http://127.0.0.1",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:7979/v1",
+            "http://:7979",
+            "http://[::1:7979",
+        ] {
+            assert!(
+                matches!(parse_url(bad), Err(ClientError::Url { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let c = Client::tcp("http://127.0.0.1:7979")
+            .expect("url")
+            .with_token("very-secret-token");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("127.0.0.1:7979"), "{shown}");
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// The machine-readable kind of an API error, as spelled on the wire
 /// (`"invalid"`, `"missing"`, `"unsupported"`, `"not_found"`, `"conflict"`,
-/// `"internal"`).
+/// `"internal"`, `"unauthorized"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -22,6 +22,8 @@ pub enum ErrorCode {
     Conflict,
     /// The agent failed (HTTP 500).
     Internal,
+    /// The request lacks the bearer token the TCP listener requires (HTTP 401).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -34,6 +36,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -127,6 +130,7 @@ mod tests {
             (ErrorCode::NotFound, "not_found"),
             (ErrorCode::Conflict, "conflict"),
             (ErrorCode::Internal, "internal"),
+            (ErrorCode::Unauthorized, "unauthorized"),
         ] {
             assert_eq!(code.as_str(), s);
             assert_eq!(code.to_string(), s);

@@ -8,4 +8,5 @@ mod loss;
 mod packet_actions;
 mod socket;
 mod support;
+mod tcp_api;
 mod tproxy;

@@ -1,4 +1,5 @@
-//! netfaultctl: the command-line client of netfaultd's unix-socket API.
+//! netfaultctl: the command-line client of netfaultd's API, on its unix
+//! socket or (`--url`, `--token-file`) on its loopback TCP listener.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -25,6 +26,19 @@ struct Cli {
     /// netfaultd's unix socket.
     #[arg(long, global = true, env = "NETFAULT_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Talk to netfaultd's TCP listener at this URL (http://HOST:PORT, e.g.
+    /// the local end of `kubectl port-forward`) instead of the socket.
+    #[arg(
+        long,
+        global = true,
+        env = "NETFAULT_URL",
+        value_name = "URL",
+        requires = "token_file"
+    )]
+    url: Option<String>,
+    /// File holding the bearer token for --url (whitespace trimmed).
+    #[arg(long, global = true, env = "NETFAULT_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -87,6 +101,11 @@ impl From<ClientError> for CtlError {
 
 fn describe(e: &ClientError) -> String {
     match e {
+        ClientError::Api {
+            status: 401,
+            message,
+            ..
+        } => format!("{message} (check --token-file or NETFAULT_TOKEN_FILE)"),
         ClientError::Api { field, message, .. } => match field {
             Some(f) if !f.is_empty() => format!("{message} (field {f})"),
             _ => message.clone(),
@@ -95,6 +114,10 @@ fn describe(e: &ClientError) -> String {
             "cannot reach netfaultd at {}: {source} (is netfaultd running? use --socket or NETFAULT_SOCKET for another path)",
             path.display()
         ),
+        ClientError::ConnectTcp { url, source } => format!(
+            "cannot reach netfaultd at {url}: {source} (is the port forwarded and netfaultd started with --listen-tcp? check --url or NETFAULT_URL)"
+        ),
+        ClientError::Url { url, reason } => format!("--url {url}: {reason}"),
         other => other.to_string(),
     }
 }
@@ -207,7 +230,7 @@ fn health(client: &Client, output: Output) -> Result<String, CtlError> {
             .unwrap_or(body);
         return Err(CtlError::Other(format!(
             "netfaultd at {} is not ready (HTTP {}){}",
-            client.socket().display(),
+            client.endpoint(),
             resp.status,
             if detail.is_empty() {
                 String::new()
@@ -221,12 +244,46 @@ fn health(client: &Client, output: Output) -> Result<String, CtlError> {
             Ok(v) if !v.is_null() => format!("{}\n", pretty(&v)?),
             _ => "{\"status\": \"ok\"}\n".to_string(),
         },
-        Output::Table => format!("ok ({})\n", client.socket().display()),
+        Output::Table => format!("ok ({})\n", client.endpoint()),
     })
 }
 
+/// `--token-file`: its content, whitespace trimmed, printable ASCII.
+fn read_token(path: &std::path::Path) -> Result<String, CtlError> {
+    let name = path.display();
+    let text = std::fs::read(path)
+        .map_err(|e| CtlError::Input(format!("--token-file {name}: cannot read it: {e}")))?;
+    let token = text.trim_ascii();
+    if token.is_empty() {
+        return Err(CtlError::Input(format!(
+            "--token-file {name}: the file holds no token"
+        )));
+    }
+    if !token.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(CtlError::Input(format!(
+            "--token-file {name}: the token must be printable ASCII without spaces"
+        )));
+    }
+    Ok(String::from_utf8_lossy(token).into_owned())
+}
+
+/// The client the flags ask for: the TCP listener with a token (`--url`),
+/// or the unix socket.
+fn client_of(cli: &Cli) -> Result<Client, CtlError> {
+    match (&cli.url, &cli.token_file) {
+        (Some(url), Some(file)) => {
+            let token = read_token(file)?;
+            Ok(Client::tcp(url)?.with_token(token))
+        }
+        (Some(url), None) => Err(CtlError::Input(format!(
+            "--url {url} needs --token-file (or NETFAULT_TOKEN_FILE)"
+        ))),
+        (None, _) => Ok(Client::new(&cli.socket)),
+    }
+}
+
 fn run(cli: Cli) -> Result<String, CtlError> {
-    let client = Client::new(&cli.socket);
+    let client = client_of(&cli)?;
     let out = cli.output;
     match cli.command {
         Command::Sandboxes => {
@@ -308,6 +365,60 @@ mod tests {
         assert!(matches!(cli.command, Command::Apply { file } if file == "-"));
         assert!(Cli::try_parse_from(["netfaultctl", "apply"]).is_err());
         assert!(Cli::try_parse_from(["netfaultctl", "list", "-o", "yaml"]).is_err());
+    }
+
+    #[test]
+    fn url_and_token_file_flags() {
+        let dir = std::env::temp_dir().join(format!("netfaultctl-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let empty = dir.join("empty");
+        std::fs::write(&empty, " \n").expect("write");
+        let good = dir.join("good");
+        std::fs::write(&good, "tok-0123456789abcdef\n").expect("write");
+        let parse = |args: &[&str]| {
+            let mut v = vec!["netfaultctl"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        // --url without --token-file is refused by the parser.
+        assert!(parse(&["list", "--url", "http://127.0.0.1:1"]).is_err());
+        let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+        let cli = parse(&[
+            "list",
+            "--url",
+            "http://127.0.0.1:1",
+            "--token-file",
+            &s(&empty),
+        ])
+        .expect("flags");
+        let e = client_of(&cli).expect_err("empty token");
+        assert!(e.message().contains("--token-file"), "{}", e.message());
+        let missing = dir.join("missing");
+        let cli = parse(&[
+            "list",
+            "--url",
+            "http://127.0.0.1:1",
+            "--token-file",
+            &s(&missing),
+        ])
+        .expect("flags");
+        let e = client_of(&cli).expect_err("missing token");
+        assert!(e.message().contains("--token-file"), "{}", e.message());
+        let cli =
+            parse(&["list", "--url", "https://x:1", "--token-file", &s(&good)]).expect("flags");
+        let e = client_of(&cli).expect_err("https");
+        assert!(e.message().contains("--url https://x:1"), "{}", e.message());
+        let cli = parse(&[
+            "list",
+            "--url",
+            "http://127.0.0.1:1",
+            "--token-file",
+            &s(&good),
+        ])
+        .expect("flags");
+        let c = client_of(&cli).expect("client");
+        assert_eq!(c.endpoint(), "http://127.0.0.1:1");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

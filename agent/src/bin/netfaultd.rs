@@ -9,7 +9,7 @@ use clap::Parser;
 use netfault_agent::cri::{Adopter, CriConfig};
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
-use netfault_agent::server::{serve, Api, SocketAccess};
+use netfault_agent::server::{serve, Api, SocketAccess, TokenFile};
 
 /// Bounds the connect to the runtime and each CRI call.
 const CRI_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +47,15 @@ struct Args {
     /// Time between two polls of the container runtime.
     #[arg(long, value_name = "D", default_value = "2s", value_parser = positive_duration)]
     cri_poll_interval: Duration,
+    /// Also serve the API on this loopback TCP address (127.0.0.0/8 or ::1;
+    /// port 0 picks one and logs it), for `kubectl port-forward`. Every
+    /// request there needs `Authorization: Bearer <token>` (--token-file).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = netfault_agent::server::loopback_addr, requires = "token_file")]
+    listen_tcp: Option<std::net::SocketAddr>,
+    /// File holding the TCP listener's bearer token (whitespace trimmed;
+    /// re-read when it changes, e.g. a Kubernetes Secret volume).
+    #[arg(long, value_name = "PATH", requires = "listen_tcp")]
+    token_file: Option<PathBuf>,
 }
 
 /// A duration of at least 1 ms (humantime syntax).
@@ -93,6 +102,11 @@ fn main() -> anyhow::Result<()> {
     let access = SocketAccess {
         group: args.socket_group.as_deref().map(socket_group).transpose()?,
     };
+    let token = args
+        .token_file
+        .as_deref()
+        .map(TokenFile::open)
+        .transpose()?;
     let cri = (!args.cri_socket.is_empty()).then(|| CriConfig {
         socket: PathBuf::from(&args.cri_socket),
         poll: args.cri_poll_interval,
@@ -160,6 +174,21 @@ fn main() -> anyhow::Result<()> {
             metrics,
             cri: adopter,
         });
+        let tcp = match (args.listen_tcp, token) {
+            (Some(addr), Some(token)) => {
+                let l = netfault_agent::server::bind_tcp(addr)
+                    .await
+                    .with_context(|| format!("--listen-tcp {addr}"))?;
+                Some(netfault_agent::server::serve_tcp(api.clone(), l, Arc::new(token)))
+            }
+            _ => None,
+        };
+        let tcp = async move {
+            match tcp {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        };
         let server = serve(api, &args.socket, access);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -169,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             r = server => r.context("serving the API"),
+            r = tcp => r.context("serving the API on TCP"),
             _ = tokio::signal::ctrl_c() => {
                 // Faults stay installed: the kernel enforces their deadlines and
                 // the next agent re-adopts them from the state dir.

@@ -15,7 +15,10 @@
 //!   node-layout map, [`Layout::host_path`], symlinks resolved; `type`
 //!   `DirectoryOrCreate` is created by [`prepare`], `Directory` and others
 //!   must exist), `emptyDir` (a dir under the pod's dir; `medium: Memory`
-//!   gets a tmpfs of `sizeLimit`, mounted by [`prepare`]);
+//!   gets a tmpfs of `sizeLimit`, mounted by [`prepare`]), a `secret` with
+//!   `optional: true` (an empty dir: there is no API server here, so the
+//!   Secret is absent, and the kubelet then mounts an empty volume; a
+//!   required Secret is an error);
 //!   `readOnly`, `mountPropagation` (`None` → PRIVATE, `HostToContainer` →
 //!   HOST_TO_CONTAINER, `Bidirectional` → BIDIRECTIONAL), `subPath`;
 //! - `securityContext`: `capabilities.add/drop`, `privileged`, `runAsUser`,
@@ -543,9 +546,18 @@ pub fn translate(ds: &DaemonSet, node: &NodeInfo) -> Result<PodPlan> {
                 }
                 dir
             }
+            (None, None)
+                if v.other.len() == 1
+                    && v.other.get("secret").and_then(|s| s.get("optional"))
+                        == Some(&serde_yaml::Value::Bool(true)) =>
+            {
+                let dir = pod_dir.join("volumes").join(&v.name);
+                prepare.push(Prepare::Dir(dir.clone()));
+                dir
+            }
             _ => {
                 return Err(Error::Manifest(format!(
-                    "{field}: only hostPath and emptyDir volumes are translated, got {:?}",
+                    "{field}: only hostPath, emptyDir and optional secret volumes are translated, got {:?}",
                     v.other.keys().collect::<Vec<_>>()
                 )))
             }
@@ -946,6 +958,12 @@ mod tests {
         let m = mount(agent, "/run/containerd");
         assert_eq!(Path::new(&m.host_path), layout.run_containerd);
         assert!(m.readonly);
+        // The optional API token Secret: absent here, an empty read-only dir.
+        let m = mount(agent, "/etc/netfault");
+        assert!(m.readonly);
+        assert!(plan
+            .prepare
+            .contains(&Prepare::Dir(PathBuf::from(&m.host_path))));
         let tmp = mount(agent, "/tmp");
         assert_eq!(plan.tmpfs, [PathBuf::from(&tmp.host_path)]);
         assert!(plan.prepare.contains(&Prepare::Tmpfs {
@@ -1048,6 +1066,19 @@ mod tests {
             e.contains("volumes[") && e.contains("(cfg)") && e.contains("configMap"),
             "{e}"
         );
+        // A required Secret cannot be mounted without an API server.
+        let mut bad = ds.clone();
+        bad.spec.template.spec.volumes.push(VolumeYaml {
+            name: "req".into(),
+            host_path: None,
+            empty_dir: None,
+            other: BTreeMap::from([(
+                "secret".to_string(),
+                serde_yaml::from_str("{secretName: s}").expect("yaml"),
+            )]),
+        });
+        let e = err(&bad);
+        assert!(e.contains("(req)") && e.contains("secret"), "{e}");
 
         let mut bad = ds.clone();
         bad.spec.template.spec.containers[0].volume_mounts[0].mount_propagation =
