@@ -150,6 +150,14 @@ fn blackhole_port(port: u16, duration: &str) -> (&'static str, String) {
 fn annotations_on_a_running_pod_reconcile_only_their_faults() {
     testbed::require_root!();
     let k = KubeNode::start();
+    let caps = k
+        .bed
+        .agent
+        .client()
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities");
+    assert_eq!(caps["kubernetes"]["mode"], "kubeconfig", "{caps}");
+    assert_eq!(caps["kubernetes"]["node"], k.node_name.as_str());
     let a = k.pod("a");
     let b = k.pod("b");
     let (p1, p2, p3) = (7101, 7102, 7103);
@@ -198,6 +206,27 @@ fn annotations_on_a_running_pod_reconcile_only_their_faults() {
         "an invalid annotation changes nothing on the wire"
     );
     assert_eq!(k.faults_of(&a, "annotation")[0]["id"], second[0]["id"]);
+    wait_for(
+        "a Warning Event InvalidFaultAnnotation naming the field",
+        || {
+            k.server.events().iter().any(|e| {
+                e["reason"] == "InvalidFaultAnnotation"
+                    && e["type"] == "Warning"
+                    && e["regarding"]["uid"] == a.uid.as_str()
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("netfault.io/faults[0].action.percent"))
+            })
+        },
+    );
+    assert!(
+        k.server
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "FaultApplied" && e["type"] == "Normal"),
+        "FaultApplied events: {:?}",
+        k.server.events()
+    );
 
     // Removed: the annotation's fault goes, the API's stays.
     k.annotate(&a, &[]);

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -72,7 +73,12 @@ pub struct Watch {
     pods: HashMap<String, Watched>,
     connected: bool,
     last_error: Option<String>,
+    /// Posts Events on the pods (set once the client exists).
+    recorder: Option<Recorder>,
 }
+
+/// The `reportingController` of the agent's Events.
+pub const EVENT_CONTROLLER: &str = "netfault.io/netfaultd";
 
 impl Watch {
     pub fn new(cfg: KubeConfig, registry: Arc<Registry>) -> Watch {
@@ -82,6 +88,7 @@ impl Watch {
             pods: HashMap::new(),
             connected: false,
             last_error: None,
+            recorder: None,
         }
     }
 
@@ -136,6 +143,13 @@ impl Watch {
                 }
             }
         };
+        self.recorder = Some(Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: EVENT_CONTROLLER.into(),
+                instance: Some(self.cfg.node.clone()),
+            },
+        ));
         let api: Api<Pod> = Api::all(client);
         let selector = format!("spec.nodeName={}", self.cfg.node);
         let wc = watcher::Config::default().fields(&selector);
@@ -265,10 +279,33 @@ impl Watch {
             })) => {
                 tracing::info!(pod = %who, sandbox = %sandbox, removed = removed.len(), installed = ?installed, "annotation faults reconciled");
                 tracing::debug!(pod = %who, micros = took.as_micros() as u64, "watch event to effect");
+                if !removed.is_empty() {
+                    self.event(
+                        pod,
+                        EventType::Normal,
+                        "FaultRemoved",
+                        format!(
+                            "removed fault(s) {} (netfault.io annotations changed)",
+                            removed.join(", ")
+                        ),
+                    );
+                }
+                if !installed.is_empty() {
+                    self.event(
+                        pod,
+                        EventType::Normal,
+                        "FaultApplied",
+                        format!(
+                            "applied fault(s) {} from netfault.io annotations",
+                            installed.join(", ")
+                        ),
+                    );
+                }
                 true
             }
             Ok(Ok(AnnotationOutcome::Invalid { sandbox, error })) => {
                 tracing::warn!(pod = %who, sandbox = %sandbox, error = %error, "invalid netfault annotations; the pod is untouched");
+                self.event(pod, EventType::Warning, "InvalidFaultAnnotation", error);
                 true
             }
             Ok(Err(e)) => {
@@ -280,5 +317,34 @@ impl Watch {
                 true
             }
         }
+    }
+
+    /// Posts an Event on the pod in the background (deduplicated by the
+    /// recorder into a series, as kubectl expects); a failure is logged.
+    fn event(&self, pod: &PodRef, type_: EventType, reason: &str, note: String) {
+        let Some(recorder) = self.recorder.clone() else {
+            return;
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..Default::default()
+        };
+        let ev = KubeEvent {
+            type_,
+            reason: reason.into(),
+            // The API server caps a note at 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, reason = %ev.reason, "posting an Event failed");
+            }
+        });
     }
 }
