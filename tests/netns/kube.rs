@@ -123,13 +123,15 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> Duration {
 /// Whether UDP to `to`'s `port` from `from` gets through (all of 50), is
 /// blackholed (none), or something else (panics: a fault is half there).
 fn passes(from: &Pod, to: &Pod, port: u16) -> bool {
-    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200)).expect("udp probe");
+    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200))
+        .unwrap_or_else(|e| panic!("udp probe {} -> {}:{port}: {e}", from.name, to.name));
     assert_eq!(p.send_errors, 0, "loss on a network is silent");
     p.received == p.sent
 }
 
 fn blocked(from: &Pod, to: &Pod, port: u16) -> bool {
-    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200)).expect("udp probe");
+    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200))
+        .unwrap_or_else(|e| panic!("udp probe {} -> {}:{port}: {e}", from.name, to.name));
     p.received == 0
 }
 
