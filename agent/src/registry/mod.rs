@@ -646,9 +646,10 @@ impl Core<'_> {
                     .sandboxes
                     .get_mut(&id)
                     .ok_or_else(|| AgentError::Internal("sandbox vanished".into()))?;
-                let changed = sb.annotation_error != error || sb.annotations != annotations;
+                let merged = merge_netfault_annotations(&sb.annotations, &annotations);
+                let changed = sb.annotation_error != error || sb.annotations != merged;
                 sb.annotation_error = error.clone();
-                sb.annotations = annotations;
+                sb.annotations = merged;
                 changed
             };
             if changed {
@@ -687,7 +688,7 @@ impl Core<'_> {
             let mut st = self.lock();
             if let Some(sb) = st.sandboxes.get_mut(&id) {
                 sb.annotation_digest = Some(digest);
-                sb.annotations = annotations;
+                sb.annotations = merge_netfault_annotations(&sb.annotations, &annotations);
                 sb.annotation_error = failed;
             }
         }
@@ -793,6 +794,20 @@ impl Core<'_> {
             .min();
         Ok(next.map(Duration::from_nanos))
     }
+}
+
+/// The sandbox's annotations with their `netfault.io/*` entries replaced by
+/// those of `pod_now` (the others are kept as enrolled).
+fn merge_netfault_annotations(
+    enrolled: &BTreeMap<String, String>,
+    pod_now: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    enrolled
+        .iter()
+        .filter(|(k, _)| !state::is_netfault_key(k))
+        .chain(pod_now.iter().filter(|(k, _)| state::is_netfault_key(k)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Whether an enrolled sandbox's pod is `pod`: same namespace and name, and

@@ -522,6 +522,9 @@ fn annotation_faults_are_reconciled_apart_from_api_faults() {
         FaultSource::Annotation
     );
     assert!(fx.reg.sandboxes()[0].annotation_error.is_none());
+    let now = &fx.reg.sandboxes()[0].annotations;
+    assert_eq!(now.get("other").map(String::as_str), Some("x"), "{now:?}");
+    assert_eq!(now.get("netfault.io/loss").map(String::as_str), Some("20"));
     // A restart reads the digest back: the same annotations change nothing.
     let dir = fx.dir;
     drop(fx.reg);
