@@ -230,7 +230,9 @@ impl Watch {
         if unchanged {
             return;
         }
-        let waiting = !self.reconcile(&pod, &annotations, seen).await;
+        // A pod without netfault annotations whose sandbox is not enrolled
+        // has nothing to wait for: its enrolment applies nothing either.
+        let waiting = !self.reconcile(&pod, &annotations, seen).await && !annotations.is_empty();
         self.pods.insert(
             uid,
             Watched {
