@@ -343,3 +343,21 @@ fn expired_annotation_fault_is_not_reapplied() {
     k.annotate(&a, &[blackhole_port(p, "3s")]);
     wait_for("a changed annotation applies again", || blocked(&a, &b, p));
 }
+
+/// Without a client and a node name the agent runs node-only and says so in
+/// its capabilities and, once, in its log.
+#[test]
+fn without_kubernetes_the_agent_is_node_only() {
+    testbed::require_root!();
+    let _gate = Gate::shared();
+    let dir = TempDir::new("netfault-kube-none").expect("temp dir");
+    let agent = Agent::start(dir.path()).expect("netfaultd");
+    let caps = agent
+        .client()
+        .call("GET", "/v1/capabilities", None)
+        .expect("GET /v1/capabilities");
+    assert_eq!(caps["kubernetes"]["mode"], "node-only", "{caps}");
+    assert_eq!(caps["kubernetes"]["connected"], false);
+    let log = agent.log_tail(200);
+    assert_eq!(log.matches("node-only:").count(), 1, "{log}");
+}
