@@ -27,6 +27,7 @@
 
 mod agent;
 mod agent_node;
+pub mod apiserver;
 mod error;
 mod http;
 mod netns;
@@ -41,6 +42,7 @@ use std::sync::OnceLock;
 
 pub use agent::Agent;
 pub use agent_node::AgentNode;
+pub use apiserver::ApiServer;
 pub use error::{Error, PluginError, Result};
 pub use http::{http_get, http_serve, HttpReply, HttpServer};
 pub use netns::{in_netns, remove_stale_netns, Netns};

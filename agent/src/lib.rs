@@ -2,6 +2,7 @@
 //!
 //! - `backend`: one module per backend (`nfqueue`, `proxy`);
 //! - `cri`: adoption of the container runtime's pod sandboxes (`--cri-socket`);
+//! - `kube`: the Kubernetes pod watch (annotations on running pods);
 //! - `ids`: the sandbox and fault ids they share;
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod cri;
 pub mod ids;
+pub mod kube;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -15,4 +15,4 @@ pub use spec::{
     Action, BackendKind, DelayAction, Direction, FaultSpec, Limits, Match, PacketAction, PortRange,
     Protocol, ProxyAction, Target,
 };
-pub use wire::{Counters, EnrolRequest, EnrolSource, Fault, PodRef, Sandbox};
+pub use wire::{Counters, EnrolRequest, EnrolSource, Fault, FaultSource, PodRef, Sandbox};

@@ -110,6 +110,31 @@ impl EnrolSource {
     }
 }
 
+/// Where a fault came from (`source` in `GET /v1/faults` and in the state
+/// file; records written before this field read as `api`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultSource {
+    /// `POST /v1/faults`.
+    #[default]
+    Api,
+    /// The pod's `netfault.io/*` annotations (at CNI ADD, adoption, or on a
+    /// running pod through the Kubernetes watch).
+    Annotation,
+    /// A `NetworkFault` resource.
+    Resource,
+}
+
+impl FaultSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultSource::Api => "api",
+            FaultSource::Annotation => "annotation",
+            FaultSource::Resource => "resource",
+        }
+    }
+}
+
 /// A sandbox as the agent reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sandbox {
@@ -161,4 +186,7 @@ pub struct Fault {
     /// Which datapath enforces it (`ebpf-tc`).
     pub backend: String,
     pub counters: Counters,
+    /// Where it came from (agents before this field: absent, read as `api`).
+    #[serde(default)]
+    pub source: FaultSource,
 }

@@ -3,6 +3,7 @@ mod cni;
 mod compose;
 mod ctl;
 mod delay;
+mod kube;
 mod lifecycle;
 mod loss;
 mod packet_actions;

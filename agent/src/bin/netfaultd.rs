@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use netfault_agent::cri::{Adopter, CriConfig};
+use netfault_agent::kube::{KubeConfig, Source, Watch};
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
 use netfault_agent::server::{serve, Api, SocketAccess, TokenFile};
@@ -56,6 +57,33 @@ struct Args {
     /// re-read when it changes, e.g. a Kubernetes Secret volume).
     #[arg(long, value_name = "PATH", requires = "listen_tcp")]
     token_file: Option<PathBuf>,
+    /// This node's name: the agent watches the pods scheduled on it
+    /// (`spec.nodeName`). Needs a Kubernetes client (in-cluster, or
+    /// --kubeconfig).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// A kubeconfig file to reach the API server with (its current
+    /// context). Without it, the in-cluster configuration is used when
+    /// KUBERNETES_SERVICE_HOST is set; with neither, the agent runs
+    /// node-only.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+}
+
+/// The Kubernetes watch's configuration, or why the agent runs node-only.
+fn kube_config(args: &Args) -> Result<KubeConfig, &'static str> {
+    let source = match &args.kubeconfig {
+        Some(p) => Some(Source::Kubeconfig(p.clone())),
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Some(Source::InCluster),
+        None => None,
+    };
+    let node = args.node_name.clone().filter(|n| !n.is_empty());
+    match (source, node) {
+        (Some(source), Some(node)) => Ok(KubeConfig { source, node }),
+        (None, None) => Err("no Kubernetes client (no --kubeconfig, not in a cluster) and no --node-name"),
+        (None, Some(_)) => Err("--node-name is set but there is no Kubernetes client (no --kubeconfig, not in a cluster)"),
+        (Some(_), None) => Err("a Kubernetes client but no --node-name (or NODE_NAME): the pod watch needs this node's name"),
+    }
 }
 
 /// A duration of at least 1 ms (humantime syntax).
@@ -112,6 +140,7 @@ fn main() -> anyhow::Result<()> {
         poll: args.cri_poll_interval,
         call_timeout: CRI_CALL_TIMEOUT,
     });
+    let kube = kube_config(&args);
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
@@ -156,6 +185,22 @@ fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
         });
+        match kube {
+            Ok(cfg) => {
+                tracing::info!(node = %cfg.node, source = ?cfg.source, "watching this node's pods");
+                tokio::spawn(Watch::new(cfg, registry.clone()).run());
+            }
+            Err(why) => {
+                tracing::info!("node-only: {why}");
+                registry.set_kubernetes_status(serde_json::json!({
+                    "mode": "node-only",
+                    "node": args.node_name,
+                    "connected": false,
+                    "last_error": null,
+                    "reason": why,
+                }));
+            }
+        }
         let metrics = Arc::new(Metrics::default());
         let adopter = match cri {
             Some(cfg) => {

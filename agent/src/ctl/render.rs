@@ -285,6 +285,7 @@ mod tests {
                 dropped: 37,
                 affected: 0,
             },
+            source: Default::default(),
         }
     }
 

@@ -30,17 +30,18 @@ use std::time::Duration;
 
 use netfault_api::spec::faults_from_annotations;
 use netfault_api::{
-    Action, BackendKind, EnrolRequest, EnrolSource, Fault, FaultSpec, FieldError, Limits, Sandbox,
-    Target,
+    Action, BackendKind, EnrolRequest, EnrolSource, Fault, FaultSource, FaultSpec, FieldError,
+    Limits, PodRef, Sandbox, Target,
 };
 use netfault_sys::netns::Netns;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
 pub use error::AgentError;
 use persist::StateDir;
-use state::{FaultId, FaultRecord, SandboxRecord, State};
+use state::{annotation_digest, FaultId, FaultRecord, SandboxRecord, State};
 pub use state::{NetnsId, SandboxId};
 pub use target::{Host, SystemHost};
 
@@ -131,6 +132,25 @@ pub struct Registry {
     shared: Arc<Shared>,
     owner: Owner,
     gauge: Option<ConnectionGauge>,
+    /// `kubernetes` in the capabilities (see the `kube` module).
+    kube_status: Mutex<Value>,
+}
+
+/// What [`Registry::apply_pod_annotations`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnnotationOutcome {
+    /// No sandbox is enrolled for the pod (yet).
+    NotEnrolled,
+    /// The `netfault.io/*` annotations are those already applied.
+    Unchanged,
+    /// The annotation faults were replaced: ids removed, ids installed.
+    Applied {
+        sandbox: String,
+        removed: Vec<String>,
+        installed: Vec<String>,
+    },
+    /// The annotations are invalid (the message names the field); nothing changed.
+    Invalid { sandbox: String, error: String },
 }
 
 /// One change in progress: the records, and the backends (owned by the
@@ -176,6 +196,7 @@ impl Registry {
             }),
             owner: Owner::start(backends)?,
             gauge: None,
+            kube_status: Mutex::new(serde_json::json!({"mode": "node-only"})),
         };
         reg.change(|c| c.reconcile())?;
         Ok(reg)
@@ -267,6 +288,26 @@ impl Registry {
         adopted
     }
 
+    /// Reconciles the annotation faults of the sandbox enrolled for `pod`
+    /// with the pod's current annotations (the Kubernetes watch). Only the
+    /// faults the annotations created are replaced; an unchanged set of
+    /// `netfault.io/*` annotations changes nothing (no duration restarts, no
+    /// expired fault re-applied); an invalid set leaves the faults as they
+    /// are and records why in the sandbox's `annotation_error`.
+    pub fn apply_pod_annotations(
+        &self,
+        pod: &PodRef,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<AnnotationOutcome, AgentError> {
+        let pod = pod.clone();
+        self.change(move |c| c.apply_pod_annotations(&pod, annotations))
+    }
+
+    /// Adds the `kubernetes` section to [`Registry::capabilities`].
+    pub fn set_kubernetes_status(&self, status: Value) {
+        *self.kube_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
     pub fn sandboxes(&self) -> Vec<Sandbox> {
         let st = self.shared.lock();
         st.sandboxes.values().map(SandboxRecord::view).collect()
@@ -287,7 +328,7 @@ impl Registry {
             .ok_or_else(|| FieldError::missing("target"))?;
         self.change(move |c| {
             let sandbox = c.resolve(&target)?;
-            c.install(&sandbox, spec)
+            c.install(&sandbox, spec, FaultSource::Api)
         })
     }
 
@@ -322,7 +363,16 @@ impl Registry {
 
     /// What this node supports (`GET /v1/capabilities`).
     pub fn capabilities(&self) -> Result<Value, AgentError> {
-        self.owner.run(|b| b.capabilities())
+        let mut caps = self.owner.run(|b| b.capabilities())?;
+        if let Value::Object(m) = &mut caps {
+            let kube = self
+                .kube_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            m.insert("kubernetes".into(), kube);
+        }
+        Ok(caps)
     }
 }
 
@@ -357,7 +407,12 @@ impl Core<'_> {
 
     /// Installs a fault on an enrolled sandbox: the backend admits it, then
     /// syncs with it added. On failure the sandbox is put back as it was.
-    fn install(&mut self, sandbox: &SandboxId, mut spec: FaultSpec) -> Result<Fault, AgentError> {
+    fn install(
+        &mut self,
+        sandbox: &SandboxId,
+        mut spec: FaultSpec,
+        source: FaultSource,
+    ) -> Result<Fault, AgentError> {
         let kind = spec.action.backend();
         let now = netfault_ebpf::boottime_ns();
         let id = {
@@ -369,7 +424,7 @@ impl Core<'_> {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
             self.admit(&st, sandbox, &spec)?;
-            let rec = FaultRecord::new(sandbox, spec, now);
+            let rec = FaultRecord::new(sandbox, spec, source, now);
             let id = rec.id.clone();
             st.faults.insert(id.clone(), rec);
             id
@@ -527,6 +582,7 @@ impl Core<'_> {
                 addresses,
                 implicit: source == EnrolSource::Netns,
                 source,
+                annotation_digest: Some(annotation_digest(&req.annotations)),
                 memo: Default::default(),
             };
             st.sandboxes.insert(id.clone(), rec);
@@ -536,7 +592,7 @@ impl Core<'_> {
         let with_birth_faults = !birth_specs.is_empty();
         let mut birth = Vec::new();
         for spec in birth_specs {
-            match self.install(id, spec) {
+            match self.install(id, spec, FaultSource::Annotation) {
                 Ok(f) => birth.push(FaultId::from(f.id)),
                 Err(e) => {
                     tracing::error!(sandbox = %id, error = %e, "birth-time fault failed");
@@ -560,6 +616,88 @@ impl Core<'_> {
             self.sh.persist()?;
         }
         Ok(view)
+    }
+
+    fn apply_pod_annotations(
+        &mut self,
+        pod: &PodRef,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<AnnotationOutcome, AgentError> {
+        let found = {
+            let st = self.lock();
+            st.sandboxes
+                .values()
+                .filter(|s| s.pod.as_ref().is_some_and(|p| same_pod(p, pod)))
+                .max_by_key(|s| s.enrolled_at_ms)
+                .map(|s| (s.id.clone(), s.annotation_digest.clone()))
+        };
+        let Some((id, old_digest)) = found else {
+            return Ok(AnnotationOutcome::NotEnrolled);
+        };
+        let digest = annotation_digest(&annotations);
+        let parsed = faults_from_annotations(&annotations, self.sh.cfg.max_duration);
+        let error = parsed.as_ref().err().map(ToString::to_string);
+        if old_digest.as_deref() == Some(digest.as_str()) || error.is_some() {
+            // Unchanged (or invalid): no fault is touched. The error reflects
+            // the annotations the pod has now.
+            let changed = {
+                let mut st = self.lock();
+                let sb = st
+                    .sandboxes
+                    .get_mut(&id)
+                    .ok_or_else(|| AgentError::Internal("sandbox vanished".into()))?;
+                let merged = merge_netfault_annotations(&sb.annotations, &annotations);
+                let changed = sb.annotation_error != error || sb.annotations != merged;
+                sb.annotation_error = error.clone();
+                sb.annotations = merged;
+                changed
+            };
+            if changed {
+                self.sh.persist()?;
+            }
+            return Ok(match error {
+                Some(error) => AnnotationOutcome::Invalid {
+                    sandbox: id.to_string(),
+                    error,
+                },
+                None => AnnotationOutcome::Unchanged,
+            });
+        }
+        let specs = parsed.unwrap_or_default();
+        let old: Vec<FaultId> = self
+            .lock()
+            .faults_of(&id)
+            .filter(|f| f.source == FaultSource::Annotation)
+            .map(|f| f.id.clone())
+            .collect();
+        for f in &old {
+            self.delete_fault(f)?;
+        }
+        let mut installed = Vec::new();
+        let mut failed = None;
+        for spec in specs {
+            match self.install(&id, spec, FaultSource::Annotation) {
+                Ok(f) => installed.push(f.id),
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e, "annotation fault failed");
+                    failed = Some(e.to_string());
+                }
+            }
+        }
+        {
+            let mut st = self.lock();
+            if let Some(sb) = st.sandboxes.get_mut(&id) {
+                sb.annotation_digest = Some(digest);
+                sb.annotations = merge_netfault_annotations(&sb.annotations, &annotations);
+                sb.annotation_error = failed;
+            }
+        }
+        self.sh.persist()?;
+        Ok(AnnotationOutcome::Applied {
+            sandbox: id.to_string(),
+            removed: old.iter().map(ToString::to_string).collect(),
+            installed,
+        })
     }
 
     /// The sandbox a fault's target names; a bare netns is enrolled
@@ -656,6 +794,28 @@ impl Core<'_> {
             .min();
         Ok(next.map(Duration::from_nanos))
     }
+}
+
+/// The sandbox's annotations with their `netfault.io/*` entries replaced by
+/// those of `pod_now` (the others are kept as enrolled).
+fn merge_netfault_annotations(
+    enrolled: &BTreeMap<String, String>,
+    pod_now: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    enrolled
+        .iter()
+        .filter(|(k, _)| !state::is_netfault_key(k))
+        .chain(pod_now.iter().filter(|(k, _)| state::is_netfault_key(k)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Whether an enrolled sandbox's pod is `pod`: same namespace and name, and
+/// the same uid when both know it.
+fn same_pod(enrolled: &PodRef, pod: &PodRef) -> bool {
+    enrolled.namespace == pod.namespace
+        && enrolled.name == pod.name
+        && (enrolled.uid.is_empty() || pod.uid.is_empty() || enrolled.uid == pod.uid)
 }
 
 /// [`Core::sync`] for a backend of action type `A`: hands it the sandbox's

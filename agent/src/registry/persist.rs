@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::AgentError;
-use super::state::{FaultId, FaultRecord, SandboxId, SandboxRecord, State};
+use netfault_api::FaultSource;
+
+use super::state::{annotation_digest, FaultId, FaultRecord, SandboxId, SandboxRecord, State};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
@@ -61,9 +63,22 @@ impl StateDir {
         sandboxes
             .values_mut()
             .for_each(SandboxRecord::settle_source);
+        let mut faults = file.faults;
+        for sb in sandboxes.values_mut() {
+            // Older files: birth faults came from the annotations, and the
+            // annotations enrolled with are those that produced them.
+            for id in &sb.birth_faults {
+                if let Some(f) = faults.get_mut(id) {
+                    f.source = FaultSource::Annotation;
+                }
+            }
+            if sb.annotation_digest.is_none() {
+                sb.annotation_digest = Some(annotation_digest(&sb.annotations));
+            }
+        }
         Ok(State {
             sandboxes,
-            faults: file.faults,
+            faults,
             readers: Default::default(),
         })
     }

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use netfault_api::{BackendKind, Counters, EnrolSource, Fault, FaultSpec, PodRef, Sandbox};
+use netfault_api::{
+    BackendKind, Counters, EnrolSource, Fault, FaultSource, FaultSpec, PodRef, Sandbox,
+};
 use netfault_sys::netns::Netns;
 pub use netfault_sys::netns::NetnsId;
 use serde::{Deserialize, Serialize};
@@ -54,9 +56,39 @@ pub struct SandboxRecord {
     /// How it was enrolled. Older agents' files lack it: see [`SandboxRecord::settle_source`].
     #[serde(default)]
     pub source: EnrolSource,
+    /// Digest of the `netfault.io/*` annotations that produced the
+    /// sandbox's annotation faults (see [`annotation_digest`]): the same set
+    /// seen again (a re-list, an agent restart) changes nothing. Older
+    /// agents' files lack it: it is then the digest of `annotations`.
+    #[serde(default)]
+    pub annotation_digest: Option<String>,
     /// What the backends keep across restarts (`attachment`).
     #[serde(flatten)]
     pub memo: SandboxMemo,
+}
+
+/// A stable digest (64-bit FNV-1a, hex) of the `netfault.io/*` entries of
+/// `annotations`, in key order; other annotations do not count.
+pub fn annotation_digest(annotations: &BTreeMap<String, String>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (k, v) in annotations.iter().filter(|(k, _)| is_netfault_key(k)) {
+        eat(k.as_bytes());
+        eat(&[0]);
+        eat(v.as_bytes());
+        eat(&[0xff]);
+    }
+    format!("{h:016x}")
+}
+
+/// Whether an annotation key is netfault's.
+pub fn is_netfault_key(key: &str) -> bool {
+    key.starts_with("netfault.io/")
 }
 
 impl SandboxRecord {
@@ -116,6 +148,10 @@ pub struct FaultRecord {
     pub nfqueue: bool,
     #[serde(default)]
     pub proxy: bool,
+    /// Where it came from. Older agents' files lack it: `api`, except the
+    /// sandboxes' birth faults (see `persist`).
+    #[serde(default)]
+    pub source: FaultSource,
 }
 
 mod rule_memo {
@@ -132,7 +168,12 @@ mod rule_memo {
 }
 
 impl FaultRecord {
-    pub fn new(sandbox: &SandboxId, spec: FaultSpec, now_boot_ns: u64) -> FaultRecord {
+    pub fn new(
+        sandbox: &SandboxId,
+        spec: FaultSpec,
+        source: FaultSource,
+        now_boot_ns: u64,
+    ) -> FaultRecord {
         let created = now_ms();
         let backend = spec.action.backend();
         FaultRecord {
@@ -147,6 +188,7 @@ impl FaultRecord {
             nfqueue: backend == BackendKind::Nfqueue,
             proxy: backend == BackendKind::Proxy,
             spec,
+            source,
         }
     }
 
@@ -184,6 +226,7 @@ impl FaultRecord {
             expires_at_ms: self.expires_at_ms,
             backend: self.backend().as_str().to_string(),
             counters,
+            source: self.source,
         }
     }
 }

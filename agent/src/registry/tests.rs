@@ -427,6 +427,135 @@ fn an_older_agents_state_file_is_read() {
     );
 }
 
+/// An older file: the API fault reads as `api`, the birth fault as
+/// `annotation`; the annotations enrolled with are those applied, so seeing
+/// them again changes nothing; a change replaces only the annotation fault;
+/// an invalid set changes nothing and says which field.
+#[test]
+fn annotation_faults_are_reconciled_apart_from_api_faults() {
+    let dir = TempDir::new("annotations");
+    std::fs::create_dir_all(&dir.0).expect("state dir");
+    let nid = netfault_sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
+    let deadline = netfault_ebpf::boottime_ns() + 300_000_000_000;
+    let fault = |id: &str, action: serde_json::Value| {
+        json!({
+            "id": id, "sandbox": "sb1",
+            "spec": {"target": {"sandbox": "sb1"}, "direction": "both", "match": {},
+                     "action": action, "duration": "5m"},
+            "created_at_ms": 1, "expires_at_ms": 300001, "deadline_boot_ns": deadline,
+            "rule": u32::MAX, "expired": false,
+            "final_counters": {"matched": 0, "dropped": 0}
+        })
+    };
+    let old = json!({
+        "sandboxes": {"sb1": {
+            "id": "sb1", "netns": OWN_NETNS, "netns_id": {"dev": nid.dev, "ino": nid.ino},
+            "ifname": "eth0", "ips": [],
+            "pod": {"namespace": "default", "name": "web", "uid": "u1"},
+            "annotations": {"netfault.io/loss": "50", "other": "x"}, "enrolled_at_ms": 1,
+            "birth_faults": ["f-0000000000000002"], "annotation_error": null, "slot": 0,
+            "addresses": ["198.18.0.9"], "implicit": false, "attachment": {"created_clsact": true}
+        }},
+        "faults": {
+            "f-0000000000000001": fault("f-0000000000000001", json!({"type": "blackhole"})),
+            "f-0000000000000002": fault("f-0000000000000002", json!({"type": "loss", "percent": 50})),
+        }
+    });
+    std::fs::write(dir.0.join("state.json"), old.to_string()).expect("write");
+    let fx = open_in(dir);
+    let api = "f-0000000000000001";
+    let birth = "f-0000000000000002";
+    assert_eq!(fx.reg.fault(api).expect("api").source, FaultSource::Api);
+    assert_eq!(
+        fx.reg.fault(birth).expect("birth").source,
+        FaultSource::Annotation
+    );
+    let pod = PodRef {
+        namespace: "default".into(),
+        name: "web".into(),
+        uid: "u1".into(),
+    };
+    let ann = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    // Seen again (other annotations do not count): nothing changes.
+    let out = fx
+        .reg
+        .apply_pod_annotations(&pod, ann(&[("netfault.io/loss", "50")]))
+        .expect("apply");
+    assert_eq!(out, AnnotationOutcome::Unchanged);
+    assert!(fx.reg.fault(birth).is_ok());
+    // Invalid: nothing changes, the error names the field.
+    let out = fx
+        .reg
+        .apply_pod_annotations(&pod, ann(&[("netfault.io/loss", "150")]))
+        .expect("apply");
+    let AnnotationOutcome::Invalid { error, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert!(error.contains("netfault.io/loss"), "{error}");
+    assert!(fx.reg.fault(birth).is_ok() && fx.reg.fault(api).is_ok());
+    assert_eq!(
+        fx.reg.sandboxes()[0].annotation_error.as_deref(),
+        Some(error.as_str())
+    );
+    // Changed: only the annotation fault is replaced.
+    let out = fx
+        .reg
+        .apply_pod_annotations(&pod, ann(&[("netfault.io/loss", "20")]))
+        .expect("apply");
+    let AnnotationOutcome::Applied {
+        removed, installed, ..
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(removed, vec![birth.to_string()]);
+    assert_eq!(installed.len(), 1);
+    assert!(fx.reg.fault(birth).is_err());
+    assert!(fx.reg.fault(api).is_ok(), "the API fault stays");
+    assert_eq!(
+        fx.reg.fault(&installed[0]).expect("new").source,
+        FaultSource::Annotation
+    );
+    assert!(fx.reg.sandboxes()[0].annotation_error.is_none());
+    let now = &fx.reg.sandboxes()[0].annotations;
+    assert_eq!(now.get("other").map(String::as_str), Some("x"), "{now:?}");
+    assert_eq!(now.get("netfault.io/loss").map(String::as_str), Some("20"));
+    // A restart reads the digest back: the same annotations change nothing.
+    let dir = fx.dir;
+    drop(fx.reg);
+    let fx2 = open_in(dir);
+    let out = fx2
+        .reg
+        .apply_pod_annotations(&pod, ann(&[("netfault.io/loss", "20")]))
+        .expect("apply");
+    assert_eq!(out, AnnotationOutcome::Unchanged);
+    // Removed: the annotation fault goes.
+    let out = fx2
+        .reg
+        .apply_pod_annotations(&pod, BTreeMap::new())
+        .expect("apply");
+    assert!(
+        matches!(out, AnnotationOutcome::Applied { ref installed, .. } if installed.is_empty()),
+        "{out:?}"
+    );
+    assert!(fx2.reg.fault(&installed[0]).is_err());
+    let other = PodRef {
+        uid: "u2".into(),
+        ..pod
+    };
+    assert_eq!(
+        fx2.reg
+            .apply_pod_annotations(&other, BTreeMap::new())
+            .expect("apply"),
+        AnnotationOutcome::NotEnrolled
+    );
+}
+
 fn adoption(name: &str, ifname: &str) -> EnrolRequest {
     EnrolRequest {
         netns: OWN_NETNS.into(),

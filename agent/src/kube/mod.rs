@@ -1,0 +1,352 @@
+//! The Kubernetes pod watch: annotations on running pods.
+//!
+//! What it owns: the client (in-cluster config or `--kubeconfig`), a kube-rs
+//! `watcher` over the pods of this node only (field selector
+//! `spec.nodeName=<node>`), and, per watched pod, only what reconciling
+//! needs (uid, namespace/name, its `netfault.io/*` annotations, whether a
+//! sandbox took them): memory grows with the node's pods, not the cluster's.
+//! The watcher re-lists on `410 Gone` and backs off across disconnects and
+//! API server restarts (`default_backoff`).
+//! What it must not do: touch the kernel or the records itself: every
+//! change goes through [`Registry::apply_pod_annotations`], which keeps the
+//! annotation digest that makes a re-seen annotation a no-op.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use netfault_api::PodRef;
+use serde_json::json;
+
+use crate::registry::state::is_netfault_key;
+use crate::registry::{AnnotationOutcome, Registry};
+
+/// How often pods seen before their sandbox was enrolled are retried.
+const RETRY_UNENROLLED: Duration = Duration::from_millis(500);
+
+/// How the agent reaches the API server.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `--kubeconfig PATH` (its current context).
+    Kubeconfig(PathBuf),
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST` is set).
+    InCluster,
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    pub source: Source,
+    /// `--node-name` / `NODE_NAME`.
+    pub node: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading the kubeconfig {path}: {msg}")]
+    Kubeconfig { path: String, msg: String },
+    #[error("in-cluster configuration: {0}")]
+    InCluster(String),
+    #[error("building the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// What the watch keeps of one pod.
+#[derive(Debug, Clone)]
+struct Watched {
+    pod: PodRef,
+    annotations: BTreeMap<String, String>,
+    /// Its sandbox is not enrolled yet: retried until it is.
+    waiting: bool,
+}
+
+/// The watch and its status (`kubernetes` in `GET /v1/capabilities`).
+pub struct Watch {
+    cfg: KubeConfig,
+    registry: Arc<Registry>,
+    pods: HashMap<String, Watched>,
+    connected: bool,
+    last_error: Option<String>,
+    /// Posts Events on the pods (set once the client exists).
+    recorder: Option<Recorder>,
+}
+
+/// The `reportingController` of the agent's Events.
+pub const EVENT_CONTROLLER: &str = "netfault.io/netfaultd";
+
+impl Watch {
+    pub fn new(cfg: KubeConfig, registry: Arc<Registry>) -> Watch {
+        Watch {
+            cfg,
+            registry,
+            pods: HashMap::new(),
+            connected: false,
+            last_error: None,
+            recorder: None,
+        }
+    }
+
+    async fn client(&self) -> Result<Client, KubeError> {
+        let config = match &self.cfg.source {
+            Source::Kubeconfig(path) => {
+                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    KubeError::Kubeconfig {
+                        path: path.display().to_string(),
+                        msg: e.to_string(),
+                    }
+                })?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| KubeError::Kubeconfig {
+                        path: path.display().to_string(),
+                        msg: e.to_string(),
+                    })?
+            }
+            Source::InCluster => {
+                kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?
+            }
+        };
+        Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+    }
+
+    fn publish(&self) {
+        let mode = match &self.cfg.source {
+            Source::Kubeconfig(_) => "kubeconfig",
+            Source::InCluster => "in-cluster",
+        };
+        self.registry.set_kubernetes_status(json!({
+            "mode": mode,
+            "node": self.cfg.node,
+            "connected": self.connected,
+            "last_error": self.last_error,
+            "watched_pods": self.pods.len(),
+        }));
+    }
+
+    /// Runs the watch until the process ends.
+    pub async fn run(mut self) {
+        self.publish();
+        let client = loop {
+            match self.client().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::error!(error = %e, "no Kubernetes client; retrying in 5s");
+                    self.last_error = Some(e.to_string());
+                    self.publish();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        self.recorder = Some(Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: EVENT_CONTROLLER.into(),
+                instance: Some(self.cfg.node.clone()),
+            },
+        ));
+        let api: Api<Pod> = Api::all(client);
+        let selector = format!("spec.nodeName={}", self.cfg.node);
+        let wc = watcher::Config::default().fields(&selector);
+        let mut stream = watcher::watcher(api, wc).default_backoff().boxed();
+        let mut retry = tokio::time::interval(RETRY_UNENROLLED);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Pods listed since the last `Init`: those missing at `InitDone` are gone.
+        let mut listing: Option<Vec<String>> = None;
+        loop {
+            tokio::select! {
+                ev = stream.next() => {
+                    let Some(ev) = ev else { break };
+                    let seen = Instant::now();
+                    match ev {
+                        Ok(Event::Init) => {
+                            listing = Some(Vec::new());
+                            self.connected = true;
+                        }
+                        Ok(Event::InitApply(pod)) => {
+                            if let Some(uid) = pod.metadata.uid.clone() {
+                                listing.get_or_insert_with(Vec::new).push(uid);
+                            }
+                            self.seen(pod, seen).await;
+                        }
+                        Ok(Event::InitDone) => {
+                            if let Some(uids) = listing.take() {
+                                let keep: std::collections::HashSet<String> = uids.into_iter().collect();
+                                self.pods.retain(|uid, _| keep.contains(uid));
+                            }
+                            self.connected = true;
+                            self.last_error = None;
+                            tracing::info!(node = %self.cfg.node, pods = self.pods.len(), "pod list synced");
+                        }
+                        Ok(Event::Apply(pod)) => {
+                            self.connected = true;
+                            self.seen(pod, seen).await;
+                        }
+                        Ok(Event::Delete(pod)) => {
+                            if let Some(uid) = &pod.metadata.uid {
+                                self.pods.remove(uid);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pod watch failed; it resumes with backoff");
+                            self.connected = false;
+                            self.last_error = Some(e.to_string());
+                        }
+                    }
+                    self.publish();
+                }
+                _ = retry.tick() => self.retry_waiting().await,
+            }
+        }
+        tracing::error!("the pod watch ended");
+    }
+
+    /// A pod was listed, added or modified.
+    async fn seen(&mut self, pod: Pod, seen: Instant) {
+        let meta = pod.metadata;
+        let (Some(uid), Some(name)) = (meta.uid, meta.name) else {
+            return;
+        };
+        let annotations: BTreeMap<String, String> = meta
+            .annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| is_netfault_key(k))
+            .collect();
+        let pod = PodRef {
+            namespace: meta.namespace.unwrap_or_default(),
+            name,
+            uid: uid.clone(),
+        };
+        let unchanged = self
+            .pods
+            .get(&uid)
+            .is_some_and(|w| w.annotations == annotations && !w.waiting);
+        if unchanged {
+            return;
+        }
+        // A pod without netfault annotations whose sandbox is not enrolled
+        // has nothing to wait for: its enrolment applies nothing either.
+        let waiting = !self.reconcile(&pod, &annotations, seen).await && !annotations.is_empty();
+        self.pods.insert(
+            uid,
+            Watched {
+                pod,
+                annotations,
+                waiting,
+            },
+        );
+    }
+
+    async fn retry_waiting(&mut self) {
+        let waiting: Vec<(String, Watched)> = self
+            .pods
+            .iter()
+            .filter(|(_, w)| w.waiting)
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
+        for (uid, w) in waiting {
+            if self.reconcile(&w.pod, &w.annotations, Instant::now()).await {
+                if let Some(p) = self.pods.get_mut(&uid) {
+                    p.waiting = false;
+                }
+            }
+        }
+    }
+
+    /// Applies a pod's annotations; false when its sandbox is not enrolled yet.
+    async fn reconcile(
+        &self,
+        pod: &PodRef,
+        annotations: &BTreeMap<String, String>,
+        seen: Instant,
+    ) -> bool {
+        let registry = self.registry.clone();
+        let (p, a) = (pod.clone(), annotations.clone());
+        let out = tokio::task::spawn_blocking(move || registry.apply_pod_annotations(&p, a)).await;
+        let took = seen.elapsed();
+        let who = format!("{}/{}", pod.namespace, pod.name);
+        match out {
+            Ok(Ok(AnnotationOutcome::NotEnrolled)) => false,
+            Ok(Ok(AnnotationOutcome::Unchanged)) => true,
+            Ok(Ok(AnnotationOutcome::Applied {
+                sandbox,
+                removed,
+                installed,
+            })) => {
+                tracing::info!(pod = %who, sandbox = %sandbox, removed = removed.len(), installed = ?installed, "annotation faults reconciled");
+                tracing::debug!(pod = %who, micros = took.as_micros() as u64, "watch event to effect");
+                if !removed.is_empty() {
+                    self.event(
+                        pod,
+                        EventType::Normal,
+                        "FaultRemoved",
+                        format!(
+                            "removed fault(s) {} (netfault.io annotations changed)",
+                            removed.join(", ")
+                        ),
+                    );
+                }
+                if !installed.is_empty() {
+                    self.event(
+                        pod,
+                        EventType::Normal,
+                        "FaultApplied",
+                        format!(
+                            "applied fault(s) {} from netfault.io annotations",
+                            installed.join(", ")
+                        ),
+                    );
+                }
+                true
+            }
+            Ok(Ok(AnnotationOutcome::Invalid { sandbox, error })) => {
+                tracing::warn!(pod = %who, sandbox = %sandbox, error = %error, "invalid netfault annotations; the pod is untouched");
+                self.event(pod, EventType::Warning, "InvalidFaultAnnotation", error);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(pod = %who, error = %e, "reconciling annotations failed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(pod = %who, error = %e, "reconcile task failed");
+                true
+            }
+        }
+    }
+
+    /// Posts an Event on the pod in the background (deduplicated by the
+    /// recorder into a series, as kubectl expects); a failure is logged.
+    fn event(&self, pod: &PodRef, type_: EventType, reason: &str, note: String) {
+        let Some(recorder) = self.recorder.clone() else {
+            return;
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..Default::default()
+        };
+        let ev = KubeEvent {
+            type_,
+            reason: reason.into(),
+            // The API server caps a note at 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, reason = %ev.reason, "posting an Event failed");
+            }
+        });
+    }
+}
