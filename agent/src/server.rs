@@ -417,22 +417,30 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
                 continue;
             }
         };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let svc = service_fn(move |req| {
-                let api = api.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
-            }
-        });
+        serve_connection(api.clone(), stream, peer);
     }
+}
+
+/// Serves one accepted connection (unix or TCP) on its own task: HTTP/1.1,
+/// every request answered by `api` on behalf of `peer`.
+fn serve_connection<S>(api: Arc<Api>, stream: S, peer: Peer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let svc = service_fn(move |req| {
+            let api = api.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
+        });
+        if let Err(e) = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
+        }
+    });
 }
 
 /// 401 with `WWW-Authenticate: Bearer` and the usual error body naming the
@@ -690,21 +698,7 @@ pub async fn serve_tcp(
             addr,
             token: token.clone(),
         };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let svc = service_fn(move |req| {
-                let api = api.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, elapsed = ?started.elapsed(), "connection ended with an error");
-            }
-        });
+        serve_connection(api.clone(), stream, peer);
     }
 }
 
