@@ -221,6 +221,21 @@ pub(crate) fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
+/// Polls `f` every 20 ms until it is true (`true`) or `timeout` passes
+/// (`false`).
+pub fn eventually(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A random RFC 4122 version 4 UUID, as Kubernetes pod UIDs look.
 pub fn random_uuid() -> String {
     let mut b: [u8; 16] = rand::random();

@@ -130,19 +130,7 @@ pub fn box_image() -> Result<PathBuf> {
         std::os::unix::fs::symlink("busybox", bin.join(a)).ctx(|| format!("linking bin/{a}"))?;
     }
     let layer = work.join("layer.tar");
-    run(Command::new("tar")
-        .arg("--create")
-        .arg("--file")
-        .arg(&layer)
-        .arg("--directory")
-        .arg(&rootfs)
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            ".",
-        ]))?;
+    tar_dir(&rootfs, &layer)?;
     let layout = work.join("layout");
     let image = format!("{}:dev", layout.display());
     run(Command::new("umoci")
@@ -194,19 +182,7 @@ fn name_layout(layout: &Path, name: &str) -> Result<()> {
 
 fn tar_layout(layout: &Path, out: &Path) -> Result<()> {
     let tmp = out.with_extension("tmp");
-    run(Command::new("tar")
-        .arg("--create")
-        .arg("--file")
-        .arg(&tmp)
-        .arg("--directory")
-        .arg(layout)
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            ".",
-        ]))?;
+    tar_dir(layout, &tmp)?;
     std::fs::rename(&tmp, out).ctx(|| format!("renaming {} to {}", tmp.display(), out.display()))
 }
 
@@ -276,4 +252,22 @@ pub fn agent_image() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&stage);
     prune("netfaultd-", ".oci.tar", &out);
     Ok(out)
+}
+
+/// Tars `dir`'s content into `out` reproducibly: names sorted, owned by root.
+fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
+    run(Command::new("tar")
+        .arg("--create")
+        .arg("--file")
+        .arg(out)
+        .arg("--directory")
+        .arg(dir)
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            ".",
+        ]))?;
+    Ok(())
 }

@@ -30,19 +30,7 @@ fn on_pod(name: &str, action: Value) -> Value {
     })
 }
 
-/// Polls `f` until it is true or `timeout` passes.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use testbed::eventually;
 
 /// Everything in a pod's netns that netfault could leave behind: tc qdiscs
 /// and filters on `eth0`, nft tables, routes and policy rules.

@@ -1,6 +1,6 @@
 //! Shared pieces of the scenarios.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e_cri::{AgentPod, Node, Sandbox};
 use serde_json::{json, Value};
@@ -53,19 +53,7 @@ pub fn ping(
     node.container_log(pod, name).expect("ping's log")
 }
 
-/// Polls `f` until it is true or `timeout` passes.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use testbed::eventually;
 
 /// The effective capability mask and NoNewPrivs of a process.
 pub fn cap_eff_and_nnp(pid: u32) -> (u64, u32) {
