@@ -138,6 +138,10 @@ pub struct PodFault {
     /// The agent's fault id, when the fault was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault_id: Option<String>,
+    /// This pod's fault: `Applied` (active), `Expired`, `Failed` or
+    /// `Pending` (its sandbox is not enrolled on the node yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<NodeState>,
 }
 
 /// The state of a resource's faults on one node.
@@ -151,6 +155,9 @@ pub enum NodeState {
     Invalid,
     /// The faults reached their duration and ended.
     Expired,
+    /// Selected pods on the node are not enrolled with the agent yet (their
+    /// sandbox is starting); their faults follow when they are.
+    Pending,
 }
 
 impl NodeState {
@@ -161,6 +168,7 @@ impl NodeState {
             NodeState::Failed => "Failed",
             NodeState::Invalid => "Invalid",
             NodeState::Expired => "Expired",
+            NodeState::Pending => "Pending",
         }
     }
 }

@@ -98,6 +98,7 @@ mod tests {
             pods: vec![PodFault {
                 name: "web-1".into(),
                 fault_id: Some("f-12".into()),
+                state: None,
             }],
             message: None,
             observed_generation: Some(4),
@@ -161,7 +162,7 @@ mod tests {
         assert_eq!(status["selectedPods"]["type"], "integer");
         assert_eq!(
             nodes["items"]["properties"]["state"]["enum"],
-            json!(["Applied", "Failed", "Invalid", "Expired"])
+            json!(["Applied", "Failed", "Invalid", "Expired", "Pending"])
         );
     }
 

@@ -14,6 +14,8 @@
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/NS/events[/NAME]`:
 //!   recorded ([`ApiServer::events`]) and echoed back.
 //!
+//! - NetworkFaults (`netfault.io/v1alpha1`): see [`networkfaults`].
+//!
 //! Anything else gets 404 and is recorded in [`ApiServer::requests`].
 //! The test drives it: [`ApiServer::add_pod`], [`ApiServer::set_annotations`],
 //! [`ApiServer::delete_pod`], [`ApiServer::expire_watches`],
@@ -34,6 +36,9 @@ use serde_json::{json, Value};
 use crate::error::{Context, Result};
 use crate::tmp::TempDir;
 
+mod networkfaults;
+use networkfaults::Collection;
+
 /// Time between two bookmarks on an idle watch.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
 
@@ -42,8 +47,10 @@ struct St {
     rv: u64,
     /// By uid.
     pods: BTreeMap<String, Value>,
-    /// Every event: (resourceVersion, type, object).
-    history: Vec<(u64, &'static str, Value)>,
+    /// Every event: (resourceVersion, collection, type, object).
+    history: Vec<(u64, Collection, &'static str, Value)>,
+    /// NetworkFaults and their status patches.
+    nf: networkfaults::NfState,
     /// A watch from a resourceVersion below this one gets `410 Gone`.
     compacted: u64,
     /// Bumped by `expire_watches`: open watches end with `410 Gone`.
@@ -165,6 +172,19 @@ impl ApiServer {
         node: &str,
         annotations: &BTreeMap<String, String>,
     ) {
+        self.add_pod_with_labels(namespace, name, uid, node, &BTreeMap::new(), annotations);
+    }
+
+    /// [`ApiServer::add_pod`] with labels (NetworkFault selection reads them).
+    pub fn add_pod_with_labels(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+    ) {
         self.change(|st, rv| {
             let pod = json!({
                 "apiVersion": "v1",
@@ -174,6 +194,7 @@ impl ApiServer {
                     "namespace": namespace,
                     "uid": uid,
                     "resourceVersion": rv.to_string(),
+                    "labels": labels,
                     "annotations": annotations,
                 },
                 "spec": {
@@ -183,7 +204,7 @@ impl ApiServer {
                 "status": {"phase": "Running"},
             });
             st.pods.insert(uid.to_string(), pod.clone());
-            st.history.push((rv, "ADDED", pod));
+            st.history.push((rv, Collection::Pods, "ADDED", pod));
         });
     }
 
@@ -196,7 +217,7 @@ impl ApiServer {
             pod["metadata"]["annotations"] = json!(annotations);
             pod["metadata"]["resourceVersion"] = json!(rv.to_string());
             let pod = pod.clone();
-            st.history.push((rv, "MODIFIED", pod));
+            st.history.push((rv, Collection::Pods, "MODIFIED", pod));
         });
     }
 
@@ -205,7 +226,7 @@ impl ApiServer {
         self.change(|st, rv| {
             if let Some(mut pod) = st.pods.remove(uid) {
                 pod["metadata"]["resourceVersion"] = json!(rv.to_string());
-                st.history.push((rv, "DELETED", pod));
+                st.history.push((rv, Collection::Pods, "DELETED", pod));
             }
         });
     }
@@ -272,6 +293,7 @@ impl Drop for ApiServer {
 
 struct Request {
     method: String,
+    content_type: String,
     path: String,
     query: BTreeMap<String, String>,
     body: Vec<u8>,
@@ -286,6 +308,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let method = parts.next()?.to_string();
     let target = parts.next()?.to_string();
     let mut len = 0usize;
+    let mut content_type = String::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).ok()? == 0 {
@@ -298,6 +321,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().ok()?;
+            } else if k.eq_ignore_ascii_case("content-type") {
+                content_type = v.trim().to_string();
             }
         }
     }
@@ -314,6 +339,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         .collect();
     Some(Request {
         method,
+        content_type,
         path: path.to_string(),
         query,
         body,
@@ -407,7 +433,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
                     c.0 = true;
                 }
                 // A watch ends its connection (Connection: close).
-                let _ = watch(sh, &mut w, &req.query);
+                let _ = watch(sh, &mut w, &req.query, Collection::Pods);
                 let _ = w.shutdown(Shutdown::Both);
                 return;
             }
@@ -427,6 +453,22 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
                 });
                 drop(st);
                 respond(&mut w, "200 OK", &list)
+            }
+            ("GET", networkfaults::COLLECTION)
+                if req
+                    .query
+                    .get("watch")
+                    .is_some_and(|v| v == "true" || v == "1") =>
+            {
+                if let Some(c) = sh.lock().conns.get_mut(idx) {
+                    c.0 = true;
+                }
+                let _ = watch(sh, &mut w, &req.query, Collection::NetworkFaults);
+                let _ = w.shutdown(Shutdown::Both);
+                return;
+            }
+            (_, p) if p.starts_with(networkfaults::PREFIX) => {
+                networkfaults::serve(sh, &mut w, &req)
             }
             ("POST" | "PATCH" | "PUT", p)
                 if p.starts_with("/apis/events.k8s.io/v1/namespaces/") && p.contains("/events") =>
@@ -457,7 +499,12 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
     }
 }
 
-fn watch(sh: &Shared, w: &mut TcpStream, query: &BTreeMap<String, String>) -> std::io::Result<()> {
+fn watch(
+    sh: &Shared,
+    w: &mut TcpStream,
+    query: &BTreeMap<String, String>,
+    collection: Collection,
+) -> std::io::Result<()> {
     let bookmarks = query
         .get("allowWatchBookmarks")
         .is_some_and(|v| v == "true");
@@ -503,8 +550,8 @@ fn watch(sh: &Shared, w: &mut TcpStream, query: &BTreeMap<String, String>) -> st
         let due: Vec<Value> = st
             .history
             .iter()
-            .filter(|(rv, _, obj)| *rv > pos && selected(obj, query))
-            .map(|(_, ty, obj)| json!({"type": ty, "object": obj}))
+            .filter(|(rv, c, _, obj)| *rv > pos && *c == collection && selected(obj, query))
+            .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
             .collect();
         pos = st.rv.max(pos);
         let idle = due.is_empty();
@@ -525,7 +572,7 @@ fn watch(sh: &Shared, w: &mut TcpStream, query: &BTreeMap<String, String>) -> st
                 chunk(
                     w,
                     &json!({"type": "BOOKMARK", "object": {
-                        "kind": "Pod", "apiVersion": "v1",
+                        "kind": collection.kind(), "apiVersion": collection.api_version(),
                         "metadata": {"resourceVersion": rv.to_string()},
                     }}),
                 )?;

@@ -6,6 +6,7 @@ mod delay;
 mod kube;
 mod lifecycle;
 mod loss;
+mod networkfault;
 mod packet_actions;
 mod socket;
 mod support;

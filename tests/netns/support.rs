@@ -2,6 +2,7 @@
 //! sockets in pods, leftover inspection, and statistics for loss measured
 //! on the wire.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testbed::{AgentNode, NodeOptions, Pod};
+use testbed::{udp_probe, Agent, AgentNode, ApiServer, Node, NodeOptions, Pod, TempDir};
 
 /// Tests that measure sub-millisecond timing run alone; every other test
 /// that builds a `Cluster` runs beside the others. On a 2-core machine a
@@ -530,4 +531,140 @@ pub fn tcp_pair(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16) -> (TcpStream, T
     let tx = connect(from, SocketAddr::new(to_ip, port)).expect("connect");
     let (rx, _) = listener.accept().expect("accept");
     (tx, rx)
+}
+
+// --- A node whose agent watches the scripted API server (kube, networkfault).
+
+/// How long an annotation change may take to show on the wire here (the
+/// agent polls nothing: this bounds a slow, busy test machine).
+pub const EFFECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// A node whose agent watches the scripted API server.
+pub struct KubeNode {
+    // Field order is drop order: node and agent, then the server, then the gate.
+    pub bed: AgentNode,
+    pub server: ApiServer,
+    pub node_name: String,
+    _gate: Gate,
+}
+
+impl KubeNode {
+    pub fn start() -> KubeNode {
+        let gate = Gate::shared();
+        let server = ApiServer::start().expect("scripted API server");
+        let node_name = testbed::unique_name("node");
+        let dir = TempDir::new("netfault-kube").expect("temp dir");
+        let kubeconfig = server.kubeconfig().to_string_lossy().into_owned();
+        let agent = Agent::start_with_args(
+            dir.path(),
+            &["--kubeconfig", &kubeconfig, "--node-name", &node_name],
+        )
+        .unwrap_or_else(|e| panic!("netfaultd with --kubeconfig: {e}"));
+        let node = Node::new(NodeOptions {
+            socket: agent.socket(),
+            ..NodeOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("node netns and CNI chain: {e}"));
+        let k = KubeNode {
+            bed: AgentNode { node, agent, dir },
+            server,
+            node_name,
+            _gate: gate,
+        };
+        k.wait_watching(0);
+        k
+    }
+
+    /// Waits until more than `before` watches were opened.
+    pub fn wait_watching(&self, before: u64) {
+        wait_for("the agent watches the pods", || {
+            self.server.watches() > before
+        });
+    }
+
+    /// A pod through CNI ADD, and the same pod on the API server, on this node.
+    pub fn pod(&self, name: &str) -> Pod {
+        self.pod_labelled(name, &[])
+    }
+
+    /// [`KubeNode::pod`] with labels on the API server's pod.
+    pub fn pod_labelled(&self, name: &str, labels: &[(&str, &str)]) -> Pod {
+        let pod = self
+            .bed
+            .add_pod(name)
+            .expect("CNI ADD through bridge + netfault");
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.server.add_pod_with_labels(
+            &pod.namespace,
+            &pod.name,
+            &pod.uid,
+            &self.node_name,
+            &labels,
+            &BTreeMap::new(),
+        );
+        pod
+    }
+
+    pub fn annotate(&self, pod: &Pod, annotations: &[(&str, String)]) {
+        let map: BTreeMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        self.server.set_annotations(&pod.uid, &map);
+    }
+
+    /// The pod's faults as the agent lists them, with `source`.
+    pub fn faults_of(&self, pod: &Pod, source: &str) -> Vec<Value> {
+        let all = self
+            .bed
+            .agent
+            .client()
+            .call("GET", "/v1/faults", None)
+            .expect("GET /v1/faults");
+        all.as_array()
+            .expect("fault list")
+            .iter()
+            .filter(|f| f["sandbox"] == pod.container_id.as_str() && f["source"] == source)
+            .cloned()
+            .collect()
+    }
+
+    pub fn sandbox_of(&self, pod: &Pod) -> Value {
+        self.bed
+            .agent
+            .sandboxes()
+            .expect("GET /v1/sandboxes")
+            .into_iter()
+            .find(|s| s["id"] == pod.container_id.as_str())
+            .expect("the pod's sandbox is enrolled")
+    }
+}
+
+/// Polls `f` every 20 ms until it holds; panics after [`EFFECT_WITHIN`].
+/// Returns how long it took.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < EFFECT_WITHIN, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// Whether UDP to `to`'s `port` from `from` gets through (all of 50), is
+/// blackholed (none), or something else (panics: a fault is half there).
+pub fn passes(from: &Pod, to: &Pod, port: u16) -> bool {
+    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200))
+        .unwrap_or_else(|e| panic!("udp probe {} -> {}:{port}: {e}", from.name, to.name));
+    assert_eq!(p.send_errors, 0, "loss on a network is silent");
+    p.received == p.sent
+}
+
+pub fn blocked(from: &Pod, to: &Pod, port: u16) -> bool {
+    let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200))
+        .unwrap_or_else(|e| panic!("udp probe {} -> {}:{port}: {e}", from.name, to.name));
+    p.received == 0
 }

@@ -11,6 +11,9 @@
 //! change goes through [`Registry::apply_pod_annotations`], which keeps the
 //! annotation digest that makes a re-seen annotation a no-op.
 
+pub mod networkfault;
+pub mod podcache;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -143,13 +146,24 @@ impl Watch {
                 }
             }
         };
-        self.recorder = Some(Recorder::new(
+        let recorder = Recorder::new(
             client.clone(),
             Reporter {
                 controller: EVENT_CONTROLLER.into(),
                 instance: Some(self.cfg.node.clone()),
             },
-        ));
+        );
+        self.recorder = Some(recorder.clone());
+        // NetworkFaults: their own watches (all namespaces, all pods).
+        tokio::spawn(
+            networkfault::Reconciler::new(
+                client.clone(),
+                self.cfg.node.clone(),
+                self.registry.clone(),
+                recorder,
+            )
+            .run(),
+        );
         let api: Api<Pod> = Api::all(client);
         let selector = format!("spec.nodeName={}", self.cfg.node);
         let wc = watcher::Config::default().fields(&selector);

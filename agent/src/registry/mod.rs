@@ -18,6 +18,7 @@ mod error;
 mod pending;
 mod persist;
 mod reconcile;
+mod resource;
 pub mod state;
 mod target;
 #[cfg(test)]
@@ -41,6 +42,7 @@ use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
 pub use error::AgentError;
 use persist::StateDir;
+pub use resource::{PodOutcome, ResourceFaults, ResourceOutcome};
 use state::{annotation_digest, FaultId, FaultRecord, SandboxRecord, State};
 pub use state::{NetnsId, SandboxId};
 pub use target::{Host, SystemHost};
@@ -134,6 +136,8 @@ pub struct Registry {
     gauge: Option<ConnectionGauge>,
     /// `kubernetes` in the capabilities (see the `kube` module).
     kube_status: Mutex<Value>,
+    /// `kubernetes.networkfaults` in the capabilities (`kube::networkfault`).
+    networkfault_status: Mutex<Value>,
 }
 
 /// What [`Registry::apply_pod_annotations`] did.
@@ -197,6 +201,7 @@ impl Registry {
             owner: Owner::start(backends)?,
             gauge: None,
             kube_status: Mutex::new(serde_json::json!({"mode": "node-only"})),
+            networkfault_status: Mutex::new(Value::Null),
         };
         reg.change(|c| c.reconcile())?;
         Ok(reg)
@@ -308,6 +313,19 @@ impl Registry {
         *self.kube_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
+    /// Sets `kubernetes.networkfaults` in [`Registry::capabilities`].
+    pub fn set_networkfault_status(&self, status: Value) {
+        *self
+            .networkfault_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// The longest duration a fault may have (`--max-duration`).
+    pub fn max_duration(&self) -> Duration {
+        self.shared.cfg.max_duration
+    }
+
     pub fn sandboxes(&self) -> Vec<Sandbox> {
         let st = self.shared.lock();
         st.sandboxes.values().map(SandboxRecord::view).collect()
@@ -370,6 +388,15 @@ impl Registry {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
+            let nf = self
+                .networkfault_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let mut kube = kube;
+            if let (Value::Object(k), false) = (&mut kube, nf.is_null()) {
+                k.insert("networkfaults".into(), nf);
+            }
             m.insert("kubernetes".into(), kube);
         }
         Ok(caps)
@@ -410,8 +437,19 @@ impl Core<'_> {
     fn install(
         &mut self,
         sandbox: &SandboxId,
+        spec: FaultSpec,
+        source: FaultSource,
+    ) -> Result<Fault, AgentError> {
+        self.install_owned(sandbox, spec, source, None)
+    }
+
+    /// [`Core::install`], recording the NetworkFault that owns the fault.
+    fn install_owned(
+        &mut self,
+        sandbox: &SandboxId,
         mut spec: FaultSpec,
         source: FaultSource,
+        owner: Option<state::ResourceOwner>,
     ) -> Result<Fault, AgentError> {
         let kind = spec.action.backend();
         let now = netfault_ebpf::boottime_ns();
@@ -424,7 +462,8 @@ impl Core<'_> {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
             self.admit(&st, sandbox, &spec)?;
-            let rec = FaultRecord::new(sandbox, spec, source, now);
+            let mut rec = FaultRecord::new(sandbox, spec, source, now);
+            rec.owner = owner;
             let id = rec.id.clone();
             st.faults.insert(id.clone(), rec);
             id

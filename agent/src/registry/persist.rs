@@ -11,12 +11,17 @@ use serde::{Deserialize, Serialize};
 use super::error::AgentError;
 use netfault_api::FaultSource;
 
-use super::state::{annotation_digest, FaultId, FaultRecord, SandboxId, SandboxRecord, State};
+use super::state::{
+    annotation_digest, FaultId, FaultRecord, ResourceRecord, SandboxId, SandboxRecord, State,
+};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     sandboxes: BTreeMap<SandboxId, SandboxRecord>,
     faults: BTreeMap<FaultId, FaultRecord>,
+    /// NetworkFaults (older files have none).
+    #[serde(default)]
+    resources: BTreeMap<String, ResourceRecord>,
 }
 
 /// Where the registry's records live between agents.
@@ -79,6 +84,7 @@ impl StateDir {
         Ok(State {
             sandboxes,
             faults,
+            resources: file.resources,
             readers: Default::default(),
         })
     }
@@ -90,10 +96,13 @@ impl StateDir {
         struct View<'a> {
             sandboxes: &'a BTreeMap<SandboxId, SandboxRecord>,
             faults: &'a BTreeMap<FaultId, FaultRecord>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            resources: &'a BTreeMap<String, ResourceRecord>,
         }
         serde_json::to_vec_pretty(&View {
             sandboxes: &state.sandboxes,
             faults: &state.faults,
+            resources: &state.resources,
         })
         .map_err(|e| AgentError::Internal(format!("serializing state: {e}")))
     }

@@ -4,7 +4,7 @@
 //! wrote too.
 //! What it must not do: touch the kernel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -152,6 +152,37 @@ pub struct FaultRecord {
     /// sandboxes' birth faults (see `persist`).
     #[serde(default)]
     pub source: FaultSource,
+    /// The NetworkFault (uid and generation) a `resource` fault belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ResourceOwner>,
+}
+
+/// The NetworkFault generation that created a fault (see `resource`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceOwner {
+    pub uid: String,
+    pub generation: i64,
+}
+
+/// What the agent keeps of a NetworkFault it reconciles (see `resource`),
+/// persisted so that a restarted agent keeps the same duration and does
+/// not re-apply what already ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// The `metadata.generation` the record (and its faults) reflect.
+    pub generation: i64,
+    /// Wall-clock ms the resource's duration starts from for this generation.
+    pub anchor_ms: u64,
+    /// `anchor_ms` plus the duration: no fault of this generation acts past it.
+    pub end_ms: u64,
+    /// Sandboxes that got this generation's fault: never given it again
+    /// while the generation is unchanged (it may have expired or been
+    /// deleted through the API), unless the pod stops being selected.
+    #[serde(default)]
+    pub applied: BTreeSet<SandboxId>,
 }
 
 mod rule_memo {
@@ -189,6 +220,7 @@ impl FaultRecord {
             proxy: backend == BackendKind::Proxy,
             spec,
             source,
+            owner: None,
         }
     }
 
@@ -237,6 +269,8 @@ impl FaultRecord {
 pub struct State {
     pub sandboxes: BTreeMap<SandboxId, SandboxRecord>,
     pub faults: BTreeMap<FaultId, FaultRecord>,
+    /// NetworkFaults reconciled on this node, by uid.
+    pub resources: BTreeMap<String, ResourceRecord>,
     pub readers: HashMap<FaultId, CounterReader>,
 }
 

@@ -639,3 +639,143 @@ fn pending_and_implicit_enrolments_say_how_they_came() {
     assert_eq!(other.reg.adopt_pending(&pending.0), 1);
     assert_eq!(other.reg.sandboxes()[0].source, EnrolSource::Pending);
 }
+
+fn resource_want(generation: i64, pods: &[&str], duration: &str) -> ResourceFaults {
+    let spec = FaultSpec::parse(
+        &json!({"action": loss(), "duration": duration}),
+        &Limits {
+            max_duration: Duration::from_secs(3600),
+            target_required: false,
+        },
+    )
+    .expect("a valid spec");
+    ResourceFaults {
+        uid: "r-1".into(),
+        namespace: "default".into(),
+        name: "nf".into(),
+        generation,
+        created_ms: None,
+        spec,
+        pods: pods
+            .iter()
+            .map(|p| PodRef {
+                namespace: "default".into(),
+                name: (*p).into(),
+                uid: format!("uid-{p}"),
+            })
+            .collect(),
+    }
+}
+
+fn resource_ids(fx: &Fixture) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = fx
+        .reg
+        .faults()
+        .into_iter()
+        .filter(|f| f.source == FaultSource::Resource && f.state == "active")
+        .map(|f| (f.sandbox, f.expires_at_ms))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The NetworkFault rules: the same generation (again, or after a restart)
+/// changes nothing; pods in and out of the selection; a new generation
+/// replaces; an API fault is untouched; removal removes all.
+#[test]
+fn resource_faults_follow_generation_and_selection() {
+    let fx = fixture("resource");
+    for sb in ["a", "b", "c"] {
+        fx.enrol(sb);
+    }
+    let api = fx.create("a", loss(), "5m");
+    let out = fx
+        .reg
+        .apply_resource_faults(resource_want(1, &["a", "b", "x"], "5m"))
+        .expect("applied");
+    assert_eq!(out.installed.len(), 2);
+    assert_eq!(out.pods[2].1, PodOutcome::Pending, "x is not enrolled");
+    let first = resource_ids(&fx);
+    assert_eq!(first.len(), 2, "{first:?}");
+    let again = fx
+        .reg
+        .apply_resource_faults(resource_want(1, &["a", "b", "x"], "5m"))
+        .expect("again");
+    assert!(again.installed.is_empty() && again.removed.is_empty());
+    assert_eq!(resource_ids(&fx), first, "same generation: same faults");
+
+    let Fixture { reg, dir, .. } = fx;
+    drop(reg);
+    let fx = open_in(dir);
+    let out = fx
+        .reg
+        .apply_resource_faults(resource_want(1, &["a", "b"], "5m"))
+        .expect("after a restart");
+    assert!(out.installed.is_empty(), "{out:?}");
+    assert_eq!(resource_ids(&fx), first, "a restart restarts nothing");
+
+    // b leaves, c joins.
+    let out = fx
+        .reg
+        .apply_resource_faults(resource_want(1, &["a", "c"], "5m"))
+        .expect("selection changed");
+    assert_eq!((out.removed.len(), out.installed.len()), (1, 1));
+    let sbs: Vec<String> = resource_ids(&fx).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(sbs, ["a", "c"]);
+    // A fault deleted through the API is not re-applied for this generation.
+    let on_c = fx
+        .reg
+        .faults()
+        .into_iter()
+        .find(|f| f.sandbox == "c" && f.source == FaultSource::Resource)
+        .expect("c's fault");
+    fx.reg.delete_fault(&on_c.id).expect("deleted");
+    let out = fx
+        .reg
+        .apply_resource_faults(resource_want(1, &["a", "c"], "5m"))
+        .expect("again");
+    assert!(out.installed.is_empty(), "{out:?}");
+    assert_eq!(
+        out.pods[1].1,
+        PodOutcome::Expired { fault_id: None },
+        "already given"
+    );
+
+    // Generation 2 replaces.
+    let out = fx
+        .reg
+        .apply_resource_faults(resource_want(2, &["a", "c"], "5m"))
+        .expect("generation 2");
+    assert_eq!((out.removed.len(), out.installed.len()), (1, 2), "{out:?}");
+    assert_eq!(fx.reg.fault(&api).expect("api fault").state, "active");
+
+    let removed = fx.reg.remove_resource_faults("r-1").expect("removed");
+    assert_eq!(removed.len(), 2);
+    assert!(resource_ids(&fx).is_empty());
+    assert!(fx.reg.resource_uids().is_empty());
+    assert_eq!(fx.reg.fault(&api).expect("api fault").state, "active");
+}
+
+/// Past the resource's end nothing is applied; a pod selected later gets
+/// only the remainder of the duration.
+#[test]
+fn resource_faults_share_one_deadline() {
+    let fx = fixture("resource-deadline");
+    fx.enrol("a");
+    fx.enrol("b");
+    let mut want = resource_want(1, &["a"], "10m");
+    want.created_ms = Some(state::now_ms() - 5 * 60_000);
+    let out = fx.reg.apply_resource_faults(want.clone()).expect("applied");
+    let end = out.end_ms;
+    want.pods = resource_want(1, &["a", "b"], "10m").pods;
+    fx.reg.apply_resource_faults(want.clone()).expect("b joins");
+    for (_, expires) in resource_ids(&fx) {
+        assert!(expires.abs_diff(end) < 50, "{expires} vs {end}");
+    }
+    let mut over = resource_want(1, &["a"], "1m");
+    over.uid = "r-2".into();
+    over.created_ms = Some(state::now_ms() - 2 * 60_000);
+    let out = fx.reg.apply_resource_faults(over).expect("applied");
+    assert!(out.installed.is_empty());
+    assert_eq!(out.pods[0].1, PodOutcome::Expired { fault_id: None });
+}
