@@ -23,6 +23,6 @@ pub use resource::{
     NodeStatus, PodFault, CRD_NAME, GROUP, KIND, PLURAL, REGENERATE, VERSION,
 };
 pub use select::{eligible, reporter_node, select, stable_hash, Mode, PodKey};
-pub use selector::{Requirement, Selector};
+pub use selector::{LabelSet, Labels, Requirement, Selector};
 pub use status::{field_manager, node_status_patch, patch_params, release_patch};
 pub use validate::{fault_json, validate, validate_with, ValidSpec};

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::selector::Selector;
+use crate::selector::{Labels, Selector};
 
 /// How many of the matching pods a resource affects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub struct PodKey {
     /// The node it is scheduled on (not part of the choice: each node uses it
     /// to find its own share).
     pub node: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 /// The pod as a selection candidate, or `None` when no fault can apply to
@@ -81,7 +81,7 @@ pub fn eligible(pod: &Pod) -> Option<PodKey> {
         namespace: meta.namespace.clone()?,
         name: meta.name.clone()?,
         node: spec.node_name.clone().filter(|n| !n.is_empty())?,
-        labels: meta.labels.clone().unwrap_or_default(),
+        labels: meta.labels.clone().map(Labels::from).unwrap_or_default(),
     })
 }
 
@@ -185,7 +185,7 @@ mod tests {
             uid,
             namespace: ns.into(),
             node: format!("node-{node}"),
-            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]).into(),
         }
     }
 

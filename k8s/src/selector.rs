@@ -15,14 +15,91 @@ pub enum Requirement {
     DoesNotExist(String),
 }
 
+/// Something that holds a pod's labels: a map, or the compact [`Labels`].
+pub trait LabelSet {
+    /// The value of label `key`, if the pod has it.
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSet for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A pod's labels as selection keeps them for every pod of a cluster: the
+/// pairs sorted by key in one boxed slice (a `BTreeMap` allocates a node of
+/// eleven slots even for two labels: about 540 bytes more per pod).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(String, String)]>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl LabelSet for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Labels {
+        let mut v: Vec<(String, String)> = iter.into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        // As in a map: the last value of a repeated key wins.
+        v.reverse();
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.reverse();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Labels(v.into_boxed_slice())
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(m: BTreeMap<String, String>) -> Labels {
+        Labels(m.into_iter().collect::<Vec<_>>().into_boxed_slice())
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(pairs: [(String, String); N]) -> Labels {
+        pairs.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&str> for Labels {
+    type Output = String;
+    /// Panics when the label is absent, as a map's index does.
+    fn index(&self, key: &str) -> &String {
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+            Ok(i) => &self.0[i].1,
+            Err(_) => panic!("no label {key:?}"),
+        }
+    }
+}
+
 impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    fn matches(&self, labels: &impl LabelSet) -> bool {
         match self {
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::In(k, vs) => labels.label(k).is_some_and(|v| vs.contains(v)),
             // As in Kubernetes: a pod without the label is not in the set.
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+            Requirement::NotIn(k, vs) => labels.label(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => labels.label(k).is_some(),
+            Requirement::DoesNotExist(k) => labels.label(k).is_none(),
         }
     }
 }
@@ -98,7 +175,7 @@ impl Selector {
     }
 
     /// Whether a pod with these labels is selected (every requirement holds).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &impl LabelSet) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 }
@@ -222,6 +299,41 @@ mod tests {
         let mut skip = labels(&base);
         skip.insert("skip".into(), "".into());
         assert!(!s.matches(&skip));
+    }
+
+    #[test]
+    fn compact_labels_match_as_the_map() {
+        let s = parse(sel(
+            &[("app", "web")],
+            vec![
+                expr("tier", "In", Some(&["front"])),
+                expr("skip", "DoesNotExist", None),
+            ],
+        ))
+        .expect("valid");
+        for pairs in [
+            &[("app", "web"), ("tier", "front")][..],
+            &[("tier", "front"), ("app", "web"), ("z", "1")],
+            &[("app", "web"), ("tier", "front"), ("skip", "")],
+            &[("app", "db"), ("tier", "front")],
+            &[],
+        ] {
+            let map = labels(pairs);
+            let compact = Labels::from(map.clone());
+            assert_eq!(s.matches(&compact), s.matches(&map), "{pairs:?}");
+            let collected: Labels = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(collected, compact);
+        }
+        let l: Labels = [
+            ("a".to_string(), "1".to_string()),
+            ("a".to_string(), "2".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!((l.len(), l.get("a")), (1, Some("2")), "the last value wins");
     }
 
     #[test]

@@ -271,8 +271,12 @@ fn apply_status(
     owners.insert(manager, Owned { nodes, selected });
     let mut merged: Vec<Value> = owners.values().flat_map(|o| o.nodes.clone()).collect();
     merged.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
-    // Equal values from several managers are shared; the last applied wins.
-    let selected = owners.values().filter_map(|o| o.selected.clone()).last();
+    // Equal values from several managers are shared (the agents agree);
+    // if they differ, the manager that sorts last is shown.
+    let selected = owners
+        .values()
+        .filter_map(|o| o.selected.clone())
+        .next_back();
     let mut status = serde_json::Map::new();
     if let Some(s) = selected {
         status.insert("selectedPods".into(), s);

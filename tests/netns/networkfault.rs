@@ -209,7 +209,7 @@ fn partial_modes_affect_exactly_the_chosen_local_pods() {
             namespace: p.namespace.clone(),
             name: p.name.clone(),
             node: k.node_name.clone(),
-            labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            labels: BTreeMap::from([("app".to_string(), "web".to_string())]).into(),
         })
         .collect();
     for i in 0..6 {
@@ -224,7 +224,7 @@ fn partial_modes_affect_exactly_the_chosen_local_pods() {
             namespace: "default".into(),
             name,
             node: node.into(),
-            labels,
+            labels: labels.into(),
         });
     }
     let web = Selector {
