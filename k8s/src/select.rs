@@ -16,8 +16,6 @@
 //! agents of different versions choose, so it must not change within
 //! `v1alpha1`.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::selector::{Labels, Selector};
@@ -163,7 +161,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn uuid(rng: &mut StdRng) -> String {
         let b: [u8; 16] = rng.random();
