@@ -202,7 +202,7 @@ fn kube(sizes: &Sizes) -> anyhow::Result<Steps> {
             "duration": "10m", "selector": {"matchLabels": {"app": "chaos"}}, "mode": "all",
         }),
     );
-    wait("the NetworkFault applied here", || {
+    let applied = wait("the NetworkFault applied here", || {
         let nf = server.networkfault(&uid).unwrap_or(Value::Null);
         Ok(nf["status"]["nodes"].as_array().is_some_and(|n| {
             n.iter().any(|e| {
@@ -211,7 +211,15 @@ fn kube(sizes: &Sizes) -> anyhow::Result<Steps> {
                     && e["pods"].as_array().map(Vec::len) == Some(local_targets)
             })
         }))
-    })?;
+    });
+    if let Err(e) = applied {
+        let nf = server.networkfault(&uid).unwrap_or(Value::Null);
+        return Err(e.context(format!(
+            "status: {}\nagent log:\n{}",
+            nf["status"],
+            agent.log_tail(30)
+        )));
+    }
     steps.push((
         format!("kube: + NetworkFault on {local_targets} pods here"),
         settled_rss(agent)?,

@@ -60,9 +60,11 @@ struct Progress {
     warned: Option<(i64, String)>,
     /// A status write failed: tried again then (wall-clock ms).
     retry_status_at_ms: Option<u64>,
+    /// A pod's fault failed to install: tried again then (wall-clock ms).
+    retry_failed_at_ms: Option<u64>,
 }
 
-/// How long after a failed status write it is tried again.
+/// How long after a failed status write (or fault install) it is tried again.
 const STATUS_RETRY_MS: u64 = 2_000;
 
 pub struct Reconciler {
@@ -291,6 +293,7 @@ impl Reconciler {
                     p.pending
                         || p.active_until_ms.is_some_and(|t| t <= now)
                         || p.retry_status_at_ms.is_some_and(|t| t <= now)
+                        || p.retry_failed_at_ms.is_some_and(|t| t <= now)
                 })
             {
                 due.insert(uid.clone());
@@ -387,6 +390,9 @@ impl Reconciler {
         let progress = self.progress.entry(uid.to_string()).or_default();
         progress.pending = pending;
         progress.active_until_ms = active.then_some(out.end_ms);
+        // A failed install is retried, not on every tick.
+        progress.retry_failed_at_ms =
+            failed.then(|| crate::registry::state::now_ms() + STATUS_RETRY_MS);
         progress.warned = None;
         let entry = (!pods.is_empty()).then(|| NodeStatus {
             node: self.node.clone(),
