@@ -1,0 +1,283 @@
+//! `uninstall`: `kubectl delete -k` of the kustomization, with one fault
+//! removed beforehand and one still active. Then, on every node (Kind:
+//! `docker exec`; k3s: this host; an existing cluster: not inspectable,
+//! said so): no conflist chains `netfault`, the plugin binary is gone
+//! (install-cni's SIGTERM promise), no `netfault*` nft table and no tc
+//! filter with netfault's handle (0x4e46) in any pod netns, no bpffs pin
+//! named netfault. The same checks run first while netfault is installed
+//! (they must see the entry, the binary and the active fault's filter), so
+//! they can fail. On the wire: the fault left active keeps acting with no
+//! agent (SIGTERM leaves faults to their kernel deadlines) and ends at its
+//! deadline; a pod created after the uninstall starts and answers.
+//!
+//! Known leftover, reported and not failed: the active fault's pod keeps
+//! its (inert, expired) tc filter, because the agent that would detach it
+//! at expiry is gone ("the next agent clears expired rules and detaches",
+//! docs/design.md); any other netns with a netfault filter fails.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use e2e_kind::probe::reach;
+use e2e_kind::workload::blackhole_annotation;
+use e2e_kind::{ensure, Cluster, Error, Result, TestNs};
+
+use crate::support::{wait_until, Report, Workload};
+
+/// The fault left active across the uninstall.
+const ACTIVE: Duration = Duration::from_secs(90);
+
+pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
+    let ns = TestNs::create(c, "uninstall")?;
+    let w = Workload::start(&ns, 2, &[])?;
+    let answers = |pod: &str, want: bool| -> Result<std::result::Result<(), String>> {
+        let got = reach(&ns, "client", &[(pod, w.ip(pod))], 2)?;
+        let ok = if want {
+            got[pod].passes()
+        } else {
+            got[pod].blocked()
+        };
+        Ok(if ok { Ok(()) } else { Err(format!("{got:?}")) })
+    };
+
+    // A fault added and removed: its pod must end up clean.
+    ns.annotate(
+        "s0",
+        &[("netfault.io/faults", Some(&blackhole_annotation("5m")))],
+    )?;
+    wait_until("s0's fault acts", Duration::from_secs(30), || {
+        answers("s0", false)
+    })?;
+    ns.annotate("s0", &[("netfault.io/faults", None)])?;
+    wait_until("s0's fault is removed", Duration::from_secs(30), || {
+        answers("s0", true)
+    })?;
+    // A fault still active when netfault goes.
+    let t_ann = Instant::now();
+    let value = blackhole_annotation(&format!("{}s", ACTIVE.as_secs()));
+    ns.annotate("s1", &[("netfault.io/faults", Some(&value))])?;
+    wait_until("s1's fault acts", Duration::from_secs(30), || {
+        answers("s1", false)
+    })?;
+    let s1_ip = w.ip("s1").to_string();
+
+    // Positive control: the checks see netfault while it is installed.
+    if c.can_inspect_nodes() {
+        for node in &c.nodes {
+            let s = node_state(c, node)?;
+            ensure(!s.chained.is_empty(), || {
+                format!("{node}: installed, but no conflist chains netfault ({s:?}): the check is broken")
+            })?;
+            ensure(s.plugin, || {
+                format!("{node}: installed, but no plugin binary ({s:?}): the check is broken")
+            })?;
+        }
+        let node = &w.pods["s1"].node;
+        let s = node_state(c, node)?;
+        let filters = s.netns.values().find(|n| n.ip == s1_ip).map(|n| n.filters);
+        ensure(filters.is_some_and(|f| f > 0), || {
+            format!("{node}: s1 ({s1_ip}) has an active fault but the check sees no netfault filter in its netns: {s:?}")
+        })?;
+    }
+
+    let t0 = Instant::now();
+    let dir = c.target.kustomize_dir.display().to_string();
+    c.kubectl(&["delete", "-k", &dir, "--wait=true", "--timeout=180s"])?;
+    wait_until("no agent pod is left", Duration::from_secs(120), || {
+        let left = c.any_agent_pods()?;
+        Ok(if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        })
+    })?;
+    r.number("delete -k", "to no agent pod left", t0.elapsed());
+
+    // With no agent, the active fault still acts until its deadline.
+    if Instant::now() + Duration::from_secs(5) < t_ann + ACTIVE {
+        let got = reach(&ns, "client", &[("s1", &s1_ip)], 2)?;
+        ensure(got["s1"].blocked(), || {
+            format!("the active fault must last until its deadline with the agent gone: {got:?}")
+        })?;
+    } else {
+        r.note(
+            "no-agent check",
+            "skipped: the uninstall took until the fault's deadline",
+        );
+    }
+
+    if c.can_inspect_nodes() {
+        for node in &c.nodes {
+            let s = node_state(c, node)?;
+            ensure(s.chained.is_empty(), || {
+                format!(
+                    "{node}: a conflist still chains netfault after the uninstall: {:?}",
+                    s.chained
+                )
+            })?;
+            ensure(!s.plugin, || {
+                format!(
+                    "{node}: the netfault plugin binary is still in {}",
+                    c.target.cni_bin_dir
+                )
+            })?;
+            ensure(s.pins.is_empty(), || {
+                format!("{node}: bpffs pins left: {:?}", s.pins)
+            })?;
+            r.note(
+                &format!("{node} /run/netfault"),
+                &format!(
+                    "left: [{}] (the state dir is a hostPath; informational)",
+                    s.state_dir
+                ),
+            );
+        }
+    } else {
+        r.note(
+            "nodes",
+            "not inspected: an existing cluster's nodes are not reachable from the suite",
+        );
+    }
+
+    // The active fault ends at its deadline, enforced by the kernel.
+    let deadline = t_ann + ACTIVE;
+    wait_until(
+        "s1 answers after its fault's deadline",
+        ACTIVE + Duration::from_secs(30),
+        || answers("s1", true),
+    )?;
+    let late = Instant::now().saturating_duration_since(deadline);
+    r.number(
+        "active fault",
+        "answered again after its deadline (no agent; includes the 1 s probe timeout)",
+        late,
+    );
+    ensure(Instant::now() + Duration::from_secs(1) >= deadline, || {
+        "the fault ended before its deadline".to_string()
+    })?;
+    ensure(late <= Duration::from_secs(8), || {
+        format!("the fault outlived its deadline by {late:?}")
+    })?;
+
+    // A pod born after the uninstall starts and answers (the CNI chain has
+    // no netfault; nothing waits for an agent).
+    ns.server("late", &c.workers[0], &[])?;
+    let late_pod = ns.wait_running(&["late"])?;
+    let got = reach(&ns, "client", &[("late", late_pod["late"].ip.as_str())], 2)?;
+    ensure(got["late"].passes(), || {
+        format!("a pod started after the uninstall answers: {got:?}")
+    })?;
+
+    // Nothing of netfault in any pod netns, but s1's inert filter.
+    if c.can_inspect_nodes() {
+        let mut inert = vec![];
+        for node in &c.nodes {
+            let s = node_state(c, node)?;
+            for (path, n) in &s.netns {
+                ensure(n.tables.is_empty(), || {
+                    format!("{node}: nft tables left in {path}: {:?}", n.tables)
+                })?;
+                if n.filters > 0 {
+                    if n.ip == s1_ip {
+                        inert.push(format!("{node}:{path} ({} filters)", n.filters));
+                    } else {
+                        return Err(Error::Other(format!(
+                            "{node}: netfault tc filters left in {path} (pod {}): {}",
+                            n.ip, n.filters
+                        )));
+                    }
+                }
+            }
+        }
+        r.note(
+            "known leftover",
+            &format!("inert expired tc filter of the fault active at uninstall: {inert:?}"),
+        );
+    }
+    Ok(())
+}
+
+/// What a node holds of netfault.
+#[derive(Debug, Default)]
+struct NodeState {
+    /// Conflists whose plugins include `netfault`.
+    chained: Vec<String>,
+    /// The plugin binary is in the CNI bin dir.
+    plugin: bool,
+    /// bpffs entries named netfault*.
+    pins: Vec<String>,
+    /// `/run/netfault`'s entries.
+    state_dir: String,
+    /// Each pod netns: its IPv4 address, netfault nft tables, netfault tc filters.
+    netns: BTreeMap<String, NetnsState>,
+}
+
+#[derive(Debug, Default)]
+struct NetnsState {
+    ip: String,
+    tables: Vec<String>,
+    filters: u32,
+}
+
+/// Reads a node's netfault state with one shell script (read-only: grep,
+/// ls, and `nft list tables` / `tc filter show` inside each pod netns).
+fn node_state(c: &Cluster, node: &str) -> Result<NodeState> {
+    let script = format!(
+        r#"conf={conf}; bin={bin}
+for f in "$conf"/*; do [ -f "$f" ] && grep -Eq '"type"[[:space:]]*:[[:space:]]*"netfault"' "$f" && echo "chained $f"; done
+[ -e "$bin/netfault" ] && echo plugin
+for p in /sys/fs/bpf/*; do case "$p" in *netfault*|*nf_*) echo "pin $p";; esac; done
+echo "state $(ls /run/netfault 2>/dev/null | tr '\n' ' ')"
+command -v nft >/dev/null || echo "error nft is not on the node"
+command -v tc >/dev/null || echo "error tc is not on the node"
+for ns in /var/run/netns/*; do
+  [ -e "$ns" ] || continue
+  ip=$(nsenter --net="$ns" ip -o -4 addr show dev eth0 2>/dev/null | awk '{{print $4}}' | cut -d/ -f1)
+  echo "netns $ns ip $ip"
+  nsenter --net="$ns" nft list tables 2>/dev/null | grep -i netfault | sed "s|^|table $ns |"
+  n=$(for d in ingress egress; do nsenter --net="$ns" tc filter show dev eth0 $d 2>/dev/null; done | grep -Eci 'handle 0x4e46|netfault')
+  echo "filters $ns $n"
+done
+"#,
+        conf = c.target.cni_conf_dir,
+        bin = c.target.cni_bin_dir
+    );
+    let out = c.node_sh(node, &script)?;
+    let mut s = NodeState::default();
+    for line in out.lines() {
+        let mut w = line.splitn(2, ' ');
+        let (Some(k), rest) = (w.next(), w.next().unwrap_or("")) else {
+            continue;
+        };
+        match k {
+            "chained" => s.chained.push(rest.to_string()),
+            "plugin" => s.plugin = true,
+            "pin" => s.pins.push(rest.to_string()),
+            "state" => s.state_dir = rest.trim().to_string(),
+            "error" => return Err(Error::Other(format!("{node}: {rest}"))),
+            "netns" => {
+                let mut p = rest.split(' ');
+                let path = p.next().unwrap_or_default().to_string();
+                let ip = p.nth(1).unwrap_or_default().to_string();
+                s.netns.entry(path).or_default().ip = ip;
+            }
+            "table" => {
+                let mut p = rest.splitn(2, ' ');
+                let path = p.next().unwrap_or_default().to_string();
+                s.netns
+                    .entry(path)
+                    .or_default()
+                    .tables
+                    .push(p.next().unwrap_or_default().to_string());
+            }
+            "filters" => {
+                let mut p = rest.split(' ');
+                let path = p.next().unwrap_or_default().to_string();
+                let n = p.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+                s.netns.entry(path).or_default().filters = n;
+            }
+            _ => {}
+        }
+    }
+    Ok(s)
+}
