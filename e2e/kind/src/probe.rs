@@ -55,6 +55,12 @@ pub fn reach(
     targets: &[(&str, &str)],
     tries: u32,
 ) -> Result<BTreeMap<String, Reach>> {
+    let out = ns.exec(client, &["sh", "-c", &reach_script(targets, tries)])?;
+    parse_reach(&out, targets, tries).map_err(|e| Error::Other(format!("probe from {client}: {e}")))
+}
+
+/// The shell script of [`reach`]: prints `NAME ok|fail` per request.
+pub fn reach_script(targets: &[(&str, &str)], tries: u32) -> String {
     let mut script = probe_fn();
     script.push('\n');
     for _ in 0..tries {
@@ -63,7 +69,15 @@ pub fn reach(
         }
     }
     script.push_str("wait\n");
-    let out = ns.exec(client, &["sh", "-c", &script])?;
+    script
+}
+
+/// Counts [`reach_script`]'s output; every request must have answered.
+pub fn parse_reach(
+    out: &str,
+    targets: &[(&str, &str)],
+    tries: u32,
+) -> std::result::Result<BTreeMap<String, Reach>, String> {
     let mut counts: BTreeMap<String, Reach> = targets
         .iter()
         .map(|(n, _)| (n.to_string(), Reach::default()))
@@ -82,13 +96,22 @@ pub fn reach(
     }
     for (name, r) in &counts {
         if r.ok + r.fail != tries {
-            return Err(Error::Other(format!(
-                "probe from {client} to {name}: {} answers of {tries} in the output {out:?}",
+            return Err(format!(
+                "{name}: {} answers of {tries} in the output {out:?}",
                 r.ok + r.fail
-            )));
+            ));
         }
     }
     Ok(counts)
+}
+
+/// The shell script of a [`Stream`]: `s` before each request, `r ok` or
+/// `r fail` after it, 50 ms between requests, forever.
+pub fn stream_script(ip: &str) -> String {
+    format!(
+        "{}\nwhile :; do echo s; p {ip} r; busybox sleep 0.05; done",
+        probe_fn()
+    )
 }
 
 /// One request of a [`Stream`]: when it started and ended (on this
@@ -113,10 +136,7 @@ pub struct Stream {
 impl Stream {
     /// Starts requests from `client` to `ip`.
     pub fn start(ns: &TestNs, client: &str, ip: &str) -> Result<Stream> {
-        let script = format!(
-            "{}\nwhile :; do echo s; p {ip} r; busybox sleep 0.05; done",
-            probe_fn()
-        );
+        let script = stream_script(ip);
         let mut cmd = Command::new("kubectl");
         cmd.args(["-n", &ns.name, "exec", client, "--", "sh", "-c", &script]);
         let what = show(&cmd);
@@ -240,5 +260,111 @@ impl Drop for Stream {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The probe scripts run as they run in the cluster: `/bin/sh` of the
+    //! box image (chrooted into its unpacked layer) against its `httpd`, in a
+    //! throwaway netns (`unshare --net`), as root.
+
+    use super::*;
+    use std::path::Path;
+
+    /// The box image's rootfs, unpacked into `dir`.
+    fn box_root(dir: &Path) -> std::path::PathBuf {
+        let archive = e2e_cri::box_image().expect("the box image");
+        let oci = dir.join("oci");
+        let root = dir.join("root");
+        std::fs::create_dir_all(&oci).expect("mkdir");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        crate::cluster::run(
+            Command::new("tar")
+                .arg("xf")
+                .arg(&archive)
+                .arg("-C")
+                .arg(&oci),
+        )
+        .expect("untar the layout");
+        for blob in std::fs::read_dir(oci.join("blobs/sha256"))
+            .expect("blobs")
+            .flatten()
+        {
+            let listing = crate::cluster::run(Command::new("tar").arg("tf").arg(blob.path()));
+            if listing.is_ok_and(|l| l.lines().any(|l| l.ends_with("bin/busybox"))) {
+                crate::cluster::run(
+                    Command::new("tar")
+                        .arg("xf")
+                        .arg(blob.path())
+                        .arg("-C")
+                        .arg(&root),
+                )
+                .expect("untar the layer");
+            }
+        }
+        assert!(root.join("bin/sh").exists(), "the layer has /bin/sh");
+        // A container runtime gives every container a /dev/null.
+        crate::cluster::run(
+            Command::new("mknod")
+                .arg(root.join("dev/null"))
+                .args(["c", "1", "3"]),
+        )
+        .expect("mknod dev/null");
+        root
+    }
+
+    /// Runs `script` in the box rootfs with a server (the pods' own command)
+    /// on 127.0.0.1:HTTP_PORT in a fresh netns; its stdout.
+    fn in_box(root: &Path, script: &str) -> String {
+        let server = format!("echo ok > /tmp/ok && exec httpd -f -p {HTTP_PORT} -h /tmp");
+        let outer = format!(
+            "chroot {r} /bin/ip link set lo up && (chroot {r} /bin/sh -c '{server}' & echo $! > {r}/srv.pid) \
+             && sleep 0.3 && chroot {r} /bin/sh -c \"$PROBE\"; kill $(cat {r}/srv.pid)",
+            r = root.display()
+        );
+        crate::cluster::run(
+            Command::new("unshare")
+                .args(["--net", "sh", "-c", &outer])
+                .env("PROBE", script)
+                .env("PATH", "/bin:/usr/bin:/sbin:/usr/sbin"),
+        )
+        .expect("the probe script runs")
+    }
+
+    #[test]
+    fn reach_counts_answers_and_refusals() {
+        testbed::require_root!();
+        let dir = testbed::TempDir::new("nfkprobe").expect("temp dir");
+        let root = box_root(dir.path());
+        // 127.0.0.1 answers; 198.18.0.1 has no route in the fresh netns.
+        let targets = [("up", "127.0.0.1"), ("down", "198.18.0.1")];
+        let out = in_box(&root, &reach_script(&targets, 3));
+        let got = parse_reach(&out, &targets, 3).expect("every request reported");
+        assert_eq!(got["up"], Reach { ok: 3, fail: 0 }, "{out}");
+        assert!(got["up"].passes());
+        assert_eq!(got["down"], Reach { ok: 0, fail: 3 }, "{out}");
+        assert!(got["down"].blocked());
+        assert!(
+            parse_reach("up ok\n", &targets, 3).is_err(),
+            "missing answers are an error"
+        );
+    }
+
+    #[test]
+    fn stream_script_alternates_start_and_result() {
+        testbed::require_root!();
+        let dir = testbed::TempDir::new("nfkstrm").expect("temp dir");
+        let root = box_root(dir.path());
+        let script = format!(
+            "busybox timeout 1 sh -c '{}'",
+            stream_script("127.0.0.1").replace('\'', "'\\''")
+        );
+        let out = in_box(&root, &script);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.len() >= 6, "several requests in 1 s: {out}");
+        for pair in lines.chunks(2).filter(|c| c.len() == 2) {
+            assert_eq!(pair, ["s", "r ok"], "{out}");
+        }
     }
 }
