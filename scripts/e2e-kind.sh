@@ -3,7 +3,7 @@
 # Kubernetes cluster:
 #
 #   scripts/e2e-kind.sh [--cluster kind|k3s|existing] [--focus NAME]
-#                       [--bin-dir DIR] [--name NAME] [--keep]
+#                       [--bin-dir DIR] [--agent-image FILE] [--name NAME] [--keep]
 #
 #   --cluster kind      (default) create a Kind cluster NAME from
 #                       e2e/kind/kind-config.yaml (1 control plane + 2
@@ -22,6 +22,9 @@
 #                       netfault-install-cni from DIR (passed to
 #                       daemonset/build-image.sh --bin-dir); default: the
 #                       release build that build-image.sh makes
+#   --agent-image FILE  load this agent image archive (made by build-image.sh,
+#                       e.g. in a Debian bookworm container as the workflow
+#                       does) instead of building one here
 #   --name NAME         the Kind cluster's name (default netfault-e2e)
 #   --keep              keep a cluster this run created
 #
@@ -43,6 +46,7 @@ ROOT=$PWD
 CLUSTER=kind
 FOCUS=
 BIN_DIR=
+AGENT_ARCHIVE=
 NAME=netfault-e2e
 KEEP=0
 AGENT_IMAGE=docker.io/library/netfaultd:dev
@@ -52,7 +56,7 @@ LOGS=$OUT/logs
 
 die() { printf 'e2e-kind: error: %s\n' "$*" >&2; exit 1; }
 usage() {
-    sed -n '5,6p' "$0" >&2
+    sed -n '5,7p' "$0" >&2
     exit 2
 }
 while [ "$#" -gt 0 ]; do
@@ -60,6 +64,7 @@ while [ "$#" -gt 0 ]; do
         --cluster) [ "$#" -ge 2 ] || usage; CLUSTER=$2; shift 2 ;;
         --focus) [ "$#" -ge 2 ] || usage; FOCUS=$2; shift 2 ;;
         --bin-dir) [ "$#" -ge 2 ] || usage; BIN_DIR=$(cd "$2" && pwd) || die "--bin-dir $2: not a directory"; shift 2 ;;
+        --agent-image) [ "$#" -ge 2 ] || usage; AGENT_ARCHIVE=$(realpath "$2") && [ -f "$AGENT_ARCHIVE" ] || die "--agent-image $2: no such file"; shift 2 ;;
         --name) [ "$#" -ge 2 ] || usage; NAME=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         -h|--help) usage ;;
@@ -82,7 +87,9 @@ for t in "${need[@]}"; do
     command -v "$t" >/dev/null 2>&1 || die "$t not found (needed for --cluster $CLUSTER; see e2e/kind/README.md)"
 done
 missing=()
-for tool in umoci mmdebstrap protoc jq; do
+tools=(umoci protoc jq)
+[ -n "$AGENT_ARCHIVE" ] || tools+=(mmdebstrap)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -e /bin/busybox ] || missing+=(/bin/busybox)
@@ -93,12 +100,18 @@ fi
 mkdir -p "$OUT"
 
 # --- images -------------------------------------------------------------------
-step "agent image (daemonset/build-image.sh)"
-if [ -n "$BIN_DIR" ]; then
-    bash daemonset/build-image.sh --bin-dir "$BIN_DIR" --out "$OUT/netfaultd.oci.tar"
+if [ -n "$AGENT_ARCHIVE" ]; then
+    step "agent image: $AGENT_ARCHIVE (given)"
+    NETFAULTCTL=${BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}/netfaultctl
+elif [ -n "$BIN_DIR" ]; then
+    step "agent image (daemonset/build-image.sh --bin-dir $BIN_DIR)"
+    AGENT_ARCHIVE=$OUT/netfaultd.oci.tar
+    bash daemonset/build-image.sh --bin-dir "$BIN_DIR" --out "$AGENT_ARCHIVE"
     NETFAULTCTL=$BIN_DIR/netfaultctl
 else
-    bash daemonset/build-image.sh --out "$OUT/netfaultd.oci.tar"
+    step "agent image (daemonset/build-image.sh, release build)"
+    AGENT_ARCHIVE=$OUT/netfaultd.oci.tar
+    bash daemonset/build-image.sh --out "$AGENT_ARCHIVE"
     NETFAULTCTL=${CARGO_TARGET_DIR:-$ROOT/target}/release/netfaultctl
 fi
 [ -x "$NETFAULTCTL" ] || die "$NETFAULTCTL missing"
@@ -201,7 +214,7 @@ load_image() { # archive image
 }
 case "$CLUSTER" in
     kind|k3s)
-        load_image "$OUT/netfaultd.oci.tar" "$AGENT_IMAGE"
+        load_image "$AGENT_ARCHIVE" "$AGENT_IMAGE"
         load_image "$BOX_ARCHIVE" "$BOX_IMAGE"
         ;;
     existing)
