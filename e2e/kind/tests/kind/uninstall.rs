@@ -5,8 +5,9 @@
 //! (install-cni's SIGTERM promise), no `netfault*` nft table and no tc
 //! filter with netfault's handle (0x4e46) in any pod netns, no bpffs pin
 //! named netfault. The same checks run first while netfault is installed
-//! (they must see the entry, the binary and the active fault's filter), so
-//! they can fail. On the wire: the fault left active keeps acting with no
+//! (they must see the entry, the binary, the active fault's filter and a
+//! delay fault's nft table), so they can fail. Where the node has no `nft`
+//! (kind's node image may not), the nft checks are skipped and said so. On the wire: the fault left active keeps acting with no
 //! agent (SIGTERM leaves faults to their kernel deadlines) and ends at its
 //! deadline; a pod created after the uninstall starts and answers.
 //!
@@ -200,6 +201,8 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
 /// What a node holds of netfault.
 #[derive(Debug, Default)]
 struct NodeState {
+    /// `nft` is on the node (kind's node image may lack it).
+    nft: bool,
     /// Conflists whose plugins include `netfault`.
     chained: Vec<String>,
     /// The plugin binary is in the CNI bin dir.
@@ -228,7 +231,7 @@ for f in "$conf"/*; do [ -f "$f" ] && grep -Eq '"type"[[:space:]]*:[[:space:]]*"
 [ -e "$bin/netfault" ] && echo plugin
 for p in /sys/fs/bpf/*; do case "$p" in *netfault*|*nf_*) echo "pin $p";; esac; done
 echo "state $(ls /run/netfault 2>/dev/null | tr '\n' ' ')"
-command -v nft >/dev/null || echo "error nft is not on the node"
+command -v nft >/dev/null && echo nft
 command -v tc >/dev/null || echo "error tc is not on the node"
 for ns in /var/run/netns/*; do
   [ -e "$ns" ] || continue
@@ -252,6 +255,7 @@ done
         match k {
             "chained" => s.chained.push(rest.to_string()),
             "plugin" => s.plugin = true,
+            "nft" => s.nft = true,
             "pin" => s.pins.push(rest.to_string()),
             "state" => s.state_dir = rest.trim().to_string(),
             "error" => return Err(Error::Other(format!("{node}: {rest}"))),
