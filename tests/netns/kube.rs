@@ -555,3 +555,52 @@ fn pod_seen_before_its_sandbox() {
         f[0]["id"].as_str().unwrap_or("?"),
     );
 }
+
+/// The handshake time from `from` to `to`'s TCP `port`: one round trip.
+fn connect_time(from: &Pod, to: &Pod, port: u16) -> Duration {
+    let t = Instant::now();
+    assert!(
+        testbed::tcp_connect_ok(from, v4(to), port, Duration::from_secs(3)),
+        "TCP {} -> {}:{port}",
+        from.name,
+        to.name
+    );
+    t.elapsed()
+}
+
+/// `kubectl annotate pod a netfault.io/delay=150ms` on a running pod shows
+/// in its round trips, and goes when the annotation goes; a YAML
+/// `netfault.io/faults` list acts as a JSON one does.
+#[test]
+fn delay_shorthand_and_yaml_list_on_a_running_pod() {
+    testbed::require_root!();
+    let k = KubeNode::start();
+    let a = k.pod("a");
+    let b = k.pod("b");
+    let server = testbed::tcp_listen(&b, 7151).expect("TCP server in b");
+    let port = server.port();
+    let fast = Duration::from_millis(60);
+    wait_for("a baseline handshake under 60 ms", || {
+        connect_time(&a, &b, port) < fast
+    });
+
+    k.annotate(&a, &[("netfault.io/delay", "150ms".to_string())]);
+    let took = wait_for("the delay shows in the handshake", || {
+        connect_time(&a, &b, port) >= Duration::from_millis(150)
+    });
+    eprintln!("delay annotation -> effect: {took:?}");
+    let f = k.faults_of(&a, "annotation");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0]["spec"]["action"]["type"], "delay");
+    assert_eq!(f[0]["spec"]["direction"], "egress");
+
+    let yaml = "- direction: egress\n  match: {protocol: udp, ports: \"7152\"}\n  action: {type: blackhole}\n  duration: 5m\n";
+    k.annotate(&a, &[("netfault.io/faults", yaml.to_string())]);
+    wait_for("the YAML list replaces the delay", || {
+        blocked(&a, &b, 7152) && connect_time(&a, &b, port) < fast
+    });
+    assert!(passes(&a, &b, 7153), "only its port");
+
+    k.annotate(&a, &[]);
+    wait_for("no annotation, no fault", || passes(&a, &b, 7152));
+}

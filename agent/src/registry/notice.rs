@@ -205,8 +205,9 @@ mod tests {
             None,
         );
         assert!(
-            n.note
-                .starts_with("fault f-1 applied (annotation source): loss percent=30 egress match="),
+            n.note.starts_with(
+                "fault f-1 applied (annotation source): loss percent=30 egress match="
+            ),
             "{}",
             n.note
         );
