@@ -23,6 +23,7 @@
 //! passes, and the Kubernetes calls with their node-level counterparts.
 
 pub mod cluster;
+pub mod inspect;
 pub mod probe;
 pub mod target;
 pub mod workload;

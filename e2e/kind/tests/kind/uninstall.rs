@@ -16,9 +16,9 @@
 //! at expiry is gone ("the next agent clears expired rules and detaches",
 //! docs/design.md); any other netns with a netfault filter fails.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use e2e_kind::inspect::node_state;
 use e2e_kind::probe::reach;
 use e2e_kind::workload::blackhole_annotation;
 use e2e_kind::{ensure, Cluster, Error, Result, TestNs};
@@ -196,92 +196,4 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// What a node holds of netfault.
-#[derive(Debug, Default)]
-struct NodeState {
-    /// `nft` is on the node (kind's node image may lack it).
-    nft: bool,
-    /// Conflists whose plugins include `netfault`.
-    chained: Vec<String>,
-    /// The plugin binary is in the CNI bin dir.
-    plugin: bool,
-    /// bpffs entries named netfault*.
-    pins: Vec<String>,
-    /// `/run/netfault`'s entries.
-    state_dir: String,
-    /// Each pod netns: its IPv4 address, netfault nft tables, netfault tc filters.
-    netns: BTreeMap<String, NetnsState>,
-}
-
-#[derive(Debug, Default)]
-struct NetnsState {
-    ip: String,
-    tables: Vec<String>,
-    filters: u32,
-}
-
-/// Reads a node's netfault state with one shell script (read-only: grep,
-/// ls, and `nft list tables` / `tc filter show` inside each pod netns).
-fn node_state(c: &Cluster, node: &str) -> Result<NodeState> {
-    let script = format!(
-        r#"conf={conf}; bin={bin}
-for f in "$conf"/*; do [ -f "$f" ] && grep -Eq '"type"[[:space:]]*:[[:space:]]*"netfault"' "$f" && echo "chained $f"; done
-[ -e "$bin/netfault" ] && echo plugin
-for p in /sys/fs/bpf/*; do case "$p" in *netfault*|*nf_*) echo "pin $p";; esac; done
-echo "state $(ls /run/netfault 2>/dev/null | tr '\n' ' ')"
-command -v nft >/dev/null && echo nft
-command -v tc >/dev/null || echo "error tc is not on the node"
-for ns in /var/run/netns/*; do
-  [ -e "$ns" ] || continue
-  ip=$(nsenter --net="$ns" ip -o -4 addr show dev eth0 2>/dev/null | awk '{{print $4}}' | cut -d/ -f1)
-  echo "netns $ns ip $ip"
-  nsenter --net="$ns" nft list tables 2>/dev/null | grep -i netfault | sed "s|^|table $ns |"
-  n=$(for d in ingress egress; do nsenter --net="$ns" tc filter show dev eth0 $d 2>/dev/null; done | grep -Eci 'handle 0x4e46|netfault')
-  echo "filters $ns $n"
-done
-"#,
-        conf = c.target.cni_conf_dir,
-        bin = c.target.cni_bin_dir
-    );
-    let out = c.node_sh(node, &script)?;
-    let mut s = NodeState::default();
-    for line in out.lines() {
-        let mut w = line.splitn(2, ' ');
-        let (Some(k), rest) = (w.next(), w.next().unwrap_or("")) else {
-            continue;
-        };
-        match k {
-            "chained" => s.chained.push(rest.to_string()),
-            "plugin" => s.plugin = true,
-            "nft" => s.nft = true,
-            "pin" => s.pins.push(rest.to_string()),
-            "state" => s.state_dir = rest.trim().to_string(),
-            "error" => return Err(Error::Other(format!("{node}: {rest}"))),
-            "netns" => {
-                let mut p = rest.split(' ');
-                let path = p.next().unwrap_or_default().to_string();
-                let ip = p.nth(1).unwrap_or_default().to_string();
-                s.netns.entry(path).or_default().ip = ip;
-            }
-            "table" => {
-                let mut p = rest.splitn(2, ' ');
-                let path = p.next().unwrap_or_default().to_string();
-                s.netns
-                    .entry(path)
-                    .or_default()
-                    .tables
-                    .push(p.next().unwrap_or_default().to_string());
-            }
-            "filters" => {
-                let mut p = rest.split(' ');
-                let path = p.next().unwrap_or_default().to_string();
-                let n = p.next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-                s.netns.entry(path).or_default().filters = n;
-            }
-            _ => {}
-        }
-    }
-    Ok(s)
 }
