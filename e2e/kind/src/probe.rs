@@ -318,14 +318,20 @@ mod tests {
     /// on 127.0.0.1:HTTP_PORT in a fresh netns; its stdout.
     fn in_box(root: &Path, script: &str) -> String {
         let server = format!("echo ok > /tmp/ok && exec httpd -f -p {HTTP_PORT} -h /tmp");
+        // Until the server answers (5 s at most), then the script.
+        let wait = format!(
+            "{}\ni=0; until [ \"$(p 127.0.0.1 w)\" = 'w ok' ] || [ $i -gt 100 ]; do i=$((i+1)); busybox sleep 0.05; done",
+            probe_fn()
+        );
         let outer = format!(
-            "chroot {r} /bin/ip link set lo up && (chroot {r} /bin/sh -c '{server}' & echo $! > {r}/srv.pid) \
-             && sleep 0.3 && chroot {r} /bin/sh -c \"$PROBE\"; kill $(cat {r}/srv.pid)",
+            "chroot {r} /bin/ip link set lo up && (chroot {r} /bin/sh -c '{server}' & echo $! > {r}/srv.pid) \\
+             && chroot {r} /bin/sh -c \"$WAIT\" && chroot {r} /bin/sh -c \"$PROBE\"; kill $(cat {r}/srv.pid)",
             r = root.display()
         );
         crate::cluster::run(
             Command::new("unshare")
                 .args(["--net", "sh", "-c", &outer])
+                .env("WAIT", wait)
                 .env("PROBE", script)
                 .env("PATH", "/bin:/usr/bin:/sbin:/usr/sbin"),
         )
