@@ -56,10 +56,9 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The cluster to run against, or the reason the suite is skipped (one
-/// line, for `e2e/kind: skipped: <reason>`). An invalid `NETFAULT_E2E_CLUSTER`
-/// is an error naming the variable (`Err(Err(..))` would be clumsy, so it is
-/// a skip reason that starts with `error:`; the caller exits non-zero on it).
+/// The cluster to run against, or why the suite does not run:
+/// [`Skip::NotConfigured`] (print the one skip line, pass) or
+/// [`Skip::Invalid`] (a `NETFAULT_E2E_*` variable set wrong: fail, naming it).
 pub fn target() -> Result<Target, Skip> {
     let Some(kind) = std::env::var_os(ENV_CLUSTER) else {
         return Err(Skip::NotConfigured(why_not_configured()));
