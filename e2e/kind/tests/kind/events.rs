@@ -1,7 +1,7 @@
 //! `events`: the agent's Events on the pod, listed as a user would
 //! (`events.k8s.io/v1`, field selector `regarding.name`), each next to its
 //! effect on the wire: `FaultApplied` and `FaultRemoved` (annotation added,
-//! removed), `FaultExpired` (a 4 s fault ends), `InvalidFaultAnnotation`
+//! removed), `FaultExpired` (an 8 s fault ends), `InvalidFaultAnnotation`
 //! (the note names `netfault.io/faults[0].action.percent`; the pod keeps
 //! answering) and `FaultFailed` (a reorder with no delay to reorder against;
 //! the note names `action.latency`). Every one is reported by
@@ -56,12 +56,12 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
 
     ns.annotate(
         POD,
-        &[("netfault.io/faults", Some(&blackhole_annotation("4s")))],
+        &[("netfault.io/faults", Some(&blackhole_annotation("8s")))],
     )?;
-    wait_until("the 4 s blackhole acts", Duration::from_secs(30), || {
+    wait_until("the 8 s blackhole acts", Duration::from_secs(30), || {
         answers(false)
     })?;
-    wait_until("the 4 s blackhole ends", Duration::from_secs(30), || {
+    wait_until("the 8 s blackhole ends", Duration::from_secs(30), || {
         answers(true)
     })?;
     wait_event(&ns, &node, "FaultExpired", "Normal", "")?;
