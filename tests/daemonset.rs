@@ -140,6 +140,8 @@ fn kustomization_renders_the_expected_objects() {
             "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
+            "Role",
+            "RoleBinding",
             "ServiceAccount"
         ]
     );
@@ -172,6 +174,25 @@ fn kustomization_renders_the_expected_objects() {
     );
     assert_eq!(
         binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
+    );
+
+    // The Role that tells an uninstall from a restart: get daemonsets, in
+    // netfault only.
+    let ns_role = find(&objs, "Role");
+    assert_eq!(ns_role["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        ns_role["rules"],
+        json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]}])
+    );
+    let ns_binding = find(&objs, "RoleBinding");
+    assert_eq!(ns_binding["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        ns_binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ns_role["metadata"]["name"]})
+    );
+    assert_eq!(
+        ns_binding["subjects"],
         json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
     );
 
@@ -231,7 +252,11 @@ fn kustomization_renders_the_expected_objects() {
     );
     assert_eq!(
         d["env"],
-        json!([{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
+        json!([
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ])
     );
     let mut caps = strings(&d["securityContext"]["capabilities"]["add"]);
     caps.sort();

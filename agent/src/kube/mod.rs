@@ -29,6 +29,8 @@ use crate::registry::notice::FaultNotice;
 use crate::registry::state::is_netfault_key;
 use crate::registry::{AnnotationOutcome, Registry};
 
+pub mod uninstall;
+
 /// How often pods seen before their sandbox was enrolled are retried.
 const RETRY_UNENROLLED: Duration = Duration::from_millis(500);
 
@@ -56,6 +58,29 @@ pub enum KubeError {
     InCluster(String),
     #[error("building the Kubernetes client: {0}")]
     Client(String),
+}
+
+/// A client for `source`.
+pub async fn make_client(source: &Source) -> Result<Client, KubeError> {
+    let config = match source {
+        Source::Kubeconfig(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })?
+        }
+        Source::InCluster => {
+            kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?
+        }
+    };
+    Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
 }
 
 /// What the watch keeps of one pod.
@@ -98,29 +123,6 @@ impl Watch {
         }
     }
 
-    async fn client(&self) -> Result<Client, KubeError> {
-        let config = match &self.cfg.source {
-            Source::Kubeconfig(path) => {
-                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    KubeError::Kubeconfig {
-                        path: path.display().to_string(),
-                        msg: e.to_string(),
-                    }
-                })?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .map_err(|e| KubeError::Kubeconfig {
-                        path: path.display().to_string(),
-                        msg: e.to_string(),
-                    })?
-            }
-            Source::InCluster => {
-                kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?
-            }
-        };
-        Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
-    }
-
     fn publish(&self) {
         let mode = match &self.cfg.source {
             Source::Kubeconfig(_) => "kubeconfig",
@@ -140,7 +142,7 @@ impl Watch {
     pub async fn run(mut self) {
         self.publish();
         let client = loop {
-            match self.client().await {
+            match make_client(&self.cfg.source).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::error!(error = %e, "no Kubernetes client; retrying in 5s");

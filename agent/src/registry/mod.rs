@@ -369,6 +369,25 @@ impl Registry {
         self.change(move |c| c.delete_fault(&id))
     }
 
+    /// Releases every sandbox (the agent is being uninstalled): their
+    /// faults and everything the backends attached go, as at CNI DEL.
+    /// Returns how many were released; a failure is logged and the rest
+    /// still go.
+    pub fn release_all(&self) -> Result<usize, AgentError> {
+        let ids: Vec<SandboxId> = self.shared.lock().sandboxes.keys().cloned().collect();
+        let mut released = 0;
+        for id in ids {
+            let sb = id.clone();
+            match self.change(move |c| c.release(&sb)) {
+                Ok(()) => released += 1,
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e, "releasing at uninstall failed")
+                }
+            }
+        }
+        Ok(released)
+    }
+
     /// Marks faults past their deadline expired (the kernel already stopped
     /// applying them), takes their final counters, and removes what they
     /// installed. Returns the time until the next deadline, for the
