@@ -19,7 +19,7 @@ use crate::support::{v4, Gate};
 
 const TOKEN: &str = "tcp-api-token-0123456789abcdefghij";
 
-fn write_token(path: &Path, token: &str) {
+pub(crate) fn write_token(path: &Path, token: &str) {
     std::fs::write(path, format!("{token}\n")).expect("write the token file");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .expect("chmod 0600 the token file");
@@ -47,7 +47,7 @@ fn tcp_node(prefix: &str) -> (AgentNode, PathBuf, SocketAddr) {
 }
 
 /// The address from the agent's "serving the API on TCP" log line.
-fn tcp_addr(agent: &Agent) -> SocketAddr {
+pub(crate) fn tcp_addr(agent: &Agent) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let log = agent.log_tail(10_000);
