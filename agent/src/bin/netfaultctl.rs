@@ -826,6 +826,58 @@ mod tests {
     }
 
     #[test]
+    fn kube_flags_are_checked() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["netfaultctl"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).expect("flags parse")
+        };
+        // Global flags on either side of the subcommand.
+        let cli = parse(&["--kube", "get", "f-1", "--pod", "shop/web"]);
+        assert!(cli.kube);
+        assert_eq!(cli.pod, Some(("shop".into(), "web".into())));
+        assert_eq!(cli.agent_namespace, "netfault");
+        assert_eq!(cli.agent_port, 7979);
+        assert!(check_flags(&cli).is_ok());
+        let cli = parse(&["list", "--kube", "--node", "n1", "--agent-port", "8000"]);
+        assert_eq!((cli.node.as_deref(), cli.agent_port), (Some("n1"), 8000));
+        assert!(check_flags(&cli).is_ok());
+        // --kube-only flags without --kube, and exclusive pairs.
+        for (args, flag) in [
+            (&["list", "--node", "n1"][..], "--node needs --kube"),
+            (&["list", "--pod", "a/b"][..], "--pod needs --kube"),
+            (
+                &["list", "--kubeconfig", "/k"][..],
+                "--kubeconfig needs --kube",
+            ),
+            (&["list", "--context", "c"][..], "--context needs --kube"),
+            (
+                &["--kube", "list", "--node", "n", "--pod", "a/b"][..],
+                "--node and --pod exclude each other",
+            ),
+            (
+                &[
+                    "--kube",
+                    "--url",
+                    "http://127.0.0.1:1",
+                    "--token-file",
+                    "/t",
+                    "list",
+                ][..],
+                "--url http://127.0.0.1:1 and --kube exclude each other",
+            ),
+        ] {
+            let e = check_flags(&parse(args)).expect_err("refused");
+            assert!(e.message().contains(flag), "{args:?}: {}", e.message());
+        }
+        // A malformed --pod and port 0 are usage errors.
+        assert!(Cli::try_parse_from(["netfaultctl", "--kube", "--pod", "a/b/c", "list"]).is_err());
+        assert!(
+            Cli::try_parse_from(["netfaultctl", "--kube", "--agent-port", "0", "list"]).is_err()
+        );
+    }
+
+    #[test]
     fn api_errors_name_the_field() {
         let e = CtlError::from(ClientError::Api {
             status: 400,
