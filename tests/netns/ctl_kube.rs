@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testbed::apiserver::portforward::agent_pod;
@@ -186,7 +186,9 @@ fn ctl_kube_applies_lists_and_deletes_through_port_forward() {
 
     // apply: the pod's node, its agent, the token from the Secret, a
     // port-forward to the agent pod, and the blackhole is on the wire.
+    let t = Instant::now();
     let out = k.ctl(&["-o", "json", "apply", "-f", &file]);
+    eprintln!("netfaultctl --kube apply: {:?}", t.elapsed());
     let created: Value = serde_json::from_str(&ok(&out, "apply")).expect("apply -o json");
     let id = created[0]["id"].as_str().expect("a fault id").to_string();
     assert_eq!(created[0]["node"], k.node.as_str(), "{created}");
@@ -221,7 +223,9 @@ fn ctl_kube_applies_lists_and_deletes_through_port_forward() {
 
     // list on one node; list over every node (the decoy's port-forward
     // fails: its error is reported after the table, exit 1).
+    let t = Instant::now();
     let out = k.ctl(&["list", "--node", &k.node]);
+    eprintln!("netfaultctl --kube list --node: {:?}", t.elapsed());
     assert!(ok(&out, "list --node").contains(&id));
     let out = k.ctl(&["list"]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -406,4 +410,18 @@ fn ctl_kube_refuses_bad_tokens_and_missing_pods_changing_nothing() {
         "{err}"
     );
     assert_eq!(k.decoy_forwards(), 0, "nothing went to the decoy agent");
+    // The agent's token file gone (its Secret deleted): the agent's 503,
+    // shown with the agent it came from.
+    std::fs::remove_file(k.bed.dir.path().join("token")).expect("remove the agent's token");
+    let err = failed(
+        &k.ctl(&["--token-file", g, "--node", &k.node, "list"]),
+        "an agent without its token file",
+    );
+    assert!(
+        err.contains(&format!(
+            "the agent {AGENT_NS}/{} on node {} is not serving its TCP API yet: the TCP API has no token yet",
+            k.agent_pod, k.node
+        )),
+        "{err}"
+    );
 }

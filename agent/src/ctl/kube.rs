@@ -234,57 +234,36 @@ impl Kube {
         Ok(Kube { rt, client, opts })
     }
 
-    fn timed<T>(
+    /// Runs one API call, bounded by [`API_TIMEOUT`] (`what` names it in
+    /// the timeout's error); the API's own error is the caller's to map.
+    fn call<T>(
         &self,
         what: &str,
         f: impl std::future::Future<Output = Result<T, ::kube::Error>>,
-    ) -> Result<T, KubeError> {
-        self.rt.block_on(async {
-            match tokio::time::timeout(API_TIMEOUT, f).await {
-                Ok(r) => r.map_err(|e| (e, what)),
-                Err(_) => {
-                    return Err(KubeError::Api {
-                        what: what.into(),
-                        detail: format!("no answer from the API server within {API_TIMEOUT:?}"),
-                    })
-                }
-            }
-            .map_err(|(e, what)| KubeError::Api {
+    ) -> Result<Result<T, ::kube::Error>, KubeError> {
+        self.rt
+            .block_on(async move { tokio::time::timeout(API_TIMEOUT, f).await })
+            .map_err(|_| KubeError::Api {
                 what: what.into(),
-                detail: describe(&e),
+                detail: format!("no answer from the API server within {API_TIMEOUT:?}"),
             })
-        })
     }
 
     /// The node pod `namespace/name` runs on.
     pub fn node_of_pod(&self, namespace: &str, name: &str) -> Result<String, KubeError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = self
-            .rt
-            .block_on(async { tokio::time::timeout(API_TIMEOUT, api.get_opt(name)).await });
-        let pod = match pod {
-            Err(_) => {
-                return Err(KubeError::Api {
-                    what: format!("getting pod {namespace}/{name}"),
-                    detail: format!("no answer from the API server within {API_TIMEOUT:?}"),
-                })
-            }
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => {
+        let what = format!("getting pod {namespace}/{name}");
+        let pod = match self.call(&what, api.get(name))? {
+            Ok(p) => p,
+            Err(e) if is_not_found(&e) => {
                 return Err(KubeError::PodNotFound {
                     namespace: namespace.into(),
                     name: name.into(),
                 })
             }
-            Ok(Err(e)) if is_not_found(&e) => {
-                return Err(KubeError::PodNotFound {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                })
-            }
-            Ok(Err(e)) => {
+            Err(e) => {
                 return Err(KubeError::Api {
-                    what: format!("getting pod {namespace}/{name}"),
+                    what,
                     detail: describe(&e),
                 })
             }
@@ -302,7 +281,13 @@ impl Kube {
             lp = lp.fields(&selector);
         }
         let what = format!("listing the netfault agent pods in namespace {ns}");
-        Ok(self.timed(&what, api.list(&lp))?.items)
+        match self.call(&what, api.list(&lp))? {
+            Ok(list) => Ok(list.items),
+            Err(e) => Err(KubeError::Api {
+                what,
+                detail: describe(&e),
+            }),
+        }
     }
 
     /// The agent pod on `node`.
@@ -343,22 +328,15 @@ impl Kube {
         let create = format!(
             "kubectl -n {ns} create secret generic {TOKEN_SECRET} --from-literal={TOKEN_KEY}=\"$(head -c 32 /dev/urandom | base64 | tr -d '/+=')\""
         );
-        let secret = self
-            .rt
-            .block_on(async { tokio::time::timeout(API_TIMEOUT, api.get(TOKEN_SECRET)).await });
-        let secret = match secret {
-            Err(_) => {
-                return Err(KubeError::Token(format!(
-                    "reading Secret {ns}/{TOKEN_SECRET}: no answer from the API server within {API_TIMEOUT:?}"
-                )))
-            }
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) if is_not_found(&e) => {
+        let what = format!("reading Secret {ns}/{TOKEN_SECRET}");
+        let secret = match self.call(&what, api.get(TOKEN_SECRET))? {
+            Ok(s) => s,
+            Err(e) if is_not_found(&e) => {
                 return Err(KubeError::Token(format!(
                     "no API token: Secret {ns}/{TOKEN_SECRET} not found. Create it ({create}) or pass --token-file"
                 )))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 return Err(KubeError::Token(format!(
                     "cannot read the API token from Secret {ns}/{TOKEN_SECRET}: {}; pass --token-file instead",
                     describe(&e)
