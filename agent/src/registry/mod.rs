@@ -15,6 +15,7 @@
 //! [`CounterReader`]s, so they never wait for a change in progress.
 
 mod error;
+pub mod notice;
 mod pending;
 mod persist;
 mod reconcile;
@@ -40,6 +41,7 @@ use std::collections::BTreeMap;
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
 pub use error::AgentError;
+use notice::{FaultNotice, NoticeKind, Notices};
 use persist::StateDir;
 use state::{annotation_digest, FaultId, FaultRecord, SandboxRecord, State};
 pub use state::{NetnsId, SandboxId};
@@ -63,6 +65,8 @@ struct Shared {
     host: Box<dyn Host>,
     dir: StateDir,
     state: Mutex<State>,
+    /// Faults of pods applied, removed, expired or failed (pod Events).
+    notices: Notices,
 }
 
 impl Shared {
@@ -193,6 +197,7 @@ impl Registry {
                 host,
                 dir,
                 state: Mutex::new(state),
+                notices: Notices::default(),
             }),
             owner: Owner::start(backends)?,
             gauge: None,
@@ -301,6 +306,17 @@ impl Registry {
     ) -> Result<AnnotationOutcome, AgentError> {
         let pod = pod.clone();
         self.change(move |c| c.apply_pod_annotations(&pod, annotations))
+    }
+
+    /// Starts the queue of fault notices for pods (applied, removed,
+    /// expired, failed), which the Kubernetes side posts as Events.
+    pub fn subscribe_notices(&self) -> tokio::sync::mpsc::Receiver<FaultNotice> {
+        self.shared.notices.subscribe()
+    }
+
+    /// Notices dropped because the queue was full.
+    pub fn notices_dropped(&self) -> u64 {
+        self.shared.notices.dropped()
     }
 
     /// Adds the `kubernetes` section to [`Registry::capabilities`].
@@ -423,17 +439,43 @@ impl Core<'_> {
             if spec.target.is_none() {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
-            self.admit(&st, sandbox, &spec)?;
+            if let Err(e) = self.admit(&st, sandbox, &spec) {
+                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
+                drop(st);
+                let e = AgentError::from(e);
+                if let Some(pod) = pod {
+                    self.sh.notices.send(FaultNotice::new(
+                        NoticeKind::Failed,
+                        &pod,
+                        None,
+                        &spec,
+                        source,
+                        Some(&e.to_string()),
+                    ));
+                }
+                return Err(e);
+            }
             let rec = FaultRecord::new(sandbox, spec, source, now);
             let id = rec.id.clone();
             st.faults.insert(id.clone(), rec);
             id
         };
         if let Err(e) = self.sync(sandbox, kind) {
-            {
+            let (gone, pod) = {
                 let mut st = self.lock();
-                st.faults.remove(&id);
                 st.readers.remove(&id);
+                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
+                (st.faults.remove(&id), pod)
+            };
+            if let (Some(f), Some(pod)) = (gone, pod) {
+                self.sh.notices.send(FaultNotice::new(
+                    NoticeKind::Failed,
+                    &pod,
+                    None,
+                    &f.spec,
+                    source,
+                    Some(&e.to_string()),
+                ));
             }
             self.backend(kind).forget_fault(&id);
             if let Err(undo) = self.sync(sandbox, kind) {
@@ -450,7 +492,30 @@ impl Core<'_> {
                 .ok_or_else(|| AgentError::Internal("fault vanished during install".into()))?
         };
         tracing::info!(fault = %view.id, sandbox = %sandbox, action = %view.spec["action"]["type"], backend = %view.backend, "fault installed");
+        self.notify(NoticeKind::Applied, &id);
         Ok(view)
+    }
+
+    /// Tells the reporter what happened to fault `id` (a pod's only).
+    fn notify(&self, kind: NoticeKind, id: &FaultId) {
+        let st = self.lock();
+        let Some(f) = st.faults.get(id) else {
+            return;
+        };
+        if let Some(pod) = st
+            .sandboxes
+            .get(&f.sandbox)
+            .and_then(SandboxRecord::pod_ref)
+        {
+            self.sh.notices.send(FaultNotice::new(
+                kind,
+                &pod,
+                Some(id.as_str()),
+                &f.spec,
+                f.source,
+                None,
+            ));
+        }
     }
 
     fn delete_fault(&mut self, id: &FaultId) -> Result<(), AgentError> {
@@ -464,6 +529,21 @@ impl Core<'_> {
         };
         if !f.expired {
             self.sync(&f.sandbox, f.backend())?;
+            let pod = self
+                .lock()
+                .sandboxes
+                .get(&f.sandbox)
+                .and_then(SandboxRecord::pod_ref);
+            if let Some(pod) = pod {
+                self.sh.notices.send(FaultNotice::new(
+                    NoticeKind::Removed,
+                    &pod,
+                    Some(f.id.as_str()),
+                    &f.spec,
+                    f.source,
+                    None,
+                ));
+            }
         }
         self.backend(f.backend()).forget_fault(&f.id);
         self.settle(&f.sandbox);
@@ -748,6 +828,9 @@ impl Core<'_> {
             }
             due
         };
+        for (id, ..) in &due {
+            self.notify(NoticeKind::Expired, id);
+        }
         let mut touched: Vec<(SandboxId, BackendKind)> =
             due.iter().map(|(_, sb, k)| (sb.clone(), *k)).collect();
         touched.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
