@@ -219,7 +219,29 @@ fn ctl_kube_applies_lists_and_deletes_through_port_forward() {
     let out = k.ctl(&["-o", "json", "--node", &k.node, "get", &id]);
     let v: Value = serde_json::from_str(&ok(&out, "get --node")).expect("get -o json");
     assert_eq!(v["id"], id.as_str());
-    assert_eq!(k.decoy_forwards(), 0, "apply and get never reach the decoy");
+    // health and sandboxes ask the same agent.
+    let out = k.ctl(&["health", "--node", &k.node]);
+    assert_eq!(
+        ok(&out, "health"),
+        format!("ok ({AGENT_NS}/{} on node {})\n", k.agent_pod, k.node)
+    );
+    let out = k.ctl(&[
+        "-o",
+        "json",
+        "sandboxes",
+        "--pod",
+        &format!("{}/{}", b.namespace, b.name),
+    ]);
+    let sandboxes = ok(&out, "sandboxes");
+    assert!(
+        sandboxes.contains(&a.container_id) && sandboxes.contains(&b.container_id),
+        "{sandboxes}"
+    );
+    assert_eq!(
+        k.decoy_forwards(),
+        0,
+        "apply, get, health and sandboxes never reach the decoy"
+    );
 
     // list on one node; list over every node (the decoy's port-forward
     // fails: its error is reported after the table, exit 1).

@@ -605,10 +605,13 @@ fn run_kube(cli: Cli) -> Result<String, CtlError> {
         (Command::List, None) => kube_list_all(&mut session, out),
         (command, Some(node)) => {
             let remote = session.remote(&node)?;
-            run_on(&remote.client, command, out).map_err(|e| match e {
+            let text = run_on(&remote.client, command, out).map_err(|e| match e {
                 CtlError::Client(c) => CtlError::Other(remote.explain(&c)),
                 other => other,
-            })
+            })?;
+            // `health` names its endpoint: the agent pod, not the bridge.
+            let agent = format!("{} on node {node}", remote.bridge.agent.label());
+            Ok(text.replace(&remote.bridge.url, &agent))
         }
         (command, None) => Err(CtlError::Input(format!(
             "netfaultctl --kube {} needs --node NAME or --pod NAMESPACE/NAME: the node whose agent to ask (`netfaultctl --kube list` shows each fault's node)",

@@ -470,6 +470,8 @@ async fn accept_loop(
 ) {
     loop {
         let Ok((local, _)) = listener.accept().await else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         *BridgeState::lock(&state.in_flight) += 1;
