@@ -89,6 +89,13 @@ impl KubeBed {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
+        let t = Instant::now();
+        let out = self.ctl_untimed(args);
+        eprintln!("netfaultctl --kube {}: {:?}", args.join(" "), t.elapsed());
+        out
+    }
+
+    fn ctl_untimed(&self, args: &[&str]) -> Output {
         Command::new(testbed::workspace_bin("netfaultctl"))
             .arg("--kube")
             .arg("--kubeconfig")
@@ -186,9 +193,7 @@ fn ctl_kube_applies_lists_and_deletes_through_port_forward() {
 
     // apply: the pod's node, its agent, the token from the Secret, a
     // port-forward to the agent pod, and the blackhole is on the wire.
-    let t = Instant::now();
     let out = k.ctl(&["-o", "json", "apply", "-f", &file]);
-    eprintln!("netfaultctl --kube apply: {:?}", t.elapsed());
     let created: Value = serde_json::from_str(&ok(&out, "apply")).expect("apply -o json");
     let id = created[0]["id"].as_str().expect("a fault id").to_string();
     assert_eq!(created[0]["node"], k.node.as_str(), "{created}");
@@ -245,9 +250,7 @@ fn ctl_kube_applies_lists_and_deletes_through_port_forward() {
 
     // list on one node; list over every node (the decoy's port-forward
     // fails: its error is reported after the table, exit 1).
-    let t = Instant::now();
     let out = k.ctl(&["list", "--node", &k.node]);
-    eprintln!("netfaultctl --kube list --node: {:?}", t.elapsed());
     assert!(ok(&out, "list --node").contains(&id));
     let out = k.ctl(&["list"]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
