@@ -14,6 +14,10 @@
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/NS/events[/NAME]`:
 //!   recorded ([`ApiServer::events`]) and echoed back.
 //!
+//! What `netfaultctl --kube` uses (a pod, namespaced pod lists with label
+//! and field selectors, a Secret, `pods/portforward` as a websocket) is in
+//! [`portforward`].
+//!
 //! Anything else gets 404 and is recorded in [`ApiServer::requests`].
 //! The test drives it: [`ApiServer::add_pod`], [`ApiServer::set_annotations`],
 //! [`ApiServer::delete_pod`], [`ApiServer::expire_watches`],
@@ -33,6 +37,9 @@ use serde_json::{json, Value};
 
 use crate::error::{Context, Result};
 use crate::tmp::TempDir;
+
+pub mod portforward;
+pub use portforward::Forward;
 
 /// Time between two bookmarks on an idle watch.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
@@ -56,6 +63,7 @@ struct St {
     watches: u64,
     /// Every connection, to cut them (drop_watches, Drop).
     conns: Vec<(bool, TcpStream)>,
+    pf: portforward::State,
 }
 
 struct Shared {
@@ -274,6 +282,7 @@ struct Request {
     method: String,
     path: String,
     query: BTreeMap<String, String>,
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
@@ -286,6 +295,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let method = parts.next()?.to_string();
     let target = parts.next()?.to_string();
     let mut len = 0usize;
+    let mut headers = Vec::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).ok()? == 0 {
@@ -299,6 +309,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
             if k.eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().ok()?;
             }
+            headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
     let mut body = vec![0; len];
@@ -316,6 +327,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         method,
         path: path.to_string(),
         query,
+        headers,
         body,
     })
 }
@@ -395,6 +407,11 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
     while let Some(req) = read_request(&mut reader) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
+        }
+        match portforward::serve(sh, &mut reader, &mut w, &req) {
+            portforward::Served::No => {}
+            portforward::Served::Answered(Ok(())) => continue,
+            portforward::Served::Answered(Err(_)) | portforward::Served::Upgraded => return,
         }
         let r = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/api/v1/pods")

@@ -55,7 +55,10 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", value_parser = netfault_agent::server::loopback_addr, requires = "token_file")]
     listen_tcp: Option<std::net::SocketAddr>,
     /// File holding the TCP listener's bearer token (whitespace trimmed;
-    /// re-read when it changes, e.g. a Kubernetes Secret volume).
+    /// re-read when it changes, e.g. a Kubernetes Secret volume). A file
+    /// that does not exist yet (an optional Secret not created) is not an
+    /// error: the listener answers every request 503 until it appears. An
+    /// existing file that is empty, malformed or unreadable stops the agent.
     #[arg(long, value_name = "PATH", requires = "listen_tcp")]
     token_file: Option<PathBuf>,
     /// This node's name: the agent watches the pods scheduled on it
@@ -146,7 +149,7 @@ fn main() -> anyhow::Result<()> {
     let token = args
         .token_file
         .as_deref()
-        .map(TokenFile::open)
+        .map(TokenFile::open_or_wait)
         .transpose()?;
     let cri = (!args.cri_socket.is_empty()).then(|| CriConfig {
         socket: PathBuf::from(&args.cri_socket),
