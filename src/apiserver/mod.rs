@@ -40,6 +40,7 @@ use crate::tmp::TempDir;
 
 pub mod portforward;
 pub use portforward::Forward;
+pub mod workloads;
 
 /// Time between two bookmarks on an idle watch.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
@@ -64,6 +65,8 @@ struct St {
     /// Every connection, to cut them (drop_watches, Drop).
     conns: Vec<(bool, TcpStream)>,
     pf: portforward::State,
+    /// (namespace, name) -> DaemonSet (see `workloads`).
+    daemonsets: BTreeMap<(String, String), Value>,
 }
 
 struct Shared {
@@ -407,6 +410,12 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
     while let Some(req) = read_request(&mut reader) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
+        }
+        if let Some(r) = workloads::serve(sh, &mut reader, &mut w, &req) {
+            if r.is_err() {
+                return;
+            }
+            continue;
         }
         match portforward::serve(sh, &mut reader, &mut w, &req) {
             portforward::Served::No => {}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use testbed::{udp_probe, Agent, AgentNode, ApiServer, Node, NodeOptions, Pod, TempDir};
 
-use crate::support::{blackhole, fault_on, proto_port, v4, Gate};
+use crate::support::{blackhole, delay, fault_on, proto_port, v4, Gate, Pristine};
 
 /// How long an annotation change may take to show on the wire here (the
 /// agent polls nothing: this bounds a slow, busy test machine).
@@ -26,16 +26,20 @@ struct KubeNode {
 
 impl KubeNode {
     fn start() -> KubeNode {
+        KubeNode::start_with(&[])
+    }
+
+    /// With more agent arguments.
+    fn start_with(extra: &[&str]) -> KubeNode {
         let gate = Gate::shared();
         let server = ApiServer::start().expect("scripted API server");
         let node_name = testbed::unique_name("node");
         let dir = TempDir::new("netfault-kube").expect("temp dir");
         let kubeconfig = server.kubeconfig().to_string_lossy().into_owned();
-        let agent = Agent::start_with_args(
-            dir.path(),
-            &["--kubeconfig", &kubeconfig, "--node-name", &node_name],
-        )
-        .unwrap_or_else(|e| panic!("netfaultd with --kubeconfig: {e}"));
+        let mut args = vec!["--kubeconfig", &kubeconfig, "--node-name", &node_name];
+        args.extend_from_slice(extra);
+        let agent = Agent::start_with_args(dir.path(), &args)
+            .unwrap_or_else(|e| panic!("netfaultd with --kubeconfig: {e}"));
         let node = Node::new(NodeOptions {
             socket: agent.socket(),
             ..NodeOptions::default()
@@ -603,4 +607,111 @@ fn delay_shorthand_and_yaml_list_on_a_running_pod() {
 
     k.annotate(&a, &[]);
     wait_for("no annotation, no fault", || passes(&a, &b, 7152));
+}
+
+/// The delay holder processes serving `pod`'s sandbox.
+fn holders_of(pod: &Pod) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let holder = args.iter().any(|a| *a == b"delay-holder")
+                && args.iter().any(|a| *a == pod.container_id.as_bytes());
+            holder.then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGTERM while the agent's DaemonSet stays (a rollout restart) leaves
+/// every fault in effect; SIGTERM once the DaemonSet is gone (`kubectl
+/// delete -k daemonset/`) releases every sandbox: the wire is open and each
+/// pod's netns is exactly as before its first fault, with no holder left.
+#[test]
+fn sigterm_keeps_faults_on_restart_and_removes_them_at_uninstall() {
+    testbed::require_root!();
+    let ns = testbed::unique_name("nf");
+    let agent_pod = "netfault-agent-x1";
+    let mut k = KubeNode::start_with(&["--pod-name", agent_pod, "--pod-namespace", &ns]);
+    let ds_uid = testbed::random_uuid();
+    k.server.set_daemonset(&ns, "netfault", &ds_uid, false);
+    k.server
+        .add_owned_agent_pod(&ns, agent_pod, &k.node_name, ("netfault", &ds_uid));
+    let a = k.pod("a");
+    let b = k.pod("b");
+    let before = Pristine::of(&a);
+    let server = testbed::tcp_listen(&b, 0).expect("TCP server in b");
+    let port = server.port();
+    let (p1, p2) = (7161, 7162);
+    for body in [
+        fault_on(&a, "egress", proto_port("udp", p1), blackhole(), "5m"),
+        fault_on(&a, "egress", proto_port("tcp", port), delay("120ms"), "5m"),
+    ] {
+        k.bed.agent.post_fault(&body).expect("API fault");
+    }
+    k.annotate(&a, &[blackhole_port(p2, "5m")]);
+    wait_for("the annotation fault acts", || blocked(&a, &b, p2));
+    let slow = Duration::from_millis(120);
+    assert!(blocked(&a, &b, p1) && connect_time(&a, &b, port) >= slow);
+    assert!(!holders_of(&a).is_empty(), "the delay fault has a holder");
+
+    // A restart: the DaemonSet stays, so do the faults.
+    k.bed
+        .agent
+        .stop(Duration::from_secs(10))
+        .expect("SIGTERM the agent");
+    assert!(
+        k.bed
+            .agent
+            .log_tail(50)
+            .contains("leaving installed faults"),
+        "{}",
+        k.bed.agent.log_tail(50)
+    );
+    assert!(blocked(&a, &b, p1) && blocked(&a, &b, p2), "faults stay");
+    let watches = k.server.watches();
+    k.bed.agent.restart().expect("agent start");
+    k.wait_watching(watches);
+    // The delay holder outlives the agent; its queue is the new agent's.
+    wait_for("the delay acts after the restart", || {
+        connect_time(&a, &b, port) >= slow
+    });
+    assert_eq!(
+        k.bed
+            .agent
+            .client()
+            .call("GET", "/v1/faults", None)
+            .expect("faults")
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+
+    // The uninstall: the DaemonSet is deleted, then its pods get SIGTERM.
+    k.server.delete_daemonset(&ns, "netfault");
+    let t = Instant::now();
+    k.bed
+        .agent
+        .stop(Duration::from_secs(20))
+        .expect("SIGTERM the agent");
+    eprintln!("uninstall: SIGTERM to exit {:?}", t.elapsed());
+    let log = k.bed.agent.log_tail(50);
+    assert!(log.contains("uninstalling"), "{log}");
+    assert!(
+        passes(&a, &b, p1) && passes(&a, &b, p2),
+        "no blackhole after uninstall"
+    );
+    assert!(
+        connect_time(&a, &b, port) < slow,
+        "no delay after uninstall"
+    );
+    before.assert_restored("after uninstall");
+    assert!(
+        holders_of(&a).is_empty(),
+        "holders left: {:?}",
+        holders_of(&a)
+    );
 }
