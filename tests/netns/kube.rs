@@ -619,8 +619,8 @@ fn holders_of(pod: &Pod) -> Vec<u32> {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
             let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            let holder = args.iter().any(|a| *a == b"delay-holder")
-                && args.iter().any(|a| *a == pod.container_id.as_bytes());
+            let holder = args.contains(&b"delay-holder".as_slice())
+                && args.contains(&pod.container_id.as_bytes());
             holder.then_some(pid)
         })
         .collect()
