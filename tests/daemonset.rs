@@ -177,13 +177,13 @@ fn kustomization_renders_the_expected_objects() {
         json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
     );
 
-    // The Role that tells an uninstall from a restart: get daemonsets, in
+    // The Role that tells an uninstall from a restart: read daemonsets, in
     // netfault only.
     let ns_role = find(&objs, "Role");
     assert_eq!(ns_role["metadata"]["namespace"], "netfault");
     assert_eq!(
         ns_role["rules"],
-        json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]}])
+        json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch"]}])
     );
     let ns_binding = find(&objs, "RoleBinding");
     assert_eq!(ns_binding["metadata"]["namespace"], "netfault");

@@ -65,8 +65,7 @@ struct St {
     /// Every connection, to cut them (drop_watches, Drop).
     conns: Vec<(bool, TcpStream)>,
     pf: portforward::State,
-    /// (namespace, name) -> DaemonSet (see `workloads`).
-    daemonsets: BTreeMap<(String, String), Value>,
+    workloads: workloads::State,
 }
 
 struct Shared {
@@ -411,11 +410,10 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
-        if let Some(r) = workloads::serve(sh, &mut reader, &mut w, &req) {
-            if r.is_err() {
-                return;
-            }
-            continue;
+        match workloads::serve(sh, &mut reader, &mut w, &req) {
+            workloads::Served::No => {}
+            workloads::Served::Answered(Ok(())) => continue,
+            workloads::Served::Answered(Err(_)) | workloads::Served::Streamed => return,
         }
         match portforward::serve(sh, &mut reader, &mut w, &req) {
             portforward::Served::No => {}

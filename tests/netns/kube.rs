@@ -690,7 +690,18 @@ fn sigterm_keeps_faults_on_restart_and_removes_them_at_uninstall() {
         Some(3)
     );
 
-    // The uninstall: the DaemonSet is deleted, then its pods get SIGTERM.
+    // The uninstall, as `kubectl delete -k daemonset/` does it: the agent's
+    // Role goes with its DaemonSet, so by SIGTERM it can no longer ask;
+    // the watch it opened before saw the deletion.
+    wait_for("the agent watches its DaemonSet", || {
+        k.bed
+            .agent
+            .log_tail(200)
+            .contains("watching the agent's DaemonSet")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    k.server.forbid(&format!("/api/v1/namespaces/{ns}/pods"));
+    k.server.forbid(&format!("/apis/apps/v1/namespaces/{ns}/"));
     k.server.delete_daemonset(&ns, "netfault");
     let t = Instant::now();
     k.bed
@@ -699,7 +710,10 @@ fn sigterm_keeps_faults_on_restart_and_removes_them_at_uninstall() {
         .expect("SIGTERM the agent");
     eprintln!("uninstall: SIGTERM to exit {:?}", t.elapsed());
     let log = k.bed.agent.log_tail(50);
-    assert!(log.contains("uninstalling"), "{log}");
+    assert!(
+        log.contains("uninstalling") && log.contains("seen by the watch"),
+        "{log}"
+    );
     assert!(
         passes(&a, &b, p1) && passes(&a, &b, p2),
         "no blackhole after uninstall"

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use netfault_agent::cri::{Adopter, CriConfig};
-use netfault_agent::kube::uninstall::{on_terminate, SelfRef, Shutdown};
+use netfault_agent::kube::uninstall::{on_terminate, OwnerWatch, SelfRef, Shutdown};
 use netfault_agent::kube::{KubeConfig, Source, Watch};
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
@@ -84,7 +84,7 @@ struct Args {
 }
 
 /// How long SIGTERM waits for the API server's word on uninstalling.
-const UNINSTALL_CHECK: Duration = Duration::from_secs(5);
+const UNINSTALL_CHECK: Duration = Duration::from_secs(8);
 
 /// The Kubernetes watch's configuration, or why the agent runs node-only.
 fn kube_config(args: &Args) -> Result<KubeConfig, &'static str> {
@@ -211,6 +211,10 @@ fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
         });
+        let owner = OwnerWatch::default();
+        if let Some(me) = me.clone() {
+            tokio::spawn(owner.clone().run(me));
+        }
         match kube {
             Ok(cfg) => {
                 tracing::info!(node = %cfg.node, source = ?cfg.source, "watching this node's pods");
@@ -266,7 +270,7 @@ fn main() -> anyhow::Result<()> {
             .context("installing the SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => {
-                terminated(me, registry).await;
+                terminated(me, &owner, registry).await;
                 Ok(())
             }
             r = server => r.context("serving the API"),
@@ -283,10 +287,10 @@ fn main() -> anyhow::Result<()> {
 
 /// SIGTERM: an uninstall releases every sandbox; anything else leaves the
 /// faults to the next agent and to their deadlines.
-async fn terminated(me: Option<SelfRef>, registry: Arc<Registry>) {
+async fn terminated(me: Option<SelfRef>, owner: &OwnerWatch, registry: Arc<Registry>) {
     let verdict = match &me {
         None => Shutdown::Restart("no Kubernetes client or no POD_NAME/POD_NAMESPACE".into()),
-        Some(me) => tokio::time::timeout(UNINSTALL_CHECK, on_terminate(me))
+        Some(me) => tokio::time::timeout(UNINSTALL_CHECK, on_terminate(me, owner))
             .await
             .unwrap_or_else(|_| {
                 Shutdown::Restart(format!(
