@@ -7,26 +7,25 @@
 //! named netfault. The same checks run first while netfault is installed
 //! (they must see the entry, the binary, the active fault's filter and a
 //! delay fault's nft table), so they can fail. Where the node has no `nft`
-//! (kind's node image may not), the nft checks are skipped and said so. On the wire: the fault left active keeps acting with no
-//! agent (SIGTERM leaves faults to their kernel deadlines) and ends at its
-//! deadline; a pod created after the uninstall starts and answers.
+//! (kind's node image may not), the nft checks are skipped and said so.
 //!
-//! Known leftover, reported and not failed: the active fault's pod keeps
-//! its (inert, expired) tc filter, because the agent that would detach it
-//! at expiry is gone ("the next agent clears expired rules and detaches",
-//! docs/design.md); any other netns with a netfault filter fails.
+//! On the wire: the fault left active ends at the uninstall, well before its
+//! deadline (the agents see their DaemonSet deleted and release every
+//! sandbox on SIGTERM: docs/design.md, "Uninstall"), and nothing of
+//! netfault is left in any pod netns; a pod created after the uninstall
+//! starts and answers.
 
 use std::time::{Duration, Instant};
 
 use e2e_kind::inspect::node_state;
 use e2e_kind::probe::reach;
 use e2e_kind::workload::blackhole_annotation;
-use e2e_kind::{ensure, Cluster, Error, Result, TestNs};
+use e2e_kind::{ensure, Cluster, Result, TestNs};
 
 use crate::support::{wait_until, Report, Workload};
 
 /// The fault left active across the uninstall.
-const ACTIVE: Duration = Duration::from_secs(90);
+const ACTIVE: Duration = Duration::from_secs(600);
 
 pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
     let ns = TestNs::create(c, "uninstall")?;
@@ -94,18 +93,21 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
     })?;
     r.number("delete -k", "to no agent pod left", t0.elapsed());
 
-    // With no agent, the active fault still acts until its deadline.
-    if Instant::now() + Duration::from_secs(5) < t_ann + ACTIVE {
-        let got = reach(&ns, "client", &[("s1", &s1_ip)], 2)?;
-        ensure(got["s1"].blocked(), || {
-            format!("the active fault must last until its deadline with the agent gone: {got:?}")
-        })?;
-    } else {
-        r.note(
-            "no-agent check",
-            "skipped: the uninstall took until the fault's deadline",
-        );
-    }
+    // The active fault ended with the uninstall, long before its deadline.
+    wait_until(
+        "s1 answers once netfault is uninstalled",
+        Duration::from_secs(30),
+        || answers("s1", true),
+    )?;
+    let open_at = t_ann.elapsed();
+    r.number(
+        "active fault",
+        "annotated to answering again, across the uninstall",
+        open_at,
+    );
+    ensure(open_at + Duration::from_secs(10) < ACTIVE, || {
+        format!("s1's fault lasted {open_at:?}, close to its {ACTIVE:?} deadline: the uninstall did not release it")
+    })?;
 
     if c.can_inspect_nodes() {
         for node in &c.nodes {
@@ -140,26 +142,6 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
         );
     }
 
-    // The active fault ends at its deadline, enforced by the kernel.
-    let deadline = t_ann + ACTIVE;
-    wait_until(
-        "s1 answers after its fault's deadline",
-        ACTIVE + Duration::from_secs(30),
-        || answers("s1", true),
-    )?;
-    let late = Instant::now().saturating_duration_since(deadline);
-    r.number(
-        "active fault",
-        "answered again after its deadline (no agent; includes the 1 s probe timeout)",
-        late,
-    );
-    ensure(Instant::now() + Duration::from_secs(1) >= deadline, || {
-        "the fault ended before its deadline".to_string()
-    })?;
-    ensure(late <= Duration::from_secs(8), || {
-        format!("the fault outlived its deadline by {late:?}")
-    })?;
-
     // A pod born after the uninstall starts and answers (the CNI chain has
     // no netfault; nothing waits for an agent).
     ns.server("late", &c.workers[0], &[])?;
@@ -169,31 +151,22 @@ pub fn run(c: &Cluster, r: &mut Report) -> Result<()> {
         format!("a pod started after the uninstall answers: {got:?}")
     })?;
 
-    // Nothing of netfault in any pod netns, but s1's inert filter.
+    // Nothing of netfault in any pod netns, s1's included.
     if c.can_inspect_nodes() {
-        let mut inert = vec![];
         for node in &c.nodes {
             let s = node_state(c, node)?;
             for (path, n) in &s.netns {
                 ensure(n.tables.is_empty(), || {
                     format!("{node}: nft tables left in {path}: {:?}", n.tables)
                 })?;
-                if n.filters > 0 {
-                    if n.ip == s1_ip {
-                        inert.push(format!("{node}:{path} ({} filters)", n.filters));
-                    } else {
-                        return Err(Error::Other(format!(
-                            "{node}: netfault tc filters left in {path} (pod {}): {}",
-                            n.ip, n.filters
-                        )));
-                    }
-                }
+                ensure(n.filters == 0, || {
+                    format!(
+                        "{node}: netfault tc filters left in {path} (pod {}): {}",
+                        n.ip, n.filters
+                    )
+                })?;
             }
         }
-        r.note(
-            "known leftover",
-            &format!("inert expired tc filter of the fault active at uninstall: {inert:?}"),
-        );
     }
     Ok(())
 }
