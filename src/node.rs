@@ -458,6 +458,18 @@ impl Node {
         name: &str,
         annotations: &BTreeMap<String, String>,
     ) -> Result<(Pod, AddTiming)> {
+        self.add_pod_as(name, &crate::random_uuid(), annotations)
+    }
+
+    /// [`Node::add_pod_timed`] for a pod whose uid the caller chose, e.g. a
+    /// pod the scripted API server announced before its sandbox existed.
+    pub fn add_pod_as(
+        &self,
+        name: &str,
+        uid: &str,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(Pod, AddTiming)> {
+        let uid = uid.to_string();
         let safe: String = name
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
@@ -465,7 +477,6 @@ impl Node {
             .collect();
         let netns = Netns::create(&format!("{}-{safe}", crate::unique_name(POD_PREFIX)))?;
         let container_id = crate::random_hex(32);
-        let uid = crate::random_uuid();
         let namespace = "default".to_string();
         let cni_args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uid}"

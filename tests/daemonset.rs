@@ -140,6 +140,8 @@ fn kustomization_renders_the_expected_objects() {
             "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
+            "Role",
+            "RoleBinding",
             "ServiceAccount"
         ]
     );
@@ -172,6 +174,25 @@ fn kustomization_renders_the_expected_objects() {
     );
     assert_eq!(
         binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
+    );
+
+    // The Role that tells an uninstall from a restart: read daemonsets, in
+    // netfault only.
+    let ns_role = find(&objs, "Role");
+    assert_eq!(ns_role["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        ns_role["rules"],
+        json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch"]}])
+    );
+    let ns_binding = find(&objs, "RoleBinding");
+    assert_eq!(ns_binding["metadata"]["namespace"], "netfault");
+    assert_eq!(
+        ns_binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ns_role["metadata"]["name"]})
+    );
+    assert_eq!(
+        ns_binding["subjects"],
         json!([{"kind": "ServiceAccount", "name": "netfault", "namespace": "netfault"}])
     );
 
@@ -226,12 +247,20 @@ fn kustomization_renders_the_expected_objects() {
             "--state-dir",
             "/run/netfault",
             "--cri-socket",
-            "/run/containerd/containerd.sock"
+            "/run/containerd/containerd.sock",
+            "--listen-tcp",
+            "127.0.0.1:7979",
+            "--token-file",
+            "/etc/netfault/token",
         ]
     );
     assert_eq!(
         d["env"],
-        json!([{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
+        json!([
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ])
     );
     let mut caps = strings(&d["securityContext"]["capabilities"]["add"]);
     caps.sort();
@@ -282,25 +311,22 @@ fn kustomization_renders_the_expected_objects() {
         json!({"secretName": "netfault-api-token", "optional": true, "defaultMode": 0o400,
                "items": [{"key": "token", "path": "token"}]})
     );
-    // --listen-tcp is off by default; the commented flags, once uncommented,
-    // name a loopback address and the token file inside that mount.
+    // --listen-tcp is on by default (netfaultctl --kube's port, 7979), on
+    // loopback, with the token file inside that mount; the comment says how
+    // to create the Secret.
     let text = read(&root().join("daemonset/daemonset.yaml"));
-    let commented: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("# - "))
-        .collect();
+    let dargs = strings(&d["args"]);
     let after = |flag: &str| {
-        commented
+        dargs
             .iter()
             .position(|a| *a == flag)
-            .and_then(|i| commented.get(i + 1))
+            .and_then(|i| dargs.get(i + 1))
             .copied()
-            .unwrap_or_else(|| panic!("a commented {flag} VALUE in daemonset.yaml"))
+            .unwrap_or_else(|| panic!("{flag} VALUE in netfaultd's args"))
     };
     let listen: std::net::SocketAddr = after("--listen-tcp").parse().expect("ADDR:PORT");
-    assert!(listen.ip().is_loopback(), "{listen}");
+    assert_eq!(listen, "127.0.0.1:7979".parse().expect("addr"));
     assert_eq!(after("--token-file"), "/etc/netfault/token");
-    assert!(!strings(&d["args"]).contains(&"--listen-tcp"));
     assert!(text.contains("create secret generic netfault-api-token"));
     // The CRI socket the agent is told to use lies in a directory mounted
     // from the same host path: the runtime's socket, seen from inside.
@@ -532,8 +558,8 @@ fn kustomization_renders_the_networkfault_crd() {
     }
 }
 
-/// `daemonset/test-suite-rbac.yaml`: the optional Role and RoleBinding a test
-/// suite needs for `kubectl port-forward` to an agent; not in the
+/// `daemonset/test-suite-rbac.yaml`: the optional RBAC `netfaultctl --kube`
+/// needs (a Role in `netfault`, get on pods elsewhere); not in the
 /// kustomization.
 #[test]
 fn test_suite_rbac_is_narrow_and_optional() {
@@ -542,14 +568,17 @@ fn test_suite_rbac_is_narrow_and_optional() {
         .map(|d| Value::deserialize(d).expect("a YAML document"))
         .collect();
     let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["Role", "RoleBinding"]);
+    assert_eq!(
+        kinds,
+        ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]
+    );
     let role = &objs[0];
     assert_eq!(role["metadata"]["namespace"], "netfault");
     assert_eq!(
         role["rules"],
         json!([
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["netfault-api-token"], "verbs": ["get"]},
         ])
     );
@@ -560,6 +589,13 @@ fn test_suite_rbac_is_narrow_and_optional() {
         json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]})
     );
     assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    // The target pods' nodes: get on pods, nothing else.
+    assert_eq!(
+        objs[2]["rules"],
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}])
+    );
+    assert_eq!(objs[3]["roleRef"]["name"], objs[2]["metadata"]["name"]);
+    assert_eq!(objs[3]["subjects"], binding["subjects"]);
     let kustomization = read(&root().join("daemonset/kustomization.yaml"));
     assert!(
         !kustomization.contains("test-suite-rbac"),

@@ -15,7 +15,9 @@
 //! `kubectl port-forward`. There every request needs
 //! `Authorization: Bearer <token>`, the token being the content of
 //! `--token-file` ([`TokenFile`]); mutating requests are logged with the TCP
-//! peer's address.
+//! peer's address. Until the token file exists (an optional Kubernetes Secret
+//! not created yet), every TCP request is answered `503` with an error that
+//! names the file and how to create the Secret; the unix socket is unaffected.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -204,10 +206,19 @@ impl Api {
                     [one] => Some(*one),
                     _ => Some(&b""[..]), // several: malformed
                 };
-                if let Err(why) = token.check(header) {
-                    tracing::warn!(%method, %path, peer = %addr, reason = why, "api request refused: no valid bearer token");
-                    self.metrics.count_request(401);
-                    return unauthorized(why);
+                match token.check(header) {
+                    Ok(()) => {}
+                    Err(Refusal::Unauthorized(why)) => {
+                        tracing::warn!(%method, %path, peer = %addr, reason = why, "api request refused: no valid bearer token");
+                        self.metrics.count_request(401);
+                        return unauthorized(why);
+                    }
+                    Err(Refusal::NoTokenYet) => {
+                        // Logged once when the file is found missing (TokenFile).
+                        tracing::debug!(%method, %path, peer = %addr, "api request refused: no token file yet");
+                        self.metrics.count_request(503);
+                        return no_token_yet(token.path());
+                    }
                 }
                 let resp = self.route(req).await;
                 let status = resp.status().as_u16();
@@ -455,6 +466,28 @@ fn unauthorized(why: &str) -> Resp {
     r
 }
 
+/// The Secret the DaemonSet mounts the token from (daemonset/daemonset.yaml).
+pub const TOKEN_SECRET_HINT: &str = "kubectl -n netfault create secret generic netfault-api-token --from-literal=token=\"$(head -c 32 /dev/urandom | base64 | tr -d '/+=')\"";
+
+/// 503 for every TCP request while the token file does not exist: the
+/// listener is up, but nobody can be authenticated yet. The body names the
+/// file and the Secret that fills it.
+fn no_token_yet(path: &Path) -> Resp {
+    let message = format!(
+        "the TCP API has no token yet: {} does not exist. Create the Secret (the kubelet then fills the file and the agent uses it at once): {TOKEN_SECRET_HINT}",
+        path.display()
+    );
+    let mut r = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({"error": {"code": "unavailable", "message": message, "field": "token-file"}}),
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("10"),
+    );
+    r
+}
+
 /// `--listen-tcp`: an IP address and port on the loopback interface
 /// (127.0.0.0/8 or ::1); port 0 picks a free one (logged at start). The
 /// DaemonSet runs with hostNetwork, so any other address would expose the
@@ -515,6 +548,18 @@ struct TokenState {
     /// SHA-256 of the token; `None` while the file is unusable (every request
     /// is then refused).
     digest: Option<[u8; 32]>,
+    /// The file does not exist (requests get 503, not 401).
+    absent: bool,
+}
+
+/// Why a TCP request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401: no header, a malformed one, a wrong token, or a token file that
+    /// exists but holds no usable token.
+    Unauthorized(&'static str),
+    /// 503: the token file does not exist (yet).
+    NoTokenYet,
 }
 
 /// The TCP listener's bearer token: the content of `--token-file`, with
@@ -522,7 +567,9 @@ struct TokenState {
 /// symlinks) and re-reads it when its device, inode, mtime or size changed,
 /// so a rewritten file or a swapped Secret volume takes effect on the next
 /// request. A file that becomes unreadable or empty refuses every request
-/// until it is fixed (logged once per change).
+/// until it is fixed (logged once per change). A file that does not exist
+/// ([`TokenFile::open_or_wait`] at start, or removed later) makes every
+/// request a 503 until it appears.
 ///
 /// Only the token's SHA-256 is kept; a presented token is hashed and the two
 /// digests compared in constant time, so neither the content nor the length
@@ -532,6 +579,9 @@ pub struct TokenFile {
     path: PathBuf,
     state: Mutex<TokenState>,
 }
+
+const NO_USABLE_TOKEN: Refusal =
+    Refusal::Unauthorized("the agent has no usable token (see its log)");
 
 /// Mode bits beyond `0640`: the token file should not be readable by others
 /// (nor writable by the group).
@@ -546,25 +596,67 @@ impl TokenFile {
             state: Mutex::new(TokenState {
                 stamp: Some(stamp),
                 digest: Some(digest),
+                absent: false,
             }),
         })
+    }
+
+    /// Like [`TokenFile::open`], but a file that does not exist yet is not an
+    /// error: the DaemonSet mounts the token from an optional Secret, and the
+    /// kubelet writes the file when the Secret is created. Until then every
+    /// request is refused with [`Refusal::NoTokenYet`] (logged once here).
+    /// An existing file that is unreadable, empty or malformed is still an
+    /// error: that is a mistake to fix, not a step not taken yet.
+    pub fn open_or_wait(path: &Path) -> Result<TokenFile, TokenError> {
+        match TokenFile::open(path) {
+            Err(TokenError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the API token file does not exist yet: every TCP API request is answered 503 until it appears (create the Secret: {TOKEN_SECRET_HINT})"
+                );
+                Ok(TokenFile {
+                    path: path.to_path_buf(),
+                    state: Mutex::new(TokenState {
+                        stamp: None,
+                        digest: None,
+                        absent: true,
+                    }),
+                })
+            }
+            other => other,
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The current token's digest, re-reading the file if it changed.
-    fn current(&self) -> Option<[u8; 32]> {
+    /// The current token's digest, re-reading the file if it changed
+    /// (`Err` when there is none).
+    fn current(&self) -> Result<[u8; 32], Refusal> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let stamp = std::fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
+        let meta = std::fs::metadata(&self.path);
+        let stamp = meta.as_ref().ok().map(Stamp::of);
         if stamp.is_some() && stamp == st.stamp {
-            return st.digest;
+            return st.digest.ok_or(NO_USABLE_TOKEN);
+        }
+        if matches!(&meta, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            if !st.absent {
+                tracing::error!(path = %self.path.display(), "the API token file is gone: every TCP API request is answered 503 until it is back");
+            }
+            st.stamp = None;
+            st.digest = None;
+            st.absent = true;
+            return Err(Refusal::NoTokenYet);
         }
         match load_token(&self.path) {
             Ok((stamp, digest)) => {
                 if st.digest.is_some() {
                     tracing::info!(path = %self.path.display(), "the API token file changed; using the new token");
+                } else if st.absent {
+                    tracing::info!(path = %self.path.display(), "the API token file appeared; serving TCP API requests that carry its token");
                 } else {
                     tracing::info!(path = %self.path.display(), "the API token file is usable again");
                 }
@@ -572,29 +664,32 @@ impl TokenFile {
                 st.digest = Some(digest);
             }
             Err(e) => {
-                if st.digest.is_some() || st.stamp.is_some() {
+                if st.digest.is_some() || st.stamp.is_some() || st.absent {
                     tracing::error!(error = %e, "refusing every TCP API request until the token file is fixed");
                 }
                 st.stamp = None;
                 st.digest = None;
             }
         }
-        st.digest
+        st.absent = false;
+        st.digest.ok_or(NO_USABLE_TOKEN)
     }
 
-    /// Checks an `Authorization` header value (`None`: absent). The error is
-    /// the reason, for the 401's message.
-    pub fn check(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
-        let header = header.ok_or("the request needs an Authorization: Bearer <token> header")?;
-        let presented =
-            bearer_token(header).ok_or("the Authorization header is not \"Bearer <token>\"")?;
-        let expected = self
-            .current()
-            .ok_or("the agent has no usable token (see its log)")?;
+    /// Checks an `Authorization` header value (`None`: absent). The error
+    /// says why, for the 401's message, or that there is no token file yet
+    /// (503, whatever the header).
+    pub fn check(&self, header: Option<&[u8]>) -> Result<(), Refusal> {
+        let expected = self.current()?;
+        let header = header.ok_or(Refusal::Unauthorized(
+            "the request needs an Authorization: Bearer <token> header",
+        ))?;
+        let presented = bearer_token(header).ok_or(Refusal::Unauthorized(
+            "the Authorization header is not \"Bearer <token>\"",
+        ))?;
         if digest_eq(&sha256(presented), &expected) {
             Ok(())
         } else {
-            Err("the bearer token is not valid")
+            Err(Refusal::Unauthorized("the bearer token is not valid"))
         }
     }
 }
@@ -806,6 +901,40 @@ mod tests {
         assert!(t.check(Some(b"Bearer second-token-0123456789")).is_err());
         std::fs::write(&path, "third-token-0123456789").expect("write");
         assert_eq!(t.check(Some(b"Bearer third-token-0123456789")), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_token_file_means_503_until_it_appears() {
+        let dir = std::env::temp_dir().join(format!("nf-token-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("token");
+        let _ = std::fs::remove_file(&path);
+        // open() still refuses a missing file; open_or_wait() waits for it.
+        assert!(matches!(
+            TokenFile::open(&path),
+            Err(TokenError::Read { .. })
+        ));
+        let t = TokenFile::open_or_wait(&path).expect("a missing file is not an error");
+        let good = Some(&b"Bearer late-token-0123456789"[..]);
+        assert_eq!(t.check(good), Err(Refusal::NoTokenYet));
+        assert_eq!(t.check(None), Err(Refusal::NoTokenYet));
+        std::fs::write(&path, "late-token-0123456789\n").expect("write");
+        assert_eq!(t.check(good), Ok(()));
+        assert!(matches!(
+            t.check(Some(b"Bearer wrong-token-0123456789")),
+            Err(Refusal::Unauthorized(_))
+        ));
+        // Removed again (the Secret deleted): 503 again; an empty file: 401.
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(t.check(good), Err(Refusal::NoTokenYet));
+        std::fs::write(&path, "").expect("write");
+        assert!(matches!(t.check(good), Err(Refusal::Unauthorized(_))));
+        // An existing but empty file is still refused at start.
+        assert!(matches!(
+            TokenFile::open_or_wait(&path),
+            Err(TokenError::Empty { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

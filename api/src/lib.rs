@@ -3,6 +3,7 @@
 //! bodies, and a blocking client for the agent's unix socket.
 
 pub mod action;
+pub mod annotations;
 pub mod client;
 pub mod error;
 pub mod parse;

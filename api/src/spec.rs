@@ -13,9 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorCode, FieldError};
 pub use crate::parse::PortRange;
-use crate::parse::{
-    join, obj, opt, parse_duration, parse_percent, parse_ports, reject_unknown, req, string,
-};
+use crate::parse::{join, obj, opt, parse_duration, parse_ports, reject_unknown, req, string};
 
 /// Most port ranges a single fault may match: the eBPF rule has this many slots.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -244,7 +242,7 @@ fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn parse_direction(v: &Value, field: &str) -> Result<Direction, FieldError> {
+pub(crate) fn parse_direction(v: &Value, field: &str) -> Result<Direction, FieldError> {
     match string(v, field)? {
         "egress" => Ok(Direction::Egress),
         "ingress" => Ok(Direction::Ingress),
@@ -364,74 +362,10 @@ impl<'de> Deserialize<'de> for FaultSpec {
     }
 }
 
-/// The annotation carrying a JSON list of fault specs (without `target`).
-pub const ANNOTATION_FAULTS: &str = "netfault.io/faults";
-/// Shorthand: `netfault.io/loss: "5%"` is a loss fault on all traffic.
-pub const ANNOTATION_LOSS: &str = "netfault.io/loss";
-/// Duration applied to shorthand annotations, and their override.
-pub const ANNOTATION_DURATION: &str = "netfault.io/duration";
-/// Default lifetime of a shorthand annotation fault.
-pub const DEFAULT_ANNOTATION_DURATION: Duration = Duration::from_secs(3600);
-
-/// Parses the birth-time faults a pod's annotations ask for. Errors name the
-/// annotation and the field inside it (`netfault.io/faults[1].action.percent`).
-pub fn faults_from_annotations<'a>(
-    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
-    max_duration: Duration,
-) -> Result<Vec<FaultSpec>, FieldError> {
-    let limits = Limits {
-        max_duration,
-        target_required: false,
-    };
-    let mut out = Vec::new();
-    let mut loss = None;
-    let mut duration = None;
-    for (k, v) in annotations {
-        match k.as_str() {
-            ANNOTATION_FAULTS => {
-                let list: Value = serde_json::from_str(v).map_err(|e| {
-                    FieldError::invalid(ANNOTATION_FAULTS, &format!("not a JSON list: {e}"))
-                })?;
-                let items = list.as_array().ok_or_else(|| {
-                    FieldError::invalid(ANNOTATION_FAULTS, "must be a JSON list of faults")
-                })?;
-                for (i, item) in items.iter().enumerate() {
-                    let spec = FaultSpec::parse(item, &limits)
-                        .map_err(|e| e.prefixed(&format!("{ANNOTATION_FAULTS}[{i}]")))?;
-                    out.push(spec);
-                }
-            }
-            ANNOTATION_LOSS => loss = Some(v),
-            ANNOTATION_DURATION => duration = Some(v),
-            _ => {}
-        }
-    }
-    if let Some(l) = loss {
-        let percent = parse_percent(&Value::String(l.clone()), ANNOTATION_LOSS)?;
-        let duration = match duration {
-            Some(d) => parse_duration(&Value::String(d.clone()), ANNOTATION_DURATION)?,
-            None => DEFAULT_ANNOTATION_DURATION.min(max_duration),
-        };
-        if duration > max_duration {
-            return Err(FieldError::invalid(
-                ANNOTATION_DURATION,
-                "exceeds this agent's maximum fault duration",
-            ));
-        }
-        out.push(FaultSpec {
-            target: None,
-            direction: Direction::Both,
-            r#match: Match::default(),
-            action: Action::Packet(PacketAction::Loss {
-                percent,
-                correlation: 0.0,
-                model: None,
-            }),
-            duration,
-        });
-    }
-    Ok(out)
-}
+pub use crate::annotations::{
+    faults_from_annotations, ANNOTATION_DELAY, ANNOTATION_DIRECTION, ANNOTATION_DURATION,
+    ANNOTATION_FAULTS, ANNOTATION_LOSS, DEFAULT_ANNOTATION_DURATION,
+};
 
 #[cfg(test)]
 mod tests {
@@ -678,25 +612,5 @@ mod tests {
         );
         let e = serde_json::from_value::<FaultSpec>(json!([1])).expect_err("not an object");
         assert_eq!(e.to_string(), ": a fault must be a JSON object");
-    }
-
-    #[test]
-    fn annotations_parse_with_field_paths() {
-        let mut a = std::collections::BTreeMap::new();
-        a.insert(ANNOTATION_FAULTS.to_string(), r#"[{"action":{"type":"blackhole"},"duration":"1m"},{"action":{"type":"loss","percent":200},"duration":"1m"}]"#.to_string());
-        let e = faults_from_annotations(&a, Duration::from_secs(3600)).expect_err("bad percent");
-        assert_eq!(e.field, "netfault.io/faults[1].action.percent");
-        a.clear();
-        a.insert(ANNOTATION_LOSS.to_string(), "5%".to_string());
-        let f = faults_from_annotations(&a, Duration::from_secs(7200)).expect("shorthand");
-        assert_eq!(f.len(), 1);
-        assert_eq!(
-            f[0].action,
-            Action::Packet(PacketAction::Loss {
-                percent: 5.0,
-                correlation: 0.0,
-                model: None,
-            })
-        );
     }
 }

@@ -14,7 +14,9 @@
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/NS/events[/NAME]`:
 //!   recorded ([`ApiServer::events`]) and echoed back.
 //!
-//! - NetworkFaults (`netfault.io/v1alpha1`): see [`networkfaults`].
+//! What `netfaultctl --kube` uses (a pod, namespaced pod lists with label
+//! and field selectors, a Secret, `pods/portforward` as a websocket) is in
+//! [`portforward`]. NetworkFaults (`netfault.io/v1alpha1`): see [`networkfaults`].
 //!
 //! Anything else gets 404 and is recorded in [`ApiServer::requests`].
 //! The test drives it: [`ApiServer::add_pod`], [`ApiServer::set_annotations`],
@@ -38,6 +40,9 @@ use crate::tmp::TempDir;
 
 mod networkfaults;
 use networkfaults::Collection;
+pub mod portforward;
+pub use portforward::Forward;
+pub mod workloads;
 
 /// Time between two bookmarks on an idle watch.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
@@ -63,6 +68,8 @@ struct St {
     watches: u64,
     /// Every connection, to cut them (drop_watches, Drop).
     conns: Vec<(bool, TcpStream)>,
+    pf: portforward::State,
+    workloads: workloads::State,
 }
 
 struct Shared {
@@ -293,9 +300,9 @@ impl Drop for ApiServer {
 
 struct Request {
     method: String,
-    content_type: String,
     path: String,
     query: BTreeMap<String, String>,
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
@@ -308,7 +315,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let method = parts.next()?.to_string();
     let target = parts.next()?.to_string();
     let mut len = 0usize;
-    let mut content_type = String::new();
+    let mut headers = Vec::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).ok()? == 0 {
@@ -321,9 +328,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().ok()?;
-            } else if k.eq_ignore_ascii_case("content-type") {
-                content_type = v.trim().to_string();
             }
+            headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
     let mut body = vec![0; len];
@@ -339,9 +345,9 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         .collect();
     Some(Request {
         method,
-        content_type,
         path: path.to_string(),
         query,
+        headers,
         body,
     })
 }
@@ -421,6 +427,16 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
     while let Some(req) = read_request(&mut reader) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
+        }
+        match workloads::serve(sh, &mut reader, &mut w, &req) {
+            workloads::Served::No => {}
+            workloads::Served::Answered(Ok(())) => continue,
+            workloads::Served::Answered(Err(_)) | workloads::Served::Streamed => return,
+        }
+        match portforward::serve(sh, &mut reader, &mut w, &req) {
+            portforward::Served::No => {}
+            portforward::Served::Answered(Ok(())) => continue,
+            portforward::Served::Answered(Err(_)) | portforward::Served::Upgraded => return,
         }
         let r = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/api/v1/pods")

@@ -220,17 +220,19 @@ fn apply_status(
     ns: &str,
     name: &str,
 ) -> std::io::Result<()> {
-    if !req.content_type.starts_with("application/apply-patch+yaml") {
+    let content_type = req
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map_or("", |(_, v)| v.as_str());
+    if !content_type.starts_with("application/apply-patch+yaml") {
         return respond(
             w,
             "415 Unsupported Media Type",
             &status(
                 415,
                 "UnsupportedMediaType",
-                &format!(
-                    "only server-side apply is scripted, not {}",
-                    req.content_type
-                ),
+                &format!("only server-side apply is scripted, not {content_type}"),
             ),
         );
     }

@@ -2,6 +2,7 @@ mod api;
 mod cni;
 mod compose;
 mod ctl;
+mod ctl_kube;
 mod delay;
 mod kube;
 mod lifecycle;

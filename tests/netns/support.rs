@@ -550,16 +550,20 @@ pub struct KubeNode {
 
 impl KubeNode {
     pub fn start() -> KubeNode {
+        KubeNode::start_with(&[])
+    }
+
+    /// With more agent arguments.
+    pub fn start_with(extra: &[&str]) -> KubeNode {
         let gate = Gate::shared();
         let server = ApiServer::start().expect("scripted API server");
         let node_name = testbed::unique_name("node");
         let dir = TempDir::new("netfault-kube").expect("temp dir");
         let kubeconfig = server.kubeconfig().to_string_lossy().into_owned();
-        let agent = Agent::start_with_args(
-            dir.path(),
-            &["--kubeconfig", &kubeconfig, "--node-name", &node_name],
-        )
-        .unwrap_or_else(|e| panic!("netfaultd with --kubeconfig: {e}"));
+        let mut args = vec!["--kubeconfig", &kubeconfig, "--node-name", &node_name];
+        args.extend_from_slice(extra);
+        let agent = Agent::start_with_args(dir.path(), &args)
+            .unwrap_or_else(|e| panic!("netfaultd with --kubeconfig: {e}"));
         let node = Node::new(NodeOptions {
             socket: agent.socket(),
             ..NodeOptions::default()

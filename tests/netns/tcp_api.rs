@@ -3,7 +3,9 @@
 //! otherwise, changing nothing), the right token creates and deletes faults
 //! whose effect is measured on the wire, a rewritten token file takes effect
 //! on the next request, `netfaultctl --url --token-file` works end to end,
-//! and bad flags stop the agent at start with an error naming the flag.
+//! a token file that does not exist yet means 503 on every TCP request until
+//! it appears (the optional Secret of the DaemonSet), and bad flags stop the
+//! agent at start with an error naming the flag.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,7 +21,7 @@ use crate::support::{v4, Gate};
 
 const TOKEN: &str = "tcp-api-token-0123456789abcdefghij";
 
-fn write_token(path: &Path, token: &str) {
+pub(crate) fn write_token(path: &Path, token: &str) {
     std::fs::write(path, format!("{token}\n")).expect("write the token file");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .expect("chmod 0600 the token file");
@@ -47,7 +49,7 @@ fn tcp_node(prefix: &str) -> (AgentNode, PathBuf, SocketAddr) {
 }
 
 /// The address from the agent's "serving the API on TCP" log line.
-fn tcp_addr(agent: &Agent) -> SocketAddr {
+pub(crate) fn tcp_addr(agent: &Agent) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let log = agent.log_tail(10_000);
@@ -366,6 +368,7 @@ fn bad_tcp_flags_stop_the_agent_naming_the_flag() {
     let t = token.to_str().expect("utf-8");
     let e = empty.to_str().expect("utf-8");
     let m = missing.to_str().expect("utf-8");
+    let d = dir.path().to_str().expect("utf-8");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--listen-tcp", "0.0.0.0:0", "--token-file", t],
@@ -388,10 +391,13 @@ fn bad_tcp_flags_stop_the_agent_naming_the_flag() {
             vec!["--listen-tcp", "127.0.0.1:0", "--token-file", e],
             "--token-file",
         ),
+        // A directory where the file cannot be read: not "missing", wrong.
         (
-            vec!["--listen-tcp", "127.0.0.1:0", "--token-file", m],
+            vec!["--listen-tcp", "127.0.0.1:0", "--token-file", d],
             "--token-file",
         ),
+        // --token-file without --listen-tcp, and the reverse.
+        (vec!["--token-file", m], "--listen-tcp"),
     ];
     for (args, flag) in cases {
         let out = netfaultd_exit(dir.path(), &args);
@@ -406,4 +412,129 @@ fn bad_tcp_flags_stop_the_agent_naming_the_flag() {
             "{args:?}: the socket was served before the error"
         );
     }
+}
+
+/// The DaemonSet's token comes from an optional Secret: without the file the
+/// agent starts, answers every TCP request 503 naming the file and the
+/// Secret (changing nothing), serves its socket as usual, logs it once, and
+/// takes the token as soon as the file appears.
+#[test]
+fn tcp_api_answers_503_until_the_token_file_appears() {
+    testbed::require_root!();
+    let _gate = Gate::shared();
+    let dir = TempDir::new("netfault-tcp-wait").expect("temp dir");
+    let token_file = dir.path().join("secret").join("token");
+    let token_arg = token_file.to_str().expect("utf-8 path").to_string();
+    let agent = Agent::start_with_args(
+        dir.path(),
+        &["--listen-tcp", "127.0.0.1:0", "--token-file", &token_arg],
+    )
+    .unwrap_or_else(|e| panic!("netfaultd without its token file yet: {e}"));
+    let addr = tcp_addr(&agent);
+    let node = Node::new(NodeOptions {
+        socket: agent.socket(),
+        ..NodeOptions::default()
+    })
+    .expect("node netns and CNI chain");
+    let bed = AgentNode { node, agent, dir };
+    let [a, b] = [
+        bed.add_pod("a").expect("pod a"),
+        bed.add_pod("b").expect("pod b"),
+    ];
+    let fault = json!({"target": {"sandbox": a.container_id}, "direction": "egress",
+        "match": {"protocol": "udp", "ports": "7502"}, "action": {"type": "blackhole"},
+        "duration": "30s"})
+    .to_string();
+
+    for auth in [None, Some(bearer(TOKEN))] {
+        for (method, path, body) in [
+            ("POST", "/v1/faults", Some(fault.as_str())),
+            ("GET", "/v1/faults", None),
+            ("GET", "/healthz", None),
+        ] {
+            let (status, head, resp) = tcp_http(addr, method, path, auth.as_deref(), body);
+            assert_eq!(status, 503, "{method} {path}: {resp}");
+            assert!(head.contains("\r\nretry-after: "), "{head}");
+            let v: Value = serde_json::from_str(&resp).expect("a JSON error body");
+            assert_eq!(v["error"]["code"], "unavailable", "{v}");
+            assert_eq!(v["error"]["field"], "token-file", "{v}");
+            let msg = v["error"]["message"].as_str().expect("a message");
+            assert!(
+                msg.contains(&token_arg),
+                "the message names the file: {msg}"
+            );
+            assert!(
+                msg.contains("kubectl -n netfault create secret generic netfault-api-token"),
+                "the message says how to create the Secret: {msg}"
+            );
+        }
+    }
+    // netfaultctl --url shows the agent's reason.
+    let ctl_token = bed.dir.path().join("ctl-token");
+    write_token(&ctl_token, TOKEN);
+    let out = ctl(addr, &ctl_token, &["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no token yet"), "{err}");
+    // The socket is unaffected, and the refused POST changed nothing.
+    assert_eq!(
+        bed.agent
+            .client()
+            .call("GET", "/v1/faults", None)
+            .expect("list over the socket"),
+        json!([])
+    );
+    let p = udp_probe(&a, &b, v4(&b), 7502, 200, Duration::from_micros(200)).expect("probe");
+    assert_eq!(p.received, p.sent, "a 503 left the wire alone");
+    let log = bed.agent.log_tail(10_000);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("does not exist yet"))
+            .count(),
+        1,
+        "logged once:\n{log}"
+    );
+
+    // The file appears (as the kubelet fills a Secret volume): a wrong token
+    // is a 401, the right one works and its fault is on the wire.
+    std::fs::create_dir_all(token_file.parent().expect("a parent")).expect("mkdir");
+    write_token(&token_file, TOKEN);
+    let (status, _, _) = tcp_http(
+        addr,
+        "GET",
+        "/v1/faults",
+        Some(&bearer("wrong-token-0123456789abcdef")),
+        None,
+    );
+    assert_eq!(status, 401, "a wrong token once the file exists");
+    let (status, _, resp) = tcp_http(
+        addr,
+        "POST",
+        "/v1/faults",
+        Some(&bearer(TOKEN)),
+        Some(&fault),
+    );
+    assert_eq!(status, 201, "{resp}");
+    let id = serde_json::from_str::<Value>(&resp).expect("json")["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let p = udp_probe(&a, &b, v4(&b), 7502, 200, Duration::from_micros(200)).expect("probe");
+    assert_eq!(p.received, 0, "the fault made once the token appeared acts");
+    let (status, _, _) = tcp_http(
+        addr,
+        "DELETE",
+        &format!("/v1/faults/{id}"),
+        Some(&bearer(TOKEN)),
+        None,
+    );
+    assert_eq!(status, 204);
+    let p = udp_probe(&a, &b, v4(&b), 7502, 200, Duration::from_micros(200)).expect("probe");
+    assert_eq!(p.received, p.sent, "deleted");
+    let log = bed.agent.log_tail(10_000);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the API token file appeared")),
+        "{log}"
+    );
 }

@@ -1,10 +1,13 @@
 //! netfaultctl: the command-line client of netfaultd's API, on its unix
-//! socket or (`--url`, `--token-file`) on its loopback TCP listener.
+//! socket, on its loopback TCP listener (`--url`, `--token-file`), or from
+//! outside the cluster through the Kubernetes API server (`--kube`: the
+//! target pod's node, the agent pod on it, `pods/portforward` to its TCP
+//! listener; see `ctl/kube.rs`).
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use netfault_api::wire::DEFAULT_SOCKET;
@@ -13,14 +16,27 @@ use serde_json::Value;
 
 #[path = "../ctl/input.rs"]
 mod input;
+#[path = "../ctl/kube.rs"]
+mod kube_access;
 #[path = "../ctl/render.rs"]
 mod render;
+
+use kube_access::{Bridge, Kube, KubeError, KubeOptions};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "netfaultctl",
     version,
-    about = "Inject network faults into pods and network namespaces through netfaultd"
+    about = "Inject network faults into pods and network namespaces through netfaultd",
+    after_help = "With --kube, netfaultctl needs no access to the node: it finds the node of each \
+fault's target pod ({\"pod\": {\"namespace\", \"name\"}}), the netfault agent pod on that node \
+(namespace --agent-namespace, labels app.kubernetes.io/name=netfault,app.kubernetes.io/component=agent), \
+reads the API token from the Secret netfault-api-token (key token) unless --token-file is given, and \
+talks to the agent's TCP listener (--agent-port) through the API server's pods/portforward. \
+`list` without --node/--pod lists every node's faults with a NODE column; `get`, `delete`, \
+`sandboxes` and `health` need --node NAME or --pod NAMESPACE/NAME. The RBAC this needs is in \
+daemonset/test-suite-rbac.yaml.\n\nExamples:\n  netfaultctl --kube apply -f fault.json\n  \
+netfaultctl --kube list\n  netfaultctl --kube --node worker-1 delete f-0123abcd"
 )]
 struct Cli {
     /// netfaultd's unix socket.
@@ -36,9 +52,36 @@ struct Cli {
         requires = "token_file"
     )]
     url: Option<String>,
-    /// File holding the bearer token for --url (whitespace trimmed).
+    /// File holding the bearer token for --url or --kube (whitespace
+    /// trimmed). With --kube it defaults to the Secret netfault-api-token.
     #[arg(long, global = true, env = "NETFAULT_TOKEN_FILE", value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// Reach the agents through the Kubernetes API server (pods/portforward
+    /// to their TCP listener) instead of the socket.
+    #[arg(long, global = true)]
+    kube: bool,
+    /// With --kube: the kubeconfig file (default: KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster service account).
+    #[arg(long, global = true, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kube: the kubeconfig context (default: its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
+    /// With --kube: the namespace of the netfault DaemonSet.
+    #[arg(long, global = true, value_name = "NS", default_value = kube_access::AGENT_NAMESPACE)]
+    agent_namespace: String,
+    /// With --kube: the agents' TCP listener port (netfaultd --listen-tcp).
+    #[arg(long, global = true, value_name = "PORT", default_value_t = kube_access::AGENT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    agent_port: u16,
+    /// With --kube: the node whose agent to talk to (for every fault of
+    /// `apply`, whatever its target).
+    #[arg(long, global = true, value_name = "NAME")]
+    node: Option<String>,
+    /// With --kube: talk to the agent on the node of this pod
+    /// (NAMESPACE/NAME, or NAME in namespace default).
+    #[arg(long, global = true, value_name = "NS/NAME", value_parser = kube_access::parse_pod_ref)]
+    pod: Option<(String, String)>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -85,12 +128,19 @@ enum CtlError {
     Client(Box<ClientError>),
     Input(String),
     Other(String),
-    /// `apply` stopped at `label`; `created` were created before it.
+    /// `apply` stopped at `label` (`error` says why); `created` were
+    /// created before it.
     Partial {
         label: String,
-        error: Box<ClientError>,
+        error: String,
         created: Vec<String>,
     },
+}
+
+impl From<KubeError> for CtlError {
+    fn from(e: KubeError) -> Self {
+        CtlError::Other(e.to_string())
+    }
 }
 
 impl From<ClientError> for CtlError {
@@ -137,7 +187,7 @@ impl CtlError {
                 } else {
                     format!("created before it (still active): {}", created.join(", "))
                 };
-                format!("error: {label}: {}\n{done}", describe(error))
+                format!("error: {label}: {error}\n{done}")
             }
         }
     }
@@ -180,40 +230,68 @@ fn read_input(file: &str) -> Result<String, CtlError> {
     Ok(text)
 }
 
-fn apply(client: &Client, file: &str, output: Output) -> Result<String, CtlError> {
+/// The validated faults of `file`, or why none will be applied.
+fn read_faults(file: &str) -> Result<Vec<input::Item>, CtlError> {
     let text = read_input(file)?;
-    let items = input::parse_faults(&text).map_err(|e| {
+    input::parse_faults(&text).map_err(|e| {
         let name = if file == "-" { "<stdin>" } else { file };
         CtlError::Input(format!("{e} (in {name}; nothing was applied)"))
-    })?;
+    })
+}
+
+fn apply(client: &Client, file: &str, output: Output) -> Result<String, CtlError> {
+    let items = read_faults(file)?;
+    apply_items(&items, output, |_, body| {
+        client
+            .call("POST", "/v1/faults", Some(body))
+            .map_err(|e| describe(&e))
+    })
+}
+
+/// POSTs `items` in order with `post(index, body)`, stopping at the first
+/// failure; a `node` in an item's result is shown in the table output.
+fn apply_items(
+    items: &[input::Item],
+    output: Output,
+    mut post: impl FnMut(usize, &Value) -> Result<Value, String>,
+) -> Result<String, CtlError> {
     let mut created: Vec<Value> = Vec::with_capacity(items.len());
     let mut ids: Vec<String> = Vec::with_capacity(items.len());
-    for item in &items {
-        match client.call("POST", "/v1/faults", Some(&item.value)) {
+    for (i, item) in items.iter().enumerate() {
+        match post(i, &item.value) {
             Ok(v) => {
                 ids.push(v["id"].as_str().unwrap_or("?").to_string());
                 created.push(v);
             }
             Err(error) => {
                 // Print what did get created, so the caller can clean up.
-                let done = apply_output(&ids, &created, output)?;
+                let done = apply_output(&created, output)?;
                 if !done.is_empty() {
                     print!("{done}");
                 }
                 return Err(CtlError::Partial {
                     label: item.label.clone(),
-                    error: Box::new(error),
+                    error,
                     created: ids,
                 });
             }
         }
     }
-    apply_output(&ids, &created, output)
+    apply_output(&created, output)
 }
 
-fn apply_output(ids: &[String], created: &[Value], output: Output) -> Result<String, CtlError> {
+fn apply_output(created: &[Value], output: Output) -> Result<String, CtlError> {
     match output {
-        Output::Table => Ok(ids.iter().map(|id| format!("created {id}\n")).collect()),
+        Output::Table => Ok(created
+            .iter()
+            .map(|v| {
+                let id = v["id"].as_str().unwrap_or("?");
+                match v["node"].as_str() {
+                    Some(node) => format!("created {id} on node {node}\n"),
+                    None => format!("created {id}\n"),
+                }
+            })
+            .collect()),
         Output::Json if created.is_empty() => Ok(String::new()),
         Output::Json => Ok(format!("{}\n", pretty(&Value::Array(created.to_vec()))?)),
     }
@@ -282,10 +360,45 @@ fn client_of(cli: &Cli) -> Result<Client, CtlError> {
     }
 }
 
+/// Flag combinations clap cannot check across global flags and subcommands.
+fn check_flags(cli: &Cli) -> Result<(), CtlError> {
+    if cli.kube {
+        if let Some(url) = &cli.url {
+            return Err(CtlError::Input(format!(
+                "--url {url} and --kube exclude each other: --kube finds the agent itself"
+            )));
+        }
+        if cli.node.is_some() && cli.pod.is_some() {
+            return Err(CtlError::Input(
+                "--node and --pod exclude each other: both choose the agent".into(),
+            ));
+        }
+        return Ok(());
+    }
+    let kube_only = [
+        ("--kubeconfig", cli.kubeconfig.is_some()),
+        ("--context", cli.context.is_some()),
+        ("--node", cli.node.is_some()),
+        ("--pod", cli.pod.is_some()),
+    ];
+    match kube_only.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => Err(CtlError::Input(format!("{flag} needs --kube"))),
+        None => Ok(()),
+    }
+}
+
 fn run(cli: Cli) -> Result<String, CtlError> {
+    check_flags(&cli)?;
+    if cli.kube {
+        return run_kube(cli);
+    }
     let client = client_of(&cli)?;
-    let out = cli.output;
-    match cli.command {
+    run_on(&client, &cli.command, cli.output)
+}
+
+/// One command against one agent.
+fn run_on(client: &Client, command: &Command, out: Output) -> Result<String, CtlError> {
+    match command {
         Command::Sandboxes => {
             let v = client.call("GET", "/v1/sandboxes", None)?;
             if out == Output::Json {
@@ -294,7 +407,7 @@ fn run(cli: Cli) -> Result<String, CtlError> {
             let items = array(v, "sandbox list")?;
             render::sandboxes_table(&items).map_err(|e| bad_answer("sandbox list", e))
         }
-        Command::Apply { file } => apply(&client, &file, out),
+        Command::Apply { file } => apply(client, file, out),
         Command::List => {
             let v = client.call("GET", "/v1/faults", None)?;
             if out == Output::Json {
@@ -305,7 +418,7 @@ fn run(cli: Cli) -> Result<String, CtlError> {
             Ok(render::faults_table(&faults, now_ms()))
         }
         Command::Get { id } => {
-            let path = format!("/v1/faults/{}", input::path_segment(&id));
+            let path = format!("/v1/faults/{}", input::path_segment(id));
             let v = client.call("GET", &path, None)?;
             if out == Output::Json {
                 return Ok(format!("{}\n", pretty(&v)?));
@@ -314,7 +427,7 @@ fn run(cli: Cli) -> Result<String, CtlError> {
             Ok(render::fault_detail(&f, now_ms()))
         }
         Command::Delete { id } => {
-            let path = format!("/v1/faults/{}", input::path_segment(&id));
+            let path = format!("/v1/faults/{}", input::path_segment(id));
             match client.call("DELETE", &path, None) {
                 Ok(_) => {}
                 // Deleting is idempotent: a fault that is already gone is deleted.
@@ -326,8 +439,302 @@ fn run(cli: Cli) -> Result<String, CtlError> {
                 Output::Json => format!("{}\n", serde_json::json!({"deleted": id})),
             })
         }
-        Command::Health => health(&client, out),
+        Command::Health => health(client, out),
     }
+}
+
+/// One agent reached through the API server: the port-forward bridge, a
+/// client on it, and where the token came from (for error messages).
+struct Remote {
+    bridge: Bridge,
+    client: Client,
+    token_source: String,
+}
+
+impl Remote {
+    /// What went wrong with a request through the bridge: the port-forward's
+    /// own failure when there was one, else the agent's answer.
+    fn explain(&self, e: &ClientError) -> String {
+        if let Some(f) = self.bridge.failure() {
+            return f.to_string();
+        }
+        let agent = format!(
+            "the agent {} on node {}",
+            self.bridge.agent.label(),
+            self.bridge.agent.node
+        );
+        match e {
+            ClientError::Api {
+                status: 401,
+                message,
+                ..
+            } => format!(
+                "{agent} refused the token from {} ({message}); it must match the agent's Secret {}/{}",
+                self.token_source,
+                self.bridge.agent.namespace,
+                kube_access::TOKEN_SECRET
+            ),
+            ClientError::Api {
+                status: 503,
+                message,
+                ..
+            } => format!("{agent} is not serving its TCP API yet: {message}"),
+            ClientError::ConnectTcp { source, .. } => format!(
+                "{agent}: cannot connect to the local end of the port-forward: {source}"
+            ),
+            ClientError::Io(_) | ClientError::Protocol(_) => format!(
+                "{agent}: no valid answer through the port-forward to port {}: {e} (is netfaultd started with --listen-tcp 127.0.0.1:{}?)",
+                self.bridge.port, self.bridge.port
+            ),
+            other => format!("{agent}: {}", describe(other)),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+        self.client
+            .call(method, path, body)
+            .map_err(|e| self.explain(&e))
+    }
+}
+
+/// `--kube`: one session with the cluster, the token, and a bridge per agent.
+struct KubeSession {
+    kube: Kube,
+    token_file: Option<String>,
+    token: Option<(String, String)>,
+    remotes: std::collections::BTreeMap<String, Remote>,
+}
+
+impl KubeSession {
+    fn token(&mut self) -> Result<(String, String), CtlError> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let t = match &self.token_file {
+            Some(path) => (
+                read_token(std::path::Path::new(path))?,
+                format!("--token-file {path}"),
+            ),
+            None => (
+                self.kube.token()?,
+                format!("the Secret {}", kube_access::TOKEN_SECRET),
+            ),
+        };
+        self.token = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The agent of `node`, bridged (once per node).
+    fn remote(&mut self, node: &str) -> Result<&Remote, CtlError> {
+        if !self.remotes.contains_key(node) {
+            let agent = self.kube.agent_on(node)?;
+            let r = self.remote_for(agent)?;
+            self.remotes.insert(node.to_string(), r);
+        }
+        self.remotes
+            .get(node)
+            .ok_or_else(|| CtlError::Other(format!("no agent for node {node}")))
+    }
+
+    fn remote_for(&mut self, agent: kube_access::AgentPod) -> Result<Remote, CtlError> {
+        let (token, token_source) = self.token()?;
+        let bridge = self.kube.bridge(&agent)?;
+        let client = Client::tcp(&bridge.url)?
+            .with_token(token)
+            .with_timeout(Duration::from_secs(30));
+        Ok(Remote {
+            bridge,
+            client,
+            token_source,
+        })
+    }
+}
+
+/// The node `--node` or `--pod` names, if any.
+fn chosen_node(cli: &Cli, kube: &Kube) -> Result<Option<String>, CtlError> {
+    if let Some(n) = &cli.node {
+        if n.is_empty() {
+            return Err(CtlError::Input("--node: the node name is empty".into()));
+        }
+        return Ok(Some(n.clone()));
+    }
+    match &cli.pod {
+        Some((ns, name)) => Ok(Some(kube.node_of_pod(ns, name)?)),
+        None => Ok(None),
+    }
+}
+
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Sandboxes => "sandboxes",
+        Command::Apply { .. } => "apply",
+        Command::List => "list",
+        Command::Get { .. } => "get",
+        Command::Delete { .. } => "delete",
+        Command::Health => "health",
+    }
+}
+
+fn run_kube(cli: Cli) -> Result<String, CtlError> {
+    let out = cli.output;
+    // A bad file is rejected before the cluster is asked anything.
+    let items = match &cli.command {
+        Command::Apply { file } => Some(read_faults(file)?),
+        _ => None,
+    };
+    let kube = Kube::connect(KubeOptions {
+        kubeconfig: cli.kubeconfig.clone(),
+        context: cli.context.clone(),
+        agent_namespace: cli.agent_namespace.clone(),
+        agent_port: cli.agent_port,
+    })?;
+    let node = chosen_node(&cli, &kube)?;
+    let mut session = KubeSession {
+        kube,
+        token_file: cli
+            .token_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        token: None,
+        remotes: std::collections::BTreeMap::new(),
+    };
+    if let Some(items) = items {
+        return kube_apply(&mut session, &items, node.as_deref(), out);
+    }
+    match (&cli.command, node) {
+        (Command::List, None) => kube_list_all(&mut session, out),
+        (command, Some(node)) => {
+            let remote = session.remote(&node)?;
+            let text = run_on(&remote.client, command, out).map_err(|e| match e {
+                CtlError::Client(c) => CtlError::Other(remote.explain(&c)),
+                other => other,
+            })?;
+            // `health` names its endpoint: the agent pod, not the bridge.
+            let agent = format!("{} on node {node}", remote.bridge.agent.label());
+            Ok(text.replace(&remote.bridge.url, &agent))
+        }
+        (command, None) => Err(CtlError::Input(format!(
+            "netfaultctl --kube {} needs --node NAME or --pod NAMESPACE/NAME: the node whose agent to ask (`netfaultctl --kube list` shows each fault's node)",
+            command_name(command)
+        ))),
+    }
+}
+
+/// `apply` with `--kube`: every fault goes to the agent on its target pod's
+/// node (or on `node`). Every node and agent is found, and the token read,
+/// before the first fault is created.
+fn kube_apply(
+    session: &mut KubeSession,
+    items: &[input::Item],
+    node: Option<&str>,
+    out: Output,
+) -> Result<String, CtlError> {
+    let mut nodes: Vec<String> = Vec::with_capacity(items.len());
+    let mut pods: std::collections::BTreeMap<(String, String), String> =
+        std::collections::BTreeMap::new();
+    for item in items {
+        if let Some(n) = node {
+            nodes.push(n.to_string());
+            continue;
+        }
+        let pod = &item.value["target"]["pod"];
+        let Some(name) = pod["name"].as_str() else {
+            return Err(CtlError::Input(format!(
+                "{}.target: with --kube a fault's target must be a pod ({{\"pod\": {{\"namespace\", \"name\"}}}}) so that its node can be found; for a sandbox or netns target pass --node NAME (nothing was applied)",
+                item.label
+            )));
+        };
+        let ns = pod["namespace"].as_str().unwrap_or("default");
+        let key = (ns.to_string(), name.to_string());
+        let n = match pods.get(&key) {
+            Some(n) => n.clone(),
+            None => {
+                let n = session.kube.node_of_pod(ns, name).map_err(|e| {
+                    CtlError::Other(format!("{}: {e} (nothing was applied)", item.label))
+                })?;
+                pods.insert(key, n.clone());
+                n
+            }
+        };
+        nodes.push(n);
+    }
+    for n in &nodes {
+        session
+            .remote(n)
+            .map_err(|e| CtlError::Other(format!("{} (nothing was applied)", strip_error(e))))?;
+    }
+    let remotes = &session.remotes;
+    apply_items(items, out, |i, body| {
+        let node = &nodes[i];
+        let remote = remotes
+            .get(node)
+            .ok_or_else(|| format!("no agent for node {node}"))?;
+        let mut v = remote.call("POST", "/v1/faults", Some(body))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("node".into(), Value::String(node.clone()));
+        }
+        Ok(v)
+    })
+}
+
+/// The message of an error, without the `error: ` prefix.
+fn strip_error(e: CtlError) -> String {
+    let m = e.message();
+    m.strip_prefix("error: ").unwrap_or(&m).to_string()
+}
+
+/// `list` with `--kube` and no node: every ready agent's faults, with their
+/// node. Agents that cannot be asked are reported after the table (exit 1).
+fn kube_list_all(session: &mut KubeSession, out: Output) -> Result<String, CtlError> {
+    let (agents, mut problems) = session.kube.all_agents()?;
+    let problems: Vec<String> = problems.drain(..).map(|e| e.to_string()).collect();
+    let mut errors = problems;
+    let mut rows: Vec<(String, Value)> = Vec::new();
+    for agent in agents {
+        let node = agent.node.clone();
+        let remote = match session.remote_for(agent) {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("node {node}: {}", strip_error(e)));
+                continue;
+            }
+        };
+        match remote.call("GET", "/v1/faults", None) {
+            Ok(Value::Array(faults)) => rows.extend(faults.into_iter().map(|f| (node.clone(), f))),
+            Ok(other) => errors.push(format!(
+                "node {node}: unexpected fault list from netfaultd: {other}"
+            )),
+            Err(e) => errors.push(e),
+        }
+    }
+    let text = match out {
+        Output::Json => {
+            let all: Vec<Value> = rows
+                .into_iter()
+                .map(|(node, mut f)| {
+                    if let Some(o) = f.as_object_mut() {
+                        o.insert("node".into(), Value::String(node));
+                    }
+                    f
+                })
+                .collect();
+            format!("{}\n", pretty(&Value::Array(all))?)
+        }
+        Output::Table => {
+            let mut faults = Vec::with_capacity(rows.len());
+            for (node, v) in rows {
+                let f: Fault =
+                    serde_json::from_value(v).map_err(|e| bad_answer("fault list", e))?;
+                faults.push((node, f));
+            }
+            render::node_faults_table(&faults, now_ms())
+        }
+    };
+    if errors.is_empty() {
+        return Ok(text);
+    }
+    print!("{text}");
+    Err(CtlError::Other(errors.join("\nerror: ")))
 }
 
 fn main() -> ExitCode {
@@ -422,6 +829,58 @@ mod tests {
     }
 
     #[test]
+    fn kube_flags_are_checked() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["netfaultctl"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).expect("flags parse")
+        };
+        // Global flags on either side of the subcommand.
+        let cli = parse(&["--kube", "get", "f-1", "--pod", "shop/web"]);
+        assert!(cli.kube);
+        assert_eq!(cli.pod, Some(("shop".into(), "web".into())));
+        assert_eq!(cli.agent_namespace, "netfault");
+        assert_eq!(cli.agent_port, 7979);
+        assert!(check_flags(&cli).is_ok());
+        let cli = parse(&["list", "--kube", "--node", "n1", "--agent-port", "8000"]);
+        assert_eq!((cli.node.as_deref(), cli.agent_port), (Some("n1"), 8000));
+        assert!(check_flags(&cli).is_ok());
+        // --kube-only flags without --kube, and exclusive pairs.
+        for (args, flag) in [
+            (&["list", "--node", "n1"][..], "--node needs --kube"),
+            (&["list", "--pod", "a/b"][..], "--pod needs --kube"),
+            (
+                &["list", "--kubeconfig", "/k"][..],
+                "--kubeconfig needs --kube",
+            ),
+            (&["list", "--context", "c"][..], "--context needs --kube"),
+            (
+                &["--kube", "list", "--node", "n", "--pod", "a/b"][..],
+                "--node and --pod exclude each other",
+            ),
+            (
+                &[
+                    "--kube",
+                    "--url",
+                    "http://127.0.0.1:1",
+                    "--token-file",
+                    "/t",
+                    "list",
+                ][..],
+                "--url http://127.0.0.1:1 and --kube exclude each other",
+            ),
+        ] {
+            let e = check_flags(&parse(args)).expect_err("refused");
+            assert!(e.message().contains(flag), "{args:?}: {}", e.message());
+        }
+        // A malformed --pod and port 0 are usage errors.
+        assert!(Cli::try_parse_from(["netfaultctl", "--kube", "--pod", "a/b/c", "list"]).is_err());
+        assert!(
+            Cli::try_parse_from(["netfaultctl", "--kube", "--agent-port", "0", "list"]).is_err()
+        );
+    }
+
+    #[test]
     fn api_errors_name_the_field() {
         let e = CtlError::from(ClientError::Api {
             status: 400,
@@ -444,7 +903,7 @@ mod tests {
     fn partial_apply_reports_what_was_created() {
         let e = CtlError::Partial {
             label: "faults[2]".into(),
-            error: Box::new(ClientError::Api {
+            error: describe(&ClientError::Api {
                 status: 404,
                 code: ErrorCode::NotFound.to_string(),
                 field: Some("target.sandbox".into()),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use netfault_agent::cri::{Adopter, CriConfig};
+use netfault_agent::kube::uninstall::{on_terminate, OwnerWatch, SelfRef, Shutdown};
 use netfault_agent::kube::{KubeConfig, Source, Watch};
 use netfault_agent::metrics::Metrics;
 use netfault_agent::registry::{Config, Registry};
@@ -54,7 +55,10 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", value_parser = netfault_agent::server::loopback_addr, requires = "token_file")]
     listen_tcp: Option<std::net::SocketAddr>,
     /// File holding the TCP listener's bearer token (whitespace trimmed;
-    /// re-read when it changes, e.g. a Kubernetes Secret volume).
+    /// re-read when it changes, e.g. a Kubernetes Secret volume). A file
+    /// that does not exist yet (an optional Secret not created) is not an
+    /// error: the listener answers every request 503 until it appears. An
+    /// existing file that is empty, malformed or unreadable stops the agent.
     #[arg(long, value_name = "PATH", requires = "listen_tcp")]
     token_file: Option<PathBuf>,
     /// This node's name: the agent watches the pods scheduled on it
@@ -68,7 +72,19 @@ struct Args {
     /// node-only.
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
+    /// The agent's own pod and namespace (downward API). With a Kubernetes
+    /// client, SIGTERM asks the API server whether the pod's DaemonSet is
+    /// gone or being deleted: then this is an uninstall, and every
+    /// sandbox is released before the agent exits. Otherwise (a restart,
+    /// an upgrade, any doubt) faults stay to their deadlines.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS")]
+    pod_namespace: Option<String>,
 }
+
+/// How long SIGTERM waits for the API server's word on uninstalling.
+const UNINSTALL_CHECK: Duration = Duration::from_secs(8);
 
 /// The Kubernetes watch's configuration, or why the agent runs node-only.
 fn kube_config(args: &Args) -> Result<KubeConfig, &'static str> {
@@ -133,7 +149,7 @@ fn main() -> anyhow::Result<()> {
     let token = args
         .token_file
         .as_deref()
-        .map(TokenFile::open)
+        .map(TokenFile::open_or_wait)
         .transpose()?;
     let cri = (!args.cri_socket.is_empty()).then(|| CriConfig {
         socket: PathBuf::from(&args.cri_socket),
@@ -141,6 +157,16 @@ fn main() -> anyhow::Result<()> {
         call_timeout: CRI_CALL_TIMEOUT,
     });
     let kube = kube_config(&args);
+    let me = match (&kube, &args.pod_name, &args.pod_namespace) {
+        (Ok(cfg), Some(pod), Some(namespace)) if !pod.is_empty() && !namespace.is_empty() => {
+            Some(SelfRef {
+                source: cfg.source.clone(),
+                namespace: namespace.clone(),
+                pod: pod.clone(),
+            })
+        }
+        _ => None,
+    };
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
@@ -185,6 +211,10 @@ fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
         });
+        let owner = OwnerWatch::default();
+        if let Some(me) = me.clone() {
+            tokio::spawn(owner.clone().run(me));
+        }
         match kube {
             Ok(cfg) => {
                 tracing::info!(node = %cfg.node, source = ?cfg.source, "watching this node's pods");
@@ -234,12 +264,13 @@ fn main() -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
+        let registry = api.registry.clone();
         let server = serve(api, &args.socket, access);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => {
-                tracing::info!("terminated; leaving installed faults to their deadlines");
+                terminated(me, &owner, registry).await;
                 Ok(())
             }
             r = server => r.context("serving the API"),
@@ -252,4 +283,35 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// SIGTERM: an uninstall releases every sandbox; anything else leaves the
+/// faults to the next agent and to their deadlines.
+async fn terminated(me: Option<SelfRef>, owner: &OwnerWatch, registry: Arc<Registry>) {
+    let verdict = match &me {
+        None => Shutdown::Restart("no Kubernetes client or no POD_NAME/POD_NAMESPACE".into()),
+        Some(me) => tokio::time::timeout(UNINSTALL_CHECK, on_terminate(me, owner))
+            .await
+            .unwrap_or_else(|_| {
+                Shutdown::Restart(format!(
+                    "the API server did not answer within {UNINSTALL_CHECK:?}"
+                ))
+            }),
+    };
+    match verdict {
+        Shutdown::Restart(why) => {
+            tracing::info!(reason = %why, "terminated; leaving installed faults to their deadlines")
+        }
+        Shutdown::Uninstall(why) => {
+            tracing::info!(reason = %why, "uninstalling: releasing every sandbox");
+            match tokio::task::spawn_blocking(move || registry.release_all()).await {
+                Ok(Ok(n)) => tracing::info!(
+                    sandboxes = n,
+                    "uninstalled: nothing of netfault is left in the pods"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "releasing at uninstall failed"),
+                Err(e) => tracing::error!(error = %e, "the release task failed"),
+            }
+        }
+    }
 }

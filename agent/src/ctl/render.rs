@@ -165,23 +165,38 @@ const FAULT_COLUMNS: [&str; 9] = [
 ];
 
 pub fn faults_table(faults: &[Fault], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = faults.iter().map(|f| fault_row(f, now_ms)).collect();
+    table(&FAULT_COLUMNS, &rows)
+}
+
+fn fault_row(f: &Fault, now_ms: u64) -> Vec<String> {
+    vec![
+        f.id.clone(),
+        or_dash(short_id(&f.sandbox)),
+        action_summary(&f.spec),
+        f.spec["direction"].as_str().unwrap_or("both").to_string(),
+        match_summary(&f.spec),
+        or_dash(f.state.clone()),
+        remaining(f, now_ms),
+        f.counters.matched.to_string(),
+        f.counters.dropped.to_string(),
+    ]
+}
+
+/// `netfaultctl --kube list` over every node: the `list` table with a NODE
+/// column first.
+pub fn node_faults_table(faults: &[(String, Fault)], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = faults
         .iter()
-        .map(|f| {
-            vec![
-                f.id.clone(),
-                or_dash(short_id(&f.sandbox)),
-                action_summary(&f.spec),
-                f.spec["direction"].as_str().unwrap_or("both").to_string(),
-                match_summary(&f.spec),
-                or_dash(f.state.clone()),
-                remaining(f, now_ms),
-                f.counters.matched.to_string(),
-                f.counters.dropped.to_string(),
-            ]
+        .map(|(node, f)| {
+            let mut row = vec![node.clone()];
+            row.extend(fault_row(f, now_ms));
+            row
         })
         .collect();
-    table(&FAULT_COLUMNS, &rows)
+    let mut headers = vec!["NODE"];
+    headers.extend(FAULT_COLUMNS);
+    table(&headers, &rows)
 }
 
 /// `netfaultctl get`: one fault as `key: value` lines.

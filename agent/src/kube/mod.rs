@@ -28,8 +28,11 @@ use kube::{Api, Client};
 use netfault_api::PodRef;
 use serde_json::json;
 
+use crate::registry::notice::FaultNotice;
 use crate::registry::state::is_netfault_key;
 use crate::registry::{AnnotationOutcome, Registry};
+
+pub mod uninstall;
 
 /// How often pods seen before their sandbox was enrolled are retried.
 const RETRY_UNENROLLED: Duration = Duration::from_millis(500);
@@ -60,6 +63,29 @@ pub enum KubeError {
     Client(String),
 }
 
+/// A client for `source`.
+pub async fn make_client(source: &Source) -> Result<Client, KubeError> {
+    let config = match source {
+        Source::Kubeconfig(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| KubeError::Kubeconfig {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })?
+        }
+        Source::InCluster => {
+            kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?
+        }
+    };
+    Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+}
+
 /// What the watch keeps of one pod.
 #[derive(Debug, Clone)]
 struct Watched {
@@ -78,6 +104,9 @@ pub struct Watch {
     last_error: Option<String>,
     /// Posts Events on the pods (set once the client exists).
     recorder: Option<Recorder>,
+    /// Fault notices from the registry, queued from the start, posted as
+    /// Events once the client exists.
+    notices: Option<tokio::sync::mpsc::Receiver<FaultNotice>>,
 }
 
 /// The `reportingController` of the agent's Events.
@@ -85,37 +114,16 @@ pub const EVENT_CONTROLLER: &str = "netfault.io/netfaultd";
 
 impl Watch {
     pub fn new(cfg: KubeConfig, registry: Arc<Registry>) -> Watch {
+        let notices = Some(registry.subscribe_notices());
         Watch {
             cfg,
             registry,
+            notices,
             pods: HashMap::new(),
             connected: false,
             last_error: None,
             recorder: None,
         }
-    }
-
-    async fn client(&self) -> Result<Client, KubeError> {
-        let config = match &self.cfg.source {
-            Source::Kubeconfig(path) => {
-                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    KubeError::Kubeconfig {
-                        path: path.display().to_string(),
-                        msg: e.to_string(),
-                    }
-                })?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .map_err(|e| KubeError::Kubeconfig {
-                        path: path.display().to_string(),
-                        msg: e.to_string(),
-                    })?
-            }
-            Source::InCluster => {
-                kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?
-            }
-        };
-        Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
     }
 
     fn publish(&self) {
@@ -129,6 +137,7 @@ impl Watch {
             "connected": self.connected,
             "last_error": self.last_error,
             "watched_pods": self.pods.len(),
+            "events_dropped": self.registry.notices_dropped(),
         }));
     }
 
@@ -136,7 +145,7 @@ impl Watch {
     pub async fn run(mut self) {
         self.publish();
         let client = loop {
-            match self.client().await {
+            match make_client(&self.cfg.source).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::error!(error = %e, "no Kubernetes client; retrying in 5s");
@@ -153,6 +162,9 @@ impl Watch {
                 instance: Some(self.cfg.node.clone()),
             },
         );
+        if let Some(rx) = self.notices.take() {
+            tokio::spawn(post_notices(rx, recorder.clone()));
+        }
         self.recorder = Some(recorder.clone());
         // NetworkFaults: their own watches (all namespaces, all pods).
         tokio::spawn(
@@ -295,28 +307,6 @@ impl Watch {
             })) => {
                 tracing::info!(pod = %who, sandbox = %sandbox, removed = removed.len(), installed = ?installed, "annotation faults reconciled");
                 tracing::debug!(pod = %who, micros = took.as_micros() as u64, "watch event to effect");
-                if !removed.is_empty() {
-                    self.event(
-                        pod,
-                        EventType::Normal,
-                        "FaultRemoved",
-                        format!(
-                            "removed fault(s) {} (netfault.io annotations changed)",
-                            removed.join(", ")
-                        ),
-                    );
-                }
-                if !installed.is_empty() {
-                    self.event(
-                        pod,
-                        EventType::Normal,
-                        "FaultApplied",
-                        format!(
-                            "applied fault(s) {} from netfault.io annotations",
-                            installed.join(", ")
-                        ),
-                    );
-                }
                 true
             }
             Ok(Ok(AnnotationOutcome::Invalid { sandbox, error })) => {
@@ -335,32 +325,79 @@ impl Watch {
         }
     }
 
-    /// Posts an Event on the pod in the background (deduplicated by the
-    /// recorder into a series, as kubectl expects); a failure is logged.
+    /// Posts an Event on the pod in the background; a failure is logged.
     fn event(&self, pod: &PodRef, type_: EventType, reason: &str, note: String) {
         let Some(recorder) = self.recorder.clone() else {
             return;
         };
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
-            ..Default::default()
-        };
-        let ev = KubeEvent {
-            type_,
-            reason: reason.into(),
-            // The API server caps a note at 1 kB.
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, reason = %ev.reason, "posting an Event failed");
-            }
-        });
+        let reason = reason.to_string();
+        let pod = pod.clone();
+        tokio::spawn(async move { post_event(&recorder, &pod, type_, reason, note, None).await });
     }
+}
+
+/// Posts the registry's fault notices as Events on their pods, one at a
+/// time (the queue bounds what waits while the API server is slow).
+async fn post_notices(mut rx: tokio::sync::mpsc::Receiver<FaultNotice>, recorder: Recorder) {
+    while let Some(n) = rx.recv().await {
+        let type_ = if n.kind.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        let action = n.fault.clone();
+        post_event(
+            &recorder,
+            &n.pod,
+            type_,
+            n.kind.reason().into(),
+            n.note,
+            action,
+        )
+        .await;
+    }
+}
+
+/// Posts one Event on `pod`; a failure is logged.
+///
+/// kube-rs's recorder turns a repeat of an Event into a series (count and
+/// last seen) by its reason, action and object, not its note. So the
+/// action names what the Event is about: the fault's id for a fault's
+/// step (each fault its own Event), else `Reconcile-<digest of the note>`
+/// (the same error seen again is a series; a new error a new Event).
+async fn post_event(
+    recorder: &Recorder,
+    pod: &PodRef,
+    type_: EventType,
+    reason: String,
+    note: String,
+    fault: Option<String>,
+) {
+    let action = fault.unwrap_or_else(|| format!("Reconcile-{:08x}", digest(&note) as u32));
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.name.clone()),
+        namespace: Some(pod.namespace.clone()),
+        uid: Some(pod.uid.clone()),
+        ..Default::default()
+    };
+    let ev = KubeEvent {
+        type_,
+        reason,
+        // The API server caps a note at 1 kB.
+        note: Some(note.chars().take(1000).collect()),
+        action,
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        tracing::warn!(error = %e, reason = %ev.reason, "posting an Event failed");
+    }
+}
+
+/// 64-bit FNV-1a: a stable digest for Event actions.
+fn digest(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

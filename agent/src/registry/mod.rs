@@ -15,6 +15,7 @@
 //! [`CounterReader`]s, so they never wait for a change in progress.
 
 mod error;
+pub mod notice;
 mod pending;
 mod persist;
 mod reconcile;
@@ -41,6 +42,7 @@ use std::collections::BTreeMap;
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
 pub use error::AgentError;
+use notice::{FaultNotice, NoticeKind, Notices};
 use persist::StateDir;
 pub use resource::{PodOutcome, ResourceFaults, ResourceOutcome};
 use state::{annotation_digest, FaultId, FaultRecord, SandboxRecord, State};
@@ -65,6 +67,8 @@ struct Shared {
     host: Box<dyn Host>,
     dir: StateDir,
     state: Mutex<State>,
+    /// Faults of pods applied, removed, expired or failed (pod Events).
+    notices: Notices,
 }
 
 impl Shared {
@@ -197,6 +201,7 @@ impl Registry {
                 host,
                 dir,
                 state: Mutex::new(state),
+                notices: Notices::default(),
             }),
             owner: Owner::start(backends)?,
             gauge: None,
@@ -308,6 +313,17 @@ impl Registry {
         self.change(move |c| c.apply_pod_annotations(&pod, annotations))
     }
 
+    /// Starts the queue of fault notices for pods (applied, removed,
+    /// expired, failed), which the Kubernetes side posts as Events.
+    pub fn subscribe_notices(&self) -> tokio::sync::mpsc::Receiver<FaultNotice> {
+        self.shared.notices.subscribe()
+    }
+
+    /// Notices dropped because the queue was full.
+    pub fn notices_dropped(&self) -> u64 {
+        self.shared.notices.dropped()
+    }
+
     /// Adds the `kubernetes` section to [`Registry::capabilities`].
     pub fn set_kubernetes_status(&self, status: Value) {
         *self.kube_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
@@ -369,6 +385,25 @@ impl Registry {
     pub fn delete_fault(&self, id: &str) -> Result<(), AgentError> {
         let id = FaultId::from(id);
         self.change(move |c| c.delete_fault(&id))
+    }
+
+    /// Releases every sandbox (the agent is being uninstalled): their
+    /// faults and everything the backends attached go, as at CNI DEL.
+    /// Returns how many were released; a failure is logged and the rest
+    /// still go.
+    pub fn release_all(&self) -> Result<usize, AgentError> {
+        let ids: Vec<SandboxId> = self.shared.lock().sandboxes.keys().cloned().collect();
+        let mut released = 0;
+        for id in ids {
+            let sb = id.clone();
+            match self.change(move |c| c.release(&sb)) {
+                Ok(()) => released += 1,
+                Err(e) => {
+                    tracing::error!(sandbox = %id, error = %e, "releasing at uninstall failed")
+                }
+            }
+        }
+        Ok(released)
     }
 
     /// Marks faults past their deadline expired (the kernel already stopped
@@ -461,7 +496,22 @@ impl Core<'_> {
             if spec.target.is_none() {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
-            self.admit(&st, sandbox, &spec)?;
+            if let Err(e) = self.admit(&st, sandbox, &spec) {
+                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
+                drop(st);
+                let e = AgentError::from(e);
+                if let Some(pod) = pod {
+                    self.sh.notices.send(FaultNotice::new(
+                        NoticeKind::Failed,
+                        &pod,
+                        None,
+                        &spec,
+                        source,
+                        Some(&e.to_string()),
+                    ));
+                }
+                return Err(e);
+            }
             let mut rec = FaultRecord::new(sandbox, spec, source, now);
             rec.owner = owner;
             let id = rec.id.clone();
@@ -469,10 +519,21 @@ impl Core<'_> {
             id
         };
         if let Err(e) = self.sync(sandbox, kind) {
-            {
+            let (gone, pod) = {
                 let mut st = self.lock();
-                st.faults.remove(&id);
                 st.readers.remove(&id);
+                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
+                (st.faults.remove(&id), pod)
+            };
+            if let (Some(f), Some(pod)) = (gone, pod) {
+                self.sh.notices.send(FaultNotice::new(
+                    NoticeKind::Failed,
+                    &pod,
+                    None,
+                    &f.spec,
+                    source,
+                    Some(&e.to_string()),
+                ));
             }
             self.backend(kind).forget_fault(&id);
             if let Err(undo) = self.sync(sandbox, kind) {
@@ -489,7 +550,30 @@ impl Core<'_> {
                 .ok_or_else(|| AgentError::Internal("fault vanished during install".into()))?
         };
         tracing::info!(fault = %view.id, sandbox = %sandbox, action = %view.spec["action"]["type"], backend = %view.backend, "fault installed");
+        self.notify(NoticeKind::Applied, &id);
         Ok(view)
+    }
+
+    /// Tells the reporter what happened to fault `id` (a pod's only).
+    fn notify(&self, kind: NoticeKind, id: &FaultId) {
+        let st = self.lock();
+        let Some(f) = st.faults.get(id) else {
+            return;
+        };
+        if let Some(pod) = st
+            .sandboxes
+            .get(&f.sandbox)
+            .and_then(SandboxRecord::pod_ref)
+        {
+            self.sh.notices.send(FaultNotice::new(
+                kind,
+                &pod,
+                Some(id.as_str()),
+                &f.spec,
+                f.source,
+                None,
+            ));
+        }
     }
 
     fn delete_fault(&mut self, id: &FaultId) -> Result<(), AgentError> {
@@ -503,6 +587,21 @@ impl Core<'_> {
         };
         if !f.expired {
             self.sync(&f.sandbox, f.backend())?;
+            let pod = self
+                .lock()
+                .sandboxes
+                .get(&f.sandbox)
+                .and_then(SandboxRecord::pod_ref);
+            if let Some(pod) = pod {
+                self.sh.notices.send(FaultNotice::new(
+                    NoticeKind::Removed,
+                    &pod,
+                    Some(f.id.as_str()),
+                    &f.spec,
+                    f.source,
+                    None,
+                ));
+            }
         }
         self.backend(f.backend()).forget_fault(&f.id);
         self.settle(&f.sandbox);
@@ -787,6 +886,9 @@ impl Core<'_> {
             }
             due
         };
+        for (id, ..) in &due {
+            self.notify(NoticeKind::Expired, id);
+        }
         let mut touched: Vec<(SandboxId, BackendKind)> =
             due.iter().map(|(_, sb, k)| (sb.clone(), *k)).collect();
         touched.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));

@@ -92,6 +92,11 @@ pub fn is_netfault_key(key: &str) -> bool {
 }
 
 impl SandboxRecord {
+    /// The pod it belongs to, if the runtime named one (Events go there).
+    pub fn pod_ref(&self) -> Option<PodRef> {
+        self.pod.clone().filter(|p| !p.name.is_empty())
+    }
+
     /// The sandbox as its backends see it, in `netns` (`None`: gone).
     pub fn ctx<'a>(&'a self, netns: Option<&'a Netns>) -> SandboxCtx<'a> {
         SandboxCtx {
