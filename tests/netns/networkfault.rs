@@ -132,6 +132,18 @@ fn mode_all_selects_by_label_and_delete_removes() {
     assert_eq!(e["observedGeneration"], 1);
     let nf = k.server.networkfault(&uid).expect("stored");
     assert_eq!(nf["status"]["selectedPods"], 2, "{nf}");
+    // The registry's lifecycle notices cover resource faults: pod Events.
+    for pod in [&a, &b] {
+        wait_for("FaultApplied (resource source) on the pod", || {
+            k.server.events().iter().any(|ev| {
+                ev["reason"] == "FaultApplied"
+                    && ev["regarding"]["uid"] == pod.uid.as_str()
+                    && ev["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("(resource source)"))
+            })
+        });
+    }
     let caps = k
         .bed
         .agent
