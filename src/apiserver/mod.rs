@@ -270,6 +270,12 @@ impl ApiServer {
         self.shared.lock().requests.clone()
     }
 
+    /// Panics, listing them, if any request went unscripted (got 404).
+    pub fn assert_all_scripted(&self) {
+        let unscripted = self.requests();
+        assert!(unscripted.is_empty(), "unscripted requests: {unscripted:?}");
+    }
+
     /// How many lists and watches were served.
     pub fn lists(&self) -> u64 {
         self.shared.lock().lists
@@ -410,6 +416,11 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
+/// `watch=true` (or `1`) in a query.
+pub(super) fn is_watch(query: &BTreeMap<String, String>) -> bool {
+    query.get("watch").is_some_and(|v| v == "true" || v == "1")
+}
+
 fn serve_conn(sh: &Shared, conn: TcpStream) {
     let Ok(read_half) = conn.try_clone() else {
         return;
@@ -439,17 +450,20 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
             portforward::Served::Answered(Err(_)) | portforward::Served::Upgraded => return,
         }
         let r = match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/api/v1/pods")
-                if req
-                    .query
-                    .get("watch")
-                    .is_some_and(|v| v == "true" || v == "1") =>
+            ("GET", p)
+                if is_watch(&req.query)
+                    && (p == "/api/v1/pods" || p == networkfaults::COLLECTION) =>
             {
+                let collection = if p == "/api/v1/pods" {
+                    Collection::Pods
+                } else {
+                    Collection::NetworkFaults
+                };
                 if let Some(c) = sh.lock().conns.get_mut(idx) {
                     c.0 = true;
                 }
                 // A watch ends its connection (Connection: close).
-                let _ = watch(sh, &mut w, &req.query, Collection::Pods);
+                let _ = watch(sh, &mut w, &req.query, collection);
                 let _ = w.shutdown(Shutdown::Both);
                 return;
             }
@@ -469,19 +483,6 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
                 });
                 drop(st);
                 respond(&mut w, "200 OK", &list)
-            }
-            ("GET", networkfaults::COLLECTION)
-                if req
-                    .query
-                    .get("watch")
-                    .is_some_and(|v| v == "true" || v == "1") =>
-            {
-                if let Some(c) = sh.lock().conns.get_mut(idx) {
-                    c.0 = true;
-                }
-                let _ = watch(sh, &mut w, &req.query, Collection::NetworkFaults);
-                let _ = w.shutdown(Shutdown::Both);
-                return;
             }
             (_, p) if p.starts_with(networkfaults::PREFIX) => {
                 networkfaults::serve(sh, &mut w, &req)

@@ -36,7 +36,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha1::{Digest, Sha1};
 
-use super::{respond, status, ApiServer, Collection, Request, Shared, St};
+use super::{is_watch, respond, status, ApiServer, Collection, Request, Shared, St};
 
 /// The subprotocol the kubelet serves port-forwards with (and kube-rs offers
 /// after `v5.channel.k8s.io`, which port-forward does not support).
@@ -183,14 +183,7 @@ pub(super) fn serve(
     };
     let segs: Vec<&str> = rest.split('/').collect();
     match segs.as_slice() {
-        [ns, "pods"]
-            if !req
-                .query
-                .get("watch")
-                .is_some_and(|v| v == "true" || v == "1") =>
-        {
-            Served::Answered(list_pods(sh, w, ns, &req.query))
-        }
+        [ns, "pods"] if !is_watch(&req.query) => Served::Answered(list_pods(sh, w, ns, &req.query)),
         [ns, "pods", name] => {
             let pod = find_pod(&sh.lock(), ns, name);
             Served::Answered(match pod {

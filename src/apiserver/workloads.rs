@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::portforward::agent_pod;
-use super::{chunk, respond, status, ApiServer, Request, Shared};
+use super::{chunk, is_watch, respond, status, ApiServer, Request, Shared};
 
 /// What this module keeps inside the server's state.
 #[derive(Default)]
@@ -169,11 +169,7 @@ pub(super) fn serve(
                 ds["metadata"]["namespace"] == ns
                     && name.as_deref().is_none_or(|n| ds["metadata"]["name"] == n)
             };
-            if req
-                .query
-                .get("watch")
-                .is_some_and(|v| v == "true" || v == "1")
-            {
+            if is_watch(&req.query) {
                 let from: u64 = req
                     .query
                     .get("resourceVersion")

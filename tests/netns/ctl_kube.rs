@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testbed::apiserver::portforward::agent_pod;
-use testbed::{udp_probe, Agent, AgentNode, ApiServer, Node, NodeOptions, Pod, TempDir};
+use testbed::{udp_probe, AgentNode, ApiServer, Pod, TempDir};
 
 use crate::support::{v4, Gate};
-use crate::tcp_api::{tcp_addr, write_token};
+use crate::tcp_api::{tcp_agent_node, write_token};
 
 const TOKEN: &str = "ctl-kube-token-0123456789abcdefghij";
 const AGENT_NS: &str = "netfault";
@@ -40,18 +40,7 @@ impl KubeBed {
         let dir = TempDir::new("netfault-ctlkube").expect("temp dir");
         let token = dir.path().join("token");
         write_token(&token, TOKEN);
-        let token_arg = token.to_str().expect("utf-8 path").to_string();
-        let agent = Agent::start_with_args(
-            dir.path(),
-            &["--listen-tcp", "127.0.0.1:0", "--token-file", &token_arg],
-        )
-        .unwrap_or_else(|e| panic!("netfaultd with --listen-tcp: {e}"));
-        let addr = tcp_addr(&agent);
-        let node = Node::new(NodeOptions {
-            socket: agent.socket(),
-            ..NodeOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("node netns and CNI chain: {e}"));
+        let (bed, addr) = tcp_agent_node(dir, &token);
         let server = ApiServer::start().expect("scripted API server");
         let node_name = testbed::unique_name("node");
         let agent_pod = testbed::unique_name("nfagt");
@@ -66,7 +55,7 @@ impl KubeBed {
             &[("token", format!("{TOKEN}\n").as_bytes())],
         );
         KubeBed {
-            bed: AgentNode { node, agent, dir },
+            bed,
             server,
             node: node_name,
             agent_pod,

@@ -43,14 +43,7 @@ fn annotations_on_a_running_pod_reconcile_only_their_faults() {
     let (p1, p2, p3) = (7101, 7102, 7103);
     assert!(passes(&a, &b, p1) && passes(&a, &b, p2) && passes(&a, &b, p3));
 
-    let api = k.bed.agent.post_fault(&fault_on(
-        &a,
-        "egress",
-        proto_port("udp", p3),
-        blackhole(),
-        "5m",
-    ));
-    let api = api.expect("API fault");
+    let api = k.api_blackhole(&a, p3);
     assert!(blocked(&a, &b, p3), "the API fault acts");
 
     k.annotate(&a, &[blackhole_port(p1, "5m")]);
@@ -120,11 +113,7 @@ fn annotations_on_a_running_pod_reconcile_only_their_faults() {
     let api_fault = k.bed.agent.get_fault(&api).expect("API fault listed");
     assert_eq!(api_fault["source"], "api");
     assert_eq!(api_fault["state"], "active");
-    assert!(
-        k.server.requests().is_empty(),
-        "unscripted requests: {:?}",
-        k.server.requests()
-    );
+    k.server.assert_all_scripted();
 }
 
 /// A re-list (410 Gone) and an agent restart with the same annotation change
@@ -284,17 +273,7 @@ fn events_for_faults_of_every_source() {
     let b = k.pod("b");
     let (p1, p2) = (7131, 7132);
 
-    let api = k
-        .bed
-        .agent
-        .post_fault(&fault_on(
-            &a,
-            "egress",
-            proto_port("udp", p1),
-            blackhole(),
-            "5m",
-        ))
-        .expect("API fault");
+    let api = k.api_blackhole(&a, p1);
     assert!(blocked(&a, &b, p1), "the API fault acts");
     let ev = wait_event(&k, &a, "FaultApplied", "Normal", &api);
     assert!(

@@ -10,9 +10,7 @@ use netfault_k8s::{select, Mode, PodKey, Requirement, Selector};
 use serde_json::{json, Value};
 use testbed::Pod;
 
-use crate::support::{
-    blackhole, blocked, fault_on, passes, proto_port, wait_for, KubeNode, Pristine,
-};
+use crate::support::{blocked, passes, proto_port, wait_for, KubeNode, Pristine};
 
 /// A NetworkFault spec: an egress blackhole of UDP `port` on the pods
 /// labelled `app=<app>`.
@@ -91,17 +89,7 @@ fn mode_all_selects_by_label_and_delete_removes() {
     let pristine_b = Pristine::of(&b);
     let pristine_c = Pristine::of(&c);
     assert!(passes(&a, &peer, p) && passes(&b, &peer, p) && passes(&c, &peer, p));
-    let api = k
-        .bed
-        .agent
-        .post_fault(&fault_on(
-            &a,
-            "egress",
-            proto_port("udp", p_api),
-            blackhole(),
-            "5m",
-        ))
-        .expect("API fault");
+    let api = k.api_blackhole(&a, p_api);
     assert!(blocked(&a, &peer, p_api));
 
     let uid =
@@ -196,11 +184,7 @@ fn mode_all_selects_by_label_and_delete_removes() {
         (Some("api"), Some("active"))
     );
     pristine_c.assert_unchanged("c after the delete");
-    assert!(
-        k.server.requests().is_empty(),
-        "unscripted requests: {:?}",
-        k.server.requests()
-    );
+    k.server.assert_all_scripted();
 }
 
 /// `one`, `fixed` and `fixed-percent` with pods here and on two other

@@ -549,6 +549,20 @@ pub struct KubeNode {
 }
 
 impl KubeNode {
+    /// An API fault blackholing `pod`'s egress UDP `port` for 5 minutes: its id.
+    pub fn api_blackhole(&self, pod: &Pod, port: u16) -> String {
+        self.bed
+            .agent
+            .post_fault(&fault_on(
+                pod,
+                "egress",
+                proto_port("udp", port),
+                blackhole(),
+                "5m",
+            ))
+            .unwrap_or_else(|e| panic!("API fault on {}: {e}", pod.name))
+    }
+
     pub fn start() -> KubeNode {
         KubeNode::start_with(&[])
     }

@@ -33,6 +33,13 @@ fn tcp_node(prefix: &str) -> (AgentNode, PathBuf, SocketAddr) {
     let dir = TempDir::new(prefix).expect("temp dir");
     let token = dir.path().join("token");
     write_token(&token, TOKEN);
+    let (bed, addr) = tcp_agent_node(dir, &token);
+    (bed, token, addr)
+}
+
+/// An agent in `dir` with `--listen-tcp 127.0.0.1:0 --token-file TOKEN`
+/// (which need not exist yet), its node, and the TCP address it logged.
+pub(crate) fn tcp_agent_node(dir: TempDir, token: &Path) -> (AgentNode, SocketAddr) {
     let token_arg = token.to_str().expect("utf-8 path").to_string();
     let agent = Agent::start_with_args(
         dir.path(),
@@ -44,8 +51,8 @@ fn tcp_node(prefix: &str) -> (AgentNode, PathBuf, SocketAddr) {
         socket: agent.socket(),
         ..NodeOptions::default()
     })
-    .expect("node netns and CNI chain");
-    (AgentNode { node, agent, dir }, token, addr)
+    .unwrap_or_else(|e| panic!("node netns and CNI chain: {e}"));
+    (AgentNode { node, agent, dir }, addr)
 }
 
 /// The address from the agent's "serving the API on TCP" log line.
@@ -425,18 +432,7 @@ fn tcp_api_answers_503_until_the_token_file_appears() {
     let dir = TempDir::new("netfault-tcp-wait").expect("temp dir");
     let token_file = dir.path().join("secret").join("token");
     let token_arg = token_file.to_str().expect("utf-8 path").to_string();
-    let agent = Agent::start_with_args(
-        dir.path(),
-        &["--listen-tcp", "127.0.0.1:0", "--token-file", &token_arg],
-    )
-    .unwrap_or_else(|e| panic!("netfaultd without its token file yet: {e}"));
-    let addr = tcp_addr(&agent);
-    let node = Node::new(NodeOptions {
-        socket: agent.socket(),
-        ..NodeOptions::default()
-    })
-    .expect("node netns and CNI chain");
-    let bed = AgentNode { node, agent, dir };
+    let (bed, addr) = tcp_agent_node(dir, &token_file);
     let [a, b] = [
         bed.add_pod("a").expect("pod a"),
         bed.add_pod("b").expect("pod b"),
