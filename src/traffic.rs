@@ -124,6 +124,23 @@ pub fn unspecified(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Binds UDP `port` in `pod`. A port the previous probe just closed can
+/// still be held for a moment by a child process this test binary is
+/// spawning (it inherits the socket between fork and exec, which then
+/// closes it): `EADDRINUSE` is retried for up to a second.
+fn bind_udp_port(pod: &Pod, any: IpAddr, port: u16) -> Result<UdpSocket> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let bound = in_netns(pod.netns.path(), move || UdpSocket::bind((any, port)))?;
+        match bound {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.ctx(|| format!("binding UDP {port} in pod {}", pod.name)),
+        }
+    }
+}
+
 /// [`udp_probe`] with all the knobs.
 pub fn udp_probe_with(
     from: &Pod,
@@ -133,8 +150,7 @@ pub fn udp_probe_with(
 ) -> Result<UdpProbe> {
     let any = unspecified(to_ip);
     let port = opts.port;
-    let rx = in_netns(to.netns.path(), move || UdpSocket::bind((any, port)))?
-        .ctx(|| format!("binding UDP {port} in pod {}", to.name))?;
+    let rx = bind_udp_port(to, any, port)?;
     rx.set_read_timeout(Some(Duration::from_millis(20)))
         .ctx(|| "SO_RCVTIMEO".into())?;
     let tx = in_netns(from.netns.path(), move || UdpSocket::bind((any, 0)))?

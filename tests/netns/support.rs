@@ -71,9 +71,11 @@ impl Cluster {
     }
 
     /// A cluster for a timing test: waits until no other cluster test runs,
-    /// and keeps others out until it is dropped.
+    /// keeps others out until it is dropped, and starts once the machine
+    /// is quiet (see [`wait_for_quiet_cpu`]).
     pub fn exclusive(ipv6: bool) -> Cluster {
         let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
+        wait_for_quiet_cpu();
         let opts = NodeOptions {
             ipv6,
             ..NodeOptions::default()
@@ -685,4 +687,46 @@ pub fn blocked(from: &Pod, to: &Pod, port: u16) -> bool {
     let p = udp_probe(from, to, v4(to), port, 50, Duration::from_micros(200))
         .unwrap_or_else(|e| panic!("udp probe {} -> {}:{port}: {e}", from.name, to.name));
     p.received == 0
+}
+
+/// (busy, total) jiffies over all CPUs, from the first line of /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle + iowait
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// Waits (at most 20 s) until the CPUs were at least 85% idle over 300 ms.
+/// The kernel tears the network namespaces of finished tests down in the
+/// background (kworkers), which can take a core for seconds after a test
+/// with many pods; a timing test measured during that measures the
+/// teardown. Says how long it waited when it had to.
+pub fn wait_for_quiet_cpu() {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        let Some((b0, t0)) = cpu_jiffies() else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let Some((b1, t1)) = cpu_jiffies() else {
+            return;
+        };
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if busy <= 0.15 {
+            if t.elapsed() > Duration::from_secs(1) {
+                eprintln!("timing test: waited {:?} for a quiet machine", t.elapsed());
+            }
+            return;
+        }
+    }
+    eprintln!("timing test: the machine stayed busy for 20 s; measuring anyway");
 }
