@@ -39,10 +39,70 @@ use crate::error::{Context, Result};
 use crate::tmp::TempDir;
 
 mod networkfaults;
-use networkfaults::Collection;
 pub mod portforward;
 pub use portforward::Forward;
 pub mod workloads;
+
+/// Which collection a history event (and a watch) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Collection {
+    Pods,
+    NetworkFaults,
+    DaemonSets,
+}
+
+impl Collection {
+    fn kind(self) -> &'static str {
+        match self {
+            Collection::Pods => "Pod",
+            Collection::NetworkFaults => "NetworkFault",
+            Collection::DaemonSets => "DaemonSet",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Collection::Pods => "v1",
+            Collection::NetworkFaults => "netfault.io/v1alpha1",
+            Collection::DaemonSets => "apps/v1",
+        }
+    }
+
+    /// The collection a watchable path lists, and the namespace a
+    /// namespaced path implies.
+    fn of_path(path: &str) -> Option<(Collection, Option<&str>)> {
+        if path == "/api/v1/pods" {
+            return Some((Collection::Pods, None));
+        }
+        if path == networkfaults::COLLECTION {
+            return Some((Collection::NetworkFaults, None));
+        }
+        let ns = path
+            .strip_prefix("/apis/apps/v1/namespaces/")?
+            .strip_suffix("/daemonsets")?;
+        (!ns.contains('/')).then_some((Collection::DaemonSets, Some(ns)))
+    }
+}
+
+/// What a module's `serve` did with a request.
+enum Served {
+    /// Not one of its paths.
+    No,
+    /// Answered; the connection may carry another request.
+    Answered(std::io::Result<()>),
+    /// The connection was taken over (upgraded) and is finished.
+    Finished,
+}
+
+/// A `<Kind>List` of `items` at resourceVersion `rv`.
+fn list_response(collection: Collection, rv: u64, items: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": collection.api_version(),
+        "kind": format!("{}List", collection.kind()),
+        "metadata": {"resourceVersion": rv.to_string()},
+        "items": items,
+    })
+}
 
 /// Time between two bookmarks on an idle watch.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
@@ -69,7 +129,10 @@ struct St {
     /// Every connection, to cut them (drop_watches, Drop).
     conns: Vec<(bool, TcpStream)>,
     pf: portforward::State,
-    workloads: workloads::State,
+    /// (namespace, name) -> DaemonSet (see `workloads`).
+    daemonsets: BTreeMap<(String, String), Value>,
+    /// Path prefixes whose new requests get 403 ([`ApiServer::forbid`]).
+    forbidden: Vec<String>,
 }
 
 struct Shared {
@@ -405,6 +468,8 @@ fn selected(pod: &Value, query: &BTreeMap<String, String>) -> bool {
     };
     sel.split(',').all(|term| match term.split_once('=') {
         Some(("spec.nodeName", node)) => pod["spec"]["nodeName"] == node,
+        Some(("metadata.name", name)) => pod["metadata"]["name"] == name,
+        Some(("metadata.namespace", ns)) => pod["metadata"]["namespace"] == ns,
         _ => true,
     })
 }
@@ -435,38 +500,52 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
     };
     let mut reader = BufReader::new(read_half);
     let mut w = conn;
-    while let Some(req) = read_request(&mut reader) {
+    'requests: while let Some(req) = read_request(&mut reader) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
-        match workloads::serve(sh, &mut reader, &mut w, &req) {
-            workloads::Served::No => {}
-            workloads::Served::Answered(Ok(())) => continue,
-            workloads::Served::Answered(Err(_)) | workloads::Served::Streamed => return,
-        }
-        match portforward::serve(sh, &mut reader, &mut w, &req) {
-            portforward::Served::No => {}
-            portforward::Served::Answered(Ok(())) => continue,
-            portforward::Served::Answered(Err(_)) | portforward::Served::Upgraded => return,
-        }
-        let r = match (req.method.as_str(), req.path.as_str()) {
-            ("GET", p)
-                if is_watch(&req.query)
-                    && (p == "/api/v1/pods" || p == networkfaults::COLLECTION) =>
-            {
-                let collection = if p == "/api/v1/pods" {
-                    Collection::Pods
-                } else {
-                    Collection::NetworkFaults
-                };
-                if let Some(c) = sh.lock().conns.get_mut(idx) {
-                    c.0 = true;
-                }
-                // A watch ends its connection (Connection: close).
-                let _ = watch(sh, &mut w, &req.query, collection);
-                let _ = w.shutdown(Shutdown::Both);
+        let forbidden = sh
+            .lock()
+            .forbidden
+            .iter()
+            .any(|p| req.path.starts_with(p.as_str()));
+        if forbidden {
+            let msg = format!("forbidden: {} {}", req.method, req.path);
+            if respond(&mut w, "403 Forbidden", &status(403, "Forbidden", &msg)).is_err() {
                 return;
             }
+            continue;
+        }
+        let watched =
+            Collection::of_path(&req.path).filter(|_| req.method == "GET" && is_watch(&req.query));
+        if let Some((collection, ns)) = watched {
+            let mut query = req.query.clone();
+            if let Some(ns) = ns {
+                let terms = query
+                    .get("fieldSelector")
+                    .map(|f| format!("{f},"))
+                    .unwrap_or_default();
+                query.insert(
+                    "fieldSelector".into(),
+                    format!("{terms}metadata.namespace={ns}"),
+                );
+            }
+            if let Some(c) = sh.lock().conns.get_mut(idx) {
+                c.0 = true;
+            }
+            // A watch ends its connection (Connection: close).
+            let _ = watch(sh, &mut w, &query, collection);
+            let _ = w.shutdown(Shutdown::Both);
+            return;
+        }
+        for serve in [workloads::serve, portforward::serve] {
+            match serve(sh, &mut reader, &mut w, &req) {
+                Served::No => {}
+                Served::Answered(Ok(())) => continue 'requests,
+                Served::Answered(Err(_)) | Served::Finished => return,
+            }
+        }
+        let r = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/api/v1/pods") => {
                 let mut st = sh.lock();
                 st.lists += 1;
@@ -476,11 +555,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream) {
                     .filter(|p| selected(p, &req.query))
                     .cloned()
                     .collect();
-                let list = json!({
-                    "apiVersion": "v1", "kind": "PodList",
-                    "metadata": {"resourceVersion": st.rv.to_string()},
-                    "items": items,
-                });
+                let list = list_response(Collection::Pods, st.rv, items);
                 drop(st);
                 respond(&mut w, "200 OK", &list)
             }

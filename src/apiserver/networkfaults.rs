@@ -26,35 +26,12 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::{respond, status, ApiServer, Request, Shared};
+use super::{list_response, respond, status, ApiServer, Collection, Request, Shared};
 
 /// The cluster-wide collection.
 pub(super) const COLLECTION: &str = "/apis/netfault.io/v1alpha1/networkfaults";
 /// Every path of the group.
 pub(super) const PREFIX: &str = "/apis/netfault.io/v1alpha1/";
-
-/// Which collection a history event belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Collection {
-    Pods,
-    NetworkFaults,
-}
-
-impl Collection {
-    pub(super) fn kind(self) -> &'static str {
-        match self {
-            Collection::Pods => "Pod",
-            Collection::NetworkFaults => "NetworkFault",
-        }
-    }
-
-    pub(super) fn api_version(self) -> &'static str {
-        match self {
-            Collection::Pods => "v1",
-            Collection::NetworkFaults => "netfault.io/v1alpha1",
-        }
-    }
-}
 
 /// What the server keeps of NetworkFaults.
 #[derive(Debug, Default)]
@@ -195,11 +172,7 @@ fn list(sh: &Shared, w: &mut TcpStream, ns: Option<&str>) -> std::io::Result<()>
         .filter(|o| ns.is_none_or(|ns| o["metadata"]["namespace"] == ns))
         .cloned()
         .collect();
-    let list = json!({
-        "apiVersion": "netfault.io/v1alpha1", "kind": "NetworkFaultList",
-        "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
-    });
+    let list = list_response(Collection::NetworkFaults, st.rv, items);
     drop(st);
     respond(w, "200 OK", &list)
 }

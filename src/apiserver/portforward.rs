@@ -36,7 +36,9 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha1::{Digest, Sha1};
 
-use super::{is_watch, respond, status, ApiServer, Collection, Request, Shared, St};
+use super::{
+    is_watch, list_response, respond, status, ApiServer, Collection, Request, Served, Shared, St,
+};
 
 /// The subprotocol the kubelet serves port-forwards with (and kube-rs offers
 /// after `v5.channel.k8s.io`, which port-forward does not support).
@@ -158,16 +160,6 @@ pub fn agent_pod(namespace: &str, name: &str, node: &str, phase: &str, ready: bo
     })
 }
 
-/// What [`serve`] did with a request.
-pub(super) enum Served {
-    /// Not one of this module's paths.
-    No,
-    /// Answered; the connection may carry another request.
-    Answered(std::io::Result<()>),
-    /// The connection was upgraded and is finished.
-    Upgraded,
-}
-
 /// Serves the paths this module owns (see the module doc).
 pub(super) fn serve(
     sh: &Shared,
@@ -204,7 +196,7 @@ pub(super) fn serve(
             })
         }
         [ns, "pods", name, "portforward"] => match portforward(sh, reader, w, req, ns, name) {
-            Ok(true) => Served::Upgraded,
+            Ok(true) => Served::Finished,
             Ok(false) => Served::Answered(Ok(())),
             Err(e) => Served::Answered(Err(e)),
         },
@@ -257,11 +249,7 @@ fn list_pods(
         .filter(|p| fields.iter().all(|t| t.matches(p)))
         .cloned()
         .collect();
-    let list = json!({
-        "apiVersion": "v1", "kind": "PodList",
-        "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
-    });
+    let list = list_response(Collection::Pods, st.rv, items);
     drop(st);
     respond(w, "200 OK", &list)
 }

@@ -4,8 +4,8 @@
 //! - `GET /apis/apps/v1/namespaces/NS/daemonsets/NAME`: the DaemonSet the
 //!   test set ([`ApiServer::set_daemonset`]), or a `404` `Status`;
 //! - `GET /apis/apps/v1/namespaces/NS/daemonsets?fieldSelector=metadata.name=N`:
-//!   a `DaemonSetList` with a `resourceVersion`; with `watch=true`, a chunked
-//!   stream of `ADDED`/`MODIFIED`/`DELETED` events after that version;
+//!   a `DaemonSetList`; with `watch=true` the server's shared watch streams
+//!   its `ADDED`/`MODIFIED`/`DELETED` events;
 //! - [`ApiServer::forbid`]: new requests under a path prefix get `403`, as
 //!   after `kubectl delete -k` removed the agent's Role; watches already
 //!   open keep streaming, as a real server's do (authorization is checked
@@ -13,26 +13,15 @@
 //!
 //! Agent pods owned by a DaemonSet: [`ApiServer::add_owned_agent_pod`].
 
-use std::io::{BufReader, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::io::BufReader;
+use std::net::TcpStream;
 
 use serde_json::{json, Value};
 
 use super::portforward::agent_pod;
-use super::{chunk, is_watch, respond, status, ApiServer, Request, Shared};
-
-/// What this module keeps inside the server's state.
-#[derive(Default)]
-pub(super) struct State {
-    /// (namespace, name) -> DaemonSet.
-    daemonsets: std::collections::BTreeMap<(String, String), Value>,
-    /// Every DaemonSet event: (resourceVersion, type, object).
-    history: Vec<(u64, &'static str, Value)>,
-    /// Path prefixes whose new requests get 403.
-    forbidden: Vec<String>,
-}
+use super::{
+    list_response, respond, selected, status, ApiServer, Collection, Request, Served, Shared,
+};
 
 impl ApiServer {
     /// Creates or replaces DaemonSet `namespace/name` with `uid`; `deleting`
@@ -53,13 +42,13 @@ impl ApiServer {
         self.change(|st, rv| {
             ds["metadata"]["resourceVersion"] = json!(rv.to_string());
             let key = (namespace.to_string(), name.to_string());
-            let ty = if st.workloads.daemonsets.contains_key(&key) {
+            let ty = if st.daemonsets.contains_key(&key) {
                 "MODIFIED"
             } else {
                 "ADDED"
             };
-            st.workloads.daemonsets.insert(key, ds.clone());
-            st.workloads.history.push((rv, ty, ds));
+            st.daemonsets.insert(key, ds.clone());
+            st.history.push((rv, Collection::DaemonSets, ty, ds));
         });
     }
 
@@ -67,20 +56,16 @@ impl ApiServer {
     pub fn delete_daemonset(&self, namespace: &str, name: &str) {
         self.change(|st, rv| {
             let key = (namespace.to_string(), name.to_string());
-            if let Some(mut ds) = st.workloads.daemonsets.remove(&key) {
+            if let Some(mut ds) = st.daemonsets.remove(&key) {
                 ds["metadata"]["resourceVersion"] = json!(rv.to_string());
-                st.workloads.history.push((rv, "DELETED", ds));
+                st.history.push((rv, Collection::DaemonSets, "DELETED", ds));
             }
         });
     }
 
     /// New requests whose path starts with `prefix` get `403 Forbidden`.
     pub fn forbid(&self, prefix: &str) {
-        self.shared
-            .lock()
-            .workloads
-            .forbidden
-            .push(prefix.to_string());
+        self.shared.lock().forbidden.push(prefix.to_string());
     }
 
     /// A running, ready agent pod owned by DaemonSet `daemonset` (`uid`).
@@ -100,38 +85,13 @@ impl ApiServer {
     }
 }
 
-/// What [`serve`] did.
-pub(super) enum Served {
-    No,
-    Answered(std::io::Result<()>),
-    /// A watch ran on the connection; it is finished.
-    Streamed,
-}
-
-/// Serves a forbidden path's 403, and the DaemonSet paths.
+/// Serves a DaemonSet GET or list (a watch is the server's shared one).
 pub(super) fn serve(
     sh: &Shared,
     _reader: &mut BufReader<TcpStream>,
     w: &mut TcpStream,
     req: &Request,
 ) -> Served {
-    let forbidden = sh
-        .lock()
-        .workloads
-        .forbidden
-        .iter()
-        .any(|p| req.path.starts_with(p.as_str()));
-    if forbidden {
-        return Served::Answered(respond(
-            w,
-            "403 Forbidden",
-            &status(
-                403,
-                "Forbidden",
-                &format!("forbidden: {} {}", req.method, req.path),
-            ),
-        ));
-    }
     if req.method != "GET" {
         return Served::No;
     }
@@ -142,100 +102,31 @@ pub(super) fn serve(
         [ns, "daemonsets", name] => {
             let ds = sh
                 .lock()
-                .workloads
                 .daemonsets
                 .get(&(ns.to_string(), name.to_string()))
                 .cloned();
+            let not_found = || {
+                let msg = format!("daemonsets.apps \"{name}\" not found");
+                status(404, "NotFound", &msg)
+            };
             Served::Answered(match ds {
                 Some(ds) => respond(w, "200 OK", &ds),
-                None => respond(
-                    w,
-                    "404 Not Found",
-                    &status(
-                        404,
-                        "NotFound",
-                        &format!("daemonsets.apps \"{name}\" not found"),
-                    ),
-                ),
+                None => respond(w, "404 Not Found", &not_found()),
             })
         }
         [ns, "daemonsets"] => {
-            let name = req
-                .query
-                .get("fieldSelector")
-                .and_then(|f| f.strip_prefix("metadata.name="))
-                .map(str::to_string);
-            let wanted = |ds: &Value| {
-                ds["metadata"]["namespace"] == ns
-                    && name.as_deref().is_none_or(|n| ds["metadata"]["name"] == n)
-            };
-            if is_watch(&req.query) {
-                let from: u64 = req
-                    .query
-                    .get("resourceVersion")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let _ = watch(sh, w, from, &wanted);
-                let _ = w.shutdown(Shutdown::Both);
-                return Served::Streamed;
-            }
-            let st = sh.lock();
+            let mut st = sh.lock();
+            st.lists += 1;
             let items: Vec<Value> = st
-                .workloads
                 .daemonsets
                 .values()
-                .filter(|d| wanted(d))
+                .filter(|d| d["metadata"]["namespace"] == ns && selected(d, &req.query))
                 .cloned()
                 .collect();
-            let list = json!({
-                "apiVersion": "apps/v1", "kind": "DaemonSetList",
-                "metadata": {"resourceVersion": st.rv.to_string()},
-                "items": items,
-            });
+            let list = list_response(Collection::DaemonSets, st.rv, items);
             drop(st);
             Served::Answered(respond(w, "200 OK", &list))
         }
         _ => Served::No,
-    }
-}
-
-/// A DaemonSet watch: the events after `from`, then each new one, until
-/// the server stops or the connection breaks.
-fn watch(
-    sh: &Shared,
-    w: &mut TcpStream,
-    from: u64,
-    wanted: &dyn Fn(&Value) -> bool,
-) -> std::io::Result<()> {
-    write!(
-        w,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut pos = from;
-    let mut st = sh.lock();
-    loop {
-        if sh.stop.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let due: Vec<Value> = st
-            .workloads
-            .history
-            .iter()
-            .filter(|(rv, _, obj)| *rv > pos && wanted(obj))
-            .map(|(_, ty, obj)| json!({"type": ty, "object": obj}))
-            .collect();
-        pos = pos.max(st.rv);
-        drop(st);
-        for ev in &due {
-            chunk(w, ev)?;
-        }
-        st = sh.lock();
-        if st.rv == pos {
-            let (g, _) = sh
-                .cv
-                .wait_timeout(st, Duration::from_millis(500))
-                .unwrap_or_else(|p| p.into_inner());
-            st = g;
-        }
     }
 }
