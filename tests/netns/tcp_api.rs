@@ -84,6 +84,17 @@ pub(crate) fn tcp_addr(agent: &Agent) -> SocketAddr {
 
 /// One raw request over TCP with the given `Authorization` value (bytes, so
 /// that malformed ones can be sent): status, lower-cased head, body.
+/// POSTs `fault` over TCP with `auth` as the Authorization value; asserts
+/// 201 and returns the new fault's id.
+fn post_fault_over_tcp(addr: SocketAddr, auth: &[u8], fault: &str) -> String {
+    let (status, _, resp) = tcp_http(addr, "POST", "/v1/faults", Some(auth), Some(fault));
+    assert_eq!(status, 201, "{resp}");
+    serde_json::from_str::<Value>(&resp).expect("json")["id"]
+        .as_str()
+        .expect("an id")
+        .to_string()
+}
+
 fn tcp_http(
     addr: SocketAddr,
     method: &str,
@@ -228,18 +239,7 @@ fn tcp_api_needs_the_token_and_its_faults_change_the_wire() {
     let client = netfault_api::Client::tcp(&url)
         .expect("url")
         .with_token(TOKEN);
-    let (status, _, resp) = tcp_http(
-        addr,
-        "POST",
-        "/v1/faults",
-        Some(format!("bEaReR   {TOKEN}  ").as_bytes()),
-        Some(&fault),
-    );
-    assert_eq!(status, 201, "{resp}");
-    let id = serde_json::from_str::<Value>(&resp).expect("json")["id"]
-        .as_str()
-        .expect("an id")
-        .to_string();
+    let id = post_fault_over_tcp(addr, format!("bEaReR   {TOKEN}  ").as_bytes(), &fault);
     let p = udp_probe(&a, &b, v4(&b), 7501, 200, Duration::from_micros(200)).expect("probe");
     assert_eq!(p.received, 0, "the fault made over TCP blackholes the flow");
     let listed = client
@@ -503,18 +503,7 @@ fn tcp_api_answers_503_until_the_token_file_appears() {
         None,
     );
     assert_eq!(status, 401, "a wrong token once the file exists");
-    let (status, _, resp) = tcp_http(
-        addr,
-        "POST",
-        "/v1/faults",
-        Some(&bearer(TOKEN)),
-        Some(&fault),
-    );
-    assert_eq!(status, 201, "{resp}");
-    let id = serde_json::from_str::<Value>(&resp).expect("json")["id"]
-        .as_str()
-        .expect("an id")
-        .to_string();
+    let id = post_fault_over_tcp(addr, &bearer(TOKEN), &fault);
     let p = udp_probe(&a, &b, v4(&b), 7502, 200, Duration::from_micros(200)).expect("probe");
     assert_eq!(p.received, 0, "the fault made once the token appeared acts");
     let (status, _, _) = tcp_http(

@@ -497,19 +497,10 @@ impl Core<'_> {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
             if let Err(e) = self.admit(&st, sandbox, &spec) {
-                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
                 drop(st);
                 let e = AgentError::from(e);
-                if let Some(pod) = pod {
-                    self.sh.notices.send(FaultNotice::new(
-                        NoticeKind::Failed,
-                        &pod,
-                        None,
-                        &spec,
-                        source,
-                        Some(&e.to_string()),
-                    ));
-                }
+                let why = e.to_string();
+                self.notice(NoticeKind::Failed, sandbox, None, &spec, source, Some(&why));
                 return Err(e);
             }
             let mut rec = FaultRecord::new(sandbox, spec, source, now);
@@ -519,21 +510,21 @@ impl Core<'_> {
             id
         };
         if let Err(e) = self.sync(sandbox, kind) {
-            let (gone, pod) = {
+            let gone = {
                 let mut st = self.lock();
                 st.readers.remove(&id);
-                let pod = st.sandboxes.get(sandbox).and_then(SandboxRecord::pod_ref);
-                (st.faults.remove(&id), pod)
+                st.faults.remove(&id)
             };
-            if let (Some(f), Some(pod)) = (gone, pod) {
-                self.sh.notices.send(FaultNotice::new(
+            if let Some(f) = gone {
+                let why = e.to_string();
+                self.notice(
                     NoticeKind::Failed,
-                    &pod,
+                    sandbox,
                     None,
                     &f.spec,
                     source,
-                    Some(&e.to_string()),
-                ));
+                    Some(&why),
+                );
             }
             self.backend(kind).forget_fault(&id);
             if let Err(undo) = self.sync(sandbox, kind) {
@@ -556,23 +547,37 @@ impl Core<'_> {
 
     /// Tells the reporter what happened to fault `id` (a pod's only).
     fn notify(&self, kind: NoticeKind, id: &FaultId) {
-        let st = self.lock();
-        let Some(f) = st.faults.get(id) else {
-            return;
+        let found = {
+            let st = self.lock();
+            st.faults
+                .get(id)
+                .map(|f| (f.sandbox.clone(), f.spec.clone(), f.source))
         };
-        if let Some(pod) = st
+        if let Some((sandbox, spec, source)) = found {
+            self.notice(kind, &sandbox, Some(id), &spec, source, None);
+        }
+    }
+
+    /// Tells the reporter what happened to a fault of `sandbox`, if the
+    /// sandbox is a pod's (a bare netns has nothing to show it on).
+    fn notice(
+        &self,
+        kind: NoticeKind,
+        sandbox: &SandboxId,
+        fault: Option<&FaultId>,
+        spec: &FaultSpec,
+        source: FaultSource,
+        error: Option<&str>,
+    ) {
+        let pod = self
+            .lock()
             .sandboxes
-            .get(&f.sandbox)
-            .and_then(SandboxRecord::pod_ref)
-        {
-            self.sh.notices.send(FaultNotice::new(
-                kind,
-                &pod,
-                Some(id.as_str()),
-                &f.spec,
-                f.source,
-                None,
-            ));
+            .get(sandbox)
+            .and_then(SandboxRecord::pod_ref);
+        if let Some(pod) = pod {
+            let fault = fault.map(FaultId::as_str);
+            let n = FaultNotice::new(kind, &pod, fault, spec, source, error);
+            self.sh.notices.send(n);
         }
     }
 
@@ -587,21 +592,8 @@ impl Core<'_> {
         };
         if !f.expired {
             self.sync(&f.sandbox, f.backend())?;
-            let pod = self
-                .lock()
-                .sandboxes
-                .get(&f.sandbox)
-                .and_then(SandboxRecord::pod_ref);
-            if let Some(pod) = pod {
-                self.sh.notices.send(FaultNotice::new(
-                    NoticeKind::Removed,
-                    &pod,
-                    Some(f.id.as_str()),
-                    &f.spec,
-                    f.source,
-                    None,
-                ));
-            }
+            let id = Some(&f.id);
+            self.notice(NoticeKind::Removed, &f.sandbox, id, &f.spec, f.source, None);
         }
         self.backend(f.backend()).forget_fault(&f.id);
         self.settle(&f.sandbox);
