@@ -315,7 +315,7 @@ impl Drop for ClientIo {
             return;
         };
         if self.is_reset() || self.ctrl.rst_on_close.load(Ordering::Relaxed) {
-            rst_on_close(&stream);
+            reset_after_drain(stream);
             return;
         }
         if let (Some(d), false) = (self.slow_close, self.shut) {
@@ -328,6 +328,47 @@ impl Drop for ClientIo {
             }
         }
     }
+}
+
+/// The longest a reset waits for the client to acknowledge what was already
+/// written to it.
+const RESET_DRAIN_MAX: Duration = Duration::from_secs(1);
+
+nix::ioctl_read_bad!(out_queue, nix::libc::TIOCOUTQ, nix::libc::c_int);
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (sent
+/// or not), or 0 when the kernel cannot say.
+fn unacknowledged(stream: &TcpStream) -> nix::libc::c_int {
+    use std::os::fd::AsRawFd;
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int through
+    // the pointer, which points at `n`; the fd is open while `stream` lives.
+    match unsafe { out_queue(stream.as_raw_fd(), &mut n) } {
+        Ok(_) => n,
+        Err(_) => 0,
+    }
+}
+
+/// Closes the client with an RST once it has acknowledged every byte
+/// already written to it, waiting at most `RESET_DRAIN_MAX`. An RST throws
+/// away the socket's unsent bytes, so resetting at once would cut the
+/// client short of what the proxy relayed: `tcp-reset` after N bytes means
+/// the client receives N bytes, then the reset.
+fn reset_after_drain(stream: TcpStream) {
+    let rt = match tokio::runtime::Handle::try_current() {
+        Ok(rt) if unacknowledged(&stream) > 0 => rt,
+        _ => {
+            rst_on_close(&stream);
+            return;
+        }
+    };
+    rt.spawn(async move {
+        let deadline = Instant::now() + RESET_DRAIN_MAX;
+        while unacknowledged(&stream) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        rst_on_close(&stream);
+    });
 }
 
 /// Makes the coming close send an RST (SO_LINGER with a zero timeout).
