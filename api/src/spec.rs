@@ -242,6 +242,39 @@ fn check_proxy_match(m: &Match) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// DNS faults act on the queries the pod sends, over UDP and TCP, to port
+/// 53 or `match.ports`.
+fn check_dns_match(m: &Match, direction: Direction) -> Result<(), FieldError> {
+    if !matches!(
+        m.protocol,
+        None | Some(Protocol::Tcp) | Some(Protocol::Udp) | Some(Protocol::Any)
+    ) {
+        return Err(FieldError::invalid(
+            "match.protocol",
+            "DNS actions act on DNS over UDP and TCP; use udp, tcp or any",
+        ));
+    }
+    if direction == Direction::Ingress {
+        return Err(FieldError::invalid(
+            "direction",
+            "DNS actions act on the queries the pod sends: use egress (or both, the default)",
+        ));
+    }
+    Ok(())
+}
+
+/// The ports a DNS fault diverts: `match.ports`, or 53.
+pub fn dns_ports(m: &Match) -> Vec<PortRange> {
+    if m.ports.is_empty() {
+        vec![PortRange {
+            lo: crate::action::DNS_PORT,
+            hi: crate::action::DNS_PORT,
+        }]
+    } else {
+        m.ports.clone()
+    }
+}
+
 pub(crate) fn parse_direction(v: &Value, field: &str) -> Result<Direction, FieldError> {
     match string(v, field)? {
         "egress" => Ok(Direction::Egress),
@@ -290,8 +323,10 @@ impl FaultSpec {
         let direction = opt(m, "", "direction", parse_direction)?.unwrap_or(Direction::Both);
         let r#match = opt(m, "", "match", |mv, _| parse_match(mv))?.unwrap_or_default();
         let action = req(m, "", "action", |a, _| parse_action(a))?;
-        if action.backend() == BackendKind::Proxy {
-            check_proxy_match(&r#match)?;
+        match &action {
+            Action::Proxy(ProxyAction::Dns(_)) => check_dns_match(&r#match, direction)?,
+            a if a.backend() == BackendKind::Proxy => check_proxy_match(&r#match)?,
+            _ => {}
         }
         let duration = req(m, "", "duration", parse_duration)?;
         check_duration(duration, limits)?;
@@ -539,6 +574,11 @@ mod tests {
             json!({"type": "tcp-reset", "after_bytes": 4096, "percent": 25}),
             json!({"type": "tcp-slow-close", "delay": "2s"}),
             json!({"type": "tcp-bandwidth", "rate": "8mbit"}),
+            json!({"type": "dns-error", "rcode": "servfail", "dns": {"names": ["*.example.test"]}}),
+            json!({"type": "dns-drop", "percent": 50}),
+            json!({"type": "dns-spoof", "addresses": ["192.0.2.7", "2001:db8::7"], "ttl": 60}),
+            json!({"type": "dns-delay", "delay": "200ms", "dns": {"types": ["A", "AAAA"]}}),
+            json!({"type": "dns-truncate"}),
         ];
         let mut out = Vec::new();
         for a in actions {
@@ -584,6 +624,28 @@ mod tests {
             .flat_map(BackendKind::action_types)
             .collect();
         assert_eq!(types, all, "a sample of every action type");
+    }
+
+    #[test]
+    fn dns_actions_take_udp_or_tcp_on_port_53_by_default() {
+        let spec = |m: Value, dir: &str| {
+            FaultSpec::parse(
+                &json!({"target": {"sandbox": "x"}, "direction": dir, "match": m,
+                    "action": {"type": "dns-error"}, "duration": "1m"}),
+                &Limits::default(),
+            )
+        };
+        let s = spec(json!({}), "both").expect("no ports: port 53");
+        assert_eq!(dns_ports(&s.r#match), vec![PortRange { lo: 53, hi: 53 }]);
+        let s = spec(json!({"protocol": "udp", "ports": "5353"}), "egress").expect("valid");
+        assert_eq!(
+            dns_ports(&s.r#match),
+            vec![PortRange { lo: 5353, hi: 5353 }]
+        );
+        let e = spec(json!({"protocol": "icmp"}), "egress").expect_err("icmp");
+        assert_eq!(e.field, "match.protocol");
+        let e = spec(json!({}), "ingress").expect_err("ingress");
+        assert_eq!(e.field, "direction");
     }
 
     #[test]

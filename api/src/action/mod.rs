@@ -16,10 +16,14 @@ use crate::error::FieldError;
 use crate::parse::{obj, ACTION};
 
 mod delay;
+mod dns;
 mod packet;
 mod proxy;
 
 pub use delay::{DelayAction, Distribution};
+pub use dns::{
+    DnsAction, DnsFault, DnsSelector, NamePattern, Rcode, RecordType, DNS_PORT, MAX_DNS_DELAY,
+};
 pub use packet::{GilbertElliott, PacketAction};
 pub use proxy::{
     HttpAbort, HttpFault, HttpSelector, Phase, ProxyAction, ResetAfter, TcpFault, MAX_PROXY_BODY,
@@ -191,6 +195,11 @@ const ACTION_TYPES: &[(&str, Parser)] = &[
     ("tcp-reset", Parser::Proxy(proxy::tcp_reset)),
     ("tcp-slow-close", Parser::Proxy(proxy::tcp_slow_close)),
     ("tcp-bandwidth", Parser::Proxy(proxy::tcp_bandwidth)),
+    ("dns-error", Parser::Proxy(dns::dns_error)),
+    ("dns-drop", Parser::Proxy(dns::dns_drop)),
+    ("dns-spoof", Parser::Proxy(dns::dns_spoof)),
+    ("dns-delay", Parser::Proxy(dns::dns_delay)),
+    ("dns-truncate", Parser::Proxy(dns::dns_truncate)),
 ];
 
 /// Parses `action`. Errors name the field (`action.latency`).
@@ -280,7 +289,8 @@ mod tests {
             e.to_string(),
             "action.type: unknown action \"lose\"; supported: loss, blackhole, delay, reorder, \
              corrupt, duplicate, rate, http-abort, http-delay, http-replace, http-patch, \
-             tcp-reset, tcp-slow-close, tcp-bandwidth"
+             tcp-reset, tcp-slow-close, tcp-bandwidth, dns-error, dns-drop, dns-spoof, dns-delay, \
+             dns-truncate"
         );
         assert_eq!(
             BackendKind::Ebpf.action_types().collect::<Vec<_>>(),
@@ -290,7 +300,7 @@ mod tests {
             BackendKind::Nfqueue.action_types().collect::<Vec<_>>(),
             ["delay", "reorder"]
         );
-        assert_eq!(BackendKind::Proxy.action_types().count(), 7);
+        assert_eq!(BackendKind::Proxy.action_types().count(), 12);
         for b in BackendKind::ALL {
             for ty in b.action_types() {
                 // Only the type: parsed by its own parser, which names a

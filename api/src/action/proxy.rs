@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use super::dns::DnsAction;
 use crate::error::{ErrorCode, FieldError};
 use crate::parse::ACTION;
 use crate::parse::{
@@ -156,6 +157,9 @@ pub enum ProxyAction {
     },
     /// Acts on `percent` of the matching connections.
     Tcp { fault: TcpFault, percent: f64 },
+    /// Acts on the pod's DNS queries: over TCP in the proxy, over UDP in
+    /// the proxy backend's DNS queue (see `netfault-dns`).
+    Dns(DnsAction),
 }
 
 impl ProxyAction {
@@ -172,6 +176,7 @@ impl ProxyAction {
                 TcpFault::SlowClose { .. } => "tcp-slow-close",
                 TcpFault::Bandwidth { .. } => "tcp-bandwidth",
             },
+            ProxyAction::Dns(a) => a.type_name(),
         }
     }
 
@@ -194,6 +199,7 @@ impl ProxyAction {
                 v["percent"] = json!(percent);
                 fault.write_json(&mut v);
             }
+            ProxyAction::Dns(a) => return a.to_json(),
         }
         v
     }
