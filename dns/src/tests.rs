@@ -766,8 +766,13 @@ fn random_and_mutated_input_never_panics() {
         let _ = udp_reply(msg, msg);
         let _ = udp_reply(&v4, msg);
     };
+    // NETFAULT_FUZZ_ITERATIONS runs longer (e.g. 5000000 with --release).
+    let n: u32 = std::env::var("NETFAULT_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     let t = Instant::now();
-    for i in 0..100_000u32 {
+    for i in 0..n {
         let msg: Vec<u8> = if i % 2 == 0 {
             let len = rng.random_range(0..600);
             (0..len).map(|_| rng.random()).collect()
@@ -797,18 +802,18 @@ fn random_and_mutated_input_never_panics() {
         check(&msg, &mut rng);
     }
     println!(
-        "100k inputs in {:?}: {malformed} malformed, {not_a_query} not a query, \
+        "{n} inputs in {:?}: {malformed} malformed, {not_a_query} not a query, \
          {queries} queries ({answered} answered)",
         t.elapsed()
     );
-    assert_eq!(malformed + not_a_query + queries, 100_000);
-    assert!(malformed > 50_000 && not_a_query > 0 && queries > 1000);
+    assert_eq!(malformed + not_a_query + queries, n);
+    assert!(malformed > n / 2 && not_a_query > 0 && queries > n / 100);
 }
 
 /// The cost a query pays when no action picks it: `Query::parse` plus
 /// `decide` over three actions for other names. Printed, not asserted;
 /// meaningful with `cargo test --release -p netfault-dns -- --nocapture
-/// non_matching` (about 1 µs per query measured on the project's machines).
+/// non_matching` (0.5 to 0.8 µs per query measured on the project's machines).
 #[test]
 fn non_matching_query_cost() {
     let actions = [

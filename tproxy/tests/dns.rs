@@ -526,3 +526,124 @@ async fn inbound_connections_are_not_served_as_dns() {
     let m = answer(&mut s).await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
 }
+
+#[tokio::test]
+async fn a_server_that_resets_resets_the_client() {
+    // Reads a query, then closes with an RST.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let target = serve_each(l, |mut s, _| async move {
+        let mut buf = [0u8; 512];
+        let _ = s.read(&mut buf).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let h = Harness::with_side(target, Side::Outbound).await;
+    h.set(vec![
+        json!({"type": "dns-error", "dns": {"names": ["other.test"]}}),
+    ]);
+    let mut s = h.connect().await;
+    s.write_all(&framed(&query(
+        1,
+        "web.example.test.",
+        RecordType::A,
+        false,
+    )))
+    .await
+    .expect("write");
+    let (rest, err) = within(5, read_all(&mut s)).await;
+    assert!(rest.is_empty());
+    assert_eq!(
+        err.map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
+#[tokio::test]
+async fn tcp_faults_on_the_dns_port_still_apply() {
+    let (_server, h) = setup().await;
+    let c = h.set(vec![
+        json!({"type": "dns-error", "dns": {"names": ["forged.example.test"]}}),
+        json!({"type": "tcp-reset", "after": "300ms"}),
+    ]);
+    let t = Instant::now();
+    let mut s = h.connect().await;
+    s.write_all(&framed(&query(
+        1,
+        "forged.example.test.",
+        RecordType::A,
+        false,
+    )))
+    .await
+    .expect("write");
+    assert_eq!(answer(&mut s).await.response_code(), ResponseCode::NXDomain);
+    s.write_all(&framed(&query(
+        2,
+        "web.example.test.",
+        RecordType::A,
+        false,
+    )))
+    .await
+    .expect("write");
+    assert_eq!(answer(&mut s).await.id(), 2);
+    let (_, err) = within(5, read_all(&mut s)).await;
+    let at = t.elapsed();
+    assert_eq!(
+        err.map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
+    assert!(at >= Duration::from_millis(290), "reset at {at:?}");
+    let snap = c[1].snapshot();
+    assert_eq!((snap.matched, snap.affected, snap.dropped), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn random_bytes_do_not_hurt_the_proxy() {
+    let (_server, h) = setup().await;
+    h.set(vec![
+        json!({"type": "dns-spoof", "addresses": ["198.18.7.7"], "dns": {"types": ["A"]}}),
+        json!({"type": "dns-delay", "delay": "1ms"}),
+    ]);
+    // A fixed pseudo-random sequence (xorshift), so a failure replays.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..200 {
+        let mut s = h.connect().await;
+        let mut bytes = Vec::new();
+        for _ in 0..next() % 4 {
+            let len = (next() % 300) as usize;
+            let body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if next() % 2 == 0 {
+                bytes.extend(framed(&body));
+            } else {
+                bytes.extend(body);
+            }
+        }
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+        let _ = within(5, read_all(&mut s)).await;
+    }
+    let mut s = h.connect().await;
+    s.write_all(&framed(&query(
+        5,
+        "web.example.test.",
+        RecordType::A,
+        false,
+    )))
+    .await
+    .expect("write");
+    let m = answer(&mut s).await;
+    assert_eq!(
+        a_records(&m),
+        vec!["198.18.7.7".parse::<IpAddr>().expect("ip")]
+    );
+    drop(s);
+    let t = Instant::now();
+    while h.proxy.open_connections() > 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.proxy.open_connections(), 0, "every connection ended");
+}
