@@ -118,8 +118,14 @@ impl Connection {
         plan: &TcpPlan,
         ctrl: Arc<ConnControl>,
     ) -> Result<(), ProxyError> {
-        let rules = self.shared.rules();
-        if dns::serves(&rules, self.side, self.peer, self.orig_dst, Instant::now()) {
+        let serves_dns = dns::serves(
+            &self.shared.rules(),
+            self.side,
+            self.peer,
+            self.orig_dst,
+            Instant::now(),
+        );
+        if serves_dns {
             // DNS over TCP: the server is connected on the first query
             // that is forwarded, not before.
             let io = ClientIo::new(client, plan, ctrl.clone());
@@ -131,7 +137,6 @@ impl Connection {
             };
             return dns::relay(io, conn, ctrl).await;
         }
-        drop(rules);
         let upstream = match self
             .shared
             .connector
