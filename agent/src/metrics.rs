@@ -72,6 +72,11 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP netfault_dns_malformed_total Malformed DNS messages on a DNS fault's ports, passed through untouched.\n# TYPE netfault_dns_malformed_total counter\nnetfault_dns_malformed_total {}",
+            crate::backend::dns_malformed()
+        );
+        let _ = writeln!(
+            out,
             "# HELP netfault_proxy_open_connections Connections the transparent proxy serves now.\n# TYPE netfault_proxy_open_connections gauge\nnetfault_proxy_open_connections {}",
             reg.proxy_open_connections()
         );
@@ -137,6 +142,28 @@ impl Metrics {
                     label(&f.state)
                 );
             }
+        }
+        let name = "netfault_dns_answers_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} DNS queries a dns-* fault acted on, by action and, for dns-error, rcode.\n# TYPE {name} counter"
+        );
+        for f in &faults {
+            let action = &f.spec["action"];
+            let Some(ty) = action["type"].as_str().filter(|t| t.starts_with("dns-")) else {
+                continue;
+            };
+            let rcode = action["rcode"].as_str().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{name}{{fault=\"{}\",sandbox=\"{}\",action=\"{}\",rcode=\"{}\",state=\"{}\"}} {}",
+                label(&f.id),
+                label(&f.sandbox),
+                label(ty),
+                label(rcode),
+                label(&f.state),
+                f.counters.affected
+            );
         }
         out
     }

@@ -1,5 +1,7 @@
 //! One diverted connection from accept to close: choose its TCP faults,
 //! connect upstream, sniff the protocol, serve it, and enforce `tcp-reset`.
+//! Outbound connections that a DNS rule applies to go to the DNS relay
+//! (`dns.rs`) instead of the sniffing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use crate::http::{self, HttpCtx};
 use crate::io::{rst_on_close, ClientIo, ConnControl, Prefixed, TcpPlan};
 use crate::rules::{roll, CompiledRule, RuleKind};
 use crate::sniff::{self, Protocol};
-use crate::{relay, Shared, Side, SNIFF_TIMEOUT};
+use crate::{dns, relay, Shared, Side, SNIFF_TIMEOUT};
 
 pub(crate) struct Connection {
     pub shared: Arc<Shared>,
@@ -116,6 +118,25 @@ impl Connection {
         plan: &TcpPlan,
         ctrl: Arc<ConnControl>,
     ) -> Result<(), ProxyError> {
+        let serves_dns = dns::serves(
+            &self.shared.rules(),
+            self.side,
+            self.peer,
+            self.orig_dst,
+            Instant::now(),
+        );
+        if serves_dns {
+            // DNS over TCP: the server is connected on the first query
+            // that is forwarded, not before.
+            let io = ClientIo::new(client, plan, ctrl.clone());
+            let conn = dns::DnsConn {
+                shared: self.shared.clone(),
+                side: self.side,
+                peer: self.peer,
+                orig_dst: self.orig_dst,
+            };
+            return dns::relay(io, conn, ctrl).await;
+        }
         let upstream = match self
             .shared
             .connector

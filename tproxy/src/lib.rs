@@ -22,6 +22,10 @@
 //!   in HTTP/1.1 and every later request still meets the faults); other
 //!   upgrades (WebSocket) and `CONNECT` are relayed as bytes once the server
 //!   accepts them.
+//! - DNS over TCP: an outbound connection that a `dns-*` rule applies to
+//!   is served message by message (see `dns.rs`): each query is forwarded,
+//!   answered by the proxy, delayed or dropped as `netfault-dns` decides;
+//!   everything else on it passes unchanged.
 //! - HTTP rules are read again for every request, so a connection that is
 //!   already open sees new rules on its next request; TCP rules are chosen
 //!   when the connection is accepted.
@@ -49,6 +53,7 @@
 //!   client).
 
 mod conn;
+mod dns;
 mod error;
 mod glob;
 mod http;
@@ -191,6 +196,8 @@ pub(crate) struct Shared {
     rules: RwLock<Arc<[Arc<CompiledRule>]>>,
     /// Connections being served right now.
     open: AtomicU64,
+    /// Malformed DNS messages forwarded unchanged by the DNS relay.
+    dns_malformed: AtomicU64,
     /// Cancelled by [`Proxy::shutdown`]: every connection is cut.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -235,6 +242,7 @@ impl Proxy {
                 connector,
                 rules: RwLock::new(Arc::from(Vec::new())),
                 open: AtomicU64::new(0),
+                dns_malformed: AtomicU64::new(0),
                 stop: tokio_util::sync::CancellationToken::new(),
             }),
         }
@@ -265,6 +273,12 @@ impl Proxy {
     /// kept until they finish).
     pub fn open_connections(&self) -> u64 {
         self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Malformed DNS messages seen on DNS-over-TCP connections since the
+    /// proxy started (each was forwarded unchanged).
+    pub fn dns_malformed(&self) -> u64 {
+        self.shared.dns_malformed.load(Ordering::Relaxed)
     }
 
     /// The number of rules set (expired ones included).

@@ -1,7 +1,8 @@
 //! Rules as the proxy uses them: compiled once in `Proxy::set_rules` into
 //! ready-to-use header names, methods and bodies, and matched against
 //! connections (direction, port, CIDR, deadline) and HTTP requests (path
-//! glob, method, headers, response code).
+//! glob, method, headers, response code). DNS rules are kept as they are:
+//! `netfault-dns` matches queries.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -9,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
-use netfault_api::action::{HttpAbort, HttpFault, HttpSelector, Phase, ProxyAction, TcpFault};
+use netfault_api::action::{
+    DnsAction, HttpAbort, HttpFault, HttpSelector, Phase, ProxyAction, TcpFault,
+};
 
 use crate::{glob::glob_match, ProxyRule, Side};
 
@@ -23,7 +26,12 @@ pub(crate) struct CompiledRule {
 #[derive(Debug)]
 pub(crate) enum RuleKind {
     Http(HttpRule),
-    Tcp { fault: TcpFault, percent: f64 },
+    Tcp {
+        fault: TcpFault,
+        percent: f64,
+    },
+    /// Served by the DNS-over-TCP relay (`dns.rs`).
+    Dns(DnsAction),
 }
 
 #[derive(Debug)]
@@ -199,11 +207,7 @@ impl CompiledRule {
                 selector: Selector::compile(&rule.id, selector)?,
                 op: HttpOp::compile(&rule.id, fault)?,
             }),
-            ProxyAction::Dns(_) => {
-                // Served over TCP by the DNS relay (issue 11, in progress).
-                tracing::warn!(rule = %rule.id, "DNS over TCP is not served yet");
-                return None;
-            }
+            ProxyAction::Dns(a) => RuleKind::Dns(a.clone()),
         };
         Some(CompiledRule { rule, kind })
     }
@@ -212,7 +216,15 @@ impl CompiledRule {
     pub(crate) fn http(&self) -> Option<&HttpRule> {
         match &self.kind {
             RuleKind::Http(h) => Some(h),
-            RuleKind::Tcp { .. } => None,
+            RuleKind::Tcp { .. } | RuleKind::Dns(_) => None,
+        }
+    }
+
+    /// The action of a DNS rule.
+    pub(crate) fn dns(&self) -> Option<&DnsAction> {
+        match &self.kind {
+            RuleKind::Dns(a) => Some(a),
+            RuleKind::Http(_) | RuleKind::Tcp { .. } => None,
         }
     }
 

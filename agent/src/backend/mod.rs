@@ -38,6 +38,12 @@ use serde_json::Value;
 
 use crate::ids::{FaultId, SandboxId};
 
+/// Malformed DNS messages seen on DNS faults' ports (UDP and TCP), passed
+/// through untouched.
+pub fn dns_malformed() -> u64 {
+    nfqueue::dns_malformed()
+}
+
 /// Why a backend could not bring the kernel in line.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {message}")]

@@ -139,7 +139,11 @@ fn main() -> anyhow::Result<()> {
     if argv.get(1).map(String::as_str) == Some(netfault_agent::backend::nfqueue::holder::SUBCOMMAND)
     {
         let name = argv.get(2).map(String::as_str).unwrap_or("?");
-        return netfault_agent::backend::nfqueue::holder::holder_main(name)
+        let queue = argv
+            .get(3)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or(netfault_agent::backend::nfqueue::QUEUE_NUM);
+        return netfault_agent::backend::nfqueue::holder::holder_main(name, queue)
             .with_context(|| format!("delay holder for {name}"));
     }
     let args = Args::parse();

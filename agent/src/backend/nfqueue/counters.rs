@@ -12,7 +12,7 @@ use netfault_api::Counters;
 /// Counter slots in the region; slot 0 holds node-wide statistics.
 const SLOTS: usize = 8192;
 /// u64 words per slot.
-const WORDS: usize = 2;
+const WORDS: usize = 3;
 
 /// The counter region shared by the agent and every holder.
 struct Region {
@@ -110,6 +110,18 @@ pub fn queue_overflows() -> u64 {
     word(0, 0).map_or(0, |w| w.load(Ordering::Relaxed))
 }
 
+/// Malformed DNS messages the DNS engines passed through untouched, over
+/// every sandbox (slot 0, word 1).
+pub fn dns_malformed() -> u64 {
+    word(0, 1).map_or(0, |w| w.load(Ordering::Relaxed))
+}
+
+pub(super) fn add_dns_malformed() {
+    if let Some(w) = word(0, 1) {
+        w.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 pub(super) fn add_overflows(n: u64) {
     if let Some(w) = word(0, 0) {
         w.fetch_add(n, Ordering::Relaxed);
@@ -185,6 +197,10 @@ impl FaultCounters {
         self.add(1)
     }
 
+    pub fn add_dropped(&self) {
+        self.add(2)
+    }
+
     pub fn snapshot(&self) -> Counters {
         let get = |i| {
             self.slot
@@ -193,7 +209,7 @@ impl FaultCounters {
         };
         Counters {
             matched: get(0),
-            dropped: 0,
+            dropped: get(2),
             affected: get(1),
         }
     }

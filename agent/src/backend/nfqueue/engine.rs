@@ -23,8 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netfault_api::spec::{Direction, Match, Protocol};
+use netfault_api::action::{DnsAction, DnsFault};
+use netfault_api::spec::{dns_ports, Direction, Match, Protocol};
 use netfault_api::DelayAction;
+use netfault_dns::{Event, NotHandled, Outcome, Query, Transport};
 use netfault_sys::netns::InNetns;
 
 use super::dist::{Correlated, DelaySampler};
@@ -114,6 +116,10 @@ pub use super::counters::FaultCounters;
 
 #[derive(Debug)]
 pub enum Kind {
+    /// A `dns-*` fault on the pod's UDP queries (the DNS engine's): the
+    /// plan's selector holds the fault's CIDR and its DNS ports, which are
+    /// matched against the query's destination.
+    Dns(DnsAction),
     Delay {
         sampler: DelaySampler,
         percent: f64,
@@ -254,11 +260,15 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
     let mut reorder_latency: Option<Duration> = None;
     let mut reordered = false;
     for plan in plans.iter_mut() {
-        if plan.deadline <= now || !matches(plan.direction, &plan.selector, egress, info) {
+        if matches!(plan.kind, Kind::Dns(_))
+            || plan.deadline <= now
+            || !matches(plan.direction, &plan.selector, egress, info)
+        {
             continue;
         }
         plan.counters.add_matched();
         match &mut plan.kind {
+            Kind::Dns(_) => {}
             Kind::Delay {
                 sampler,
                 percent,
@@ -301,6 +311,119 @@ pub fn decide(plans: &mut [Plan], egress: bool, info: &PacketInfo, now: Instant)
         return Duration::from_nanos(delay_ns);
     }
     reorder_latency.unwrap_or_default()
+}
+
+/// What the DNS faults do with one egress packet.
+#[derive(Debug, PartialEq)]
+pub enum DnsStep {
+    /// Not a query any DNS fault acts on: on to the delay faults.
+    Pass,
+    /// Forward the query this much later.
+    Hold(Duration),
+    /// No answer.
+    Drop,
+    /// Drop the query and send `reply` (a whole IP packet to the client)
+    /// `after` from now.
+    Answer { reply: Vec<u8>, after: Duration },
+}
+
+/// Whether a DNS plan diverts a UDP query to `dst`:`dport`.
+fn dns_selects(plan: &Plan, dst: IpAddr, dport: u16) -> bool {
+    plan.selector.cidr.is_none_or(|net| net.contains(&dst))
+        && plan
+            .selector
+            .ports
+            .iter()
+            .any(|r| (r.lo..=r.hi).contains(&dport))
+}
+
+/// Applies the DNS plans to an egress packet (`packet`, parsed as `info`):
+/// a UDP query to one of a live plan's ports is parsed and decided by
+/// `netfault_dns`, counting on each plan's counters. Anything else, and
+/// anything that is not a well-formed query, passes (malformed messages
+/// are counted, see `counters::dns_malformed`).
+pub fn dns_step(plans: &[Plan], info: &PacketInfo, packet: &[u8], now: Instant) -> DnsStep {
+    let dport = match info.ports {
+        Some((_, d)) if info.proto == 17 => d,
+        _ => return DnsStep::Pass,
+    };
+    let live = |p: &&Plan| p.deadline > now && dns_selects(p, info.dst, dport);
+    if !plans
+        .iter()
+        .any(|p| matches!(p.kind, Kind::Dns(_)) && live(&p))
+    {
+        return DnsStep::Pass;
+    }
+    let Some(payload) = netfault_dns::udp_payload(packet) else {
+        return DnsStep::Pass;
+    };
+    let query = match Query::parse(payload) {
+        Ok(q) => q,
+        Err(NotHandled::Malformed(_)) => {
+            super::counters::add_dns_malformed();
+            return DnsStep::Pass;
+        }
+        Err(NotHandled::NotAQuery) => return DnsStep::Pass,
+    };
+    let selected: Vec<(&DnsAction, &FaultCounters)> = plans
+        .iter()
+        .filter(live)
+        .filter_map(|p| match &p.kind {
+            Kind::Dns(a) => Some((a, &*p.counters)),
+            _ => None,
+        })
+        .collect();
+    let verdict = netfault_dns::decide(
+        selected.iter().map(|(a, _)| *a),
+        &query,
+        Transport::Udp,
+        |i, event| {
+            if let Some((action, c)) = selected.get(i) {
+                match event {
+                    Event::Matched => c.add_matched(),
+                    Event::Affected => {
+                        c.add_affected();
+                        if action.fault == DnsFault::Drop {
+                            c.add_dropped();
+                        }
+                    }
+                }
+            }
+        },
+    );
+    match verdict.outcome {
+        Outcome::Pass if verdict.delay.is_zero() => DnsStep::Pass,
+        Outcome::Pass => DnsStep::Hold(verdict.delay),
+        Outcome::Drop => DnsStep::Drop,
+        Outcome::Answer(msg) => match netfault_dns::udp_reply(packet, &msg) {
+            Some(reply) => DnsStep::Answer {
+                reply,
+                after: verdict.delay,
+            },
+            None => DnsStep::Pass,
+        },
+    }
+}
+
+/// The DNS engine's view of a `dns-*` fault: UDP queries from the pod to
+/// `selector.cidr` on the fault's DNS ports (53 unless `match.ports`).
+pub fn dns_plan(
+    selector: &Match,
+    action: &DnsAction,
+    deadline: Instant,
+    counters: Arc<FaultCounters>,
+) -> Plan {
+    Plan {
+        direction: Direction::Egress,
+        selector: Match {
+            cidr: selector.cidr,
+            protocol: Some(Protocol::Udp),
+            ports: dns_ports(selector),
+        },
+        kind: Kind::Dns(action.clone()),
+        deadline,
+        counters,
+    }
 }
 
 /// What the packet loop shares with the thread that receives plans.
@@ -429,8 +552,32 @@ impl Holding {
             queue.drain(|id, hook, payload| {
                 let now = Instant::now();
                 // Hook 0 is prerouting (ingress); output/postrouting are egress.
+                let egress = hook != 0;
                 let hold = match parse(payload) {
-                    Some(info) if !stopping => decide(&mut plans, hook != 0, &info, now),
+                    Some(info) if !stopping => {
+                        let dns = if egress {
+                            dns_step(&plans, &info, payload, now)
+                        } else {
+                            DnsStep::Pass
+                        };
+                        match dns {
+                            DnsStep::Pass => decide(&mut plans, egress, &info, now),
+                            DnsStep::Hold(d) => d + decide(&mut plans, egress, &info, now),
+                            DnsStep::Drop => {
+                                drop_ids.push(id);
+                                return;
+                            }
+                            DnsStep::Answer { reply, after } => {
+                                // The query goes no further; the answer is
+                                // re-sent like a delayed copy (at once when
+                                // `after` is zero, in this turn's release).
+                                drop_ids.push(id);
+                                *seq += 1;
+                                heap.push(Reverse((now + after, *seq, Held::Copy(reply))));
+                                return;
+                            }
+                        }
+                    }
                     _ => Duration::ZERO,
                 };
                 if hold.is_zero() {

@@ -16,8 +16,13 @@
 //!   shared-memory counter region;
 //! - one JSON line per change on the child's stdin: the sandbox's faults
 //!   (`spec`, time left, counter slot);
-//! - counters, in the shared region: every fault has a slot of two `u64`
-//!   (matched, affected) that the holder increments and the agent reads.
+//! - counters, in the shared region: every fault has a slot of three `u64`
+//!   (matched, affected, dropped) that the holder increments and the agent
+//!   reads.
+//!
+//! The same holder serves the DNS engine's queue (`netfaultd delay-holder
+//! NAME QUEUE`, with the DNS queue number): its faults are `dns-*` faults,
+//! whose UDP queries it answers, drops or holds (see `engine`).
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,13 +30,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use netfault_api::spec::Limits;
-use netfault_api::{Action, FaultSpec};
+use netfault_api::{Action, FaultSpec, ProxyAction};
 use serde_json::{json, Value};
 
 use super::counters::{self, FaultCounters};
 use super::engine::{self, Plan, Reinjector, Shared};
 use super::error::DelayError;
-use super::queue::{NfQueue, QUEUE_NUM};
+use super::queue::NfQueue;
 
 /// The hidden subcommand of `netfaultd` that runs a holder.
 pub const SUBCOMMAND: &str = "delay-holder";
@@ -80,7 +85,12 @@ fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
 impl Engine {
     /// Starts a holder serving `queue` (bound inside the pod netns) and
     /// re-sending through `reinjector`. The agent keeps no copy of either.
-    pub fn start(queue: NfQueue, reinjector: Reinjector, name: &str) -> Result<Engine, DelayError> {
+    pub fn start(
+        queue: NfQueue,
+        reinjector: Reinjector,
+        name: &str,
+        queue_num: u16,
+    ) -> Result<Engine, DelayError> {
         let thread = |e: std::io::Error| DelayError::Thread(format!("delay holder: {e}"));
         let region = counters::region_fd()
             .ok_or_else(|| DelayError::Thread("delay holder: no shared counter region".into()))?;
@@ -96,6 +106,7 @@ impl Engine {
         let mut cmd = Command::new(exe);
         cmd.arg(SUBCOMMAND)
             .arg(name)
+            .arg(queue_num.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -166,30 +177,37 @@ fn plans_from_line(line: &str, now: Instant) -> Result<Vec<Plan>, String> {
     let mut plans = Vec::new();
     for f in v["faults"].as_array().ok_or("no faults list")? {
         let spec = FaultSpec::parse(&f["spec"], &limits).map_err(|e| e.to_string())?;
-        let Action::Delay(action) = &spec.action else {
-            // The agent sends delay-engine faults only.
-            tracing::warn!(
-                action = spec.action.type_name(),
-                "not a delay action; ignored"
-            );
-            continue;
-        };
         let remaining = Duration::from_nanos(f["remaining_ns"].as_u64().unwrap_or(0));
         let slot = f["slot"].as_u64().unwrap_or(0) as usize;
-        plans.push(engine::plan_for(
-            spec.direction,
-            &spec.r#match,
-            action,
-            now + remaining,
-            std::sync::Arc::new(FaultCounters::view(slot)),
-        ));
+        let counters = std::sync::Arc::new(FaultCounters::view(slot));
+        match &spec.action {
+            Action::Delay(action) => plans.push(engine::plan_for(
+                spec.direction,
+                &spec.r#match,
+                action,
+                now + remaining,
+                counters,
+            )),
+            Action::Proxy(ProxyAction::Dns(action)) => plans.push(engine::dns_plan(
+                &spec.r#match,
+                action,
+                now + remaining,
+                counters,
+            )),
+            // The agent sends this engine's faults only.
+            other => tracing::warn!(
+                action = other.type_name(),
+                "not a delay or DNS action; ignored"
+            ),
+        }
     }
     Ok(plans)
 }
 
-/// `netfaultd delay-holder NAME`: serves the inherited queue until the
-/// control pipe closes, then releases everything held and returns.
-pub fn holder_main(name: &str) -> Result<(), DelayError> {
+/// `netfaultd delay-holder NAME QUEUE`: serves the inherited queue (number
+/// `queue_num`) until the control pipe closes, then releases everything
+/// held and returns.
+pub fn holder_main(name: &str, queue_num: u16) -> Result<(), DelayError> {
     let fd = |n: RawFd| {
         // SAFETY: the agent placed these descriptors (see `place_fds`) and
         // nothing else in this process owns them.
@@ -197,7 +215,7 @@ pub fn holder_main(name: &str) -> Result<(), DelayError> {
     };
     let counters = fd(FD_COUNTERS);
     counters::adopt_region(counters);
-    let queue = NfQueue::from_fd(fd(FD_QUEUE), QUEUE_NUM);
+    let queue = NfQueue::from_fd(fd(FD_QUEUE), queue_num);
     let reinjector = Reinjector::from_fds(fd(FD_RAW4), fd(FD_RAW6));
     let shared = std::sync::Arc::new(Shared::default());
     let s = shared.clone();

@@ -2,6 +2,10 @@
 //! (`nft`), a packet-holding engine thread per sandbox (`engine`), and
 //! netem's random distributions (`dist`).
 //!
+//! The same machinery, with its own table and queue ([`nft::DNS`]), serves
+//! the UDP half of the `dns-*` faults for the proxy backend
+//! ([`NfqueueBackend::for_dns`], [`NfqueueBackend::apply`]).
+//!
 //! What it owns: for each sandbox with delay or reorder faults, the nft
 //! table `netfault` and the queue socket (opened inside the pod netns, which
 //! it keeps). Removing a sandbox's last such fault removes both, so the netns
@@ -19,15 +23,17 @@ pub mod holder;
 pub mod nft;
 pub mod queue;
 
-pub use counters::queue_overflows;
+pub use counters::{dns_malformed, queue_overflows};
 pub use engine::REINJECT_MARK;
 pub use error::DelayError;
-pub use queue::QUEUE_NUM;
+pub use queue::{DNS_QUEUE_NUM, QUEUE_NUM};
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use netfault_api::{BackendKind, DelayAction, FieldError};
+use netfault_api::spec::{Direction, Match};
+use netfault_api::{BackendKind, DelayAction, FaultSpec, FieldError};
 use netfault_sys::netns::{InNetns, NetnsError};
 
 use super::{
@@ -46,17 +52,37 @@ const QUEUE_MAXLEN: u32 = 8192;
 /// packets for a queue without `NFQA_CFG_F_GSO`, so copies are MTU-sized.
 const COPY_RANGE: u32 = 65535;
 
-/// Every sandbox's NFQUEUE state.
-#[derive(Default)]
+/// Every sandbox's NFQUEUE state, in one table and queue ([`nft::Layout`]).
 pub struct NfqueueBackend {
+    layout: nft::Layout,
     sandboxes: HashMap<SandboxId, Engine>,
     counters: HashMap<FaultId, Arc<FaultCounters>>,
     /// Each fault's set tag in its sandbox's table, and what is installed.
     tags: nft::Tags,
 }
 
-fn open_queue_here(inside: &InNetns) -> Result<(NfQueue, engine::Reinjector), DelayError> {
-    let queue = NfQueue::open(inside, QUEUE_NUM, QUEUE_MAXLEN, COPY_RANGE)?;
+impl Default for NfqueueBackend {
+    fn default() -> Self {
+        NfqueueBackend::with_layout(nft::DELAY)
+    }
+}
+
+/// One fault as a queue engine diverts and applies it.
+pub struct QueueFault<'a> {
+    pub id: &'a FaultId,
+    /// The whole spec (the holder applies its action).
+    pub spec: &'a FaultSpec,
+    pub remaining: Duration,
+    /// What the kernel diverts to the queue.
+    pub direction: Direction,
+    pub selector: Match,
+}
+
+fn open_queue_here(
+    inside: &InNetns,
+    num: u16,
+) -> Result<(NfQueue, engine::Reinjector), DelayError> {
+    let queue = NfQueue::open(inside, num, QUEUE_MAXLEN, COPY_RANGE)?;
     let reinjector = engine::Reinjector::open_here(inside, REINJECT_MARK)?;
     Ok((queue, reinjector))
 }
@@ -66,6 +92,20 @@ fn sync_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl NfqueueBackend {
+    fn with_layout(layout: nft::Layout) -> Self {
+        NfqueueBackend {
+            layout,
+            sandboxes: HashMap::new(),
+            counters: HashMap::new(),
+            tags: nft::Tags::default(),
+        }
+    }
+
+    /// The DNS engine: table `netfault_dns`, its own queue and holders.
+    pub fn for_dns() -> Self {
+        NfqueueBackend::with_layout(nft::DNS)
+    }
+
     fn counters_for(&mut self, fault: &FaultId) -> Arc<FaultCounters> {
         self.counters.entry(fault.clone()).or_default().clone()
     }
@@ -74,20 +114,21 @@ impl NfqueueBackend {
     /// nothing is diverted to a queue without a listener, which `bypass`
     /// would pass anyway).
     fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
+        let layout = self.layout;
         let removed = match sb.netns {
-            Some(ns) => ns.run(nft::remove_here)?,
+            Some(ns) => ns.run(move |inside| nft::remove_here(inside, layout))?,
             None => Ok(()),
         };
         self.sandboxes.remove(sb.id);
         removed
     }
 
-    /// Brings a sandbox's netns in line with `faults` (its active delay and
-    /// reorder faults): with none, removes the table and closes the queue.
-    fn apply(
+    /// Brings a sandbox's netns in line with `faults` (its active faults
+    /// of this engine): with none, removes the table and closes the queue.
+    pub fn apply(
         &mut self,
         sb: &SandboxCtx<'_>,
-        faults: &[ActiveFault<'_, DelayAction>],
+        faults: &[QueueFault<'_>],
     ) -> Result<(), DelayError> {
         if faults.is_empty() {
             return self.remove(sb);
@@ -110,8 +151,9 @@ impl NfqueueBackend {
             .collect();
         let fresh = !self.sandboxes.contains_key(sb.id);
         if fresh {
-            let (queue, reinjector) = ns.run(open_queue_here)??;
-            let engine = Engine::start(queue, reinjector, sb.id.as_str())?;
+            let num = self.layout.queue;
+            let (queue, reinjector) = ns.run(move |inside| open_queue_here(inside, num))??;
+            let engine = Engine::start(queue, reinjector, sb.id.as_str(), num)?;
             self.sandboxes.insert(sb.id.clone(), engine);
         }
         if let Some(engine) = self.sandboxes.get_mut(sb.id) {
@@ -127,16 +169,17 @@ impl NfqueueBackend {
             .iter()
             .map(|f| nft::Diversion {
                 tag: self.tags.tag(sb.id.as_str(), f.id.as_str()),
-                direction: f.spec.direction,
-                selector: f.spec.r#match.clone(),
+                direction: f.direction,
+                selector: f.selector.clone(),
                 timeout_ms: f.remaining.as_nanos().div_ceil(1_000_000) as u64,
             })
             .collect();
         let known = self.tags.installed(sb.id.as_str());
+        let layout = self.layout;
         // Only what changed is touched: unchanged faults keep diverting,
         // with their set elements' kernel timeouts running on.
         let applied =
-            match ns.run(move |inside| nft::sync_here(inside, &diversions, &known, QUEUE_NUM)) {
+            match ns.run(move |inside| nft::sync_here(inside, layout, &diversions, &known)) {
                 Ok((installed, result)) => {
                     self.tags.set_installed(sb.id.as_str(), installed);
                     result
@@ -147,6 +190,18 @@ impl NfqueueBackend {
             self.sandboxes.remove(sb.id);
         }
         applied
+    }
+}
+
+impl NfqueueBackend {
+    /// Removes everything of the sandbox, at once (CNI DEL).
+    pub fn release(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
+        self.remove(sb)
+    }
+
+    /// The live counters of a fault this engine serves.
+    pub fn fault_counters(&self, fault: &FaultId) -> Option<Arc<FaultCounters>> {
+        self.counters.get(fault).cloned()
     }
 }
 
@@ -174,7 +229,7 @@ impl BackendOps for NfqueueBackend {
         sb: &SandboxCtx<'_>,
         _memo: &mut SandboxMemo,
     ) -> Result<(), BackendError> {
-        self.remove(sb)
+        self.release(sb)
             .map_err(|e| BackendError::new("removing the delay diversion", e))
     }
 
@@ -212,6 +267,16 @@ impl Backend for NfqueueBackend {
         _memo: &mut SandboxMemo,
         faults: &mut [ActiveFault<'_, DelayAction>],
     ) -> Result<(), BackendError> {
-        self.apply(sb, faults).map_err(sync_err)
+        let faults: Vec<QueueFault<'_>> = faults
+            .iter()
+            .map(|f| QueueFault {
+                id: f.id,
+                spec: f.spec,
+                remaining: f.remaining,
+                direction: f.spec.direction,
+                selector: f.spec.r#match.clone(),
+            })
+            .collect();
+        self.apply(sb, &faults).map_err(sync_err)
     }
 }

@@ -49,12 +49,37 @@ use serde_json::Value;
 
 use super::error::DelayError;
 
-pub const TABLE: &str = "netfault";
 pub const FAMILY: &str = "inet";
-const NFT: NfTable = NfTable {
-    family: NfFamily::INet,
-    name: TABLE,
+
+/// Where one queue engine's diversion lives: its table (family inet) and
+/// the NFQUEUE number its rule sends to. The delay engine and the DNS
+/// engine each have their own, so neither ever rewrites the other's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub table: &'static str,
+    pub queue: u16,
+}
+
+/// The delay engine's table and queue.
+pub const DELAY: Layout = Layout {
+    table: "netfault",
+    queue: super::queue::QUEUE_NUM,
 };
+
+/// The DNS engine's table and queue (UDP queries of `dns-*` faults).
+pub const DNS: Layout = Layout {
+    table: "netfault_dns",
+    queue: super::queue::DNS_QUEUE_NUM,
+};
+
+impl Layout {
+    fn nft(self) -> NfTable {
+        NfTable {
+            family: NfFamily::INet,
+            name: self.table,
+        }
+    }
+}
 
 /// What one fault diverts, and for how long the kernel keeps diverting.
 #[derive(Debug, Clone)]
@@ -174,16 +199,17 @@ fn rules_for(d: &Diversion, egress: bool) -> Vec<Vec<Statement<'static>>> {
 
 /// One nft transaction that replaces the whole table with `diversions`
 /// (without the set elements and the queue rule, which [`commit_here`] adds).
-pub fn ruleset(diversions: &[Diversion]) -> Transaction {
+pub fn ruleset(l: Layout, diversions: &[Diversion]) -> Transaction {
+    let nft = l.nft();
     let mut tx = Transaction::new();
     // Removes the table whether or not it exists.
-    tx.remove_table(&NFT);
-    tx.add(NFT.table());
-    tx.add(NFT.chain("divert"));
-    tx.add(NFT.base_chain("egress", NfChainType::Filter, NfHook::Postrouting, 0));
-    tx.add(NFT.base_chain("ingress", NfChainType::Filter, NfHook::Prerouting, 0));
+    tx.remove_table(&nft);
+    tx.add(nft.table());
+    tx.add(nft.chain("divert"));
+    tx.add(nft.base_chain("egress", NfChainType::Filter, NfHook::Postrouting, 0));
+    tx.add(nft.base_chain("ingress", NfChainType::Filter, NfHook::Prerouting, 0));
     // Packets the engine re-sends after their delay must not be diverted again.
-    tx.add(NFT.rule(
+    tx.add(nft.rule(
         "egress",
         vec![
             eq(meta(MetaKey::Mark), number(super::engine::REINJECT_MARK)),
@@ -191,7 +217,7 @@ pub fn ruleset(diversions: &[Diversion]) -> Transaction {
         ],
     ));
     for d in diversions {
-        fault_cmds(d, &mut tx);
+        fault_cmds(l, d, &mut tx);
     }
     tx
 }
@@ -200,7 +226,7 @@ fn nft(tx: &Transaction) -> Result<(), DelayError> {
     tx.apply().map_err(DelayError::Nft)
 }
 
-/// What the kernel's `netfault` table holds, from `nft -j list`.
+/// What the kernel's table (`netfault`, `netfault_dns`) holds, from `nft -j list`.
 #[derive(Debug, Default)]
 struct Listed {
     /// Tags of the fault sets `f<tag>`.
@@ -229,19 +255,20 @@ fn rule_tag(expr: &Value) -> Option<u32> {
     }
 }
 
-/// Parses `nft -j list ruleset inet`: `None` without a `netfault` table.
-fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
+/// Parses `nft -j list ruleset inet`: `None` without `l`'s table.
+fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
+    let table = l.table;
     let v: Value = serde_json::from_str(raw)
         .map_err(|e| DelayError::Nft(format!("listing the table: invalid JSON: {e}")))?;
     let objects = v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-    let ours = |o: &Value| o["family"] == FAMILY && o["table"] == TABLE;
+    let ours = |o: &Value| o["family"] == FAMILY && o["table"] == table;
     let exists = objects
         .iter()
-        .any(|o| o["table"]["family"] == FAMILY && o["table"]["name"] == TABLE);
+        .any(|o| o["table"]["family"] == FAMILY && o["table"]["name"] == table);
     if !exists {
         return Ok(None);
     }
-    let mut l = Listed::default();
+    let mut listed = Listed::default();
     let mut foreign = false;
     let mut chains = BTreeSet::new();
     let (mut queue_rules, mut reinject) = (0usize, false);
@@ -249,7 +276,7 @@ fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
         if let Some(set) = o.get("set").filter(|s| ours(s)) {
             match set["name"].as_str().and_then(tag_of) {
                 Some(tag) => {
-                    l.sets.insert(tag);
+                    listed.sets.insert(tag);
                 }
                 None => foreign = true,
             }
@@ -262,9 +289,11 @@ fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
             let handle = rule["handle"].as_u64().and_then(|h| u32::try_from(h).ok());
             match (chain, rule_tag(&rule["expr"]), handle) {
                 ("divert", None, _) => queue_rules += 1,
-                ("egress" | "ingress", Some(tag), Some(h)) => {
-                    l.rules.entry(tag).or_default().push((chain.to_string(), h))
-                }
+                ("egress" | "ingress", Some(tag), Some(h)) => listed
+                    .rules
+                    .entry(tag)
+                    .or_default()
+                    .push((chain.to_string(), h)),
                 ("egress", None, _) if !reinject => reinject = true,
                 _ => foreign = true,
             }
@@ -274,23 +303,24 @@ fn parse_listing(raw: &str) -> Result<Option<Listed>, DelayError> {
         .iter()
         .all(|c| chains.contains(*c))
         && chains.len() == 3;
-    l.complete = skeleton && queue_rules == 1 && reinject && !foreign;
-    Ok(Some(l))
+    listed.complete = skeleton && queue_rules == 1 && reinject && !foreign;
+    Ok(Some(listed))
 }
 
-/// Lists the `netfault` table of the calling thread's netns.
-fn list_here(_inside: &InNetns) -> Result<Option<Listed>, DelayError> {
+/// Lists `l`'s table in the calling thread's netns.
+fn list_here(_inside: &InNetns, l: Layout) -> Result<Option<Listed>, DelayError> {
     let raw = nftables::helper::get_current_ruleset_raw(
         nftables::helper::DEFAULT_NFT,
         ["list", "ruleset", FAMILY],
     )
     .map_err(|e| DelayError::Nft(format!("listing the table: {e}")))?;
-    parse_listing(&raw)
+    parse_listing(l, &raw)
 }
 
 /// Adds the rules and set of one fault to `tx`.
-fn fault_cmds(d: &Diversion, tx: &mut Transaction) {
-    tx.add_set(&NFT, set_name(d.tag));
+fn fault_cmds(l: Layout, d: &Diversion, tx: &mut Transaction) {
+    let nft = l.nft();
+    tx.add_set(&nft, set_name(d.tag));
     for (egress, chain) in [(true, "egress"), (false, "ingress")] {
         let wanted = if egress {
             d.direction.includes_egress()
@@ -301,12 +331,12 @@ fn fault_cmds(d: &Diversion, tx: &mut Transaction) {
             continue;
         }
         for expr in rules_for(d, egress) {
-            tx.add(NFT.rule(chain, expr));
+            tx.add(nft.rule(chain, expr));
         }
     }
 }
 
-/// Brings the table in line with `wanted`, diverting to `queue`, without
+/// Brings `l`'s table in line with `wanted`, diverting to `l.queue`, without
 /// disturbing the diversion of a fault that stays: its set, rules and set
 /// elements (with their running kernel timeouts) are left as they are.
 ///
@@ -327,19 +357,19 @@ fn fault_cmds(d: &Diversion, tx: &mut Transaction) {
 /// the next call) and the outcome.
 pub fn sync_here(
     inside: &InNetns,
+    l: Layout,
     wanted: &[Diversion],
     known: &BTreeSet<u32>,
-    queue: u16,
 ) -> (BTreeSet<u32>, Result<(), DelayError>) {
     let all: BTreeSet<u32> = wanted.iter().map(|d| d.tag).collect();
-    let listed = match list_here(inside) {
-        Ok(Some(l)) if l.complete => l,
+    let listed = match list_here(inside, l) {
+        Ok(Some(listed)) if listed.complete => listed,
         Ok(_) => {
-            if let Err(e) = nft(&ruleset(wanted)) {
+            if let Err(e) = nft(&ruleset(l, wanted)) {
                 return (BTreeSet::new(), Err(e));
             }
-            if let Err(e) = commit_here(inside, wanted, Some(queue)) {
-                let _ = remove_here(inside);
+            if let Err(e) = commit_here(inside, l, wanted, true) {
+                let _ = remove_here(inside, l);
                 return (BTreeSet::new(), Err(e));
             }
             return (all, Ok(()));
@@ -357,14 +387,14 @@ pub fn sync_here(
         .filter(|d| !keep.contains(&d.tag))
         .cloned()
         .collect();
-    let Some(payload) = delta(&listed, &keep, &added) else {
+    let Some(payload) = delta(l, &listed, &keep, &added) else {
         return (keep, Ok(()));
     };
     // All or nothing: on failure the table is as it was.
     if let Err(e) = nft(&payload) {
         return (keep, Err(e));
     }
-    if let Err(e) = commit_here(inside, &added, None) {
+    if let Err(e) = commit_here(inside, l, &added, false) {
         // The new faults' rules and (empty) sets stay until the next call,
         // which removes them as unknown; they divert nothing meanwhile.
         return (keep, Err(e));
@@ -375,32 +405,38 @@ pub fn sync_here(
 /// The nft transaction of a change to a complete table (`None`: nothing to
 /// do): it deletes the rules (by handle) and sets of the listed faults not
 /// in `keep`, then adds the sets and rules of `added`.
-fn delta(listed: &Listed, keep: &BTreeSet<u32>, added: &[Diversion]) -> Option<Transaction> {
+fn delta(
+    l: Layout,
+    listed: &Listed,
+    keep: &BTreeSet<u32>,
+    added: &[Diversion],
+) -> Option<Transaction> {
+    let nft = l.nft();
     let mut tx = Transaction::new();
     for tag in listed.sets.iter().filter(|t| !keep.contains(t)) {
         for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
-            tx.delete(NFT.rule_at(chain.clone(), *handle));
+            tx.delete(nft.rule_at(chain.clone(), *handle));
         }
-        tx.delete(NfListObject::Set(NFT.set(set_name(*tag))));
+        tx.delete(NfListObject::Set(nft.set(set_name(*tag))));
     }
     // Deletions first: a set may be removed and added again under the same
     // name in this one transaction.
     for d in added {
-        fault_cmds(d, &mut tx);
+        fault_cmds(l, d, &mut tx);
     }
     (!tx.is_empty()).then_some(tx)
 }
 
 /// The nft transaction that removes the table whether or not it exists.
-fn removal() -> Transaction {
+fn removal(l: Layout) -> Transaction {
     let mut tx = Transaction::new();
-    tx.remove_table(&NFT);
+    tx.remove_table(&l.nft());
     tx
 }
 
-/// Removes the table if it exists.
-pub fn remove_here(_inside: &InNetns) -> Result<(), DelayError> {
-    nft(&removal())
+/// Removes `l`'s table if it exists.
+pub fn remove_here(_inside: &InNetns, l: Layout) -> Result<(), DelayError> {
+    nft(&removal(l))
 }
 
 // ----- the xt NFQUEUE rule, over nf_tables netlink -----
@@ -419,13 +455,15 @@ const NFQ_FLAG_BYPASS: u16 = 1;
 
 /// One nf_tables batch: every fault's set elements (`ipv4`, `ipv6`, with
 /// the fault's remaining time as a millisecond timeout), then, with
-/// `Some(queue)`, the single rule of chain `divert`:
+/// `queue_rule`, the single rule of chain `divert`:
 /// `xt target NFQUEUE --queue-num N --queue-bypass`.
 pub fn commit_here(
     _inside: &InNetns,
+    l: Layout,
     diversions: &[Diversion],
-    queue: Option<u16>,
+    with_queue_rule: bool,
 ) -> Result<(), DelayError> {
+    let queue = with_queue_rule.then_some(l.queue);
     if diversions.is_empty() && queue.is_none() {
         return Ok(());
     }
@@ -437,7 +475,7 @@ pub fn commit_here(
         // The kernel acks the batch's last message; errors come regardless.
         let last_msg = queue.is_none() && i + 1 == diversions.len();
         batch.push(elements_msg(
-            TABLE,
+            l.table,
             &set_name(d.tag),
             d.timeout_ms,
             false,
@@ -447,7 +485,7 @@ pub fn commit_here(
     }
     let rule_seq = queue.map(|q| {
         let seq = batch.next_seq();
-        batch.push(queue_rule(q, seq));
+        batch.push(queue_rule(l.table, q, seq));
         seq
     });
     batch.send(&fd).map_err(|e| match e {
@@ -465,7 +503,7 @@ pub fn commit_here(
 
 /// The rule of chain `divert`, `xt target NFQUEUE --queue-num N
 /// --queue-bypass`, as message `seq` of a batch (acked).
-fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
+fn queue_rule(table: &str, queue: u16, seq: u32) -> Vec<u8> {
     let req = libc::NLM_F_REQUEST as u16;
     let create = libc::NLM_F_CREATE as u16;
     let mut rule = Msg::new(
@@ -475,7 +513,7 @@ fn queue_rule(queue: u16, seq: u32) -> Vec<u8> {
         NFPROTO_INET,
         0,
     );
-    rule.str(NFTA_RULE_TABLE, TABLE);
+    rule.str(NFTA_RULE_TABLE, table);
     rule.str(NFTA_RULE_CHAIN, "divert");
     rule.begin(NFTA_RULE_EXPRESSIONS);
     rule.begin(NFTA_LIST_ELEM);
@@ -558,7 +596,7 @@ mod tests {
 
     #[test]
     fn listing_maps_rules_to_fault_sets() {
-        let l = parse_listing(&listing(&[]))
+        let l = parse_listing(DELAY, &listing(&[]))
             .expect("parses")
             .expect("table exists");
         assert!(l.complete, "{l:?}");
@@ -575,7 +613,7 @@ mod tests {
         let raw = json!({"nftables": [{"metainfo": {}},
             {"table": {"family": "inet", "name": "other", "handle": 2}}]})
         .to_string();
-        assert!(parse_listing(&raw).expect("parses").is_none());
+        assert!(parse_listing(DELAY, &raw).expect("parses").is_none());
     }
 
     #[test]
@@ -585,7 +623,7 @@ mod tests {
         let stray_rule = rule("ingress", 20, json!([{"accept": null}]));
         let second_queue = rule("divert", 21, json!([{"accept": null}]));
         for extra in [foreign_set, stray_rule, second_queue] {
-            let l = parse_listing(&listing(std::slice::from_ref(&extra)))
+            let l = parse_listing(DELAY, &listing(std::slice::from_ref(&extra)))
                 .expect("parses")
                 .expect("table exists");
             assert!(!l.complete, "{extra} went unnoticed");
@@ -686,29 +724,32 @@ mod tests {
     fn golden_cases() -> Vec<golden::Case> {
         let sample = sample();
         let all: Vec<Diversion> = sample.iter().map(|(_, d)| d.clone()).collect();
-        let mut cases = vec![golden::Case::new("ruleset_empty", ruleset(&[]).to_json())];
+        let mut cases = vec![golden::Case::new(
+            "ruleset_empty",
+            ruleset(DELAY, &[]).to_json(),
+        )];
         for (name, d) in &sample {
             cases.push(golden::Case::new(
                 format!("ruleset_{name}"),
-                ruleset(std::slice::from_ref(d)).to_json(),
+                ruleset(DELAY, std::slice::from_ref(d)).to_json(),
             ));
         }
         cases.push(golden::Case::new(
             "ruleset_several",
-            ruleset(&all).to_json(),
+            ruleset(DELAY, &all).to_json(),
         ));
-        let before = ruleset(&[all[0].clone(), all[2].clone(), all[3].clone()]).to_json();
+        let before = ruleset(DELAY, &[all[0].clone(), all[2].clone(), all[3].clone()]).to_json();
         // Tag 4 stays; 1 and 3 go; 1 comes back with another selector (its
         // set removed and added in one transaction) and 7 is new.
         let added = [
             ports(div(1, Direction::Both, None, Protocol::Udp), &[(123, 123)]),
             div(7, Direction::Egress, Some("198.51.100.0/24"), Protocol::Any),
         ];
-        let delta = delta(&listed_1_3_4(), &BTreeSet::from([4]), &added)
+        let delta = delta(DELAY, &listed_1_3_4(), &BTreeSet::from([4]), &added)
             .expect("a change")
             .to_json();
         cases.push(golden::Case::new("delta", delta).after(vec![before.clone()]));
-        cases.push(golden::Case::new("removal", removal().to_json()).after(vec![before]));
+        cases.push(golden::Case::new("removal", removal(DELAY).to_json()).after(vec![before]));
         cases
     }
 
@@ -726,7 +767,7 @@ mod tests {
 
     #[test]
     fn a_delta_without_changes_is_none() {
-        assert!(delta(&listed_1_3_4(), &BTreeSet::from([1, 3, 4]), &[]).is_none());
+        assert!(delta(DELAY, &listed_1_3_4(), &BTreeSet::from([1, 3, 4]), &[]).is_none());
     }
 
     #[test]

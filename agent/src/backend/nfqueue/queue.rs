@@ -35,6 +35,8 @@ const NF_DROP: u32 = 0;
 
 /// The NFQUEUE number used in every pod netns (queues are per netns).
 pub const QUEUE_NUM: u16 = 0x4e46;
+/// The DNS engine's NFQUEUE number (its own holder and table).
+pub const DNS_QUEUE_NUM: u16 = 0x4e47;
 
 /// A bound queue.
 pub struct NfQueue {

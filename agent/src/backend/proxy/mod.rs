@@ -25,10 +25,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netfault_api::spec::{dns_ports, Direction, Match, Protocol};
 use netfault_api::{BackendKind, FieldError, ProxyAction};
 use netfault_sys::netns::{Netns, NetnsError};
 use netfault_tproxy::{Connector, Proxy, ProxyRule, RuleCounters};
 
+use super::nfqueue::{NfqueueBackend, QueueFault};
 use super::{
     ActiveFault, Availability, Backend, BackendError, BackendOps, CounterReader, SandboxCtx,
     SandboxMemo,
@@ -237,6 +239,34 @@ pub struct ProxyBackend {
     next_tag: u32,
     /// Every running sandbox proxy, for the open-connection gauge.
     gauge: ConnectionGauge,
+    /// The UDP half of the `dns-*` faults: the DNS engine's queue, table
+    /// and holders (the TCP half is served by the proxy like any rule).
+    dns_udp: NfqueueBackend,
+}
+
+/// One fault as the proxy serves it: a proxy fault as given, or the TCP
+/// half of a DNS fault (egress, TCP, its DNS ports).
+struct Served<'a> {
+    id: &'a FaultId,
+    direction: Direction,
+    selector: Match,
+    action: &'a ProxyAction,
+    remaining: Duration,
+}
+
+/// Whether a DNS fault's `match.protocol` takes in `p` (UDP or TCP).
+fn dns_over(m: &Match, p: Protocol) -> bool {
+    matches!(m.protocol, None | Some(Protocol::Any)) || m.protocol == Some(p)
+}
+
+/// The traffic the `p` half of a DNS fault diverts: the pod's queries to
+/// the fault's CIDR on its DNS ports.
+fn dns_selector(m: &Match, p: Protocol) -> Match {
+    Match {
+        cidr: m.cidr,
+        protocol: Some(p),
+        ports: dns_ports(m),
+    }
 }
 
 /// Connections the proxy serves right now, over every sandbox; readable
@@ -307,14 +337,14 @@ impl ProxyBackend {
         self.next_tag
     }
 
-    fn diversions(&mut self, faults: &[ActiveFault<'_, ProxyAction>]) -> Vec<divert::Diversion> {
+    fn diversions(&mut self, faults: &[Served<'_>]) -> Vec<divert::Diversion> {
         faults
             .iter()
             .map(|f| divert::Diversion {
                 tag: self.tag(f.id),
-                inbound: f.spec.direction.includes_ingress(),
-                outbound: f.spec.direction.includes_egress(),
-                selector: f.spec.r#match.clone(),
+                inbound: f.direction.includes_ingress(),
+                outbound: f.direction.includes_egress(),
+                selector: f.selector.clone(),
                 lease_ms: lease_ms(f.remaining),
             })
             .collect()
@@ -345,11 +375,7 @@ impl ProxyBackend {
     /// Brings a sandbox in line with `faults` (its active proxy faults):
     /// with none, stops diverting new connections and closes the listeners;
     /// the rest goes once the proxied connections are done.
-    fn apply(
-        &mut self,
-        sb: &SandboxCtx<'_>,
-        faults: &[ActiveFault<'_, ProxyAction>],
-    ) -> Result<(), ProxyError> {
+    fn apply(&mut self, sb: &SandboxCtx<'_>, faults: &[Served<'_>]) -> Result<(), ProxyError> {
         let Some(ns) = sb.netns else {
             // The pod is gone, and its diversion with it.
             self.close(sb.id);
@@ -363,8 +389,8 @@ impl ProxyBackend {
             .iter()
             .map(|f| ProxyRule {
                 id: f.id.to_string(),
-                direction: f.spec.direction,
-                selector: f.spec.r#match.clone(),
+                direction: f.direction,
+                selector: f.selector.clone(),
                 action: f.action.clone(),
                 deadline: now + f.remaining,
                 counters: self.counters.entry(f.id.clone()).or_default().clone(),
@@ -539,18 +565,34 @@ impl BackendOps for ProxyBackend {
         BackendKind::Proxy
     }
 
+    /// A DNS fault's counters add up its TCP (proxy) and UDP (queue) halves.
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
-        let c = self.counters.get(fault)?.clone();
-        Some(CounterReader::new(move || c.snapshot()))
+        let tcp = self.counters.get(fault).cloned();
+        let udp = self.dns_udp.fault_counters(fault);
+        if tcp.is_none() && udp.is_none() {
+            return None;
+        }
+        Some(CounterReader::new(move || {
+            let mut sum = tcp.as_ref().map(|c| c.snapshot()).unwrap_or_default();
+            if let Some(u) = udp.as_ref().map(|c| c.snapshot()) {
+                sum.matched += u.matched;
+                sum.affected += u.affected;
+                sum.dropped += u.dropped;
+            }
+            sum
+        }))
     }
 
     fn holds(&self, sandbox: &SandboxId) -> bool {
-        self.sandboxes.contains_key(sandbox) || self.draining.contains_key(sandbox)
+        self.sandboxes.contains_key(sandbox)
+            || self.draining.contains_key(sandbox)
+            || self.dns_udp.holds(sandbox)
     }
 
     fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
         self.tags.remove(fault);
+        self.dns_udp.forget_fault(fault);
     }
 
     /// Closes the sandbox's proxy at once, cutting the connections it
@@ -562,11 +604,16 @@ impl BackendOps for ProxyBackend {
         _memo: &mut SandboxMemo,
     ) -> Result<(), BackendError> {
         self.close(sb.id);
+        let udp = self
+            .dns_udp
+            .release(sb)
+            .map_err(|e| BackendError::new("removing the DNS diversion", e));
         match sb.netns {
             Some(ns) => remove_diversion(ns)
                 .map_err(|e| BackendError::new("removing the proxy diversion", e)),
             None => Ok(()),
-        }
+        }?;
+        udp
     }
 
     fn availability(&self) -> Availability {
@@ -591,8 +638,47 @@ impl Backend for ProxyBackend {
         _memo: &mut SandboxMemo,
         faults: &mut [ActiveFault<'_, ProxyAction>],
     ) -> Result<(), BackendError> {
-        self.apply(sb, faults)
-            .map_err(|e| BackendError::new("applying the proxy faults", e))
+        let mut tcp = Vec::with_capacity(faults.len());
+        let mut udp = Vec::new();
+        for f in faults.iter() {
+            let m = &f.spec.r#match;
+            if !matches!(f.action, ProxyAction::Dns(_)) {
+                tcp.push(Served {
+                    id: f.id,
+                    direction: f.spec.direction,
+                    selector: m.clone(),
+                    action: f.action,
+                    remaining: f.remaining,
+                });
+                continue;
+            }
+            if dns_over(m, Protocol::Tcp) {
+                tcp.push(Served {
+                    id: f.id,
+                    direction: Direction::Egress,
+                    selector: dns_selector(m, Protocol::Tcp),
+                    action: f.action,
+                    remaining: f.remaining,
+                });
+            }
+            if dns_over(m, Protocol::Udp) {
+                udp.push(QueueFault {
+                    id: f.id,
+                    spec: f.spec,
+                    remaining: f.remaining,
+                    direction: Direction::Egress,
+                    selector: dns_selector(m, Protocol::Udp),
+                });
+            }
+        }
+        // Both halves, whatever the other's outcome.
+        let udp = self
+            .dns_udp
+            .apply(sb, &udp)
+            .map_err(|e| BackendError::new("applying the DNS faults (UDP)", e));
+        self.apply(sb, &tcp)
+            .map_err(|e| BackendError::new("applying the proxy faults", e))?;
+        udp
     }
 }
 
