@@ -6,7 +6,7 @@
 //! forged answer means the query never reached it).
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,9 @@ use testbed::dnsserver::{
 };
 use testbed::{ms, Pod};
 
-use crate::support::{connect, fault_on, in_pod, nft_objects, Cluster, Pristine};
+use crate::support::{
+    connect, fault_on, in_pod, netns_state, nft_objects, Cluster, Pristine, Repeat,
+};
 
 const MS: Duration = Duration::from_millis(1);
 const API: &str = "api.example.test";
@@ -594,41 +596,51 @@ fn dns_selectors_names_types_and_percent() {
 
     let id = b.fault(json!({"type": "dns-error", "percent": 30, "dns": {"names": [API]}}));
     let n: u16 = 400;
-    let got = udp_queries(
-        &b.client,
-        b.server_udp(),
-        &queries(n, API, RecordType::A),
-        500 * Duration::from_micros(1),
-        200 * MS,
-    )
-    .expect("UDP queries");
-    let mut errors = 0u64;
-    for e in &got {
-        let m = decoded(e).expect("every query is answered (error or real)");
-        match m.response_code() {
-            ResponseCode::NXDomain => errors += 1,
-            ResponseCode::NoError => assert_eq!(
-                m.answers().first().and_then(|a| a.data().ip_addr()),
-                Some(ip(zone::API_V4))
-            ),
-            other => panic!("unexpected rcode {other}"),
-        }
-    }
     let (p, nf) = (0.3, f64::from(n));
     let (mean, sigma) = (nf * p, (nf * p * (1.0 - p)).sqrt());
-    eprintln!(
-        "percent 30: {errors}/{n} NXDOMAIN ({:.1}%), expected {mean:.0} ± {:.0} (3σ)",
-        errors as f64 * 100.0 / nf,
-        3.0 * sigma
-    );
-    assert!(
-        (errors as f64 - mean).abs() <= 3.0 * sigma,
-        "{errors} of {n} outside 3σ of {mean}"
-    );
+    let (mut sent, mut seen_errors) = (0u64, 0u64);
+    // A correct datapath lands outside 3σ in 0.27% of samples: one outlier
+    // is measured again (two in a row: p ≈ 7e-6), as the loss tests do.
+    for attempt in 0..2 {
+        let got = udp_queries(
+            &b.client,
+            b.server_udp(),
+            &queries(n, API, RecordType::A),
+            Duration::from_micros(500),
+            200 * MS,
+        )
+        .expect("UDP queries");
+        let mut errors = 0u64;
+        for e in &got {
+            let m = decoded(e).expect("every query is answered (error or real)");
+            match m.response_code() {
+                ResponseCode::NXDomain => errors += 1,
+                ResponseCode::NoError => assert_eq!(
+                    m.answers().first().and_then(|a| a.data().ip_addr()),
+                    Some(ip(zone::API_V4))
+                ),
+                other => panic!("unexpected rcode {other}"),
+            }
+        }
+        sent += u64::from(n);
+        seen_errors += errors;
+        eprintln!(
+            "percent 30: {errors}/{n} NXDOMAIN ({:.1}%), expected {mean:.0} ± {:.0} (3σ)",
+            errors as f64 * 100.0 / nf,
+            3.0 * sigma
+        );
+        if (errors as f64 - mean).abs() <= 3.0 * sigma {
+            break;
+        }
+        assert_eq!(
+            attempt, 0,
+            "{errors} of {n} outside 3σ of {mean}, twice in a row"
+        );
+    }
     let (matched, affected) = b.counters(&id);
     assert_eq!(
         (matched, affected),
-        (u64::from(n), errors),
+        (sent, seen_errors),
         "the fault's counters agree with the client"
     );
     b.c.delete_fault(&id);
@@ -938,6 +950,19 @@ fn dns_no_leftovers_after_delete_and_cni_del() {
     assert!(!b.c.enrolled(&b.client), "enrolled after DEL");
     let objects = nft_objects(&b.client);
     assert!(objects <= 1, "nft objects left after DEL: {objects}");
+    // eth0 is gone with its veth; what is left must be a subset of before.
+    let after = netns_state(b.client.netns_path(), "lo");
+    assert_eq!(
+        after.nft_tables, pristine.state.nft_tables,
+        "nft tables after DEL"
+    );
+    assert_eq!(after.rules, pristine.state.rules, "policy rules after DEL");
+    let extra: Vec<&String> = after
+        .routes
+        .iter()
+        .filter(|r| !pristine.state.routes.contains(r))
+        .collect();
+    assert!(extra.is_empty(), "routes left after DEL: {extra:?}");
     assert!(
         testbed::eventually(Duration::from_secs(2), || netns_holders(
             b.client.netns_path()
@@ -1042,112 +1067,213 @@ fn dns_bad_input_names_the_field() {
     assert_real(&b.ask(b.dig(API, "A")), zone::API_V4, "queries untouched");
 }
 
-/// Random bytes and mutated queries to port 53 through an active
-/// dns-error fault (2000 UDP datagrams, 200 TCP connections): the agent
-/// stays up, a selected query still gets the fault's answer and another
-/// name the real one.
-#[test]
-fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
-    testbed::require_root!();
-    let mut b = Bed::new(false);
-    let id = b.fault(json!({"type": "dns-error", "dns": {"names": [API]}}));
-    let valid = query(7, API, RecordType::A);
-    let mutated = |rng: &mut rand::rngs::ThreadRng| {
-        use rand::Rng;
-        let mut m = valid.clone();
-        match rng.random_range(0..4) {
-            0 => m.truncate(rng.random_range(0..m.len())),
-            1 => {
-                for _ in 0..rng.random_range(1..6) {
-                    let i = rng.random_range(0..m.len());
-                    m[i] = rng.random();
-                }
-            }
-            2 => m.extend((0..rng.random_range(1..200)).map(|_| rng.random::<u8>())),
-            _ => {
-                // Counts that promise records that are not there.
-                for i in 4..12 {
-                    m[i] = rng.random();
-                }
+/// Random bytes, for a datagram or a TCP message body.
+fn random_bytes(rng: &mut rand::rngs::ThreadRng, max: usize) -> Vec<u8> {
+    use rand::Rng;
+    let n = rng.random_range(0..max);
+    (0..n).map(|_| rng.random::<u8>()).collect()
+}
+
+/// `valid` with one random kind of damage: cut short, bytes flipped,
+/// garbage appended, or header counts promising records that are not there.
+fn mutated(rng: &mut rand::rngs::ThreadRng, valid: &[u8]) -> Vec<u8> {
+    use rand::Rng;
+    let mut m = valid.to_vec();
+    match rng.random_range(0..4) {
+        0 => m.truncate(rng.random_range(0..m.len())),
+        1 => {
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..m.len());
+                m[i] = rng.random();
             }
         }
-        m
-    };
-    let random = |rng: &mut rand::rngs::ThreadRng| {
-        use rand::Rng;
-        let n = rng.random_range(0..600);
-        (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()
-    };
-    let mut rng = rand::rng();
-    let server = b.server_udp();
-    let any = testbed::unspecified(server.ip());
-    let sock = in_pod(&b.client, move || UdpSocket::bind((any, 0))).expect("UDP socket");
-    let started = Instant::now();
-    for i in 0..2000 {
-        let dgram = if i % 2 == 0 {
-            random(&mut rng)
-        } else {
-            mutated(&mut rng)
-        };
-        sock.send_to(&dgram, server).expect("send");
-        if i % 50 == 0 {
-            std::thread::sleep(MS);
+        2 => m.extend((0..rng.random_range(1..200)).map(|_| rng.random::<u8>())),
+        _ => {
+            for byte in m.iter_mut().take(12).skip(4) {
+                *byte = rng.random();
+            }
         }
     }
-    let tcp: Vec<Vec<u8>> = (0..200)
-        .map(|i| {
-            let body = if i % 2 == 0 {
-                random(&mut rng)
-            } else {
-                mutated(&mut rng)
-            };
-            let mut framed = Vec::new();
-            if i % 3 != 0 {
-                // A length prefix (sometimes a lie) as DNS over TCP has.
-                let len = if i % 5 == 0 {
-                    body.len() + 100
-                } else {
-                    body.len()
-                };
-                framed.extend_from_slice(&u16::try_from(len.min(65535)).unwrap_or(0).to_be_bytes());
-            }
-            framed.extend(body);
-            framed
-        })
-        .collect();
-    let refused = std::thread::scope(|s| {
-        let handles: Vec<_> = tcp
-            .chunks(25)
+    m
+}
+
+/// Sends `messages` from `client`, one TCP connection each, to `to:53`
+/// (8 connections at a time): writes, half-closes, reads until EOF or
+/// 200 ms. How many connections failed.
+fn tcp_messages(client: &Pod, to: IpAddr, messages: &[Vec<u8>]) -> usize {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = messages
+            .chunks(messages.len().div_ceil(8).max(1))
             .map(|chunk| {
-                let client = &b.client;
                 s.spawn(move || {
-                    let mut refused = 0;
+                    let mut failed = 0;
                     for bytes in chunk {
-                        let Ok(mut conn) = connect(client, SocketAddr::new(server.ip(), 53)) else {
-                            refused += 1;
+                        let Ok(mut conn) = connect(client, SocketAddr::new(to, 53)) else {
+                            failed += 1;
                             continue;
                         };
-                        let _ = conn.write_all(bytes);
+                        if conn.write_all(bytes).is_err() {
+                            failed += 1;
+                        }
                         let _ = conn.shutdown(Shutdown::Write);
                         let _ = conn.set_read_timeout(Some(200 * MS));
                         let mut sink = Vec::new();
                         let _ = conn.read_to_end(&mut sink);
                     }
-                    refused
+                    failed
                 })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a TCP sender"))
-            .sum::<u32>()
-    });
+            .sum()
+    })
+}
+
+/// A UDP and a TCP listener on port 53 of `pod` that record every datagram
+/// and every connection's bytes (until EOF), for checking what passed
+/// through untouched.
+struct Sink {
+    udp: Repeat<Vec<Vec<u8>>>,
+    tcp: Repeat<Vec<Vec<u8>>>,
+}
+
+fn sink(pod: &Pod) -> Sink {
+    let udp = in_pod(pod, || UdpSocket::bind((IpAddr::from([0u8; 4]), 53))).expect("UDP 53");
+    udp.set_read_timeout(Some(20 * MS)).expect("timeout");
+    let tcp = in_pod(pod, || TcpListener::bind((IpAddr::from([0u8; 4]), 53))).expect("TCP 53");
+    tcp.set_nonblocking(true).expect("O_NONBLOCK");
+    Sink {
+        udp: Repeat::spawn(Vec::new(), move |got: &mut Vec<Vec<u8>>| {
+            let mut buf = [0u8; 2048];
+            if let Ok(n) = udp.recv(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+        }),
+        tcp: Repeat::spawn(Vec::new(), move |got: &mut Vec<Vec<u8>>| {
+            match tcp.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut bytes = Vec::new();
+                    let _ = conn.read_to_end(&mut bytes);
+                    got.push(bytes);
+                }
+                Err(_) => std::thread::sleep(MS),
+            }
+        }),
+    }
+}
+
+/// Sorted, to compare what was sent with what arrived in any order.
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+/// Random bytes and mutated queries to port 53 through an active
+/// dns-error fault: to a plain sink (500 datagrams, 50 TCP messages), where
+/// every one must arrive byte for byte (malformed messages pass through),
+/// and to the DNS server (2000 datagrams, 200 TCP connections). The agent
+/// stays up and counts the malformed ones; a selected query still gets the
+/// fault's answer and another name the real one.
+#[test]
+fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
+    testbed::require_root!();
+    let mut b = Bed::new(false);
+    let sink_pod = b.c.pod("sink");
+    let id = b.fault(json!({"type": "dns-error", "dns": {"names": [API]}}));
+    let valid = query(7, API, RecordType::A);
+    let mut rng = rand::rng();
+    let any = testbed::unspecified(b.server.ip());
+    let sock = in_pod(&b.client, move || UdpSocket::bind((any, 0))).expect("UDP socket");
+    let send_all = |to: SocketAddr, dgrams: &[Vec<u8>]| {
+        for (i, d) in dgrams.iter().enumerate() {
+            sock.send_to(d, to).expect("send");
+            if i % 50 == 49 {
+                std::thread::sleep(MS);
+            }
+        }
+    };
+    let malformed_before = b.c.agent.metric("netfault_dns_malformed_total");
+
+    // Through to a sink: random bytes are no query the fault selects.
+    let sink_ip = sink_pod.ipv4().expect("the sink's address");
+    let recorder = sink(&sink_pod);
+    let dgrams: Vec<Vec<u8>> = (0..500).map(|_| random_bytes(&mut rng, 600)).collect();
+    send_all(SocketAddr::new(sink_ip, 53), &dgrams);
+    let framed: Vec<Vec<u8>> = (0..50)
+        .map(|_| {
+            let body = random_bytes(&mut rng, 600);
+            let len = u16::try_from(body.len()).unwrap_or(0);
+            let mut m = len.to_be_bytes().to_vec();
+            m.extend(body);
+            m
+        })
+        .collect();
+    let tcp_failed = tcp_messages(&b.client, sink_ip, &framed);
+    std::thread::sleep(200 * MS);
+    let (udp_got, tcp_got) = (recorder.udp.finish(), recorder.tcp.finish());
+    let malformed_sink = b.c.agent.metric("netfault_dns_malformed_total");
     eprintln!(
-        "fuzz: 2000 UDP datagrams and 200 TCP connections ({refused} refused) in {:.0} ms; counters {}",
+        "fuzz to a sink: {}/{} datagrams and {}/{} TCP messages arrived; netfault_dns_malformed_total {malformed_before:?} -> {malformed_sink:?}",
+        udp_got.len(),
+        dgrams.len(),
+        tcp_got.len(),
+        framed.len()
+    );
+    assert_eq!(tcp_failed, 0, "TCP connections to port 53 failed");
+    assert!(
+        sorted(udp_got) == sorted(dgrams.clone()),
+        "malformed datagrams must pass through byte for byte"
+    );
+    assert!(
+        sorted(tcp_got) == sorted(framed.clone()),
+        "malformed TCP messages must pass through byte for byte"
+    );
+
+    // To the server: random and mutated, UDP and TCP (some with a length
+    // prefix that lies).
+    let started = Instant::now();
+    let dgrams: Vec<Vec<u8>> = (0..2000)
+        .map(|i| {
+            if i % 2 == 0 {
+                random_bytes(&mut rng, 600)
+            } else {
+                mutated(&mut rng, &valid)
+            }
+        })
+        .collect();
+    send_all(b.server_udp(), &dgrams);
+    let messages: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            let body = if i % 2 == 0 {
+                random_bytes(&mut rng, 600)
+            } else {
+                mutated(&mut rng, &valid)
+            };
+            let mut framed = Vec::new();
+            if i % 3 != 0 {
+                let len = if i % 5 == 0 {
+                    body.len() + 100
+                } else {
+                    body.len()
+                };
+                framed.extend_from_slice(&u16::try_from(len).unwrap_or(0).to_be_bytes());
+            }
+            framed.extend(body);
+            framed
+        })
+        .collect();
+    let tcp_failed = tcp_messages(&b.client, b.server.ip(), &messages);
+    let malformed_after = b.c.agent.metric("netfault_dns_malformed_total");
+    eprintln!(
+        "fuzz to the server: 2000 datagrams and 200 TCP connections ({tcp_failed} failed) in {:.0} ms; counters {}; netfault_dns_malformed_total -> {malformed_after:?}",
         ms(started.elapsed()),
         b.c.get_fault(&id)["counters"]
     );
-    assert_eq!(refused, 0, "TCP connections to port 53 failed");
+    assert_eq!(tcp_failed, 0, "TCP connections to port 53 failed");
     assert!(b.c.agent.is_running(), "the agent died");
     let health =
         b.c.agent
@@ -1166,5 +1292,10 @@ fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
         "after the fuzz, TCP",
     );
     assert!(b.server.is_running(), "the DNS server survived too");
+    let counted = malformed_after.unwrap_or(0.0) - malformed_before.unwrap_or(0.0);
+    assert!(
+        counted >= 250.0,
+        "malformed messages are counted (netfault_dns_malformed_total +{counted})"
+    );
     b.c.delete_fault(&id);
 }
