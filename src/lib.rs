@@ -14,6 +14,8 @@
 //!   node netns; [`Node::del_pod`] runs DEL in reverse with the cached result.
 //! - [`Agent`]: a real `netfaultd` on a socket in a temp dir; [`AgentNode`]:
 //!   a node whose netfault entry talks to one.
+//! - DNS ([`dnsserver`]): a dnsmasq serving a test zone in a pod, and real
+//!   clients run in a pod (`dig`, glibc's resolver, a timed UDP sender).
 //! - Traffic: [`udp_probe`], [`tcp_listen`], [`tcp_connect_ok`], [`tcp_echo`],
 //!   real sockets opened inside the pods' namespaces; [`http_serve`] and
 //!   [`http_get`] for HTTP.
@@ -28,6 +30,7 @@
 mod agent;
 mod agent_node;
 pub mod apiserver;
+pub mod dnsserver;
 mod error;
 mod http;
 mod netns;

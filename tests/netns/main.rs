@@ -4,6 +4,7 @@ mod compose;
 mod ctl;
 mod ctl_kube;
 mod delay;
+mod dns;
 mod kube;
 mod lifecycle;
 mod loss;
