@@ -73,7 +73,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP netfault_dns_malformed_total Malformed DNS messages on a DNS fault's ports, passed through untouched.\n# TYPE netfault_dns_malformed_total counter\nnetfault_dns_malformed_total {}",
-            crate::backend::dns_malformed()
+            reg.dns_malformed()
         );
         let _ = writeln!(
             out,

@@ -226,6 +226,11 @@ impl Registry {
         self.gauge.as_ref().map_or(0, |g| g.open_connections())
     }
 
+    /// Malformed DNS messages the DNS faults passed through (UDP and TCP).
+    pub fn dns_malformed(&self) -> u64 {
+        crate::backend::dns_malformed() + self.gauge.as_ref().map_or(0, |g| g.dns_malformed())
+    }
+
     /// Enrols a sandbox through the API (the CNI plugin's ADD).
     pub fn enrol(&self, id: &str, req: EnrolRequest) -> Result<Sandbox, AgentError> {
         self.enrol_from(id, req, EnrolSource::Cni)

@@ -760,6 +760,100 @@ mod tests {
         }
     }
 
+    /// An IPv4/UDP packet from 198.18.0.1:40000 to 198.18.0.2:`dport`
+    /// holding a DNS query for `name`, type A.
+    fn dns_query_packet(name: &str, dport: u16) -> Vec<u8> {
+        let mut dns = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            dns.push(label.len() as u8);
+            dns.extend_from_slice(label.as_bytes());
+        }
+        dns.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((28 + dns.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        p[16..20].copy_from_slice(&[198, 18, 0, 2]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + dns.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&dns);
+        p
+    }
+
+    fn dns_error_plan(names: &[&str]) -> Plan {
+        let v =
+            serde_json::json!({"type": "dns-error", "rcode": "servfail", "dns": {"names": names}});
+        let Ok(netfault_api::Action::Proxy(netfault_api::ProxyAction::Dns(a))) =
+            netfault_api::action::parse_action(&v)
+        else {
+            panic!("a dns-error action");
+        };
+        dns_plan(
+            &Match::default(),
+            &a,
+            Instant::now() + Duration::from_secs(60),
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn dns_queries_are_answered_or_passed() {
+        let plans = vec![dns_error_plan(&["api.example.test"])];
+        let now = Instant::now();
+        let step = |pkt: &[u8]| dns_step(&plans, &parse(pkt).expect("parses"), pkt, now);
+        let DnsStep::Answer { reply, after } = step(&dns_query_packet("API.example.test", 53))
+        else {
+            panic!("a picked query is answered");
+        };
+        assert_eq!(after, Duration::ZERO);
+        let info = parse(&reply).expect("an IP packet");
+        assert_eq!(
+            (info.src, info.dst, info.ports),
+            (
+                "198.18.0.2".parse().unwrap(),
+                "198.18.0.1".parse().unwrap(),
+                Some((53, 40000))
+            )
+        );
+        let dns = &reply[28..];
+        assert_eq!(&dns[..2], &[0x12, 0x34], "the query's id");
+        assert_eq!(dns[2] & 0x80, 0x80, "QR");
+        assert_eq!(dns[3] & 0x0f, 2, "SERVFAIL");
+        // Another name, another port, not DNS at all: untouched.
+        assert_eq!(
+            step(&dns_query_packet("web.example.test", 53)),
+            DnsStep::Pass
+        );
+        assert_eq!(
+            step(&dns_query_packet("api.example.test", 5353)),
+            DnsStep::Pass
+        );
+        let mut garbage = dns_query_packet("api.example.test", 53);
+        garbage.truncate(30);
+        garbage[2..4].copy_from_slice(&30u16.to_be_bytes());
+        garbage[24..26].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(step(&garbage), DnsStep::Pass);
+        let c = plans[0].counters.snapshot();
+        assert_eq!(
+            (c.matched, c.affected),
+            (1, 1),
+            "only the picked query counts"
+        );
+    }
+
+    #[test]
+    fn delay_plans_ignore_dns_plans() {
+        let mut plans = vec![dns_error_plan(&["api.example.test"]), delay_plan(10)];
+        let p = udp("198.18.0.1", "198.18.0.2", 40000, 53);
+        assert_eq!(
+            decide(&mut plans, true, &p, Instant::now()),
+            Duration::from_millis(10)
+        );
+    }
+
     #[test]
     fn parses_ipv4_udp() {
         let mut p = vec![0u8; 28];

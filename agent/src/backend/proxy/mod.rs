@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -269,14 +270,32 @@ fn dns_selector(m: &Match, p: Protocol) -> Match {
     }
 }
 
-/// Connections the proxy serves right now, over every sandbox; readable
-/// from any thread.
+/// Connections the proxy serves right now, over every sandbox, and the
+/// malformed DNS messages its DNS relays passed through; readable from any
+/// thread.
 #[derive(Clone, Default)]
-pub struct ConnectionGauge(Arc<Mutex<HashMap<SandboxId, Proxy>>>);
+pub struct ConnectionGauge(Arc<Mutex<HashMap<SandboxId, Proxy>>>, Arc<AtomicU64>);
 
 impl ConnectionGauge {
     pub fn open_connections(&self) -> u64 {
         lock(&self.0).values().map(|p| p.open_connections()).sum()
+    }
+
+    /// Malformed DNS messages over TCP, the sandboxes' proxies gone included.
+    pub fn dns_malformed(&self) -> u64 {
+        let live: u64 = lock(&self.0).values().map(|p| p.dns_malformed()).sum();
+        live + self.1.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, sandbox: &SandboxId, proxy: Proxy) {
+        lock(&self.0).insert(sandbox.clone(), proxy);
+    }
+
+    /// Stops counting a sandbox's proxy (its DNS count is kept).
+    fn retire(&self, sandbox: &SandboxId) {
+        if let Some(p) = lock(&self.0).remove(sandbox) {
+            self.1.fetch_add(p.dns_malformed(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -368,7 +387,7 @@ impl ProxyBackend {
         if let Some(sp) = self.sandboxes.remove(sandbox) {
             sp.proxy.shutdown();
         }
-        lock(&self.gauge.0).remove(sandbox);
+        self.gauge.retire(sandbox);
         lock(&self.epochs).remove(sandbox);
     }
 
@@ -402,7 +421,7 @@ impl ProxyBackend {
         if fresh {
             self.new_epoch(sb.id);
             let sp = self.start_sandbox(sb.id, ns, sb.addresses)?;
-            lock(&self.gauge.0).insert(sb.id.clone(), sp.proxy.clone());
+            self.gauge.add(sb.id, sp.proxy.clone());
             self.sandboxes.insert(sb.id.clone(), sp);
         }
         let Some(sp) = self.sandboxes.get(sb.id) else {
@@ -421,7 +440,7 @@ impl ProxyBackend {
                 if fresh {
                     let _ = remove_diversion(ns);
                     self.sandboxes.remove(sb.id);
-                    lock(&self.gauge.0).remove(sb.id);
+                    self.gauge.retire(sb.id);
                 }
                 Err(e)
             }
@@ -437,7 +456,7 @@ impl ProxyBackend {
             // Nothing of ours runs: remove whatever an earlier agent left.
             return remove_diversion(ns);
         };
-        lock(&self.gauge.0).remove(sandbox);
+        self.gauge.retire(sandbox);
         sp.stop_accepting();
         sp.proxy.set_rules(Vec::new());
         if sp.proxy.open_connections() == 0 {
