@@ -16,7 +16,12 @@ fi
 # need; haproxy is the reference proxy of `cargo bench --bench proxy`.
 PACKAGES=(clang llvm libbpf-dev linux-libc-dev libc6-dev nftables containernetworking-plugins
     iproute2 iperf3 curl jq ca-certificates haproxy
-    protobuf-compiler containerd runc busybox-static mmdebstrap umoci)
+    protobuf-compiler containerd runc busybox-static mmdebstrap umoci
+    dnsmasq-base bind9-dnsutils)
+# dnsmasq-base, bind9-dnsutils: the DNS fault tests (tests/netns/dns.rs) run a
+# real DNS server (dnsmasq) and client (dig) inside the test pods. dnsmasq-base
+# is the binary alone: unlike the dnsmasq package, it starts no system service
+# on the host.
 # protobuf-compiler: netfault-cri's build compiles the CRI proto (k8s-cri).
 # containerd, runc, busybox-static, mmdebstrap, umoci: the CRI test level
 # (e2e/cri) runs a private containerd with images built here, no registry.

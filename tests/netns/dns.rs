@@ -272,9 +272,10 @@ fn dns_error_every_rcode_over_udp_and_tcp() {
             ms(udp.elapsed),
             ms(tcp.elapsed)
         );
-        assert!(
-            affected >= 2 && matched >= affected,
-            "counters after 2 affected queries: {matched}/{affected}"
+        assert_eq!(
+            (matched, affected),
+            (2, 2),
+            "counters: one UDP and one TCP query, both answered by the fault"
         );
         b.c.delete_fault(&id);
     }
@@ -419,7 +420,11 @@ fn dns_truncate_forces_the_tcp_retry() {
         "dns-truncate: {:.1} ms with the retry; matched {matched} affected {affected}",
         ms(r.elapsed)
     );
-    assert!(affected >= 2, "two UDP queries truncated: {affected}");
+    assert_eq!(
+        (matched, affected),
+        (2, 2),
+        "two UDP queries truncated (the TCP retry is not dns-truncate's)"
+    );
     b.c.delete_fault(&id);
     let r = b.ask(b.dig(API, "A"));
     assert!(
@@ -910,7 +915,7 @@ fn dns_no_leftovers_after_delete_and_cni_del() {
     let pristine = Pristine::of(&b.client);
     let holders = netns_holders(b.client.netns_path());
     let ids = [
-        b.fault(json!({"type": "dns-error", "dns": {"names": [API]}})),
+        b.fault(json!({"type": "dns-error", "dns": {"names": [API], "types": ["A"]}})),
         b.fault(json!({"type": "dns-delay", "delay": "20ms", "dns": {"names": [WEB]}})),
         b.fault_matching(
             json!({"protocol": "udp"}),
@@ -923,6 +928,12 @@ fn dns_no_leftovers_after_delete_and_cni_del() {
         "active"
     );
     assert!(b.ask(b.dig(API, "TXT")).retried_tcp, "active");
+    let web = b.ask(b.dig(WEB, "A"));
+    assert!(
+        web.query_time.is_some_and(|t| t >= 19 * MS),
+        "the delay is active: {}",
+        web.output
+    );
     eprintln!(
         "while active: {} nft objects, in the netns: {:?}",
         nft_objects(&b.client),
@@ -1203,6 +1214,7 @@ fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
     let recorder = sink(&sink_pod);
     let dgrams: Vec<Vec<u8>> = (0..500).map(|_| random_bytes(&mut rng, 600)).collect();
     send_all(SocketAddr::new(sink_ip, 53), &dgrams);
+    let malformed_udp = b.c.agent.metric("netfault_dns_malformed_total");
     let framed: Vec<Vec<u8>> = (0..50)
         .map(|_| {
             let body = random_bytes(&mut rng, 600);
@@ -1217,7 +1229,7 @@ fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
     let (udp_got, tcp_got) = (recorder.udp.finish(), recorder.tcp.finish());
     let malformed_sink = b.c.agent.metric("netfault_dns_malformed_total");
     eprintln!(
-        "fuzz to a sink: {}/{} datagrams and {}/{} TCP messages arrived; netfault_dns_malformed_total {malformed_before:?} -> {malformed_sink:?}",
+        "fuzz to a sink: {}/{} datagrams and {}/{} TCP messages arrived; netfault_dns_malformed_total {malformed_before:?} -> {malformed_udp:?} (UDP) -> {malformed_sink:?} (TCP)",
         udp_got.len(),
         dgrams.len(),
         tcp_got.len(),
@@ -1231,6 +1243,15 @@ fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
     assert!(
         sorted(tcp_got) == sorted(framed.clone()),
         "malformed TCP messages must pass through byte for byte"
+    );
+    let delta = |a: Option<f64>, b: Option<f64>| b.unwrap_or(0.0) - a.unwrap_or(0.0);
+    let (udp_counted, tcp_counted) = (
+        delta(malformed_before, malformed_udp),
+        delta(malformed_udp, malformed_sink),
+    );
+    assert!(
+        udp_counted >= 250.0 && tcp_counted >= 25.0,
+        "malformed messages are counted: +{udp_counted} of 500 datagrams, +{tcp_counted} of 50 TCP messages"
     );
 
     // To the server: random and mutated, UDP and TCP (some with a length
@@ -1292,10 +1313,10 @@ fn dns_random_bytes_to_port_53_do_not_hurt_the_agent() {
         "after the fuzz, TCP",
     );
     assert!(b.server.is_running(), "the DNS server survived too");
-    let counted = malformed_after.unwrap_or(0.0) - malformed_before.unwrap_or(0.0);
+    let counted = delta(malformed_sink, malformed_after);
     assert!(
-        counted >= 250.0,
-        "malformed messages are counted (netfault_dns_malformed_total +{counted})"
+        counted >= 500.0,
+        "malformed messages to the server are counted: +{counted}"
     );
     b.c.delete_fault(&id);
 }
