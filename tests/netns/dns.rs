@@ -830,7 +830,7 @@ fn dns_agent_killed_fails_open_and_restart_reinstalls() {
         .filter(|e| outcome(e) == Some(ResponseCode::NXDomain))
         .count();
     assert!(
-        before >= 40,
+        before >= 10,
         "the fault answered before the kill ({before})"
     );
     // The first query from which every later one got the real answer.
@@ -968,6 +968,10 @@ fn dns_no_leftovers_after_delete_and_cni_del() {
         "nft tables after DEL"
     );
     assert_eq!(after.rules, pristine.state.rules, "policy rules after DEL");
+    assert!(
+        after.filters.is_empty() && after.tcx.is_empty(),
+        "tc programs left after DEL: {after:?}"
+    );
     let extra: Vec<&String> = after
         .routes
         .iter()
