@@ -120,7 +120,13 @@ impl Bed {
 
     /// RTTs (µs) of `qs` sent one every `gap`, and how many got no answer.
     fn send(&self, qs: &[Vec<u8>], gap: Duration) -> anyhow::Result<(Vec<f64>, usize)> {
-        let ex = udp_queries(&self.client, self.server, qs, gap, Duration::from_millis(300))?;
+        let ex = udp_queries(
+            &self.client,
+            self.server,
+            qs,
+            gap,
+            Duration::from_millis(300),
+        )?;
         let rtts: Vec<f64> = ex
             .iter()
             .filter_map(|e| e.rtt)
@@ -181,7 +187,10 @@ fn run() -> anyhow::Result<()> {
     );
 
     println!("\n2. highest rate with no query lost ({:.1} s per rate, rates {RATES:?} queries/s, configuration order rotated per rate)", RATE_WINDOW.as_secs_f64());
-    println!("{:<30} {:>22} {:>30}", "configuration", "no loss up to (q/s)", "first lossy rate (lost/sent)");
+    println!(
+        "{:<30} {:>22} {:>30}",
+        "configuration", "no loss up to (q/s)", "first lossy rate (lost/sent)"
+    );
     let mut best = [0u32; 3];
     let mut first_loss: [Option<(u32, usize, usize)>; 3] = [None; 3];
     for (r, rate) in RATES.iter().enumerate() {

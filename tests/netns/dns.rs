@@ -757,6 +757,28 @@ fn dns_truncation_then_a_tcp_fault_on_the_retry() {
     assert_real(&r, zone::API_V4, "no fault");
 }
 
+/// Two answer-type faults pick the same query: the older one answers, over
+/// UDP and TCP, whatever their ids; once it is gone, the other one does.
+#[test]
+fn dns_the_first_created_fault_answers() {
+    testbed::require_root!();
+    let b = Bed::new(false);
+    let first = b.fault(json!({"type": "dns-error", "rcode": "servfail"}));
+    // Apart by more than the creation stamp's millisecond.
+    std::thread::sleep(Duration::from_millis(5));
+    let second = b.fault(json!({"type": "dns-error", "rcode": "refused"}));
+    for (dig, how) in [(b.dig(API, "A"), "UDP"), (b.dig(API, "A").tcp(), "TCP")] {
+        let r = b.ask(dig);
+        assert_error(&r, "SERVFAIL", "api.example.test. IN A", how);
+    }
+    assert_eq!(b.counters(&first), (2, 2));
+    assert_eq!(b.counters(&second), (2, 0), "matched, not drawn");
+    b.c.delete_fault(&first);
+    let r = b.ask(b.dig(API, "A"));
+    assert_error(&r, "REFUSED", "api.example.test. IN A", "the second, alone");
+    b.c.delete_fault(&second);
+}
+
 /// IPv6 transport: the server on the pod's IPv6 address; dns-error and
 /// AAAA spoofing work over it, UDP and TCP, for dig and glibc.
 #[test]

@@ -287,10 +287,15 @@ impl State {
         backend: BackendKind,
         now_boot_ns: u64,
     ) -> Vec<&FaultRecord> {
-        self.faults
+        let mut live: Vec<&FaultRecord> = self
+            .faults
             .values()
             .filter(|f| &f.sandbox == sandbox && f.backend() == backend && f.is_live(now_boot_ns))
-            .collect()
+            .collect();
+        // In creation order: where faults compose by order (the first
+        // answer-type DNS fault decides), the older one comes first.
+        live.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        live
     }
 
     pub fn faults_of<'a>(
