@@ -509,6 +509,8 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 /// Longest wait in the last EARLY_WAKE before a release (see `run`).
 const ACTIVE_TICK: Duration = Duration::from_micros(100);
 const EARLY_WAKE: Duration = Duration::from_micros(300);
+/// How long after a packet the loop keeps waking every ACTIVE_TICK.
+const WARM: Duration = Duration::from_millis(5);
 
 /// What the engine thread holds between turns of its loop.
 #[derive(Default)]
@@ -524,6 +526,8 @@ struct Holding {
     now_ids: Vec<u32>,
     drop_ids: Vec<u32>,
     resend: Vec<Vec<u8>>,
+    /// When the queue last handed over a packet.
+    last_packet: Option<Instant>,
 }
 
 impl Holding {
@@ -547,6 +551,7 @@ impl Holding {
             &mut self.now_ids,
             &mut self.drop_ids,
         );
+        let seq_before = *seq;
         let drained = {
             let mut plans = shared.plans.lock().unwrap_or_else(|p| p.into_inner());
             queue.drain(|id, hook, payload| {
@@ -595,6 +600,9 @@ impl Holding {
                 }
             })
         };
+        if !self.now_ids.is_empty() || !self.drop_ids.is_empty() || self.seq != seq_before {
+            self.last_packet = Some(Instant::now());
+        }
         if let Err(e) = drained {
             self.report("receive", e);
         }
@@ -650,6 +658,10 @@ impl Holding {
     /// comes (or the stop flag is due a check).
     fn next_wait(&self) -> Duration {
         match self.heap.peek() {
+            // Traffic flowing: stay on short steps, so the next packet finds
+            // a vCPU that woke recently (a pass-through verdict then costs
+            // tens of microseconds less).
+            None if self.last_packet.is_some_and(|t| t.elapsed() < WARM) => ACTIVE_TICK,
             None => STOP_CHECK,
             Some(Reverse((at, _, _))) => {
                 let left = at.saturating_duration_since(Instant::now());
