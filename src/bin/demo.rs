@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use testbed::dnsserver::{Dig, DnsServer};
 use testbed::{http_get, http_serve, udp_probe, Agent, AgentNode, NodeOptions, Pod};
 
 const PACKETS: u32 = 2000;
@@ -49,6 +50,8 @@ fn main() -> Result<()> {
     print_udp_table(&udp.rows);
 
     http_demo(&bed.agent, &pods.web, &pods.api)?;
+
+    dns_demo(&bed.agent, &pods.web, &pods.api)?;
 
     pods.delete(&bed)?;
     println!(
@@ -436,4 +439,99 @@ fn http_response_delay(http: &mut Http) -> Result<String> {
     let peer = http_get(http.web, v4(http.api)?, 8080, "/whoami")?;
     http.agent.delete_fault(&id)?;
     Ok(peer.body)
+}
+
+// ---------------------------------------------------------------------------
+// DNS: faults on web's own queries, answered on the wire in web's netns
+
+/// DNS faults on web's queries to a real dnsmasq in api (zone
+/// `example.test`), each seen by dig in web: what came back, and when.
+fn dns_demo(agent: &Agent, web: &Pod, api: &Pod) -> Result<()> {
+    let server = DnsServer::start(api).context("starting dnsmasq in pod api")?;
+    let ip = server.ip();
+    let dig = |name: &str| -> Result<String> {
+        let r = Dig::new(ip, name, "A").time(2).run(web)?;
+        let answer = match &r.status {
+            None => "no answer (timed out)".to_string(),
+            Some(status) => {
+                let addrs: Vec<String> = r.addresses().iter().map(|a| a.to_string()).collect();
+                let ttl = r
+                    .answers
+                    .first()
+                    .map(|a| format!(" ttl {}", a.ttl))
+                    .unwrap_or_default();
+                format!("{status} {}{ttl}", addrs.join(" "))
+            }
+        };
+        let time = r
+            .query_time
+            .map(|t| format!("{} ms", t.as_millis()))
+            .unwrap_or_else(|| format!("{:.1} s", r.elapsed.as_secs_f64()));
+        Ok(format!("{name:<20} {answer:<34} {time:>8}"))
+    };
+    let fault = |action: Value| -> Result<String> {
+        Ok(
+            agent.post_fault(&json!({"target": {"sandbox": web.container_id},
+            "direction": "egress", "action": action, "duration": "60s"}))?,
+        )
+    };
+    let mut rows: Vec<String> = Vec::new();
+    let mut row = |scenario: &str, line: String, expected: &str, counters: String| {
+        rows.push(format!("{scenario:<34} {line}  {expected:<26} {counters}"));
+    };
+    row(
+        "no fault",
+        dig("api.example.test")?,
+        "NOERROR 198.18.100.10",
+        String::new(),
+    );
+    for (scenario, action, expected) in [
+        (
+            "dns-error nxdomain, *.example.test",
+            json!({"type": "dns-error", "dns": {"names": ["*.example.test"]}}),
+            "NXDOMAIN",
+        ),
+        (
+            "dns-spoof api.example.test",
+            json!({"type": "dns-spoof", "addresses": ["198.18.0.99"], "dns": {"names": ["api.example.test"]}}),
+            "NOERROR 198.18.0.99 ttl 0",
+        ),
+        (
+            "dns-delay 300 ms",
+            json!({"type": "dns-delay", "delay": "300ms"}),
+            "real answer, +300 ms",
+        ),
+        (
+            "dns-drop api.example.test",
+            json!({"type": "dns-drop", "dns": {"names": ["api.example.test"]}}),
+            "timeout",
+        ),
+    ] {
+        let id = fault(action)?;
+        row(
+            scenario,
+            dig("api.example.test")?,
+            expected,
+            counters(agent, &id),
+        );
+        agent.delete_fault(&id)?;
+    }
+    row(
+        "after removal",
+        dig("api.example.test")?,
+        "NOERROR 198.18.100.10",
+        String::new(),
+    );
+    println!();
+    println!(
+        "DNS faults on web's own queries (dig in web -> dnsmasq in api at {ip}; nothing in web changed):"
+    );
+    println!(
+        "{:<34} {:<20} {:<34} {:>8}  {:<26} AGENT COUNTERS",
+        "SCENARIO", "QUERY (A)", "ANSWER SEEN", "TIME", "EXPECTED"
+    );
+    for r in &rows {
+        println!("{r}");
+    }
+    Ok(())
 }
