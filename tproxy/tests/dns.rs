@@ -112,6 +112,13 @@ fn server_answer(msg: &[u8]) -> Option<(Vec<u8>, bool)> {
     Some((m.to_vec().ok()?, slow))
 }
 
+/// Writes a framed query (no EDNS) to `s`.
+async fn send_query(s: &mut TcpStream, id: u16, name: &str, qtype: RecordType) {
+    s.write_all(&framed(&query(id, name, qtype, false)))
+        .await
+        .expect("write");
+}
+
 fn framed(msg: &[u8]) -> Vec<u8> {
     let mut out = (msg.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(msg);
@@ -235,14 +242,7 @@ async fn dns_spoof_over_tcp() {
         json!({"type": "dns-spoof", "addresses": ["198.18.7.7", "fd00::7"], "ttl": 9}),
     ]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        9,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 9, "web.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     assert_eq!((m.id(), m.response_code()), (9, ResponseCode::NoError));
     assert_eq!(
@@ -260,22 +260,8 @@ async fn dns_drop_answers_nothing_while_other_queries_are_answered() {
         json!({"type": "dns-drop", "dns": {"names": ["drop.example.test"]}}),
     ]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "drop.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
-    s.write_all(&framed(&query(
-        2,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "drop.example.test.", RecordType::A).await;
+    send_query(&mut s, 2, "web.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     assert_eq!(m.id(), 2);
     assert_eq!(a_records(&m), vec![IpAddr::V4(REAL)]);
@@ -302,25 +288,11 @@ async fn dns_delay_delays_the_real_answer() {
     let mut s = h.connect().await;
     // Warm up the server connection, and measure an undelayed query.
     let t = Instant::now();
-    s.write_all(&framed(&query(
-        1,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "web.example.test.", RecordType::A).await;
     assert_eq!(answer(&mut s).await.id(), 1);
     let plain = t.elapsed();
     let t = Instant::now();
-    s.write_all(&framed(&query(
-        2,
-        "late.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 2, "late.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     let late = t.elapsed();
     assert_eq!(m.id(), 2);
@@ -384,14 +356,7 @@ async fn pipelined_queries_are_answered_as_they_come_with_their_ids() {
     let snap = c[0].snapshot();
     assert_eq!((snap.matched, snap.affected), (1, 1));
     // Half-close: the slow answer still comes, then the end.
-    s.write_all(&framed(&query(
-        14,
-        "slow.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 14, "slow.example.test.", RecordType::A).await;
     s.shutdown().await.expect("shutdown");
     assert_eq!(answer(&mut s).await.id(), 14);
     let (rest, err) = within(5, read_all(&mut s)).await;
@@ -411,9 +376,7 @@ async fn malformed_messages_pass_unchanged_and_are_counted() {
     let mut response = query(3, "x.example.test.", RecordType::A, false);
     response[2] |= 0x80;
     s.write_all(&framed(&response)).await.expect("write");
-    s.write_all(&framed(&query(4, "y.example.test.", RecordType::A, false)))
-        .await
-        .expect("write");
+    send_query(&mut s, 4, "y.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     // The server answered the response-looking message first (it answers
     // whatever decodes); the forged NXDOMAIN for query 4 may come before.
@@ -464,14 +427,7 @@ async fn a_refused_server_resets_the_client() {
         json!({"type": "dns-error", "dns": {"names": ["other.test"]}}),
     ]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "web.example.test.", RecordType::A).await;
     let (rest, err) = within(5, read_all(&mut s)).await;
     assert!(rest.is_empty());
     assert_eq!(
@@ -485,24 +441,10 @@ async fn a_removed_fault_stops_acting_on_an_open_connection() {
     let (_server, h) = setup().await;
     h.set(vec![json!({"type": "dns-error"})]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "web.example.test.", RecordType::A).await;
     assert_eq!(answer(&mut s).await.response_code(), ResponseCode::NXDomain);
     h.proxy.set_rules(Vec::new());
-    s.write_all(&framed(&query(
-        2,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 2, "web.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     assert_eq!((m.id(), m.response_code()), (2, ResponseCode::NoError));
     assert_eq!(a_records(&m), vec![IpAddr::V4(REAL)]);
@@ -515,14 +457,7 @@ async fn inbound_connections_are_not_served_as_dns() {
     let h = Harness::with_side(server.addr, Side::Inbound).await;
     h.set(vec![json!({"type": "dns-error"})]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "web.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
 }
@@ -541,14 +476,7 @@ async fn a_server_that_resets_resets_the_client() {
         json!({"type": "dns-error", "dns": {"names": ["other.test"]}}),
     ]);
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "web.example.test.", RecordType::A).await;
     let (rest, err) = within(5, read_all(&mut s)).await;
     assert!(rest.is_empty());
     assert_eq!(
@@ -566,23 +494,9 @@ async fn tcp_faults_on_the_dns_port_still_apply() {
     ]);
     let t = Instant::now();
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        1,
-        "forged.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 1, "forged.example.test.", RecordType::A).await;
     assert_eq!(answer(&mut s).await.response_code(), ResponseCode::NXDomain);
-    s.write_all(&framed(&query(
-        2,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 2, "web.example.test.", RecordType::A).await;
     assert_eq!(answer(&mut s).await.id(), 2);
     let (_, err) = within(5, read_all(&mut s)).await;
     let at = t.elapsed();
@@ -627,14 +541,7 @@ async fn random_bytes_do_not_hurt_the_proxy() {
         let _ = within(5, read_all(&mut s)).await;
     }
     let mut s = h.connect().await;
-    s.write_all(&framed(&query(
-        5,
-        "web.example.test.",
-        RecordType::A,
-        false,
-    )))
-    .await
-    .expect("write");
+    send_query(&mut s, 5, "web.example.test.", RecordType::A).await;
     let m = answer(&mut s).await;
     assert_eq!(
         a_records(&m),
