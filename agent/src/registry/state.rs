@@ -204,6 +204,14 @@ mod rule_memo {
 }
 
 impl FaultRecord {
+    /// When the fault's duration started, on the deadline's clock
+    /// (`CLOCK_BOOTTIME`, ns): its creation, precise enough to order two
+    /// faults created in the same millisecond.
+    pub fn started_boot_ns(&self) -> u64 {
+        let duration = u64::try_from(self.spec.duration.as_nanos()).unwrap_or(u64::MAX);
+        self.deadline_boot_ns.saturating_sub(duration)
+    }
+
     pub fn new(
         sandbox: &SandboxId,
         spec: FaultSpec,
@@ -294,7 +302,7 @@ impl State {
             .collect();
         // In creation order: where faults compose by order (the first
         // answer-type DNS fault decides), the older one comes first.
-        live.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        live.sort_by_key(|f| (f.started_boot_ns(), f.created_at_ms, f.id.clone()));
         live
     }
 
