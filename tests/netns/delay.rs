@@ -1117,3 +1117,57 @@ fn icmp_echo_is_delayed() {
     }
     pristine.assert_unchanged("no leftovers");
 }
+
+/// A delay, a proxy fault and a DNS fault on one pod: the proxy backend's
+/// changes (which also sync its DNS queue) leave the delay in place, and
+/// the DNS queue has a table of its own.
+#[test]
+fn delay_stays_when_proxy_and_dns_faults_come() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let [a, b] = c.pods(["a", "b"]);
+    let srv = testbed::tcp_listen(&b, 0).expect("listen");
+    let to = SocketAddr::new(v4(&b), srv.port());
+    let connect_time = || {
+        let t = Instant::now();
+        drop(connect(&a, to).expect("connect"));
+        t.elapsed()
+    };
+    let _delay = c.fault_on(
+        &a,
+        "egress",
+        proto_port("tcp", srv.port()),
+        delay("50ms"),
+        "60s",
+    );
+    let before = connect_time();
+    let _abort = c.fault_on(
+        &a,
+        "egress",
+        proto_port("tcp", 80),
+        json!({"type": "http-abort", "status": 503}),
+        "60s",
+    );
+    let after = connect_time();
+    let _dns = c.fault_on(&a, "egress", json!({}), json!({"type": "dns-error"}), "60s");
+    let with_dns = connect_time();
+    eprintln!(
+        "TCP handshake under a 50 ms delay: {before:?}; with a proxy fault too: {after:?}; and a DNS fault: {with_dns:?}"
+    );
+    assert!(before >= 50 * MS, "the delay acts: {before:?}");
+    assert!(
+        after >= 50 * MS,
+        "the delay still acts beside a proxy fault: {after:?}"
+    );
+    assert!(with_dns >= 50 * MS, "and beside a DNS fault: {with_dns:?}");
+    let tables: Vec<String> = nft_ruleset(&a)["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|o| o["table"]["name"].as_str().map(String::from))
+        .collect();
+    for t in ["netfault", "netfault_proxy", "netfault_dns"] {
+        assert!(tables.iter().any(|x| x == t), "table {t} in {tables:?}");
+    }
+}

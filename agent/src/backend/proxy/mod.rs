@@ -242,7 +242,17 @@ pub struct ProxyBackend {
     gauge: ConnectionGauge,
     /// The UDP half of the `dns-*` faults: the DNS engine's queue, table
     /// and holders (the TCP half is served by the proxy like any rule).
-    dns_udp: NfqueueBackend,
+    dns_udp: DnsQueue,
+}
+
+/// The DNS engine: an [`NfqueueBackend`] with the DNS table and queue (its
+/// `Default` is [`NfqueueBackend::for_dns`], never the delay engine's).
+struct DnsQueue(NfqueueBackend);
+
+impl Default for DnsQueue {
+    fn default() -> Self {
+        DnsQueue(NfqueueBackend::for_dns())
+    }
 }
 
 /// One fault as the proxy serves it: a proxy fault as given, or the TCP
@@ -587,7 +597,7 @@ impl BackendOps for ProxyBackend {
     /// A DNS fault's counters add up its TCP (proxy) and UDP (queue) halves.
     fn counters(&self, fault: &FaultId) -> Option<CounterReader> {
         let tcp = self.counters.get(fault).cloned();
-        let udp = self.dns_udp.fault_counters(fault);
+        let udp = self.dns_udp.0.fault_counters(fault);
         if tcp.is_none() && udp.is_none() {
             return None;
         }
@@ -605,13 +615,13 @@ impl BackendOps for ProxyBackend {
     fn holds(&self, sandbox: &SandboxId) -> bool {
         self.sandboxes.contains_key(sandbox)
             || self.draining.contains_key(sandbox)
-            || self.dns_udp.holds(sandbox)
+            || self.dns_udp.0.holds(sandbox)
     }
 
     fn forget_fault(&mut self, fault: &FaultId) {
         self.counters.remove(fault);
         self.tags.remove(fault);
-        self.dns_udp.forget_fault(fault);
+        self.dns_udp.0.forget_fault(fault);
     }
 
     /// Closes the sandbox's proxy at once, cutting the connections it
@@ -625,6 +635,7 @@ impl BackendOps for ProxyBackend {
         self.close(sb.id);
         let udp = self
             .dns_udp
+            .0
             .release(sb)
             .map_err(|e| BackendError::new("removing the DNS diversion", e));
         match sb.netns {
@@ -693,6 +704,7 @@ impl Backend for ProxyBackend {
         // Both halves, whatever the other's outcome.
         let udp = self
             .dns_udp
+            .0
             .apply(sb, &udp)
             .map_err(|e| BackendError::new("applying the DNS faults (UDP)", e));
         self.apply(sb, &tcp)
