@@ -231,6 +231,9 @@ fn assert_undelayed(r: &Rtts, base: Duration, what: &str) {
 /// engine, not the machine.
 const ATTEMPTS: usize = 3;
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// The jitter test's measurements: more, since a whole attempt is void when
+/// the host stalls the VM (its fixed reference then comes milliseconds late).
+const JITTER_ATTEMPTS: usize = 5;
 
 /// How late (ms) a fixed delay's p99 may be in a test (see [`assert_fixed_delay`]).
 const TAIL_SLACK: f64 = 15.0;
@@ -430,7 +433,7 @@ fn jitter_distributions_match_model() {
     for dist in ["uniform", "normal", "pareto", "paretonormal"] {
         let (mean_t, sd_t) = model_moments(dist);
         let (want_mean, want_sd) = (lat + jit * mean_t, jit * sd_t);
-        for attempt in 0..ATTEMPTS {
+        for attempt in 0..JITTER_ATTEMPTS {
             let id = c.fault_on(
                 &a,
                 "egress",
@@ -451,20 +454,24 @@ fn jitter_distributions_match_model() {
             let ref_rtt = received.iter().map(|d| ms(*d)).sum::<f64>() / received.len() as f64;
             let late = ref_rtt - base - lat;
             eprintln!("{dist}: the 30 ms reference came {late:.3} ms late on average");
-            assert!(
-                late < 5.0,
-                "{dist}: the fixed reference was {late:.3} ms late"
-            );
             let zero = ref_rtt - lat;
             let added: Vec<f64> = r.received().iter().map(|d| ms(*d) - zero).collect();
             let noise: Vec<f64> = received.iter().map(|d| ms(*d) - ref_rtt).collect();
-            match jitter_matches(dist, &added, &noise, (lat, jit), (want_mean, want_sd)) {
+            let checked = if late >= 5.0 {
+                // The host did not run us (steal time): not a measurement.
+                Err(format!(
+                    "{dist}: the fixed reference came {late:.3} ms late"
+                ))
+            } else {
+                jitter_matches(dist, &added, &noise, (lat, jit), (want_mean, want_sd))
+            };
+            match checked {
                 Ok(()) => break,
-                Err(e) if attempt + 1 < ATTEMPTS => {
+                Err(e) if attempt + 1 < JITTER_ATTEMPTS => {
                     eprintln!("{e}; measuring again");
-                    std::thread::sleep(RETRY_PAUSE);
+                    std::thread::sleep(4 * RETRY_PAUSE);
                 }
-                Err(e) => panic!("{e} ({ATTEMPTS} times in a row)"),
+                Err(e) => panic!("{e} ({JITTER_ATTEMPTS} times in a row)"),
             }
         }
     }
