@@ -163,26 +163,13 @@ fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
             "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  option http-no-delay\nfrontend f\n  bind 0.0.0.0:{HAPROXY_PORT}\n  default_backend b\nbackend b\n  server s 127.0.0.1:{SERVER_PORT}\n"
         ),
     )?;
-    let ns = std::fs::File::open(server.netns.path())?;
     let mut cmd = Command::new("haproxy");
     cmd.arg("-db")
         .arg("-f")
         .arg(&cfg)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("haproxy.log"))?);
-    // SAFETY: setns is async-signal-safe; it moves only the child.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
-        let fd = ns.as_raw_fd();
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
+    let mut child = testbed::spawn_in_netns(server.netns.path(), &mut cmd, &[])?;
     std::thread::sleep(Duration::from_millis(300));
     if let Some(status) = child.try_wait()? {
         let log = std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default();

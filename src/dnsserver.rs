@@ -13,13 +13,10 @@
 //! `resolv.conf`, no host mounts, no `ip netns exec`, no system service. It
 //! knows nothing about faults: what a query should get is the test's to say.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,7 +25,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::netns::in_netns;
+use crate::netns::{in_netns, spawn_in_netns};
 use crate::node::Pod;
 use crate::tmp::TempDir;
 
@@ -246,74 +243,6 @@ fn stop(mut child: Child, grace: Duration) {
 
 fn default_path() -> std::ffi::OsString {
     std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-}
-
-fn cstring(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| Error::Other(format!("path {} holds a NUL byte", p.display())))
-}
-
-/// Spawns `cmd` inside the network namespace at `netns` (`setns` between
-/// fork and exec). With `binds` (source, target), the child also gets a
-/// mount namespace of its own, with `/` made a recursive slave (nothing it
-/// mounts propagates back), and each source bind-mounted over its target:
-/// only that process sees them.
-pub fn spawn_in_netns(
-    netns: &Path,
-    cmd: &mut Command,
-    binds: &[(PathBuf, PathBuf)],
-) -> Result<Child> {
-    let ns = File::open(netns).ctx(|| format!("opening netns {}", netns.display()))?;
-    let ns_fd = ns.as_raw_fd();
-    let binds: Vec<(CString, CString)> = binds
-        .iter()
-        .map(|(s, t)| Ok((cstring(s)?, cstring(t)?)))
-        .collect::<Result<_>>()?;
-    // SAFETY: between fork and exec the closure only makes raw syscalls
-    // (setns, unshare, mount: async-signal-safe) on an fd that stays open
-    // until spawn returns and on C strings built before the fork; it
-    // allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if binds.is_empty() {
-                return Ok(());
-            }
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            for (source, target) in &binds {
-                if libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .ctx(|| format!("executing {:?}", cmd.get_program()))?;
-    drop(ns);
-    Ok(child)
 }
 
 /// What a client process did.

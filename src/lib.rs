@@ -48,7 +48,7 @@ pub use agent_node::AgentNode;
 pub use apiserver::ApiServer;
 pub use error::{Error, PluginError, Result};
 pub use http::{http_get, http_serve, HttpReply, HttpServer};
-pub use netns::{in_netns, remove_stale_netns, Netns};
+pub use netns::{in_netns, remove_stale_netns, spawn_in_netns, Netns};
 pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
 pub use stats::{ms, quantile};
 pub use tmp::TempDir;

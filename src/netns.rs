@@ -1,8 +1,12 @@
 //! Named network namespaces, without `ip`.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
@@ -175,6 +179,74 @@ pub(crate) fn set_link_up(ifname: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn cstring(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Other(format!("path {} holds a NUL byte", p.display())))
+}
+
+/// Spawns `cmd` inside the network namespace at `netns` (`setns` between
+/// fork and exec). With `binds` (source, target), the child also gets a
+/// mount namespace of its own, with `/` made a recursive slave (nothing it
+/// mounts propagates back), and each source bind-mounted over its target:
+/// only that process sees them.
+pub fn spawn_in_netns(
+    netns: &Path,
+    cmd: &mut Command,
+    binds: &[(PathBuf, PathBuf)],
+) -> Result<Child> {
+    let ns = File::open(netns).ctx(|| format!("opening netns {}", netns.display()))?;
+    let ns_fd = ns.as_raw_fd();
+    let binds: Vec<(CString, CString)> = binds
+        .iter()
+        .map(|(s, t)| Ok((cstring(s)?, cstring(t)?)))
+        .collect::<Result<_>>()?;
+    // SAFETY: between fork and exec the closure only makes raw syscalls
+    // (setns, unshare, mount: async-signal-safe) on an fd that stays open
+    // until spawn returns and on C strings built before the fork; it
+    // allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if binds.is_empty() {
+                return Ok(());
+            }
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (source, target) in &binds {
+                if libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .ctx(|| format!("executing {:?}", cmd.get_program()))?;
+    drop(ns);
+    Ok(child)
 }
 
 #[cfg(test)]

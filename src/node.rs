@@ -2,11 +2,8 @@
 //! CNI chain exactly as containerd (libcni) drives it.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -399,9 +396,6 @@ impl Node {
         stdin: &[u8],
     ) -> Result<PluginOutput> {
         let bin = self.bin_dir().join(plugin_type);
-        let ns = File::open(self.netns.path())
-            .ctx(|| format!("opening {}", self.netns.path().display()))?;
-        let ns_fd = ns.as_raw_fd();
         let mut cmd = Command::new(&bin);
         cmd.env_clear()
             .env(
@@ -415,19 +409,8 @@ impl Node {
         if let Some(v) = std::env::var_os("RUST_LOG") {
             cmd.env("RUST_LOG", v);
         }
-        // SAFETY: the closure only calls setns(2), which is async-signal-safe,
-        // on an fd that stays open until spawn() returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let started = Instant::now();
-        let mut child = cmd.spawn().ctx(|| format!("executing {}", bin.display()))?;
-        drop(ns);
+        let mut child = crate::netns::spawn_in_netns(self.netns.path(), &mut cmd, &[])?;
         if let Some(mut input) = child.stdin.take() {
             // EPIPE: the plugin did not read its stdin; its output says why.
             let _ = input.write_all(stdin);
