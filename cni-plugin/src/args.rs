@@ -25,6 +25,16 @@ impl Env {
         }
     }
 
+    /// An `Env` from literal `(name, value)` pairs (tests, fuzzing).
+    pub fn from_pairs(vars: &[(&str, &str)]) -> Self {
+        Env::from_lookup(|k| {
+            vars.iter()
+                .rev()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_string())
+        })
+    }
+
     /// The process environment (used by the C entry point, not in unit tests).
     #[cfg_attr(test, allow(dead_code))]
     pub fn from_process() -> Self {
@@ -139,17 +149,11 @@ pub fn parse_cni_args(s: &str) -> (PodArgs, Vec<String>) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    /// An `Env` from literal variables (shared with the plugin's tests).
-    pub(crate) fn env(vars: &[(&str, &str)]) -> Env {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Env::from_lookup(|k| m.get(k).cloned())
+    fn env(vars: &[(&str, &str)]) -> Env {
+        Env::from_pairs(vars)
     }
 
     #[test]

@@ -18,21 +18,16 @@
 // Outside tests, `main` is the C entry point (see `main` below).
 #![cfg_attr(not(test), no_main)]
 
-mod args;
-mod config;
-mod error;
 mod pending;
-mod result;
-mod version;
 
 use std::io::{Read, Write};
 
-use netfault_api::{Client, ClientError, EnrolRequest, PodRef};
+use netfault_api::{Client, ClientError};
+use netfault_cni::args::Env;
+use netfault_cni::config::{self, FailurePolicy, NetConf};
+use netfault_cni::error::{code, CniError};
+use netfault_cni::version;
 use serde_json::Value;
-
-use crate::args::Env;
-use crate::config::{FailurePolicy, NetConf};
-use crate::error::{code, CniError};
 
 /// The process entry point, called by the C runtime instead of std's
 /// `lang_start`, whose setup this plugin does not need but for two parts,
@@ -209,26 +204,11 @@ impl Ctx<'_> {
     }
 
     fn add(&self) -> Result<Option<Value>, CniError> {
-        self.prev_result()?;
-        let (pod, warnings) = args::parse_cni_args(self.env.args.as_deref().unwrap_or_default());
+        let (req, warnings) = netfault_cni::enrolment(self.env, self.conf)?;
         for w in warnings {
             self.log(&w);
         }
-        let (ips, warnings) = result::sandbox_ips(self.prev_result()?);
-        for w in warnings {
-            self.log(&w);
-        }
-        let req = EnrolRequest {
-            netns: self.env.netns.clone().unwrap_or_default(),
-            ifname: self.env.ifname.clone().unwrap_or_default(),
-            ips: ips.iter().map(ToString::to_string).collect(),
-            pod: (!pod.is_empty()).then(|| PodRef {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                uid: pod.uid.clone(),
-            }),
-            annotations: self.conf.annotations.clone(),
-        };
+        let pod = req.pod.clone().unwrap_or_default();
         let body = serde_json::to_value(&req)
             .map_err(|e| CniError::new(code::DECODE, format!("cannot encode enrolment: {e}")))?;
         let what = format!("enrol pod {}/{}", pod.namespace, pod.name);
@@ -377,7 +357,10 @@ impl Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::args::tests::env;
+
+    fn env(vars: &[(&str, &str)]) -> Env {
+        Env::from_pairs(vars)
+    }
 
     /// A conf whose socket is in a directory that does not exist, so nothing
     /// listens and no pending enrolment can be written.

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use testbed::{ms, udp_probe, Pod};
 
 use crate::support::{
-    connect, delay, fault_on, in_pod, loss, nft_objects, nft_ruleset, proto_port, tcp_pair,
-    udp_bind, v4, v6, Cluster, Pristine, Repeat,
+    connect, delay, fault_on, holders_of, in_pod, loss, nft_objects, nft_ruleset, proto_port,
+    tcp_pair, udp_bind, v4, v6, Cluster, Pristine, Repeat,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -604,6 +604,90 @@ fn agent_killed_under_delay_fails_open() {
     c.delete_fault(&id);
     let r = rtts(&a, ip, 7304, pings(100, MS, 50 * MS));
     assert_undelayed(&r, base, "baseline after removal");
+    pristine.assert_unchanged("no leftovers");
+}
+
+/// A delay holder killed on its own (not the agent): traffic bypasses the
+/// closed queue at once, the agent notices, starts a new holder with the
+/// fault's remaining time, and the delay is back on the wire within 1 s.
+#[test]
+fn a_killed_holder_is_restarted_and_the_delay_resumes() {
+    testbed::require_root!();
+    let c = Cluster::exclusive(false);
+    let (a, _b, _e, ip) = echo_pair(&c, 7314);
+    let (pristine, base) = before_faults(&a, ip, 7314, Clock::Kernel);
+    let id = c.fault_on(&a, "egress", json!({}), delay("50ms"), "60s");
+    assert_fixed_delay(
+        || rtts(&a, ip, 7314, pings(100, MS, 100 * MS)),
+        base,
+        50 * MS,
+        "before the kill",
+    );
+    let old = holders_of(&a);
+    assert_eq!(old.len(), 1, "one holder serves the pod: {old:?}");
+    let affected_before = c.get_fault(&id)["counters"]["affected"]
+        .as_u64()
+        .unwrap_or(0);
+
+    // A ping every ms across the kill of the holder.
+    let (r, killed) = std::thread::scope(|s| {
+        let stream = s.spawn(|| rtts(&a, ip, 7314, pings(3000, MS, 200 * MS)));
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = nix::unistd::Pid::from_raw(old[0] as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the holder");
+        let killed = Instant::now();
+        (stream.join().expect("ping stream"), killed)
+    });
+    // When the delay was back for good: the first ping after which every
+    // ping that came back took the delay.
+    let delayed = |rtt: &Option<Duration>| rtt.is_none_or(|d| d >= base + 49 * MS);
+    let resumed_at = (0..r.sent_at.len())
+        .rev()
+        .take_while(|i| delayed(&r.rtt[*i]))
+        .last()
+        .map(|i| r.sent_at[i]);
+    let undelayed_after_kill = r
+        .sent_at
+        .iter()
+        .zip(&r.rtt)
+        .filter(|(s, rtt)| **s > killed && rtt.is_some_and(|d| d < base + 10 * MS))
+        .count();
+    let resumed = resumed_at.map(|t| t.saturating_duration_since(killed));
+    eprintln!(
+        "holder SIGKILL: {undelayed_after_kill} pings passed undelayed (the queue's bypass), {} lost, delay back {resumed:?} after the kill",
+        r.lost()
+    );
+    assert!(
+        undelayed_after_kill > 0,
+        "no ping bypassed the dead holder: was it killed?"
+    );
+    let resumed = resumed.expect("the delay never came back");
+    assert!(
+        resumed <= Duration::from_secs(1),
+        "the delay came back {resumed:?} after the holder died (bound 1 s)"
+    );
+    let new = holders_of(&a);
+    assert_eq!(new.len(), 1, "one new holder: {new:?}");
+    assert_ne!(new, old, "the holder is a new process");
+    let f = c.get_fault(&id);
+    assert_eq!(f["state"], "active", "{f}");
+    assert!(
+        f["counters"]["affected"].as_u64().unwrap_or(0) > affected_before,
+        "the new holder counts into the fault's counters: {f}"
+    );
+    assert_fixed_delay(
+        || rtts(&a, ip, 7314, pings(100, MS, 100 * MS)),
+        base,
+        50 * MS,
+        "after the restart",
+    );
+    c.delete_fault(&id);
+    assert_undelayed(
+        &rtts(&a, ip, 7314, pings(100, MS, 50 * MS)),
+        base,
+        "after removal",
+    );
+    assert!(holders_of(&a).is_empty(), "no holder left");
     pristine.assert_unchanged("no leftovers");
 }
 

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use testbed::{Agent, ApiServer, Pod, TempDir};
 
 use crate::support::{
-    blackhole, blocked, delay, fault_on, passes, proto_port, v4, wait_for, Gate, KubeNode, Pristine,
+    blackhole, blocked, delay, fault_on, holders_of, passes, proto_port, v4, wait_for, Gate,
+    KubeNode, Pristine,
 };
 
 /// A `netfault.io/faults` value: one egress blackhole of UDP `port`.
@@ -460,23 +461,6 @@ fn delay_shorthand_and_yaml_list_on_a_running_pod() {
 
     k.annotate(&a, &[]);
     wait_for("no annotation, no fault", || passes(&a, &b, 7152));
-}
-
-/// The delay holder processes serving `pod`'s sandbox.
-fn holders_of(pod: &Pod) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            let holder = args.contains(&b"delay-holder".as_slice())
-                && args.contains(&pod.container_id.as_bytes());
-            holder.then_some(pid)
-        })
-        .collect()
 }
 
 /// SIGTERM while the agent's DaemonSet stays (a rollout restart) leaves

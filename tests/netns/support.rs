@@ -730,3 +730,20 @@ pub fn wait_for_quiet_cpu() {
     }
     eprintln!("timing test: the machine stayed busy for 20 s; measuring anyway");
 }
+
+/// The delay holder processes serving `pod`'s sandbox.
+pub fn holders_of(pod: &Pod) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let holder = args.contains(&b"delay-holder".as_slice())
+                && args.contains(&pod.container_id.as_bytes());
+            holder.then_some(pid)
+        })
+        .collect()
+}

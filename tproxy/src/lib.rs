@@ -320,3 +320,31 @@ impl Proxy {
         }
     }
 }
+
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::sniff::{classify, decide, h2_settings_header, Protocol, H2_PREFACE};
+
+    /// The protocol sniffing on every prefix of `data`, as bytes trickle in
+    /// from a client, and the server-preface check on it. HTTP/2 is only
+    /// ever chosen for the full preface. Returns whether `data` is HTTP.
+    pub fn sniff(data: &[u8]) -> bool {
+        let data = &data[..data.len().min(crate::sniff::MAX_SNIFF + 64)];
+        // Every prefix up to 256 bytes, then one per 256 bytes: reads
+        // arrive in pieces of any size.
+        let ends = (0..=data.len().min(256)).chain((512..=data.len()).step_by(256));
+        for end in ends.chain(std::iter::once(data.len())) {
+            let prefix = &data[..end];
+            let p = classify(prefix);
+            if p == Some(Protocol::Http2) {
+                assert!(prefix.starts_with(H2_PREFACE), "h2 without its preface");
+            }
+            if p.is_some() {
+                break;
+            }
+        }
+        let _ = h2_settings_header(&data[..data.len().min(9)]);
+        decide(data) != Protocol::Raw
+    }
+}

@@ -208,6 +208,13 @@ pub trait BackendOps: Send {
     /// `sync` that removed it, and after its counters were read).
     fn forget_fault(&mut self, fault: &FaultId);
 
+    /// Sandboxes whose engine process died on its own (a killed delay or
+    /// DNS holder). The backend has forgotten their engines; the caller
+    /// syncs each again, which starts a new one.
+    fn lost_sandboxes(&mut self) -> Vec<SandboxId> {
+        Vec::new()
+    }
+
     /// The sandbox is released (CNI DEL): removes everything, at once (no
     /// draining: the pod is going away). `sb.netns` is `None` when the
     /// netns is gone, and only user-space state is dropped then.

@@ -849,6 +849,24 @@ impl Core<'_> {
         }
     }
 
+    /// Engines that died on their own (a killed holder: its queue's
+    /// `bypass` passes traffic meanwhile) are started again with the
+    /// sandbox's faults and their remaining time.
+    fn restart_lost_engines(&mut self) {
+        for kind in BackendKind::ALL {
+            for sb in self.backend(kind).lost_sandboxes() {
+                match self.sync(&sb, kind) {
+                    Ok(()) => {
+                        tracing::info!(sandbox = %sb, backend = kind.as_str(), "engine restarted")
+                    }
+                    Err(e) => {
+                        tracing::error!(sandbox = %sb, backend = kind.as_str(), error = %e, "restarting an engine failed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Reconcile at start (see `reconcile`): forgets sandboxes whose netns
     /// is gone, marks faults past their deadline expired, then syncs every
     /// backend of every sandbox.
@@ -863,6 +881,7 @@ impl Core<'_> {
     }
 
     fn reap(&mut self) -> Result<Option<Duration>, AgentError> {
+        self.restart_lost_engines();
         let now = netfault_ebpf::boottime_ns();
         // Counters first: the snapshot is taken before the backend forgets.
         let due: Vec<(FaultId, SandboxId, BackendKind)> = {

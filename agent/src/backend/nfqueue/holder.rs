@@ -121,6 +121,12 @@ impl Engine {
         Ok(Engine { child, control })
     }
 
+    /// How the holder ended, once it has: killed, or exited on an error.
+    /// A running holder never exits on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Sends the sandbox's current faults to the holder.
     pub fn set_faults(&mut self, faults: &[HolderFault<'_>]) -> Result<(), DelayError> {
         let items: Vec<Value> = faults

@@ -224,6 +224,20 @@ impl BackendOps for NfqueueBackend {
         self.tags.free(fault.as_str());
     }
 
+    fn lost_sandboxes(&mut self) -> Vec<SandboxId> {
+        let mut lost = Vec::new();
+        for (id, engine) in &mut self.sandboxes {
+            if let Some(status) = engine.exited() {
+                tracing::warn!(sandbox = %id, table = self.layout.table, %status, "a holder process died; starting a new one");
+                lost.push(id.clone());
+            }
+        }
+        for id in &lost {
+            self.sandboxes.remove(id);
+        }
+        lost
+    }
+
     fn forget_sandbox(
         &mut self,
         sb: &SandboxCtx<'_>,

@@ -624,6 +624,10 @@ impl BackendOps for ProxyBackend {
         self.dns_udp.0.forget_fault(fault);
     }
 
+    fn lost_sandboxes(&mut self) -> Vec<SandboxId> {
+        self.dns_udp.0.lost_sandboxes()
+    }
+
     /// Closes the sandbox's proxy at once, cutting the connections it
     /// carries (no drain: the pod is going away), and removes the diversion
     /// if the netns is still there.
