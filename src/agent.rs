@@ -26,6 +26,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Agent {
     dir: PathBuf,
     args: Vec<String>,
+    /// Extra environment for the next starts (see [`Agent::set_env`]).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     pid: u32,
     log_offset: u64,
@@ -43,6 +45,7 @@ impl Agent {
         let mut agent = Agent {
             dir: dir.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
             pid: 0,
             log_offset: 0,
@@ -178,6 +181,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Sets `key=value` in the environment of every later (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Kills the running process, if any, and starts a new one on the same
     /// socket and state dir (a DaemonSet restart).
     pub fn restart(&mut self) -> Result<()> {
@@ -231,6 +240,7 @@ impl Agent {
             .arg(self.state_dir())
             .args(cri_off)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

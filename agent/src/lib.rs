@@ -9,6 +9,7 @@
 //! - `metrics`: Prometheus text.
 
 pub mod backend;
+pub mod crash;
 pub mod cri;
 pub mod ids;
 pub mod kube;

@@ -329,6 +329,35 @@ pub fn detach_here(
     Ok(())
 }
 
+/// Removes netfault's filters that no record speaks of: a previous agent
+/// attached them and died before saving its state. The clsact qdisc goes
+/// too when netfault's filters were all it held (the agent that died made
+/// it). Returns whether there was anything. A missing interface is not an
+/// error: the pod is gone.
+pub fn detach_unrecorded_here(inside: &InNetns, ifname: &str) -> Result<bool, DatapathError> {
+    let ifindex = match ifindex_here(ifname) {
+        Ok(i) => i,
+        Err(DatapathError::NoInterface { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut sock = RtSocket::open()?;
+    // No clsact: nothing to list.
+    let mut filters = sock.filters(ifindex, Hook::Egress).unwrap_or_default();
+    filters.extend(sock.filters(ifindex, Hook::Ingress).unwrap_or_default());
+    if !filters.iter().any(|f| f.is_bpf_at(FILTER)) {
+        return Ok(false);
+    }
+    let only_ours = filters.iter().all(|f| f.is_bpf_at(FILTER));
+    detach_here(
+        inside,
+        ifname,
+        Attachment {
+            created_clsact: only_ours,
+        },
+    )?;
+    Ok(true)
+}
+
 /// Every tc object on `ifname` in the calling thread's netns: qdiscs and
 /// clsact filters. For leftover checks.
 pub fn tc_state_here(

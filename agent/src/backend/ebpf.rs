@@ -135,6 +135,17 @@ impl EbpfBackend {
             }
             // A netns that is gone took its filters with it.
             memo.attachment = None;
+        } else if let Some(ns) = sb.netns {
+            // Nothing recorded, but an agent that died between attaching
+            // and saving its state may have left filters (with live rules).
+            let ifname = sb.ifname.to_string();
+            let found = ns
+                .run(move |inside| netfault_ebpf::detach_unrecorded_here(inside, &ifname))
+                .map_err(|e| BackendError::new("removing unrecorded filters", e))?
+                .map_err(dp_err("removing unrecorded filters"))?;
+            if found {
+                tracing::warn!(sandbox = %sb.id, "removed filters a previous agent left unrecorded");
+            }
         }
         let mut dp = lock(&self.dp);
         for a in sb.addresses {
@@ -252,6 +263,7 @@ impl Backend for EbpfBackend {
             );
         }
         let fds = self.set_rules(sb.id, faults)?;
+        crate::crash::point("ebpf.rules-set");
         // Attached once per sandbox; after an agent restart, the new
         // programs atomically replace the old filters.
         if fresh || memo.attachment.is_none() {

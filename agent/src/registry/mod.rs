@@ -537,7 +537,9 @@ impl Core<'_> {
             }
             return Err(e);
         }
+        crate::crash::backend_point("install.synced", kind);
         self.sh.persist()?;
+        crate::crash::backend_point("install.persisted", kind);
         let view = {
             let st = self.lock();
             st.faults
@@ -597,6 +599,7 @@ impl Core<'_> {
         };
         if !f.expired {
             self.sync(&f.sandbox, f.backend())?;
+            crate::crash::backend_point("remove.synced", f.backend());
             let id = Some(&f.id);
             self.notice(NoticeKind::Removed, &f.sandbox, id, &f.spec, f.source, None);
         }
@@ -645,6 +648,7 @@ impl Core<'_> {
         for (id, kind) in &faults {
             self.backend(*kind).forget_fault(id);
         }
+        crate::crash::point("release.backends");
         {
             let mut st = self.lock();
             for (id, _) in &faults {
@@ -681,7 +685,15 @@ impl Core<'_> {
         let existing = self.lock().sandboxes.get(id).cloned();
         if let Some(sb) = existing {
             if sb.netns_id == ns.id() && sb.ifname == req.ifname {
-                return Ok(sb.view());
+                if !sb.birth_pending {
+                    return Ok(sb.view());
+                }
+                // A previous agent saved the enrolment and died before its
+                // birth-time faults: install them now.
+                drop(ns);
+                let specs = faults_from_annotations(&sb.annotations, self.sh.cfg.max_duration)
+                    .unwrap_or_default();
+                return self.install_birth(id, specs);
             }
             // Same id, different namespace: the runtime reused the id; start over.
             self.release(id)?;
@@ -718,12 +730,25 @@ impl Core<'_> {
                 implicit: source == EnrolSource::Netns,
                 source,
                 annotation_digest: Some(annotation_digest(&req.annotations)),
+                birth_pending: !birth_specs.is_empty(),
                 memo: Default::default(),
             };
             st.sandboxes.insert(id.clone(), rec);
         }
+        crate::crash::point("enrol.recorded");
         self.sh.persist()?;
+        crate::crash::point("enrol.persisted");
         drop(ns);
+        self.install_birth(id, birth_specs)
+    }
+
+    /// Installs an enrolled sandbox's birth-time faults (from its
+    /// annotations) and returns its view.
+    fn install_birth(
+        &mut self,
+        id: &SandboxId,
+        birth_specs: Vec<FaultSpec>,
+    ) -> Result<Sandbox, AgentError> {
         let with_birth_faults = !birth_specs.is_empty();
         let mut birth = Vec::new();
         for spec in birth_specs {
@@ -744,6 +769,7 @@ impl Core<'_> {
                 .get_mut(id)
                 .ok_or_else(|| AgentError::Internal("sandbox vanished during enrolment".into()))?;
             sb.birth_faults = birth;
+            sb.birth_pending = false;
             sb.view()
         };
         // Without birth faults the records are as saved above (CNI ADD's latency).
@@ -873,8 +899,22 @@ impl Core<'_> {
     fn reconcile(&mut self) -> Result<(), AgentError> {
         let live = reconcile::settle_records(&mut self.lock(), netfault_ebpf::boottime_ns());
         for id in live {
+            let mut failed = None;
             for kind in BackendKind::ALL {
-                self.sync(&id, kind)?;
+                if let Err(e) = self.sync(&id, kind) {
+                    failed = Some(e);
+                    break;
+                }
+                crate::crash::backend_point("reconcile.synced", kind);
+            }
+            // One sandbox that cannot be put back (its interface went with
+            // a CNI DEL the previous agent did not finish) must not keep
+            // the agent from starting: it is released, as DEL would.
+            if let Some(e) = failed {
+                tracing::error!(sandbox = %id, error = %e, "cannot restore the sandbox at start; releasing it");
+                if let Err(e) = self.release(&id) {
+                    tracing::error!(sandbox = %id, error = %e, "releasing it failed");
+                }
             }
         }
         self.sh.persist()

@@ -62,6 +62,11 @@ pub struct SandboxRecord {
     /// agents' files lack it: it is then the digest of `annotations`.
     #[serde(default)]
     pub annotation_digest: Option<String>,
+    /// Enrolled (and saved) with birth-time faults not yet installed: an
+    /// agent that died in between left them to the next enrolment of the
+    /// same sandbox (the CNI plugin's pending file, or a CRI adoption).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub birth_pending: bool,
     /// What the backends keep across restarts (`attachment`).
     #[serde(flatten)]
     pub memo: SandboxMemo,

@@ -159,6 +159,7 @@ impl NfqueueBackend {
         if let Some(engine) = self.sandboxes.get_mut(sb.id) {
             engine.set_faults(&wire)?;
         }
+        crate::crash::point_of(self.layout.table, "holder-set");
         // Sandboxes whose last fault went (table removed) lose their tags.
         let live = &self.sandboxes;
         self.tags

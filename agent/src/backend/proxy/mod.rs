@@ -439,6 +439,7 @@ impl ProxyBackend {
         };
         // Rules first: a connection diverted from now on finds its fault.
         sp.proxy.set_rules(rules);
+        crate::crash::point("proxy.rules-set");
         let ports = sp.ports;
         let install = divs.clone();
         match flatten(ns.run(move |inside| divert::install_here(inside, &install, &ports))) {
@@ -711,6 +712,7 @@ impl Backend for ProxyBackend {
             .0
             .apply(sb, &udp)
             .map_err(|e| BackendError::new("applying the DNS faults (UDP)", e));
+        crate::crash::point("proxy.dns-udp-applied");
         self.apply(sb, &tcp)
             .map_err(|e| BackendError::new("applying the proxy faults", e))?;
         udp
