@@ -1016,3 +1016,145 @@ fn http_replace_request_and_response() {
         assert_eq!(len, "8");
     }
 }
+
+/// A server in a pod that answers `503` the moment it accepts and closes
+/// without reading the request (an early error, a server at its
+/// connection limit). Stops when dropped.
+struct EarlyServer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const EARLY_BODY: &str = "at the connection limit\n";
+
+impl EarlyServer {
+    fn start(pod: &Pod, port: u16) -> EarlyServer {
+        let listener = in_pod(pod, move || {
+            std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+        })
+        .expect("listen");
+        listener.set_nonblocking(true).expect("O_NONBLOCK");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{EARLY_BODY}",
+            EARLY_BODY.len()
+        );
+        let thread = std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        // Closing with the request unread: the kernel
+                        // sends a reset once the request is there.
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(answer.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        EarlyServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EarlyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 12: what a server writes on accept reaches the client through a
+/// diverted port whose rules do not act on it, as it does directly: curl
+/// (which reported `Empty reply from server` 30 times of 30) and a Rust
+/// client get the server's 503 and its body every time. A `tcp-bandwidth`
+/// rule on the same port counts every connection, which proves each one
+/// went through the proxy; an `http-abort` on another path still acts.
+#[test]
+fn an_answer_written_at_accept_reaches_the_client() {
+    testbed::require_root!();
+    const N: usize = 30;
+    let c = Cluster::new(false);
+    let [client, server] = c.pods(["client", "server"]);
+    let _srv = EarlyServer::start(&server, 18095);
+    let to = SocketAddr::new(v4(&server), 18095);
+    let curl = |path: &str| -> (String, String) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{to}{path}"),
+        ]);
+        let ran = testbed::dnsserver::run_in_netns(
+            client.netns.path(),
+            &mut cmd,
+            &[],
+            Duration::from_secs(15),
+        )
+        .expect("run curl in the client pod");
+        let (body, code) = ran.stdout.rsplit_once('\n').unwrap_or(("", ""));
+        (format!("{code} {body}"), ran.stderr)
+    };
+    let want = format!("503 {EARLY_BODY}");
+    let rust = || {
+        H1::open(&client, to)
+            .and_then(|mut h| h.get("/x"))
+            .map(|r| (r.status, r.body))
+    };
+    let rounds = |what: &str| -> usize {
+        let mut delivered = 0;
+        let mut failures = Vec::new();
+        for _ in 0..N {
+            let (got, err) = curl("/x");
+            if got == want {
+                delivered += 1;
+            } else {
+                failures.push(format!("curl: {got:?} {err}"));
+            }
+            match rust() {
+                Ok((503, body)) if body == EARLY_BODY.as_bytes() => delivered += 1,
+                other => failures.push(format!("rust client: {other:?}")),
+            }
+        }
+        eprintln!(
+            "{what}: {delivered} of {} answers delivered (curl and a Rust client, {N} each){}",
+            2 * N,
+            failures
+                .first()
+                .map_or(String::new(), |f| format!(", first failure: {f}"))
+        );
+        delivered
+    };
+    assert_eq!(rounds("direct"), 2 * N, "directly every answer arrives");
+
+    let abort = c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18095,
+        json!({"type": "http-abort", "status": 418, "http": {"path": "/tea"}}),
+    ));
+    let bw = c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18095,
+        json!({"type": "tcp-bandwidth", "rate": "100mbit"}),
+    ));
+    let through = rounds("through the proxy");
+    assert_eq!(
+        c.counter(&bw, "matched"),
+        2 * N as u64,
+        "every connection went through the proxy"
+    );
+    assert_eq!(through, 2 * N, "through the proxy every answer arrives");
+    // The rule that matches still acts, though the server answers first.
+    assert_eq!(status(&client, to, "/tea"), 418);
+    assert_eq!(c.counter(&abort, "dropped"), 1);
+}
