@@ -1019,53 +1019,38 @@ fn http_replace_request_and_response() {
 
 /// A server in a pod that answers `503` the moment it accepts and closes
 /// without reading the request (an early error, a server at its
-/// connection limit). Stops when dropped.
-struct EarlyServer {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
+/// connection limit), on its own runtime (stopped when dropped).
 const EARLY_BODY: &str = "at the connection limit\n";
 
-impl EarlyServer {
-    fn start(pod: &Pod, port: u16) -> EarlyServer {
-        let listener = in_pod(pod, move || {
-            std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
-        })
-        .expect("listen");
-        listener.set_nonblocking(true).expect("O_NONBLOCK");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done = stop.clone();
-        let answer = format!(
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{EARLY_BODY}",
-            EARLY_BODY.len()
-        );
-        let thread = std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        // Closing with the request unread: the kernel
-                        // sends a reset once the request is there.
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(answer.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
-        });
-        EarlyServer {
-            stop,
-            thread: Some(thread),
+fn serve_early(pod: &Pod, port: u16) -> Server {
+    let listener = in_pod(pod, move || {
+        std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+    })
+    .expect("listen");
+    listener.set_nonblocking(true).expect("O_NONBLOCK");
+    let rt = runtime();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{EARLY_BODY}",
+        EARLY_BODY.len()
+    );
+    rt.spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            // Closing with the request unread: the kernel sends a reset
+            // once the request is there.
+            let _ = stream.write_all(answer.as_bytes()).await;
         }
-    }
-}
-
-impl Drop for EarlyServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    });
+    Server {
+        rt: Some(rt),
+        accepted,
     }
 }
 
@@ -1081,7 +1066,7 @@ fn an_answer_written_at_accept_reaches_the_client() {
     const N: usize = 30;
     let c = Cluster::new(false);
     let [client, server] = c.pods(["client", "server"]);
-    let _srv = EarlyServer::start(&server, 18095);
+    let srv = serve_early(&server, 18095);
     let to = SocketAddr::new(v4(&server), 18095);
     let curl = |path: &str| -> (String, String) {
         let mut cmd = std::process::Command::new("curl");
@@ -1110,30 +1095,30 @@ fn an_answer_written_at_accept_reaches_the_client() {
             .map(|r| (r.status, r.body))
     };
     let rounds = |what: &str| -> usize {
-        let mut delivered = 0;
+        let (mut by_curl, mut by_rust) = (0, 0);
         let mut failures = Vec::new();
         for _ in 0..N {
             let (got, err) = curl("/x");
             if got == want {
-                delivered += 1;
+                by_curl += 1;
             } else {
                 failures.push(format!("curl: {got:?} {err}"));
             }
             match rust() {
-                Ok((503, body)) if body == EARLY_BODY.as_bytes() => delivered += 1,
+                Ok((503, body)) if body == EARLY_BODY.as_bytes() => by_rust += 1,
                 other => failures.push(format!("rust client: {other:?}")),
             }
         }
         eprintln!(
-            "{what}: {delivered} of {} answers delivered (curl and a Rust client, {N} each){}",
-            2 * N,
+            "{what}: answers delivered to curl {by_curl} of {N}, to a Rust client {by_rust} of {N}{}",
             failures
                 .first()
-                .map_or(String::new(), |f| format!(", first failure: {f}"))
+                .map_or(String::new(), |f| format!("; first failure: {f}"))
         );
-        delivered
+        by_curl + by_rust
     };
     assert_eq!(rounds("direct"), 2 * N, "directly every answer arrives");
+    assert_eq!(srv.accepted.load(Ordering::Relaxed), 2 * N as u64);
 
     let abort = c.fault(proxy_fault(
         &server,
