@@ -535,6 +535,12 @@ fn large_body_streams_through_unbuffered() {
     }
     assert_eq!(got, BIG);
     assert_eq!(mismatch, None, "the body arrives unchanged");
+    assert!(
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .is_some_and(|n| n >= 1.0),
+        "the body went through the proxy"
+    );
     done.store(true, Ordering::Relaxed);
     let peak = sampler.join().expect("sampler");
     assert!(peak > 0, "VmRSS of the agent was read");
@@ -652,6 +658,13 @@ fn non_http_bytes_are_relayed_untouched() {
     writer.join().expect("writer").expect("write");
     assert!(back == payload, "1 MiB of binary data echoed unchanged");
     assert_eq!(echo.accepted(), 1);
+    // The connection is still open: the proxy's gauge counts it.
+    assert!(
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .is_some_and(|n| n >= 1.0),
+        "the echo went through the proxy"
+    );
 }
 
 /// `tcp-reset` after a duration and after a number of bytes, and
@@ -691,10 +704,9 @@ fn tcp_reset_and_bandwidth() {
     let r = conn.s.read(&mut buf);
     let at = t.elapsed();
     assert!(
-        matches!(&r, Ok(0))
-            || r.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{r:?}"
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a reset, not an end of file or a timeout: {r:?}"
     );
     eprintln!("tcp-reset after 300 ms: reset at {at:?}");
     assert!(
@@ -707,15 +719,24 @@ fn tcp_reset_and_bandwidth() {
     conn.s
         .write_all(b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
         .expect("request");
+    let t = Instant::now();
     let mut total = 0usize;
     let mut buf = vec![0u8; 65536];
-    loop {
+    let end = loop {
         match conn.s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break None,
+            Err(e) => break Some(e),
             Ok(n) => total += n,
         }
-    }
-    eprintln!("tcp-reset after 100000 bytes: the client got {total} bytes");
+    };
+    let at = t.elapsed();
+    eprintln!("tcp-reset after 100000 bytes: the client got {total} bytes, then {end:?} at {at:?}");
+    assert!(
+        end.as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a reset, not an end of file or a timeout: {end:?}"
+    );
+    assert!(at < Duration::from_secs(3), "the reset came at {at:?}");
     // Both directions count: the request's bytes are part of the 100000.
     assert!(
         (90_000..=100_000).contains(&total),
