@@ -535,6 +535,12 @@ fn large_body_streams_through_unbuffered() {
     }
     assert_eq!(got, BIG);
     assert_eq!(mismatch, None, "the body arrives unchanged");
+    assert!(
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .is_some_and(|n| n >= 1.0),
+        "the body went through the proxy"
+    );
     done.store(true, Ordering::Relaxed);
     let peak = sampler.join().expect("sampler");
     assert!(peak > 0, "VmRSS of the agent was read");
@@ -652,6 +658,13 @@ fn non_http_bytes_are_relayed_untouched() {
     writer.join().expect("writer").expect("write");
     assert!(back == payload, "1 MiB of binary data echoed unchanged");
     assert_eq!(echo.accepted(), 1);
+    // The connection is still open: the proxy's gauge counts it.
+    assert!(
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .is_some_and(|n| n >= 1.0),
+        "the echo went through the proxy"
+    );
 }
 
 /// `tcp-reset` after a duration and after a number of bytes, and
@@ -691,10 +704,9 @@ fn tcp_reset_and_bandwidth() {
     let r = conn.s.read(&mut buf);
     let at = t.elapsed();
     assert!(
-        matches!(&r, Ok(0))
-            || r.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{r:?}"
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a reset, not an end of file or a timeout: {r:?}"
     );
     eprintln!("tcp-reset after 300 ms: reset at {at:?}");
     assert!(
@@ -707,15 +719,24 @@ fn tcp_reset_and_bandwidth() {
     conn.s
         .write_all(b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
         .expect("request");
+    let t = Instant::now();
     let mut total = 0usize;
     let mut buf = vec![0u8; 65536];
-    loop {
+    let end = loop {
         match conn.s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break None,
+            Err(e) => break Some(e),
             Ok(n) => total += n,
         }
-    }
-    eprintln!("tcp-reset after 100000 bytes: the client got {total} bytes");
+    };
+    let at = t.elapsed();
+    eprintln!("tcp-reset after 100000 bytes: the client got {total} bytes, then {end:?} at {at:?}");
+    assert!(
+        end.as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a reset, not an end of file or a timeout: {end:?}"
+    );
+    assert!(at < Duration::from_secs(3), "the reset came at {at:?}");
     // Both directions count: the request's bytes are part of the 100000.
     assert!(
         (90_000..=100_000).contains(&total),
@@ -1015,4 +1036,131 @@ fn http_replace_request_and_response() {
     if let Some(len) = r.header("content-length") {
         assert_eq!(len, "8");
     }
+}
+
+/// A server in a pod that answers `503` the moment it accepts and closes
+/// without reading the request (an early error, a server at its
+/// connection limit), on its own runtime (stopped when dropped).
+const EARLY_BODY: &str = "at the connection limit\n";
+
+fn serve_early(pod: &Pod, port: u16) -> Server {
+    let listener = in_pod(pod, move || {
+        std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+    })
+    .expect("listen");
+    listener.set_nonblocking(true).expect("O_NONBLOCK");
+    let rt = runtime();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{EARLY_BODY}",
+        EARLY_BODY.len()
+    );
+    rt.spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            // Closing with the request unread: the kernel sends a reset
+            // once the request is there.
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    Server {
+        rt: Some(rt),
+        accepted,
+    }
+}
+
+/// Issue 12: what a server writes on accept reaches the client through a
+/// diverted port whose rules do not act on it, as it does directly: curl
+/// (which reported `Empty reply from server` 30 times of 30) and a Rust
+/// client get the server's 503 and its body every time. A `tcp-bandwidth`
+/// rule on the same port counts every connection, which proves each one
+/// went through the proxy; an `http-abort` on another path still acts.
+#[test]
+fn an_answer_written_at_accept_reaches_the_client() {
+    testbed::require_root!();
+    const N: usize = 30;
+    let c = Cluster::new(false);
+    let [client, server] = c.pods(["client", "server"]);
+    let srv = serve_early(&server, 18095);
+    let to = SocketAddr::new(v4(&server), 18095);
+    let curl = |path: &str| -> (String, String) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{to}{path}"),
+        ]);
+        let ran = testbed::dnsserver::run_in_netns(
+            client.netns.path(),
+            &mut cmd,
+            &[],
+            Duration::from_secs(15),
+        )
+        .expect("run curl in the client pod");
+        let (body, code) = ran.stdout.rsplit_once('\n').unwrap_or(("", ""));
+        (format!("{code} {body}"), ran.stderr)
+    };
+    let want = format!("503 {EARLY_BODY}");
+    let rust = || {
+        H1::open(&client, to)
+            .and_then(|mut h| h.get("/x"))
+            .map(|r| (r.status, r.body))
+    };
+    let rounds = |what: &str| -> usize {
+        let (mut by_curl, mut by_rust) = (0, 0);
+        let mut failures = Vec::new();
+        for _ in 0..N {
+            let (got, err) = curl("/x");
+            if got == want {
+                by_curl += 1;
+            } else {
+                failures.push(format!("curl: {got:?} {err}"));
+            }
+            match rust() {
+                Ok((503, body)) if body == EARLY_BODY.as_bytes() => by_rust += 1,
+                other => failures.push(format!("rust client: {other:?}")),
+            }
+        }
+        eprintln!(
+            "{what}: answers delivered to curl {by_curl} of {N}, to a Rust client {by_rust} of {N}{}",
+            failures
+                .first()
+                .map_or(String::new(), |f| format!("; first failure: {f}"))
+        );
+        by_curl + by_rust
+    };
+    assert_eq!(rounds("direct"), 2 * N, "directly every answer arrives");
+    assert_eq!(srv.accepted.load(Ordering::Relaxed), 2 * N as u64);
+
+    let abort = c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18095,
+        json!({"type": "http-abort", "status": 418, "http": {"path": "/tea"}}),
+    ));
+    let bw = c.fault(proxy_fault(
+        &server,
+        "ingress",
+        18095,
+        json!({"type": "tcp-bandwidth", "rate": "100mbit"}),
+    ));
+    let through = rounds("through the proxy");
+    assert_eq!(
+        c.counter(&bw, "matched"),
+        2 * N as u64,
+        "every connection went through the proxy"
+    );
+    assert_eq!(through, 2 * N, "through the proxy every answer arrives");
+    // The rule that matches still acts, though the server answers first.
+    assert_eq!(status(&client, to, "/tea"), 418);
+    assert_eq!(c.counter(&abort, "dropped"), 1);
 }

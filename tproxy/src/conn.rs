@@ -157,7 +157,11 @@ impl Connection {
             tracing::debug!(error = %e, "setting TCP_NODELAY on the server connection");
         }
         let mut io = ClientIo::new(client, plan, ctrl.clone());
-        let (proto, prefix) = sniff(&mut io, &upstream).await?;
+        let http_rules = self.shared.rules().iter().any(|r| {
+            matches!(r.kind, RuleKind::Http(_))
+                && r.applies_to(self.side, self.peer, self.orig_dst, Instant::now())
+        });
+        let (proto, prefix) = sniff(&mut io, &upstream, http_rules).await?;
         tracing::debug!(?proto, "serving");
         let io = Prefixed::new(prefix, io);
         let ctx = || {
@@ -177,10 +181,24 @@ impl Connection {
     }
 }
 
+/// How long an HTTP server's early answer waits for the client's request
+/// when HTTP rules apply to the connection (see [`sniff`]).
+const EARLY_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Reads the client's first bytes until they tell the protocol. The server
 /// speaking first, the client closing, or [`SNIFF_TIMEOUT`] of silence end
 /// the wait. Returns the bytes read, to be replayed.
-async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Bytes), ProxyError> {
+///
+/// An HTTP server may answer before the request arrives (an early `503`).
+/// When HTTP rules apply to the connection (`http_rules`) and the server's
+/// first bytes look like an HTTP response, the client's request is awaited
+/// [`EARLY_ANSWER_GRACE`] longer, so that the rules still act on it; a
+/// client that stays silent gets the answer relayed after that grace.
+async fn sniff(
+    io: &mut ClientIo,
+    upstream: &TcpStream,
+    http_rules: bool,
+) -> Result<(Protocol, Bytes), ProxyError> {
     let mut buf = BytesMut::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let mut probe = [0u8; 9];
@@ -188,6 +206,10 @@ async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Byt
     // which h2 servers may send before the client's. Not a server that
     // speaks first: keep listening to the client.
     let mut h2_server = false;
+    let mut deadline = deadline;
+    // The server's early bytes look like an HTTP answer: wait for the
+    // client's request a little.
+    let mut early_http = false;
     loop {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
@@ -206,12 +228,16 @@ async fn sniff(io: &mut ClientIo, upstream: &TcpStream) -> Result<(Protocol, Byt
             }
             // Only while the client has said nothing: a server that speaks
             // first (SMTP, MySQL, SSH...) or closes at once.
-            r = upstream.peek(&mut probe), if buf.is_empty() && !h2_server => {
+            r = upstream.peek(&mut probe), if buf.is_empty() && !h2_server && !early_http => {
                 let n = r.unwrap_or(0);
                 match sniff::h2_settings_header(&probe[..n]) {
                     Some(true) => h2_server = true,
                     // Too few bytes to tell yet.
                     None => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                    Some(false) if http_rules && sniff::http_response_start(&probe[..n]) => {
+                        early_http = true;
+                        deadline = deadline.min(tokio::time::Instant::now() + EARLY_ANSWER_GRACE);
+                    }
                     Some(false) => return Ok((Protocol::Raw, buf.freeze())),
                 }
             }

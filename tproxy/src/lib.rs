@@ -34,6 +34,12 @@
 //! - The upstream connection is opened first, before anything is read: a
 //!   refused or failed connect resets the client (what it would see from the
 //!   server), and a server that speaks first is heard at once.
+//! - A server that writes on accept (a banner, an early `503`) and closes
+//!   without reading is heard as directly: its bytes are relayed even when
+//!   it refused the client's, then its FIN, then a reset if it reset or
+//!   refused bytes (see `relay.rs` and `http::UpstreamIo`). With HTTP rules
+//!   on the connection, an early HTTP answer waits 50 ms for the client's
+//!   request so that the rules act on it.
 //! - HTTP/1: one upstream connection per client connection; pipelined
 //!   requests are answered in order (forwarded one at a time). When the
 //!   server closes, the client's connection is closed after the response in

@@ -110,6 +110,14 @@ pub(crate) fn h2_settings_header(peeked: &[u8]) -> Option<bool> {
     Some(len.is_multiple_of(6))
 }
 
+/// Whether `peeked` (the server's first bytes) may be the start of an
+/// HTTP/1 response.
+pub(crate) fn http_response_start(peeked: &[u8]) -> bool {
+    const START: &[u8] = b"HTTP/1.";
+    let n = peeked.len().min(START.len());
+    n > 0 && peeked[..n] == START[..n]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +142,16 @@ mod tests {
             Some(false)
         );
         assert_eq!(h2_settings_header(&[]), Some(false));
+    }
+
+    #[test]
+    fn an_early_http_answer_is_told_from_a_banner() {
+        assert!(http_response_start(b"HTTP/1.1 503 Service Unavailable"));
+        assert!(http_response_start(b"HTTP/1.0 "));
+        assert!(http_response_start(b"HTT"));
+        assert!(!http_response_start(b"220 smtp.example ESMTP"));
+        assert!(!http_response_start(b"HTTP/2"));
+        assert!(!http_response_start(b""));
     }
 
     #[test]

@@ -53,6 +53,7 @@ async fn a_64mb_body_through_a_non_matching_rule_streams_intact() {
     let resp = within(10, s.send_request(get(&format!("/big/{SIZE}"))))
         .await
         .expect("download");
+    assert_eq!(h.proxy.open_connections(), 1, "served by the proxy");
     assert_eq!(
         resp.headers()
             .get("content-length")

@@ -25,6 +25,7 @@ async fn non_http_bytes_echo_back_unchanged() {
     let data: Vec<u8> = (0..1_000_000u64).map(pattern).collect();
     let mut s = h.connect().await;
     assert_eq!(echo_round(&mut s, &data).await, data);
+    assert_eq!(h.proxy.open_connections(), 1, "relayed by the proxy");
     // A line protocol whose commands look like `WORD arg`.
     let mut s = h.connect().await;
     assert_eq!(
@@ -107,24 +108,29 @@ async fn tcp_reset_after_a_duration() {
 async fn tcp_reset_after_a_duration_on_an_http_connection() {
     let h = Harness::new(http1_server().await).await;
     h.set(vec![json!({"type": "tcp-reset", "after": "300ms"})]);
-    let mut s = h.h1().await;
-    assert_eq!(send1(&mut s, get("/echo")).await.expect("before").0, 200);
     let t = Instant::now();
-    let err = within(5, send1(&mut s, get("/slow/3000")))
-        .await
-        .expect_err("reset");
-    assert!(
-        t.elapsed() < Duration::from_millis(1300),
-        "{:?}",
-        t.elapsed()
+    let mut c = RawConn::new(h.connect().await);
+    c.send(b"GET /echo HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await;
+    assert_eq!(
+        within(5, c.response(false)).await.expect("before").status,
+        200
     );
-    assert!(!err.is_user(), "{err}");
+    // A request the server answers after 3 s: the reset comes first.
+    c.send(b"GET /slow/3000 HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await;
+    let err = within(5, c.response(false)).await.expect_err("reset");
+    let at = t.elapsed();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert!(at >= Duration::from_millis(290), "reset too early: {at:?}");
+    assert!(at < Duration::from_millis(1300), "reset too late: {at:?}");
 }
 
 #[tokio::test]
 async fn tcp_reset_after_n_bytes_counted_both_ways() {
     let h = Harness::new(echo_server().await).await;
     h.set(vec![json!({"type": "tcp-reset", "after_bytes": 10000})]);
+    let t = Instant::now();
     let mut s = h.connect().await;
     // 4000 out and 4000 back: 8000 of the 10000.
     let data: Vec<u8> = (0..4000u64).map(pattern).collect();
@@ -133,6 +139,7 @@ async fn tcp_reset_after_n_bytes_counted_both_ways() {
     s.write_all(&data).await.expect("write");
     let (back, err) = within(5, read_all(&mut s)).await;
     assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::ConnectionReset));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(
         back.is_empty(),
         "nothing may pass the budget: got {} bytes back",
@@ -144,9 +151,11 @@ async fn tcp_reset_after_n_bytes_counted_both_ways() {
 async fn tcp_reset_after_n_bytes_of_a_download() {
     let h = Harness::new(source_server(1 << 20).await).await;
     h.set(vec![json!({"type": "tcp-reset", "after_bytes": 100_000})]);
+    let t = Instant::now();
     let mut s = h.connect().await;
     let (got, err) = within(10, read_all(&mut s)).await;
     assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::ConnectionReset));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(got.len() <= 100_000, "{} bytes passed", got.len());
     assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
     println!(
@@ -263,19 +272,25 @@ async fn tcp_faults_honour_percent_per_connection() {
     ]);
     let mut reset = 0;
     for _ in 0..60 {
+        let t = Instant::now();
         let mut s = h.connect().await;
-        let _ = s.write_all(b"ping").await;
+        // The reset may come back before the write: the write then takes
+        // the socket's error, and the read sees an end of file.
+        let wrote = s.write_all(b"ping").await;
         let mut b = [0u8; 4];
         match within(5, s.read_exact(&mut b)).await {
             Ok(_) => assert_eq!(&b, b"ping"),
             Err(e) => {
+                let kinds = (wrote.as_ref().err().map(|w| w.kind()), e.kind());
                 assert!(
                     matches!(
-                        e.kind(),
-                        ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+                        kinds,
+                        (_, ErrorKind::ConnectionReset)
+                            | (Some(ErrorKind::ConnectionReset), ErrorKind::UnexpectedEof)
                     ),
-                    "{e}"
+                    "a reset, not a close: {kinds:?}"
                 );
+                assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
                 reset += 1;
             }
         }

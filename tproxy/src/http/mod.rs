@@ -95,6 +95,13 @@ impl HttpCtx {
         }
     }
 
+    fn upgrade_pending(&self) -> bool {
+        match self.upgrade.lock() {
+            Ok(g) => g.is_some(),
+            Err(p) => p.into_inner().is_some(),
+        }
+    }
+
     fn set_upgrade(&self, u: (OnUpgrade, OnUpgrade)) {
         match self.upgrade.lock() {
             Ok(mut g) => *g = Some(u),
@@ -106,9 +113,79 @@ impl HttpCtx {
 /// The upstream connection as hyper's client reads it; notes when the
 /// server closed it, to tell a closed connection from one handed over to
 /// an upgrade.
+///
+/// A server that answers at once (an early `503`, an error at its
+/// connection limit) and closes without reading the request must still be
+/// heard, as a client hears it directly:
+/// - its bytes are held back from hyper until the first request is being
+///   written: hyper's client takes bytes that come while it has no
+///   request in flight for a protocol error and closes, losing the answer;
+/// - a write the server's kernel refuses (it has closed or reset) is
+///   swallowed, the rest of the request discarded, as the server's kernel
+///   would: hyper then reads the answer the kernel still holds instead of
+///   failing the request;
+/// - a reset (seen on a write or a read) is noted so that the client's
+///   connection ends with one too, after the answer.
 struct UpstreamIo {
     inner: TcpStream,
     ended: Arc<AtomicBool>,
+    /// The server reset the connection.
+    reset: Arc<AtomicBool>,
+    /// Hyper has started writing a request.
+    wrote: bool,
+    /// The read hyper is waiting on while the server's bytes are held back.
+    held: Option<std::task::Waker>,
+    /// The server refused a write: everything else written is discarded.
+    refused: bool,
+}
+
+impl UpstreamIo {
+    fn new(inner: TcpStream, ended: Arc<AtomicBool>, reset: Arc<AtomicBool>) -> UpstreamIo {
+        UpstreamIo {
+            inner,
+            ended,
+            reset,
+            wrote: false,
+            held: None,
+            refused: false,
+        }
+    }
+
+    fn start_writing(&mut self) {
+        if !self.wrote {
+            self.wrote = true;
+            if let Some(w) = self.held.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// A write's result, with a refusal by the server turned into success.
+    fn written(
+        &mut self,
+        r: Poll<std::io::Result<usize>>,
+        len: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        match r {
+            Poll::Ready(Err(e)) if server_gone(&e) => {
+                tracing::debug!(error = %e, "the server refused the request; reading its answer");
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    self.reset.store(true, Ordering::Relaxed);
+                }
+                self.refused = true;
+                Poll::Ready(Ok(len))
+            }
+            r => r,
+        }
+    }
+}
+
+/// Errors of a write to a server that has closed or reset the connection.
+fn server_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 impl AsyncRead for UpstreamIo {
@@ -118,13 +195,22 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if !this.wrote {
+            this.held = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         match &r {
             Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
                 this.ended.store(true, Ordering::Relaxed)
             }
-            Poll::Ready(Err(_)) => this.ended.store(true, Ordering::Relaxed),
+            Poll::Ready(Err(e)) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    this.reset.store(true, Ordering::Relaxed);
+                }
+                this.ended.store(true, Ordering::Relaxed)
+            }
             _ => {}
         }
         r
@@ -137,7 +223,13 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.start_writing();
+        if this.refused {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.written(r, buf.len())
     }
 
     fn poll_write_vectored(
@@ -145,7 +237,14 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.start_writing();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.refused {
+            return Poll::Ready(Ok(len));
+        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.written(r, len)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -153,11 +252,22 @@ impl AsyncWrite for UpstreamIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if this.refused {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.refused {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Ready(Err(e)) if server_gone(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
     }
 }
 
@@ -194,10 +304,12 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ended = Arc::new(AtomicBool::new(false));
-    let up_io = UpstreamIo {
-        inner: upstream,
-        ended: ended.clone(),
-    };
+    let reset = Arc::new(AtomicBool::new(false));
+    // A second handle on the server socket, to read a reset that came after
+    // hyper's last read (it stops reading after a `Connection: close`
+    // response).
+    let mut probe = socket2::SockRef::from(&upstream).try_clone().ok();
+    let up_io = UpstreamIo::new(upstream, ended.clone(), reset.clone());
     let (sender, up_conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, ProxyBody>(TokioIo::new(up_io))
         .await
@@ -222,6 +334,18 @@ where
                 up_done = true;
                 if let Err(e) = &r {
                     tracing::debug!(error = %e, "server connection failed");
+                }
+                if let Some(p) = probe.take().filter(|_| !ctx.upgrade_pending()) {
+                    if let Ok(Some(e)) = p.take_error() {
+                        if e.kind() == std::io::ErrorKind::ConnectionReset {
+                            reset.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if reset.load(Ordering::Relaxed) {
+                    // The client's connection ends with a reset too, once
+                    // it has what was relayed (`ClientIo`'s drop).
+                    ctx.ctrl.abort_on_close();
                 }
                 if r.is_err() || ended.load(Ordering::Relaxed) {
                     // The server closed: let the client's connection end too,
