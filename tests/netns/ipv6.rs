@@ -88,3 +88,74 @@ fn udp_match_sees_through_extension_headers() {
         c.delete_fault(&id);
     }
 }
+
+// IPv6-only pods: the dual-stack and IPv4 tests' own checks, on pods whose
+// only address is IPv6.
+
+#[test]
+fn v6_only_egress_loss_is_silent_and_binomial() {
+    crate::loss::loss_levels(Stack::V6Only, "egress");
+}
+
+#[test]
+fn v6_only_ingress_loss_is_binomial() {
+    crate::loss::loss_levels(Stack::V6Only, "ingress");
+}
+
+#[test]
+fn v6_only_blackhole_selectors_confine_the_fault() {
+    crate::loss::selectors_confine(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_corrupt_is_discarded_by_the_receiver() {
+    testbed::require_root!();
+    crate::packet_actions::corrupt_discarded(
+        &Cluster::on(Stack::V6Only),
+        &[
+            ("egress", true, false),
+            ("egress", true, true),
+            ("ingress", true, true),
+            ("ingress", true, false),
+        ],
+    );
+}
+
+#[test]
+fn v6_only_duplicate_half_of_the_packets() {
+    testbed::require_root!();
+    crate::packet_actions::duplicate_half(
+        &Cluster::on(Stack::V6Only),
+        &[("egress", true), ("ingress", true)],
+    );
+}
+
+#[test]
+fn v6_only_rate_limits_tcp_goodput() {
+    crate::packet_actions::rate_limits(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_packet_actions_end_at_deadline_without_agent() {
+    crate::packet_actions::actions_end_at_deadline_without_agent(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_deadline_holds_with_agent_killed() {
+    crate::lifecycle::deadline_holds_without_agent(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_faults_survive_agent_restart() {
+    crate::lifecycle::faults_survive_restart(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_tcp_reset_and_bandwidth() {
+    crate::tproxy::tcp_reset_and_bandwidth_on(Stack::V6Only);
+}
+
+#[test]
+fn v6_only_proxy_fails_open_then_restart_and_removal() {
+    crate::tproxy::fails_open_then_restart_and_removal(Stack::V6Only);
+}
