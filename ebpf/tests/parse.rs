@@ -248,6 +248,50 @@ fn ports_match_behind_ipv6_extension_headers() {
     assert_eq!(test_run(fds.egress, &f).expect("test run").0, TC_ACT_OK);
 }
 
+/// Neighbour discovery (IPv6's ARP) is never matched: a blackhole on all
+/// of a pod's traffic drops its ICMPv6 echo requests, not its neighbour
+/// solicitations and advertisements, behind extension headers or not.
+#[test]
+fn neighbour_discovery_passes_a_blackhole() {
+    let Some(mut dp) = loaded() else { return };
+    let all = RawRule {
+        proto: 0,
+        nports: 0,
+        ..rule(ACTION_BLACKHOLE)
+    };
+    dp.set_rule(0, 0, &all).expect("set rule");
+    let fds = dp.program_fds();
+    let icmp6 = libc::IPPROTO_ICMPV6 as u8;
+    let message = |kind: u8| {
+        let mut m = vec![kind, 0, 0, 0];
+        m.extend_from_slice(&[0; 20]);
+        m
+    };
+    for (kind, passes) in [
+        (128, false),
+        (133, true),
+        (135, true),
+        (136, true),
+        (137, true),
+    ] {
+        for exts in [vec![], vec![ext(0, 8)]] {
+            let f = frame(POD, PEER, &exts, icmp6, &message(kind));
+            let want = if passes { TC_ACT_OK } else { TC_ACT_STOLEN };
+            let (verdict, _) = test_run(fds.egress, &f).expect("test run");
+            assert_eq!(
+                verdict,
+                want,
+                "ICMPv6 type {kind}, {} ext headers",
+                exts.len()
+            );
+            let f = frame(PEER, POD, &exts, icmp6, &message(kind));
+            let want = if passes { TC_ACT_OK } else { TC_ACT_SHOT };
+            let (verdict, _) = test_run(fds.ingress, &f).expect("test run");
+            assert_eq!(verdict, want, "ingress ICMPv6 type {kind}");
+        }
+    }
+}
+
 /// corrupt 100% flips one bit inside the UDP segment, never in the
 /// extension headers before it: the L4 offset is past them. 60 runs; if the
 /// offset were the fixed header's end, each flip would land in the 24 bytes

@@ -363,6 +363,22 @@ static __always_inline int ge_drop(const struct rule *r, __u32 idx)
 	return drop;
 }
 
+// IPv6 neighbour discovery (ICMPv6 router/neighbour solicitation and
+// advertisement, redirect: types 133-137) is IPv6's ARP, and no rule acts on
+// it, as none acts on ARP (not IP, so never parsed). Dropping it would make a
+// fault outlive its deadline: the kernel holds a pod's packets in the
+// neighbour queue while resolution fails, and sends them (or gives up on the
+// neighbour) on its own clock, not the rule's.
+static __always_inline int is_neighbour_discovery(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (p->family != NF_FAMILY_IPV6 || !p->has_l4 || p->proto != IPPROTO_ICMPV6)
+		return 0;
+	__u8 type;
+	if (bpf_skb_load_bytes(skb, p->l4off, &type, 1) < 0)
+		return 0;
+	return type >= 133 && type <= 137;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
 	// A duplicate made below, back in this hook: take the bit off at once.
@@ -374,6 +390,8 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	}
 	struct pkt p = {};
 	if (parse(skb, ingress, &p) < 0)
+		return TC_ACT_OK;
+	if (is_neighbour_discovery(skb, &p))
 		return TC_ACT_OK;
 	p.local.family = p.family;
 	__u32 *slot = bpf_map_lookup_elem(&NF_SANDBOXES_MAP, &p.local);
