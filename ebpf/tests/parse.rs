@@ -159,6 +159,12 @@ fn loaded() -> Option<Datapath> {
     Some(dp)
 }
 
+/// An extension header: its kind and bytes.
+type Ext = (u8, Vec<u8>);
+/// What a frame carries (extension headers, L4 protocol, port) and whether
+/// the blackhole drops it.
+type Case = (&'static str, Vec<Ext>, u8, u16, bool);
+
 /// A `protocol udp, ports [5000]` blackhole drops UDP to 5000 behind any
 /// walkable chain of extension headers, on egress (the pod is the source)
 /// and ingress (the pod is the destination), and lets through what carries
@@ -174,7 +180,7 @@ fn ports_match_behind_ipv6_extension_headers() {
     let hop = || ext(0, 8);
     let mut truncated = ext(60, 8);
     truncated.1[1] = 200; // says 1608 bytes; the frame ends first
-    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>, u8, u16, bool)> = vec![
+    let cases: Vec<Case> = vec![
         ("no extension header", vec![], udp17, PORT, true),
         ("hop-by-hop", vec![hop()], udp17, PORT, true),
         (
