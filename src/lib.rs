@@ -53,8 +53,8 @@ pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
 pub use stats::{ms, quantile};
 pub use tmp::TempDir;
 pub use traffic::{
-    tcp_connect_ok, tcp_echo, tcp_listen, udp_probe, udp_probe_with, unspecified, ProbeOptions,
-    TcpServer, UdpProbe,
+    tcp_connect_ok, tcp_echo, tcp_listen, udp_probe, udp_probe_ext, udp_probe_with, unspecified,
+    Ipv6ExtHeader, ProbeOptions, TcpServer, UdpProbe,
 };
 
 /// Resident memory (`VmRSS`) of a process, in KiB; 0 if it cannot be read.

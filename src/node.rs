@@ -35,6 +35,8 @@ pub struct NodeOptions {
     pub socket: PathBuf,
     /// `failurePolicy` of the netfault entry, written as given (so invalid values can be tested).
     pub failure_policy: String,
+    /// Allocate from [`POD_CIDR_V4`]. `false` with `ipv6` makes IPv6-only pods.
+    pub ipv4: bool,
     /// Dual stack: also allocate from a random `fd00:xxxx:xxxx:xxxx::/64`.
     pub ipv6: bool,
     /// Whether the conflist has netfault after bridge.
@@ -48,6 +50,7 @@ impl Default for NodeOptions {
         NodeOptions {
             socket: PathBuf::new(),
             failure_policy: "ignore".into(),
+            ipv4: true,
             ipv6: false,
             with_netfault: true,
             cni_version: "1.0.0".into(),
@@ -173,6 +176,11 @@ pub struct Node {
 
 impl Node {
     pub fn new(mut opts: NodeOptions) -> Result<Node> {
+        if !opts.ipv4 && !opts.ipv6 {
+            return Err(Error::Other(
+                "NodeOptions: ipv4 and ipv6 are both false, pods would get no address".into(),
+            ));
+        }
         crate::ensure_workspace_bins()?;
         static SWEPT: std::sync::Once = std::sync::Once::new();
         SWEPT.call_once(|| {
@@ -217,7 +225,10 @@ impl Node {
             let r: [u16; 3] = rand::random();
             format!("fd00:{:x}:{:x}:{:x}::/64", r[0], r[1], r[2])
         });
-        let mut ranges = vec![json!([{ "subnet": POD_CIDR_V4 }])];
+        let mut ranges = Vec::new();
+        if opts.ipv4 {
+            ranges.push(json!([{ "subnet": POD_CIDR_V4 }]));
+        }
         if let Some(s) = &ipv6_subnet {
             ranges.push(json!([{ "subnet": s }]));
         }

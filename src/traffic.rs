@@ -141,12 +141,64 @@ fn bind_udp_port(pod: &Pod, any: IpAddr, port: u16) -> Result<UdpSocket> {
     }
 }
 
+/// An IPv6 extension header the sender puts on every datagram of a probe
+/// (a sticky socket option, RFC 3542), holding one 4-byte PadN option: 8
+/// bytes between the IPv6 header and UDP, which the receiver skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6ExtHeader {
+    /// Hop-by-hop options (next header 0), `IPV6_HOPOPTS`.
+    HopByHop,
+    /// Destination options (next header 60), `IPV6_DSTOPTS`.
+    DestinationOptions,
+}
+
+impl Ipv6ExtHeader {
+    /// Sets the header as a sticky option on `socket` (needs CAP_NET_RAW).
+    fn set_on(self, socket: &UdpSocket) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let name = match self {
+            Ipv6ExtHeader::HopByHop => libc::IPV6_HOPOPTS,
+            Ipv6ExtHeader::DestinationOptions => libc::IPV6_DSTOPTS,
+        };
+        // Next header (the kernel fills it in), length 0 (8 bytes), then
+        // PadN (type 1) of 4 bytes.
+        let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        // SAFETY: setsockopt reads `header.len()` bytes from a live array.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                name,
+                header.as_ptr().cast(),
+                header.len() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
 /// [`udp_probe`] with all the knobs.
 pub fn udp_probe_with(
     from: &Pod,
     to: &Pod,
     to_ip: IpAddr,
     opts: &ProbeOptions,
+) -> Result<UdpProbe> {
+    udp_probe_ext(from, to, to_ip, opts, None)
+}
+
+/// [`udp_probe_with`], every datagram carrying the IPv6 extension header
+/// `ext` (to an IPv6 `to_ip`) when one is given.
+pub fn udp_probe_ext(
+    from: &Pod,
+    to: &Pod,
+    to_ip: IpAddr,
+    opts: &ProbeOptions,
+    ext: Option<Ipv6ExtHeader>,
 ) -> Result<UdpProbe> {
     let any = unspecified(to_ip);
     let port = opts.port;
@@ -164,6 +216,10 @@ pub fn udp_probe_with(
         setsockopt(&tx, sockopt::Ipv6RecvErr, &true)
     };
     recverr.ctx(|| "IP_RECVERR".into())?;
+    if let Some(ext) = ext {
+        ext.set_on(&tx)
+            .ctx(|| format!("setting the IPv6 extension header {ext:?}"))?;
+    }
 
     let magic: u32 = rand::random();
     let start = Instant::now();

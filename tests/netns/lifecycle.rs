@@ -9,7 +9,7 @@ use testbed::udp_probe;
 
 use crate::support::{
     blackhole, bpffs_pins, loss, nft_objects, pod_state, proto_port, timed_stream, v4, Cluster,
-    Pristine,
+    Pristine, Stack,
 };
 
 const GAP: Duration = Duration::from_micros(200);
@@ -18,9 +18,15 @@ const GAP: Duration = Duration::from_micros(200);
 /// creating it: the program checks the deadline itself.
 #[test]
 fn deadline_holds_with_agent_killed() {
+    deadline_holds_without_agent(Stack::V4);
+}
+
+/// [`deadline_holds_with_agent_killed`] on pods of `stack`.
+pub(crate) fn deadline_holds_without_agent(stack: Stack) {
     testbed::require_root!();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::on(stack);
     let [a, b] = c.pods(["a", "b"]);
+    let ip = stack.ip(&b);
 
     let before = Instant::now();
     c.fault_on(&a, "egress", json!({}), blackhole(), "3s");
@@ -28,7 +34,7 @@ fn deadline_holds_with_agent_killed() {
     c.agent.kill().expect("SIGKILL the agent");
 
     // Still blackholed well inside the window.
-    let during = udp_probe(&a, &b, v4(&b), 7101, 200, GAP).expect("probe during");
+    let during = udp_probe(&a, &b, ip, 7101, 200, GAP).expect("probe during");
     assert!(
         created.elapsed() < Duration::from_millis(2500),
         "probe took too long to be meaningful"
@@ -44,7 +50,7 @@ fn deadline_holds_with_agent_killed() {
     let stream = timed_stream(
         &a,
         &b,
-        v4(&b),
+        ip,
         7102,
         deadline_hi + Duration::from_millis(700),
         Duration::from_millis(2),
@@ -70,9 +76,15 @@ fn deadline_holds_with_agent_killed() {
 /// the fault is still listed, still active on the wire, and removable.
 #[test]
 fn faults_survive_agent_restart() {
+    faults_survive_restart(Stack::V4);
+}
+
+/// [`faults_survive_agent_restart`] on pods of `stack`.
+pub(crate) fn faults_survive_restart(stack: Stack) {
     testbed::require_root!();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::on(stack);
     let [a, b] = c.pods(["a", "b"]);
+    let ip = stack.ip(&b);
     let id = c.fault_on(&a, "egress", json!({"protocol": "udp"}), loss(100), "120s");
 
     c.agent.restart().expect("agent restarts");
@@ -81,13 +93,13 @@ fn faults_survive_agent_restart() {
     let sandboxes = c.agent.sandboxes().expect("list sandboxes");
     assert_eq!(sandboxes.len(), 2, "both pods still enrolled");
 
-    let p = udp_probe(&a, &b, v4(&b), 7103, 300, GAP).expect("probe after restart");
+    let p = udp_probe(&a, &b, ip, 7103, 300, GAP).expect("probe after restart");
     assert_eq!(p.received, 0, "the fault stopped across the restart");
     let dropped = c.counter(&id, "dropped");
     assert!(dropped >= 300, "the new agent counts {dropped} drops");
 
     c.delete_fault(&id);
-    let p = udp_probe(&a, &b, v4(&b), 7103, 300, GAP).expect("probe after delete");
+    let p = udp_probe(&a, &b, ip, 7103, 300, GAP).expect("probe after delete");
     assert_eq!(
         p.received, p.sent,
         "traffic flows after the restarted agent removed the fault"

@@ -6,21 +6,24 @@ use std::time::Duration;
 use serde_json::json;
 use testbed::udp_probe;
 
-use crate::support::{assert_binomial_loss, blackhole, ends, loss, proto_port, v4, v6, Cluster};
+use crate::support::{
+    assert_binomial_loss, blackhole, ends, loss, proto_port, v4, v6, Cluster, Stack,
+};
 
 const PACKETS: u32 = 3000;
 const GAP: Duration = Duration::from_micros(100);
 
 /// Loss of 10/50/100 % on one direction of pod `a`. For egress `a` sends; for
 /// ingress `a` receives. The sender must see no error: loss on a network is
-/// silent.
-fn loss_levels(direction: &str) {
+/// silent. Pods of `stack`.
+pub(crate) fn loss_levels(stack: Stack, direction: &str) {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    let c = Cluster::on(stack);
     let [a, b] = c.pods(["a", "b"]);
     let (from, to) = ends(direction, &a, &b);
+    let ip = stack.ip(to);
 
-    let base = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("baseline probe");
+    let base = udp_probe(from, to, ip, 7001, PACKETS, GAP).expect("baseline probe");
     assert_eq!(base.send_errors, 0);
     assert_eq!(
         base.received, base.sent,
@@ -30,9 +33,9 @@ fn loss_levels(direction: &str) {
     for percent in [10.0, 50.0, 100.0] {
         let id = c.fault_on(&a, direction, json!({}), loss(percent), "60s");
         let samples = assert_binomial_loss(
-            || udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("probe under loss"),
+            || udp_probe(from, to, ip, 7001, PACKETS, GAP).expect("probe under loss"),
             percent / 100.0,
-            &format!("{direction} {percent}%"),
+            &format!("{} {direction} {percent}%", stack.name()),
         );
         // The agent's counters agree with what the wire showed.
         let lost: u64 = samples.iter().map(|p| p.sent - p.received).sum();
@@ -44,7 +47,7 @@ fn loss_levels(direction: &str) {
         );
         c.delete_fault(&id);
     }
-    let after = udp_probe(from, to, v4(to), 7001, PACKETS, GAP).expect("probe after removal");
+    let after = udp_probe(from, to, ip, 7001, PACKETS, GAP).expect("probe after removal");
     assert_eq!(
         after.received, after.sent,
         "traffic is whole again after removal"
@@ -53,25 +56,30 @@ fn loss_levels(direction: &str) {
 
 #[test]
 fn egress_loss_is_silent_and_binomial() {
-    loss_levels("egress");
+    loss_levels(Stack::V4, "egress");
 }
 
 #[test]
 fn ingress_loss_is_binomial() {
-    loss_levels("ingress");
+    loss_levels(Stack::V4, "ingress");
 }
 
 /// A blackhole on one peer CIDR, or on one port, leaves other peers and ports alone.
 #[test]
 fn selectors_confine_the_fault() {
+    selectors_confine(Stack::V4);
+}
+
+/// [`selectors_confine_the_fault`] on pods of `stack`.
+pub(crate) fn selectors_confine(stack: Stack) {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    let c = Cluster::on(stack);
     let [a, b, d] = c.pods(["a", "b", "d"]);
 
-    let to_b = json!({"cidr": format!("{}/32", v4(&b))});
+    let to_b = json!({"cidr": stack.host_cidr(&b)});
     let id = c.fault_on(&a, "egress", to_b, blackhole(), "60s");
-    let to_b = udp_probe(&a, &b, v4(&b), 7002, 500, GAP).expect("probe a->b");
-    let to_d = udp_probe(&a, &d, v4(&d), 7002, 500, GAP).expect("probe a->d");
+    let to_b = udp_probe(&a, &b, stack.ip(&b), 7002, 500, GAP).expect("probe a->b");
+    let to_d = udp_probe(&a, &d, stack.ip(&d), 7002, 500, GAP).expect("probe a->d");
     assert_eq!(
         (to_b.received, to_b.send_errors),
         (0, 0),
@@ -81,14 +89,14 @@ fn selectors_confine_the_fault() {
     c.delete_fault(&id);
 
     let id = c.fault_on(&a, "both", proto_port("udp", 7003), blackhole(), "60s");
-    let hit = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe port 7003");
-    let miss = udp_probe(&b, &a, v4(&a), 7004, 500, GAP).expect("probe port 7004");
+    let hit = udp_probe(&b, &a, stack.ip(&a), 7003, 500, GAP).expect("probe port 7003");
+    let miss = udp_probe(&b, &a, stack.ip(&a), 7004, 500, GAP).expect("probe port 7004");
     assert_eq!(hit.received, 0, "port 7003 is blackholed");
     assert_eq!(miss.received, miss.sent, "port 7004 is untouched");
     // A TCP fault on the same port does not touch UDP.
     c.delete_fault(&id);
     let id = c.fault_on(&a, "both", proto_port("tcp", 7003), blackhole(), "60s");
-    let udp = udp_probe(&b, &a, v4(&a), 7003, 500, GAP).expect("probe udp 7003");
+    let udp = udp_probe(&b, &a, stack.ip(&a), 7003, 500, GAP).expect("probe udp 7003");
     assert_eq!(udp.received, udp.sent, "a tcp-only fault leaves udp alone");
     c.delete_fault(&id);
 }

@@ -6,6 +6,7 @@ mod ctl;
 mod ctl_kube;
 mod delay;
 mod dns;
+mod ipv6;
 mod kube;
 mod lifecycle;
 mod loss;

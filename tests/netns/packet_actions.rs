@@ -11,6 +11,7 @@ use testbed::{udp_probe, Pod, UdpProbe};
 
 use crate::support::{
     assert_binomial_loss, ends, loss, proto_port, tcp_pair, udp_bind, v4, v6, Cluster, Repeat,
+    Stack,
 };
 
 const PACKETS: u32 = 3000;
@@ -148,15 +149,22 @@ fn checked_probe(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, sw_csum: bool) 
 #[test]
 fn corrupt_is_discarded_by_the_receiver() {
     testbed::require_root!();
-    let c = Cluster::new(true);
+    corrupt_discarded(
+        &Cluster::new(true),
+        &[
+            ("egress", false, false),
+            ("egress", true, true),
+            ("ingress", false, true),
+            ("ingress", true, false),
+        ],
+    );
+}
+
+/// The corrupt check of [`corrupt_is_discarded_by_the_receiver`] on pods
+/// of `c`, for each (direction, over IPv6, checksum in software) case.
+pub(crate) fn corrupt_discarded(c: &Cluster, cases: &[(&str, bool, bool)]) {
     let [a, b] = c.pods(["a", "b"]);
-    let cases = [
-        ("egress", false, false),
-        ("egress", true, true),
-        ("ingress", false, true),
-        ("ingress", true, false),
-    ];
-    for (i, (direction, ipv6, sw_csum)) in cases.into_iter().enumerate() {
+    for (i, &(direction, ipv6, sw_csum)) in cases.iter().enumerate() {
         let (from, to) = ends(direction, &a, &b);
         let ip = if ipv6 { v6(to) } else { v4(to) };
         let port = 7301 + i as u16;
@@ -232,12 +240,14 @@ fn corrupt_is_discarded_by_the_receiver() {
 #[test]
 fn duplicate_half_of_the_packets() {
     testbed::require_root!();
-    let c = Cluster::new(true);
+    duplicate_half(&Cluster::new(true), &[("egress", false), ("ingress", true)]);
+}
+
+/// [`duplicate_half_of_the_packets`] on pods of `c`, for each (direction,
+/// over IPv6) case.
+pub(crate) fn duplicate_half(c: &Cluster, cases: &[(&str, bool)]) {
     let [a, b] = c.pods(["a", "b"]);
-    for (i, (direction, ipv6)) in [("egress", false), ("ingress", true)]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, &(direction, ipv6)) in cases.iter().enumerate() {
         let (from, to) = ends(direction, &a, &b);
         let ip = if ipv6 { v6(to) } else { v4(to) };
         let port = 7311 + i as u16;
@@ -479,15 +489,21 @@ fn tcp_bulk_rate(from: &Pod, to: &Pod, to_ip: IpAddr, port: u16, bytes: usize) -
 /// connection, up to three times; three misses in a row fail.
 #[test]
 fn rate_limits_tcp_goodput() {
+    rate_limits(Stack::V4);
+}
+
+/// [`rate_limits_tcp_goodput`] on pods of `stack`.
+pub(crate) fn rate_limits(stack: Stack) {
     testbed::require_root!();
     // Alone: a TCP flow through a policer reacts to CPU contention from a
     // neighbouring test as much as to the policer.
-    let c = Cluster::exclusive(false);
+    let c = Cluster::exclusive_with(stack.options());
     let [a, b] = c.pods(["a", "b"]);
+    let ip = stack.ip(&b);
     // Sanity, without the fault: 16 MB go through far faster than 20 Mbit/s
     // (6.7 s) would allow. A fixed amount rather than a timed run keeps the
     // full-speed transfer short, so it does not starve concurrent tests.
-    let free = tcp_bulk_rate(&a, &b, v4(&b), 7341, 16 << 20);
+    let free = tcp_bulk_rate(&a, &b, ip, 7341, 16 << 20);
     assert!(
         free > 200e6,
         "unlimited transfer too slow to compare: {:.0} Mbit/s",
@@ -496,9 +512,10 @@ fn rate_limits_tcp_goodput() {
     let rate = json!({"type": "rate", "rate": "20mbit"});
     let id = c.fault_on(&a, "egress", json!({"protocol": "tcp"}), rate, "60s");
     for attempt in 0..3 {
-        let limited = tcp_goodput(&a, &b, v4(&b), 7342 + attempt, 5.0);
+        let limited = tcp_goodput(&a, &b, ip, 7342 + attempt, 5.0);
         eprintln!(
-            "rate 20mbit: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
+            "rate 20mbit {}: goodput {:.2} Mbit/s (without the fault {:.0} Mbit/s), dropped {}",
+            stack.name(),
             limited / 1e6,
             free / 1e6,
             c.counter(&id, "dropped")
@@ -521,15 +538,20 @@ fn rate_limits_tcp_goodput() {
 /// SIGKILLed; once the deadline has passed the stream is whole and single.
 #[test]
 fn packet_actions_end_at_deadline_without_agent() {
+    actions_end_at_deadline_without_agent(Stack::V4);
+}
+
+/// [`packet_actions_end_at_deadline_without_agent`] on pods of `stack`.
+pub(crate) fn actions_end_at_deadline_without_agent(stack: Stack) {
     testbed::require_root!();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::on(stack);
     let [a, b] = c.pods(["a", "b"]);
     let created = Instant::now();
     for action in [duplicate(100), json!({"type": "rate", "rate": "8kbit"})] {
         c.fault_on(&a, "egress", json!({}), action, "1500ms");
     }
     c.agent.kill().expect("SIGKILL the agent");
-    let during = udp_probe(&a, &b, v4(&b), 7351, 300, GAP).expect("probe during");
+    let during = udp_probe(&a, &b, stack.ip(&b), 7351, 300, GAP).expect("probe during");
     assert!(
         created.elapsed() < Duration::from_millis(1400),
         "probe took too long to be meaningful"
@@ -545,7 +567,7 @@ fn packet_actions_end_at_deadline_without_agent() {
     if let Some(w) = Duration::from_millis(1600).checked_sub(created.elapsed()) {
         std::thread::sleep(w);
     }
-    let after = udp_probe(&a, &b, v4(&b), 7352, 300, GAP).expect("probe after");
+    let after = udp_probe(&a, &b, stack.ip(&b), 7352, 300, GAP).expect("probe after");
     assert_eq!(
         (after.received, after.duplicates()),
         (after.sent, 0),

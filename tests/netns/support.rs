@@ -74,13 +74,23 @@ impl Cluster {
     /// keeps others out until it is dropped, and starts once the machine
     /// is quiet (see [`wait_for_quiet_cpu`]).
     pub fn exclusive(ipv6: bool) -> Cluster {
-        let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
-        wait_for_quiet_cpu();
         let opts = NodeOptions {
             ipv6,
             ..NodeOptions::default()
         };
+        Cluster::exclusive_with(opts)
+    }
+
+    /// [`Cluster::exclusive`] with a node built from `opts`.
+    pub fn exclusive_with(opts: NodeOptions) -> Cluster {
+        let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
+        wait_for_quiet_cpu();
         Cluster::with_gate(opts, gate)
+    }
+
+    /// A cluster whose pods have the address families of `stack`.
+    pub fn on(stack: Stack) -> Cluster {
+        Cluster::with_options(stack.options())
     }
 
     fn with_gate(opts: NodeOptions, gate: Gate) -> Cluster {
@@ -143,6 +153,49 @@ impl Cluster {
     pub fn enrolled(&self, pod: &Pod) -> bool {
         let list = self.agent.sandboxes().expect("GET /v1/sandboxes");
         Value::from(list).to_string().contains(&pod.container_id)
+    }
+}
+
+/// The address families a cluster's pods get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv4 only (the default node).
+    V4,
+    /// IPv6 only: every pod has one address, in a random `fd00::/64`.
+    V6Only,
+}
+
+impl Stack {
+    pub fn options(self) -> NodeOptions {
+        NodeOptions {
+            ipv4: self == Stack::V4,
+            ipv6: self == Stack::V6Only,
+            ..NodeOptions::default()
+        }
+    }
+
+    /// The address traffic goes to: the pod's only one.
+    pub fn ip(self, pod: &Pod) -> IpAddr {
+        match self {
+            Stack::V4 => v4(pod),
+            Stack::V6Only => v6(pod),
+        }
+    }
+
+    /// `ip` as a one-address CIDR (`/32` or `/128`).
+    pub fn host_cidr(self, pod: &Pod) -> String {
+        match self.ip(pod) {
+            IpAddr::V4(a) => format!("{a}/32"),
+            IpAddr::V6(a) => format!("{a}/128"),
+        }
+    }
+
+    /// For messages: "v4" or "v6-only".
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::V4 => "v4",
+            Stack::V6Only => "v6-only",
+        }
     }
 }
 

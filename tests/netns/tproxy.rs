@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use testbed::Pod;
 
-use crate::support::{connect, fault_on, in_pod, netns_state, v4, v6, Cluster, Pristine};
+use crate::support::{connect, fault_on, in_pod, netns_state, v4, v6, Cluster, Pristine, Stack};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -671,9 +671,15 @@ fn non_http_bytes_are_relayed_untouched() {
 /// `tcp-bandwidth`, measured by the client.
 #[test]
 fn tcp_reset_and_bandwidth() {
+    tcp_reset_and_bandwidth_on(Stack::V4);
+}
+
+/// [`tcp_reset_and_bandwidth`] on pods of `stack`.
+pub(crate) fn tcp_reset_and_bandwidth_on(stack: Stack) {
     testbed::require_root!();
-    let c = Cluster::new(false);
+    let c = Cluster::on(stack);
     let [client, server] = c.pods(["client", "server"]);
+    let ip = stack.ip(&server);
     let _srv = serve(&server, 18086, false);
     let _srv2 = serve(&server, 18087, false);
     let _srv3 = serve(&server, 18088, false);
@@ -697,7 +703,7 @@ fn tcp_reset_and_bandwidth() {
     ));
 
     // After 300 ms: a connection kept open sees the reset then.
-    let mut conn = H1::open(&client, SocketAddr::new(v4(&server), 18086)).expect("connect");
+    let mut conn = H1::open(&client, SocketAddr::new(ip, 18086)).expect("connect");
     let t = Instant::now();
     assert_eq!(conn.get("/x").expect("reply before the reset").status, 200);
     let mut buf = [0u8; 64];
@@ -715,7 +721,7 @@ fn tcp_reset_and_bandwidth() {
     );
 
     // After 100000 bytes: a large body is cut there.
-    let mut conn = H1::open(&client, SocketAddr::new(v4(&server), 18087)).expect("connect");
+    let mut conn = H1::open(&client, SocketAddr::new(ip, 18087)).expect("connect");
     conn.s
         .write_all(b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
         .expect("request");
@@ -744,7 +750,7 @@ fn tcp_reset_and_bandwidth() {
     );
 
     // 8 Mbit/s: 2 MB of response take about 2 s.
-    let mut conn = H1::open(&client, SocketAddr::new(v4(&server), 18088)).expect("connect");
+    let mut conn = H1::open(&client, SocketAddr::new(ip, 18088)).expect("connect");
     conn.s
         .write_all(b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
         .expect("request");
@@ -768,15 +774,21 @@ fn tcp_reset_and_bandwidth() {
 /// agent re-installs the faults, and removal leaves the netns as it was.
 #[test]
 fn agent_killed_fails_open_then_restart_and_removal() {
+    fails_open_then_restart_and_removal(Stack::V4);
+}
+
+/// [`agent_killed_fails_open_then_restart_and_removal`] on pods of `stack`.
+pub(crate) fn fails_open_then_restart_and_removal(stack: Stack) {
     testbed::require_root!();
-    let mut c = Cluster::new(false);
+    let mut c = Cluster::on(stack);
     let [client, server] = c.pods(["client", "server"]);
+    let ip = stack.ip(&server);
     let _srv = serve(&server, 18089, false);
     let _srv2 = serve(&server, 18090, false);
     let pristine_c = Pristine::of(&client);
     let pristine_s = Pristine::of(&server);
-    let in_port = SocketAddr::new(v4(&server), 18089);
-    let out_port = SocketAddr::new(v4(&server), 18090);
+    let in_port = SocketAddr::new(ip, 18089);
+    let out_port = SocketAddr::new(ip, 18090);
     let f1 = c.fault(proxy_fault(
         &server,
         "ingress",

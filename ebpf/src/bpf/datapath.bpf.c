@@ -66,6 +66,60 @@ struct pkt {
 	__u32 l4len;         // from the IP header's length fields
 };
 
+// IPv6 extension headers walked before giving up on finding the L4
+// header: the verifier needs a bound, and the delay engine's parser
+// (agent/src/backend/nfqueue/engine.rs, skip_ipv6_extensions) uses the same.
+#define IPV6_MAX_EXT_HEADERS 8
+
+// Walks the IPv6 extension headers from next header `next` at *off (just
+// after the fixed header) to the upper-layer header, as nft's `meta l4proto`
+// and the delay engine do: hop-by-hop (0), routing (43) and destination
+// options (60) are (len + 1) * 8 bytes, AH (51) is (len + 2) * 4, a fragment
+// header (44) is 8. Sets *proto to the upper-layer protocol and *off to its
+// header. Returns 1 when *off is a transport header, 0 when there is none
+// to read: a non-first fragment (*proto is then the fragment's protocol, as
+// for IPv4), ESP (50) and "no next header" (59), a truncated header, or more
+// than IPV6_MAX_EXT_HEADERS of them.
+static __always_inline int skip_ipv6_extensions(struct __sk_buff *skb, __u8 next, __u32 *off,
+						__u8 *proto)
+{
+	__u32 at = *off;
+	for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
+		// Every extension header starts with (next header, length).
+		__u8 h[4];
+		if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+			if (bpf_skb_load_bytes(skb, at, h, 2) < 0)
+				goto truncated;
+			next = h[0];
+			at += ((__u32)h[1] + 1) * 8;
+		} else if (next == IPPROTO_AH) {
+			if (bpf_skb_load_bytes(skb, at, h, 2) < 0)
+				goto truncated;
+			next = h[0];
+			at += ((__u32)h[1] + 2) * 4;
+		} else if (next == IPPROTO_FRAGMENT) {
+			// next header, reserved, offset (13 bits) + flags (3 bits).
+			if (bpf_skb_load_bytes(skb, at, h, 4) < 0)
+				goto truncated;
+			next = h[0];
+			at += 8;
+			if ((((__u32)h[2] << 8) | h[3]) >> 3) {
+				*proto = next;
+				*off = at;
+				return 0;
+			}
+		} else {
+			*proto = next;
+			*off = at;
+			return next != IPPROTO_ESP && next != IPPROTO_NONE;
+		}
+	}
+truncated:
+	*proto = next;
+	*off = at;
+	return 0;
+}
+
 static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt *p)
 {
 	__u32 l4off;
@@ -90,12 +144,15 @@ static __always_inline int parse(struct __sk_buff *skb, int ingress, struct pkt 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
 			return -1;
 		p->family = NF_FAMILY_IPV6;
-		p->proto = ip6.nexthdr;
 		__builtin_memcpy(p->peer, ingress ? &ip6.saddr : &ip6.daddr, 16);
 		__builtin_memcpy(p->local.addr, ingress ? &ip6.daddr : &ip6.saddr, 16);
+		__u32 end = ETH_HLEN + sizeof(ip6) + bpf_ntohs(ip6.payload_len);
 		l4off = ETH_HLEN + sizeof(ip6);
+		int has_l4 = skip_ipv6_extensions(skb, ip6.nexthdr, &l4off, &p->proto);
 		p->l4off = l4off;
-		p->l4len = bpf_ntohs(ip6.payload_len);
+		p->l4len = end > l4off ? end - l4off : 0;
+		if (!has_l4)
+			return 0;
 		p->has_l4 = 1;
 	} else {
 		return -1;
@@ -306,6 +363,22 @@ static __always_inline int ge_drop(const struct rule *r, __u32 idx)
 	return drop;
 }
 
+// IPv6 neighbour discovery (ICMPv6 router/neighbour solicitation and
+// advertisement, redirect: types 133-137) is IPv6's ARP, and no rule acts on
+// it, as none acts on ARP (not IP, so never parsed). Dropping it would make a
+// fault outlive its deadline: the kernel holds a pod's packets in the
+// neighbour queue while resolution fails, and sends them (or gives up on the
+// neighbour) on its own clock, not the rule's.
+static __always_inline int is_neighbour_discovery(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (p->family != NF_FAMILY_IPV6 || !p->has_l4 || p->proto != IPPROTO_ICMPV6)
+		return 0;
+	__u8 type;
+	if (bpf_skb_load_bytes(skb, p->l4off, &type, 1) < 0)
+		return 0;
+	return type >= 133 && type <= 137;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
 	// A duplicate made below, back in this hook: take the bit off at once.
@@ -317,6 +390,8 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 	}
 	struct pkt p = {};
 	if (parse(skb, ingress, &p) < 0)
+		return TC_ACT_OK;
+	if (is_neighbour_discovery(skb, &p))
 		return TC_ACT_OK;
 	p.local.family = p.family;
 	__u32 *slot = bpf_map_lookup_elem(&NF_SANDBOXES_MAP, &p.local);
