@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_FAULTS_PER_POD: usize = 32;
 /// pod's first process, whose netns is the node's.
 pub const HOST_NETNS: &str = "/proc/1/ns/net";
 
+/// The agent's own netns, refused as well: in the DaemonSet it is the
+/// node's (hostNetwork), and where pid 1's cannot be opened (a sandbox
+/// whose pid 1 belongs to another user namespace) it is what is left to
+/// compare with. A fault there could also cut the agent off.
+pub const OWN_NETNS: &str = "/proc/self/ns/net";
+
 /// What the agent refuses. Built once at start from the flags.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -38,11 +44,10 @@ pub struct Policy {
     pub max_loss_percent: f64,
     /// Pod namespaces that get no faults.
     pub deny_namespaces: BTreeSet<String>,
-    /// Where the host's netns was read (for messages and capabilities).
-    pub host_netns_path: PathBuf,
-    /// The host's netns; `None` when it could not be read (logged at start;
-    /// the rule then cannot match anything).
-    pub host_netns: Option<NetnsId>,
+    /// The network namespaces that count as the host's, and where each was
+    /// read: `--host-netns` (pid 1's by default) and the agent's own. One
+    /// that cannot be read is left out (logged at start).
+    pub host_netns: Vec<(PathBuf, NetnsId)>,
 }
 
 impl Default for Policy {
@@ -78,13 +83,15 @@ impl Policy {
         deny_namespaces: BTreeSet<String>,
         host_netns_path: &Path,
     ) -> Policy {
-        let host_netns = match netfault_sys::netns::identify(host_netns_path) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::error!(path = %host_netns_path.display(), error = %e, "cannot identify the host's network namespace: the host-netns rule cannot refuse anything");
-                None
+        let mut host_netns = Vec::new();
+        for path in [host_netns_path, Path::new(OWN_NETNS)] {
+            match netfault_sys::netns::identify(path) {
+                Ok(id) => host_netns.push((path.to_path_buf(), id)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot identify this network namespace: the host-netns rule compares with the others")
+                }
             }
-        };
+        }
         Policy {
             max_duration,
             max_faults_per_pod,
@@ -93,7 +100,6 @@ impl Policy {
                 .into_iter()
                 .filter(|n| !n.is_empty())
                 .collect(),
-            host_netns_path: host_netns_path.to_path_buf(),
             host_netns,
         }
     }
@@ -102,13 +108,13 @@ impl Policy {
     /// host's. `field` is where the request named it (`netns`,
     /// `target.netns`).
     pub fn check_netns(&self, id: NetnsId, field: &str) -> Result<(), FieldError> {
-        if Some(id) == self.host_netns {
+        if let Some((path, _)) = self.host_netns.iter().find(|(_, h)| *h == id) {
             return Err(denied(
                 field,
                 "host network namespace",
                 &format!(
                     "this is the host's network namespace (that of {}); hostNetwork pods and the node itself never get faults",
-                    self.host_netns_path.display()
+                    path.display()
                 ),
             ));
         }
@@ -196,10 +202,7 @@ impl Policy {
             "max_loss_percent": self.max_loss_percent,
             "loss_covers": ["loss.percent", "loss.model (its long-run loss)", "blackhole (100)"],
             "deny_namespaces": self.deny_namespaces,
-            "host_netns": {
-                "path": self.host_netns_path,
-                "identified": self.host_netns.is_some(),
-            },
+            "host_netns": self.host_netns.iter().map(|(p, _)| p).collect::<Vec<_>>(),
         })
     }
 }

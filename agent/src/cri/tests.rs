@@ -219,7 +219,7 @@ fn fixture(name: &str) -> Fixture {
         // The tests' netns is the host's: that rule is tested on its own.
         policy: crate::policy::Policy {
             max_duration: Duration::from_secs(3600),
-            host_netns: None,
+            host_netns: Vec::new(),
             ..crate::policy::Policy::default()
         },
         retain_expired: Duration::from_secs(600),

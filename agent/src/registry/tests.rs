@@ -76,7 +76,7 @@ fn open_with(dir: TempDir, sole: &'static str) -> Fixture {
     // The tests' netns is the host's: that rule is tested on its own.
     let policy = crate::policy::Policy {
         max_duration: Duration::from_secs(3600),
-        host_netns: None,
+        host_netns: Vec::new(),
         ..crate::policy::Policy::default()
     };
     open_with_policy(dir, sole, policy)
@@ -803,7 +803,7 @@ fn capped_policy() -> crate::policy::Policy {
         max_faults_per_pod: 2,
         max_loss_percent: 50.0,
         deny_namespaces: ["kube-system".to_string()].into(),
-        host_netns: None,
+        host_netns: Vec::new(),
         ..crate::policy::Policy::default()
     }
 }
@@ -915,12 +915,11 @@ fn a_denied_namespace_gets_no_faults_from_any_source() {
 
 #[test]
 fn the_host_netns_is_never_enrolled_nor_targeted() {
+    let own = netfault_sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
     let policy = crate::policy::Policy {
-        host_netns_path: OWN_NETNS.into(),
-        host_netns: netfault_sys::netns::identify(std::path::Path::new(OWN_NETNS)).ok(),
+        host_netns: vec![(OWN_NETNS.into(), own)],
         ..crate::policy::Policy::default()
     };
-    assert!(policy.host_netns.is_some());
     let fx = open_with_policy(TempDir::new("policy-host"), "eth0", policy);
     let req = EnrolRequest {
         netns: OWN_NETNS.into(),
