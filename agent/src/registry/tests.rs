@@ -804,7 +804,6 @@ fn capped_policy() -> crate::policy::Policy {
         max_loss_percent: 50.0,
         deny_namespaces: ["kube-system".to_string()].into(),
         host_netns: Vec::new(),
-        ..crate::policy::Policy::default()
     }
 }
 
