@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use testbed::{udp_probe, Agent, Pod, TempDir};
 
-use crate::support::{blackhole, fault_on, loss, proto_port, v4, Cluster};
+use crate::support::{
+    blackhole, fault_on, loss, passes, proto_port, v4, wait_for, Cluster, KubeNode,
+};
 
 const GAP: Duration = Duration::from_micros(200);
 
@@ -297,4 +299,54 @@ fn the_host_netns_is_never_enrolled_nor_targeted() {
     assert_eq!(fault_list(&agent), json!([]));
     assert_eq!(agent.sandboxes().expect("sandboxes"), Vec::<Value>::new());
     assert_whole(&a, &b, 7104, "the host netns");
+}
+
+/// The pod's `FaultFailed` Events whose note names `rule`, for `source`.
+fn failed_events(k: &KubeNode, pod: &Pod, source: &str, rule: &str) -> usize {
+    k.server
+        .events()
+        .iter()
+        .filter(|ev| {
+            let note = ev["note"].as_str().unwrap_or_default();
+            ev["reason"] == "FaultFailed"
+                && ev["regarding"]["uid"] == pod.uid.as_str()
+                && note.contains(&format!("({source} source)"))
+                && note.contains(rule)
+        })
+        .count()
+}
+
+#[test]
+fn annotation_and_networkfault_faults_are_refused_by_the_same_rules() {
+    testbed::require_root!();
+    let k = KubeNode::start_with(&["--max-loss-percent", "50"]);
+    let a = k.pod_labelled("a", &[("app", "web")]);
+    let peer = k.pod("peer");
+    let port = 7105;
+    assert!(passes(&a, &peer, port), "baseline");
+    let rule = "--max-loss-percent 50";
+
+    // A running pod's annotation asks for a blackhole (100 % loss).
+    let faults = json!([{"direction": "egress", "match": proto_port("udp", port),
+                         "action": blackhole(), "duration": "5m"}]);
+    k.annotate(&a, &[("netfault.io/faults", faults.to_string())]);
+    wait_for("FaultFailed (annotation) naming the rule", || {
+        failed_events(&k, &a, "annotation", rule) > 0
+    });
+    let sb = k.sandbox_of(&a);
+    let why = sb["annotation_error"].as_str().unwrap_or_default();
+    assert!(why.contains(rule), "{sb}");
+    assert!(k.faults_of(&a, "annotation").is_empty());
+    assert!(passes(&a, &peer, port), "the refused annotation fault");
+
+    // A NetworkFault selecting the pod asks for the same.
+    let spec = json!({"action": blackhole(), "direction": "egress",
+                      "match": proto_port("udp", port), "duration": "5m",
+                      "selector": {"matchLabels": {"app": "web"}}, "mode": "all"});
+    k.server.create_networkfault("default", "web-down", spec);
+    wait_for("FaultFailed (resource) naming the rule", || {
+        failed_events(&k, &a, "resource", rule) > 0
+    });
+    assert!(k.faults_of(&a, "resource").is_empty());
+    assert!(passes(&a, &peer, port), "the refused NetworkFault fault");
 }
