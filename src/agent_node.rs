@@ -28,7 +28,17 @@ impl AgentNode {
 
     /// [`AgentNode::start`] in a dir the caller made (and may have shown).
     pub fn start_in(dir: TempDir, opts: NodeOptions) -> Result<AgentNode> {
-        let agent = Agent::start(dir.path())?;
+        AgentNode::start_in_with_args(dir, opts, &[])
+    }
+
+    /// [`AgentNode::start_in`] with extra netfaultd arguments (see
+    /// [`Agent::start_with_args`]).
+    pub fn start_in_with_args(
+        dir: TempDir,
+        opts: NodeOptions,
+        agent_args: &[&str],
+    ) -> Result<AgentNode> {
+        let agent = Agent::start_with_args(dir.path(), agent_args)?;
         let node = Node::new(NodeOptions {
             socket: agent.socket(),
             ..opts

@@ -6,7 +6,8 @@
 //! - `ids`: the sandbox and fault ids they share;
 //! - `registry`: sandboxes, faults, persisted state and reconciliation;
 //! - `server`: the HTTP/JSON API on the unix socket;
-//! - `metrics`: Prometheus text.
+//! - `metrics`: Prometheus text;
+//! - `policy`: what the agent refuses (caps, denied namespaces, the host netns).
 
 pub mod backend;
 pub mod crash;
@@ -14,5 +15,6 @@ pub mod cri;
 pub mod ids;
 pub mod kube;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 pub mod server;

@@ -47,6 +47,25 @@ use crate::registry::{AgentError, Registry};
 /// Largest request body accepted; a larger one is refused with 413.
 const MAX_BODY: usize = 1 << 20;
 
+/// How long a client may take to send a request's head (from the moment the
+/// agent waits for it: a new connection, or the next request on a kept-alive
+/// one). Past it the connection is closed: a slow-loris client that sends a
+/// header byte every few seconds holds nothing for longer than this.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a client may take to send a request's body once its head is
+/// in: past it, 408 and the connection is closed.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connections served at once, per listener. Further ones wait in the
+/// listen backlog (not accepted) until one ends; the connections being
+/// served are not slowed by them.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// After a failed `accept` (EMFILE, ENFILE...), wait this long before the
+/// next: the error would otherwise repeat in a busy loop.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The socket file's mode: owner (root) and group read/write, nothing else.
 pub const SOCKET_MODE: u32 = 0o660;
 
@@ -106,6 +125,7 @@ fn status_of(e: &AgentError) -> StatusCode {
             "not_found" => StatusCode::NOT_FOUND,
             "conflict" => StatusCode::CONFLICT,
             "unauthorized" => StatusCode::UNAUTHORIZED,
+            "policy_denied" => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_REQUEST,
         },
         AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -136,13 +156,23 @@ fn bad(field: &str, msg: &str) -> AgentError {
 }
 
 /// The request's body as JSON; the error is the finished response (413 for
-/// a body over [`MAX_BODY`], 400 for anything else wrong with it).
+/// a body over [`MAX_BODY`], 408 for one not in within [`BODY_TIMEOUT`], 400
+/// for anything else wrong with it: not UTF-8, not JSON, nested deeper than
+/// serde_json's recursion limit of 128).
 async fn body_json(req: Request<Incoming>) -> Result<Value, Resp> {
     use http_body_util::BodyExt;
-    let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-    {
+    let collect = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collect).await else {
+        let msg = format!("the request body did not arrive within {BODY_TIMEOUT:?}");
+        let mut r = error(bad("body", &msg));
+        *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Err(r);
+    };
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let msg = format!("the request body is larger than {MAX_BODY} bytes");
@@ -155,6 +185,15 @@ async fn body_json(req: Request<Incoming>) -> Result<Value, Resp> {
     if bytes.is_empty() {
         return Err(error(bad("", "the request needs a JSON body")));
     }
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        let msg = format!(
+            "body is not valid UTF-8 (byte {} is not), so it is not JSON",
+            e.valid_up_to()
+        );
+        return Err(error(bad("body", &msg)));
+    }
+    // serde_json refuses nesting deeper than 128 with an error (no stack
+    // overflow); it is a 400 like any other malformed body.
     serde_json::from_slice(&bytes)
         .map_err(|e| error(bad("", &format!("body is not valid JSON: {e}"))))
 }
@@ -260,6 +299,15 @@ impl Api {
                             None => serde_json::json!({"enabled": false}),
                         };
                         obj.insert("cri".into(), section);
+                        obj.insert(
+                            "api".into(),
+                            serde_json::json!({
+                                "max_body_bytes": MAX_BODY,
+                                "header_timeout_ms": HEADER_TIMEOUT.as_millis() as u64,
+                                "body_timeout_ms": BODY_TIMEOUT.as_millis() as u64,
+                                "max_connections": MAX_CONNECTIONS,
+                            }),
+                        );
                     }
                     Ok(caps)
                 })
@@ -300,16 +348,17 @@ impl Api {
                     .await
                     .map(|_| empty(StatusCode::NO_CONTENT))
             }
-            (
-                _,
-                ["healthz"]
-                | ["metrics"]
-                | ["v1", "capabilities"]
-                | ["v1", "sandboxes", ..]
-                | ["v1", "faults", ..],
-            ) => {
-                let mut r = error(bad("method", &format!("{method} is not allowed on {path}")));
+            (_, segs) if allowed(segs).is_some() => {
+                let allow = allowed(segs).unwrap_or_default();
+                let mut r = error(bad(
+                    "method",
+                    &format!("{method} is not allowed on {path}; allowed: {allow}"),
+                ));
                 *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                r.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    hyper::header::HeaderValue::from_static(allow),
+                );
                 Ok(r)
             }
             _ => Err(AgentError::Field(FieldError::not_found(
@@ -320,6 +369,18 @@ impl Api {
         let resp = result.unwrap_or_else(error);
         self.metrics.count_request(resp.status().as_u16());
         resp
+    }
+}
+
+/// The methods a known path allows (the `Allow` header of a 405); `None`
+/// for an unknown path (404).
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    match segs {
+        ["healthz"] | ["metrics"] | ["v1", "capabilities"] | ["v1", "sandboxes"] => Some("GET"),
+        ["v1", "sandboxes", _] => Some("PUT, DELETE"),
+        ["v1", "faults"] => Some("GET, POST"),
+        ["v1", "faults", _] => Some("GET, DELETE"),
+        _ => None,
     }
 }
 
@@ -409,11 +470,14 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
         gid = access.group.map_or(0, |g| g.as_raw()),
         "serving the API"
     );
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = wait_for_slot(&slots).await;
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -428,17 +492,40 @@ pub async fn serve(api: Arc<Api>, socket: &Path, access: SocketAccess) -> std::i
                 continue;
             }
         };
-        serve_connection(api.clone(), stream, peer);
+        serve_connection(api.clone(), stream, peer, slot);
     }
 }
 
+/// A permit to serve one more connection: waits while [`MAX_CONNECTIONS`]
+/// are served (new connections wait in the kernel's listen backlog).
+async fn wait_for_slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if slots.available_permits() == 0 {
+        tracing::warn!(
+            max = MAX_CONNECTIONS,
+            "the API serves its maximum of connections; new ones wait until one ends"
+        );
+    }
+    // The semaphore is never closed; if it were, serving on without a cap
+    // beats stopping the API.
+    slots.clone().acquire_owned().await.ok()
+}
+
 /// Serves one accepted connection (unix or TCP) on its own task: HTTP/1.1,
-/// every request answered by `api` on behalf of `peer`.
-fn serve_connection<S>(api: Arc<Api>, stream: S, peer: Peer)
-where
+/// every request answered by `api` on behalf of `peer`. The request head
+/// must arrive within [`HEADER_TIMEOUT`]; `slot` is released when the
+/// connection ends.
+fn serve_connection<S>(
+    api: Arc<Api>,
+    stream: S,
+    peer: Peer,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let svc = service_fn(move |req| {
             let api = api.clone();
@@ -446,6 +533,8 @@ where
             async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
         });
         if let Err(e) = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(stream), svc)
             .await
         {
@@ -780,11 +869,14 @@ pub async fn serve_tcp(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, token_file = %token.path().display(), "serving the API on TCP (bearer token required)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = wait_for_slot(&slots).await;
         let (stream, addr) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -793,7 +885,7 @@ pub async fn serve_tcp(
             addr,
             token: token.clone(),
         };
-        serve_connection(api.clone(), stream, peer);
+        serve_connection(api.clone(), stream, peer, slot);
     }
 }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// The machine-readable kind of an API error, as spelled on the wire
 /// (`"invalid"`, `"missing"`, `"unsupported"`, `"not_found"`, `"conflict"`,
-/// `"internal"`, `"unauthorized"`).
+/// `"internal"`, `"unauthorized"`, `"policy_denied"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -24,6 +24,9 @@ pub enum ErrorCode {
     Internal,
     /// The request lacks the bearer token the TCP listener requires (HTTP 401).
     Unauthorized,
+    /// Valid, but the agent's policy refuses it; the message names the rule
+    /// (HTTP 403).
+    PolicyDenied,
 }
 
 impl ErrorCode {
@@ -37,6 +40,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -131,6 +135,7 @@ mod tests {
             (ErrorCode::Conflict, "conflict"),
             (ErrorCode::Internal, "internal"),
             (ErrorCode::Unauthorized, "unauthorized"),
+            (ErrorCode::PolicyDenied, "policy_denied"),
         ] {
             assert_eq!(code.as_str(), s);
             assert_eq!(code.to_string(), s);

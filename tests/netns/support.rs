@@ -99,6 +99,15 @@ impl Cluster {
         Cluster { bed, _gate: gate }
     }
 
+    /// [`Cluster::new`] (IPv4 only) whose agent runs with `agent_args`.
+    pub fn with_agent_args(agent_args: &[&str]) -> Cluster {
+        let gate = Gate::shared();
+        let dir = TempDir::new("netfault-test").expect("temp dir");
+        let bed = AgentNode::start_in_with_args(dir, NodeOptions::default(), agent_args)
+            .unwrap_or_else(|e| panic!("netfaultd {agent_args:?}, node netns and CNI chain: {e}"));
+        Cluster { bed, _gate: gate }
+    }
+
     pub fn pod(&self, name: &str) -> Pod {
         self.add_pod(name)
             .expect("CNI ADD through bridge + netfault")

@@ -10,6 +10,7 @@ use netfault_agent::cri::{Adopter, CriConfig};
 use netfault_agent::kube::uninstall::{on_terminate, OwnerWatch, SelfRef, Shutdown};
 use netfault_agent::kube::{KubeConfig, Source, Watch};
 use netfault_agent::metrics::Metrics;
+use netfault_agent::policy::Policy;
 use netfault_agent::registry::{Config, Registry};
 use netfault_agent::server::{serve, Api, SocketAccess, TokenFile};
 
@@ -34,9 +35,28 @@ struct Args {
     /// Directory for persisted state (survives agent restarts).
     #[arg(long, default_value = netfault_api::wire::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// Longest fault duration accepted.
+    /// Policy: the longest fault duration accepted (longer: 403
+    /// policy_denied on `duration`).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_duration: Duration,
+    /// Policy: the most live faults one sandbox (pod) may have at once.
+    #[arg(long, value_name = "N", default_value_t = netfault_agent::policy::DEFAULT_MAX_FAULTS_PER_POD)]
+    max_faults_per_pod: usize,
+    /// Policy: the highest loss a fault may cause, in percent (0-100): a
+    /// loss's `percent`, the long-run loss of its Gilbert-Elliott model, and
+    /// blackhole (which is 100).
+    #[arg(long, value_name = "P", default_value = "100", value_parser = percent)]
+    max_loss_percent: f64,
+    /// Policy: a pod namespace that gets no faults (repeatable). Without
+    /// this flag: kube-system and netfault. Given at least once, the list is
+    /// exactly the values given; `--deny-namespace ""` alone denies none.
+    #[arg(long, value_name = "NS", num_args = 1)]
+    deny_namespace: Vec<String>,
+    /// Policy: the file whose network namespace is the host's (never
+    /// enrolled, never a target). In the DaemonSet (hostNetwork) pid 1's is
+    /// the node's.
+    #[arg(long, value_name = "PATH", default_value = netfault_agent::policy::HOST_NETNS, hide = true)]
+    host_netns: PathBuf,
     /// How long expired faults remain listed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retain_expired: Duration,
@@ -99,6 +119,14 @@ fn kube_config(args: &Args) -> Result<KubeConfig, &'static str> {
         (None, None) => Err("no Kubernetes client (no --kubeconfig, not in a cluster) and no --node-name"),
         (None, Some(_)) => Err("--node-name is set but there is no Kubernetes client (no --kubeconfig, not in a cluster)"),
         (Some(_), None) => Err("a Kubernetes client but no --node-name (or NODE_NAME): the pod watch needs this node's name"),
+    }
+}
+
+/// A percentage from 0 to 100.
+fn percent(value: &str) -> Result<f64, String> {
+    match value.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
     }
 }
 
@@ -171,10 +199,27 @@ fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    raise_nofile();
+    let deny: std::collections::BTreeSet<String> = if args.deny_namespace.is_empty() {
+        netfault_agent::policy::DEFAULT_DENY
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        args.deny_namespace.iter().cloned().collect()
+    };
+    let policy = Policy::new(
+        args.max_duration,
+        args.max_faults_per_pod,
+        args.max_loss_percent,
+        deny,
+        &args.host_netns,
+    );
+    tracing::info!(policy = %policy.capabilities(), "policy in effect");
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
-            max_duration: args.max_duration,
+            policy,
             retain_expired: args.retain_expired,
         })
         .context("starting the registry")?,
@@ -287,6 +332,24 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Raises the soft limit of open files to the hard limit: every API
+/// connection takes one, every proxied connection two. Logs what it got.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit")
+            }
+        },
+        Ok((soft, _)) => {
+            tracing::info!(limit = soft, "open-file limit (already at its hard limit)")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
 }
 
 /// SIGTERM: an uninstall releases every sandbox; anything else leaves the

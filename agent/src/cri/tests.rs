@@ -216,7 +216,12 @@ fn fixture(name: &str) -> Fixture {
     };
     let cfg = Config {
         state_dir: dir.clone(),
-        max_duration: Duration::from_secs(3600),
+        // The tests' netns is the host's: that rule is tested on its own.
+        policy: crate::policy::Policy {
+            max_duration: Duration::from_secs(3600),
+            host_netns: Vec::new(),
+            ..crate::policy::Policy::default()
+        },
         retain_expired: Duration::from_secs(600),
     };
     let registry = Arc::new(

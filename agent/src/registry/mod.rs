@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use netfault_api::spec::faults_from_annotations;
 use netfault_api::{
     Action, BackendKind, EnrolRequest, EnrolSource, Fault, FaultSource, FaultSpec, FieldError,
     Limits, PodRef, Sandbox, Target,
@@ -41,6 +40,7 @@ use std::collections::BTreeMap;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
 use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
+use crate::policy::Policy;
 pub use error::AgentError;
 use notice::{FaultNotice, NoticeKind, Notices};
 use persist::StateDir;
@@ -56,7 +56,9 @@ fn internal(what: &str) -> impl FnOnce(String) -> AgentError + '_ {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
-    pub max_duration: Duration,
+    /// What the agent refuses (caps, denied namespaces, the host netns),
+    /// applied to faults of every source on their one install path.
+    pub policy: Policy,
     /// How long expired faults stay listed.
     pub retain_expired: Duration,
 }
@@ -253,6 +255,10 @@ impl Registry {
     /// same netns changes nothing (its source stays).
     pub fn adopt(&self, id: &str, mut req: EnrolRequest) -> Result<Sandbox, AgentError> {
         let id = target::valid_sandbox_id(id)?;
+        if let Ok(ns) = netfault_sys::netns::identify(Path::new(&req.netns)) {
+            // Before anything enters it (a hostNetwork pod's sandbox).
+            self.shared.cfg.policy.check_netns(ns, "netns")?;
+        }
         self.change(move |c| {
             if req.ifname.is_empty() {
                 req.ifname = c.pod_interface(&req.netns)?;
@@ -344,7 +350,12 @@ impl Registry {
 
     /// The longest duration a fault may have (`--max-duration`).
     pub fn max_duration(&self) -> Duration {
-        self.shared.cfg.max_duration
+        self.shared.cfg.policy.max_duration
+    }
+
+    /// The policy in effect.
+    pub fn policy(&self) -> &Policy {
+        &self.shared.cfg.policy
     }
 
     pub fn sandboxes(&self) -> Vec<Sandbox> {
@@ -354,10 +365,12 @@ impl Registry {
 
     /// Validates and installs a fault from an API body.
     pub fn create_fault(&self, body: &Value) -> Result<Fault, AgentError> {
+        // The duration cap is the policy's (checked at install, worded
+        // as a refusal like every other rule).
         let spec = FaultSpec::parse(
             body,
             &Limits {
-                max_duration: self.shared.cfg.max_duration,
+                max_duration: Duration::MAX,
                 target_required: true,
             },
         )?;
@@ -438,6 +451,7 @@ impl Registry {
                 k.insert("networkfaults".into(), nf);
             }
             m.insert("kubernetes".into(), kube);
+            m.insert("policy".into(), self.shared.cfg.policy.capabilities());
         }
         Ok(caps)
     }
@@ -498,10 +512,11 @@ impl Core<'_> {
             if !st.sandboxes.contains_key(sandbox) {
                 return Err(FieldError::not_found("target", "sandbox was released").into());
             }
+            let policy = self.policy_allows(&st, sandbox, &spec, now);
             if spec.target.is_none() {
                 spec.target = Some(Target::Sandbox(sandbox.to_string()));
             }
-            if let Err(e) = self.admit(&st, sandbox, &spec) {
+            if let Err(e) = policy.and_then(|()| self.admit(&st, sandbox, &spec)) {
                 drop(st);
                 let e = AgentError::from(e);
                 let why = e.to_string();
@@ -550,6 +565,30 @@ impl Core<'_> {
         tracing::info!(fault = %view.id, sandbox = %sandbox, action = %view.spec["action"]["type"], backend = %view.backend, "fault installed");
         self.notify(NoticeKind::Applied, &id);
         Ok(view)
+    }
+
+    /// The policy lets `spec` be installed on `sandbox`: not the host's
+    /// netns, not a denied namespace, within the caps, and the sandbox has
+    /// room for one more live fault.
+    fn policy_allows(
+        &self,
+        st: &State,
+        sandbox: &SandboxId,
+        spec: &FaultSpec,
+        now: u64,
+    ) -> Result<(), FieldError> {
+        let policy = &self.sh.cfg.policy;
+        let Some(rec) = st.sandboxes.get(sandbox) else {
+            return Ok(());
+        };
+        let field = match spec.target {
+            Some(Target::Netns(_)) => "target.netns",
+            _ => "target",
+        };
+        policy.check_netns(rec.netns_id, field)?;
+        let live = st.faults_of(sandbox).filter(|f| f.is_live(now)).count();
+        let namespace = rec.pod.as_ref().map(|p| p.namespace.as_str());
+        policy.check_fault(spec, namespace, live)
     }
 
     /// Tells the reporter what happened to fault `id` (a pod's only).
@@ -682,6 +721,12 @@ impl Core<'_> {
     ) -> Result<Sandbox, AgentError> {
         let path = PathBuf::from(&req.netns);
         let ns = Netns::open(&path).map_err(|e| FieldError::invalid("netns", &e.to_string()))?;
+        let field = if source == EnrolSource::Netns {
+            "target.netns"
+        } else {
+            "netns"
+        };
+        self.sh.cfg.policy.check_netns(ns.id(), field)?;
         let existing = self.lock().sandboxes.get(id).cloned();
         if let Some(sb) = existing {
             if sb.netns_id == ns.id() && sb.ifname == req.ifname {
@@ -700,10 +745,12 @@ impl Core<'_> {
         }
         let addresses = target::addresses(self.sh.host.as_ref(), &ns, &req)?;
         // Parse birth-time faults before changing anything.
-        let (birth_specs, annotation_error) = match faults_from_annotations(
-            &req.annotations,
-            self.sh.cfg.max_duration,
-        ) {
+        let (birth_specs, annotation_error) = match self
+            .sh
+            .cfg
+            .policy
+            .annotation_faults(&req.annotations)
+        {
             Ok(specs) => (specs, None),
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "invalid netfault annotations; no fault applied");
@@ -796,7 +843,7 @@ impl Core<'_> {
             return Ok(AnnotationOutcome::NotEnrolled);
         };
         let digest = annotation_digest(&annotations);
-        let parsed = faults_from_annotations(&annotations, self.sh.cfg.max_duration);
+        let parsed = self.sh.cfg.policy.annotation_faults(&annotations);
         let error = parsed.as_ref().err().map(ToString::to_string);
         if old_digest.as_deref() == Some(digest.as_str()) || error.is_some() {
             // Unchanged (or invalid): no fault is touched. The error reflects
@@ -868,6 +915,8 @@ impl Core<'_> {
         match found {
             target::Resolved::Enrolled(id) => Ok(id),
             target::Resolved::Bare { path, ns } => {
+                // Before the implicit enrolment enters it.
+                self.sh.cfg.policy.check_netns(ns.id(), "target.netns")?;
                 let (id, req) = target::implicit_enrolment(self.sh.host.as_ref(), &path, &ns)?;
                 self.enrol(&id, req, EnrolSource::Netns)?;
                 Ok(id)

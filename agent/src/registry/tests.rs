@@ -73,6 +73,16 @@ fn open_in(dir: TempDir) -> Fixture {
 
 /// A registry whose netns has the one interface `sole`.
 fn open_with(dir: TempDir, sole: &'static str) -> Fixture {
+    // The tests' netns is the host's: that rule is tested on its own.
+    let policy = crate::policy::Policy {
+        max_duration: Duration::from_secs(3600),
+        host_netns: Vec::new(),
+        ..crate::policy::Policy::default()
+    };
+    open_with_policy(dir, sole, policy)
+}
+
+fn open_with_policy(dir: TempDir, sole: &'static str, policy: crate::policy::Policy) -> Fixture {
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let ebpf = FakeBackend::<PacketAction>::new(&log);
     let nfqueue = FakeBackend::<DelayAction>::new(&log);
@@ -89,7 +99,7 @@ fn open_with(dir: TempDir, sole: &'static str) -> Fixture {
     };
     let cfg = Config {
         state_dir: dir.0.clone(),
-        max_duration: Duration::from_secs(3600),
+        policy,
         retain_expired: Duration::from_secs(600),
     };
     let host = FakeHost {
@@ -773,4 +783,164 @@ fn resource_faults_share_one_deadline() {
     let out = fx.reg.apply_resource_faults(over).expect("applied");
     assert!(out.installed.is_empty());
     assert_eq!(out.pods[0].1, PodOutcome::Expired { fault_id: None });
+}
+
+/// A policy refusal: its code, field and rule.
+fn assert_denied(r: Result<Fault, AgentError>, field: &str, rule: &str) {
+    match r {
+        Err(AgentError::Field(fe)) => {
+            assert_eq!(fe.code, netfault_api::ErrorCode::PolicyDenied, "{fe}");
+            assert_eq!(fe.field, field, "{fe}");
+            assert!(fe.message.contains(rule), "{fe} names {rule}");
+        }
+        other => panic!("expected a refusal by {rule}, got {other:?}"),
+    }
+}
+
+fn capped_policy() -> crate::policy::Policy {
+    crate::policy::Policy {
+        max_duration: Duration::from_secs(600),
+        max_faults_per_pod: 2,
+        max_loss_percent: 50.0,
+        deny_namespaces: ["kube-system".to_string()].into(),
+        host_netns: Vec::new(),
+    }
+}
+
+#[test]
+fn every_policy_cap_refuses_by_name_and_changes_nothing() {
+    let fx = open_with_policy(TempDir::new("policy-caps"), "eth0", capped_policy());
+    fx.enrol("sb1");
+    fx.clear();
+    let on = |action: serde_json::Value, duration: &str| json!({"target": {"sandbox": "sb1"}, "action": action, "duration": duration});
+    let cases = [
+        (on(loss(), "11m"), "duration", "--max-duration 10m"),
+        (
+            on(json!({"type": "loss", "percent": 80}), "5m"),
+            "action.percent",
+            "--max-loss-percent 50",
+        ),
+        (
+            on(json!({"type": "blackhole"}), "5m"),
+            "action.type",
+            "--max-loss-percent 50",
+        ),
+        (
+            // Long-run loss: 50/(50+10) of the time in the bad state, which
+            // drops all: 83 %.
+            on(
+                json!({"type": "loss", "model": {"type": "gilbert-elliott",
+                       "p": 50, "r": 10, "1-h": 100, "1-k": 0}}),
+                "5m",
+            ),
+            "action.model",
+            "--max-loss-percent 50",
+        ),
+    ];
+    for (body, field, rule) in cases {
+        assert_denied(fx.reg.create_fault(&body), field, rule);
+    }
+    assert!(fx.reg.faults().is_empty(), "nothing was installed");
+    assert_eq!(fx.calls(), vec![], "no backend was touched");
+    // At the caps: allowed.
+    fx.reg
+        .create_fault(&on(json!({"type": "loss", "percent": 50}), "10m"))
+        .expect("50 % for 10m is within the caps");
+    fx.reg
+        .create_fault(&on(json!({"type": "corrupt", "percent": 100}), "5m"))
+        .expect("corruption is not loss");
+    // A third live fault on the pod is over --max-faults-per-pod 2.
+    assert_denied(
+        fx.reg.create_fault(&on(loss(), "5m")),
+        "target",
+        "--max-faults-per-pod 2",
+    );
+    assert_eq!(fx.reg.faults().len(), 2);
+}
+
+#[test]
+fn a_denied_namespace_gets_no_faults_from_any_source() {
+    let fx = open_with_policy(TempDir::new("policy-ns"), "eth0", capped_policy());
+    let annotations: BTreeMap<String, String> =
+        [("netfault.io/loss".to_string(), "10%".to_string())].into();
+    let req = EnrolRequest {
+        netns: OWN_NETNS.into(),
+        ifname: "eth0".into(),
+        pod: Some(PodRef {
+            namespace: "kube-system".into(),
+            name: "dns".into(),
+            uid: "u1".into(),
+        }),
+        annotations: annotations.clone(),
+        ..Default::default()
+    };
+    // Enrolment succeeds (the pod must start); the birth fault is refused.
+    let sb = fx.reg.enrol("sb1", req).expect("enrolment of a denied pod");
+    let why = sb.annotation_error.clone().unwrap_or_default();
+    assert!(why.contains("--deny-namespace kube-system"), "{sb:?}");
+    let body = json!({"target": {"pod": {"namespace": "kube-system", "name": "dns"}},
+                      "action": loss(), "duration": "5m"});
+    assert_denied(
+        fx.reg.create_fault(&body),
+        "target.pod.namespace",
+        "--deny-namespace kube-system",
+    );
+    let body = json!({"target": {"sandbox": "sb1"}, "action": loss(), "duration": "5m"});
+    assert_denied(
+        fx.reg.create_fault(&body),
+        "target",
+        "--deny-namespace kube-system",
+    );
+    let pod = PodRef {
+        namespace: "kube-system".into(),
+        name: "dns".into(),
+        uid: "u1".into(),
+    };
+    let mut changed = annotations;
+    changed.insert("netfault.io/loss".into(), "20%".into());
+    fx.reg
+        .apply_pod_annotations(&pod, changed)
+        .expect("annotation change");
+    let mut want = resource_want(1, &["dns"], "5m");
+    want.pods[0].namespace = "kube-system".into();
+    want.pods[0].uid = "u1".into();
+    let out = fx.reg.apply_resource_faults(want).expect("resource");
+    assert!(
+        matches!(&out.pods[0].1, PodOutcome::Failed { error } if error.contains("--deny-namespace")),
+        "{out:?}"
+    );
+    assert!(fx.reg.faults().is_empty(), "no source got a fault in");
+}
+
+#[test]
+fn the_host_netns_is_never_enrolled_nor_targeted() {
+    let own = netfault_sys::netns::identify(std::path::Path::new(OWN_NETNS)).expect("own netns");
+    let policy = crate::policy::Policy {
+        host_netns: vec![(OWN_NETNS.into(), own)],
+        ..crate::policy::Policy::default()
+    };
+    let fx = open_with_policy(TempDir::new("policy-host"), "eth0", policy);
+    let req = EnrolRequest {
+        netns: OWN_NETNS.into(),
+        ifname: "eth0".into(),
+        ..Default::default()
+    };
+    let r = fx.reg.enrol("sb1", req.clone()).map(|_| ());
+    assert!(
+        matches!(&r, Err(AgentError::Field(fe)) if fe.code == netfault_api::ErrorCode::PolicyDenied && fe.field == "netns"),
+        "{r:?}"
+    );
+    let r = fx.reg.adopt("sb2", req).map(|_| ());
+    assert!(
+        matches!(&r, Err(AgentError::Field(fe)) if fe.field == "netns"),
+        "{r:?}"
+    );
+    let body = json!({"target": {"netns": OWN_NETNS}, "action": loss(), "duration": "5m"});
+    assert_denied(
+        fx.reg.create_fault(&body),
+        "target.netns",
+        "host network namespace",
+    );
+    assert!(fx.reg.sandboxes().is_empty());
+    assert_eq!(fx.calls(), vec![], "no backend was touched");
 }
