@@ -736,7 +736,11 @@ impl Core<'_> {
                 // A previous agent saved the enrolment and died before its
                 // birth-time faults: install them now.
                 drop(ns);
-                let specs = faults_from_annotations(&sb.annotations, self.sh.cfg.max_duration)
+                let specs = self
+                    .sh
+                    .cfg
+                    .policy
+                    .annotation_faults(&sb.annotations)
                     .unwrap_or_default();
                 return self.install_birth(id, specs);
             }
