@@ -2,9 +2,11 @@
 # Coverage-guided fuzzing of netfault's input parsers with libFuzzer
 # (cargo-fuzz, nightly toolchain): bash scripts/fuzz.sh [TARGET|all] [SECONDS]
 # Targets: fault_json annotations cni_input proxy_sniff dns_message (fuzz/src/lib.rs).
-# The corpus in fuzz/corpus/TARGET grows with what libFuzzer finds; crashes
-# land in fuzz/libfuzzer/artifacts/TARGET. The stable replay of the corpus
-# runs in the normal tests (cargo test -p netfault-fuzz).
+# libFuzzer starts from the committed seeds (fuzz/corpus/TARGET) and writes
+# what it finds to fuzz/libfuzzer/corpus/TARGET (not committed); crashes land
+# in fuzz/libfuzzer/artifacts/TARGET. `bash scripts/fuzz.sh TARGET merge`
+# adds the inputs that reach new coverage to the committed seeds. The stable
+# replay of the seeds runs in the normal tests (cargo test -p netfault-fuzz).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
@@ -25,9 +27,14 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t" "fuzz/libfuzzer/corpus/$t"
+    if [ "$seconds" = merge ]; then
+        step "merge what $t found into fuzz/corpus/$t"
+        cargo +nightly fuzz run --fuzz-dir fuzz/libfuzzer "$t" "fuzz/corpus/$t" "fuzz/libfuzzer/corpus/$t" -- -merge=1
+        continue
+    fi
     step "fuzz $t for ${seconds}s"
-    mkdir -p "fuzz/corpus/$t"
-    cargo +nightly fuzz run --fuzz-dir fuzz/libfuzzer "$t" "fuzz/corpus/$t" -- \
+    cargo +nightly fuzz run --fuzz-dir fuzz/libfuzzer "$t" "fuzz/libfuzzer/corpus/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         2>&1 | tee "target/fuzz-$t.log" | grep -E '^#[0-9]+ +(INITED|DONE|pulse)|stat::|ERROR|SUMMARY' || true
     grep -q 'stat::number_of_executed_units' "target/fuzz-$t.log" \
