@@ -250,14 +250,8 @@ fn in_effect(kind: Kind, a: &Pod, b: &Pod) -> bool {
 
 /// The ids of the active faults the agent lists for `pod`.
 fn listed(c: &Cluster, pod: &Pod) -> Vec<String> {
-    let all = c
-        .agent
-        .client()
-        .call("GET", "/v1/faults", None)
-        .expect("GET /v1/faults");
-    all.as_array()
-        .into_iter()
-        .flatten()
+    c.all_faults()
+        .iter()
         .filter(|f| f["sandbox"] == pod.container_id.as_str() && f["state"] == "active")
         .filter_map(|f| f["id"].as_str().map(String::from))
         .collect()
@@ -410,17 +404,11 @@ fn crash_releasing(point: &str) {
         !Value::from(sandboxes).to_string().contains(&id),
         "{point}: the released sandbox is still enrolled"
     );
-    let all = c
-        .agent
-        .client()
-        .call("GET", "/v1/faults", None)
-        .expect("GET /v1/faults");
+    let all = c.all_faults();
     assert!(
-        !all.as_array()
-            .into_iter()
-            .flatten()
+        !all.iter()
             .any(|f| f["sandbox"] == id.as_str() && f["state"] == "active"),
-        "{point}: faults of the released sandbox are still active: {all}"
+        "{point}: faults of the released sandbox are still active: {all:?}"
     );
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use testbed::{udp_probe, Pod};
 
-use crate::support::{blackhole, fault_on, proto_port, v4, Cluster};
+use crate::support::{assert_whole, blackhole, fault_on, proto_port, v4, Cluster};
 
 const GAP: Duration = Duration::from_micros(200);
 
@@ -88,15 +88,6 @@ fn raw(socket: &Path, head: &str, body: &[u8]) -> Answer {
 
 fn faults(socket: &Path) -> Value {
     raw(socket, "GET /v1/faults HTTP/1.1", b"").json()
-}
-
-fn assert_whole(from: &Pod, to: &Pod, port: u16, what: &str) {
-    let p = udp_probe(from, to, v4(to), port, 300, GAP).expect("udp probe");
-    assert_eq!(
-        (p.received, p.send_errors),
-        (p.sent, 0),
-        "{what}: every datagram arrives"
-    );
 }
 
 /// A blackhole of `pod`'s egress UDP `port`, as JSON text: what the hostile

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use testbed::{udp_probe, Agent, Pod, TempDir};
 
 use crate::support::{
-    blackhole, fault_on, loss, passes, proto_port, v4, wait_for, Cluster, KubeNode,
+    assert_whole, blackhole, fault_on, loss, passes, proto_port, v4, wait_for, Cluster, KubeNode,
 };
 
 const GAP: Duration = Duration::from_micros(200);
@@ -43,16 +43,6 @@ fn fault_list(agent: &Agent) -> Value {
         .expect("GET /v1/faults")
 }
 
-/// Every datagram of a probe from `from` to `to` arrives, without send errors.
-fn assert_whole(from: &Pod, to: &Pod, port: u16, what: &str) {
-    let p = udp_probe(from, to, v4(to), port, 300, GAP).expect("udp probe");
-    assert_eq!(
-        (p.received, p.send_errors),
-        (p.sent, 0),
-        "{what}: every datagram arrives"
-    );
-}
-
 #[test]
 fn caps_refuse_by_name_and_change_nothing_on_the_wire() {
     testbed::require_root!();
@@ -66,11 +56,7 @@ fn caps_refuse_by_name_and_change_nothing_on_the_wire() {
     ]);
     let [a, b] = c.pods(["a", "b"]);
     assert_whole(&a, &b, 7101, "baseline");
-    let caps = c
-        .agent
-        .client()
-        .call("GET", "/v1/capabilities", None)
-        .expect("capabilities");
+    let caps = c.capabilities();
     assert_eq!(caps["policy"]["max_faults_per_pod"], 2, "{caps}");
     assert_eq!(caps["policy"]["max_loss_percent"], 50.0, "{caps}");
     assert_eq!(caps["policy"]["max_duration_ms"], 600_000, "{caps}");
@@ -133,11 +119,7 @@ fn a_denied_namespace_pod_starts_but_gets_no_faults() {
     testbed::require_root!();
     // The testbed's pods are in `default`: deny it.
     let c = Cluster::with_agent_args(&["--deny-namespace", "default"]);
-    let caps = c
-        .agent
-        .client()
-        .call("GET", "/v1/capabilities", None)
-        .expect("capabilities");
+    let caps = c.capabilities();
     assert_eq!(
         caps["policy"]["deny_namespaces"],
         json!(["default"]),
@@ -185,11 +167,7 @@ fn a_denied_namespace_pod_starts_but_gets_no_faults() {
 fn kube_system_and_netfault_are_denied_by_default_and_the_list_can_be_cleared() {
     testbed::require_root!();
     let c = Cluster::new(false);
-    let caps = c
-        .agent
-        .client()
-        .call("GET", "/v1/capabilities", None)
-        .expect("capabilities");
+    let caps = c.capabilities();
     assert_eq!(
         caps["policy"]["deny_namespaces"],
         json!(["kube-system", "netfault"]),
@@ -227,11 +205,7 @@ fn kube_system_and_netfault_are_denied_by_default_and_the_list_can_be_cleared() 
 
     // `--deny-namespace ""` clears the list: a kube-system pod gets its fault.
     let c = Cluster::with_agent_args(&["--deny-namespace", ""]);
-    let caps = c
-        .agent
-        .client()
-        .call("GET", "/v1/capabilities", None)
-        .expect("capabilities");
+    let caps = c.capabilities();
     assert_eq!(caps["policy"]["deny_namespaces"], json!([]), "{caps}");
     let [a, b] = c.pods(["a", "b"]);
     c.agent

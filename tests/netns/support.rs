@@ -153,6 +153,24 @@ impl Cluster {
         self.agent.delete_fault(id).expect("DELETE fault");
     }
 
+    /// `GET /v1/capabilities`.
+    pub fn capabilities(&self) -> Value {
+        self.agent
+            .client()
+            .call("GET", "/v1/capabilities", None)
+            .expect("GET /v1/capabilities")
+    }
+
+    /// `GET /v1/faults`: every fault the agent lists.
+    pub fn all_faults(&self) -> Vec<Value> {
+        let all = self
+            .agent
+            .client()
+            .call("GET", "/v1/faults", None)
+            .expect("GET /v1/faults");
+        all.as_array().cloned().unwrap_or_default()
+    }
+
     /// Whether the agent lists `id` (`GET /v1/faults/ID` answers).
     pub fn has_fault(&self, id: &str) -> bool {
         self.agent.get_fault(id).is_ok()
@@ -808,4 +826,15 @@ pub fn holders_of(pod: &Pod) -> Vec<u32> {
             holder.then_some(pid)
         })
         .collect()
+}
+
+/// Every datagram of a 300-datagram probe from `from` to `to` arrives,
+/// without send errors.
+pub fn assert_whole(from: &Pod, to: &Pod, port: u16, what: &str) {
+    let p = udp_probe(from, to, v4(to), port, 300, Duration::from_micros(200)).expect("udp probe");
+    assert_eq!(
+        (p.received, p.send_errors),
+        (p.sent, 0),
+        "{what}: every datagram arrives"
+    );
 }
