@@ -252,6 +252,16 @@ fn kustomization_renders_the_expected_objects() {
             "127.0.0.1:7979",
             "--token-file",
             "/etc/netfault/token",
+            "--max-duration",
+            "24h",
+            "--max-faults-per-pod",
+            "32",
+            "--max-loss-percent",
+            "100",
+            "--deny-namespace",
+            "kube-system",
+            "--deny-namespace",
+            "netfault",
         ]
     );
     assert_eq!(
