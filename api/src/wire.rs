@@ -100,6 +100,14 @@ pub enum EnrolSource {
 }
 
 impl EnrolSource {
+    /// Whether the sandbox's netns may have existed before this agent, so
+    /// that an earlier agent whose records are lost may have left objects
+    /// in it: a runtime's sandbox adopted over CRI, or a netns targeted by
+    /// path. A CNI ADD's netns (also one recorded as pending) is new.
+    pub fn may_predate_agent(self) -> bool {
+        matches!(self, EnrolSource::Cri | EnrolSource::Netns)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EnrolSource::Cni => "cni",

@@ -39,7 +39,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 use crate::backend::proxy::{ConnectionGauge, ProxyBackend};
-use crate::backend::{ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader};
+use crate::backend::{
+    ActiveFault, Backend, BackendAction, BackendOps, Backends, CounterReader, SandboxMemo,
+};
 use crate::policy::Policy;
 pub use error::AgentError;
 use notice::{FaultNotice, NoticeKind, Notices};
@@ -790,7 +792,32 @@ impl Core<'_> {
         self.sh.persist()?;
         crate::crash::point("enrol.persisted");
         drop(ns);
+        if source.may_predate_agent() {
+            self.sweep(id);
+        }
         self.install_birth(id, birth_specs)
+    }
+
+    /// Removes whatever an earlier agent left in a sandbox this agent has
+    /// no record of (a lost or unreadable state file): filters, nft tables,
+    /// routes and rules of every backend, as a CNI DEL would. Only for
+    /// sandboxes whose netns may predate this agent (see
+    /// [`EnrolSource::may_predate_agent`]); a CNI ADD's netns is new. A
+    /// failure is logged, not fatal: the enrolment stands.
+    fn sweep(&mut self, id: &SandboxId) {
+        let Some(rec) = self.lock().sandboxes.get(id).cloned() else {
+            return;
+        };
+        let Ok(Some(ns)) = Netns::open_if_same(Path::new(&rec.netns), rec.netns_id) else {
+            return;
+        };
+        let ctx = rec.ctx(Some(&ns));
+        let mut memo = SandboxMemo::default();
+        for kind in BackendKind::ALL {
+            if let Err(e) = self.backend(kind).forget_sandbox(&ctx, &mut memo) {
+                tracing::warn!(sandbox = %id, backend = kind.as_str(), error = %e, "removing what an earlier agent left failed");
+            }
+        }
     }
 
     /// Installs an enrolled sandbox's birth-time faults (from its
