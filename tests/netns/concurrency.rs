@@ -260,20 +260,20 @@ impl Ops {
     fn summary(&mut self, wall: Duration) -> String {
         self.latencies.sort();
         let n = self.latencies.len();
+        let max = self.latencies.last().copied().unwrap_or_default();
         let tail = if n >= 100 {
-            format!("p99 {:?}", q(&self.latencies, 0.99))
+            format!("p99 {:.1?}, max {max:.1?}", q(&self.latencies, 0.99))
         } else {
-            format!("max {:?}", self.latencies.last().copied().unwrap_or_default())
+            format!("max {max:.1?}")
         };
         format!(
-            "{} POSTs ({} created, refused {:?}), {} DELETEs in {wall:.2?}: {:.0} ops/s; latency p50 {:?}, {tail}, max {:?}",
+            "{} POSTs ({} created, refused {:?}), {} DELETEs in {wall:.2?}: {:.0} ops/s; latency p50 {:.1?}, {tail}",
             self.posts,
             self.created,
             self.refused,
             self.deletes,
             n as f64 / wall.as_secs_f64(),
             q(&self.latencies, 0.5),
-            self.latencies.last().copied().unwrap_or_default(),
         )
     }
 }
@@ -534,7 +534,8 @@ fn delete_during_install_loses_no_fault() {
             let present = want.iter().any(|(_, w)| *w == f);
             let acting = in_effect(f, &a, &b);
             assert_eq!(
-                present, acting,
+                present,
+                acting,
                 "{f:?} {when}: the API says {}, the wire {}",
                 if present { "present" } else { "gone" },
                 if acting { "in effect" } else { "absent" }
@@ -589,7 +590,15 @@ fn delete_during_install_loses_no_fault() {
                 &[],
                 &format!("round {round}: DELETEs during and right after an install"),
             );
-            drop(held);
+            // The connection proxied before the removals still gets the
+            // server's answer, relayed without a fault.
+            if let Some(held) = held {
+                let line = ask_on(held, &format!("round {round}"));
+                assert!(
+                    line.starts_with("HTTP/1.1 200"),
+                    "round {round}: the held connection: {line:?}"
+                );
+            }
         }
         pristine.assert_restored(&format!("{kind:?}: after its rounds"));
     }
@@ -636,9 +645,10 @@ fn concurrent_cni_add_and_del_of_50_pods() {
     let mut c = Cluster::new(false);
     let peer = c.pod("peer");
     let ip = v4(&peer);
-    let delay_listener =
-        in_pod(&peer, move || TcpListener::bind(SocketAddr::new(ip, API_DELAY_PORT)))
-            .expect("listen in peer");
+    let delay_listener = in_pod(&peer, move || {
+        TcpListener::bind(SocketAddr::new(ip, API_DELAY_PORT))
+    })
+    .expect("listen in peer");
     let _delay_server = acceptor(delay_listener, drop);
 
     const PODS: usize = 50;
@@ -672,8 +682,8 @@ fn concurrent_cni_add_and_del_of_50_pods() {
                     let mut rng = rand::rng();
                     let mut mine = Vec::new();
                     for i in (w..PODS).step_by(WORKERS) {
-                        let with_birth = i % 3 == 0;
-                        let stays = i % 2 == 0;
+                        let with_birth = i.is_multiple_of(3);
+                        let stays = i.is_multiple_of(2);
                         let t = Instant::now();
                         let pod = c
                             .node
@@ -691,15 +701,16 @@ fn concurrent_cni_add_and_del_of_50_pods() {
                         // DEL an earlier pod of this worker's that goes,
                         // some time after its ADD.
                         std::thread::sleep(Duration::from_millis(rng.random_range(0..50)));
+                        // The poster may still pick it during the DEL.
                         if let Some(p) = mine.iter_mut().find(|p| !p.stays && p.del.is_none()) {
                             let t = Instant::now();
-                            live.lock()
-                                .expect("live")
-                                .retain(|id| *id != p.pod.container_id);
                             c.node
                                 .del_pod(&p.pod)
                                 .unwrap_or_else(|e| panic!("CNI DEL {}: {e}", p.pod.name));
                             p.del = Some(t.elapsed());
+                            live.lock()
+                                .expect("live")
+                                .retain(|id| *id != p.pod.container_id);
                         }
                     }
                     mine
@@ -721,7 +732,7 @@ fn concurrent_cni_add_and_del_of_50_pods() {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     };
-                    let hole = i % 2 == 0;
+                    let hole = i.is_multiple_of(2);
                     i += 1;
                     let sandbox = json!({"sandbox": id});
                     let body = if hole {
@@ -826,7 +837,10 @@ fn concurrent_cni_add_and_del_of_50_pods() {
                 .map(|(f, _)| f.clone())
                 .collect();
             assert_eq!(api, want, "{}: its API faults", p.pod.name);
-            let births = faults.iter().filter(|f| f["source"] == "annotation").count();
+            let births = faults
+                .iter()
+                .filter(|f| f["source"] == "annotation")
+                .count();
             assert_eq!(
                 births,
                 usize::from(p.birth),
@@ -839,7 +853,11 @@ fn concurrent_cni_add_and_del_of_50_pods() {
                 p.pod.name
             );
         } else {
-            assert!(faults.is_empty(), "{}: faults outlived DEL: {faults:?}", p.pod.name);
+            assert!(
+                faults.is_empty(),
+                "{}: faults outlived DEL: {faults:?}",
+                p.pod.name
+            );
             assert!(
                 holders_of(&p.pod).is_empty(),
                 "{}: a holder outlived DEL",
@@ -861,7 +879,8 @@ fn concurrent_cni_add_and_del_of_50_pods() {
         let api = posted.get(&p.pod.container_id).cloned().unwrap_or_default();
         let hole = api.iter().any(|(_, h)| *h);
         let delayed = api.iter().any(|(_, h)| !*h);
-        let pick = (p.birth && sampled.0 < 4) || (hole && sampled.1 < 4) || (delayed && sampled.2 < 4);
+        let pick =
+            (p.birth && sampled.0 < 4) || (hole && sampled.1 < 4) || (delayed && sampled.2 < 4);
         if !pick {
             continue;
         }
@@ -873,7 +892,11 @@ fn concurrent_cni_add_and_del_of_50_pods() {
         };
         let name = &p.pod.name;
         assert_eq!(probe(FREE_PORT), 50, "{name}: a port no fault names");
-        assert_eq!(probe(BIRTH_PORT) == 0, p.birth, "{name}: birth-time blackhole");
+        assert_eq!(
+            probe(BIRTH_PORT) == 0,
+            p.birth,
+            "{name}: birth-time blackhole"
+        );
         assert_eq!(probe(API_UDP_PORT) == 0, hole, "{name}: API blackhole");
         let t = Instant::now();
         drop(connect(&p.pod, SocketAddr::new(ip, API_DELAY_PORT)).expect("connect"));
@@ -890,7 +913,10 @@ fn concurrent_cni_add_and_del_of_50_pods() {
     eprintln!(
         "50 pods: wire checked on pods with a birth fault / API blackhole / API delay: {sampled:?}"
     );
-    assert!(sampled.0 > 0 && sampled.1 > 0 && sampled.2 > 0, "sampled {sampled:?}");
+    assert!(
+        sampled.0 > 0 && sampled.1 > 0 && sampled.2 > 0,
+        "sampled {sampled:?}"
+    );
 
     // Everything goes at DEL.
     for p in churned.iter().filter(|p| p.stays) {
@@ -908,4 +934,63 @@ fn concurrent_cni_add_and_del_of_50_pods() {
         c.all_faults()
     );
     assert!(c.agent.is_running(), "the agent is alive");
+}
+
+/// Sends a GET on `held`, a connection opened earlier, and returns the
+/// first line of the answer; panics if the connection was cut.
+fn ask_on(mut held: TcpStream, when: &str) -> String {
+    held.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    held.write_all(b"GET /held HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| panic!("{when}: a request on the held connection: {e}"));
+    let mut reply = Vec::new();
+    let read = held.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        read.is_ok() && !reply.is_empty(),
+        "{when}: the held connection was cut: {read:?} {text:?}"
+    );
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// The sequence a DELETE racing an install can produce, in order: a
+/// connection proxied under an `http-abort` fault stays open; the pod's
+/// last proxy fault is deleted (the proxy drains); a new proxy fault is
+/// posted (a new proxy starts, cutting the drain short); it is deleted too.
+/// The held connection must still get the server's answer, and once it is
+/// done the pod netns is as before. (The agent used to forget the first
+/// proxy's connections: the last DELETE removed the diversion at once and
+/// the held connection was reset.)
+#[test]
+fn a_drain_cut_short_keeps_its_connections() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let [a, b] = c.pods(["a", "b"]);
+    let _servers = servers(&b);
+    let pristine = Pristine::of(&a);
+    let f0 = F {
+        kind: Kind::Http,
+        slot: 0,
+    };
+    let f1 = F {
+        kind: Kind::Http,
+        slot: 1,
+    };
+    let first = c.fault(f0.body(&a));
+    let held = connect(&a, SocketAddr::new(v4(&b), f0.port())).expect("connect");
+    // Accepted by the proxy before the DELETE.
+    wait_for("the proxy carries the connection", || {
+        c.agent.metric("netfault_proxy_open_connections") == Some(1.0)
+    });
+    c.delete_fault(&first);
+    let second = c.fault(f1.body(&a));
+    assert!(in_effect(f1, &a, &b), "the new fault acts");
+    c.delete_fault(&second);
+    assert!(!in_effect(f1, &a, &b), "the new fault is gone");
+    let line = ask_on(held, "after the drain was cut short");
+    assert!(
+        line.starts_with("HTTP/1.1 200"),
+        "relayed without a fault: {line:?}"
+    );
+    assert_pristine(&pristine, &a, "after the held connection closed");
 }
