@@ -355,8 +355,9 @@ fn assert_pristine(pristine: &Pristine<'_>, pod: &Pod, when: &str) {
 /// 4 s: a POST and at once a DELETE of the id it returned; a DELETE of each
 /// id racing the POST of the next; DELETEs of random live ids (some already
 /// being deleted). No request may hang; the API must then list exactly the
-/// faults no DELETE named, each acting on the wire and nothing else; and
-/// after deleting them the pod netns is as before.
+/// faults no DELETE named, each acting on the wire and nothing else; a
+/// connection proxied before the race still gets its answer; and after
+/// deleting everything the pod netns is as before.
 #[test]
 fn racing_post_and_delete_on_one_pod() {
     testbed::require_root!();
@@ -368,6 +369,20 @@ fn racing_post_and_delete_on_one_pod() {
         let f = F { kind: k, slot: 0 };
         assert!(!in_effect(f, &a, &b), "{f:?} acts before any fault");
     }
+
+    // A connection proxied before the race (on a port no racing fault
+    // names), open throughout: the proxies that come and go meanwhile
+    // must never cut it.
+    let port = F {
+        kind: Kind::Http,
+        slot: 1,
+    };
+    let h = c.fault(port.body(&a));
+    let held = connect(&a, SocketAddr::new(v4(&b), port.port())).expect("connect");
+    wait_for("the proxy carries the connection", || {
+        c.agent.metric("netfault_proxy_open_connections") == Some(1.0)
+    });
+    c.delete_fault(&h);
 
     let ops = Mutex::new(Ops::default());
     // Every id a POST returned, and every id a DELETE answered for.
@@ -490,6 +505,12 @@ fn racing_post_and_delete_on_one_pod() {
         );
         assert_eq!(listed, acting, "{k:?}: listed {listed}, acting {acting}");
     }
+
+    let line = ask_on(held, "the connection held through the race");
+    assert!(
+        line.starts_with("HTTP/1.1 200"),
+        "the held connection, relayed without a fault: {line:?}"
+    );
 
     for id in survivors.keys() {
         c.delete_fault(id);
