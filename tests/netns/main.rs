@@ -1,6 +1,7 @@
 mod api;
 mod cni;
 mod compose;
+mod concurrency;
 mod crash;
 mod ctl;
 mod ctl_kube;

@@ -16,7 +16,9 @@
 //! once (new connections go direct) and closes the listeners; connections
 //! already proxied finish, relayed without faults: the table keeps only its
 //! connection-level rules (and the policy routing stays) until the last of
-//! them closes, or for at most [`DRAIN_LIMIT`]. Then nothing is left.
+//! them closes, or for at most [`DRAIN_LIMIT`]. Then nothing is left. A
+//! proxy fault that comes back during a drain starts a new proxy; the old
+//! one keeps relaying its connections, and the next drain waits for them.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -142,6 +144,18 @@ impl Connector for PodConnector {
 
 type Leases = Arc<Mutex<Vec<(divert::Diversion, Instant)>>>;
 
+/// A drain in progress: its task and the proxies whose connections it
+/// waits for.
+struct Draining {
+    task: tokio::task::JoinHandle<()>,
+    proxies: Vec<Proxy>,
+}
+
+/// Connections `proxies` serve now.
+fn open_in(proxies: &[Proxy]) -> u64 {
+    proxies.iter().map(Proxy::open_connections).sum()
+}
+
 /// Per sandbox, a number that changes whenever a proxy (re)starts there;
 /// a drain removes the diversion only if its epoch is still current, and
 /// holds the lock while it does.
@@ -233,7 +247,11 @@ pub struct ProxyBackend {
     workers: Option<Arc<Workers>>,
     sandboxes: HashMap<SandboxId, SandboxProxy>,
     /// Sandboxes whose last fault went while connections were open.
-    draining: HashMap<SandboxId, tokio::task::JoinHandle<()>>,
+    draining: HashMap<SandboxId, Draining>,
+    /// Per sandbox, the proxies of drains that a new fault cut short:
+    /// their connections still run on the diversion, so the next drain
+    /// waits for them too (and a release cuts them).
+    carried: HashMap<SandboxId, Vec<Proxy>>,
     epochs: Epochs,
     counters: HashMap<FaultId, Arc<RuleCounters>>,
     tags: HashMap<FaultId, u32>,
@@ -384,7 +402,12 @@ impl ProxyBackend {
     /// (it holds the lock) and one that did not yet never will.
     fn new_epoch(&mut self, sandbox: &SandboxId) {
         if let Some(d) = self.draining.remove(sandbox) {
-            d.abort();
+            d.task.abort();
+            // Their connections go on; the next drain waits for them.
+            self.carried
+                .entry(sandbox.clone())
+                .or_default()
+                .extend(d.proxies);
         }
         let mut epochs = lock(&self.epochs);
         *epochs.entry(sandbox.clone()).or_default() += 1;
@@ -396,6 +419,9 @@ impl ProxyBackend {
         self.new_epoch(sandbox);
         if let Some(sp) = self.sandboxes.remove(sandbox) {
             sp.proxy.shutdown();
+        }
+        for p in self.carried.remove(sandbox).unwrap_or_default() {
+            p.shutdown();
         }
         self.gauge.retire(sandbox);
         lock(&self.epochs).remove(sandbox);
@@ -464,13 +490,21 @@ impl ProxyBackend {
             if self.draining.contains_key(sandbox) {
                 return Ok(());
             }
-            // Nothing of ours runs: remove whatever an earlier agent left.
+            // Nothing of ours runs (a proxy that failed to start may have
+            // cut a drain short): remove whatever is left.
+            for p in self.carried.remove(sandbox).unwrap_or_default() {
+                p.shutdown();
+            }
             return remove_diversion(ns);
         };
         self.gauge.retire(sandbox);
         sp.stop_accepting();
         sp.proxy.set_rules(Vec::new());
-        if sp.proxy.open_connections() == 0 {
+        // With those of earlier proxies here whose drain was cut short.
+        let mut proxies = self.carried.remove(sandbox).unwrap_or_default();
+        proxies.retain(|p| p.open_connections() > 0);
+        proxies.push(sp.proxy.clone());
+        if open_in(&proxies) == 0 {
             self.new_epoch(sandbox);
             return remove_diversion(ns);
         }
@@ -484,13 +518,16 @@ impl ProxyBackend {
         let (sb, p) = (sandbox.clone(), ns.clone());
         let name = sb.clone();
         let started = Instant::now();
+        let waiting = proxies.clone();
         let drain = rt.spawn(async move {
-            while sp.proxy.open_connections() > 0 && started.elapsed() < DRAIN_LIMIT {
+            while open_in(&waiting) > 0 && started.elapsed() < DRAIN_LIMIT {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let open = sp.proxy.open_connections();
+            let open = open_in(&waiting);
             // Past the drain limit: cut what is left.
-            sp.proxy.shutdown();
+            for p in &waiting {
+                p.shutdown();
+            }
             let removed = tokio::task::spawn_blocking(move || {
                 let epochs = lock(&epochs);
                 // A proxy started here since: the diversion is its own now.
@@ -509,7 +546,13 @@ impl ProxyBackend {
             }
             drop(sp);
         });
-        self.draining.insert(sandbox.clone(), drain);
+        self.draining.insert(
+            sandbox.clone(),
+            Draining {
+                task: drain,
+                proxies,
+            },
+        );
         Ok(())
     }
 
@@ -616,6 +659,7 @@ impl BackendOps for ProxyBackend {
     fn holds(&self, sandbox: &SandboxId) -> bool {
         self.sandboxes.contains_key(sandbox)
             || self.draining.contains_key(sandbox)
+            || self.carried.contains_key(sandbox)
             || self.dns_udp.0.holds(sandbox)
     }
 
