@@ -530,7 +530,8 @@ fn run() -> anyhow::Result<()> {
     println!(
         "\n  what the agent holds        no fault yet  after warm-up  during the load  after the load  grew (vs warm-up)"
     );
-    let rows: [(&str, fn(&Held) -> u64); 7] = [
+    type Row = (&'static str, fn(&Held) -> u64);
+    let rows: [Row; 7] = [
         ("agent RSS (KiB)", |h| h.rss_kib),
         ("agent open fds", |h| h.fds as u64),
         ("eBPF nf_sandboxes entries", |h| h.bpf_addrs as u64),

@@ -238,12 +238,14 @@ struct Stream {
     port: u16,
     stop_send: Arc<AtomicBool>,
     stop_recv: Arc<AtomicBool>,
-    sender: JoinHandle<Vec<u64>>,
+    sender: JoinHandle<(Vec<u64>, Vec<bool>)>,
     receiver: JoinHandle<Vec<bool>>,
 }
 
 struct StreamLog {
     sent_ns: Vec<u64>,
+    /// Whether `send` failed, by sequence number.
+    send_failed: Vec<bool>,
     received: Vec<bool>,
 }
 
@@ -271,6 +273,24 @@ impl Stream {
         let rx = in_netns(server.netns_path(), move || UdpSocket::bind((sip, 0)))?
             .context("binding the stream receiver")?;
         rx.set_read_timeout(Some(Duration::from_millis(20)))?;
+        // A large receive buffer, so the receiver never drops on its own.
+        let size: libc::c_int = 32 << 20;
+        // SAFETY: a valid socket fd and a c_int option value of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&rx),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "SO_RCVBUFFORCE on the stream receiver: {}",
+                io::Error::last_os_error()
+            );
+        }
         let dest = rx.local_addr()?;
         let tx = in_netns(client.netns_path(), move || -> io::Result<UdpSocket> {
             let s = UdpSocket::bind(("0.0.0.0", 0))?;
@@ -310,6 +330,7 @@ impl Stream {
             }
             let step = u64::try_from(STREAM_INTERVAL.as_nanos()).unwrap_or(50_000);
             let mut sent = Vec::with_capacity(1 << 18);
+            let mut failed = Vec::with_capacity(1 << 18);
             let mut msg = [0u8; 64];
             let mut next = ns_since(base);
             while !stop.load(Ordering::Relaxed) {
@@ -320,14 +341,14 @@ impl Stream {
                 msg[..8].copy_from_slice(&(sent.len() as u64).to_be_bytes());
                 let t = ns_since(base);
                 sent.push(t);
-                // A failed send shows as a datagram not delivered.
-                let _ = tx.send(&msg);
+                // A failed send is a datagram not delivered, counted apart.
+                failed.push(tx.send(&msg).is_err());
                 next += step;
                 if t > next + 1_000_000 {
                     next = t + step;
                 }
             }
-            sent
+            (sent, failed)
         });
         Ok(Stream {
             base,
@@ -345,7 +366,7 @@ impl Stream {
 
     fn finish(self) -> anyhow::Result<StreamLog> {
         self.stop_send.store(true, Ordering::Relaxed);
-        let sent_ns = self
+        let (sent_ns, send_failed) = self
             .sender
             .join()
             .map_err(|_| anyhow!("stream sender panicked"))?;
@@ -355,7 +376,11 @@ impl Stream {
             .receiver
             .join()
             .map_err(|_| anyhow!("stream receiver panicked"))?;
-        Ok(StreamLog { sent_ns, received })
+        Ok(StreamLog {
+            sent_ns,
+            send_failed,
+            received,
+        })
     }
 }
 
@@ -370,6 +395,8 @@ struct Tte {
     /// DELETE returned (both must be 0); cycles with no effect seen.
     leaked: usize,
     lost_after: usize,
+    /// Of `lost_after`: those whose `send` failed.
+    lost_after_send_failed: usize,
     missed: usize,
 }
 
@@ -429,7 +456,12 @@ fn tte_block(
             Some(s) => out.removal_ms.push((log.sent_ns[s] - t2) as f64 / 1e6),
             None => out.missed += 1,
         }
-        out.lost_after += (s3..se).filter(|&s| !log.delivered(s)).count();
+        let lost: Vec<usize> = (s3..se).filter(|&s| !log.delivered(s)).collect();
+        out.lost_after += lost.len();
+        out.lost_after_send_failed += lost
+            .iter()
+            .filter(|&&s| log.send_failed.get(s).copied().unwrap_or(false))
+            .count();
     }
     Ok(())
 }
@@ -666,7 +698,10 @@ fn run() -> anyhow::Result<()> {
     }
 
     println!("\n== 3. Restart: from the signal until every fault is back (ms)");
-    let wire_names: Vec<&str> = WIRE.iter().map(|k| k.name()).collect();
+    let wire_names: Vec<&str> = WIRE
+        .iter()
+        .map(|k| k.name().split(' ').next().unwrap_or(""))
+        .collect();
     println!(
         "  {:<8} {:>8} {:>10} {}  holders orphans",
         "signal",
@@ -674,7 +709,7 @@ fn run() -> anyhow::Result<()> {
         "API active",
         wire_names
             .iter()
-            .map(|w| format!("{:>20}", format!("wire: {w}")))
+            .map(|w| format!("{:>17}", format!("wire: {w}")))
             .collect::<String>()
     );
     for r in &restarts {
@@ -692,7 +727,7 @@ fn run() -> anyhow::Result<()> {
             ms(r.api),
             r.wire
                 .iter()
-                .map(|(_, d)| format!("{:>20.0}", ms(*d)))
+                .map(|(_, d)| format!("{:>17.0}", ms(*d)))
                 .collect::<String>(),
             r.holders,
             r.orphans
@@ -719,8 +754,8 @@ fn run() -> anyhow::Result<()> {
         println!("    DELETE call          {}", summary(&t.delete_ms));
         println!("    removal effect       {}", summary(&t.removal_ms));
         println!(
-            "    leaks: delivered after POST returned {}, lost after DELETE returned {}, cycles without an effect {}",
-            t.leaked, t.lost_after, t.missed
+            "    leaks: delivered after POST returned {}, lost after DELETE returned {} (send() failed for {}), cycles without an effect {}",
+            t.leaked, t.lost_after, t.lost_after_send_failed, t.missed
         );
     }
     let p99 = |v: &[f64]| quantile(v, 0.99).unwrap_or(f64::NAN);
