@@ -206,7 +206,19 @@ impl Agent {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// [`Agent::restart`], waiting up to `ready` (instead of
+    /// [`READY_TIMEOUT`]) for `GET /healthz`: an agent that reconciles many
+    /// sandboxes at start takes longer.
+    pub fn restart_within(&mut self, ready: Duration) -> Result<()> {
+        self.kill()?;
+        self.spawn_within(ready)
+    }
+
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_within(READY_TIMEOUT)
+    }
+
+    fn spawn_within(&mut self, ready: Duration) -> Result<()> {
         crate::ensure_workspace_bins()?;
         let bin = crate::workspace_bin("netfaultd");
         if !bin.exists() {
@@ -248,12 +260,12 @@ impl Agent {
             .ctx(|| format!("starting {}", bin.display()))?;
         self.pid = child.id();
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready(ready)
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let client = netfault_api::Client::new(self.socket()).with_timeout(Duration::from_secs(1));
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut last = String::from("not started");
         while Instant::now() < deadline {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -273,7 +285,7 @@ impl Agent {
         let tail = self.log_tail(40);
         let _ = self.kill();
         Err(Error::Agent(format!(
-            "netfaultd not ready after {READY_TIMEOUT:?} ({last}); log:\n{tail}"
+            "netfaultd not ready after {timeout:?} ({last}); log:\n{tail}"
         )))
     }
 }

@@ -35,6 +35,7 @@ mod error;
 mod http;
 mod netns;
 mod node;
+pub mod procstat;
 mod stats;
 mod tmp;
 mod traffic;

@@ -28,7 +28,7 @@ pub use engine::REINJECT_MARK;
 pub use error::DelayError;
 pub use queue::{DNS_QUEUE_NUM, QUEUE_NUM};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,11 @@ pub struct NfqueueBackend {
     counters: HashMap<FaultId, Arc<FaultCounters>>,
     /// Each fault's set tag in its sandbox's table, and what is installed.
     tags: nft::Tags,
+    /// Sandboxes whose table this agent removed and has not installed
+    /// since: removing it again (a sync with no faults, e.g. the DNS half
+    /// of every proxy change on a pod without DNS faults) needs no `nft`
+    /// run. Empty at start, so a table an earlier agent left is removed.
+    absent: HashSet<SandboxId>,
 }
 
 impl Default for NfqueueBackend {
@@ -98,6 +103,7 @@ impl NfqueueBackend {
             sandboxes: HashMap::new(),
             counters: HashMap::new(),
             tags: nft::Tags::default(),
+            absent: HashSet::new(),
         }
     }
 
@@ -114,12 +120,18 @@ impl NfqueueBackend {
     /// nothing is diverted to a queue without a listener, which `bypass`
     /// would pass anyway).
     fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
+        if !self.sandboxes.contains_key(sb.id) && self.absent.contains(sb.id) {
+            return Ok(());
+        }
         let layout = self.layout;
         let removed = match sb.netns {
             Some(ns) => ns.run(move |inside| nft::remove_here(inside, layout))?,
             None => Ok(()),
         };
         self.sandboxes.remove(sb.id);
+        if removed.is_ok() {
+            self.absent.insert(sb.id.clone());
+        }
         removed
     }
 
@@ -133,6 +145,8 @@ impl NfqueueBackend {
         if faults.is_empty() {
             return self.remove(sb);
         }
+        // From here on the table may exist, whatever happens below.
+        self.absent.remove(sb.id);
         let Some(ns) = sb.netns else {
             return Err(DelayError::Netns(NetnsError::Gone {
                 path: sb.id.to_string().into(),
@@ -197,7 +211,9 @@ impl NfqueueBackend {
 impl NfqueueBackend {
     /// Removes everything of the sandbox, at once (CNI DEL).
     pub fn release(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
-        self.remove(sb)
+        let r = self.remove(sb);
+        self.absent.remove(sb.id);
+        r
     }
 
     /// The live counters of a fault this engine serves.

@@ -1,0 +1,112 @@
+//! What a process holds, read from `/proc`: memory (RSS, PSS), open file
+//! descriptors and their limit, and child processes. For the scale and load
+//! benches; every reader returns `None` or an empty list when the process is
+//! gone or the file cannot be read.
+
+use std::path::Path;
+
+/// A `NAME: VALUE kB` field of a `/proc` file, in KiB.
+fn kib_field(path: &Path, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Proportional set size (`Pss` of `/proc/PID/smaps_rollup`), in KiB: the
+/// process's private pages plus its share of pages it shares with others.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    kib_field(Path::new(&format!("/proc/{pid}/smaps_rollup")), "Pss")
+}
+
+/// Resident set size (`Rss` of `/proc/PID/smaps_rollup`), in KiB; the same
+/// figure as [`crate::rss_kib`], but `None` when it cannot be read.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    kib_field(Path::new(&format!("/proc/{pid}/smaps_rollup")), "Rss")
+}
+
+/// How many file descriptors the process has open (entries of `/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// The process's `RLIMIT_NOFILE` (soft, hard), from `/proc/PID/limits`;
+/// `u64::MAX` for `unlimited`.
+pub fn nofile_limit(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut it = line["Max open files".len()..].split_whitespace();
+    let parse = |s: &str| {
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
+    Some((parse(it.next()?)?, parse(it.next()?)?))
+}
+
+/// The parent pid (`/proc/PID/stat`, the field after the command's `)`).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The processes whose command line has an argument equal to `arg`, with
+/// their arguments.
+pub fn processes_with_arg(arg: &str) -> Vec<(u32, Vec<String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter().any(|a| a == arg).then_some((pid, args))
+        })
+        .collect()
+}
+
+/// The agent's holder processes (`netfaultd delay-holder ...`, delay and DNS
+/// queues alike) that are children of `agent_pid`.
+pub fn holders_of_agent(agent_pid: u32) -> Vec<u32> {
+    processes_with_arg("delay-holder")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|&pid| parent_pid(pid) == Some(agent_pid))
+        .collect()
+}
+
+/// Holder processes that name one of `sandboxes` (container ids) in their
+/// arguments, whoever their parent is: after a restart, any of them that is
+/// not a child of the new agent is an orphan.
+pub fn holders_naming(sandboxes: &[&str]) -> Vec<u32> {
+    processes_with_arg("delay-holder")
+        .into_iter()
+        .filter(|(_, args)| args.iter().any(|a| sandboxes.contains(&a.as_str())))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(pss_kib(me).is_some_and(|k| k > 0));
+        assert!(rss_kib_of(me).is_some_and(|k| k > 0));
+        assert!(fd_count(me).is_some_and(|n| n >= 3));
+        let (soft, hard) = nofile_limit(me).expect("limits");
+        assert!(soft <= hard);
+        assert_eq!(parent_pid(me), Some(std::os::unix::process::parent_id()));
+        assert_eq!(fd_count(u32::MAX), None);
+    }
+}
