@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use testbed::{udp_probe_with, ProbeOptions};
 
-use crate::support::{delay, loss, proto_port, v4, Cluster, Pristine};
+use crate::support::{assert_no_nft_leftovers, delay, loss, proto_port, v4, Cluster, Pristine};
 
 #[test]
 fn delay_loss_and_rate_compose() {
@@ -42,8 +42,15 @@ fn delay_loss_and_rate_compose() {
         "delivered {mbit:.2} Mbit/s through an 8 Mbit/s limit"
     );
 
-    // Delay: every delivered datagram took ~10 ms more than on an idle veth.
+    // Delay: every delivered datagram took ~10 ms more than on an idle veth,
+    // none less than 9.5 ms (the fast end: load only makes packets later).
     let p50 = testbed::ms(p.median_latency().expect("datagrams delivered"));
+    let fastest = testbed::ms(testbed::quantile(&p.latencies, 0.0).expect("delivered"));
+    eprintln!("compose: one-way latency p50 {p50:.3} ms, min {fastest:.3} ms under a 10 ms delay");
+    assert!(
+        fastest >= 9.5,
+        "a datagram arrived early: one-way latency {fastest:.3} ms under a 10 ms delay"
+    );
     assert!(
         (9.8..=11.0).contains(&p50),
         "one-way latency p50 {p50:.3} ms under a 10 ms delay"
@@ -72,4 +79,125 @@ fn delay_loss_and_rate_compose() {
     let after =
         udp_probe_with(&a, &b, v4(&b), &ProbeOptions { count: 500, ..opts }).expect("probe after");
     assert_eq!(after.received, after.sent, "traffic whole again");
+}
+
+/// One-way latencies of `p` in ms: (p50, max).
+fn p50_max(p: &testbed::UdpProbe) -> (f64, f64) {
+    let lat: Vec<f64> = p.latencies.iter().map(|d| testbed::ms(*d)).collect();
+    let p50 = testbed::quantile(&lat, 0.5).unwrap_or(f64::NAN);
+    (p50, lat.iter().copied().fold(0.0, f64::max))
+}
+
+/// Faults on two pods leave a third pair of pods untouched. Pod `a` loses
+/// all its egress UDP; pod `b` delays all its egress by 20 ms, duplicates
+/// its ingress UDP, and diverts its TCP port 7902 to the proxy. Measured on
+/// the wire while those act (each is shown acting on a and b): between
+/// pods `c` and `d`, on the same ports, every datagram arrives once in each
+/// direction with the baseline's latency (p50 within 0.5 ms, none delayed
+/// by 10 ms or more), and a TCP connection to d's port 7902 is not
+/// diverted (the proxy's open-connection gauge counts only b's). c's and
+/// d's netns stay exactly as they were, with no nft object at all.
+#[test]
+fn faults_on_two_pods_leave_a_third_pair_untouched() {
+    use std::io::{Read, Write};
+    use std::net::SocketAddr;
+    testbed::require_root!();
+    // Alone: the third pair's latency is checked within 0.5 ms.
+    let c = Cluster::exclusive(false);
+    let [a, b, pc, pd] = c.pods(["a", "b", "c", "d"]);
+    let (udp, tcp) = (7901, 7902);
+    let probe = |from: &testbed::Pod, to: &testbed::Pod| {
+        let opts = ProbeOptions {
+            port: udp,
+            count: 1000,
+            interval: Duration::from_micros(500),
+            linger: Duration::from_millis(100),
+            payload_len: 64,
+        };
+        udp_probe_with(from, to, v4(to), &opts).expect("probe")
+    };
+    let base = [probe(&pc, &pd), probe(&pd, &pc)];
+    for p in &base {
+        assert_eq!((p.received, p.duplicates()), (p.sent, 0), "baseline");
+    }
+    let (pristine_c, pristine_d) = (Pristine::of(&pc), Pristine::of(&pd));
+    let _echo_b = testbed::tcp_listen(&b, tcp).expect("echo in b");
+    let echo_d = testbed::tcp_listen(&pd, tcp).expect("echo in d");
+
+    let udp_all = json!({"protocol": "udp"});
+    c.fault_on(&a, "egress", udp_all.clone(), loss(100), "60s");
+    c.fault_on(&b, "egress", json!({}), delay("20ms"), "60s");
+    let dup = json!({"type": "duplicate", "percent": 100});
+    c.fault_on(&b, "ingress", udp_all, dup, "60s");
+    let abort = json!({"type": "http-abort", "status": 503});
+    c.fault_on(&b, "ingress", proto_port("tcp", tcp), abort, "60s");
+
+    // The faults act on a and b.
+    let lost = probe(&a, &b);
+    assert_eq!(lost.received, 0, "a's egress loss acts");
+    let slow = probe(&b, &a);
+    let (slow_p50, _) = p50_max(&slow);
+    assert!(
+        slow_p50 >= 19.5,
+        "b's egress delay acts: p50 {slow_p50:.3} ms"
+    );
+    let doubled = probe(&pc, &b);
+    assert_eq!(
+        doubled.duplicates(),
+        doubled.sent,
+        "b's ingress duplicate acts"
+    );
+    let echo = |from: &testbed::Pod, to: &testbed::Pod| {
+        let mut s = crate::support::connect(from, SocketAddr::new(v4(to), tcp)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        s.write_all(b"not http\r\n").expect("write");
+        let mut back = [0u8; 10];
+        s.read_exact(&mut back).expect("echo back");
+        assert_eq!(&back, b"not http\r\n");
+        s
+    };
+    let gauge = || {
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .expect("the proxy gauge")
+    };
+    let _to_b = echo(&a, &b);
+    assert_eq!(gauge(), 1.0, "the connection to b's port {tcp} is proxied");
+
+    // The third pair.
+    let _to_d = echo(&pc, &pd);
+    assert_eq!(echo_d.accepted(), 1);
+    assert_eq!(
+        gauge(),
+        1.0,
+        "c -> d:{tcp} must not be diverted to the proxy"
+    );
+    for (i, (from, to)) in [(&pc, &pd), (&pd, &pc)].into_iter().enumerate() {
+        let what = format!("{} -> {}", from.name, to.name);
+        let p = probe(from, to);
+        let (p50, max) = p50_max(&p);
+        let (base_p50, base_max) = p50_max(&base[i]);
+        eprintln!(
+            "third pair {what}: {}/{} arrived, {} duplicates, one-way p50 {p50:.3} ms max {max:.3} ms (baseline p50 {base_p50:.3} max {base_max:.3})",
+            p.received,
+            p.sent,
+            p.duplicates()
+        );
+        assert_eq!(
+            (p.unique_received(), p.duplicates(), p.send_errors),
+            (p.sent, 0, 0),
+            "{what}: every datagram once"
+        );
+        assert!(
+            p50 <= base_p50 + 0.5,
+            "{what}: latency p50 {p50:.3} ms vs baseline {base_p50:.3} ms"
+        );
+        assert!(max < 10.0, "{what}: a datagram took {max:.3} ms");
+    }
+    pristine_c.assert_unchanged("c, beside faults on a and b");
+    pristine_d.assert_unchanged("d, beside faults on a and b");
+    for p in [&pc, &pd] {
+        assert_no_nft_leftovers(p, &format!("{}, beside faults on a and b", p.name));
+    }
 }
