@@ -1,7 +1,7 @@
 //! Delay, loss and rate on one pod and one flow at once: each acts, each
 //! counts, and removing them leaves the netns as it was.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use testbed::{udp_probe_with, ProbeOptions};
@@ -81,6 +81,23 @@ fn delay_loss_and_rate_compose() {
     assert_eq!(after.received, after.sent, "traffic whole again");
 }
 
+/// A TCP connection from `from` to `to`'s echo on `port` that has echoed
+/// 10 bytes which are not HTTP (the proxy relays them raw).
+fn echo_binary(from: &testbed::Pod, to: &testbed::Pod, port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::new(v4(to), port);
+    let mut s = crate::support::connect(from, addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let payload = b"\x00\x01binary\xff\xfe";
+    s.write_all(payload).expect("write");
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back)
+        .unwrap_or_else(|e| panic!("{} -> {addr}: echo back: {e}", from.name));
+    assert_eq!(&back, payload);
+    s
+}
+
 /// One-way latencies of `p` in ms: (p50, max).
 fn p50_max(p: &testbed::UdpProbe) -> (f64, f64) {
     let lat: Vec<f64> = p.latencies.iter().map(|d| testbed::ms(*d)).collect();
@@ -89,8 +106,8 @@ fn p50_max(p: &testbed::UdpProbe) -> (f64, f64) {
 }
 
 /// Faults on two pods leave a third pair of pods untouched. Pod `a` loses
-/// all its egress UDP; pod `b` delays all its egress by 20 ms, duplicates
-/// its ingress UDP, and diverts its TCP port 7902 to the proxy. Measured on
+/// all its egress UDP and delays all its egress TCP by 20 ms; pod `b`
+/// duplicates its ingress UDP and diverts its TCP port 7902 to the proxy. Measured on
 /// the wire while those act (each is shown acting on a and b): between
 /// pods `c` and `d`, on the same ports, every datagram arrives once in each
 /// direction with the baseline's latency (p50 within 0.5 ms, none delayed
@@ -99,8 +116,6 @@ fn p50_max(p: &testbed::UdpProbe) -> (f64, f64) {
 /// d's netns stay exactly as they were, with no nft object at all.
 #[test]
 fn faults_on_two_pods_leave_a_third_pair_untouched() {
-    use std::io::{Read, Write};
-    use std::net::SocketAddr;
     testbed::require_root!();
     // Alone: the third pair's latency is checked within 0.5 ms.
     let c = Cluster::exclusive(false);
@@ -126,7 +141,13 @@ fn faults_on_two_pods_leave_a_third_pair_untouched() {
 
     let udp_all = json!({"protocol": "udp"});
     c.fault_on(&a, "egress", udp_all.clone(), loss(100), "60s");
-    c.fault_on(&b, "egress", json!({}), delay("20ms"), "60s");
+    c.fault_on(
+        &a,
+        "egress",
+        json!({"protocol": "tcp"}),
+        delay("20ms"),
+        "60s",
+    );
     let dup = json!({"type": "duplicate", "percent": 100});
     c.fault_on(&b, "ingress", udp_all, dup, "60s");
     let abort = json!({"type": "http-abort", "status": 503});
@@ -135,38 +156,28 @@ fn faults_on_two_pods_leave_a_third_pair_untouched() {
     // The faults act on a and b.
     let lost = probe(&a, &b);
     assert_eq!(lost.received, 0, "a's egress loss acts");
-    let slow = probe(&b, &a);
-    let (slow_p50, _) = p50_max(&slow);
-    assert!(
-        slow_p50 >= 19.5,
-        "b's egress delay acts: p50 {slow_p50:.3} ms"
-    );
     let doubled = probe(&pc, &b);
     assert_eq!(
         doubled.duplicates(),
         doubled.sent,
         "b's ingress duplicate acts"
     );
-    let echo = |from: &testbed::Pod, to: &testbed::Pod| {
-        let mut s = crate::support::connect(from, SocketAddr::new(v4(to), tcp)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        s.write_all(b"not http\r\n").expect("write");
-        let mut back = [0u8; 10];
-        s.read_exact(&mut back).expect("echo back");
-        assert_eq!(&back, b"not http\r\n");
-        s
-    };
     let gauge = || {
         c.agent
             .metric("netfault_proxy_open_connections")
             .expect("the proxy gauge")
     };
-    let _to_b = echo(&a, &b);
+    let t = Instant::now();
+    let _to_b = echo_binary(&a, &b, tcp);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(40),
+        "a's TCP delay acts: connect and echo in {took:?}"
+    );
     assert_eq!(gauge(), 1.0, "the connection to b's port {tcp} is proxied");
 
     // The third pair.
-    let _to_d = echo(&pc, &pd);
+    let _to_d = echo_binary(&pc, &pd, tcp);
     assert_eq!(echo_d.accepted(), 1);
     assert_eq!(
         gauge(),
@@ -200,4 +211,31 @@ fn faults_on_two_pods_leave_a_third_pair_untouched() {
     for p in [&pc, &pd] {
         assert_no_nft_leftovers(p, &format!("{}, beside faults on a and b", p.name));
     }
+}
+
+/// A delay on all of a pod's egress and a proxy fault on one of its ports
+/// at once: a proxied connection must still carry data. It does not today
+/// (found by `faults_on_two_pods_leave_a_third_pair_untouched`): the
+/// connection is established but the echo never comes back, while either
+/// fault alone works. The delay's `egress` chain (postrouting, no interface
+/// match) also sends the proxy's loopback legs to the delay queue.
+#[test]
+#[ignore = "agent bug: a delay on all egress breaks proxied connections on the same pod"]
+fn delay_on_all_egress_and_a_proxied_port_on_one_pod() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let [a, b] = c.pods(["a", "b"]);
+    let port = 7903;
+    let _echo_b = testbed::tcp_listen(&b, port).expect("echo in b");
+    let echo = |what: &str| {
+        let t = Instant::now();
+        drop(echo_binary(&a, &b, port));
+        eprintln!("{what}: echo in {:?}", t.elapsed());
+    };
+    echo("no fault");
+    let abort = json!({"type": "http-abort", "status": 503});
+    c.fault_on(&b, "ingress", proto_port("tcp", port), abort, "60s");
+    echo("proxy");
+    c.fault_on(&b, "egress", json!({}), delay("20ms"), "60s");
+    echo("proxy and a delay on all egress");
 }
