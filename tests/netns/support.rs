@@ -578,6 +578,34 @@ pub fn assert_binomial_loss(
     })
 }
 
+/// UDP datagrams that the sockets of `pod`'s netns dropped because their
+/// receive buffer was full (`RcvbufErrors` of IPv4 and IPv6): a receiver
+/// thread starved by a loaded machine loses datagrams no fault dropped.
+pub fn udp_rcvbuf_errors(pod: &Pod) -> u64 {
+    testbed::in_netns(pod.netns.path(), || {
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{f}"));
+        let mut n = 0;
+        if let Ok(snmp) = read("snmp") {
+            let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+            if let [names, values] = udp[..] {
+                let i = names.split_whitespace().position(|k| k == "RcvbufErrors");
+                n += i
+                    .and_then(|i| values.split_whitespace().nth(i)?.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        if let Ok(snmp6) = read("snmp6") {
+            n += snmp6
+                .lines()
+                .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        n
+    })
+    .expect("enter netns")
+}
+
 /// How many attempts a retried timing or statistical check has at most
 /// (see [`by_majority`]).
 pub const MAJORITY_OF: usize = 3;
