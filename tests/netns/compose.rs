@@ -110,8 +110,9 @@ fn p50_max(p: &testbed::UdpProbe) -> (f64, f64) {
 /// duplicates its ingress UDP and diverts its TCP port 7902 to the proxy. Measured on
 /// the wire while those act (each is shown acting on a and b): between
 /// pods `c` and `d`, on the same ports, every datagram arrives once in each
-/// direction with the baseline's latency (p50 within 0.5 ms, none delayed
-/// by 10 ms or more), and a TCP connection to d's port 7902 is not
+/// direction with the baseline's latency (p50 within 0.5 ms; under 1% as
+/// late as a's 20 ms delay, which a loaded machine's stalls may reach but a
+/// leaked delay would exceed for all), and a TCP connection to d's port 7902 is not
 /// diverted (the proxy's open-connection gauge counts only b's). c's and
 /// d's netns stay exactly as they were, with no nft object at all.
 #[test]
@@ -204,7 +205,15 @@ fn faults_on_two_pods_leave_a_third_pair_untouched() {
             p50 <= base_p50 + 0.5,
             "{what}: latency p50 {p50:.3} ms vs baseline {base_p50:.3} ms"
         );
-        assert!(max < 10.0, "{what}: a datagram took {max:.3} ms");
+        let late = p
+            .latencies
+            .iter()
+            .filter(|d| testbed::ms(**d) >= 19.5)
+            .count();
+        assert!(
+            late * 100 < p.latencies.len(),
+            "{what}: {late} datagrams took 19.5 ms or more (max {max:.3} ms)"
+        );
     }
     pristine_c.assert_unchanged("c, beside faults on a and b");
     pristine_d.assert_unchanged("d, beside faults on a and b");
