@@ -9,7 +9,10 @@
 //! ```
 //!
 //! It prints numbers side by side with the issue's goals; it does not pass or
-//! fail. As non-root it prints one line and exits 0. Sections:
+//! fail on them. It does end with an error when delayed traffic did not go
+//! through the delay queue (the fault's `affected` counter must grow by every
+//! datagram that arrived, and by a packet per 64 KiB of the TCP flow). As
+//! non-root it prints one line and exits 0. Sections:
 //!
 //! 1. Accuracy: one-way latency of a UDP stream between two pods, without and
 //!    with a 10 ms egress delay, at 1k and 20k packets/s. The added delay's
@@ -94,6 +97,7 @@ struct Sample {
 }
 
 /// One stream at `pps` for `secs`; errors relative to `base_ms` + `delay`.
+#[allow(clippy::too_many_arguments)]
 fn stream(
     bed: &AgentNode,
     a: &Pod,
@@ -102,6 +106,7 @@ fn stream(
     secs: f64,
     base_ms: Option<f64>,
     port: u16,
+    fault: Option<&str>,
 ) -> anyhow::Result<(Sample, f64)> {
     let count = (pps as f64 * secs) as u32;
     let opts = ProbeOptions {
@@ -112,8 +117,19 @@ fn stream(
         payload_len: 64,
     };
     let cpu0 = agent_cpu_seconds(bed.agent.pid());
+    let affected0 = fault.map(|id| affected(bed, id)).transpose()?;
     let p = udp_probe_with(a, b, v4(b)?, &opts)?;
     let cpu = agent_cpu_seconds(bed.agent.pid()) - cpu0;
+    if let (Some(id), Some(before)) = (fault, affected0) {
+        // Every datagram that arrived went through the delay queue.
+        let queued = affected(bed, id)? - before;
+        if queued < p.received {
+            anyhow::bail!(
+                "{pps} pps: {} datagrams arrived but the delay fault counted {queued}: not all of them went through the queue",
+                p.received
+            );
+        }
+    }
     let lat: Vec<f64> = p.latencies.iter().copied().map(testbed::ms).collect();
     let median = percentile(&lat, 0.5);
     let (p50, p99) = match base_ms {
@@ -135,6 +151,14 @@ fn stream(
         },
         median,
     ))
+}
+
+/// The `affected` counter of fault `id`: packets its delay queue held.
+fn affected(bed: &AgentNode, id: &str) -> anyhow::Result<u64> {
+    let f = bed.agent.get_fault(id)?;
+    f["counters"]["affected"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("fault {id} has no affected counter: {f}"))
 }
 
 /// A 10-minute egress delay of `latency` on `pod`'s traffic that `matcher` selects.
@@ -175,14 +199,14 @@ fn run() -> anyhow::Result<()> {
     {
         let port = 9100 + i as u16;
         let secs: f64 = if pps <= 1_000 { 2.0 } else { 1.0 };
-        let (_, base) = stream(&bed, &a, &b, pps, secs.min(0.5), None, port)?;
+        let (_, base) = stream(&bed, &a, &b, pps, secs.min(0.5), None, port, None)?;
         let id = delay_fault(
             &bed,
             &a,
             "10ms",
             json!({"protocol": "udp", "ports": port.to_string()}),
         )?;
-        let (s, _) = stream(&bed, &a, &b, pps, secs, Some(base), port)?;
+        let (s, _) = stream(&bed, &a, &b, pps, secs, Some(base), port, Some(&id))?;
         bed.agent.delete_fault(&id)?;
         let lost = s.sent - s.received;
         println!(
@@ -226,13 +250,28 @@ fn run() -> anyhow::Result<()> {
             )?),
             None => None,
         };
-        let mbit = tcp_goodput(&a, &b, 9200, Duration::from_secs(5))?;
+        let before = id.as_deref().map(|id| affected(&bed, id)).transpose()?;
+        let (mbit, bytes) = tcp_goodput(&a, &b, 9200, Duration::from_secs(5))?;
+        let queued = match (id.as_deref(), before) {
+            (Some(id), Some(before)) => {
+                // Segments are at most 64 KiB (GSO): at least one queued
+                // packet per 64 KiB the receiver got.
+                let queued = affected(&bed, id)? - before;
+                if queued < bytes / 65536 {
+                    anyhow::bail!(
+                        "{label}: {bytes} bytes arrived but the delay fault counted {queued} packets: the flow bypassed the queue"
+                    );
+                }
+                format!(", {queued} packets through the queue")
+            }
+            _ => String::new(),
+        };
         let overflows = bed
             .agent
             .metric("netfault_delay_queue_overflows_total")
             .map_or("?".to_string(), |v| v.to_string());
         println!(
-            "   {label:<12} goodput {mbit:>9.1} Mbit/s   (queue overflows so far: {overflows})"
+            "   {label:<12} goodput {mbit:>9.1} Mbit/s   (queue overflows so far: {overflows}{queued})"
         );
         if let Some(id) = id {
             bed.agent.delete_fault(&id)?;
@@ -249,9 +288,9 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bulk transfer from `a` to `b` for `dur`; goodput measured at the receiver
-/// after a 1 s ramp-up excluded.
-fn tcp_goodput(a: &Pod, b: &Pod, port: u16, dur: Duration) -> anyhow::Result<f64> {
+/// Bulk transfer from `a` to `b` for `dur`: goodput (Mbit/s) measured at
+/// the receiver after a 1 s ramp-up excluded, and the bytes it received.
+fn tcp_goodput(a: &Pod, b: &Pod, port: u16, dur: Duration) -> anyhow::Result<(f64, u64)> {
     let ip = v4(b)?;
     let listener = in_netns(b.netns.path(), move || {
         TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port))
@@ -305,5 +344,6 @@ fn tcp_goodput(a: &Pod, b: &Pod, port: u16, dur: Duration) -> anyhow::Result<f64
     drop(client);
     let _ = server.join();
     let (t0, b0) = mark.unwrap_or((start, 0));
-    Ok((end.1 - b0) as f64 * 8.0 / end.0.duration_since(t0).as_secs_f64() / 1e6)
+    let mbit = (end.1 - b0) as f64 * 8.0 / end.0.duration_since(t0).as_secs_f64() / 1e6;
+    Ok((mbit, bytes.load(Ordering::Relaxed)))
 }

@@ -12,15 +12,23 @@
 //! Two pods wired by the CNI chain; an HTTP/1.1 keep-alive server (hyper) in
 //! the server pod; a closed-loop load generator in the client pod (N
 //! keep-alive connections, each sending its next request when the previous
-//! answer is read). Configurations, measured in alternating rounds:
+//! answer is read). Configurations, measured in rounds whose order rotates
+//! (each configuration runs first in turn):
 //! - `direct`: client -> server:8080, no fault;
 //! - `netfault`: the same, with an `http-abort` fault on the server's port
 //!   8080 whose `http.path` never matches: every connection is diverted to
 //!   the agent's proxy, parsed, and relayed;
 //! - `haproxy`: client -> haproxy:8081 in the server pod -> 127.0.0.1:8080.
 //!
-//! Prints req/s, latency p50/p99 per concurrency (1 and 64), ratios, and the
-//! agent's memory per open proxied connection. It does not pass or fail.
+//! Every round reads the proxy's open-connection gauge halfway through: all
+//! N connections for `netfault` (they really were diverted), none for the
+//! others; a wrong count ends the bench with an error.
+//!
+//! Prints req/s, latency p50 and p99 (max under 100 samples) per concurrency
+//! (1 and 64) as the median of rounds with their spread, the per-round
+//! (paired) ratios against direct and haproxy as medians with spread, and
+//! the agent's memory per open proxied connection. It does not pass or fail
+//! on performance.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -38,7 +46,7 @@ use testbed::{in_netns, AgentNode, NodeOptions, Pod};
 const SERVER_PORT: u16 = 8080;
 const HAPROXY_PORT: u16 = 8081;
 const ROUND: Duration = Duration::from_secs(3);
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn main() {
     testbed::bench_main("proxy", run);
@@ -155,6 +163,128 @@ fn pct(samples: &[u32], q: f64) -> f64 {
     testbed::quantile(samples, q).map_or(f64::NAN, f64::from)
 }
 
+/// [`load`], checking the proxy's open-connection gauge halfway through
+/// the round: `proxied` connections (all of them for the `netfault`
+/// configuration, none otherwise), or the round is not what it claims.
+fn measured(
+    agent: &testbed::Agent,
+    rt: &tokio::runtime::Runtime,
+    client: &Pod,
+    to: SocketAddr,
+    conns: usize,
+    proxied: usize,
+) -> anyhow::Result<Load> {
+    std::thread::scope(|s| {
+        let gauge = s.spawn(|| {
+            std::thread::sleep(ROUND / 2);
+            agent.metric("netfault_proxy_open_connections")
+        });
+        let r = rt.block_on(load(client, to, conns, ROUND))?;
+        let seen = gauge
+            .join()
+            .map_err(|_| anyhow::anyhow!("gauge thread panicked"))?;
+        if seen != Some(proxied as f64) {
+            anyhow::bail!(
+                "{conns} connections to {to}: the proxy's open-connection gauge read {seen:?} halfway through the round, expected {proxied}"
+            );
+        }
+        Ok(r)
+    })
+}
+
+/// Requests per second of a round.
+fn rate(l: &Load) -> f64 {
+    l.requests as f64 / l.secs
+}
+
+/// The tail of `samples` (sorted): "p99" over at least 100 samples, else
+/// "max".
+fn tail(samples: &[u32]) -> (&'static str, f64) {
+    if samples.len() >= 100 {
+        ("p99", pct(samples, 0.99))
+    } else {
+        ("max", samples.last().map_or(f64::NAN, |v| f64::from(*v)))
+    }
+}
+
+/// The median of `v`, and its spread as "[min..max]".
+fn median_spread(v: &[f64], decimals: usize) -> String {
+    let m = testbed::quantile(v, 0.5).unwrap_or(f64::NAN);
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{m:.decimals$} [{lo:.decimals$}..{hi:.decimals$}]")
+}
+
+/// Prints each configuration's median round (req/s, p50 and tail latency
+/// with their spread over rounds), then each configuration against
+/// `direct` and `haproxy` as medians of the per-round (paired) ratios and
+/// differences.
+fn report(conns: usize, results: &BTreeMap<&str, Vec<Load>>) {
+    println!(
+        "   {:<9} {:>24} {:>22} {:>26} {:>7}   (median [min..max] of {ROUNDS} rounds)",
+        "config", "req/s", "p50 µs", "tail µs", "errors"
+    );
+    for (name, runs) in results {
+        let rates: Vec<f64> = runs.iter().map(rate).collect();
+        let p50s: Vec<f64> = runs.iter().map(|r| pct(&r.latencies_us, 0.5)).collect();
+        let tails: Vec<(&str, f64)> = runs.iter().map(|r| tail(&r.latencies_us)).collect();
+        let label = if tails.iter().all(|(l, _)| *l == "p99") {
+            "p99"
+        } else {
+            "max"
+        };
+        let tail_v: Vec<f64> = tails.iter().map(|(_, v)| *v).collect();
+        let samples: usize = runs.iter().map(|r| r.latencies_us.len()).sum();
+        let errors: u64 = runs.iter().map(|r| r.errors).sum();
+        println!(
+            "   {name:<9} {:>24} {:>22} {label} {:>22} {errors:>7}   ({samples} requests)",
+            median_spread(&rates, 0),
+            median_spread(&p50s, 0),
+            median_spread(&tail_v, 0),
+        );
+    }
+    let Some(n) = results.get("netfault") else {
+        return;
+    };
+    for (other, goal) in [
+        ("direct", "goal >= 70% of req/s, p99 <= +300 µs"),
+        ("haproxy", "goal >= 100% of req/s"),
+    ] {
+        let Some(o) = results.get(other) else {
+            continue;
+        };
+        let pairs: Vec<(&Load, &Load)> = n.iter().zip(o).collect();
+        let ratio: Vec<f64> = pairs
+            .iter()
+            .map(|(n, o)| 100.0 * rate(n) / rate(o))
+            .collect();
+        let d50: Vec<f64> = pairs
+            .iter()
+            .map(|(n, o)| pct(&n.latencies_us, 0.5) - pct(&o.latencies_us, 0.5))
+            .collect();
+        type Tails<'a> = Vec<((&'a str, f64), (&'a str, f64))>;
+        let tails: Tails = pairs
+            .iter()
+            .map(|(n, o)| (tail(&n.latencies_us), tail(&o.latencies_us)))
+            .collect();
+        let label = if tails
+            .iter()
+            .all(|((a, _), (b, _))| *a == "p99" && *b == "p99")
+        {
+            "p99"
+        } else {
+            "max"
+        };
+        let dtail: Vec<f64> = tails.iter().map(|((_, a), (_, b))| a - b).collect();
+        println!(
+            "   netfault vs {other} (paired rounds, c={conns}): req/s {}%, p50 {} µs, {label} {} µs ({goal})",
+            median_spread(&ratio, 1),
+            median_spread(&d50, 0),
+            median_spread(&dtail, 0)
+        );
+    }
+}
+
 fn start_haproxy(server: &Pod, dir: &Path) -> anyhow::Result<Child> {
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
@@ -215,7 +345,7 @@ fn run() -> anyhow::Result<()> {
     let _hg = HaproxyGuard(haproxy);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "netfault proxy bench (kernel {}, {} CPUs); closed loop, keep-alive, {} rounds of {:?} per configuration, alternating",
+        "netfault proxy bench (kernel {}, {} CPUs); closed loop, keep-alive, {} rounds of {:?} per configuration, in rotating order; every round checks the proxy's open-connection gauge (all connections proxied for netfault, none otherwise)",
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         ROUNDS,
@@ -230,64 +360,41 @@ fn run() -> anyhow::Result<()> {
         "action": {"type": "http-abort", "status": 503, "http": {"path": "/never-matches"}},
         "duration": "30m"
     });
+    const CONFIGS: [&str; 3] = ["direct", "netfault", "haproxy"];
     for conns in [1usize, 64] {
         println!("\n== concurrency {conns}");
-        println!(
-            "   {:<9} {:>10} {:>9} {:>9} {:>7}",
-            "config", "req/s", "p50 µs", "p99 µs", "errors"
-        );
+        // Per configuration, one Load per round (None: not run that round).
         let mut results: BTreeMap<&str, Vec<Load>> = BTreeMap::new();
-        for _ in 0..ROUNDS {
-            let r = rt
-                .block_on(load(&client, direct, conns, ROUND))
-                .context("direct load")?;
-            results.entry("direct").or_default().push(r);
-            match agent.post_fault(&fault_body) {
-                Ok(id) => {
-                    let r = rt.block_on(load(&client, direct, conns, ROUND));
-                    agent.delete_fault(&id)?;
-                    results
-                        .entry("netfault")
-                        .or_default()
-                        .push(r.context("load through netfault")?);
-                }
-                Err(e) => println!("   netfault proxy fault refused: {e}"),
+        for round in 0..ROUNDS {
+            // Rotate the order each round so no configuration always runs
+            // first (or right after the fault's install).
+            for k in 0..CONFIGS.len() {
+                let name = CONFIGS[(k + round) % CONFIGS.len()];
+                let r = match name {
+                    "direct" => {
+                        measured(agent, &rt, &client, direct, conns, 0).context("direct load")?
+                    }
+                    "haproxy" if _hg.0.is_some() => {
+                        measured(agent, &rt, &client, via_haproxy, conns, 0)
+                            .context("load through haproxy")?
+                    }
+                    "haproxy" => continue,
+                    _ => match agent.post_fault(&fault_body) {
+                        Ok(id) => {
+                            let r = measured(agent, &rt, &client, direct, conns, conns);
+                            agent.delete_fault(&id)?;
+                            r.context("load through netfault")?
+                        }
+                        Err(e) => {
+                            println!("   netfault proxy fault refused: {e}");
+                            continue;
+                        }
+                    },
+                };
+                results.entry(name).or_default().push(r);
             }
-            if _hg.0.is_some() {
-                let r = rt
-                    .block_on(load(&client, via_haproxy, conns, ROUND))
-                    .context("load through haproxy")?;
-                results.entry("haproxy").or_default().push(r);
-            }
         }
-        let mut summary: BTreeMap<&str, (f64, f64, f64)> = BTreeMap::new();
-        for (name, runs) in &results {
-            // Median round by throughput; latency from all samples.
-            let mut rates: Vec<f64> = runs.iter().map(|r| r.requests as f64 / r.secs).collect();
-            rates.sort_by(f64::total_cmp);
-            let rate = rates[rates.len() / 2];
-            let mut lat: Vec<u32> = runs.iter().flat_map(|r| r.latencies_us.clone()).collect();
-            lat.sort_unstable();
-            let errors: u64 = runs.iter().map(|r| r.errors).sum();
-            let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
-            println!("   {name:<9} {rate:>10.0} {p50:>9.0} {p99:>9.0} {errors:>7}");
-            summary.insert(name, (rate, p50, p99));
-        }
-        if let (Some(d), Some(n)) = (summary.get("direct"), summary.get("netfault")) {
-            println!(
-                "   netfault vs direct: {:.1}% of req/s (goal >= 70%), p50 {:+.0} µs, p99 {:+.0} µs (goal <= +300 µs)",
-                n.0 / d.0 * 100.0,
-                n.1 - d.1,
-                n.2 - d.2
-            );
-        }
-        if let (Some(h), Some(n)) = (summary.get("haproxy"), summary.get("netfault")) {
-            println!(
-                "   netfault vs haproxy: {:.1}% of req/s (goal >= 100%), p99 {:+.0} µs",
-                n.0 / h.0 * 100.0,
-                n.2 - h.2
-            );
-        }
+        report(conns, &results);
     }
 
     // Memory per open proxied connection.
@@ -321,17 +428,27 @@ fn run() -> anyhow::Result<()> {
             let Ok(req) = hyper::Request::get("/warm").body(Empty::<Bytes>::new()) else {
                 break;
             };
-            if let Ok(resp) = tx.send_request(req).await {
-                let _ = resp.into_body().collect().await;
-            }
-            kept.push(tx);
+            let answered = match tx.send_request(req).await {
+                Ok(resp) => resp.into_body().collect().await.is_ok(),
+                Err(_) => false,
+            };
+            kept.push((tx, answered));
         }
         kept
     });
+    let answered = kept.iter().filter(|(_, ok)| *ok).count();
     std::thread::sleep(Duration::from_millis(300));
     let after = testbed::rss_kib(agent.pid());
+    let gauge = agent
+        .metric("netfault_proxy_open_connections")
+        .unwrap_or(0.0);
+    if gauge < answered as f64 {
+        anyhow::bail!(
+            "{answered} connections answered and kept open, but the proxy's open-connection gauge reads {gauge}: not all of them were diverted"
+        );
+    }
     println!(
-        "   {} idle keep-alive connections through the proxy: agent RSS {} -> {} KiB, {:.1} KiB per connection",
+        "   {} idle keep-alive connections through the proxy ({answered} answered; the open-connection gauge reads {gauge}): agent RSS {} -> {} KiB, {:.1} KiB per connection",
         kept.len(),
         before,
         after,

@@ -421,13 +421,15 @@ fn bad_annotations_do_not_stop_the_pod() {
     assert_connected(&a, &b, v4);
     // The agent records the error rather than failing the pod (contract:
     // an Event with the exact error, no fault, pod untouched).
-    if let Some(s) = find(&sandboxes(&c.agent), &a.container_id) {
-        assert!(s["annotation_error"].is_string(), "recorded: {s}");
-        assert!(
-            s["birth_faults"].as_array().is_none_or(Vec::is_empty),
-            "no fault applied: {s}"
-        );
-    }
+    let list = sandboxes(&c.agent);
+    let s = find(&list, &a.container_id).expect("the pod is enrolled despite its annotations");
+    assert!(s["annotation_error"].is_string(), "recorded: {s}");
+    assert!(
+        s["birth_faults"].as_array().is_none_or(Vec::is_empty),
+        "no fault applied: {s}"
+    );
+    let faults = c.all_faults();
+    assert!(faults.is_empty(), "no fault applied: {faults:?}");
     node.del_pod(&a).expect("DEL");
     node.del_pod(&b).expect("DEL");
 }

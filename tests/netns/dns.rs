@@ -19,7 +19,8 @@ use testbed::dnsserver::{
 use testbed::{ms, Pod};
 
 use crate::support::{
-    connect, fault_on, in_pod, netns_state, nft_objects, Cluster, Pristine, Repeat,
+    assert_no_nft_leftovers, by_majority, connect, fault_on, in_pod, netns_state, nft_objects,
+    Cluster, Pristine, Repeat, MAJORITY_OF,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -496,6 +497,11 @@ fn dns_drop_times_out_dig_and_glibc() {
 /// The median round trip of `n` UDP queries for `name` (A) sent every 2 ms
 /// (kernel receive stamps); asserts each got the zone's real answer.
 fn query_p50(b: &Bed, name: &str, n: u16, linger: Duration) -> Duration {
+    testbed::quantile(&query_rtts(b, name, n, linger), 0.5).expect("answers")
+}
+
+/// The round trips of [`query_p50`]'s queries.
+fn query_rtts(b: &Bed, name: &str, n: u16, linger: Duration) -> Vec<Duration> {
     let got = udp_queries(
         &b.client,
         b.server_udp(),
@@ -515,36 +521,44 @@ fn query_p50(b: &Bed, name: &str, n: u16, linger: Duration) -> Duration {
         );
         rtts.extend(e.rtt);
     }
-    testbed::quantile(&rtts, 0.5).expect("answers")
+    rtts
 }
 
 /// `dns-delay` 100 ms: the real answer arrives 100 ms later, p50 within
-/// 1 ms, against a baseline measured in the same test.
+/// 1 ms, against a baseline measured in the same test, and no answer
+/// earlier than 99.5 ms (the fast end, on every sample: load only makes
+/// answers later). The p50 bound is decided by a majority of up to 3
+/// samples.
 #[test]
 fn dns_delay_adds_the_delay_at_p50() {
     testbed::require_root!();
     let b = Bed::exclusive();
     let base = query_p50(&b, API, 200, 50 * MS);
     let id = b.fault(json!({"type": "dns-delay", "delay": "100ms"}));
-    let mut errors = Vec::new();
-    for attempt in 0..3 {
-        let p50 = query_p50(&b, API, 200, 250 * MS);
+    by_majority("dns-delay 100ms", MAJORITY_OF, 250 * MS, |_| {
+        let rtts = query_rtts(&b, API, 200, 250 * MS);
+        let p50 = testbed::quantile(&rtts, 0.5).expect("answers");
+        let fastest = testbed::quantile(&rtts, 0.0).expect("answers");
         let err = ms(p50) - ms(base) - 100.0;
+        let early = ms(fastest) - ms(base) - 100.0;
         eprintln!(
-            "dns-delay 100ms: p50 {:.3} ms, baseline {:.3} ms, error {err:+.3} ms",
+            "dns-delay 100ms: p50 {:.3} ms, min {:.3} ms, baseline {:.3} ms, error p50 {err:+.3} ms, min {early:+.3} ms",
             ms(p50),
+            ms(fastest),
             ms(base)
         );
-        errors.push(err);
-        if err.abs() <= 1.0 {
-            break;
-        }
         assert!(
-            attempt < 2,
-            "added latency off by {errors:?} ms, 3 times in a row"
+            early >= -0.5,
+            "an answer came {:.3} ms early under a 100 ms dns-delay",
+            -early
         );
-        std::thread::sleep(250 * MS);
-    }
+        let verdict = if err.abs() <= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("added latency off by {err:+.3} ms"))
+        };
+        ((), verdict)
+    });
     let (matched, affected) = b.counters(&id);
     assert!(
         affected >= 200 && matched >= affected,
@@ -603,10 +617,9 @@ fn dns_selectors_names_types_and_percent() {
     let n: u16 = 400;
     let (p, nf) = (0.3, f64::from(n));
     let (mean, sigma) = (nf * p, (nf * p * (1.0 - p)).sqrt());
-    let (mut sent, mut seen_errors) = (0u64, 0u64);
-    // A correct datapath lands outside 3σ in 0.27% of samples: one outlier
-    // is measured again (two in a row: p ≈ 7e-6), as the loss tests do.
-    for attempt in 0..2 {
+    // A correct datapath lands outside 3σ in 0.27% of samples: decided by
+    // a majority of up to 3 samples, as the loss tests do.
+    let samples = by_majority("dns-error percent 30", MAJORITY_OF, Duration::ZERO, |_| {
         let got = udp_queries(
             &b.client,
             b.server_udp(),
@@ -627,21 +640,20 @@ fn dns_selectors_names_types_and_percent() {
                 other => panic!("unexpected rcode {other}"),
             }
         }
-        sent += u64::from(n);
-        seen_errors += errors;
         eprintln!(
             "percent 30: {errors}/{n} NXDOMAIN ({:.1}%), expected {mean:.0} ± {:.0} (3σ)",
             errors as f64 * 100.0 / nf,
             3.0 * sigma
         );
-        if (errors as f64 - mean).abs() <= 3.0 * sigma {
-            break;
-        }
-        assert_eq!(
-            attempt, 0,
-            "{errors} of {n} outside 3σ of {mean}, twice in a row"
-        );
-    }
+        let verdict = if (errors as f64 - mean).abs() <= 3.0 * sigma {
+            Ok(())
+        } else {
+            Err(format!("{errors} of {n} outside 3σ of {mean}"))
+        };
+        (errors, verdict)
+    });
+    let sent = u64::from(n) * samples.len() as u64;
+    let seen_errors: u64 = samples.iter().sum();
     let (matched, affected) = b.counters(&id);
     assert_eq!(
         (matched, affected),
@@ -981,8 +993,7 @@ fn dns_no_leftovers_after_delete_and_cni_del() {
     b.c.node.del_pod(&b.client).expect("CNI DEL");
     assert!(!b.c.has_fault(&id), "the fault is listed after DEL");
     assert!(!b.c.enrolled(&b.client), "enrolled after DEL");
-    let objects = nft_objects(&b.client);
-    assert!(objects <= 1, "nft objects left after DEL: {objects}");
+    assert_no_nft_leftovers(&b.client, "after CNI DEL");
     // eth0 is gone with its veth; what is left must be a subset of before.
     let after = netns_state(b.client.netns_path(), "lo");
     assert_eq!(

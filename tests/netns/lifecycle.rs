@@ -8,8 +8,8 @@ use serde_json::json;
 use testbed::udp_probe;
 
 use crate::support::{
-    blackhole, bpffs_pins, loss, nft_objects, pod_state, proto_port, timed_stream, v4, Cluster,
-    Pristine, Stack,
+    assert_no_nft_leftovers, blackhole, bpffs_pins, loss, pod_state, proto_port, timed_stream, v4,
+    Cluster, Pristine, Stack,
 };
 
 const GAP: Duration = Duration::from_micros(200);
@@ -146,10 +146,6 @@ fn no_leftovers_after_removal_expiry_and_del() {
     c.node.del_pod(&a).expect("CNI DEL");
     assert!(!c.has_fault(&f3), "fault still listed after DEL");
     assert!(!c.enrolled(&a), "sandbox still enrolled after DEL");
-    let after_del = nft_objects(&a);
-    assert!(
-        after_del <= 1,
-        "nft objects left in the pod netns after DEL: {after_del}"
-    );
+    assert_no_nft_leftovers(&a, "the pod netns after DEL");
     assert!(bpffs_pins().is_empty());
 }

@@ -1,4 +1,5 @@
 mod api;
+mod birth;
 mod cni;
 mod compose;
 mod concurrency;

@@ -407,6 +407,52 @@ pub fn nft_objects(pod: &Pod) -> usize {
         .unwrap_or(0)
 }
 
+/// Every object of an `nft -j list ruleset` answer except its `metainfo`,
+/// by identity (kind, family, table, name or chain and handle): volatile
+/// parts such as counters and set elements' expiry are left out.
+fn nft_identities(ruleset: &Value) -> Vec<String> {
+    ruleset["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .flat_map(|o| o.iter())
+        .filter(|(kind, _)| *kind != "metainfo")
+        .map(|(kind, v)| {
+            let field = |k: &str| v.get(k).map(Value::to_string).unwrap_or_default();
+            match kind.as_str() {
+                "table" => format!("table {} {}", field("family"), field("name")),
+                "rule" => format!(
+                    "rule {} {} {} handle {}",
+                    field("family"),
+                    field("table"),
+                    field("chain"),
+                    field("handle")
+                ),
+                other => format!(
+                    "{other} {} {} {}",
+                    field("family"),
+                    field("table"),
+                    field("name")
+                ),
+            }
+        })
+        .collect()
+}
+
+/// What is left of nftables in `pod`'s netns: every table, chain, rule, set,
+/// map... (the netns is the test's own, so all of it is netfault's). A
+/// leftover check requires this to be empty.
+pub fn nft_leftovers(pod: &Pod) -> Vec<String> {
+    nft_identities(&nft_ruleset(pod))
+}
+
+/// Asserts that `pod`'s netns holds no nftables object at all.
+pub fn assert_no_nft_leftovers(pod: &Pod, when: &str) {
+    let left = nft_leftovers(pod);
+    assert!(left.is_empty(), "{when}: nft objects left: {left:?}");
+}
+
 /// Everything in a netns that netfault could have left behind.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NetnsState {
@@ -414,6 +460,8 @@ pub struct NetnsState {
     pub filters: Vec<String>,
     pub tcx: Vec<String>,
     pub nft_tables: Vec<String>,
+    /// Every nft object (tables, chains, rules, sets) by identity.
+    pub nft: Vec<String>,
     pub routes: Vec<String>,
     pub rules: Vec<String>,
 }
@@ -440,9 +488,9 @@ pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
         // Raw JSON: the typed schema does not know every expression (tproxy).
         let raw = nftables::helper::get_current_ruleset_raw(
             nftables::helper::DEFAULT_NFT,
-            ["list", "tables"],
+            nftables::helper::DEFAULT_ARGS,
         )
-        .expect("nft -j list tables");
+        .expect("nft -j list ruleset");
         let listed: Value = serde_json::from_str(&raw).expect("nft JSON");
         let nft_tables = listed["nftables"]
             .as_array()
@@ -451,6 +499,7 @@ pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
             .filter_map(|o| o.get("table"))
             .map(|t| format!("{} {}", t["family"], t["name"]))
             .collect();
+        let nft = nft_identities(&listed);
         let mut sock = netfault_sys::rtnetlink::RtSocket::open().expect("netlink");
         NetnsState {
             qdiscs: qdiscs
@@ -460,6 +509,7 @@ pub fn netns_state(netns: &Path, ifname: &str) -> NetnsState {
             filters: filters.iter().map(|f| format!("{f:?}")).collect(),
             tcx,
             nft_tables,
+            nft,
             routes: sock.route_summary().expect("routes"),
             rules: sock.rule_summary().expect("rules"),
         }
@@ -509,30 +559,106 @@ fn within_3_sigma(sent: u64, received: u64, loss: f64) -> Result<(), String> {
 /// Measures with `probe` and asserts the delivered count is within 3 sigma
 /// of a binomial with delivery probability `1 - loss`, and that the sender
 /// saw no error. A correct datapath still lands outside 3σ in 0.27% of
-/// samples; so that CI does not flake on that, one outlier is re-measured
-/// with a fresh sample (two outliers in a row: p ≈ 7e-6). Returns every
-/// sample taken, for counter checks.
+/// samples; so the check is decided by a majority of [`MAJORITY_OF`] fresh
+/// samples ([`by_majority`]: two outliers of three, p ≈ 2e-5, fail). A send
+/// error fails at once. Returns every sample taken, for counter checks.
 pub fn assert_binomial_loss(
     mut probe: impl FnMut() -> testbed::UdpProbe,
     loss: f64,
     what: &str,
 ) -> Vec<testbed::UdpProbe> {
-    let mut samples = Vec::new();
-    for attempt in 0..2 {
+    by_majority(what, MAJORITY_OF, Duration::ZERO, |_| {
         let p = probe();
         assert_eq!(
             p.send_errors, 0,
             "{what}: the sender saw errors; loss must be silent"
         );
         let verdict = within_3_sigma(p.sent, p.received, loss);
-        samples.push(p);
+        (p, verdict)
+    })
+}
+
+/// UDP datagrams that the sockets of `pod`'s netns dropped because their
+/// receive buffer was full (`RcvbufErrors` of IPv4 and IPv6): a receiver
+/// thread starved by a loaded machine loses datagrams no fault dropped.
+pub fn udp_rcvbuf_errors(pod: &Pod) -> u64 {
+    testbed::in_netns(pod.netns.path(), || {
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{f}"));
+        let mut n = 0;
+        if let Ok(snmp) = read("snmp") {
+            let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+            if let [names, values] = udp[..] {
+                let i = names.split_whitespace().position(|k| k == "RcvbufErrors");
+                n += i
+                    .and_then(|i| values.split_whitespace().nth(i)?.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        if let Ok(snmp6) = read("snmp6") {
+            n += snmp6
+                .lines()
+                .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        n
+    })
+    .expect("enter netns")
+}
+
+/// How many attempts a retried timing or statistical check has at most
+/// (see [`by_majority`]).
+pub const MAJORITY_OF: usize = 3;
+
+/// Runs a retried check: `attempt(i)` measures afresh and returns what it
+/// measured and whether that passed (`Err`: why not). The check passes once
+/// a majority of `of` attempts passed and fails once a majority failed, so
+/// a check that fails half the time fails about half the time, and a lone
+/// miss (a neighbour's load burst) does not. After a failed attempt it
+/// waits `pause`. It prints how many attempts it needed, and returns
+/// everything measured.
+pub fn by_majority<T>(
+    what: &str,
+    of: usize,
+    pause: Duration,
+    mut attempt: impl FnMut(usize) -> (T, Result<(), String>),
+) -> Vec<T> {
+    assert!(of % 2 == 1, "{what}: an odd number of attempts");
+    let need = of / 2 + 1;
+    let mut samples = Vec::new();
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    for i in 0..of {
+        let (sample, verdict) = attempt(i);
+        samples.push(sample);
+        let failed = verdict.is_err();
         match verdict {
-            Ok(()) => return samples,
-            Err(e) if attempt == 0 => eprintln!("{what}: outlier, measuring again: {e}"),
-            Err(e) => panic!("{what}: {e} (twice in a row)"),
+            Ok(()) => passed += 1,
+            Err(e) => {
+                eprintln!("{what}: attempt {} of at most {of} failed: {e}", i + 1);
+                failures.push(e);
+            }
+        }
+        if passed >= need {
+            eprintln!(
+                "{what}: passed {passed} of {} attempts (needs {need} of {of})",
+                i + 1
+            );
+            return samples;
+        }
+        if failures.len() >= need {
+            panic!(
+                "{what}: failed {} of {} attempts (a majority of {of}): {}",
+                failures.len(),
+                i + 1,
+                failures.join("; ")
+            );
+        }
+        if failed {
+            std::thread::sleep(pause);
         }
     }
-    samples
+    unreachable!("{what}: {of} attempts decide a majority")
 }
 
 /// A UDP stream whose packets carry their send time, to locate on the wire
