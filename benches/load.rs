@@ -42,7 +42,7 @@ use anyhow::{anyhow, bail, Context};
 use aya::maps::{Array, HashMap, Map, MapData};
 use netfault_ebpf::{AddrKey, RawRule};
 use serde_json::{json, Value};
-use testbed::{in_netns, procstat, quantile, AgentNode, NodeOptions, Pod};
+use testbed::{in_netns, procstat, summary_ms, AgentNode, NodeOptions, Pod};
 
 fn main() {
     testbed::bench_main("load", run);
@@ -352,29 +352,6 @@ fn worker(
     out
 }
 
-fn summary(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "n=0".into();
-    }
-    let q = |p| quantile(v, p).unwrap_or(f64::NAN);
-    if v.len() >= 100 {
-        format!(
-            "n={:<6} p50 {:>7.2}  p99 {:>7.2}  max {:>8.2} ms",
-            v.len(),
-            q(0.5),
-            q(0.99),
-            q(1.0)
-        )
-    } else {
-        format!(
-            "n={:<6} p50 {:>7.2}  max {:>8.2} ms",
-            v.len(),
-            q(0.5),
-            q(1.0)
-        )
-    }
-}
-
 fn run() -> anyhow::Result<()> {
     let seconds = env("NETFAULT_LOAD_SECONDS", 60).max(1) as f64;
     let rate = env("NETFAULT_LOAD_RATE", 1000).max(1) as f64;
@@ -505,14 +482,14 @@ fn run() -> anyhow::Result<()> {
             .collect()
     };
     println!("  latency per operation (client side: connect, request, answer)");
-    println!("    POST   {}", summary(&lat(&|s| s.op == Op::Post)));
-    println!("    DELETE {}", summary(&lat(&|s| s.op == Op::Delete)));
+    println!("    POST   {}", summary_ms(&lat(&|s| s.op == Op::Post)));
+    println!("    DELETE {}", summary_ms(&lat(&|s| s.op == Op::Delete)));
     for &k in &kinds {
         println!(
             "    {:<22} POST {}   DELETE {}",
             k.name(),
-            summary(&lat(&|s| s.op == Op::Post && s.kind == k)),
-            summary(&lat(&|s| s.op == Op::Delete && s.kind == k))
+            summary_ms(&lat(&|s| s.op == Op::Post && s.kind == k)),
+            summary_ms(&lat(&|s| s.op == Op::Delete && s.kind == k))
         );
     }
     let errors = errors.into_inner().unwrap_or_default();

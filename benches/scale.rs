@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 use testbed::{
-    http_get, http_serve, in_netns, ms, procstat, quantile, udp_probe, Agent, AgentNode,
-    NodeOptions, Pod,
+    http_get, http_serve, in_netns, ms, procstat, quantile, summary_ms, udp_probe, Agent,
+    AgentNode, NodeOptions, Pod,
 };
 
 /// The node's pod range is a /24: the gateway and 252 pods at most here.
@@ -161,30 +161,6 @@ impl Kind {
 
 // ---------------------------------------------------------------------------
 // Statistics
-
-/// p50, p99 (only over >= 100 samples) and max of durations in ms.
-fn summary(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "n=0".into();
-    }
-    let q = |p| quantile(v, p).unwrap_or(f64::NAN);
-    if v.len() >= 100 {
-        format!(
-            "n={:<4} p50 {:>8.2}  p99 {:>8.2}  max {:>8.2} ms",
-            v.len(),
-            q(0.5),
-            q(0.99),
-            q(1.0)
-        )
-    } else {
-        format!(
-            "n={:<4} p50 {:>8.2}  max {:>8.2} ms",
-            v.len(),
-            q(0.5),
-            q(1.0)
-        )
-    }
-}
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -663,16 +639,16 @@ fn run() -> anyhow::Result<()> {
         enrol_total.as_secs_f64(),
         n as f64 / enrol_total.as_secs_f64()
     );
-    println!("  per ADD, whole chain:        {}", summary(&chain));
-    println!("  per ADD, the netfault plugin: {}", summary(&plugin));
+    println!("  per ADD, whole chain:        {}", summary_ms(&chain));
+    println!("  per ADD, the netfault plugin: {}", summary_ms(&plugin));
     println!(
         "  fault creation: {faulted} POSTs in {:.2} s; per POST {}",
         post_total.as_secs_f64(),
-        summary(&all_post)
+        summary_ms(&all_post)
     );
     for k in KINDS {
         if let Some(v) = post_ms.get(&k) {
-            println!("    {:<24} {}", k.name(), summary(v));
+            println!("    {:<24} {}", k.name(), summary_ms(v));
         }
     }
 
@@ -749,10 +725,10 @@ fn run() -> anyhow::Result<()> {
         ("idle (2 pods)".to_string(), &quiet),
     ] {
         println!("  {name}");
-        println!("    POST call            {}", summary(&t.post_ms));
-        println!("    effect (first drop)  {}", summary(&t.effect_ms));
-        println!("    DELETE call          {}", summary(&t.delete_ms));
-        println!("    removal effect       {}", summary(&t.removal_ms));
+        println!("    POST call            {}", summary_ms(&t.post_ms));
+        println!("    effect (first drop)  {}", summary_ms(&t.effect_ms));
+        println!("    DELETE call          {}", summary_ms(&t.delete_ms));
+        println!("    removal effect       {}", summary_ms(&t.removal_ms));
         println!(
             "    leaks: delivered after POST returned {}, lost after DELETE returned {} (send() failed for {}), cycles without an effect {}",
             t.leaked, t.lost_after, t.lost_after_send_failed, t.missed

@@ -18,6 +18,30 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// p50, p99 (only over at least 100 samples) and max of `v`, in ms.
+pub fn summary_ms(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n=0".into();
+    }
+    let q = |p| quantile(v, p).unwrap_or(f64::NAN);
+    if v.len() >= 100 {
+        format!(
+            "n={:<5} p50 {:>8.2}  p99 {:>8.2}  max {:>8.2} ms",
+            v.len(),
+            q(0.5),
+            q(0.99),
+            q(1.0)
+        )
+    } else {
+        format!(
+            "n={:<5} p50 {:>8.2}  max {:>8.2} ms",
+            v.len(),
+            q(0.5),
+            q(1.0)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

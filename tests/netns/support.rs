@@ -939,18 +939,10 @@ pub fn wait_for_quiet_cpu() {
 
 /// The delay holder processes serving `pod`'s sandbox.
 pub fn holders_of(pod: &Pod) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            let holder = args.contains(&b"delay-holder".as_slice())
-                && args.contains(&pod.container_id.as_bytes());
-            holder.then_some(pid)
-        })
+    testbed::procstat::processes_with_arg("delay-holder")
+        .into_iter()
+        .filter(|(_, args)| args.iter().any(|a| a == pod.container_id.as_str()))
+        .map(|(pid, _)| pid)
         .collect()
 }
 
