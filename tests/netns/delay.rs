@@ -12,7 +12,7 @@ use testbed::{ms, udp_probe, Pod};
 
 use crate::support::{
     assert_no_nft_leftovers, by_majority, connect, delay, fault_on, holders_of, in_pod, loss,
-    nft_ruleset, proto_port, tcp_pair, udp_bind, v4, v6, Cluster, Pristine, Repeat, MAJORITY_OF,
+    nft_ruleset, proto_port, tcp_pair, udp_bind, v4, v6, Cluster, Pristine, Repeat,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -230,7 +230,7 @@ fn assert_undelayed(r: &Rtts, base: Duration, what: &str) {
 /// property is decided by a majority of up to this many windows spread over
 /// ~1 s ([`by_majority`]), so an error in most windows is the engine, not
 /// the machine.
-const ATTEMPTS: usize = MAJORITY_OF;
+const ATTEMPTS: usize = 5;
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// The jitter test's measurements: more, since a whole attempt is void when
 /// the host stalls the VM (its fixed reference then comes milliseconds late).
@@ -272,16 +272,19 @@ fn assert_fixed_delay(
         let got = r.received();
         let err = |q: f64| ms(quantile(&got, q)) - ms(base) - ms(delay);
         let (min, p50, p99) = (err(0.0), err(0.5), err(0.99));
+        // The fast end is judged on the raw round trip: no packet can beat
+        // the delay, and a noisy baseline must not make one look early.
+        let fast = ms(quantile(&got, 0.0)) - ms(delay);
         eprintln!(
             "{what}: added-RTT error min {min:+.3} ms, p50 {p50:+.3} ms, p99 {p99:+.3} ms (baseline {:.3} ms, {} pings)",
             ms(base),
             got.len()
         );
         assert!(
-            min >= -FAST_SLACK,
-            "{what}: a ping came back {:.3} ms early: added RTT {:.3} ms under a {:.3} ms delay (baseline {:.3} ms)",
-            -min,
-            min + ms(delay),
+            fast >= -FAST_SLACK,
+            "{what}: a ping came back {:.3} ms early: RTT {:.3} ms under a {:.3} ms delay (baseline {:.3} ms)",
+            -fast,
+            fast + ms(delay),
             ms(delay),
             ms(base)
         );
@@ -466,7 +469,7 @@ fn jitter_distributions_match_model() {
                 assert_eq!(r.lost(), 0, "{dist}: a delay must not drop");
                 assert_eq!(fixed.lost(), 0, "the fixed reference delay must not drop");
                 let received = fixed.received();
-                let fastest = ms(quantile(&received, 0.0)) - base - lat;
+                let fastest = ms(quantile(&received, 0.0)) - lat;
                 assert!(
                     fastest >= -FAST_SLACK,
                     "the 30 ms reference: a ping came back {:.3} ms early",
@@ -818,7 +821,7 @@ fn delay_both_directions_composes_with_loss() {
     let (mean, sigma) = (n * 0.3, (n * 0.3 * 0.7).sqrt());
     let got = r.received();
     let p50 = ms(r.quantile(0.5)) - ms(base);
-    let fastest = ms(r.quantile(0.0)) - ms(base);
+    let fastest = ms(r.quantile(0.0));
     eprintln!("delay both 10ms + loss 30%: lost {lost} of {n} (expected {mean:.0} ± {:.0}), added RTT p50 {p50:.3} ms, min {fastest:.3} ms", 3.0 * sigma);
     assert!(
         fastest >= 20.0 - FAST_SLACK,
@@ -948,7 +951,7 @@ fn tcp_is_delayed() {
     let id = c.fault_on(&a, "egress", tcp, delay("20ms"), "60s");
     let delayed = echoes(50);
     let with = quantile(&delayed, 0.5);
-    let fastest = ms(quantile(&delayed, 0.0)) - ms(base);
+    let fastest = ms(quantile(&delayed, 0.0));
     c.delete_fault(&id);
     let after = quantile(&echoes(20), 0.5);
     let added = ms(with) - ms(base);
