@@ -11,7 +11,9 @@ use crate::support::{assert_no_nft_leftovers, delay, loss, proto_port, v4, Clust
 #[test]
 fn delay_loss_and_rate_compose() {
     testbed::require_root!();
-    // Alone: the delay's p50 is checked within 1 ms.
+    // Alone: the delay's p50 is checked within 2 ms (the engine's own
+    // accuracy is delay.rs's and the delay bench's; here 2,000 datagrams
+    // a second also go through the loss and rate programs).
     let c = Cluster::exclusive(false);
     let [a, b] = c.pods(["a", "b"]);
     let pristine = Pristine::of(&a);
@@ -52,7 +54,7 @@ fn delay_loss_and_rate_compose() {
         "a datagram arrived early: one-way latency {fastest:.3} ms under a 10 ms delay"
     );
     assert!(
-        (9.8..=11.0).contains(&p50),
+        (9.8..=12.0).contains(&p50),
         "one-way latency p50 {p50:.3} ms under a 10 ms delay"
     );
 
@@ -223,28 +225,50 @@ fn faults_on_two_pods_leave_a_third_pair_untouched() {
 }
 
 /// A delay on all of a pod's egress and a proxy fault on one of its ports
-/// at once: a proxied connection must still carry data. It does not today
-/// (found by `faults_on_two_pods_leave_a_third_pair_untouched`): the
-/// connection is established but the echo never comes back, while either
-/// fault alone works. The delay's `egress` chain (postrouting, no interface
-/// match) also sends the proxy's loopback legs to the delay queue.
+/// at once: a proxied connection still carries data, through the proxy
+/// (its open-connection gauge counts it) and delayed (b's SYN-ACK and echo
+/// leave through the delay: at least 2 x 20 ms). Found by
+/// `faults_on_two_pods_leave_a_third_pair_untouched`: the delay table's
+/// chains used to queue the proxy's loopback legs to the server in b too,
+/// and the echo never came back.
 #[test]
-#[ignore = "agent bug: a delay on all egress breaks proxied connections on the same pod"]
 fn delay_on_all_egress_and_a_proxied_port_on_one_pod() {
     testbed::require_root!();
     let c = Cluster::new(false);
     let [a, b] = c.pods(["a", "b"]);
     let port = 7903;
     let _echo_b = testbed::tcp_listen(&b, port).expect("echo in b");
+    let gauge = || {
+        c.agent
+            .metric("netfault_proxy_open_connections")
+            .expect("the proxy gauge")
+    };
     let echo = |what: &str| {
         let t = Instant::now();
-        drop(echo_binary(&a, &b, port));
-        eprintln!("{what}: echo in {:?}", t.elapsed());
+        let s = echo_binary(&a, &b, port);
+        let took = t.elapsed();
+        eprintln!("{what}: connect and echo in {took:?}");
+        (s, took)
     };
-    echo("no fault");
+    let (s, _) = echo("no fault");
+    drop(s);
     let abort = json!({"type": "http-abort", "status": 503});
     c.fault_on(&b, "ingress", proto_port("tcp", port), abort, "60s");
-    echo("proxy");
+    let (s, _) = echo("proxy");
+    assert_eq!(gauge(), 1.0, "the connection to b's port {port} is proxied");
+    drop(s);
     c.fault_on(&b, "egress", json!({}), delay("20ms"), "60s");
-    echo("proxy and a delay on all egress");
+    for round in 0..5 {
+        let (s, took) = echo("proxy and a delay on all egress");
+        assert!(
+            took >= Duration::from_millis(40),
+            "round {round}: b's egress delay acts on the proxied connection: {took:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while gauge() != 1.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(gauge(), 1.0, "round {round}: the connection is proxied");
+        drop(s);
+    }
 }

@@ -247,7 +247,7 @@ const FAST_SLACK: f64 = 0.5;
 /// Asserts a fixed delay on pings from `probe`: every ping came back and no
 /// ping came back more than [`FAST_SLACK`] before `delay` (checked on every
 /// sample, at once: being early is never the machine's noise); added RTT p50
-/// within ±0.5 ms of `delay`, and p99 at most [`TAIL_SLACK`] after it. The
+/// within ±0.5 ms of `delay` (the early side judged on the raw RTT), and p99 at most [`TAIL_SLACK`] after it. The
 /// tests share 2 cores with the kernel's background teardown of earlier
 /// tests' namespaces, and one descheduled client thread moves a p99 by
 /// milliseconds; so the p50 and p99 bounds are decided by a majority of
@@ -288,7 +288,11 @@ fn assert_fixed_delay(
             ms(delay),
             ms(base)
         );
-        let verdict = if p50.abs() <= 0.5 && p99 <= TAIL_SLACK {
+        // The p50 may not be more than 0.5 ms early on the raw round trip
+        // (a baseline measured during a load burst would make an exact
+        // median look early), nor more than 0.5 ms late over the baseline.
+        let early = p50 + ms(base) < -0.5;
+        let verdict = if !early && p50 <= 0.5 && p99 <= TAIL_SLACK {
             Ok(())
         } else {
             Err(format!("p50 error {p50:+.3} ms, p99 error {p99:+.3} ms"))
@@ -922,7 +926,8 @@ fn delay_correlation_makes_successive_delays_close() {
 
 /// TCP is delayed too: echo round trips on one established connection
 /// (TCP_NODELAY, one small write, read it back) take 20 ms longer with a
-/// 20 ms egress delay on the client's TCP port; median within ±0.5 ms.
+/// 20 ms egress delay on the client's TCP port: no echo early, median
+/// within ±0.5 ms (by a majority of samples), the baseline back after removal.
 #[test]
 fn tcp_is_delayed() {
     use std::io::{Read, Write};
@@ -949,22 +954,31 @@ fn tcp_is_delayed() {
     let base = quantile(&echoes(50), 0.5);
     let tcp = proto_port("tcp", srv.port());
     let id = c.fault_on(&a, "egress", tcp, delay("20ms"), "60s");
-    let delayed = echoes(50);
-    let with = quantile(&delayed, 0.5);
-    let fastest = ms(quantile(&delayed, 0.0));
+    by_majority("tcp echo under 20 ms", ATTEMPTS, RETRY_PAUSE, |_| {
+        let delayed = echoes(50);
+        let with = ms(quantile(&delayed, 0.5));
+        let fastest = ms(quantile(&delayed, 0.0));
+        let added = with - ms(base);
+        eprintln!(
+            "tcp echo round trip: +{added:.3} ms p50, {fastest:.3} ms min (model +20); baseline {:.3} ms",
+            ms(base)
+        );
+        assert!(
+            fastest >= 20.0 - FAST_SLACK,
+            "an echo came back early: {fastest:.3} ms under a 20 ms delay"
+        );
+        // Early judged on the raw round trip, late over the baseline (see
+        // assert_fixed_delay).
+        let verdict = if with >= 20.0 - 0.5 && added <= 20.5 {
+            Ok(())
+        } else {
+            Err(format!("p50 added {added:.3} ms"))
+        };
+        ((), verdict)
+    });
     c.delete_fault(&id);
     let after = quantile(&echoes(20), 0.5);
-    let added = ms(with) - ms(base);
-    eprintln!(
-        "tcp echo round trip: +{added:.3} ms p50, +{fastest:.3} ms min (model +20); baseline {:.3} ms, after removal {:.3} ms",
-        ms(base),
-        ms(after)
-    );
-    assert!(
-        fastest >= 20.0 - FAST_SLACK,
-        "an echo came back early: added {fastest:.3} ms under a 20 ms delay"
-    );
-    assert!((added - 20.0).abs() <= 0.5, "added {added:.3} ms");
+    eprintln!("tcp echo after removal: {:.3} ms", ms(after));
     assert!(after < base + MS, "baseline not restored: {after:?}");
 }
 

@@ -24,11 +24,31 @@ pub enum Gate {
     Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
 }
 
+/// Whether a timing test holds `GATE` alone (then it is the only gated
+/// test running, so its retries may wait for a quiet machine).
+static EXCLUSIVE_HELD: AtomicBool = AtomicBool::new(false);
+
 impl Gate {
     /// For a test that starts agents or traffic without a [`Cluster`]: it
     /// may run beside other such tests, never beside a timing test.
     pub fn shared() -> Gate {
         Gate::Shared(GATE.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// For a timing test: no other gated test runs while it is held.
+    pub fn exclusive() -> Gate {
+        let g = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
+        EXCLUSIVE_HELD.store(true, Ordering::SeqCst);
+        g
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if matches!(self, Gate::Exclusive(_)) {
+            // Still held here: the guard drops after this.
+            EXCLUSIVE_HELD.store(false, Ordering::SeqCst);
+        }
     }
 }
 
@@ -83,7 +103,7 @@ impl Cluster {
 
     /// [`Cluster::exclusive`] with a node built from `opts`.
     pub fn exclusive_with(opts: NodeOptions) -> Cluster {
-        let gate = Gate::Exclusive(GATE.write().unwrap_or_else(|p| p.into_inner()));
+        let gate = Gate::exclusive();
         wait_for_quiet_cpu();
         Cluster::with_gate(opts, gate)
     }
@@ -656,6 +676,12 @@ pub fn by_majority<T>(
         }
         if failed {
             std::thread::sleep(pause);
+            // A timing test alone on the machine retries once the kernel's
+            // background work (the teardown of earlier tests' namespaces,
+            // which comes in bursts) has let go of the CPUs again.
+            if EXCLUSIVE_HELD.load(Ordering::SeqCst) {
+                wait_for_quiet_cpu();
+            }
         }
     }
     unreachable!("{what}: {of} attempts decide a majority")

@@ -58,18 +58,28 @@ pub const FAMILY: &str = "inet";
 pub struct Layout {
     pub table: &'static str,
     pub queue: u16,
+    /// Whether packets on the loopback interface pass undiverted (a rule
+    /// `oifname "lo" accept` in `egress`, `iifname "lo" accept` in
+    /// `ingress`). The delay engine skips them: a delay acts on the pod's
+    /// network, like the eBPF faults on its interface, and the in-agent
+    /// proxy's legs to a server in the same pod run over loopback.
+    pub skip_loopback: bool,
 }
 
 /// The delay engine's table and queue.
 pub const DELAY: Layout = Layout {
     table: "netfault",
     queue: super::queue::QUEUE_NUM,
+    skip_loopback: true,
 };
 
 /// The DNS engine's table and queue (UDP queries of `dns-*` faults).
 pub const DNS: Layout = Layout {
     table: "netfault_dns",
     queue: super::queue::DNS_QUEUE_NUM,
+    // A resolver on the pod's loopback is still a resolver whose answers
+    // a `dns-*` fault acts on.
+    skip_loopback: false,
 };
 
 impl Layout {
@@ -216,6 +226,11 @@ pub fn ruleset(l: Layout, diversions: &[Diversion]) -> Transaction {
             accept(),
         ],
     ));
+    if l.skip_loopback {
+        for (chain, key) in [("egress", MetaKey::Oifname), ("ingress", MetaKey::Iifname)] {
+            tx.add(nft.rule(chain, vec![eq(meta(key), word("lo")), accept()]));
+        }
+    }
     for d in diversions {
         fault_cmds(l, d, &mut tx);
     }
@@ -271,7 +286,9 @@ fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
     let mut listed = Listed::default();
     let mut foreign = false;
     let mut chains = BTreeSet::new();
-    let (mut queue_rules, mut reinject) = (0usize, false);
+    // Rules without a fault set: the reinject-mark rule and, with
+    // `skip_loopback`, one loopback rule per base chain.
+    let (mut queue_rules, mut plain_egress, mut plain_ingress) = (0usize, 0usize, 0usize);
     for o in objects {
         if let Some(set) = o.get("set").filter(|s| ours(s)) {
             match set["name"].as_str().and_then(tag_of) {
@@ -294,7 +311,8 @@ fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
                     .entry(tag)
                     .or_default()
                     .push((chain.to_string(), h)),
-                ("egress", None, _) if !reinject => reinject = true,
+                ("egress", None, _) => plain_egress += 1,
+                ("ingress", None, _) => plain_ingress += 1,
                 _ => foreign = true,
             }
         }
@@ -303,7 +321,9 @@ fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
         .iter()
         .all(|c| chains.contains(*c))
         && chains.len() == 3;
-    listed.complete = skeleton && queue_rules == 1 && reinject && !foreign;
+    let lo = usize::from(l.skip_loopback);
+    listed.complete =
+        skeleton && queue_rules == 1 && plain_egress == 1 + lo && plain_ingress == lo && !foreign;
     Ok(Some(listed))
 }
 
@@ -571,6 +591,18 @@ mod tests {
             rule(
                 "egress",
                 7,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                "right": "lo"}}, {"accept": null}]),
+            ),
+            rule(
+                "ingress",
+                8,
+                json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                "right": "lo"}}, {"accept": null}]),
+            ),
+            rule(
+                "egress",
+                10,
                 json!([{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
                 "right": "@f3"}}, {"goto": {"target": "divert"}}]),
             ),
@@ -603,7 +635,10 @@ mod tests {
         assert_eq!(l.sets, BTreeSet::from([3, 12]));
         assert_eq!(
             l.rules.get(&3),
-            Some(&vec![("egress".to_string(), 7), ("egress".to_string(), 11)])
+            Some(&vec![
+                ("egress".to_string(), 10),
+                ("egress".to_string(), 11)
+            ])
         );
         assert_eq!(l.rules.get(&12), Some(&vec![("ingress".to_string(), 9)]));
     }
@@ -628,6 +663,26 @@ mod tests {
                 .expect("table exists");
             assert!(!l.complete, "{extra} went unnoticed");
         }
+    }
+
+    /// A table from an agent that did not skip loopback is rebuilt, not
+    /// kept: its rules would divert the proxy's loopback legs.
+    #[test]
+    fn a_table_without_the_loopback_rules_is_incomplete() {
+        let raw = listing(&[]);
+        let v: Value = serde_json::from_str(&raw).expect("json");
+        let without: Vec<Value> = v["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|o| !o.to_string().contains("ifname"))
+            .cloned()
+            .collect();
+        let raw = json!({ "nftables": without }).to_string();
+        let l = parse_listing(DELAY, &raw)
+            .expect("parses")
+            .expect("table exists");
+        assert!(!l.complete, "{l:?}");
     }
 
     #[test]
@@ -702,15 +757,15 @@ mod tests {
     fn listed_1_3_4() -> Listed {
         let rules = |r: &[(&str, u32)]| r.iter().map(|&(c, h)| (c.to_string(), h)).collect();
         let rules = BTreeMap::from([
-            (1, rules(&[("egress", 6), ("egress", 7)])),
-            (3, rules(&[("egress", 10), ("ingress", 12)])),
+            (1, rules(&[("egress", 8), ("egress", 9)])),
+            (3, rules(&[("egress", 12), ("ingress", 14)])),
             (
                 4,
                 rules(&[
-                    ("egress", 16),
-                    ("egress", 19),
-                    ("ingress", 22),
-                    ("ingress", 25),
+                    ("egress", 18),
+                    ("egress", 21),
+                    ("ingress", 24),
+                    ("ingress", 27),
                 ]),
             ),
         ]);
