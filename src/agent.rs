@@ -181,6 +181,24 @@ impl Agent {
         Ok(())
     }
 
+    /// Starts a second netfaultd beside this one, on the same socket and
+    /// state dir (a DaemonSet rollout with `maxSurge`): it takes the node
+    /// over (hand-over) and is ready once it serves the socket (`GET
+    /// /healthz` names its pid). `self` keeps the earlier process, retired:
+    /// it exits at [`Agent::stop`] once what it holds is released.
+    pub fn start_successor(&self) -> Result<Agent> {
+        let mut next = Agent {
+            dir: self.dir.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            child: None,
+            pid: 0,
+            log_offset: 0,
+        };
+        next.spawn()?;
+        Ok(next)
+    }
+
     /// Sets `key=value` in the environment of every later (re)start.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
@@ -263,6 +281,15 @@ impl Agent {
         self.wait_ready(ready)
     }
 
+    /// Whether a `GET /healthz` body comes from this process (a body
+    /// without a pid, from an older agent, counts as this one's).
+    fn serves(&self, body: &[u8]) -> bool {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+            .is_none_or(|pid| pid == u64::from(self.pid))
+    }
+
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let client = netfault_api::Client::new(self.socket()).with_timeout(Duration::from_secs(1));
         let deadline = Instant::now() + timeout;
@@ -276,7 +303,12 @@ impl Agent {
                 )));
             }
             match client.raw("GET", "/healthz", None) {
-                Ok(r) if r.status == 200 => return Ok(()),
+                // The socket is this process's (an earlier agent handing
+                // the node over to it answers until it binds the path).
+                Ok(r) if r.status == 200 && self.serves(&r.body) => return Ok(()),
+                Ok(r) if r.status == 200 => {
+                    last = "an earlier agent still serves the socket".into()
+                }
                 Ok(r) => last = format!("GET /healthz answered {}", r.status),
                 Err(e) => last = e.to_string(),
             }

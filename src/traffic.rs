@@ -205,6 +205,12 @@ pub fn udp_probe_ext(
     let rx = bind_udp_port(to, any, port)?;
     rx.set_read_timeout(Some(Duration::from_millis(20)))
         .ctx(|| "SO_RCVTIMEO".into())?;
+    // A deep receive buffer (past rmem_max, as root): a receiving thread
+    // descheduled for a few milliseconds on a busy machine must not lose
+    // datagrams the probe would count as the network's loss.
+    setsockopt(&rx, sockopt::RcvBufForce, &(8 << 20))
+        .or_else(|_| setsockopt(&rx, sockopt::RcvBuf, &(8 << 20)))
+        .ctx(|| "SO_RCVBUF".into())?;
     let tx = in_netns(from.netns.path(), move || UdpSocket::bind((any, 0)))?
         .ctx(|| format!("binding UDP in pod {}", from.name))?;
     // Without IP_RECVERR, UDP hides a local drop (ENOBUFS from NET_XMIT_DROP)

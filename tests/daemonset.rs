@@ -200,6 +200,12 @@ fn kustomization_renders_the_expected_objects() {
     let ds = find(&objs, "DaemonSet");
     assert_eq!(ds["metadata"]["name"], "netfault");
     assert_eq!(ds["metadata"]["namespace"], "netfault");
+    // A rollout hands each node over from the old agent to the new one,
+    // which must run beside it for that (surge, never a node without one).
+    assert_eq!(
+        ds["spec"]["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["serviceAccountName"], "netfault");
     assert_eq!(spec["hostNetwork"], true);

@@ -126,6 +126,7 @@ fn status_of(e: &AgentError) -> StatusCode {
             "conflict" => StatusCode::CONFLICT,
             "unauthorized" => StatusCode::UNAUTHORIZED,
             "policy_denied" => StatusCode::FORBIDDEN,
+            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         },
         AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,7 +149,14 @@ fn error(e: AgentError) -> Resp {
         body.error.field = Some("body".into());
         body.error.message = fe.message;
     }
-    json(status, &body)
+    let mut r = json(status, &body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+    }
+    r
 }
 
 fn bad(field: &str, msg: &str) -> AgentError {
@@ -216,7 +224,13 @@ impl Api {
         let read = method == Method::GET || method == Method::HEAD;
         match peer {
             Peer::Unix { pid, uid, gid } => {
-                let resp = self.route(req).await;
+                // The hand-over is for a new agent on this node only: the
+                // unix socket, never the TCP listener.
+                let resp = if path.starts_with("/v1/handover") {
+                    self.handover(req).await
+                } else {
+                    self.route(req).await
+                };
                 let status = resp.status().as_u16();
                 // SO_PEERCRED reports pid 0 for a caller outside the agent's pid
                 // namespace (the DaemonSet runs with hostPID: false, so the CNI
@@ -271,15 +285,64 @@ impl Api {
         }
     }
 
+    /// `POST /v1/handover` and `POST /v1/handover/commit`, body
+    /// `{"successor": ID}` (see `registry::handover`).
+    async fn handover(self: Arc<Self>, req: Request<Incoming>) -> Resp {
+        let commit = match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/handover") => false,
+            (&Method::POST, "/v1/handover/commit") => true,
+            (_, path) => {
+                return error(AgentError::Field(FieldError::not_found(
+                    "path",
+                    &format!(
+                        "no such endpoint {path} (POST /v1/handover, POST /v1/handover/commit)"
+                    ),
+                )))
+            }
+        };
+        let v = match body_json(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let Some(successor) = v.get("successor").and_then(Value::as_u64) else {
+            return error(bad(
+                "successor",
+                "must be the new agent's id (an unsigned integer)",
+            ));
+        };
+        let reg = self.registry.clone();
+        let done = blocking(move || {
+            if commit {
+                reg.commit_handover(successor)
+            } else {
+                reg.freeze(successor)
+            }
+        })
+        .await;
+        let resp = match done {
+            Ok(()) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "state": if commit { "retired" } else { "frozen" },
+                    "pid": std::process::id(),
+                }),
+            ),
+            Err(e) => error(e),
+        };
+        self.metrics.count_request(resp.status().as_u16());
+        resp
+    }
+
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Resp {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let reg = self.registry.clone();
         let result: Result<Resp, AgentError> = match (&method, segs.as_slice()) {
-            (&Method::GET, ["healthz"]) => {
-                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
-            }
+            (&Method::GET, ["healthz"]) => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "pid": std::process::id()}),
+            )),
             (&Method::GET, ["metrics"]) => {
                 let text = self.metrics.render(&reg);
                 let mut r = Response::new(Full::new(Bytes::from(text)));

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// The machine-readable kind of an API error, as spelled on the wire
 /// (`"invalid"`, `"missing"`, `"unsupported"`, `"not_found"`, `"conflict"`,
-/// `"internal"`, `"unauthorized"`, `"policy_denied"`).
+/// `"internal"`, `"unauthorized"`, `"policy_denied"`, `"unavailable"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -27,6 +27,9 @@ pub enum ErrorCode {
     /// Valid, but the agent's policy refuses it; the message names the rule
     /// (HTTP 403).
     PolicyDenied,
+    /// The agent is handing its pods over to a new agent and takes no
+    /// change meanwhile; try again shortly (HTTP 503).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::PolicyDenied => "policy_denied",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -82,6 +86,9 @@ impl FieldError {
     }
     pub fn conflict(field: &str, message: &str) -> Self {
         Self::new(ErrorCode::Conflict, field, message)
+    }
+    pub fn unavailable(message: &str) -> Self {
+        Self::new(ErrorCode::Unavailable, "agent", message)
     }
     /// Nests this error under `prefix` (for faults inside an annotation list).
     pub fn prefixed(mut self, prefix: &str) -> Self {

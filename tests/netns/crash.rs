@@ -679,3 +679,156 @@ fn sigterm_restart_gap_per_backend() {
         );
     }
 }
+
+/// Hand-over (a DaemonSet rollout with `maxSurge`): with a fault of every
+/// backend on one pod, each probed on the wire without pause, a second
+/// agent starts beside the first on the same socket and state dir. It
+/// freezes the first, installs every fault beside it (its own delay and
+/// DNS holders on the other queue numbers, its own proxy listeners, the
+/// diversions switched in one kernel transaction each) and commits; the
+/// first retires, and at SIGTERM lets its holders release what they hold
+/// at its time and exits. No probe of any backend may miss its fault at
+/// any moment, and no probe may see anything but the fault. Afterwards the
+/// new agent serves every fault, only its holders run, and deleting the
+/// faults leaves the netns exactly as before them.
+#[test]
+fn handover_to_a_new_agent_has_no_gap() {
+    testbed::require_root!();
+    let mut c = Cluster::new(false);
+    let [a, b] = c.pods(["a", "b"]);
+    let _servers = servers(&b);
+    let pristine = Pristine::of(&a);
+    let ids: Vec<String> = KINDS.iter().map(|k| c.fault(k.body(&a))).collect();
+    for kind in KINDS {
+        assert!(
+            in_effect(kind, &a, &b),
+            "{kind:?} acts before the hand-over"
+        );
+    }
+    let before_holders = holders_of(&a);
+    assert_eq!(before_holders.len(), 2, "a delay and a DNS holder");
+    let old_pid = c.agent.pid();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (took, drained, samples) = std::thread::scope(|s| {
+        let probes: Vec<_> = KINDS
+            .iter()
+            .map(|&kind| {
+                let (a, b, stop) = (&a, &b, &stop);
+                s.spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let r = try_acts_once(kind, a, b, i);
+                        seen.push((t, Instant::now(), r));
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let next = c
+            .agent
+            .start_successor()
+            .unwrap_or_else(|e| panic!("the new agent does not take over: {e}"));
+        let took = t.elapsed();
+        let mut old = std::mem::replace(&mut c.agent, next);
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        old.stop(Duration::from_secs(25))
+            .expect("SIGTERM the earlier agent");
+        let drained = t.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples: Vec<_> = probes
+            .into_iter()
+            .map(|p| p.join().expect("probe thread"))
+            .collect();
+        (took, drained, samples)
+    });
+    eprintln!(
+        "the new agent took over in {took:?}; the earlier one exited {drained:?} after SIGTERM"
+    );
+    let t0 = samples
+        .iter()
+        .filter_map(|s| s.first().map(|f| f.0))
+        .min()
+        .expect("probes ran");
+    for (kind, seen) in KINDS.iter().zip(&samples) {
+        let mut last = None;
+        for (start, _, r) in seen {
+            let now = match r {
+                Ok(true) => "fault",
+                Ok(false) => "direct",
+                Err(_) => "failed",
+            };
+            if last != Some(now) {
+                let at = start.duration_since(t0).as_secs_f64();
+                eprintln!("  {kind:?} at {at:.3} s: {now}");
+                last = Some(now);
+            }
+        }
+    }
+    if samples.iter().any(|s| gap(s) > Duration::ZERO) {
+        let log = std::fs::read_to_string(c.agent.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!(
+            "agent log:\n{}",
+            lines[lines.len().saturating_sub(80)..].join("\n")
+        );
+    }
+    for (kind, seen) in KINDS.iter().zip(&samples) {
+        let missed = seen.iter().filter(|s| s.2 == Ok(false)).count();
+        let failed: Vec<&String> = seen.iter().filter_map(|s| s.2.as_ref().err()).collect();
+        eprintln!(
+            "{kind:?}: {} probes, {missed} saw no fault, {} saw something else {failed:?}, gap {:?}",
+            seen.len(),
+            failed.len(),
+            gap(seen)
+        );
+        assert!(seen.len() >= 10, "{kind:?}: too few probes");
+        assert!(
+            failed.is_empty(),
+            "{kind:?}: probes saw neither the fault nor the direct answer: {failed:?}"
+        );
+        assert_eq!(
+            gap(seen),
+            Duration::ZERO,
+            "{kind:?}: a gap in the hand-over"
+        );
+    }
+    assert!(
+        drained < Duration::from_secs(20),
+        "the earlier agent did not drain in time"
+    );
+    // Only the new agent's holders run, and it serves every fault.
+    let after_holders = holders_of(&a);
+    assert_eq!(
+        after_holders.len(),
+        2,
+        "the new agent's delay and DNS holders"
+    );
+    assert!(
+        after_holders.iter().all(|p| !before_holders.contains(p)),
+        "an earlier holder is left: {before_holders:?} -> {after_holders:?}"
+    );
+    assert_ne!(c.agent.pid(), old_pid);
+    for id in &ids {
+        assert_eq!(
+            c.get_fault(id)["state"],
+            "active",
+            "{id} after the hand-over"
+        );
+    }
+    for kind in KINDS {
+        assert!(in_effect(kind, &a, &b), "{kind:?} acts after the hand-over");
+    }
+    for id in &ids {
+        c.delete_fault(id);
+    }
+    pristine.assert_restored("after the hand-over and DELETE");
+    assert!(holders_of(&a).is_empty(), "a holder is left after DELETE");
+}

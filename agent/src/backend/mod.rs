@@ -226,6 +226,22 @@ pub trait BackendOps: Send {
 
     /// What this backend can do on this node, and why not.
     fn availability(&self) -> Availability;
+
+    /// A new agent has taken the node over (hand-over, see
+    /// `docs/design.md`): from now on this backend changes nothing in the
+    /// kernel on its own (no lease re-arms, no new listeners, no drains
+    /// removing a diversion), while what is in flight goes on.
+    fn retire(&mut self) {}
+
+    /// This agent is exiting after a hand-over: what it still holds is
+    /// released at its time (delay holders), never early or lost.
+    fn drain(&mut self) {}
+
+    /// Whether nothing is held any more (after [`BackendOps::drain`]):
+    /// holders exited, proxied connections closed.
+    fn drained(&mut self) -> bool {
+        true
+    }
 }
 
 /// A backend of one action type.
@@ -271,6 +287,30 @@ impl Backends {
             BackendKind::Nfqueue => &mut *self.nfqueue,
             BackendKind::Proxy => &mut *self.proxy,
         }
+    }
+
+    /// [`BackendOps::retire`] on every backend.
+    pub fn retire(&mut self) {
+        for kind in BackendKind::ALL {
+            self.ops_mut(kind).retire();
+        }
+    }
+
+    /// [`BackendOps::drain`] on every backend.
+    pub fn drain(&mut self) {
+        for kind in BackendKind::ALL {
+            self.ops_mut(kind).drain();
+        }
+    }
+
+    /// Whether every backend is [`BackendOps::drained`].
+    pub fn drained(&mut self) -> bool {
+        let mut all = true;
+        // Every backend is asked (each reaps its exited holders).
+        for kind in BackendKind::ALL {
+            all &= self.ops_mut(kind).drained();
+        }
+        all
     }
 
     /// The capabilities document: the node facts, each backend's section,

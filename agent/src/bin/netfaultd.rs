@@ -13,6 +13,7 @@ use netfault_agent::metrics::Metrics;
 use netfault_agent::policy::Policy;
 use netfault_agent::registry::{Config, Registry};
 use netfault_agent::server::{serve, Api, SocketAccess, TokenFile};
+use netfault_agent::succession::Start;
 
 /// Bounds the connect to the runtime and each CRI call.
 const CRI_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -216,6 +217,9 @@ fn main() -> anyhow::Result<()> {
         &args.host_netns,
     );
     tracing::info!(policy = %policy.capabilities(), "policy in effect");
+    // One agent per state dir; a second one takes the node over (hand-over).
+    let start = netfault_agent::succession::begin(&args.state_dir, &args.socket)
+        .context("taking the node over")?;
     let registry = Arc::new(
         Registry::open(Config {
             state_dir: args.state_dir.clone(),
@@ -224,6 +228,15 @@ fn main() -> anyhow::Result<()> {
         })
         .context("starting the registry")?,
     );
+    // Everything is installed beside the earlier agent, if any: it retires
+    // now, and this one binds the socket below.
+    let _state_lock = match start {
+        Start::Alone(lock) => Some(lock),
+        Start::Successor(s) => {
+            s.commit().context("completing the hand-over")?;
+            None
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -234,7 +247,8 @@ fn main() -> anyhow::Result<()> {
     registry.adopt_pending(&pending);
     rt.block_on(async move {
         let reaper = registry.clone();
-        tokio::spawn(async move {
+        let mut background = Vec::new();
+        background.push(tokio::spawn(async move {
             loop {
                 let r = reaper.clone();
                 let p = pending.clone();
@@ -259,7 +273,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 tokio::time::sleep(wait).await;
             }
-        });
+        }));
         let owner = OwnerWatch::default();
         if let Some(me) = me.clone() {
             tokio::spawn(owner.clone().run(me));
@@ -267,7 +281,7 @@ fn main() -> anyhow::Result<()> {
         match kube {
             Ok(cfg) => {
                 tracing::info!(node = %cfg.node, source = ?cfg.source, "watching this node's pods");
-                tokio::spawn(Watch::new(cfg, registry.clone()).run());
+                background.push(tokio::spawn(Watch::new(cfg, registry.clone()).run()));
             }
             Err(why) => {
                 tracing::info!("node-only: {why}");
@@ -285,7 +299,7 @@ fn main() -> anyhow::Result<()> {
             Some(cfg) => {
                 tracing::info!(socket = %cfg.socket.display(), poll = ?cfg.poll, "adopting pod sandboxes from the container runtime");
                 let a = Adopter::new(cfg, registry.clone(), metrics.clone());
-                tokio::spawn(a.clone().run());
+                background.push(tokio::spawn(a.clone().run()));
                 Some(a)
             }
             None => {
@@ -300,7 +314,7 @@ fn main() -> anyhow::Result<()> {
         });
         let tcp = match (args.listen_tcp, token) {
             (Some(addr), Some(token)) => {
-                let l = netfault_agent::server::bind_tcp(addr)
+                let l = bind_tcp_retrying(addr)
                     .await
                     .with_context(|| format!("--listen-tcp {addr}"))?;
                 Some(netfault_agent::server::serve_tcp(api.clone(), l, Arc::new(token)))
@@ -317,9 +331,34 @@ fn main() -> anyhow::Result<()> {
         let server = serve(api, &args.socket, access);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
+        let retired = {
+            let r = registry.clone();
+            async move {
+                while !r.retired() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         tokio::select! {
             _ = term.recv() => {
                 terminated(me, &owner, registry).await;
+                Ok(())
+            }
+            _ = retired => {
+                // A new agent serves the node: stop every source of change
+                // (the socket path is the new agent's already; dropping the
+                // listeners frees the TCP port for it), finish what is held
+                // here at SIGTERM, and leave the kernel to the new agent.
+                for task in background {
+                    task.abort();
+                }
+                tracing::info!("retired after a hand-over: exiting at SIGTERM once drained");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || r.drain_for_exit(DRAIN_LIMIT)).await;
                 Ok(())
             }
             r = server => r.context("serving the API"),
@@ -332,6 +371,28 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// How long a retired agent waits at SIGTERM for its holders to release
+/// what they hold and its proxied connections to close (under the
+/// DaemonSet's termination grace period).
+const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// Binds the TCP listener; while an agent handing the node over to this one
+/// still has the port (it drops it within moments), tries again for 5 s.
+async fn bind_tcp_retrying(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match netfault_agent::server::bind_tcp(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Raises the soft limit of open files to the hard limit: every API

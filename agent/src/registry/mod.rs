@@ -15,6 +15,7 @@
 //! [`CounterReader`]s, so they never wait for a change in progress.
 
 mod error;
+pub mod handover;
 pub mod notice;
 mod pending;
 mod persist;
@@ -73,6 +74,8 @@ struct Shared {
     state: Mutex<State>,
     /// Faults of pods applied, removed, expired or failed (pod Events).
     notices: Notices,
+    /// Whether a new agent is taking the node over (see `handover`).
+    handover: Mutex<handover::Handover>,
 }
 
 impl Shared {
@@ -206,6 +209,7 @@ impl Registry {
                 dir,
                 state: Mutex::new(state),
                 notices: Notices::default(),
+                handover: Mutex::new(handover::Handover::Serving),
             }),
             owner: Owner::start(backends)?,
             gauge: None,
@@ -222,7 +226,15 @@ impl Registry {
         f: impl FnOnce(&mut Core<'_>) -> Result<T, AgentError> + Send + 'static,
     ) -> Result<T, AgentError> {
         let sh = self.shared.clone();
-        self.owner.run(move |b| f(&mut Core { sh: &sh, b }))?
+        self.owner.run(move |b| {
+            // Checked on the owner thread: a freeze runs there too, so no
+            // change starts after it.
+            sh.handover
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit()?;
+            f(&mut Core { sh: &sh, b })
+        })?
     }
 
     /// Connections the transparent proxy serves now, over every sandbox.
@@ -296,6 +308,10 @@ impl Registry {
     /// unreachable (see `pending`); pods whose netns is gone by now are
     /// dropped. Returns how many were enrolled.
     pub fn adopt_pending(&self, dir: &Path) -> usize {
+        if !self.serving() {
+            // Left for the agent taking over.
+            return 0;
+        }
         let mut adopted = 0;
         for (id, req) in pending::take(dir) {
             match self.enrol_from(&id, req, EnrolSource::Pending) {
@@ -431,6 +447,10 @@ impl Registry {
     /// installed. Returns the time until the next deadline, for the
     /// caller's sleep.
     pub fn reap(&self) -> Result<Option<Duration>, AgentError> {
+        if !self.serving() {
+            // The agent taking over expires the faults.
+            return Ok(Some(Duration::from_millis(500)));
+        }
         self.change(|c| c.reap())
     }
 

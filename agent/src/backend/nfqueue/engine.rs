@@ -431,6 +431,9 @@ pub fn dns_plan(
 pub(crate) struct Shared {
     plans: Mutex<Vec<Plan>>,
     stop: AtomicBool,
+    /// Set before `stop` by a hand-over to a new agent: what is held is
+    /// still released at its time, not at once (see [`Shared::drain`]).
+    drain: AtomicBool,
 }
 
 impl Shared {
@@ -438,9 +441,17 @@ impl Shared {
         *self.plans.lock().unwrap_or_else(|p| p.into_inner()) = plans;
     }
 
-    /// Makes `run` release every held packet at once and return.
+    /// Makes `run` release every held packet at once and return (or, after
+    /// [`Shared::drain`], at its time).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// A new agent has switched the diversion to its own queue: nothing new
+    /// comes here, and at `stop` the packets held are released at their
+    /// release times (none early, none lost) before `run` returns.
+    pub(crate) fn drain(&self) {
+        self.drain.store(true, Ordering::Release);
     }
 }
 
@@ -692,8 +703,11 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
             }
         }
         h.take_in(&mut queue, shared, stopping);
-        h.release(&mut queue, reinjector, stopping);
-        if stopping {
+        let draining = stopping && shared.drain.load(Ordering::Acquire);
+        h.release(&mut queue, reinjector, stopping && !draining);
+        if draining && !h.heap.is_empty() {
+            // Held packets go out at their times; new ones pass (maxlen 0).
+        } else if stopping {
             // Packets queued just before the length change may still be on
             // their way to the socket: wait for quiet before closing.
             match queue.wait(Duration::from_millis(5)) {

@@ -58,6 +58,8 @@ pub struct HolderFault<'a> {
 pub struct Engine {
     child: Child,
     control: Option<ChildStdin>,
+    /// The queue number the holder reads.
+    queue: u16,
 }
 
 /// Moves `fds` to the descriptor numbers 3.. in a forked child (before exec).
@@ -118,7 +120,16 @@ impl Engine {
         // Our copies close here; the holder owns the sockets now.
         drop((qfd, v4, v6));
         let control = child.stdin.take();
-        Ok(Engine { child, control })
+        Ok(Engine {
+            child,
+            control,
+            queue: queue_num,
+        })
+    }
+
+    /// The queue number the holder reads.
+    pub fn queue(&self) -> u16 {
+        self.queue
     }
 
     /// How the holder ended, once it has: killed, or exited on an error.
@@ -156,6 +167,20 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Hand-over to a new agent (which has switched the diversion to its
+    /// own queue): the holder releases what it holds at the packets'
+    /// release times, passes anything new, and exits once it holds nothing.
+    /// The control pipe closes here; [`Engine::exited`] tells when it is done.
+    pub fn drain(&mut self) {
+        if let Some(mut control) = self.control.take() {
+            let _ = control
+                .write_all(DRAIN_LINE.as_bytes())
+                .and_then(|_| control.flush());
+        }
+    }
+}
+
 impl Drop for Engine {
     /// Closes the control pipe: the holder releases every held packet at
     /// once and exits. Waits up to 2 s, then kills it.
@@ -174,6 +199,13 @@ impl Drop for Engine {
             }
         }
     }
+}
+
+/// The control line of a hand-over (`{"drain":true}`): see [`Engine::drain`].
+const DRAIN_LINE: &str = "{\"drain\":true}\n";
+
+fn is_drain(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).is_ok_and(|v| v["drain"] == Value::Bool(true))
 }
 
 /// Parses one control line into plans (the holder's side).
@@ -232,6 +264,10 @@ pub fn holder_main(name: &str, queue_num: u16) -> Result<(), DelayError> {
             let stdin = std::io::stdin();
             for line in stdin.lock().lines() {
                 let Ok(line) = line else { break };
+                if is_drain(&line) {
+                    s.drain();
+                    continue;
+                }
                 match plans_from_line(&line, Instant::now()) {
                     Ok(plans) => s.set_plans(plans),
                     Err(e) => tracing::error!(holder = %name, error = %e, "bad control line"),

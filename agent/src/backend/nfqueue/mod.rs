@@ -64,6 +64,10 @@ pub struct NfqueueBackend {
     /// of every proxy change on a pod without DNS faults) needs no `nft`
     /// run. Empty at start, so a table an earlier agent left is removed.
     absent: HashSet<SandboxId>,
+    /// Sandboxes whose table's queue rule names this agent's holder's
+    /// queue (set by a sync that succeeded; until then each sync takes the
+    /// table over, see `nft::sync_here`).
+    ruled: HashSet<SandboxId>,
 }
 
 impl Default for NfqueueBackend {
@@ -104,6 +108,7 @@ impl NfqueueBackend {
             counters: HashMap::new(),
             tags: nft::Tags::default(),
             absent: HashSet::new(),
+            ruled: HashSet::new(),
         }
     }
 
@@ -129,6 +134,7 @@ impl NfqueueBackend {
             None => Ok(()),
         };
         self.sandboxes.remove(sb.id);
+        self.ruled.remove(sb.id);
         if removed.is_ok() {
             self.absent.insert(sb.id.clone());
         }
@@ -165,13 +171,23 @@ impl NfqueueBackend {
             .collect();
         let fresh = !self.sandboxes.contains_key(sb.id);
         if fresh {
-            let num = self.layout.queue;
-            let (queue, reinjector) = ns.run(move |inside| open_queue_here(inside, num))??;
+            let nums = self.layout.queues();
+            let (queue, reinjector) = ns.run(move |inside| {
+                // The first number, unless an earlier agent's holder (a
+                // hand-over in progress) still reads it: then the other.
+                match open_queue_here(inside, nums[0]) {
+                    Err(DelayError::QueueBusy(_)) => open_queue_here(inside, nums[1]),
+                    other => other,
+                }
+            })??;
+            let num = queue.num();
             let engine = Engine::start(queue, reinjector, sb.id.as_str(), num)?;
             self.sandboxes.insert(sb.id.clone(), engine);
         }
+        let mut queue_num = self.layout.queue;
         if let Some(engine) = self.sandboxes.get_mut(sb.id) {
             engine.set_faults(&wire)?;
+            queue_num = engine.queue();
         }
         crate::crash::point_of(self.layout.table, "holder-set");
         // Sandboxes whose last fault went (table removed) lose their tags.
@@ -191,17 +207,21 @@ impl NfqueueBackend {
             .collect();
         let known = self.tags.installed(sb.id.as_str());
         let layout = self.layout;
+        let takeover = fresh || !self.ruled.contains(sb.id);
         // Only what changed is touched: unchanged faults keep diverting,
         // with their set elements' kernel timeouts running on.
-        let applied =
-            match ns.run(move |inside| nft::sync_here(inside, layout, &diversions, &known)) {
-                Ok((installed, result)) => {
-                    self.tags.set_installed(sb.id.as_str(), installed);
-                    result
-                }
-                Err(e) => Err(e.into()),
-            };
-        if applied.is_err() && fresh {
+        let applied = match ns.run(move |inside| {
+            nft::sync_here(inside, layout, queue_num, takeover, &diversions, &known)
+        }) {
+            Ok((installed, result)) => {
+                self.tags.set_installed(sb.id.as_str(), installed);
+                result
+            }
+            Err(e) => Err(e.into()),
+        };
+        if applied.is_ok() {
+            self.ruled.insert(sb.id.clone());
+        } else if fresh {
             self.sandboxes.remove(sb.id);
         }
         applied
@@ -251,6 +271,7 @@ impl BackendOps for NfqueueBackend {
         }
         for id in &lost {
             self.sandboxes.remove(id);
+            self.ruled.remove(id);
         }
         lost
     }
@@ -262,6 +283,18 @@ impl BackendOps for NfqueueBackend {
     ) -> Result<(), BackendError> {
         self.release(sb)
             .map_err(|e| BackendError::new("removing the delay diversion", e))
+    }
+
+    fn drain(&mut self) {
+        for engine in self.sandboxes.values_mut() {
+            engine.drain();
+        }
+    }
+
+    fn drained(&mut self) -> bool {
+        self.sandboxes
+            .values_mut()
+            .all(|engine| engine.exited().is_some())
     }
 
     fn availability(&self) -> Availability {

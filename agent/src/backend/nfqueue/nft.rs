@@ -83,6 +83,13 @@ pub const DNS: Layout = Layout {
 };
 
 impl Layout {
+    /// The two queue numbers a holder may read: the first, or during a
+    /// hand-over (the earlier agent's holder still reads the one in the
+    /// table's rule) the other.
+    pub fn queues(self) -> [u16; 2] {
+        [self.queue, self.queue ^ 0x0100]
+    }
+
     fn nft(self) -> NfTable {
         NfTable {
             family: NfFamily::INet,
@@ -104,7 +111,7 @@ pub struct Diversion {
 /// Tags of delay faults, stable while a fault lives (its set `f<tag>` and
 /// rules stay untouched while other faults come and go), and per sandbox
 /// the tags whose diversion is known to be in place in its table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tags {
     /// Fault id -> (sandbox, tag).
     by_fault: HashMap<String, (String, u32)>,
@@ -113,6 +120,19 @@ pub struct Tags {
     /// Where the search for a free tag starts: tags are not reused soon
     /// after being freed, so a stale set never passes for a new fault's.
     next: u32,
+}
+
+impl Default for Tags {
+    /// Tags start at a random number: a new agent taking over a table an
+    /// earlier agent (still running, see [`sync_here`]) filled picks other
+    /// set names than that agent's, so both can be in the table at once.
+    fn default() -> Self {
+        Tags {
+            by_fault: HashMap::new(),
+            installed: HashMap::new(),
+            next: rand::random::<u32>() >> 1,
+        }
+    }
 }
 
 impl Tags {
@@ -356,9 +376,18 @@ fn fault_cmds(l: Layout, d: &Diversion, tx: &mut Transaction) {
     }
 }
 
-/// Brings `l`'s table in line with `wanted`, diverting to `l.queue`, without
-/// disturbing the diversion of a fault that stays: its set, rules and set
-/// elements (with their running kernel timeouts) are left as they are.
+/// The queue rule a change writes: the queue number this agent's holder
+/// reads, and whether the rule in the table (another agent's, maybe for
+/// another queue) is replaced in the same netlink batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRule {
+    pub num: u16,
+    pub replace: bool,
+}
+
+/// Brings `l`'s table in line with `wanted`, diverting to queue `queue`,
+/// without disturbing the diversion of a fault that stays: its set, rules
+/// and set elements (with their running kernel timeouts) are left as they are.
 ///
 /// `known` holds the tags whose diversion the caller installed earlier in
 /// this netns and trusts to be complete. A set in the table that is not
@@ -368,6 +397,14 @@ fn fault_cmds(l: Layout, d: &Diversion, tx: &mut Transaction) {
 /// - No table (or one that is not netfault's layout): the table is built
 ///   whole: one nft transaction, then one netlink batch with every set's
 ///   elements and the queue rule. On failure, the table is removed.
+/// - `takeover` (this agent has just started a holder for the sandbox, so
+///   the table's queue rule and sets may be another agent's): make before
+///   break. One nft transaction adds the sets and rules of `wanted` (under
+///   this agent's tags, which differ from the other agent's); one netlink
+///   batch adds their elements and replaces the queue rule with one for
+///   `queue`; then one nft transaction removes the other sets and their
+///   rules. Every packet is diverted throughout, by the old rules or the
+///   new, and from the batch on to this agent's queue.
 /// - Otherwise: one nft transaction deletes the rules (by handle) and sets
 ///   of faults that went, and adds the sets and rules of new faults; then a
 ///   netlink batch adds only the new faults' elements. A new fault diverts
@@ -378,6 +415,8 @@ fn fault_cmds(l: Layout, d: &Diversion, tx: &mut Transaction) {
 pub fn sync_here(
     inside: &InNetns,
     l: Layout,
+    queue: u16,
+    takeover: bool,
     wanted: &[Diversion],
     known: &BTreeSet<u32>,
 ) -> (BTreeSet<u32>, Result<(), DelayError>) {
@@ -388,7 +427,11 @@ pub fn sync_here(
             if let Err(e) = nft(&ruleset(l, wanted)) {
                 return (BTreeSet::new(), Err(e));
             }
-            if let Err(e) = commit_here(inside, l, wanted, true) {
+            let rule = QueueRule {
+                num: queue,
+                replace: false,
+            };
+            if let Err(e) = commit_here(inside, l, wanted, Some(rule)) {
                 let _ = remove_here(inside, l);
                 return (BTreeSet::new(), Err(e));
             }
@@ -397,6 +440,13 @@ pub fn sync_here(
         // Nothing changed.
         Err(e) => return (known.clone(), Err(e)),
     };
+    if takeover && !wanted.iter().any(|d| listed.sets.contains(&d.tag)) {
+        return match take_over_here(inside, l, queue, wanted, &listed) {
+            Ok(()) => (all, Ok(())),
+            // What was added is unknown to the next call, which removes it.
+            Err(e) => (BTreeSet::new(), Err(e)),
+        };
+    }
     let keep: BTreeSet<u32> = all
         .iter()
         .copied()
@@ -407,19 +457,64 @@ pub fn sync_here(
         .filter(|d| !keep.contains(&d.tag))
         .cloned()
         .collect();
-    let Some(payload) = delta(l, &listed, &keep, &added) else {
+    let rule = takeover.then_some(QueueRule {
+        num: queue,
+        replace: true,
+    });
+    let payload = delta(l, &listed, &keep, &added);
+    if payload.is_none() && rule.is_none() {
         return (keep, Ok(()));
-    };
-    // All or nothing: on failure the table is as it was.
-    if let Err(e) = nft(&payload) {
-        return (keep, Err(e));
     }
-    if let Err(e) = commit_here(inside, l, &added, false) {
+    // All or nothing: on failure the table is as it was.
+    if let Some(payload) = payload {
+        if let Err(e) = nft(&payload) {
+            return (keep, Err(e));
+        }
+    }
+    if let Err(e) = commit_here(inside, l, &added, rule) {
         // The new faults' rules and (empty) sets stay until the next call,
         // which removes them as unknown; they divert nothing meanwhile.
         return (keep, Err(e));
     }
     (all, Ok(()))
+}
+
+/// The make-before-break change of [`sync_here`] with `takeover`.
+fn take_over_here(
+    inside: &InNetns,
+    l: Layout,
+    queue: u16,
+    wanted: &[Diversion],
+    listed: &Listed,
+) -> Result<(), DelayError> {
+    let nft_table = l.nft();
+    let mut add = Transaction::new();
+    for d in wanted {
+        fault_cmds(l, d, &mut add);
+    }
+    if !add.is_empty() {
+        nft(&add)?;
+    }
+    let rule = QueueRule {
+        num: queue,
+        replace: true,
+    };
+    commit_here(inside, l, wanted, Some(rule))?;
+    let mut drop_old = Transaction::new();
+    for tag in &listed.sets {
+        for (chain, handle) in listed.rules.get(tag).map(Vec::as_slice).unwrap_or(&[]) {
+            drop_old.delete(nft_table.rule_at(chain.clone(), *handle));
+        }
+        drop_old.delete(NfListObject::Set(nft_table.set(set_name(*tag))));
+    }
+    if !drop_old.is_empty() {
+        // Not fatal: the old rules divert to the same queue until the next
+        // change removes their sets as unknown.
+        if let Err(e) = nft(&drop_old) {
+            tracing::warn!(table = l.table, error = %e, "removing the earlier agent's fault sets");
+        }
+    }
+    Ok(())
 }
 
 /// The nft transaction of a change to a complete table (`None`: nothing to
@@ -462,6 +557,7 @@ pub fn remove_here(_inside: &InNetns, l: Layout) -> Result<(), DelayError> {
 // ----- the xt NFQUEUE rule, over nf_tables netlink -----
 
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -475,15 +571,16 @@ const NFQ_FLAG_BYPASS: u16 = 1;
 
 /// One nf_tables batch: every fault's set elements (`ipv4`, `ipv6`, with
 /// the fault's remaining time as a millisecond timeout), then, with
-/// `queue_rule`, the single rule of chain `divert`:
-/// `xt target NFQUEUE --queue-num N --queue-bypass`.
+/// `rule`, the single rule of chain `divert`:
+/// `xt target NFQUEUE --queue-num N --queue-bypass` (after deleting the
+/// chain's rules, in the same batch, if `rule.replace`).
 pub fn commit_here(
     _inside: &InNetns,
     l: Layout,
     diversions: &[Diversion],
-    with_queue_rule: bool,
+    rule: Option<QueueRule>,
 ) -> Result<(), DelayError> {
-    let queue = with_queue_rule.then_some(l.queue);
+    let queue = rule.map(|r| r.num);
     if diversions.is_empty() && queue.is_none() {
         return Ok(());
     }
@@ -503,6 +600,10 @@ pub fn commit_here(
             last_msg,
         ));
     }
+    if rule.is_some_and(|r| r.replace) {
+        let seq = batch.next_seq();
+        batch.push(flush_divert(l.table, seq));
+    }
     let rule_seq = queue.map(|q| {
         let seq = batch.next_seq();
         batch.push(queue_rule(l.table, q, seq));
@@ -519,6 +620,21 @@ pub fn commit_here(
         }
         other => DelayError::Netlink(other.to_string()),
     })
+}
+
+/// Deletes every rule of chain `divert` (a DELRULE naming the chain and no
+/// handle), as message `seq` of a batch.
+fn flush_divert(table: &str, seq: u32) -> Vec<u8> {
+    let mut m = Msg::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE,
+        libc::NLM_F_REQUEST as u16,
+        seq,
+        NFPROTO_INET,
+        0,
+    );
+    m.str(NFTA_RULE_TABLE, table);
+    m.str(NFTA_RULE_CHAIN, "divert");
+    m.finish()
 }
 
 /// The rule of chain `divert`, `xt target NFQUEUE --queue-num N

@@ -115,6 +115,11 @@ impl NfQueue {
         Ok(q)
     }
 
+    /// The queue number this socket is bound to.
+    pub fn num(&self) -> u16 {
+        self.num
+    }
+
     fn send(&self, buf: &[u8]) -> std::io::Result<()> {
         nfnetlink::send_to_kernel(&self.fd, buf)
     }
@@ -147,6 +152,11 @@ impl NfQueue {
             }
             match result {
                 Some(0) => return Ok(()),
+                // The kernel answers EPERM when another socket has the
+                // queue bound (nfqnl_recv_config: another peer portid).
+                Some(e) if -e == libc::EPERM || -e == libc::EBUSY => {
+                    return Err(DelayError::QueueBusy(self.num))
+                }
                 Some(e) => {
                     return Err(DelayError::Queue(format!(
                         "binding queue {}: {}",

@@ -695,6 +695,35 @@ impl BackendOps for ProxyBackend {
         udp
     }
 
+    fn retire(&mut self) {
+        // New connections go to the new agent's listeners (its table
+        // replaced ours); these stop accepting and re-arming leases.
+        for sp in self.sandboxes.values() {
+            sp.stop_accepting();
+        }
+        // A drain finishing now would remove the new agent's diversion;
+        // its connections are still counted (`drained`).
+        for d in self.draining.values() {
+            d.task.abort();
+        }
+    }
+
+    fn drain(&mut self) {
+        self.dns_udp.0.drain();
+    }
+
+    fn drained(&mut self) -> bool {
+        let live: u64 = self
+            .sandboxes
+            .values()
+            .map(|sp| sp.proxy.open_connections())
+            .sum();
+        let carried: u64 = self.carried.values().map(|p| open_in(p)).sum();
+        let draining: u64 = self.draining.values().map(|d| open_in(&d.proxies)).sum();
+        let dns = self.dns_udp.0.drained();
+        live + carried + draining == 0 && dns
+    }
+
     fn availability(&self) -> Availability {
         Availability::section(
             BackendKind::Proxy,
