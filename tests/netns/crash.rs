@@ -832,3 +832,86 @@ fn handover_to_a_new_agent_has_no_gap() {
     pristine.assert_restored("after the hand-over and DELETE");
     assert!(holders_of(&a).is_empty(), "a holder is left after DELETE");
 }
+
+/// The hand-over protocol's edges, with a fault acting on the wire: a body
+/// without `successor` is a 400 naming it; while frozen, every change is
+/// refused with 503 `unavailable` and changes nothing (the blackhole in
+/// place keeps acting, the API lists the same faults); a second new agent
+/// and a commit for an id that did not freeze are refused with 409 naming
+/// `successor`; and a freeze no
+/// commit follows (the new agent died) ends by itself, after which the
+/// agent serves again: a DELETE removes the blackhole on the wire.
+#[test]
+fn a_freeze_refuses_changes_and_ends_without_a_commit() {
+    testbed::require_root!();
+    let c = Cluster::with_agent_args(&["--handover-freeze-limit", "2s"]);
+    let [a, b] = c.pods(["a", "b"]);
+    let _servers = servers(&b);
+    let id = c.fault(Kind::Packet.body(&a));
+    assert!(in_effect(Kind::Packet, &a, &b), "the blackhole acts");
+    let client = c.agent.client();
+    let call = |method: &str, path: &str, body: Value| {
+        let bytes = body.to_string();
+        let body = (!body.is_null()).then_some(bytes.as_bytes());
+        let r = client.raw(method, path, body).expect("the agent answers");
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    };
+    let (status, v) = call("POST", "/v1/handover", json!({}));
+    assert_eq!(
+        (status, &v["error"]["field"]),
+        (400, &json!("successor")),
+        "{v}"
+    );
+    let (status, v) = call("POST", "/v1/handover", json!({"successor": 7}));
+    assert_eq!((status, &v["state"]), (200, &json!("frozen")), "{v}");
+    let (status, v) = call("POST", "/v1/handover", json!({"successor": 8}));
+    assert_eq!(
+        (status, &v["error"]["field"]),
+        (409, &json!("successor")),
+        "{v}"
+    );
+    let listed = call("GET", "/v1/faults", Value::Null).1;
+    let loss = fault_on(
+        &a,
+        "egress",
+        proto_port("udp", UDP_PORT + 100),
+        json!({"type": "loss", "percent": 100}),
+        "60s",
+    );
+    let (status, v) = call("POST", "/v1/faults", loss.clone());
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (503, &json!("unavailable")),
+        "{v}"
+    );
+    let (status, v) = call("DELETE", &format!("/v1/faults/{id}"), Value::Null);
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (503, &json!("unavailable")),
+        "{v}"
+    );
+    assert_eq!(
+        call("GET", "/v1/faults", Value::Null).1,
+        listed,
+        "nothing changed"
+    );
+    assert!(
+        in_effect(Kind::Packet, &a, &b),
+        "the blackhole acts while frozen"
+    );
+    let (status, v) = call("POST", "/v1/handover/commit", json!({"successor": 8}));
+    assert_eq!(
+        (status, &v["error"]["field"]),
+        (409, &json!("successor")),
+        "{v}"
+    );
+    // No commit comes: past the limit, the agent serves again.
+    std::thread::sleep(Duration::from_millis(2200));
+    let (status, v) = call("POST", "/v1/faults", loss);
+    assert_eq!(status, 201, "serving again after the freeze ended: {v}");
+    c.delete_fault(&id);
+    wait_for("the blackhole is gone after DELETE", || {
+        !acts_once(Kind::Packet, &a, &b, 1)
+    });
+}

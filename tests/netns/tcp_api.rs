@@ -246,6 +246,21 @@ fn tcp_api_needs_the_token_and_its_faults_change_the_wire() {
         .call("GET", "/v1/faults", None)
         .expect("list over TCP");
     assert!(listed.to_string().contains(&id), "{listed}");
+    // The hand-over is for a new agent on the node (the unix socket) only:
+    // even with the token, TCP does not know it, and nothing freezes.
+    let good = bearer(TOKEN);
+    let (status, _, resp) = tcp_http(
+        addr,
+        "POST",
+        "/v1/handover",
+        Some(&good),
+        Some(r#"{"successor": 1}"#),
+    );
+    assert_eq!(status, 404, "{resp}");
+    let again = post_fault_over_tcp(addr, &good, &fault.replace("7501", "7502"));
+    client
+        .call("DELETE", &format!("/v1/faults/{again}"), None)
+        .expect("not frozen: DELETE over TCP");
     client
         .call("DELETE", &format!("/v1/faults/{id}"), None)
         .expect("DELETE over TCP");

@@ -61,6 +61,10 @@ struct Args {
     /// How long expired faults remain listed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retain_expired: Duration,
+    /// How long a hand-over may keep this agent frozen before it serves
+    /// again (the new agent died before committing).
+    #[arg(long, value_parser = positive_duration, default_value = "30s", hide = true)]
+    handover_freeze_limit: Duration,
     /// The container runtime's CRI socket (containerd's, or CRI-O's
     /// /var/run/crio/crio.sock). Its ready pod sandboxes are adopted at start
     /// and when a target names an unknown pod; sandboxes it stops are
@@ -225,6 +229,7 @@ fn main() -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
             policy,
             retain_expired: args.retain_expired,
+            freeze_limit: args.handover_freeze_limit,
         })
         .context("starting the registry")?,
     );

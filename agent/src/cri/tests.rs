@@ -223,6 +223,7 @@ fn fixture(name: &str) -> Fixture {
             ..crate::policy::Policy::default()
         },
         retain_expired: Duration::from_secs(600),
+        freeze_limit: Duration::from_secs(30),
     };
     let registry = Arc::new(
         Registry::with_parts(cfg, backends, Box::new(FakeHost(AtomicU8::new(2))))

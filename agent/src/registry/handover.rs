@@ -13,17 +13,14 @@
 //! its holders hold, proxied connections) goes on. At SIGTERM a retired
 //! agent lets its holders release what they hold at its time, waits for
 //! its proxied connections (bounded), and exits, leaving the kernel to the
-//! new agent. A freeze that no commit follows within [`FREEZE_LIMIT`]
-//! (the new agent died) ends by itself, and this agent serves again.
+//! new agent. A freeze that no commit follows within `Config::freeze_limit`
+//! (30 s; the new agent died) ends by itself, and this agent serves again.
 
 use std::time::{Duration, Instant};
 
 use netfault_api::FieldError;
 
 use super::{AgentError, Registry};
-
-/// How long a freeze waits for its commit.
-pub const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Handover {
@@ -47,7 +44,7 @@ impl Handover {
             Handover::Frozen { successor, until } if Instant::now() >= until => {
                 tracing::warn!(
                     successor,
-                    "the new agent did not take over within {FREEZE_LIMIT:?}: serving again"
+                    "the new agent did not take over in time: serving again"
                 );
                 *self = Handover::Serving;
                 Ok(())
@@ -87,6 +84,7 @@ impl Registry {
     /// change in progress, refuses every later one, and saves the state.
     pub fn freeze(&self, successor: u64) -> Result<(), AgentError> {
         let sh = self.shared.clone();
+        let limit = self.shared.cfg.freeze_limit;
         self.owner.run(move |_| {
             let mut h = sh.handover.lock().unwrap_or_else(|p| p.into_inner());
             match *h {
@@ -103,7 +101,7 @@ impl Registry {
                 _ => {
                     *h = Handover::Frozen {
                         successor,
-                        until: Instant::now() + FREEZE_LIMIT,
+                        until: Instant::now() + limit,
                     };
                     Ok(())
                 }

@@ -64,6 +64,8 @@ pub struct Config {
     pub policy: Policy,
     /// How long expired faults stay listed.
     pub retain_expired: Duration,
+    /// How long a hand-over may keep this agent frozen (see `handover`).
+    pub freeze_limit: Duration,
 }
 
 /// What every operation shares: the records and how to save them.

@@ -101,6 +101,7 @@ fn open_with_policy(dir: TempDir, sole: &'static str, policy: crate::policy::Pol
         state_dir: dir.0.clone(),
         policy,
         retain_expired: Duration::from_secs(600),
+        freeze_limit: Duration::from_secs(30),
     };
     let host = FakeHost {
         next: AtomicU8::new(2),
