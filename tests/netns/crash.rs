@@ -89,6 +89,8 @@ enum Kind {
 }
 
 const UDP_PORT: u16 = 7401;
+/// The live proxied stream of the hand-over test.
+const STREAM_PORT: u16 = 7409;
 const DELAY_PORT: u16 = 7402;
 const PROXY_PORT: u16 = 7403;
 const DELAY: Duration = Duration::from_millis(80);
@@ -688,9 +690,12 @@ fn sigterm_restart_gap_per_backend() {
 /// diversions switched in one kernel transaction each) and commits; the
 /// first retires, and at SIGTERM lets its holders release what they hold
 /// at its time and exits. No probe of any backend may miss its fault at
-/// any moment, and no probe may see anything but the fault. Afterwards the
-/// new agent serves every fault, only its holders run, and deleting the
-/// faults leaves the netns exactly as before them.
+/// any moment, and no probe may see anything but the fault. A live stream
+/// through the proxy (a connection open before the hand-over, echoing
+/// every 10 ms) never breaks or stalls: it stays on the retired agent,
+/// whose SIGTERM waits for it to close. Afterwards the new agent serves
+/// every fault, only its holders run, and deleting the faults leaves the
+/// netns exactly as before them.
 #[test]
 fn handover_to_a_new_agent_has_no_gap() {
     testbed::require_root!();
@@ -698,7 +703,7 @@ fn handover_to_a_new_agent_has_no_gap() {
     let [a, b] = c.pods(["a", "b"]);
     let _servers = servers(&b);
     let pristine = Pristine::of(&a);
-    let ids: Vec<String> = KINDS.iter().map(|k| c.fault(k.body(&a))).collect();
+    let mut ids: Vec<String> = KINDS.iter().map(|k| c.fault(k.body(&a))).collect();
     for kind in KINDS {
         assert!(
             in_effect(kind, &a, &b),
@@ -707,9 +712,56 @@ fn handover_to_a_new_agent_has_no_gap() {
     }
     let before_holders = holders_of(&a);
     assert_eq!(before_holders.len(), 2, "a delay and a DNS holder");
+    // A live stream through the proxy: a connection that an `http-abort`
+    // fault on its port diverts (raw bytes are relayed), open before the
+    // hand-over and echoing every 10 ms until after it.
+    let _echo = testbed::tcp_listen(&b, STREAM_PORT).expect("echo in b");
+    let abort = json!({"type": "http-abort", "status": 503});
+    ids.push(c.fault(fault_on(
+        &a,
+        "egress",
+        proto_port("tcp", STREAM_PORT),
+        abort,
+        "60s",
+    )));
+    let mut stream = connect(&a, SocketAddr::new(v4(&b), STREAM_PORT)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let echo_once = |s: &mut std::net::TcpStream, i: u32| -> Result<Duration, String> {
+        let t = Instant::now();
+        s.write_all(&i.to_be_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+        if back != i.to_be_bytes() {
+            return Err(format!("echo {back:?} for {i}"));
+        }
+        Ok(t.elapsed())
+    };
+    echo_once(&mut stream, 0).expect("the stream echoes");
+    assert_eq!(
+        c.agent.metric("netfault_proxy_open_connections"),
+        Some(1.0),
+        "the stream goes through the proxy"
+    );
     let old_pid = c.agent.pid();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (took, drained, samples) = std::thread::scope(|s| {
+    let stop_stream = std::sync::atomic::AtomicBool::new(false);
+    let (took, drained, samples, echoes) = std::thread::scope(|s| {
+        let stop_stream = &stop_stream;
+        let streamer = s.spawn(move || {
+            let mut echoes = Vec::new();
+            let mut i = 1;
+            while !stop_stream.load(std::sync::atomic::Ordering::Relaxed) {
+                echoes.push(echo_once(&mut stream, i));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Closing it lets the retired agent finish.
+            drop(stream);
+            echoes
+        });
         let probes: Vec<_> = KINDS
             .iter()
             .map(|&kind| {
@@ -736,19 +788,46 @@ fn handover_to_a_new_agent_has_no_gap() {
             .unwrap_or_else(|e| panic!("the new agent does not take over: {e}"));
         let took = t.elapsed();
         let mut old = std::mem::replace(&mut c.agent, next);
+        // The stream keeps going on the retired agent for a second after
+        // its SIGTERM, which waits for it.
+        let closer = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            stop_stream.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
         old.stop(Duration::from_secs(25))
             .expect("SIGTERM the earlier agent");
         let drained = t.elapsed();
+        closer.join().expect("closer");
+        let echoes = streamer.join().expect("stream thread");
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let samples: Vec<_> = probes
             .into_iter()
             .map(|p| p.join().expect("probe thread"))
             .collect();
-        (took, drained, samples)
+        (took, drained, samples, echoes)
     });
+    let slowest = echoes.iter().filter_map(|e| e.as_ref().ok()).max().copied();
+    let broken: Vec<&String> = echoes.iter().filter_map(|e| e.as_ref().err()).collect();
+    eprintln!(
+        "live proxied stream: {} echoes, slowest {slowest:?}, {} failed {broken:?}",
+        echoes.len(),
+        broken.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "the live proxied stream broke: {broken:?}"
+    );
+    assert!(
+        slowest.is_some_and(|d| d < Duration::from_millis(500)),
+        "the live proxied stream stalled: {slowest:?}"
+    );
+    assert!(
+        drained >= Duration::from_millis(900),
+        "the earlier agent exited ({drained:?}) before its proxied stream closed"
+    );
     eprintln!(
         "the new agent took over in {took:?}; the earlier one exited {drained:?} after SIGTERM"
     );
