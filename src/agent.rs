@@ -187,10 +187,20 @@ impl Agent {
     /// /healthz` names its pid). `self` keeps the earlier process, retired:
     /// it exits at [`Agent::stop`] once what it holds is released.
     pub fn start_successor(&self) -> Result<Agent> {
+        self.start_successor_with_env(&[])
+    }
+
+    /// [`Agent::start_successor`] with more environment for the new agent.
+    pub fn start_successor_with_env(&self, env: &[(&str, &str)]) -> Result<Agent> {
+        let mut all = self.env.clone();
+        for (k, v) in env {
+            all.retain(|(key, _)| key != k);
+            all.push((k.to_string(), v.to_string()));
+        }
         let mut next = Agent {
             dir: self.dir.clone(),
             args: self.args.clone(),
-            env: self.env.clone(),
+            env: all,
             child: None,
             pid: 0,
             log_offset: 0,

@@ -48,10 +48,35 @@ pub struct Successor {
     socket: PathBuf,
     lock: File,
     lock_path: PathBuf,
+    successor_lock: Flock<File>,
 }
 
 fn lock_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.lock")
+}
+
+/// The lock a new agent holds from before it freezes the running one until
+/// it holds `agent.lock` itself: the frozen agent sees it go if the new one
+/// dies, and serves again at once (see `registry::handover`).
+pub fn successor_lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("successor.lock")
+}
+
+/// Whether a new agent holds the successor lock (it is alive).
+pub fn successor_alive(state_dir: &Path) -> bool {
+    let Ok(file) = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(successor_lock_path(state_dir))
+    else {
+        // Cannot tell: the freeze limit decides.
+        return true;
+    };
+    matches!(
+        Flock::lock(file, FlockArg::LockExclusiveNonblock),
+        Err((_, Errno::EWOULDBLOCK))
+    )
 }
 
 /// Takes the lock, or freezes the agent that holds it.
@@ -74,6 +99,32 @@ pub fn begin(state_dir: &Path, socket: &Path) -> Result<Start, SuccessionError> 
         Err((file, Errno::EWOULDBLOCK)) => file,
         Err((_, e)) => return Err(io(e.into())),
     };
+    // Held until this agent holds agent.lock: one new agent at a time, and
+    // the frozen agent sees it if this one dies before committing.
+    let succ_path = successor_lock_path(state_dir);
+    let succ = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&succ_path)
+        .map_err(|source| SuccessionError::Lock {
+            path: succ_path.clone(),
+            source,
+        })?;
+    let successor_lock = match Flock::lock(succ, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, Errno::EWOULDBLOCK)) => {
+            return Err(SuccessionError::Refused(
+                "another new agent is taking the node over".into(),
+            ))
+        }
+        Err((_, e)) => {
+            return Err(SuccessionError::Lock {
+                path: succ_path,
+                source: e.into(),
+            })
+        }
+    };
     let id = rand::random::<u64>() >> 11;
     let client = netfault_api::Client::new(socket).with_timeout(Duration::from_secs(20));
     match client.call("POST", "/v1/handover", Some(&json!({ "successor": id }))) {
@@ -87,6 +138,7 @@ pub fn begin(state_dir: &Path, socket: &Path) -> Result<Start, SuccessionError> 
                 socket: socket.to_path_buf(),
                 lock: file,
                 lock_path: path,
+                successor_lock,
             }))
         }
         Err(netfault_api::ClientError::Api {
@@ -150,15 +202,20 @@ impl Successor {
             Err(e) => tracing::warn!(error = %e, "the earlier agent is gone; serving the node"),
         }
         let Successor {
-            lock, lock_path, ..
+            lock,
+            lock_path,
+            successor_lock,
+            ..
         } = self;
         std::thread::Builder::new()
             .name("state-lock".into())
             .spawn(move || match Flock::lock(lock, FlockArg::LockExclusive) {
                 Ok(held) => {
                     tracing::info!(lock = %lock_path.display(), "the earlier agent exited; holding the state lock");
-                    // Held until this process exits.
+                    // Held until this process exits; the next new agent
+                    // may take the successor lock now.
                     std::mem::forget(held);
+                    drop(successor_lock);
                 }
                 Err((_, e)) => tracing::warn!(error = %e, "taking the state lock"),
             })

@@ -912,14 +912,31 @@ fn handover_to_a_new_agent_has_no_gap() {
     assert!(holders_of(&a).is_empty(), "a holder is left after DELETE");
 }
 
+/// Holds `STATE_DIR/successor.lock` as a new agent does while it takes
+/// the node over; dropping it is that agent dying.
+fn successor_lock(c: &Cluster) -> nix::fcntl::Flock<std::fs::File> {
+    let path = c.agent.state_dir().join("successor.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("open the successor lock");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("take the successor lock")
+}
+
 /// The hand-over protocol's edges, with a fault acting on the wire: a body
-/// without `successor` is a 400 naming it; while frozen, every change is
-/// refused with 503 `unavailable` and changes nothing (the blackhole in
-/// place keeps acting, the API lists the same faults); a second new agent
-/// and a commit for an id that did not freeze are refused with 409 naming
-/// `successor`; and a freeze no
-/// commit follows (the new agent died) ends by itself, after which the
-/// agent serves again: a DELETE removes the blackhole on the wire.
+/// without `successor` is a 400 naming it; a freeze without a live new
+/// agent (one holding the successor lock) is a 409; while frozen, every
+/// change is refused with 503 `unavailable` and changes nothing (the
+/// blackhole in place keeps acting, the API lists the same faults); a
+/// second new agent and a commit for an id that did not freeze are refused
+/// with 409 naming `successor`; a freeze no commit follows ends by itself
+/// at its limit (here 2 s) even while the new agent lives, and one whose
+/// new agent dies ends at once; after each, the agent serves again (a
+/// DELETE removes the blackhole on the wire).
 #[test]
 fn a_freeze_refuses_changes_and_ends_without_a_commit() {
     testbed::require_root!();
@@ -943,54 +960,135 @@ fn a_freeze_refuses_changes_and_ends_without_a_commit() {
         "{v}"
     );
     let (status, v) = call("POST", "/v1/handover", json!({"successor": 7}));
-    assert_eq!((status, &v["state"]), (200, &json!("frozen")), "{v}");
-    let (status, v) = call("POST", "/v1/handover", json!({"successor": 8}));
     assert_eq!(
         (status, &v["error"]["field"]),
         (409, &json!("successor")),
-        "{v}"
+        "no new agent: {v}"
     );
-    let listed = call("GET", "/v1/faults", Value::Null).1;
-    let loss = fault_on(
-        &a,
-        "egress",
-        proto_port("udp", UDP_PORT + 100),
-        json!({"type": "loss", "percent": 100}),
-        "60s",
-    );
-    let (status, v) = call("POST", "/v1/faults", loss.clone());
-    assert_eq!(
-        (status, &v["error"]["code"]),
-        (503, &json!("unavailable")),
-        "{v}"
-    );
-    let (status, v) = call("DELETE", &format!("/v1/faults/{id}"), Value::Null);
-    assert_eq!(
-        (status, &v["error"]["code"]),
-        (503, &json!("unavailable")),
-        "{v}"
-    );
-    assert_eq!(
-        call("GET", "/v1/faults", Value::Null).1,
-        listed,
-        "nothing changed"
-    );
-    assert!(
-        in_effect(Kind::Packet, &a, &b),
-        "the blackhole acts while frozen"
-    );
-    let (status, v) = call("POST", "/v1/handover/commit", json!({"successor": 8}));
-    assert_eq!(
-        (status, &v["error"]["field"]),
-        (409, &json!("successor")),
-        "{v}"
-    );
-    // No commit comes: past the limit, the agent serves again.
-    std::thread::sleep(Duration::from_millis(2200));
-    let (status, v) = call("POST", "/v1/faults", loss);
-    assert_eq!(status, 201, "serving again after the freeze ended: {v}");
+
+    let loss = |port: u16| {
+        fault_on(
+            &a,
+            "egress",
+            proto_port("udp", port),
+            json!({"type": "loss", "percent": 100}),
+            "60s",
+        )
+    };
+    for (round, dies) in [("the limit", false), ("the new agent's death", true)] {
+        let lock = successor_lock(&c);
+        let (status, v) = call("POST", "/v1/handover", json!({"successor": 7}));
+        assert_eq!(
+            (status, &v["state"]),
+            (200, &json!("frozen")),
+            "{round}: {v}"
+        );
+        let (status, v) = call("POST", "/v1/handover", json!({"successor": 8}));
+        assert_eq!(
+            (status, &v["error"]["field"]),
+            (409, &json!("successor")),
+            "{round}: {v}"
+        );
+        let listed = call("GET", "/v1/faults", Value::Null).1;
+        let (status, v) = call("POST", "/v1/faults", loss(UDP_PORT + 100));
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (503, &json!("unavailable")),
+            "{round}: {v}"
+        );
+        let (status, v) = call("DELETE", &format!("/v1/faults/{id}"), Value::Null);
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (503, &json!("unavailable")),
+            "{round}: {v}"
+        );
+        assert_eq!(
+            call("GET", "/v1/faults", Value::Null).1,
+            listed,
+            "{round}: nothing changed"
+        );
+        assert!(
+            in_effect(Kind::Packet, &a, &b),
+            "{round}: the blackhole acts while frozen"
+        );
+        let (status, v) = call("POST", "/v1/handover/commit", json!({"successor": 8}));
+        assert_eq!(
+            (status, &v["error"]["field"]),
+            (409, &json!("successor")),
+            "{round}: {v}"
+        );
+        let t = Instant::now();
+        if dies {
+            drop(lock);
+        } else {
+            std::thread::sleep(Duration::from_millis(2100));
+        }
+        // Serving again: a change goes through.
+        let (status, v) = call("POST", "/v1/faults", loss(UDP_PORT + 101 + dies as u16));
+        assert_eq!(
+            status, 201,
+            "{round}: serving again after the freeze ended: {v}"
+        );
+        eprintln!(
+            "freeze ended by {round}: serving again {:?} later",
+            t.elapsed()
+        );
+    }
     c.delete_fault(&id);
     wait_for("the blackhole is gone after DELETE", || {
         !acts_once(Kind::Packet, &a, &b, 1)
     });
+}
+
+/// A new agent that dies after installing everything beside the running
+/// agent, before it commits (crash point `handover.installed`): it had
+/// switched the diversions to its own holders and listeners, which died
+/// with it. The frozen agent sees the new agent's lock go, serves again and
+/// reclaims every sandbox: every backend's fault acts on the wire again
+/// (through this agent's queues, listeners and programs), the API lists
+/// them active, and DELETE leaves the netns exactly as before, with no
+/// holder.
+#[test]
+fn a_new_agent_dying_before_its_commit_leaves_the_running_agent_in_charge() {
+    testbed::require_root!();
+    let c = Cluster::new(false);
+    let [a, b] = c.pods(["a", "b"]);
+    let _servers = servers(&b);
+    let pristine = Pristine::of(&a);
+    let ids: Vec<String> = KINDS.iter().map(|k| c.fault(k.body(&a))).collect();
+    for kind in KINDS {
+        assert!(in_effect(kind, &a, &b), "{kind:?} acts before");
+    }
+    let crash = c.dir.path().join("crash-successor");
+    std::fs::write(&crash, "handover.installed").expect("arm the crash point");
+    let crash_env = crash.to_string_lossy().into_owned();
+    let t = Instant::now();
+    let r = c
+        .agent
+        .start_successor_with_env(&[("NETFAULT_CRASH_FILE", crash_env.as_str())]);
+    assert!(r.is_err(), "the new agent died before it was ready");
+    assert!(!crash.exists(), "the new agent reached handover.installed");
+    for kind in KINDS {
+        wait_for(
+            &format!("{kind:?} acts again through the running agent"),
+            || in_effect(kind, &a, &b),
+        );
+    }
+    eprintln!(
+        "every fault acts again {:?} after the new agent started",
+        t.elapsed()
+    );
+    for id in &ids {
+        assert_eq!(c.get_fault(id)["state"], "active", "{id}");
+    }
+    assert_eq!(
+        holders_of(&a).len(),
+        2,
+        "the running agent's delay and DNS holders"
+    );
+    for id in &ids {
+        c.delete_fault(id);
+    }
+    pristine.assert_restored("after the failed hand-over and DELETE");
+    assert!(holders_of(&a).is_empty(), "a holder is left after DELETE");
 }

@@ -214,6 +214,13 @@ impl BackendOps for EbpfBackend {
         self.remove_all(sb, memo)
     }
 
+    fn reclaim(&mut self) {
+        // The filters may run the dead agent's programs (with its maps):
+        // the next sync of each sandbox binds its addresses, writes its
+        // rules (at their remembered indexes) and attaches ours again.
+        self.sandboxes.clear();
+    }
+
     fn availability(&self) -> Availability {
         // The datapath compiles every packet action.
         Availability {

@@ -233,6 +233,12 @@ pub trait BackendOps: Send {
     /// removing a diversion), while what is in flight goes on.
     fn retire(&mut self) {}
 
+    /// A hand-over that froze this agent ended without a commit (the new
+    /// agent died), after the new agent may have switched diversions to
+    /// its own programs, queues or listeners: the next `sync` of every
+    /// sandbox puts this agent's back, in one kernel transaction each.
+    fn reclaim(&mut self) {}
+
     /// This agent is exiting after a hand-over: what it still holds is
     /// released at its time (delay holders), never early or lost.
     fn drain(&mut self) {}
@@ -293,6 +299,13 @@ impl Backends {
     pub fn retire(&mut self) {
         for kind in BackendKind::ALL {
             self.ops_mut(kind).retire();
+        }
+    }
+
+    /// [`BackendOps::reclaim`] on every backend.
+    pub fn reclaim(&mut self) {
+        for kind in BackendKind::ALL {
+            self.ops_mut(kind).reclaim();
         }
     }
 

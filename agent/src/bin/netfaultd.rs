@@ -238,6 +238,7 @@ fn main() -> anyhow::Result<()> {
     let _state_lock = match start {
         Start::Alone(lock) => Some(lock),
         Start::Successor(s) => {
+            netfault_agent::crash::point("handover.installed");
             s.commit().context("completing the hand-over")?;
             None
         }

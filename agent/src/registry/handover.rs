@@ -13,10 +13,14 @@
 //! its holders hold, proxied connections) goes on. At SIGTERM a retired
 //! agent lets its holders release what they hold at its time, waits for
 //! its proxied connections (bounded), and exits, leaving the kernel to the
-//! new agent. A freeze that no commit follows within `Config::freeze_limit`
-//! (30 s; the new agent died) ends by itself, and this agent serves again.
+//! new agent. A freeze ends without a commit, and this agent reclaims the
+//! kernel and serves again, as soon as the new agent dies (it holds
+//! `successor.lock` while it installs) or at `Config::freeze_limit` (30 s).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use crate::succession::successor_alive;
 
 use netfault_api::FieldError;
 
@@ -38,16 +42,20 @@ pub(crate) enum Handover {
 
 impl Handover {
     /// Whether a change may run now (ending a freeze past its limit).
-    pub(crate) fn admit(&mut self) -> Result<(), AgentError> {
+    /// `Ok(true)`: the freeze has just ended without a commit, so the
+    /// caller reclaims the kernel first (see `Core::reclaim`).
+    pub(crate) fn admit(&mut self, state_dir: &Path) -> Result<bool, AgentError> {
         match *self {
-            Handover::Serving => Ok(()),
-            Handover::Frozen { successor, until } if Instant::now() >= until => {
+            Handover::Serving => Ok(false),
+            Handover::Frozen { successor, until }
+                if Instant::now() >= until || !successor_alive(state_dir) =>
+            {
                 tracing::warn!(
                     successor,
-                    "the new agent did not take over in time: serving again"
+                    "the new agent died or did not take over in time: serving again"
                 );
                 *self = Handover::Serving;
-                Ok(())
+                Ok(true)
             }
             Handover::Frozen { successor, .. } => Err(AgentError::Field(FieldError::unavailable(
                 &format!("handing the node over to a new agent (id {successor}); try again"),
@@ -71,7 +79,13 @@ impl Registry {
     /// hand-over). The reaper, the pending adoption and the watches skip
     /// their work while it does not.
     pub fn serving(&self) -> bool {
-        self.handover().admit().is_ok()
+        match *self.handover() {
+            Handover::Serving => true,
+            Handover::Frozen { until, .. } => {
+                Instant::now() >= until || !successor_alive(&self.shared.cfg.state_dir)
+            }
+            Handover::Retired { .. } => false,
+        }
     }
 
     /// Whether this agent has handed the node over.
@@ -88,7 +102,7 @@ impl Registry {
         self.owner.run(move |_| {
             let mut h = sh.handover.lock().unwrap_or_else(|p| p.into_inner());
             match *h {
-                Handover::Retired { .. } => h.admit(),
+                Handover::Retired { .. } => h.admit(&sh.cfg.state_dir).map(drop),
                 Handover::Frozen {
                     successor: other,
                     until,
@@ -96,6 +110,14 @@ impl Registry {
                     Err(AgentError::Field(FieldError::conflict(
                         "successor",
                         &format!("another agent (id {other}) is taking over"),
+                    )))
+                }
+                // Only a live new agent freezes this one (it holds the
+                // successor lock while it installs).
+                _ if !successor_alive(&sh.cfg.state_dir) => {
+                    Err(AgentError::Field(FieldError::conflict(
+                        "successor",
+                        "no new agent holds STATE_DIR/successor.lock: nothing would take over",
                     )))
                 }
                 _ => {

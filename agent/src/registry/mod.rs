@@ -231,11 +231,16 @@ impl Registry {
         self.owner.run(move |b| {
             // Checked on the owner thread: a freeze runs there too, so no
             // change starts after it.
-            sh.handover
+            let resumed = sh
+                .handover
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .admit()?;
-            f(&mut Core { sh: &sh, b })
+                .admit(&sh.cfg.state_dir)?;
+            let mut core = Core { sh: &sh, b };
+            if resumed {
+                core.reclaim();
+            }
+            f(&mut core)
         })?
     }
 
@@ -1020,6 +1025,23 @@ impl Core<'_> {
             }
         }
         self.sh.persist()
+    }
+
+    /// After a hand-over that froze this agent and ended without a commit:
+    /// the new agent may have switched diversions to its own programs,
+    /// queues or listeners before it died. Every backend forgets what it
+    /// trusted to be its own, and every sandbox is synced again.
+    fn reclaim(&mut self) {
+        self.b.reclaim();
+        let ids: Vec<SandboxId> = self.lock().sandboxes.keys().cloned().collect();
+        for id in ids {
+            for kind in BackendKind::ALL {
+                if let Err(e) = self.sync(&id, kind) {
+                    tracing::error!(sandbox = %id, backend = %kind.as_str(), error = %e, "reclaiming after a hand-over that did not complete");
+                }
+            }
+        }
+        tracing::info!("reclaimed every sandbox after a hand-over that did not complete");
     }
 
     fn reap(&mut self) -> Result<Option<Duration>, AgentError> {

@@ -285,6 +285,11 @@ impl BackendOps for NfqueueBackend {
             .map_err(|e| BackendError::new("removing the delay diversion", e))
     }
 
+    fn reclaim(&mut self) {
+        // The table's queue rule may name the dead agent's queue.
+        self.ruled.clear();
+    }
+
     fn drain(&mut self) {
         for engine in self.sandboxes.values_mut() {
             engine.drain();

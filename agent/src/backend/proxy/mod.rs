@@ -708,6 +708,12 @@ impl BackendOps for ProxyBackend {
         }
     }
 
+    fn reclaim(&mut self) {
+        // Every sync installs the sandbox's table whole (with this agent's
+        // listener ports); the DNS queue's rule is re-taken like the delay's.
+        self.dns_udp.0.reclaim();
+    }
+
     fn drain(&mut self) {
         self.dns_udp.0.drain();
     }
