@@ -551,6 +551,54 @@ fn a_lost_state_file_is_swept_when_the_pod_is_found_again() {
 /// One probe: when it started and ended, and what it saw.
 type Sample = (Instant, Instant, Result<bool, String>);
 
+/// One probe thread per kind in `KINDS` ([`probe_until`]).
+fn spawn_probes<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    a: &'env Pod,
+    b: &'env Pod,
+    stop: &'env std::sync::atomic::AtomicBool,
+) -> Vec<std::thread::ScopedJoinHandle<'scope, Vec<Sample>>> {
+    KINDS
+        .iter()
+        .map(|&kind| s.spawn(move || probe_until(kind, a, b, stop)))
+        .collect()
+}
+
+/// Probes `kind` from `a` to `b` back to back, 5 ms apart, until `stop`.
+fn probe_until(kind: Kind, a: &Pod, b: &Pod, stop: &std::sync::atomic::AtomicBool) -> Vec<Sample> {
+    let mut seen = Vec::new();
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        let r = try_acts_once(kind, a, b, i);
+        seen.push((t, Instant::now(), r));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen
+}
+
+/// Prints, per kind, when its probes changed between seeing the fault, the
+/// direct answer and something else, in seconds from `t0`.
+fn print_timeline(samples: &[Vec<Sample>], t0: Instant) {
+    for (kind, seen) in KINDS.iter().zip(samples) {
+        let mut last = None;
+        for (start, _, r) in seen {
+            let now = match r {
+                Ok(true) => "fault",
+                Ok(false) => "direct",
+                Err(_) => "failed",
+            };
+            if last != Some(now) {
+                let at = start.saturating_duration_since(t0).as_secs_f64()
+                    - t0.saturating_duration_since(*start).as_secs_f64();
+                eprintln!("  {kind:?} at {at:+.3} s: {now}");
+                last = Some(now);
+            }
+        }
+    }
+}
+
 /// The time over which probes of one kind saw no fault: from the first
 /// probe that started after `from` and saw none to the end of the last
 /// one that saw none (zero when every probe saw the fault).
@@ -584,24 +632,7 @@ fn sigterm_restart_gap_per_backend() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let sigterm_at = std::sync::Mutex::new(None::<Instant>);
     let (restart_took, samples) = std::thread::scope(|s| {
-        let probes: Vec<_> = KINDS
-            .iter()
-            .map(|&kind| {
-                let (a, b, stop) = (&a, &b, &stop);
-                s.spawn(move || {
-                    let mut seen = Vec::new();
-                    let mut i = 0;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let t = Instant::now();
-                        let r = try_acts_once(kind, a, b, i);
-                        seen.push((t, Instant::now(), r));
-                        i += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    seen
-                })
-            })
-            .collect();
+        let probes = spawn_probes(s, &a, &b, &stop);
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
         *sigterm_at.lock().expect("lock") = Some(t);
@@ -623,22 +654,7 @@ fn sigterm_restart_gap_per_backend() {
         .lock()
         .expect("lock")
         .expect("the SIGTERM was sent");
-    for (kind, seen) in KINDS.iter().zip(&samples) {
-        let mut last = None;
-        for (start, _, r) in seen {
-            let now = match r {
-                Ok(true) => "fault",
-                Ok(false) => "direct",
-                Err(_) => "failed",
-            };
-            if last != Some(now) {
-                let at = start.saturating_duration_since(t0).as_secs_f64()
-                    - t0.saturating_duration_since(*start).as_secs_f64();
-                eprintln!("  {kind:?} at {at:+.3} s: {now}");
-                last = Some(now);
-            }
-        }
-    }
+    print_timeline(&samples, t0);
     for (kind, seen) in KINDS.iter().zip(&samples) {
         let passed = seen.iter().filter(|s| s.2 == Ok(false)).count();
         let failed: Vec<&String> = seen.iter().filter_map(|s| s.2.as_ref().err()).collect();
@@ -762,24 +778,7 @@ fn handover_to_a_new_agent_has_no_gap() {
             drop(stream);
             echoes
         });
-        let probes: Vec<_> = KINDS
-            .iter()
-            .map(|&kind| {
-                let (a, b, stop) = (&a, &b, &stop);
-                s.spawn(move || {
-                    let mut seen = Vec::new();
-                    let mut i = 0;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let t = Instant::now();
-                        let r = try_acts_once(kind, a, b, i);
-                        seen.push((t, Instant::now(), r));
-                        i += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    seen
-                })
-            })
-            .collect();
+        let probes = spawn_probes(s, &a, &b, &stop);
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
         let next = c
@@ -836,21 +835,7 @@ fn handover_to_a_new_agent_has_no_gap() {
         .filter_map(|s| s.first().map(|f| f.0))
         .min()
         .expect("probes ran");
-    for (kind, seen) in KINDS.iter().zip(&samples) {
-        let mut last = None;
-        for (start, _, r) in seen {
-            let now = match r {
-                Ok(true) => "fault",
-                Ok(false) => "direct",
-                Err(_) => "failed",
-            };
-            if last != Some(now) {
-                let at = start.duration_since(t0).as_secs_f64();
-                eprintln!("  {kind:?} at {at:.3} s: {now}");
-                last = Some(now);
-            }
-        }
-    }
+    print_timeline(&samples, t0);
     if samples.iter().any(|s| gap(s) > Duration::ZERO) {
         let log = std::fs::read_to_string(c.agent.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
