@@ -339,10 +339,29 @@ impl Api {
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let reg = self.registry.clone();
         let result: Result<Resp, AgentError> = match (&method, segs.as_slice()) {
-            (&Method::GET, ["healthz"]) => Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({"status": "ok", "pid": std::process::id()}),
-            )),
+            (&Method::GET, ["healthz"]) => {
+                // 200 whenever the agent answers (the CNI plugin's STATUS);
+                // `serving` is false while a hand-over freezes it or after
+                // it retired, which `netfaultctl health` (the DaemonSet's
+                // readiness probe) reports as not ready, so a new agent is
+                // not ready until it serves the socket itself.
+                let serving = reg.serving();
+                let status = if serving {
+                    "ok"
+                } else if reg.retired() {
+                    "retired"
+                } else {
+                    "handing-over"
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "status": status,
+                        "serving": serving,
+                        "pid": std::process::id(),
+                    }),
+                ))
+            }
             (&Method::GET, ["metrics"]) => {
                 let text = self.metrics.render(&reg);
                 let mut r = Response::new(Full::new(Bytes::from(text)));

@@ -912,13 +912,27 @@ fn successor_lock(c: &Cluster) -> nix::fcntl::Flock<std::fs::File> {
         .expect("take the successor lock")
 }
 
+/// Whether `netfaultctl health` (the DaemonSet's probes) passes.
+fn health_ok(c: &Cluster) -> bool {
+    std::process::Command::new(testbed::workspace_bin("netfaultctl"))
+        .arg("--socket")
+        .arg(c.agent.socket())
+        .arg("health")
+        .output()
+        .expect("run netfaultctl")
+        .status
+        .success()
+}
+
 /// The hand-over protocol's edges, with a fault acting on the wire: a body
 /// without `successor` is a 400 naming it; a freeze without a live new
 /// agent (one holding the successor lock) is a 409; while frozen, every
 /// change is refused with 503 `unavailable` and changes nothing (the
 /// blackhole in place keeps acting, the API lists the same faults); a
 /// second new agent and a commit for an id that did not freeze are refused
-/// with 409 naming `successor`; a freeze no commit follows ends by itself
+/// with 409 naming `successor`; `/healthz` answers with `serving: false`
+/// and `netfaultctl health` fails (a new agent is not ready while the old
+/// one answers for it); a freeze no commit follows ends by itself
 /// at its limit (here 2 s) even while the new agent lives, and one whose
 /// new agent dies ends at once; after each, the agent serves again (a
 /// DELETE removes the blackhole on the wire).
@@ -1002,6 +1016,17 @@ fn a_freeze_refuses_changes_and_ends_without_a_commit() {
             (409, &json!("successor")),
             "{round}: {v}"
         );
+        // Answering, but not ready (the DaemonSet's readiness probe).
+        let (status, v) = call("GET", "/healthz", Value::Null);
+        assert_eq!(
+            (status, &v["serving"]),
+            (200, &json!(false)),
+            "{round}: {v}"
+        );
+        assert!(
+            !health_ok(&c),
+            "{round}: netfaultctl health passes while frozen"
+        );
         let t = Instant::now();
         if dies {
             drop(lock);
@@ -1017,6 +1042,10 @@ fn a_freeze_refuses_changes_and_ends_without_a_commit() {
         eprintln!(
             "freeze ended by {round}: serving again {:?} later",
             t.elapsed()
+        );
+        assert!(
+            health_ok(&c),
+            "{round}: netfaultctl health fails after the freeze"
         );
     }
     c.delete_fault(&id);

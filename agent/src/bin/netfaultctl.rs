@@ -317,6 +317,17 @@ fn health(client: &Client, output: Output) -> Result<String, CtlError> {
             }
         )));
     }
+    // An agent that a hand-over froze or retired answers, but does not
+    // serve: the new agent is not ready until it serves the socket.
+    if let Ok(v) = resp.json() {
+        if v["serving"] == Value::Bool(false) {
+            return Err(CtlError::Other(format!(
+                "netfaultd at {} is not ready: {} (a hand-over to a new agent)",
+                client.endpoint(),
+                v["status"].as_str().unwrap_or("not serving")
+            )));
+        }
+    }
     Ok(match output {
         Output::Json => match resp.json() {
             Ok(v) if !v.is_null() => format!("{}\n", pretty(&v)?),
