@@ -11,7 +11,10 @@
 //!
 //! `NETFAULT_LOAD_SECONDS` (default 60), `NETFAULT_LOAD_RATE` (operations per
 //! second over all threads, default 1000), `NETFAULT_LOAD_THREADS` (default
-//! 8), `NETFAULT_LOAD_PODS` (default 20).
+//! 8), `NETFAULT_LOAD_PODS` (default 20), `NETFAULT_LOAD_KINDS` (`all`,
+//! `ebpf`, or a list such as `loss,delay`). The agent inherits the
+//! environment: `NETFAULT_LIBNFTABLES=off` makes it run the `nft` binary
+//! (the bench prints which path it used).
 //!
 //! Each thread paces itself to its share of the rate (when it falls behind
 //! it goes as fast as the agent answers) and keeps at most two faults of its
@@ -383,6 +386,13 @@ fn run() -> anyhow::Result<()> {
         .map(|i| bed.add_pod(&format!("l{i}")))
         .collect::<testbed::Result<_>>()?;
     let fresh = held(&bed, &pods, true)?;
+    // How the agent runs nft commands (libnftables in process, or the binary).
+    let nft_path = bed
+        .agent
+        .client()
+        .call("GET", "/v1/capabilities", None)
+        .map(|c| c["nft"].as_str().unwrap_or("(not said)").to_string())
+        .map_err(|e| anyhow!("GET /v1/capabilities: {e}"))?;
 
     // Warm-up: every kind created and deleted on every pod.
     for kind in KINDS {
@@ -441,6 +451,7 @@ fn run() -> anyhow::Result<()> {
     println!(
         "netfault load bench: target {rate:.0} ops/s for {seconds:.0} s, {threads} client threads, {npods} pods"
     );
+    println!("  nft commands: {nft_path}");
     println!(
         "  kinds, in turn: {}",
         kinds

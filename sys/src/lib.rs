@@ -6,8 +6,10 @@
 //!   network namespace;
 //! - `nfnetlink`: the netfilter netlink codec and batch socket
 //!   (`nfnetlink_queue`, `nf_tables` set elements);
-//! - `nft`: nft rules as the `nftables` crate's typed values, applied
-//!   through `nft` as one transaction;
+//! - `nft`: nft rules as the `nftables` crate's typed values, applied as
+//!   one transaction;
+//! - `libnft`: nft commands in process through libnftables (loaded at run
+//!   time), or through the `nft` binary where it cannot be loaded;
 //! - `rtnetlink`: route netlink (an interface's addresses, routes and
 //!   rules, local delivery for transparent proxying, tc qdiscs and
 //!   filters);
@@ -17,6 +19,7 @@
 //! (it depends on none of netfault's crates), or enter a namespace except
 //! through `netns`.
 
+pub mod libnft;
 pub mod netns;
 pub mod nfnetlink;
 pub mod nft;

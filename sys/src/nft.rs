@@ -1,8 +1,8 @@
 //! nft rules as the `nftables` crate's typed values (`schema`, `stmt`,
 //! `expr`): the pieces the agent's diversions share (the nfqueue backend's
 //! delay diversion and the proxy backend's), and [`Transaction`], which
-//! applies commands as one nft transaction through the `nft` binary (of the
-//! calling thread's netns).
+//! applies commands as one nft transaction in the calling thread's netns
+//! (through libnftables in process, or the `nft` binary: [`crate::libnft`]).
 //!
 //! One piece netfault needs has no typed form in the crate (0.6): a set of
 //! type `nf_proto` (`SetType` does not list it). [`Transaction::add_set`]
@@ -23,6 +23,8 @@ use nftables::stmt::{Mangle, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 use serde_json::Value;
+
+pub use crate::libnft::NftError;
 
 /// `left == right`.
 pub fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
@@ -300,16 +302,11 @@ impl Transaction {
         serde_json::to_value(self).expect("nft commands serialize")
     }
 
-    /// Applies the commands as one transaction.
-    pub fn apply(&self) -> Result<(), String> {
+    /// Applies the commands as one transaction, in the calling thread's
+    /// netns.
+    pub fn apply(&self) -> Result<(), NftError> {
         let payload = serde_json::to_string(self).expect("nft commands serialize");
-        nftables::helper::apply_ruleset_raw(
-            &payload,
-            nftables::helper::DEFAULT_NFT,
-            nftables::helper::DEFAULT_ARGS,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        crate::libnft::apply_json(&payload)
     }
 }
 

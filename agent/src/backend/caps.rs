@@ -1,6 +1,7 @@
 //! What this node can do, checked for real: the kernel's config
-//! (`/proc/config.gz`, or `/boot/config-<release>`), loaded modules, the
-//! `nft` binary and an NFQUEUE netlink socket. Served as
+//! (`/proc/config.gz`, or `/boot/config-<release>`), loaded modules, how
+//! nft commands run (libnftables in process, or the `nft` binary) and an
+//! NFQUEUE netlink socket. Served as
 //! `GET /v1/capabilities` so users see why something is unavailable.
 
 use std::io::Read;
@@ -56,6 +57,13 @@ fn in_path(bin: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether nft commands can run: libnftables loaded, or `nft` in PATH.
+fn nft_runs() -> bool {
+    netfault_sys::libnft::engine().in_process() || in_path("nft")
+}
+
+const NO_NFT: &str = "neither libnftables (libnftables.so.1) nor the nft binary (in PATH) is there";
+
 fn nfqueue_socket_opens() -> Result<(), String> {
     netfault_sys::nfnetlink::netfilter_socket()
         .map(drop)
@@ -85,19 +93,20 @@ pub fn node_facts() -> Value {
         "netem": netem_v,
         "ipv6": Path::new("/proc/net/if_inet6").exists(),
         "kernel_config_readable": cfg.text.is_some(),
+        "nft": netfault_sys::libnft::describe(),
     })
 }
 
 /// The `delay` section (the NFQUEUE backend), and whether it is available.
 pub fn nfqueue_section() -> (Value, bool) {
     let cfg = KernelConfig::read();
-    let nft = in_path("nft");
+    let nft = nft_runs();
     let nft_queue = cfg.feature("CONFIG_NFT_QUEUE", "nft_queue");
     let xt_nfqueue = cfg.feature("CONFIG_NETFILTER_XT_TARGET_NFQUEUE", "xt_NFQUEUE")
         && cfg.feature("CONFIG_NFT_COMPAT", "nft_compat");
     let nl_queue = cfg.feature("CONFIG_NETFILTER_NETLINK_QUEUE", "nfnetlink_queue");
     let reason = if !nft {
-        Some("the nft binary is not in PATH".to_string())
+        Some(NO_NFT.to_string())
     } else if !nl_queue {
         Some("the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE)".to_string())
     } else if !xt_nfqueue {
@@ -125,12 +134,12 @@ pub fn nfqueue_section() -> (Value, bool) {
 /// available.
 pub fn proxy_section(lease: std::time::Duration) -> (Value, bool) {
     let cfg = KernelConfig::read();
-    let nft = in_path("nft");
+    let nft = nft_runs();
     // Without a readable kernel config, assume it is there (the install
     // then says what is missing).
     let tproxy = cfg.text.is_none() || cfg.feature("CONFIG_NFT_TPROXY", "nft_tproxy");
     let reason = if !nft {
-        Some("the nft binary is not in PATH")
+        Some(NO_NFT)
     } else if !tproxy {
         Some("the kernel lacks nft_tproxy (CONFIG_NFT_TPROXY)")
     } else {

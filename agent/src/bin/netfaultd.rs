@@ -205,6 +205,8 @@ fn main() -> anyhow::Result<()> {
         _ => None,
     };
     raise_nofile();
+    // Once: how the nft diversions are written (libnftables is loaded here).
+    tracing::info!(nft = %netfault_sys::libnft::describe(), "nft commands run through");
     let deny: std::collections::BTreeSet<String> = if args.deny_namespace.is_empty() {
         netfault_agent::policy::DEFAULT_DENY
             .iter()

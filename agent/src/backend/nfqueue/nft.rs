@@ -18,7 +18,8 @@
 //! that one rule (and the set elements, for their millisecond timeouts) is
 //! sent here as one raw nf_tables netlink batch; everything else is built
 //! from the `nftables` crate's typed values (`netfault_sys::nft`) and goes
-//! through the `nft` binary as one transaction.
+//! to nft as one transaction (libnftables in process, or the `nft` binary:
+//! `netfault_sys::libnft`).
 //!
 //! A fault's tag is stable while it lives ([`Tags`]). Once the table exists,
 //! a change touches only the faults that come or go ([`sync_here`]): the
@@ -26,7 +27,7 @@
 //! running) are never rebuilt, so their packets stay delayed throughout.
 //!
 //! Every function with `_here` must run on a thread inside the pod netns
-//! (`Netns::run`): both the `nft` child process and the netlink socket
+//! (`Netns::run`): nft's netlink socket (or its child process) and ours
 //! belong to the calling thread's netns.
 
 use netfault_sys::netns::InNetns;
@@ -258,10 +259,11 @@ pub fn ruleset(l: Layout, diversions: &[Diversion]) -> Transaction {
 }
 
 fn nft(tx: &Transaction) -> Result<(), DelayError> {
-    tx.apply().map_err(DelayError::Nft)
+    tx.apply().map_err(|e| DelayError::Nft(e.to_string()))
 }
 
-/// What the kernel's table (`netfault`, `netfault_dns`) holds, from `nft -j list`.
+/// What the kernel's table (`netfault`, `netfault_dns`) holds, from nft's
+/// JSON listing.
 #[derive(Debug, Default)]
 struct Listed {
     /// Tags of the fault sets `f<tag>`.
@@ -290,7 +292,7 @@ fn rule_tag(expr: &Value) -> Option<u32> {
     }
 }
 
-/// Parses `nft -j list ruleset inet`: `None` without `l`'s table.
+/// Parses the JSON of `list ruleset inet`: `None` without `l`'s table.
 fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
     let table = l.table;
     let v: Value = serde_json::from_str(raw)
@@ -349,11 +351,8 @@ fn parse_listing(l: Layout, raw: &str) -> Result<Option<Listed>, DelayError> {
 
 /// Lists `l`'s table in the calling thread's netns.
 fn list_here(_inside: &InNetns, l: Layout) -> Result<Option<Listed>, DelayError> {
-    let raw = nftables::helper::get_current_ruleset_raw(
-        nftables::helper::DEFAULT_NFT,
-        ["list", "ruleset", FAMILY],
-    )
-    .map_err(|e| DelayError::Nft(format!("listing the table: {e}")))?;
+    let raw = netfault_sys::libnft::list_json(&["list", "ruleset", FAMILY])
+        .map_err(|e| DelayError::Nft(format!("listing the table: {e}")))?;
     parse_listing(l, &raw)
 }
 

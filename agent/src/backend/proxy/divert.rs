@@ -4,8 +4,9 @@
 //! on to where they were going.
 //!
 //! Everything with `_here` runs on a thread inside the pod netns
-//! (`Netns::run`): sockets, the `nft` child process and the netlink
-//! socket all belong to the netns of the thread that creates them. A socket
+//! (`Netns::run`): sockets, nft's netlink socket (libnftables in process,
+//! or the `nft` child process) and ours all belong to the netns of the
+//! thread that creates them. A socket
 //! keeps its netns afterwards, so the agent's proxy runtime serves the
 //! listeners from anywhere.
 //!
@@ -453,7 +454,7 @@ pub fn ruleset(diversions: &[Diversion], ports: &ListenerPorts) -> Transaction {
 }
 
 fn nft(tx: &Transaction) -> Result<(), DivertError> {
-    tx.apply().map_err(DivertError::Nft)
+    tx.apply().map_err(|e| DivertError::Nft(e.to_string()))
 }
 
 fn lo_index() -> Result<u32, DivertError> {
