@@ -340,8 +340,8 @@ impl Bench<'_> {
                 (seen, "the agent lists the sandbox")
             }
             None => {
-                let path = netfault_api::wire::pending_dir(self.node.socket())
-                    .join(format!("{id}.json"));
+                let path =
+                    netfault_api::wire::pending_dir(self.node.socket()).join(format!("{id}.json"));
                 (path.exists(), "its pending enrolment exists")
             }
         };
@@ -670,7 +670,11 @@ fn report(s: &Samples, builds: &[Build], pods: usize) {
                 let goal = format!(
                     "   goal p99 <= 2 ms: {}{}",
                     if t.value <= 2.0 { "met" } else { "NOT met" },
-                    if has_p99 { "" } else { " (by the max: under 100 pods)" }
+                    if has_p99 {
+                        ""
+                    } else {
+                        " (by the max: under 100 pods)"
+                    }
                 );
                 row(&format!("{}: netfault {cmd}, {label}", b.name), nf, &goal);
             }
@@ -720,7 +724,9 @@ fn report(s: &Samples, builds: &[Build], pods: usize) {
         }
     }
     if has_p99 {
-        println!("   ({pods} samples per row and build; p99 is the value at rank round(0.99 (n - 1)))");
+        println!(
+            "   ({pods} samples per row and build; p99 is the value at rank round(0.99 (n - 1)))"
+        );
     } else {
         println!("   ({pods} samples per row and build: under 100, so no p99, the max)");
     }

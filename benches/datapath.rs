@@ -296,7 +296,10 @@ fn check_enrolled(agent: &Agent, pairs: &[&Pair]) -> R<()> {
         for pod in [&pair.client, &pair.server] {
             let found = listed.iter().any(|s| s["id"] == pod.container_id.as_str());
             testbed::verify(found, || {
-                format!("pod {} is not enrolled: the agent does not list it", pod.name)
+                format!(
+                    "pod {} is not enrolled: the agent does not list it",
+                    pod.name
+                )
             })
             .plain()?;
         }
@@ -820,49 +823,49 @@ fn report_time_to_effect(title: &str, rounds: &[(Vec<Cycle>, StreamLog)]) -> Vec
     let (mut stray, mut n, mut errors) = (0usize, 0usize, 0u64);
     let (mut gaps, mut max_gap) = (Vec::new(), 0u64);
     for (cycles, log) in rounds {
-    let first_effect = effect.len();
-    let end_of_stream = log.sent_ns.last().map_or(0, |t| t + 1);
-    for (i, c) in cycles.iter().enumerate() {
-        let end = cycles.get(i + 1).map_or(end_of_stream, |n| n.t0);
-        let (s0, s1, s2, s3, se) = (
-            log.seq_at(c.t0),
-            log.seq_at(c.t1),
-            log.seq_at(c.t2),
-            log.seq_at(c.t3),
-            log.seq_at(end),
+        let first_effect = effect.len();
+        let end_of_stream = log.sent_ns.last().map_or(0, |t| t + 1);
+        for (i, c) in cycles.iter().enumerate() {
+            let end = cycles.get(i + 1).map_or(end_of_stream, |n| n.t0);
+            let (s0, s1, s2, s3, se) = (
+                log.seq_at(c.t0),
+                log.seq_at(c.t1),
+                log.seq_at(c.t2),
+                log.seq_at(c.t3),
+                log.seq_at(end),
+            );
+            call.push((c.t1 - c.t0) as f64 / 1e6);
+            removal.push((c.t3 - c.t2) as f64 / 1e6);
+            match (s0..s2).find(|&s| !log.delivered(s)) {
+                Some(s) => effect.push((log.sent_ns[s] - c.t0) as f64 / 1e6),
+                None => no_effect += 1,
+            }
+            leaked += (s1..s2).filter(|&s| log.delivered(s)).count();
+            match (s2..se).find(|&s| log.delivered(s)) {
+                Some(s) => removal_effect.push((log.sent_ns[s] - c.t2) as f64 / 1e6),
+                None => never_restored += 1,
+            }
+            lost_after += (s3..se).filter(|&s| !log.delivered(s)).count();
+        }
+        round_p50.push(testbed::quantile(&effect[first_effect..], 0.5).unwrap_or(f64::NAN));
+        // Losses before the first POST: noise of the setup itself (should be 0).
+        let first = cycles.first().map_or(0, |c| log.seq_at(c.t0));
+        stray += (0..first).filter(|&s| !log.delivered(s)).count();
+        n += log.sent_ns.len();
+        errors += log.errors;
+        let span = log
+            .sent_ns
+            .last()
+            .zip(log.sent_ns.first())
+            .map_or(0, |(l, f)| l - f);
+        gaps.push(span as f64 / 1e3 / (log.sent_ns.len().max(2) - 1) as f64);
+        max_gap = max_gap.max(
+            log.sent_ns
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or(0),
         );
-        call.push((c.t1 - c.t0) as f64 / 1e6);
-        removal.push((c.t3 - c.t2) as f64 / 1e6);
-        match (s0..s2).find(|&s| !log.delivered(s)) {
-            Some(s) => effect.push((log.sent_ns[s] - c.t0) as f64 / 1e6),
-            None => no_effect += 1,
-        }
-        leaked += (s1..s2).filter(|&s| log.delivered(s)).count();
-        match (s2..se).find(|&s| log.delivered(s)) {
-            Some(s) => removal_effect.push((log.sent_ns[s] - c.t2) as f64 / 1e6),
-            None => never_restored += 1,
-        }
-        lost_after += (s3..se).filter(|&s| !log.delivered(s)).count();
-    }
-    round_p50.push(testbed::quantile(&effect[first_effect..], 0.5).unwrap_or(f64::NAN));
-    // Losses before the first POST: noise of the setup itself (should be 0).
-    let first = cycles.first().map_or(0, |c| log.seq_at(c.t0));
-    stray += (0..first).filter(|&s| !log.delivered(s)).count();
-    n += log.sent_ns.len();
-    errors += log.errors;
-    let span = log
-        .sent_ns
-        .last()
-        .zip(log.sent_ns.first())
-        .map_or(0, |(l, f)| l - f);
-    gaps.push(span as f64 / 1e3 / (log.sent_ns.len().max(2) - 1) as f64);
-    max_gap = max_gap.max(
-        log.sent_ns
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or(0),
-    );
     }
     let label = testbed::tail_label([
         call.as_slice(),
@@ -928,7 +931,11 @@ fn section_time_to_effect(agent: &Agent, idle: &Pair, attached: &Pair) -> R<()> 
     let mut rounds: [Vec<(Vec<Cycle>, StreamLog)>; 2] = Default::default();
     for round in 0..TTE_ROUNDS {
         for k in testbed::rotation(round, 2) {
-            rounds[k].push(time_to_effect(agent, pairs[k], TTE_ITERATIONS / TTE_ROUNDS)?);
+            rounds[k].push(time_to_effect(
+                agent,
+                pairs[k],
+                TTE_ITERATIONS / TTE_ROUNDS,
+            )?);
         }
     }
     println!(
@@ -991,7 +998,12 @@ fn section_cni(agent: &Agent, plain: &Node, enrolled: &Node) -> R<()> {
     for pod in &pods[1] {
         testbed::verify(
             listed.iter().any(|s| s["id"] == pod.container_id.as_str()),
-            || format!("pod {} was added with netfault but the agent does not list it", pod.name),
+            || {
+                format!(
+                    "pod {} was added with netfault but the agent does not list it",
+                    pod.name
+                )
+            },
         )
         .plain()?;
     }

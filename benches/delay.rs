@@ -268,9 +268,9 @@ fn run() -> anyhow::Result<()> {
         }
     }
     match best {
-        Some(p) => println!(
-            "   highest rate tried with median p99 error <= 1 ms and no loss: {p} pps"
-        ),
+        Some(p) => {
+            println!("   highest rate tried with median p99 error <= 1 ms and no loss: {p} pps")
+        }
         None => println!("   no rate tried met p99 error <= 1 ms without loss"),
     }
 

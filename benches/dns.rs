@@ -108,10 +108,7 @@ fn query_for(name: &str, id: u16) -> anyhow::Result<Vec<u8>> {
         .set_message_type(MessageType::Query)
         .set_op_code(OpCode::Query)
         .set_recursion_desired(true)
-        .add_query(Query::query(
-            Name::from_ascii(name)?,
-            RecordType::A,
-        ));
+        .add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
     Ok(m.to_vec()?)
 }
 
@@ -131,7 +128,12 @@ impl Bed {
     /// Sends `qs` one every `gap` with `config`'s fault on the client
     /// (removed afterwards), and verifies that the fault saw them as the
     /// configuration says (see the top of the file).
-    fn with(&self, config: Config, qs: &[Vec<u8>], gap: Duration) -> anyhow::Result<(Vec<f64>, usize)> {
+    fn with(
+        &self,
+        config: Config,
+        qs: &[Vec<u8>],
+        gap: Duration,
+    ) -> anyhow::Result<(Vec<f64>, usize)> {
         let Some(name) = config.names() else {
             return self.send(qs, gap);
         };
@@ -156,7 +158,9 @@ impl Bed {
         let c = &f["counters"];
         match (c["matched"].as_u64(), c["affected"].as_u64()) {
             (Some(m), Some(a)) => Ok((m, a)),
-            _ => Err(anyhow::anyhow!("fault {id} has no matched/affected counters: {f}")),
+            _ => Err(anyhow::anyhow!(
+                "fault {id} has no matched/affected counters: {f}"
+            )),
         }
     }
 

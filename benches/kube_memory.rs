@@ -135,7 +135,10 @@ fn node_only(sizes: &Sizes) -> anyhow::Result<Steps> {
     let _ = wait("pods enrolled", || Ok(enrolled()? >= pods.len()));
     let n = enrolled()?;
     testbed::verify(n == pods.len(), || {
-        format!("node-only: the agent lists {n} sandboxes after {} CNI ADDs", pods.len())
+        format!(
+            "node-only: the agent lists {n} sandboxes after {} CNI ADDs",
+            pods.len()
+        )
     })?;
     steps.push((
         format!("node-only: {} pods here", sizes.pods),

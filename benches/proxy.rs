@@ -393,10 +393,8 @@ fn run() -> anyhow::Result<()> {
             for k in testbed::rotation(round, CONFIGS.len()) {
                 let name = CONFIGS[k];
                 let r = match name {
-                    "direct" => {
-                        measured(agent, &rt, plan, &client, direct, conns, 0)
-                        .context("direct load")?
-                    }
+                    "direct" => measured(agent, &rt, plan, &client, direct, conns, 0)
+                        .context("direct load")?,
                     "haproxy" if _hg.0.is_some() => {
                         measured(agent, &rt, plan, &client, via_haproxy, conns, 0)
                             .context("load through haproxy")?

@@ -8,7 +8,7 @@
 //! cargo build --release --workspace && cargo bench --bench scale
 //! ```
 //!
-//! `NETFAULT_SCALE_PODS` (default 250; at most 252: the node's pod range is
+//! `NETFAULT_SCALE_PODS` (default 250; at least 14, a fault of every kind; at most 252: the node's pod range is
 //! a /24) pods are enrolled one after the other through the real CNI chain
 //! (bridge + host-local + netfault). The first half get one fault each, in
 //! turn: eBPF `loss`, `corrupt`, `rate`; `delay` (NFQUEUE, one holder
@@ -551,8 +551,10 @@ fn restart(
 
 fn run() -> anyhow::Result<()> {
     let n = env("NETFAULT_SCALE_PODS", 250);
-    if !(4..=MAX_PODS).contains(&n) {
-        bail!("NETFAULT_SCALE_PODS={n}: from 4 to {MAX_PODS} (the node's pod range is a /24)");
+    // Half the pods get a fault, in turn over the kinds: every kind needs one.
+    let min = 2 * KINDS.len();
+    if !(min..=MAX_PODS).contains(&n) {
+        bail!("NETFAULT_SCALE_PODS={n}: from {min} (a fault of every kind on half the pods) to {MAX_PODS} (the node's pod range is a /24)");
     }
     let mut bed = AgentNode::start("nf-scale", NodeOptions::default())?;
     let idle = AgentNode::start("nf-scale-idle", NodeOptions::default())?;
@@ -787,7 +789,10 @@ fn run() -> anyhow::Result<()> {
             &quiet.round_effect_p50
         ))
         .range(2),
-        loaded.round_effect_p50.len().min(quiet.round_effect_p50.len())
+        loaded
+            .round_effect_p50
+            .len()
+            .min(quiet.round_effect_p50.len())
     );
     eprintln!("tearing down {n} pods ...");
     Ok(())

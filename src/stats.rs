@@ -149,7 +149,12 @@ pub fn paired_diffs(a: &[f64], b: &[f64]) -> Vec<f64> {
 /// "median [min..max] (n paired rounds)" of the per-round ratios `a / b`,
 /// as a percentage with one decimal.
 pub fn paired_percent(a: &[f64], b: &[f64]) -> String {
-    let s = Spread::of(&paired_ratios(a, b).iter().map(|r| r * 100.0).collect::<Vec<_>>());
+    let s = Spread::of(
+        &paired_ratios(a, b)
+            .iter()
+            .map(|r| r * 100.0)
+            .collect::<Vec<_>>(),
+    );
     format!("{}% ({} paired rounds)", s.range(1), s.n)
 }
 
@@ -196,9 +201,21 @@ mod tests {
     #[test]
     fn tail_is_p99_only_over_100_samples() {
         let few: Vec<f64> = (1..=99).map(f64::from).collect();
-        assert_eq!(tail(&few), Tail { label: "max", value: 99.0 });
+        assert_eq!(
+            tail(&few),
+            Tail {
+                label: "max",
+                value: 99.0
+            }
+        );
         let many: Vec<f64> = (0..100).map(f64::from).collect();
-        assert_eq!(tail(&many), Tail { label: "p99", value: 98.0 });
+        assert_eq!(
+            tail(&many),
+            Tail {
+                label: "p99",
+                value: 98.0
+            }
+        );
         assert!(tail(&[]).value.is_nan());
         assert_eq!(tail(&[]).label, "max");
         assert_eq!(tail_label([many.as_slice(), many.as_slice()]), "p99");
