@@ -241,14 +241,13 @@ fn run() -> anyhow::Result<()> {
     let tail_label = testbed::tail_label(samples.iter().map(Vec::as_slice));
     let t = |i: usize| testbed::tail(&samples[i]).value;
     println!(
-        "{:<30} {:>10} {:>10} {:>8} {:>14} {:>14}   {}",
+        "{:<30} {:>10} {:>10} {:>8} {:>14} {:>14}   paired rounds: added p50 µs, p50 ratio, median [min..max]",
         "configuration",
         "p50 µs",
         format!("{tail_label} µs"),
         "lost",
         "added p50 µs",
         format!("added {tail_label} µs"),
-        "paired rounds: added p50 µs, p50 ratio, median [min..max]"
     );
     for (i, c) in Config::ALL.iter().enumerate() {
         let paired = if i == 0 {

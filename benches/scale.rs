@@ -31,14 +31,17 @@
 //!    per-round ratio loaded / idle of the effect p50.
 //!
 //! The wire checks of step 3 are first run before any fault exists, where
-//! each must see no effect.
+//! each must see no effect. The bench prints; it does not pass or fail on
+//! the numbers (a check that cannot see its effect is an error). It takes
+//! about 2-3 minutes.
 //!
 //! Bench honesty (issue 13), what applies here:
 //! - rotation: only step 4 compares two configurations (loaded and idle
 //!   node); their order alternates across rounds. Steps 1-3 measure this
 //!   node alone, with nothing to rotate against;
 //! - verification: every fault's effect is checked on the wire for one pod
-//!   per backend after the POSTs and after each restart; in step 4 every
+//!   per backend after the POSTs (and after each restart, where a failure is
+//!   reported in the restart's row); in step 4 every
 //!   cycle's blackhole must have counted drops (its `dropped` counter, read
 //!   before the DELETE). A failed check prints "NOT VERIFIED" and exits 1;
 //! - paired medians: step 4 prints the per-round ratio loaded / idle of the
@@ -46,9 +49,7 @@
 //!   memory and enrolment have no baseline to pair with;
 //! - every tail is "p99" only over at least 100 samples, else "max"
 //!   (`testbed::summary_ms`; `NETFAULT_SCALE_TTE_ROUNDS`, default 10, sets
-//!   step 4's rounds of 12 cycles per node). The bench prints; it does not pass or fail on
-//! the numbers (a check that cannot see its effect is an error). It takes
-//! about 2-3 minutes.
+//!   step 4's rounds of 12 cycles per node).
 
 use std::collections::BTreeMap;
 use std::io;
