@@ -16,7 +16,7 @@
 //!
 //! `NETFAULT_KUBE_MEMORY_PODS` (default 250) pods on the node,
 //! `NETFAULT_KUBE_MEMORY_CLUSTER` (default 10000) pods on other nodes,
-//! `NETFAULT_KUBE_MEMORY_ROUNDS` (default 1); the order of the two
+//! `NETFAULT_KUBE_MEMORY_ROUNDS` (default 3, for a spread); the order of the two
 //! configurations alternates across rounds. Each step waits until the agent
 //! reports the pods (enrolled, cached) and 1 s of quiet, then reads RSS
 //! three times 200 ms apart and keeps the median. The bench prints, it does
@@ -276,7 +276,7 @@ fn run() -> anyhow::Result<()> {
         pods: env("NETFAULT_KUBE_MEMORY_PODS", 250),
         cluster: env("NETFAULT_KUBE_MEMORY_CLUSTER", 10_000),
     };
-    let rounds = env("NETFAULT_KUBE_MEMORY_ROUNDS", 1).max(1);
+    let rounds = env("NETFAULT_KUBE_MEMORY_ROUNDS", 3).max(1);
     let mut results: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for round in 0..rounds {
