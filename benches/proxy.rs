@@ -22,9 +22,14 @@
 //!
 //! Every round reads the proxy's open-connection gauge halfway through: all
 //! N connections for `netfault` (they really were diverted), none for the
-//! others; a wrong count ends the bench with an error.
+//! others; a wrong count ends the bench with "NOT VERIFIED" and exit 1, as
+//! does a memory measurement where not all 1,000 connections answered their
+//! warm-up request or the gauge does not read 1,000.
 //!
-//! Prints req/s, latency p50 and p99 (max under 100 samples) per concurrency
+//! `NETFAULT_PROXY_ROUNDS` (default 5) rounds per concurrency,
+//! `NETFAULT_PROXY_SECS` (default 3) seconds per configuration per round.
+//!
+//! Prints req/s, latency p50 and p99 (max under 100 samples in a round) per concurrency
 //! (1 and 64) as the median of rounds with their spread, the per-round
 //! (paired) ratios against direct and haproxy as medians with spread, and
 //! the agent's memory per open proxied connection. It does not pass or fail
@@ -45,11 +50,28 @@ use testbed::{in_netns, AgentNode, NodeOptions, Pod};
 
 const SERVER_PORT: u16 = 8080;
 const HAPROXY_PORT: u16 = 8081;
-const ROUND: Duration = Duration::from_secs(3);
-const ROUNDS: usize = 5;
+/// Rounds per concurrency (`NETFAULT_PROXY_ROUNDS`, default 5) and the
+/// length of one configuration's run in a round (`NETFAULT_PROXY_SECS`,
+/// default 3).
+const DEFAULT_ROUNDS: usize = 5;
+const DEFAULT_SECS: f64 = 3.0;
 
 fn main() {
     testbed::bench_main("proxy", run);
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Rounds and the length of a run, from the environment.
+#[derive(Clone, Copy)]
+struct Plan {
+    rounds: usize,
+    round: Duration,
 }
 
 /// A tokio listener bound inside `pod`'s netns (a socket keeps its netns).
@@ -169,6 +191,7 @@ fn pct(samples: &[u32], q: f64) -> f64 {
 fn measured(
     agent: &testbed::Agent,
     rt: &tokio::runtime::Runtime,
+    plan: Plan,
     client: &Pod,
     to: SocketAddr,
     conns: usize,
@@ -176,18 +199,18 @@ fn measured(
 ) -> anyhow::Result<Load> {
     std::thread::scope(|s| {
         let gauge = s.spawn(|| {
-            std::thread::sleep(ROUND / 2);
+            std::thread::sleep(plan.round / 2);
             agent.metric("netfault_proxy_open_connections")
         });
-        let r = rt.block_on(load(client, to, conns, ROUND))?;
+        let r = rt.block_on(load(client, to, conns, plan.round))?;
         let seen = gauge
             .join()
             .map_err(|_| anyhow::anyhow!("gauge thread panicked"))?;
-        if seen != Some(proxied as f64) {
-            anyhow::bail!(
+        testbed::verify(seen == Some(proxied as f64), || {
+            format!(
                 "{conns} connections to {to}: the proxy's open-connection gauge read {seen:?} halfway through the round, expected {proxied}"
-            );
-        }
+            )
+        })?;
         Ok(r)
     })
 }
@@ -197,31 +220,26 @@ fn rate(l: &Load) -> f64 {
     l.requests as f64 / l.secs
 }
 
-/// The tail of `samples` (sorted): "p99" over at least 100 samples, else
-/// "max".
+/// The tail of `samples` ([`testbed::tail`]: "p99" over at least 100
+/// samples, else "max").
 fn tail(samples: &[u32]) -> (&'static str, f64) {
-    if samples.len() >= 100 {
-        ("p99", pct(samples, 0.99))
-    } else {
-        ("max", samples.last().map_or(f64::NAN, |v| f64::from(*v)))
-    }
+    let v: Vec<f64> = samples.iter().copied().map(f64::from).collect();
+    let t = testbed::tail(&v);
+    (t.label, t.value)
 }
 
 /// The median of `v`, and its spread as "[min..max]".
 fn median_spread(v: &[f64], decimals: usize) -> String {
-    let m = testbed::quantile(v, 0.5).unwrap_or(f64::NAN);
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{m:.decimals$} [{lo:.decimals$}..{hi:.decimals$}]")
+    testbed::Spread::of(v).range(decimals)
 }
 
 /// Prints each configuration's median round (req/s, p50 and tail latency
 /// with their spread over rounds), then each configuration against
 /// `direct` and `haproxy` as medians of the per-round (paired) ratios and
 /// differences.
-fn report(conns: usize, results: &BTreeMap<&str, Vec<Load>>) {
+fn report(conns: usize, rounds: usize, results: &BTreeMap<&str, Vec<Load>>) {
     println!(
-        "   {:<9} {:>24} {:>22} {:>26} {:>7}   (median [min..max] of {ROUNDS} rounds)",
+        "   {:<9} {:>24} {:>22} {:>26} {:>7}   (median [min..max] of {rounds} rounds)",
         "config", "req/s", "p50 µs", "tail µs", "errors"
     );
     for (name, runs) in results {
@@ -326,6 +344,10 @@ fn run() -> anyhow::Result<()> {
             eprintln!("server: {e}");
         }
     });
+    let plan = Plan {
+        rounds: env("NETFAULT_PROXY_ROUNDS", DEFAULT_ROUNDS).max(1),
+        round: Duration::from_secs_f64(env("NETFAULT_PROXY_SECS", DEFAULT_SECS).max(0.2)),
+    };
     let haproxy = match start_haproxy(&server, dir.path()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -348,8 +370,8 @@ fn run() -> anyhow::Result<()> {
         "netfault proxy bench (kernel {}, {} CPUs); closed loop, keep-alive, {} rounds of {:?} per configuration, in rotating order; every round checks the proxy's open-connection gauge (all connections proxied for netfault, none otherwise)",
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        ROUNDS,
-        ROUND
+        plan.rounds,
+        plan.round
     );
     let direct = SocketAddr::new(server_ip, SERVER_PORT);
     let via_haproxy = SocketAddr::new(server_ip, HAPROXY_PORT);
@@ -365,23 +387,22 @@ fn run() -> anyhow::Result<()> {
         println!("\n== concurrency {conns}");
         // Per configuration, one Load per round (None: not run that round).
         let mut results: BTreeMap<&str, Vec<Load>> = BTreeMap::new();
-        for round in 0..ROUNDS {
+        for round in 0..plan.rounds {
             // Rotate the order each round so no configuration always runs
             // first (or right after the fault's install).
-            for k in 0..CONFIGS.len() {
-                let name = CONFIGS[(k + round) % CONFIGS.len()];
+            for k in testbed::rotation(round, CONFIGS.len()) {
+                let name = CONFIGS[k];
                 let r = match name {
-                    "direct" => {
-                        measured(agent, &rt, &client, direct, conns, 0).context("direct load")?
-                    }
+                    "direct" => measured(agent, &rt, plan, &client, direct, conns, 0)
+                        .context("direct load")?,
                     "haproxy" if _hg.0.is_some() => {
-                        measured(agent, &rt, &client, via_haproxy, conns, 0)
+                        measured(agent, &rt, plan, &client, via_haproxy, conns, 0)
                             .context("load through haproxy")?
                     }
                     "haproxy" => continue,
                     _ => match agent.post_fault(&fault_body) {
                         Ok(id) => {
-                            let r = measured(agent, &rt, &client, direct, conns, conns);
+                            let r = measured(agent, &rt, plan, &client, direct, conns, conns);
                             agent.delete_fault(&id)?;
                             r.context("load through netfault")?
                         }
@@ -394,7 +415,7 @@ fn run() -> anyhow::Result<()> {
                 results.entry(name).or_default().push(r);
             }
         }
-        report(conns, &results);
+        report(conns, plan.rounds, &results);
     }
 
     // Memory per open proxied connection.
@@ -408,48 +429,71 @@ fn run() -> anyhow::Result<()> {
     };
     let before = testbed::rss_kib(agent.pid());
     let n = 1000usize;
-    let kept = rt.block_on(async {
+    // Only connections whose warm-up request was answered are kept; a
+    // failed one is closed and replaced (at most 100 times).
+    let (kept, failures) = rt.block_on(async {
         let mut kept = Vec::new();
-        for _ in 0..n {
-            let Ok(std) = connect_from(&client, direct) else {
-                break;
+        let mut failures: Vec<String> = Vec::new();
+        while kept.len() < n && failures.len() <= 100 {
+            let std = match connect_from(&client, direct) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("connect: {e}"));
+                    continue;
+                }
             };
-            let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
-                break;
+            let stream = match tokio::net::TcpStream::from_std(std) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("tokio stream: {e}"));
+                    continue;
+                }
             };
-            let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+            let (mut tx, conn) = match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
                 hyper_util::rt::TokioIo::new(stream),
             )
             .await
-            else {
-                break;
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    failures.push(format!("handshake: {e}"));
+                    continue;
+                }
             };
             tokio::spawn(conn);
             let Ok(req) = hyper::Request::get("/warm").body(Empty::<Bytes>::new()) else {
-                break;
+                failures.push("building the request".into());
+                continue;
             };
-            let answered = match tx.send_request(req).await {
-                Ok(resp) => resp.into_body().collect().await.is_ok(),
-                Err(_) => false,
-            };
-            kept.push((tx, answered));
+            match tx.send_request(req).await {
+                Ok(resp) if resp.status() == 200 => match resp.into_body().collect().await {
+                    Ok(_) => kept.push(tx),
+                    Err(e) => failures.push(format!("body: {e}")),
+                },
+                Ok(resp) => failures.push(format!("status {}", resp.status())),
+                Err(e) => failures.push(format!("request: {e}")),
+            }
         }
-        kept
+        (kept, failures)
     });
-    let answered = kept.iter().filter(|(_, ok)| *ok).count();
+    let answered = kept.len();
+    // Let the replaced connections close on the proxy's side too.
     std::thread::sleep(Duration::from_millis(300));
     let after = testbed::rss_kib(agent.pid());
     let gauge = agent
         .metric("netfault_proxy_open_connections")
         .unwrap_or(0.0);
-    if gauge < answered as f64 {
-        anyhow::bail!(
-            "{answered} connections answered and kept open, but the proxy's open-connection gauge reads {gauge}: not all of them were diverted"
-        );
-    }
+    testbed::verify(answered == n && gauge == n as f64, || {
+        format!(
+            "{answered} of {n} connections answered their warm-up request and were kept open ({} failed: {:?}), and the proxy's open-connection gauge reads {gauge}: expected {n} of both",
+            failures.len(),
+            failures.iter().take(3).collect::<Vec<_>>()
+        )
+    })?;
     println!(
-        "   {} idle keep-alive connections through the proxy ({answered} answered; the open-connection gauge reads {gauge}): agent RSS {} -> {} KiB, {:.1} KiB per connection",
+        "   {} idle keep-alive connections through the proxy, each answered its warm-up request ({} failed and were replaced; the open-connection gauge reads {gauge}): agent RSS {} -> {} KiB, {:.1} KiB per connection",
         kept.len(),
+        failures.len(),
         before,
         after,
         (after.saturating_sub(before)) as f64 / kept.len().max(1) as f64

@@ -51,7 +51,10 @@ pub use error::{Error, PluginError, Result};
 pub use http::{http_get, http_serve, HttpReply, HttpServer};
 pub use netns::{in_netns, remove_stale_netns, spawn_in_netns, Netns};
 pub use node::{AddTiming, Node, NodeOptions, PluginOutput, Pod};
-pub use stats::{ms, quantile, summary_ms};
+pub use stats::{
+    ms, paired_diffs, paired_percent, paired_ratios, quantile, rotation, summary_ms, tail,
+    tail_label, verify, NotVerified, Spread, Tail, P99_MIN_SAMPLES,
+};
 pub use tmp::TempDir;
 pub use traffic::{
     tcp_connect_ok, tcp_echo, tcp_listen, udp_probe, udp_probe_ext, udp_probe_with, unspecified,
