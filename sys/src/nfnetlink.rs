@@ -339,24 +339,26 @@ pub fn close_later(fd: OwnedFd) {
     }
     let closer = CLOSER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, OwnedFd)>();
-        std::thread::Builder::new()
-            .name("nf-closer".into())
-            .spawn(move || {
-                let mut trimmed = std::time::Instant::now();
-                while let Ok((at, fd)) = rx.recv() {
-                    let now = std::time::Instant::now();
-                    if at > now {
-                        std::thread::sleep(at - now);
-                    }
-                    drop(fd);
-                    if trimmed.elapsed() >= std::time::Duration::from_secs(1) {
-                        trim_heap();
-                        trimmed = std::time::Instant::now();
-                    }
+        // Callers run inside pod netns, and a thread starts in its
+        // creator's: the closer joins the process's own netns (its main
+        // thread's), or it would keep a pod's netns alive.
+        let home = crate::netns::Netns::open(std::path::Path::new("/proc/self/ns/net")).ok()?;
+        home.spawn("nf-closer", move |_| {
+            let mut trimmed = std::time::Instant::now();
+            while let Ok((at, fd)) = rx.recv() {
+                let now = std::time::Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
                 }
-            })
-            .ok()
-            .map(|_| tx)
+                drop(fd);
+                if trimmed.elapsed() >= std::time::Duration::from_secs(1) {
+                    trim_heap();
+                    trimmed = std::time::Instant::now();
+                }
+            }
+        })
+        .ok()
+        .map(|_| tx)
     });
     let at = std::time::Instant::now() + delay;
     match closer {
@@ -439,5 +441,42 @@ mod tests {
         let file = std::fs::File::open("/dev/null").expect("opens /dev/null");
         assert!(dup_fresh_netfilter_socket(file.as_raw_fd()).is_none());
         close_later(dup);
+    }
+
+    fn netns_of(path: &str) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    /// Root only: sockets handed over from inside a pod's netns are closed
+    /// by a thread in the process's own netns (a thread starts in its
+    /// creator's netns; one left in a pod's would keep it alive).
+    #[test]
+    fn the_closer_lives_in_the_process_netns() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: requires root");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            close_later(netfilter_socket().expect("a netfilter socket"));
+        })
+        .join()
+        .expect("joins");
+        let home = netns_of("/proc/self/ns/net").expect("own netns");
+        let closers: Vec<Option<(u64, u64)>> = std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "nf-closer")
+            })
+            .map(|t| netns_of(&t.path().join("ns/net").to_string_lossy()))
+            .collect();
+        assert_eq!(
+            closers,
+            vec![Some(home)],
+            "one closer, in the process's netns"
+        );
     }
 }
