@@ -32,7 +32,11 @@
 //! - the context's socket has no `FD_CLOEXEC` for as long as the call
 //!   lasts (child processes spawned meanwhile on another thread inherit
 //!   it; the agent's holders mark everything above their own descriptors
-//!   close-on-exec).
+//!   close-on-exec);
+//! - the last close of that socket, after a transaction that deleted
+//!   objects, waits for an RCU grace period (10-13 ms here): a call keeps a
+//!   duplicate of the socket and closes it later, on another thread
+//!   (`nfnetlink::close_later`).
 //!
 //! `NETFAULT_LIBNFTABLES` chooses, read once: unset, the library by its
 //! soname; `off` (or `0`, or empty), the `nft` binary; anything else, the
@@ -42,6 +46,7 @@
 //! (`nft` does).
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::os::fd::AsRawFd;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// The library's soname.
@@ -277,35 +282,51 @@ impl Lib {
         let cmd = CString::new(cmd)
             .map_err(|_| NftError::library(what, "the command holds a NUL byte"))?;
         let _one = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-        // nft_ctx_new exits the process when it cannot open its socket.
-        crate::nfnetlink::netfilter_socket().map_err(|e| {
+        // nft_ctx_new exits the process when it cannot open its socket. The
+        // probe also shows where that socket will land: the lowest free
+        // descriptor, which the probe takes and gives back.
+        let probe = crate::nfnetlink::netfilter_socket().map_err(|e| {
             NftError::library(what, format!("cannot open a netfilter netlink socket: {e}"))
         })?;
+        let expected = probe.as_raw_fd();
+        drop(probe);
         // SAFETY: NFT_CTX_DEFAULT is a valid flag; the result is checked.
         let ptr = unsafe { (self.ctx_new)(NFT_CTX_DEFAULT) };
         if ptr.is_null() {
             return Err(NftError::library(what, "nft_ctx_new failed"));
         }
         let ctx = Ctx { lib: self, ptr };
+        // A second hold on the context's socket (if it is where expected:
+        // another thread may have taken that number meanwhile), so that
+        // freeing the context does not close it: the last close waits for
+        // the RCU grace period of what the transaction deleted
+        // (`nfnetlink::close_later`), which happens off this path instead.
+        let kept = crate::nfnetlink::dup_fresh_netfilter_socket(expected);
         // SAFETY: a live context (`ctx`), used on this thread only, under
         // LOCK; the buffers are copied before the context goes.
-        unsafe {
+        let result = unsafe {
             (self.output_set_flags)(ctx.ptr, NFT_CTX_OUTPUT_JSON);
             if (self.buffer_output)(ctx.ptr) != 0 || (self.buffer_error)(ctx.ptr) != 0 {
-                return Err(NftError::library(what, "cannot buffer nft's output"));
+                Err(NftError::library(what, "cannot buffer nft's output"))
+            } else {
+                let rc = (self.run_cmd_from_buffer)(ctx.ptr, cmd.as_ptr());
+                let out = owned((self.get_output_buffer)(ctx.ptr)).unwrap_or_default();
+                let err = owned((self.get_error_buffer)(ctx.ptr)).unwrap_or_default();
+                match (rc, err.trim()) {
+                    (0, _) => Ok(out),
+                    (rc, "") => Err(NftError::library(
+                        what,
+                        format!("failed (code {rc}) without a message"),
+                    )),
+                    (_, m) => Err(NftError::library(what, m)),
+                }
             }
-            let rc = (self.run_cmd_from_buffer)(ctx.ptr, cmd.as_ptr());
-            let out = owned((self.get_output_buffer)(ctx.ptr)).unwrap_or_default();
-            let err = owned((self.get_error_buffer)(ctx.ptr)).unwrap_or_default();
-            if rc != 0 {
-                let message = match err.trim() {
-                    "" => format!("failed (code {rc}) without a message"),
-                    m => m.to_string(),
-                };
-                return Err(NftError::library(what, message));
-            }
-            Ok(out)
+        };
+        drop(ctx);
+        if let Some(socket) = kept {
+            crate::nfnetlink::close_later(socket);
         }
+        result
     }
 }
 
@@ -369,7 +390,9 @@ mod tests {
     #[test]
     fn a_nul_byte_is_refused_before_the_library() {
         let Some(lib) = lib() else { return };
-        let e = lib.run("applying ruleset", "list\0ruleset").expect_err("NUL");
+        let e = lib
+            .run("applying ruleset", "list\0ruleset")
+            .expect_err("NUL");
         assert_eq!(
             e.to_string(),
             "applying ruleset (libnftables): the command holds a NUL byte"
@@ -529,7 +552,10 @@ mod tests {
             }
             v
         };
-        assert_eq!(strip(a.expect("library lists")), strip(b.expect("binary lists")));
+        assert_eq!(
+            strip(a.expect("library lists")),
+            strip(b.expect("binary lists"))
+        );
         let lib_err = errs.0.expect_err("no such table").to_string();
         assert!(
             lib_err.starts_with("applying ruleset (libnftables): ")

@@ -121,20 +121,23 @@ impl NfqueueBackend {
         self.counters.entry(fault.clone()).or_default().clone()
     }
 
-    /// Removes the table and closes the queue (after the table is gone:
-    /// nothing is diverted to a queue without a listener, which `bypass`
-    /// would pass anyway).
+    /// Stops the holder (closing the queue), then removes the table. In
+    /// between, packets the table still diverts find no listener, and the
+    /// queue rule's `bypass` passes them. This order keeps the table's
+    /// removal off the holder's exit: the last close of the holder's queue
+    /// socket would wait for the RCU grace period of the table's deferred
+    /// frees (10-13 ms here), and the agent waits for that exit.
     fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
         if !self.sandboxes.contains_key(sb.id) && self.absent.contains(sb.id) {
             return Ok(());
         }
+        drop(self.sandboxes.remove(sb.id));
+        self.ruled.remove(sb.id);
         let layout = self.layout;
         let removed = match sb.netns {
             Some(ns) => ns.run(move |inside| nft::remove_here(inside, layout))?,
             None => Ok(()),
         };
-        self.sandboxes.remove(sb.id);
-        self.ruled.remove(sb.id);
         if removed.is_ok() {
             self.absent.insert(sb.id.clone());
         }

@@ -608,7 +608,11 @@ pub fn commit_here(
         batch.push(queue_rule(l.table, q, seq));
         seq
     });
-    batch.send(&fd).map_err(|e| match e {
+    let sent = batch.send(&fd);
+    // Off this path: the close would wait for the grace period of what the
+    // nft transaction before this batch deleted.
+    netfault_sys::nfnetlink::close_later(fd);
+    sent.map_err(|e| match e {
         BatchError::Refused { seq, source } => {
             let what = if Some(seq) == rule_seq {
                 "the NFQUEUE rule (xt_NFQUEUE through nft_compat)"
