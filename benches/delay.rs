@@ -30,7 +30,7 @@
 //!    error is `latency - baseline median - 10 ms` per packet.
 //! 2. Sustained rate: the same at rising rates, until p99 error exceeds 1 ms
 //!    or packets are lost; CPU time per delayed packet of the agent and its
-//!    holder processes (from /proc/PID/stat).
+//!    holder process (from /proc/PID/stat).
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
 //!    limits: the receive window, and TCP small queues (docs/design.md, kernel
 //!    facts); the ratio delayed / undelayed of paired rounds.
@@ -80,8 +80,8 @@ fn cpu_seconds(pid: u32, children: bool) -> f64 {
     (own + waited) / hz
 }
 
-/// CPU seconds of the agent and its packet holders (`netfaultd
-/// delay-holder`, one child process per pod with delay faults): live ones
+/// CPU seconds of the agent and its packet holder (`netfaultd
+/// delay-holder`, one child process serving every pod's queue): a live one
 /// and exited ones alike.
 fn agent_cpu_seconds(pid: u32) -> f64 {
     let live: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))

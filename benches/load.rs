@@ -197,6 +197,8 @@ struct Held {
     bpf_rules: usize,
     nft: usize,
     holders: usize,
+    queues: usize,
+    holder_threads: usize,
     faults: usize,
 }
 
@@ -213,10 +215,12 @@ fn held(bed: &AgentNode, pods: &[Pod], settle: bool) -> anyhow::Result<Held> {
     }
     rss.sort_unstable();
     let (bpf_addrs, bpf_rules) = bpf_entries(pid)?;
-    let mut nft = 0;
+    let (mut nft, mut queues) = (0, 0);
     for p in pods {
         nft += nft_objects(p)?;
+        queues += procstat::queues_in_netns(p.netns_path()).len();
     }
+    let holders = procstat::holders_of_agent(pid);
     let faults = bed
         .agent
         .client()
@@ -230,7 +234,9 @@ fn held(bed: &AgentNode, pods: &[Pod], settle: bool) -> anyhow::Result<Held> {
         bpf_addrs,
         bpf_rules,
         nft,
-        holders: procstat::holders_of_agent(pid).len(),
+        holders: holders.len(),
+        queues,
+        holder_threads: holders.iter().map(|&h| procstat::thread_count(h)).sum(),
         faults,
     })
 }
@@ -519,13 +525,15 @@ fn run() -> anyhow::Result<()> {
         "\n  what the agent holds        no fault yet  after warm-up  during the load  after the load  grew (vs warm-up)"
     );
     type Row = (&'static str, fn(&Held) -> u64);
-    let rows: [Row; 7] = [
+    let rows: [Row; 9] = [
         ("agent RSS (KiB)", |h| h.rss_kib),
         ("agent open fds", |h| h.fds as u64),
         ("eBPF nf_sandboxes entries", |h| h.bpf_addrs as u64),
         ("eBPF nf_rules slots in use", |h| h.bpf_rules as u64),
         ("nft objects, all pod netns", |h| h.nft as u64),
         ("holder processes", |h| h.holders as u64),
+        ("holder threads", |h| h.holder_threads as u64),
+        ("queues bound, all pod netns", |h| h.queues as u64),
         ("faults listed (GET)", |h| h.faults as u64),
     ];
     for (name, f) in rows {

@@ -11,9 +11,10 @@
 //! `NETFAULT_SCALE_PODS` (default 250; at least 14, a fault of every kind; at most 252: the node's pod range is
 //! a /24) pods are enrolled one after the other through the real CNI chain
 //! (bridge + host-local + netfault). The first half get one fault each, in
-//! turn: eBPF `loss`, `corrupt`, `rate`; `delay` (NFQUEUE, one holder
-//! process per pod); proxy `http-abort`, `tcp-bandwidth`; `dns-error` (proxy
-//! and its DNS queue, a second holder per pod). It prints:
+//! turn: eBPF `loss`, `corrupt`, `rate`; `delay` (NFQUEUE, a thread of the
+//! one holder process per pod); proxy `http-abort`, `tcp-bandwidth`;
+//! `dns-error` (proxy and its DNS queue, a second holder thread per pod). It
+//! prints:
 //!
 //! 1. enrolment: the whole time and p50/p99 per CNI ADD (the chain, and the
 //!    netfault plugin alone); fault creation: p50/p99 per POST;
@@ -507,7 +508,6 @@ fn restart(
     ids: &[String],
     samples: &[(Kind, &Pod)],
     srv: &Pod,
-    sandboxes: &[&str],
 ) -> anyhow::Result<Restart> {
     let t0 = Instant::now();
     if graceful {
@@ -534,10 +534,7 @@ fn restart(
     }
     thread::sleep(Duration::from_millis(500));
     let holders = procstat::holders_of_agent(bed.agent.pid()).len();
-    let orphans = procstat::holders_naming(sandboxes)
-        .into_iter()
-        .filter(|&h| procstat::parent_pid(h) != Some(bed.agent.pid()))
-        .count();
+    let orphans = procstat::holders_not_of(bed.agent.pid()).len();
     Ok(Restart {
         mode: if graceful { "SIGTERM" } else { "SIGKILL" },
         ready,
@@ -645,14 +642,13 @@ fn run() -> anyhow::Result<()> {
 
     // 3. Restarts.
     eprintln!("restarts ...");
-    let sandboxes: Vec<&str> = pods.iter().map(|p| p.container_id.as_str()).collect();
     let mut restarts = Vec::new();
     for graceful in [true, false] {
         let mode = if graceful { "SIGTERM" } else { "SIGKILL" };
         // A failed restart is reported in its row; the agent is started
         // again for the next.
-        let r = restart(&mut bed, graceful, &ids, &samples, srv, &sandboxes)
-            .map_err(|e| format!("{mode}: {e:#}"));
+        let r =
+            restart(&mut bed, graceful, &ids, &samples, srv).map_err(|e| format!("{mode}: {e:#}"));
         if r.is_err() && !bed.agent.is_running() {
             bed.agent.restart_within(GIVE_UP)?;
         }

@@ -83,14 +83,37 @@ pub fn holders_of_agent(agent_pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Holder processes that name one of `sandboxes` (container ids) in their
-/// arguments, whoever their parent is: after a restart, any of them that is
-/// not a child of the new agent is an orphan.
-pub fn holders_naming(sandboxes: &[&str]) -> Vec<u32> {
+/// Threads of process `pid` (0 when it is gone).
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// Holder processes whose parent is not `agent_pid`: after a restart, any
+/// of them left by the earlier agent is an orphan.
+pub fn holders_not_of(agent_pid: u32) -> Vec<u32> {
     processes_with_arg("delay-holder")
         .into_iter()
-        .filter(|(_, args)| args.iter().any(|a| sandboxes.contains(&a.as_str())))
         .map(|(pid, _)| pid)
+        .filter(|&pid| parent_pid(pid) != Some(agent_pid))
+        .collect()
+}
+
+/// The NFQUEUE queues bound in the netns at `netns` (the kernel's
+/// `nfnetlink_queue` table there): (queue number, the bound socket's
+/// netlink port id). A holder serving a sandbox has its queue bound here.
+pub fn queues_in_netns(netns: &std::path::Path) -> Vec<(u16, u32)> {
+    let read = crate::in_netns(netns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue")
+    });
+    let Ok(Ok(table)) = read else {
+        return Vec::new();
+    };
+    table
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
         .collect()
 }
 

@@ -646,7 +646,17 @@ fn a_killed_holder_is_restarted_and_the_delay_resumes() {
         "before the kill",
     );
     let old = holders_of(&a);
-    assert_eq!(old.len(), 1, "one holder serves the pod: {old:?}");
+    assert_eq!(
+        old.len(),
+        1,
+        "one queue of the holder serves the pod: {old:?}"
+    );
+    let holder = testbed::procstat::holders_of_agent(c.agent.pid());
+    assert_eq!(
+        holder.len(),
+        1,
+        "the agent's one holder process: {holder:?}"
+    );
     let affected_before = c.get_fault(&id)["counters"]["affected"]
         .as_u64()
         .unwrap_or(0);
@@ -655,7 +665,7 @@ fn a_killed_holder_is_restarted_and_the_delay_resumes() {
     let (r, killed) = std::thread::scope(|s| {
         let stream = s.spawn(|| rtts(&a, ip, 7314, pings(3000, MS, 200 * MS)));
         std::thread::sleep(Duration::from_millis(500));
-        let pid = nix::unistd::Pid::from_raw(old[0] as i32);
+        let pid = nix::unistd::Pid::from_raw(holder[0] as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the holder");
         let killed = Instant::now();
         (stream.join().expect("ping stream"), killed)
@@ -689,8 +699,10 @@ fn a_killed_holder_is_restarted_and_the_delay_resumes() {
         "the delay came back {resumed:?} after the holder died (bound 1 s)"
     );
     let new = holders_of(&a);
-    assert_eq!(new.len(), 1, "one new holder: {new:?}");
-    assert_ne!(new, old, "the holder is a new process");
+    assert_eq!(new.len(), 1, "one queue, bound again: {new:?}");
+    let new_holder = testbed::procstat::holders_of_agent(c.agent.pid());
+    assert_eq!(new_holder.len(), 1, "one new holder: {new_holder:?}");
+    assert_ne!(new_holder, holder, "the holder is a new process");
     let f = c.get_fault(&id);
     assert_eq!(f["state"], "active", "{f}");
     assert!(

@@ -963,13 +963,11 @@ pub fn wait_for_quiet_cpu() {
     eprintln!("timing test: the machine stayed busy for 20 s; measuring anyway");
 }
 
-/// The delay holder processes serving `pod`'s sandbox.
-pub fn holders_of(pod: &Pod) -> Vec<u32> {
-    testbed::procstat::processes_with_arg("delay-holder")
-        .into_iter()
-        .filter(|(_, args)| args.iter().any(|a| a == pod.container_id.as_str()))
-        .map(|(pid, _)| pid)
-        .collect()
+/// The queues a holder serves in `pod`'s netns, as the kernel lists them
+/// there: (queue number, the holder's socket). One for delay faults, one
+/// for DNS faults; none once both are removed.
+pub fn holders_of(pod: &Pod) -> Vec<(u16, u32)> {
+    testbed::procstat::queues_in_netns(pod.netns_path())
 }
 
 /// Every datagram of a 300-datagram probe from `from` to `to` arrives,

@@ -166,18 +166,14 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    // The hidden subcommand the agent runs its per-sandbox packet holders
+    // The hidden subcommand the agent runs its packet holder
     // with (see `backend::nfqueue::holder`); not for users.
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some(netfault_agent::backend::nfqueue::holder::SUBCOMMAND)
     {
-        let name = argv.get(2).map(String::as_str).unwrap_or("?");
-        let queue = argv
-            .get(3)
-            .and_then(|q| q.parse().ok())
-            .unwrap_or(netfault_agent::backend::nfqueue::QUEUE_NUM);
-        return netfault_agent::backend::nfqueue::holder::holder_main(name, queue)
-            .with_context(|| format!("delay holder for {name}"));
+        // One thread per sandbox's engine: two arenas, as the agent.
+        limit_malloc_arenas();
+        return netfault_agent::backend::nfqueue::holder::holder_main().context("the delay holder");
     }
     let args = Args::parse();
     limit_malloc_arenas();

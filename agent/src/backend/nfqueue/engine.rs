@@ -19,6 +19,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -434,9 +435,25 @@ pub(crate) struct Shared {
     /// Set before `stop` by a hand-over to a new agent: what is held is
     /// still released at its time, not at once (see [`Shared::drain`]).
     drain: AtomicBool,
+    /// An eventfd the packet loop polls beside its queue: [`Shared::stop`]
+    /// writes it, so the loop ends at once rather than at its next check.
+    wake: Option<OwnedFd>,
 }
 
 impl Shared {
+    /// With a wake-up eventfd (see the field); without one where the
+    /// kernel refuses it (the loop then sees `stop` within STOP_CHECK).
+    pub(crate) fn with_wake() -> Shared {
+        // SAFETY: eventfd takes integer arguments and returns a new
+        // descriptor (or -1) that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        Shared {
+            // SAFETY: `fd` is a fresh descriptor owned by no one else.
+            wake: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }),
+            ..Shared::default()
+        }
+    }
+
     pub(crate) fn set_plans(&self, plans: Vec<Plan>) {
         *self.plans.lock().unwrap_or_else(|p| p.into_inner()) = plans;
     }
@@ -445,6 +462,12 @@ impl Shared {
     /// [`Shared::drain`], at its time).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(fd) = &self.wake {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd; a
+            // full counter (EAGAIN) already wakes the loop.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
     }
 
     /// A new agent has switched the diversion to its own queue: nothing new
@@ -686,7 +709,8 @@ impl Holding {
     }
 }
 
-pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) {
+pub(crate) fn run(queue: &mut NfQueue, reinjector: &Reinjector, shared: &Shared) {
+    let wake = shared.wake.as_ref().map(|fd| fd.as_fd());
     set_timer_slack();
     let mut h = Holding::default();
     let mut closing = false;
@@ -702,22 +726,24 @@ pub(crate) fn run(mut queue: NfQueue, reinjector: &Reinjector, shared: &Shared) 
                 h.report("closing", e);
             }
         }
-        h.take_in(&mut queue, shared, stopping);
+        h.take_in(queue, shared, stopping);
         let draining = stopping && shared.drain.load(Ordering::Acquire);
-        h.release(&mut queue, reinjector, stopping && !draining);
+        h.release(queue, reinjector, stopping && !draining);
         if draining && !h.heap.is_empty() {
             // Held packets go out at their times; new ones pass (maxlen 0).
         } else if stopping {
-            // Packets queued just before the length change may still be on
-            // their way to the socket: wait for quiet before closing.
-            match queue.wait(Duration::from_millis(5)) {
+            // The kernel queues a packet to the socket under the queue's
+            // lock, which the length change takes too: once it returned,
+            // what was queued is in the socket. A short wait for quiet
+            // still catches a packet another CPU was handing over.
+            match queue.wait(Duration::from_millis(1), None) {
                 Ok(true) => continue,
                 _ => return,
             }
         }
         let wait = h.next_wait();
         if !wait.is_zero() {
-            if let Err(e) = queue.wait(wait) {
+            if let Err(e) = queue.wait(wait, wake) {
                 h.report("poll", e);
                 std::thread::sleep(Duration::from_millis(1));
             }

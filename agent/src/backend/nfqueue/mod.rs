@@ -8,7 +8,8 @@
 //!
 //! What it owns: for each sandbox with delay or reorder faults, the nft
 //! table `netfault` and the queue socket (opened inside the pod netns, which
-//! it keeps). Removing a sandbox's last such fault removes both, so the netns
+//! it keeps), served by a thread of the agent's one holder process
+//! (`holder`). Removing a sandbox's last such fault removes both, so the netns
 //! returns to exactly its previous state.
 //! Fail-open: the queue rule has `bypass` (no listener: packets pass) and the
 //! queue `NFQA_CFG_F_FAIL_OPEN` (full queue: packets pass). Deadline: every
@@ -121,12 +122,10 @@ impl NfqueueBackend {
         self.counters.entry(fault.clone()).or_default().clone()
     }
 
-    /// Stops the holder (closing the queue), then removes the table. In
-    /// between, packets the table still diverts find no listener, and the
-    /// queue rule's `bypass` passes them. This order keeps the table's
-    /// removal off the holder's exit: the last close of the holder's queue
-    /// socket would wait for the RCU grace period of the table's deferred
-    /// frees (10-13 ms here), and the agent waits for that exit.
+    /// Detaches the sandbox from the holder (which releases what it holds
+    /// and unbinds the queue), then removes the table. In between, packets
+    /// the table still diverts find no listener, and the queue rule's
+    /// `bypass` passes them.
     fn remove(&mut self, sb: &SandboxCtx<'_>) -> Result<(), DelayError> {
         if !self.sandboxes.contains_key(sb.id) && self.absent.contains(sb.id) {
             return Ok(());
@@ -184,7 +183,8 @@ impl NfqueueBackend {
                 }
             })??;
             let num = queue.num();
-            let engine = Engine::start(queue, reinjector, sb.id.as_str(), num)?;
+            let key = format!("{}/{}", self.layout.table, sb.id);
+            let engine = Engine::start(queue, reinjector, &key, num)?;
             self.sandboxes.insert(sb.id.clone(), engine);
         }
         let mut queue_num = self.layout.queue;
@@ -294,15 +294,13 @@ impl BackendOps for NfqueueBackend {
     }
 
     fn drain(&mut self) {
-        for engine in self.sandboxes.values_mut() {
-            engine.drain();
-        }
+        // One holder serves both engines (delay and DNS): the first call
+        // drains it, the second finds nothing left to drain.
+        holder::drain();
     }
 
     fn drained(&mut self) -> bool {
-        self.sandboxes
-            .values_mut()
-            .all(|engine| engine.exited().is_some())
+        holder::drained()
     }
 
     fn availability(&self) -> Availability {

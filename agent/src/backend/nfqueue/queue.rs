@@ -4,7 +4,7 @@
 //! batches. Opened from a thread inside the pod netns; the socket keeps that
 //! netns, so it can then be served from any thread.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use netfault_sys::nfnetlink::{
@@ -27,6 +27,7 @@ const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
 const NFQA_CFG_MASK: u16 = 4;
 const NFQA_CFG_FLAGS: u16 = 5;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
+const NFQNL_CFG_CMD_UNBIND: u8 = 2;
 const NFQNL_COPY_PACKET: u8 = 2;
 /// A full queue passes packets instead of dropping them.
 const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
@@ -133,7 +134,7 @@ impl NfQueue {
             if left.is_zero() {
                 return Err(DelayError::Queue("no answer from nfnetlink_queue".into()));
             }
-            self.wait(left).map_err(io("waiting for the queue"))?;
+            self.wait(left, None).map_err(io("waiting for the queue"))?;
             let mut result = None;
             let mut stray = Vec::new();
             self.drain_raw(|ty, mseq, body| {
@@ -206,16 +207,51 @@ impl NfQueue {
         self.overflows
     }
 
-    /// Waits until the socket is readable or `timeout` passed (ppoll, ns
-    /// resolution). Returns whether it is readable.
-    pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
+    /// Waits until the socket is readable, `wake` (an eventfd) was
+    /// written, or `timeout` passed (ppoll, ns resolution). Returns whether
+    /// the socket is readable; a wake-up is consumed.
+    pub fn wait(&self, timeout: Duration, wake: Option<BorrowedFd<'_>>) -> std::io::Result<bool> {
         use nix::poll::{ppoll, PollFd, PollFlags};
-        let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let mut pfd = vec![PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        if let Some(w) = wake {
+            pfd.push(PollFd::new(w, PollFlags::POLLIN));
+        }
         match ppoll(&mut pfd, Some(timeout.into()), None) {
-            Ok(n) => Ok(n > 0),
+            Ok(n) if n > 0 => {
+                let woken = pfd
+                    .get(1)
+                    .and_then(|p| p.revents())
+                    .is_some_and(|r| r.contains(PollFlags::POLLIN));
+                if let (true, Some(w)) = (woken, wake) {
+                    let mut v = [0u8; 8];
+                    // SAFETY: reads at most 8 bytes into a live buffer from
+                    // the caller's eventfd (non-blocking).
+                    unsafe { libc::read(w.as_raw_fd(), v.as_mut_ptr().cast(), v.len()) };
+                }
+                Ok(pfd[0]
+                    .revents()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR)))
+            }
+            Ok(_) => Ok(false),
             Err(nix::errno::Errno::EINTR) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Unbinds the queue (its number is free for another socket at once).
+    /// Only once nothing is queued: the kernel drops what still is.
+    pub fn unbind(&mut self) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        let start = put_hdr(
+            &mut out,
+            NFQNL_MSG_CONFIG,
+            libc::NLM_F_REQUEST as u16,
+            0,
+            self.num,
+        );
+        put_attr(&mut out, NFQA_CFG_CMD, &[NFQNL_CFG_CMD_UNBIND, 0, 0, 0]);
+        finish(&mut out, start);
+        self.send(&out)
     }
 
     /// Reads every message available now (non-blocking) and hands each one
