@@ -32,8 +32,12 @@
 //!    or packets are lost; CPU time per delayed packet of the agent and its
 //!    holder process (from /proc/PID/stat).
 //! 3. One TCP flow through a 50 ms delay against the bandwidth-delay product
-//!    limits: the receive window, and TCP small queues (docs/design.md, kernel
-//!    facts); the ratio delayed / undelayed of paired rounds.
+//!    limits: the receive window, the sender's send buffer, and TCP small
+//!    queues (docs/design.md, kernel facts); the ratio delayed / undelayed of
+//!    paired rounds; and the same delay with the sender's send buffer raised
+//!    to the receive window (`tcp_wmem` in the client pod's netns, restored
+//!    after), which shows whether the delay engine or the sender's own
+//!    buffer bounds the flow.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -278,27 +282,44 @@ fn run() -> anyhow::Result<()> {
     println!(
         "\n== 3. One TCP flow, client -> server, 50 ms egress delay on the client (data path)"
     );
-    let (rmem_max, tsq) = in_netns(a.netns.path(), || {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        let rmem = read("/proc/sys/net/ipv4/tcp_rmem");
-        let rmem_max: f64 = rmem
-            .split_whitespace()
-            .nth(2)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN);
-        let tsq: f64 = read("/proc/sys/net/ipv4/tcp_limit_output_bytes")
-            .trim()
-            .parse()
-            .unwrap_or(f64::NAN);
-        (rmem_max, tsq)
+    let read_max = |pod: &Pod, file: &'static str| {
+        in_netns(pod.netns.path(), move || {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{file}"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .last()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        })
+    };
+    let rmem_max = read_max(&b, "tcp_rmem")?;
+    let wmem = in_netns(a.netns.path(), || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap_or_default()
     })?;
+    let wmem_max: f64 = wmem
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let tsq = read_max(&a, "tcp_limit_output_bytes")?;
     let tcp_secs: f64 = env("NETFAULT_DELAY_TCP_SECS", 5.0f64).max(1.5);
-    const LABELS: [&str; 2] = ["no delay", "50 ms delay"];
-    let mut goodput: [Vec<f64>; 2] = Default::default();
+    // The third configuration: the same delay, the sender allowed a send
+    // buffer as large as the receiver's window (its own netns' sysctl).
+    let big_wmem = format!("4096 16384 {}", rmem_max as u64);
+    const LABELS: [&str; 3] = ["no delay", "50 ms delay", "50 ms, big sndbuf"];
+    let mut goodput: [Vec<f64>; 3] = Default::default();
     for round in 0..rounds {
-        for k in testbed::rotation(round, 2) {
+        for k in testbed::rotation(round, 3) {
             let label = LABELS[k];
-            let id = if k == 1 {
+            let set_wmem = |v: String| {
+                in_netns(a.netns.path(), move || {
+                    std::fs::write("/proc/sys/net/ipv4/tcp_wmem", v)
+                })
+            };
+            if k == 2 {
+                set_wmem(big_wmem.clone())??;
+            }
+            let id = if k >= 1 {
                 Some(delay_fault(
                     &bed,
                     &a,
@@ -324,6 +345,9 @@ fn run() -> anyhow::Result<()> {
             if let Some(id) = id {
                 bed.agent.delete_fault(&id)?;
             }
+            if k == 2 {
+                set_wmem(wmem.trim().to_string())??;
+            }
             goodput[k].push(checked?);
         }
     }
@@ -338,19 +362,28 @@ fn run() -> anyhow::Result<()> {
         );
     }
     println!(
-        "   50 ms delay / no delay, paired rounds: {}; every delayed run verified through the queue; queue overflows: {overflows}",
-        testbed::paired_percent(&goodput[1], &goodput[0])
+        "   50 ms delay / no delay, paired rounds: {}; big sndbuf / 50 ms delay: {}; every delayed run verified through the queue; queue overflows: {overflows}",
+        testbed::paired_percent(&goodput[1], &goodput[0]),
+        testbed::paired_percent(&goodput[2], &goodput[1])
     );
     let rtt = 0.050;
-    let delayed = percentile(&goodput[1], 0.5);
+    let mbit = |bytes: f64| bytes * 8.0 / rtt / 1e6;
+    let rwnd = mbit(rmem_max / 2.0);
     println!(
-        "   the delayed median is {:.0}% of the receive-window bound; expectation at RTT 50 ms: receive-window bound (tcp_rmem max {:.1} MiB, ~half usable) {:.0} Mbit/s; TCP-small-queues bound if held at OUTPUT (tcp_limit_output_bytes {:.0} KiB) {:.0} Mbit/s",
-        100.0 * delayed / (rmem_max / 2.0 * 8.0 / rtt / 1e6),
+        "   bounds at RTT 50 ms: the receive window (tcp_rmem max {:.1} MiB, ~half usable) {:.0} Mbit/s; the sender's send buffer (tcp_wmem max {:.1} MiB, ~half usable: it holds every unacknowledged byte) {:.0} Mbit/s; TCP small queues if packets were held at OUTPUT (tcp_limit_output_bytes {:.0} KiB) {:.0} Mbit/s",
         rmem_max / 1048576.0,
-        rmem_max / 2.0 * 8.0 / rtt / 1e6,
+        rwnd,
+        wmem_max / 1048576.0,
+        mbit(wmem_max / 2.0),
         tsq / 1024.0,
-        tsq * 8.0 / rtt / 1e6
+        mbit(tsq)
     );
+    for (k, label) in LABELS.iter().enumerate().skip(1) {
+        println!(
+            "   {label}: {:.0}% of the receive-window bound",
+            100.0 * percentile(&goodput[k], 0.5) / rwnd
+        );
+    }
     Ok(())
 }
 
