@@ -43,9 +43,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+use testbed::procstat::AgentMemory;
 use testbed::{
-    ms, paired_ratios, procstat, summary_ms, udp_probe, verify, Agent, AgentNode, NodeOptions, Pod,
-    Spread,
+    ms, paired_ratios, procstat, summary_ms, udp_probe, verify, AgentNode, NodeOptions, Pod, Spread,
 };
 
 const MAX_PODS: usize = 251;
@@ -72,38 +72,6 @@ fn delay_on(pod: &Pod, port: u16) -> Value {
         "action": {"type": "delay", "latency": "20ms"},
         "duration": "30m",
     })
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-struct Snapshot {
-    step: &'static str,
-    agent_rss: u64,
-    agent_pss: u64,
-    fds: usize,
-    holders: usize,
-    holders_rss: u64,
-    holders_pss: u64,
-}
-
-fn snapshot(step: &'static str, agent: &Agent) -> Snapshot {
-    std::thread::sleep(Duration::from_secs(1));
-    let pid = agent.pid();
-    let holders = procstat::holders_of_agent(pid);
-    Snapshot {
-        step,
-        agent_rss: testbed::rss_kib(pid),
-        agent_pss: procstat::pss_kib(pid).unwrap_or(0),
-        fds: procstat::fd_count(pid).unwrap_or(0),
-        holders: holders.len(),
-        holders_rss: holders
-            .iter()
-            .filter_map(|&h| procstat::rss_kib_of(h))
-            .sum(),
-        holders_pss: holders.iter().filter_map(|&h| procstat::pss_kib(h)).sum(),
-    }
 }
 
 /// The median one-way time of 20 datagrams from `from` to `srv` on the
@@ -142,7 +110,7 @@ fn run() -> anyhow::Result<()> {
             bail!("{}: {d:?} one way with no fault", pods[i].name);
         }
     }
-    let mut snaps = vec![snapshot("no fault", &bed.agent)];
+    let mut snaps = vec![AgentMemory::read("no fault", bed.agent.pid())];
 
     eprintln!("a first and a second delay fault on each ...");
     let (mut first, mut second) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -185,7 +153,7 @@ fn run() -> anyhow::Result<()> {
         })?;
         delays.push(format!("{} {:.1} ms", pods[i].name, ms(d)));
     }
-    snaps.push(snapshot("a delay fault on each", &bed.agent));
+    snaps.push(AgentMemory::read("a delay fault on each", bed.agent.pid()));
 
     eprintln!("removing them ...");
     let (mut del_second, mut del_last) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -210,27 +178,12 @@ fn run() -> anyhow::Result<()> {
             format!("{}: {d:?} one way after the removal", pods[i].name)
         })?;
     }
-    snaps.push(snapshot("after the removal", &bed.agent));
+    snaps.push(AgentMemory::read("after the removal", bed.agent.pid()));
 
     println!("netfault holders bench: {n} pods on one node, each with a delay fault (one holder process)");
     println!("  verified: one bound queue in each of the {n} pods' netns; one way on UDP {FIRST_PORT}: {}", delays.join(", "));
     println!("\n== 1. Memory (goal: holders' PSS <= {GOAL_PSS_MIB} MiB, agent RSS <= 64 MiB)");
-    println!(
-        "  {:<24} {:>10} {:>10} {:>6} {:>8} {:>12} {:>12}",
-        "step", "agent RSS", "agent PSS", "fds", "holders", "holders RSS", "holders PSS"
-    );
-    for s in &snaps {
-        println!(
-            "  {:<24} {:>6.1} MiB {:>6.1} MiB {:>6} {:>8} {:>8.1} MiB {:>8.1} MiB",
-            s.step,
-            mib(s.agent_rss),
-            mib(s.agent_pss),
-            s.fds,
-            s.holders,
-            mib(s.holders_rss),
-            mib(s.holders_pss)
-        );
-    }
+    AgentMemory::print_table(&snaps);
     if let (Some(before), Some(with)) = (snaps.first(), snaps.get(1)) {
         println!(
             "  per pod with a delay fault: holders' PSS {:.1} KiB, agent RSS {:.1} KiB",

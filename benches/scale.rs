@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+use testbed::procstat::AgentMemory;
 use testbed::{
     http_get, http_serve, in_netns, ms, procstat, quantile, summary_ms, udp_probe, Agent,
     AgentNode, NodeOptions, Pod,
@@ -174,53 +175,6 @@ impl Kind {
             Kind::HttpAbort => Ok(http_get(from, ip, HTTP_PORT, "/")?.status == 503),
             other => Err(anyhow!("{} has no wire check", other.name())),
         }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Statistics
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-// ---------------------------------------------------------------------------
-// Memory and descriptors
-
-#[derive(Debug, Clone)]
-struct Snapshot {
-    step: String,
-    agent_rss: u64,
-    agent_pss: u64,
-    fds: usize,
-    holders: usize,
-    holders_rss: u64,
-    holders_pss: u64,
-}
-
-/// After a second of quiet: the median of three readings of the agent's
-/// RSS, then PSS, descriptors and the holders.
-fn snapshot(step: &str, agent: &Agent) -> Snapshot {
-    thread::sleep(Duration::from_secs(1));
-    let pid = agent.pid();
-    let mut rss = Vec::new();
-    for _ in 0..3 {
-        rss.push(testbed::rss_kib(pid));
-        thread::sleep(Duration::from_millis(200));
-    }
-    rss.sort_unstable();
-    let holders = procstat::holders_of_agent(pid);
-    Snapshot {
-        step: step.to_string(),
-        agent_rss: rss[1],
-        agent_pss: procstat::pss_kib(pid).unwrap_or(0),
-        fds: procstat::fd_count(pid).unwrap_or(0),
-        holders: holders.len(),
-        holders_rss: holders
-            .iter()
-            .filter_map(|&h| procstat::rss_kib_of(h))
-            .sum(),
-        holders_pss: holders.iter().filter_map(|&h| procstat::pss_kib(h)).sum(),
     }
 }
 
@@ -557,7 +511,7 @@ fn run() -> anyhow::Result<()> {
     let mut bed = AgentNode::start("nf-scale", NodeOptions::default())?;
     let idle = AgentNode::start("nf-scale-idle", NodeOptions::default())?;
     let idle_pods = [idle.add_pod("idle-c")?, idle.add_pod("idle-s")?];
-    let mut snaps = vec![snapshot("no pods", &bed.agent)];
+    let mut snaps = vec![AgentMemory::read("no pods", bed.agent.pid())];
 
     // 1. Enrolment, sequential.
     eprintln!("enrolling {n} pods ...");
@@ -581,7 +535,10 @@ fn run() -> anyhow::Result<()> {
     if enrolled != n {
         bail!("{enrolled} sandboxes enrolled after {n} ADDs");
     }
-    snaps.push(snapshot(&format!("{n} pods enrolled"), &bed.agent));
+    snaps.push(AgentMemory::read(
+        &format!("{n} pods enrolled"),
+        bed.agent.pid(),
+    ));
 
     // The wire checks see nothing before any fault.
     let srv = &pods[n - 1];
@@ -621,7 +578,10 @@ fn run() -> anyhow::Result<()> {
             format!("{}: no effect on the wire after the POST", kind.name())
         })?;
     }
-    snaps.push(snapshot(&format!("+ {faulted} faults"), &bed.agent));
+    snaps.push(AgentMemory::read(
+        &format!("+ {faulted} faults"),
+        bed.agent.pid(),
+    ));
     let nofile = procstat::nofile_limit(bed.agent.pid());
 
     // 4. Time to effect, loaded node vs idle node, alternating.
@@ -653,7 +613,10 @@ fn run() -> anyhow::Result<()> {
             bed.agent.restart_within(GIVE_UP)?;
         }
         restarts.push(r);
-        snaps.push(snapshot(&format!("after {mode} restart"), &bed.agent));
+        snaps.push(AgentMemory::read(
+            &format!("after {mode} restart"),
+            bed.agent.pid(),
+        ));
     }
 
     // Report.
@@ -683,22 +646,7 @@ fn run() -> anyhow::Result<()> {
     }
 
     println!("\n== 2. Memory and descriptors (agent RSS goal <= 64 MiB)");
-    println!(
-        "  {:<24} {:>10} {:>10} {:>6} {:>8} {:>12} {:>12}",
-        "step", "agent RSS", "agent PSS", "fds", "holders", "holders RSS", "holders PSS"
-    );
-    for s in &snaps {
-        println!(
-            "  {:<24} {:>6.1} MiB {:>6.1} MiB {:>6} {:>8} {:>8.1} MiB {:>8.1} MiB",
-            s.step,
-            mib(s.agent_rss),
-            mib(s.agent_pss),
-            s.fds,
-            s.holders,
-            mib(s.holders_rss),
-            mib(s.holders_pss)
-        );
-    }
+    AgentMemory::print_table(&snaps);
     if let Some((soft, hard)) = nofile {
         println!("  the agent's RLIMIT_NOFILE: soft {soft}, hard {hard}");
     }

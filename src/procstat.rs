@@ -83,6 +83,64 @@ pub fn holders_of_agent(agent_pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The agent's memory and descriptors and its holder's, at one step of a
+/// bench (`scale`, `holders`).
+#[derive(Debug, Clone)]
+pub struct AgentMemory {
+    pub step: String,
+    pub agent_rss: u64,
+    pub agent_pss: u64,
+    pub fds: usize,
+    pub holders: usize,
+    pub holders_rss: u64,
+    pub holders_pss: u64,
+}
+
+impl AgentMemory {
+    /// After a second of quiet: the median of three readings of the
+    /// agent's RSS (KiB), then its PSS, descriptors and the holders.
+    pub fn read(step: &str, agent_pid: u32) -> AgentMemory {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let mut rss = Vec::new();
+        for _ in 0..3 {
+            rss.push(crate::rss_kib(agent_pid));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        rss.sort_unstable();
+        let holders = holders_of_agent(agent_pid);
+        AgentMemory {
+            step: step.to_string(),
+            agent_rss: rss[1],
+            agent_pss: pss_kib(agent_pid).unwrap_or(0),
+            fds: fd_count(agent_pid).unwrap_or(0),
+            holders: holders.len(),
+            holders_rss: holders.iter().filter_map(|&h| rss_kib_of(h)).sum(),
+            holders_pss: holders.iter().filter_map(|&h| pss_kib(h)).sum(),
+        }
+    }
+
+    /// Prints `rows` as a table, in MiB.
+    pub fn print_table(rows: &[AgentMemory]) {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!(
+            "  {:<24} {:>10} {:>10} {:>6} {:>8} {:>12} {:>12}",
+            "step", "agent RSS", "agent PSS", "fds", "holders", "holders RSS", "holders PSS"
+        );
+        for s in rows {
+            println!(
+                "  {:<24} {:>6.1} MiB {:>6.1} MiB {:>6} {:>8} {:>8.1} MiB {:>8.1} MiB",
+                s.step,
+                mib(s.agent_rss),
+                mib(s.agent_pss),
+                s.fds,
+                s.holders,
+                mib(s.holders_rss),
+                mib(s.holders_pss)
+            );
+        }
+    }
+}
+
 /// Threads of process `pid` (0 when it is gone).
 pub fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())

@@ -173,6 +173,11 @@ impl NfQueue {
     /// Changes the queue's maximum length. With 0 and fail-open, the kernel
     /// passes every new packet instead of queueing it.
     pub fn set_maxlen(&mut self, maxlen: u32) -> std::io::Result<()> {
+        self.config(NFQA_CFG_QUEUE_MAXLEN, &maxlen.to_be_bytes())
+    }
+
+    /// Sends a config message with one attribute, unacknowledged.
+    fn config(&mut self, attr: u16, data: &[u8]) -> std::io::Result<()> {
         let mut out = Vec::with_capacity(64);
         let start = put_hdr(
             &mut out,
@@ -181,7 +186,7 @@ impl NfQueue {
             0,
             self.num,
         );
-        put_attr(&mut out, NFQA_CFG_QUEUE_MAXLEN, &maxlen.to_be_bytes());
+        put_attr(&mut out, attr, data);
         finish(&mut out, start);
         self.send(&out)
     }
@@ -241,17 +246,7 @@ impl NfQueue {
     /// Unbinds the queue (its number is free for another socket at once).
     /// Only once nothing is queued: the kernel drops what still is.
     pub fn unbind(&mut self) -> std::io::Result<()> {
-        let mut out = Vec::with_capacity(64);
-        let start = put_hdr(
-            &mut out,
-            NFQNL_MSG_CONFIG,
-            libc::NLM_F_REQUEST as u16,
-            0,
-            self.num,
-        );
-        put_attr(&mut out, NFQA_CFG_CMD, &[NFQNL_CFG_CMD_UNBIND, 0, 0, 0]);
-        finish(&mut out, start);
-        self.send(&out)
+        self.config(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_UNBIND, 0, 0, 0])
     }
 
     /// Reads every message available now (non-blocking) and hands each one
