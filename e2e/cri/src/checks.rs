@@ -81,6 +81,31 @@ pub fn processes() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The engine threads of the delay holder processes among `processes`
+/// (pid, command line): a thread per sandbox queue the holder serves, named
+/// `q` and the queue number in hex. An idle holder has none.
+pub fn holder_engines(processes: &[(u32, String)]) -> Vec<(u32, String)> {
+    processes
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("delay-holder"))
+        .flat_map(|(pid, _)| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .filter(|c| {
+                    c.len() > 1
+                        && c.starts_with('q')
+                        && c[1..].bytes().all(|b| b.is_ascii_hexdigit())
+                })
+                .map(|c| (*pid, c))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The shims of the containerd serving `socket` (`-address SOCKET` on
 /// their command line).
 pub fn shim_pids(socket: &Path) -> Vec<u32> {

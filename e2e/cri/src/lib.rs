@@ -104,8 +104,8 @@ mod node;
 
 pub use agent_pod::{AgentPod, Probe, AGENT_CONTAINER, INSTALL_CNI_CONTAINER};
 pub use checks::{
-    bpffs_netfault, cgroup_dirs, cni_cache_entries, mount_of, mounts_under, node_cni_cache,
-    processes, shim_socket, Footprint, CNI_CACHE_DIR,
+    bpffs_netfault, cgroup_dirs, cni_cache_entries, holder_engines, mount_of, mounts_under,
+    node_cni_cache, processes, shim_socket, Footprint, CNI_CACHE_DIR,
 };
 pub use error::{Error, Result};
 pub use images::{

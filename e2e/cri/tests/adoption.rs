@@ -108,11 +108,9 @@ fn enrolled(agent: &AgentPod, id: &str) -> Option<Value> {
         .find(|s| s["id"] == id)
 }
 
+/// The delay holder's engine threads (one per sandbox queue it serves).
 fn delay_holders(node: &Node) -> Vec<(u32, String)> {
-    node.pod_processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("delay-holder"))
-        .collect()
+    e2e_cri::holder_engines(&node.pod_processes())
 }
 
 #[test]

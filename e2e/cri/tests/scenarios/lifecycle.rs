@@ -92,12 +92,9 @@ fn lifecycle_stop_and_remove_with_every_backend_leave_nothing() {
         "the delay is not active: {rtt:?}"
     );
     assert_eq!(http_status(&x, web.addr, t).expect("GET during"), 503);
-    let holders = || {
-        node.pod_processes()
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains("delay-holder"))
-            .collect::<Vec<_>>()
-    };
+    // The holder's engine threads, one per sandbox queue it serves (the
+    // holder process itself stays, idle).
+    let holders = || e2e_cri::holder_engines(&node.pod_processes());
     assert!(
         !holders().is_empty(),
         "no delay holder while a delay is active"
