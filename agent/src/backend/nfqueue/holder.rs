@@ -258,14 +258,23 @@ impl Process {
 
 impl Slot {
     /// The live holder, started if there is none (or the last one died).
-    fn live(&mut self) -> Result<&mut Process, DelayError> {
-        if let Some(p) = &mut self.live {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                tracing::warn!(%status, "the delay holder process died");
-                self.dead.push(p.generation);
-                self.live = None;
-            }
+    /// Forgets the live holder as dead: its sandboxes are lost.
+    fn bury(&mut self) {
+        if let Some(p) = self.live.take() {
+            self.dead.push(p.generation);
         }
+    }
+
+    /// Buries the live holder if its process has exited.
+    fn reap(&mut self) {
+        if let Some(Ok(Some(status))) = self.live.as_mut().map(|p| p.child.try_wait()) {
+            tracing::warn!(%status, "the delay holder process died");
+            self.bury();
+        }
+    }
+
+    fn live(&mut self) -> Result<&mut Process, DelayError> {
+        self.reap();
         if self.live.is_none() {
             self.generation += 1;
             self.live = Some(Process::start(self.generation)?);
@@ -284,8 +293,7 @@ impl Slot {
             Err(e) => {
                 let _ = p.child.kill();
                 let _ = p.child.wait();
-                self.dead.push(p.generation);
-                self.live = None;
+                self.bury();
                 Err(e)
             }
         }
@@ -335,24 +343,10 @@ impl Engine {
     /// hung and killed): then the sandbox must be attached again.
     pub fn exited(&mut self) -> Option<String> {
         let mut slot = slot();
-        if let Some(p) = slot
-            .live
-            .as_mut()
-            .filter(|p| p.generation == self.generation)
-        {
-            match p.child.try_wait() {
-                Ok(Some(status)) => {
-                    let g = p.generation;
-                    slot.dead.push(g);
-                    slot.live = None;
-                    return Some(status.to_string());
-                }
-                _ => return None,
-            }
-        }
+        slot.reap();
         slot.dead
             .contains(&self.generation)
-            .then(|| "died".to_string())
+            .then(|| "its holder process died".to_string())
     }
 
     /// Sends the sandbox's current faults to its engine.
