@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of netfault's input parsers with libFuzzer
 # (cargo-fuzz, nightly toolchain): bash scripts/fuzz.sh [TARGET|all] [SECONDS]
-# Targets: fault_json annotations cni_input proxy_sniff dns_message (fuzz/src/lib.rs).
+# Targets: fault_json annotations cni_input proxy_sniff dns_message http1_framing (fuzz/src/lib.rs).
 # libFuzzer starts from the committed seeds (fuzz/corpus/TARGET) and writes
 # what it finds to fuzz/libfuzzer/corpus/TARGET (not committed); crashes land
 # in fuzz/libfuzzer/artifacts/TARGET. `bash scripts/fuzz.sh TARGET merge`
@@ -14,7 +14,7 @@ find_cargo fuzz.sh
 
 target=${1:-all}
 seconds=${2:-600}
-targets=(fault_json annotations cni_input proxy_sniff dns_message)
+targets=(fault_json annotations cni_input proxy_sniff dns_message http1_framing)
 [ "$target" = all ] || targets=("$target")
 
 if ! rustup toolchain list | grep -q '^nightly'; then

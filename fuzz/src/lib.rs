@@ -47,6 +47,10 @@ pub const TARGETS: &[Target] = &[
         name: "dns_message",
         run: dns_message,
     },
+    Target {
+        name: "http1_framing",
+        run: http1_framing,
+    },
 ];
 
 /// The fault JSON of `POST /v1/faults`, as the server reads it: bytes →
@@ -181,6 +185,12 @@ pub fn proxy_sniff(data: &[u8]) -> bool {
         let _ = netfault_tproxy::glob_match(pattern, path);
     }
     http
+}
+
+/// The proxy's HTTP/1 fast path: request and response heads, and bodies
+/// by their framing, fed at once and in pieces.
+pub fn http1_framing(data: &[u8]) -> bool {
+    netfault_tproxy::fuzzing::http1_framing(data)
 }
 
 /// DNS: a UDP payload or TCP message as the queue engine and the proxy

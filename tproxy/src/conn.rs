@@ -135,7 +135,9 @@ impl Connection {
                 peer: self.peer,
                 orig_dst: self.orig_dst,
             };
-            return dns::relay(io, conn, ctrl).await;
+            // Boxed: a rare kind of connection, whose state should not size
+            // every connection's task.
+            return Box::pin(dns::relay(io, conn, ctrl)).await;
         }
         let upstream = match self
             .shared
@@ -163,7 +165,6 @@ impl Connection {
         });
         let (proto, prefix) = sniff(&mut io, &upstream, http_rules).await?;
         tracing::debug!(?proto, "serving");
-        let io = Prefixed::new(prefix, io);
         let ctx = || {
             HttpCtx::new(
                 self.shared.clone(),
@@ -174,9 +175,11 @@ impl Connection {
             )
         };
         match proto {
-            Protocol::Raw => relay::relay(io, upstream, &ctrl).await,
-            Protocol::Http1 => http::serve_h1(io, upstream, ctx()).await,
-            Protocol::Http2 => http::serve_h2(io, upstream, ctx()).await,
+            Protocol::Raw => relay::relay(Prefixed::new(prefix, io), upstream, &ctrl).await,
+            Protocol::Http1 => http::serve_h1_fast(io, prefix, upstream, ctx()).await,
+            Protocol::Http2 => {
+                Box::pin(http::serve_h2(Prefixed::new(prefix, io), upstream, ctx())).await
+            }
         }
     }
 }

@@ -31,11 +31,19 @@ pub(crate) struct ConnControl {
     /// Close the client with RST rather than FIN (the server connection
     /// failed or was reset), so the client sees what it would without us.
     pub rst_on_close: AtomicBool,
+    /// `reset` has fired: read on every read and write, where the token's
+    /// own check would take its lock.
+    fired: AtomicBool,
 }
 
 impl ConnControl {
     pub(crate) fn fire_reset(&self) {
+        self.fired.store(true, Ordering::Release);
         self.reset.cancel();
+    }
+
+    pub(crate) fn is_reset(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
     }
 
     pub(crate) fn abort_on_close(&self) {
@@ -156,7 +164,7 @@ impl ClientIo {
     }
 
     fn is_reset(&self) -> bool {
-        self.ctrl.reset.is_cancelled()
+        self.ctrl.is_reset()
     }
 
     /// Counts `n` bytes against a `tcp-reset` budget; fires it when spent.

@@ -353,4 +353,12 @@ pub mod fuzzing {
         let _ = h2_settings_header(&data[..data.len().min(9)]);
         decide(data) != Protocol::Raw
     }
+
+    /// The HTTP/1 fast path's head parsing and body framing on `data`
+    /// (as a request with its body, as a response, as chunks): a body
+    /// takes the same bytes in pieces of any size as at once. Returns
+    /// whether the request would be relayed by the fast path.
+    pub fn http1_framing(data: &[u8]) -> bool {
+        crate::http::fuzz_fast_path(data)
+    }
 }

@@ -274,8 +274,22 @@ fn canonical(ip: IpAddr) -> IpAddr {
 impl Selector {
     /// The request half of the selector: path glob, method, headers.
     pub(crate) fn matches_request(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        self.matches_head(method.as_str(), path, |name, value| {
+            headers.get_all(name).iter().any(|v| v == value)
+        })
+    }
+
+    /// [`Selector::matches_request`] on a request head as parsed text:
+    /// `has_header` says whether the request carries a header with this
+    /// name (any case) and exactly this value.
+    pub(crate) fn matches_head(
+        &self,
+        method: &str,
+        path: &str,
+        has_header: impl Fn(&HeaderName, &HeaderValue) -> bool,
+    ) -> bool {
         if let Some(m) = &self.method {
-            if !m.as_str().eq_ignore_ascii_case(method.as_str()) {
+            if !m.as_str().eq_ignore_ascii_case(method) {
                 return false;
             }
         }
@@ -286,7 +300,7 @@ impl Selector {
         }
         self.headers
             .iter()
-            .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+            .all(|(name, value)| has_header(name, value))
     }
 
     /// The response half: the status code.

@@ -413,24 +413,37 @@ async fn open_connections_see_new_rules_on_their_next_request() {
 }
 
 #[tokio::test]
-async fn requests_are_forwarded_unchanged_but_for_header_name_case() {
+async fn requests_no_rule_selects_pass_byte_for_byte_and_selected_ones_through_hyper() {
     let (addr, mut seen) = capture_server().await;
     let h = Harness::new(addr).await;
-    // A rule that does not match keeps the request untouched too.
-    h.set(vec![
-        json!({"type": "http-abort", "status": 503, "http": {"path": "/never"}}),
+    // A rule that does not match leaves the request and the response
+    // exactly as they were: the fast path relays bytes.
+    let counters = h.set(vec![
+        json!({"type": "http-delay", "delay": "1ms", "http": {"path": "/selected"}}),
     ]);
     let req = b"GET /a/b?c=d HTTP/1.1\r\nHost: Web.Example:8080\r\nX-Mixed-Case: Value\r\nuser-agent: test/1\r\nAccept: */*\r\n\r\n";
+    let mut c = h.connect().await;
+    c.write_all(req).await.expect("send");
+    let got = within(5, seen.recv()).await.expect("captured");
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(req));
+    // The server's answer byte for byte, then its close.
+    let (answer, err) = within(5, read_all(&mut c)).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    );
+
+    // A request the rule selects is served by hyper: header names go out
+    // in lower case (as haproxy sends them); request line, order and
+    // values are as the client sent them.
+    let req = b"GET /selected?c=d HTTP/1.1\r\nHost: Web.Example:8080\r\nX-Mixed-Case: Value\r\nuser-agent: test/1\r\n\r\n";
     let mut c = RawConn::new(h.connect().await);
     c.send(req).await;
     let got = within(5, seen.recv()).await.expect("captured");
-    // Header names go out in lower case (as haproxy sends them): HTTP/1
-    // names are case-insensitive, and keeping each message's original case
-    // cost an eighth of the proxy's throughput. Everything else (request
-    // line, order, values) is as the client sent it.
     assert_eq!(
         String::from_utf8_lossy(&got),
-        "GET /a/b?c=d HTTP/1.1\r\nhost: Web.Example:8080\r\nx-mixed-case: Value\r\nuser-agent: test/1\r\naccept: */*\r\n\r\n"
+        "GET /selected?c=d HTTP/1.1\r\nhost: Web.Example:8080\r\nx-mixed-case: Value\r\nuser-agent: test/1\r\n\r\n"
     );
     let r = c.response(false).await.expect("response");
     assert_eq!(r.body, b"ok");
@@ -441,6 +454,11 @@ async fn requests_are_forwarded_unchanged_but_for_header_name_case() {
         .headers
         .iter()
         .all(|(k, _)| k == "content-length" || k.eq_ignore_ascii_case("connection")));
+    assert_eq!(
+        counters[0].snapshot().matched,
+        1,
+        "the rule saw the selected request only"
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,11 @@
 //! would see without the proxy.
 
 mod body;
+mod fast;
 mod faults;
+mod framing;
+
+pub(crate) use fast::{fuzz as fuzz_fast_path, serve as serve_h1_fast};
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -225,7 +225,7 @@ impl Body for Frames {
     }
 }
 
-async fn listen() -> TcpListener {
+pub async fn listen() -> TcpListener {
     TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback")
