@@ -13,8 +13,13 @@
 //!
 //! What a connection sees:
 //! - Sniffing: the first bytes the client sends decide the protocol. An
-//!   HTTP/1.x request line is served by hyper's HTTP/1 server and forwarded
-//!   on one upstream connection per client connection; the HTTP/2 preface
+//!   HTTP/1.x request line starts the HTTP/1 fast path (`http/fast.rs`):
+//!   each request's head is parsed, and a request no HTTP rule selects is
+//!   relayed as its bytes, framed by its own head, on one upstream
+//!   connection per client connection; the first request a rule selects
+//!   (or that the fast path leaves to hyper: an upgrade, `CONNECT`, a head
+//!   it cannot parse) hands the connection to hyper's HTTP/1 server from
+//!   that request on. The HTTP/2 preface
 //!   (prior knowledge) by hyper's HTTP/2 server and client; anything else
 //!   (TLS, databases, a client that stays silent for [`SNIFF_TIMEOUT`] or a
 //!   server that speaks first) is relayed byte for byte.
