@@ -254,31 +254,19 @@ fn parse_request(
     if method == "CONNECT" {
         return Parsed::Hyper;
     }
-    let mut length = None;
-    let mut chunked = None;
-    let mut close = version == 0;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            match (content_length(h.value), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                // Unparsable or conflicting: hyper answers 400.
-                _ => return Parsed::Hyper,
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // The last header's last coding counts.
-            chunked = Some(ends_chunked(h.value));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            if has_token(h.value, "close") {
-                close = true;
-            } else if version == 0 && has_token(h.value, "keep-alive") {
-                close = false;
-            }
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            // Declined (h2c) or relayed after a 101: hyper's.
-            return Parsed::Hyper;
-        }
+    let Some(FramingHeaders {
+        length,
+        chunked,
+        close,
+        upgrade,
+    }) = framing_headers(req.headers, version)
+    else {
+        // Unparsable or conflicting lengths: hyper answers 400.
+        return Parsed::Hyper;
+    };
+    if upgrade {
+        // Declined (h2c) or relayed after a 101: hyper's.
+        return Parsed::Hyper;
     }
     let body = match (chunked, length) {
         (None, None) => Body::Done,
@@ -299,6 +287,52 @@ fn parse_request(
         head_method: method == "HEAD",
         close,
     })
+}
+
+/// What a message's headers say about its framing and its connection.
+struct FramingHeaders {
+    /// `Content-Length` (repeated only with the same value).
+    length: Option<u64>,
+    /// `Transfer-Encoding` is present: whether its (last header's) last
+    /// coding is `chunked`.
+    chunked: Option<bool>,
+    /// The connection ends after this exchange (`Connection: close`, or
+    /// HTTP/1.0, `version` 0, without keep-alive).
+    close: bool,
+    /// An `Upgrade` header.
+    upgrade: bool,
+}
+
+/// Reads the framing headers; `None` for an unparsable or conflicting
+/// `Content-Length`.
+fn framing_headers(headers: &[httparse::Header<'_>], version: u8) -> Option<FramingHeaders> {
+    let mut f = FramingHeaders {
+        length: None,
+        chunked: None,
+        close: version == 0,
+        upgrade: false,
+    };
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = content_length(h.value)?;
+            if f.length.is_some_and(|m| m != n) {
+                return None;
+            }
+            f.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            f.chunked = Some(ends_chunked(h.value));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if has_token(h.value, "close") {
+                f.close = true;
+            } else if version == 0 && has_token(h.value, "keep-alive") {
+                f.close = false;
+            }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            f.upgrade = true;
+        }
+    }
+    Some(f)
 }
 
 /// The path a rule's glob sees: what hyper's `uri().path()` returns.
@@ -488,27 +522,15 @@ fn parse_response(buf: &[u8], head_method: bool) -> Response {
         100..=199 => return Response::Interim(len),
         _ => {}
     }
-    let mut length = None;
-    let mut chunked = None;
-    let mut close = version == 0;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            match (content_length(h.value), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Response::Raw,
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = Some(ends_chunked(h.value));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            if has_token(h.value, "close") {
-                close = true;
-            } else if version == 0 && has_token(h.value, "keep-alive") {
-                close = false;
-            }
-        }
-    }
+    let Some(FramingHeaders {
+        length,
+        chunked,
+        close,
+        ..
+    }) = framing_headers(resp.headers, version)
+    else {
+        return Response::Raw;
+    };
     let body = if head_method || code == 204 || code == 304 {
         Body::Done
     } else {
