@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use netfault_api::wire::DEFAULT_SOCKET;
 use netfault_api::{Client, ClientError, Fault};
 use serde_json::Value;
@@ -20,6 +20,8 @@ mod input;
 mod kube_access;
 #[path = "../ctl/render.rs"]
 mod render;
+#[path = "../ctl/verbs.rs"]
+mod verbs;
 
 use kube_access::{Bridge, Kube, KubeError, KubeOptions};
 
@@ -27,6 +29,7 @@ use kube_access::{Bridge, Kube, KubeError, KubeOptions};
 #[command(
     name = "netfaultctl",
     version,
+    subcommand_required = true,
     about = "Inject network faults into pods and network namespaces through netfaultd",
     after_help = "With --kube, netfaultctl needs no access to the node: it finds the node of each \
 fault's target pod ({\"pod\": {\"namespace\", \"name\"}}), the netfault agent pod on that node \
@@ -36,7 +39,12 @@ talks to the agent's TCP listener (--agent-port) through the API server's pods/p
 `list` without --node/--pod lists every node's faults with a NODE column; `get`, `delete`, \
 `sandboxes` and `health` need --node NAME or --pod NAMESPACE/NAME. The RBAC this needs is in \
 daemonset/test-suite-rbac.yaml.\n\nExamples:\n  netfaultctl --kube apply -f fault.json\n  \
-netfaultctl --kube list\n  netfaultctl --kube --node worker-1 delete f-0123abcd"
+netfaultctl --kube list\n  netfaultctl --kube --node worker-1 delete f-0123abcd\n\n\
+One verb per action makes a fault from flags, validated as the API validates it:\n  \
+netfaultctl delay 100ms --jitter 10ms --pod shop/cart --for 5m\n  \
+netfaultctl loss 10% --to 10.0.0.0/8 --port 80 --sandbox ID\n  \
+netfaultctl http-abort 503 --path '/api/*' --percent 30 --port 8080 --pod shop/cart\n  \
+netfaultctl dns-error nxdomain --name '*.example.com' --pod shop/cart"
 )]
 struct Cli {
     /// netfaultd's unix socket.
@@ -78,15 +86,24 @@ struct Cli {
     /// `apply`, whatever its target).
     #[arg(long, global = true, value_name = "NAME")]
     node: Option<String>,
-    /// With --kube: talk to the agent on the node of this pod
-    /// (NAMESPACE/NAME, or NAME in namespace default).
+    /// A verb's target pod (NAMESPACE/NAME, or NAME in namespace default);
+    /// with --kube, also for any command: talk to the agent on its node.
     #[arg(long, global = true, value_name = "NS/NAME", value_parser = kube_access::parse_pod_ref)]
     pod: Option<(String, String)>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// `None` for a verb (`delay`, `loss`, ...): those are built from the
+    /// API's verb table at run time (`ctl/verbs.rs`).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// What a run does: a command, or a verb's fault.
+enum Work {
+    Command(Command),
+    /// The verb's name and its fault JSON.
+    Verb(String, Value),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +136,33 @@ enum Command {
     },
     /// Ask whether netfaultd is ready.
     Health,
+    /// Show every fault's counters live, with their rates, refreshing in
+    /// place (on a terminal; frames one after another otherwise).
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), verbs and flags included.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output.
+    Man,
+    Watch {
+        /// Time between refreshes.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// Stop after this many frames (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+}
+
+/// `--interval`: a humantime duration from 10ms to 1h.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?}: must be from 10ms to 1h"));
+    }
+    Ok(d)
 }
 
 /// Everything that makes netfaultctl exit 1, printed as one `error: ...` line
@@ -372,7 +416,8 @@ fn client_of(cli: &Cli) -> Result<Client, CtlError> {
 }
 
 /// Flag combinations clap cannot check across global flags and subcommands.
-fn check_flags(cli: &Cli) -> Result<(), CtlError> {
+/// A verb takes `--pod` as its target, with or without `--kube`.
+fn check_flags(cli: &Cli, verb: bool) -> Result<(), CtlError> {
     if cli.kube {
         if let Some(url) = &cli.url {
             return Err(CtlError::Input(format!(
@@ -390,7 +435,7 @@ fn check_flags(cli: &Cli) -> Result<(), CtlError> {
         ("--kubeconfig", cli.kubeconfig.is_some()),
         ("--context", cli.context.is_some()),
         ("--node", cli.node.is_some()),
-        ("--pod", cli.pod.is_some()),
+        ("--pod", cli.pod.is_some() && !verb),
     ];
     match kube_only.iter().find(|(_, set)| *set) {
         Some((flag, _)) => Err(CtlError::Input(format!("{flag} needs --kube"))),
@@ -398,13 +443,69 @@ fn check_flags(cli: &Cli) -> Result<(), CtlError> {
     }
 }
 
-fn run(cli: Cli) -> Result<String, CtlError> {
-    check_flags(&cli)?;
+/// netfaultctl's whole command line: the derived commands and the verbs.
+fn full_command() -> clap::Command {
+    Cli::command().subcommands(verbs::commands())
+}
+
+/// `completions` and `man`: made from the command line's definition.
+fn describe_cli(command: &Command) -> Option<Result<String, CtlError>> {
+    let mut buf: Vec<u8> = Vec::new();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut full_command(), "netfaultctl", &mut buf);
+        }
+        Command::Man => {
+            if let Err(e) = clap_mangen::Man::new(full_command()).render(&mut buf) {
+                return Some(Err(CtlError::Other(format!("rendering the man page: {e}"))));
+            }
+        }
+        _ => return None,
+    }
+    Some(Ok(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+fn run(cli: Cli, work: Work) -> Result<String, CtlError> {
+    if let Work::Command(c) = &work {
+        if let Some(text) = describe_cli(c) {
+            return text;
+        }
+    }
+    check_flags(&cli, matches!(work, Work::Verb(..)))?;
     if cli.kube {
-        return run_kube(cli);
+        return run_kube(cli, work);
     }
     let client = client_of(&cli)?;
-    run_on(&client, &cli.command, cli.output)
+    match work {
+        Work::Command(command) => run_on(&client, &command, cli.output),
+        Work::Verb(_, fault) => {
+            let created = client.call("POST", "/v1/faults", Some(&fault))?;
+            verb_output(&created, cli.output)
+        }
+    }
+}
+
+/// The fault a verb created: its detail, or its JSON with `-o json`.
+fn verb_output(created: &Value, out: Output) -> Result<String, CtlError> {
+    match out {
+        Output::Json => Ok(format!("{}\n", pretty(created)?)),
+        Output::Table => {
+            let f: Fault =
+                serde_json::from_value(created.clone()).map_err(|e| bad_answer("fault", e))?;
+            Ok(format!(
+                "created {}\n{}",
+                f.id,
+                render::fault_detail(&f, now_ms())
+            ))
+        }
+    }
+}
+
+/// A verb's fault from the command line, or the error naming its flag.
+fn verb_work(cli: &Cli, name: &str, m: &ArgMatches) -> Result<Work, CtlError> {
+    let pod = cli.pod.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str()));
+    let fault = verbs::fault(name, m, pod).map_err(CtlError::Input)?;
+    Ok(Work::Verb(name.to_string(), fault))
 }
 
 /// One command against one agent.
@@ -451,6 +552,65 @@ fn run_on(client: &Client, command: &Command, out: Output) -> Result<String, Ctl
             })
         }
         Command::Health => health(client, out),
+        Command::Watch { interval, count } => watch(client, *interval, *count, out),
+        Command::Completions { .. } | Command::Man => {
+            describe_cli(command).unwrap_or_else(|| Ok(String::new()))
+        }
+    }
+}
+
+/// `watch`: a frame per interval, the counters' rates from the previous
+/// frame. With `-o json`, one line of JSON per frame (the fault list).
+fn watch(
+    client: &Client,
+    interval: Duration,
+    count: Option<u64>,
+    out: Output,
+) -> Result<String, CtlError> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let mut prev: std::collections::HashMap<String, netfault_api::Counters> =
+        std::collections::HashMap::new();
+    let mut last = std::time::Instant::now();
+    let mut frame = 0u64;
+    loop {
+        let v = client.call("GET", "/v1/faults", None)?;
+        let now = std::time::Instant::now();
+        let text = match out {
+            Output::Json => format!(
+                "{}\n",
+                serde_json::to_string(&v).map_err(|e| bad_answer("fault list", e))?
+            ),
+            Output::Table => {
+                let faults: Vec<Fault> =
+                    serde_json::from_value(v).map_err(|e| bad_answer("fault list", e))?;
+                let secs = now.duration_since(last).as_secs_f64();
+                let table = render::watch_table(&faults, &prev, secs, now_ms());
+                prev = faults.into_iter().map(|f| (f.id, f.counters)).collect();
+                if tty {
+                    // Home and clear: the frame replaces the last one.
+                    format!("\x1b[H\x1b[2J{table}")
+                } else {
+                    format!("{table}\n")
+                }
+            }
+        };
+        last = now;
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // The reader went away (a closed pipe): done.
+            return Ok(String::new());
+        }
+        drop(stdout);
+        frame += 1;
+        if count.is_some_and(|c| frame >= c) {
+            return Ok(String::new());
+        }
+        std::thread::sleep(interval);
     }
 }
 
@@ -583,15 +743,19 @@ fn command_name(c: &Command) -> &'static str {
         Command::Get { .. } => "get",
         Command::Delete { .. } => "delete",
         Command::Health => "health",
+        Command::Watch { .. } => "watch",
+        Command::Completions { .. } => "completions",
+        Command::Man => "man",
     }
 }
 
-fn run_kube(cli: Cli) -> Result<String, CtlError> {
+fn run_kube(cli: Cli, work: Work) -> Result<String, CtlError> {
     let out = cli.output;
     // A bad file is rejected before the cluster is asked anything.
-    let items = match &cli.command {
-        Command::Apply { file } => Some(read_faults(file)?),
-        _ => None,
+    let (command, items) = match work {
+        Work::Command(Command::Apply { file }) => (None, Some(read_faults(&file)?)),
+        Work::Command(c) => (Some(c), None),
+        Work::Verb(label, value) => (None, Some(vec![input::Item { label, value }])),
     };
     let kube = Kube::connect(KubeOptions {
         kubeconfig: cli.kubeconfig.clone(),
@@ -612,7 +776,10 @@ fn run_kube(cli: Cli) -> Result<String, CtlError> {
     if let Some(items) = items {
         return kube_apply(&mut session, &items, node.as_deref(), out);
     }
-    match (&cli.command, node) {
+    let Some(command) = command else {
+        return Err(CtlError::Other("nothing to do".into()));
+    };
+    match (&command, node) {
         (Command::List, None) => kube_list_all(&mut session, out),
         (command, Some(node)) => {
             let remote = session.remote(&node)?;
@@ -748,9 +915,21 @@ fn kube_list_all(session: &mut KubeSession, out: Output) -> Result<String, CtlEr
     Err(CtlError::Other(errors.join("\nerror: ")))
 }
 
+/// The command line's meaning: the flags, and the command or verb.
+fn parse_command_line() -> Result<(Cli, Work), CtlError> {
+    let matches = full_command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let work = match (cli.command.take(), matches.subcommand()) {
+        (Some(c), _) => Work::Command(c),
+        (None, Some((name, m))) if verbs::is_verb(name) => verb_work(&cli, name, m)?,
+        (None, _) => return Err(CtlError::Input("no command; see --help".into())),
+    };
+    Ok((cli, work))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let parsed = parse_command_line();
+    match parsed.and_then(|(cli, work)| run(cli, work)) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -771,6 +950,36 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+        full_command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_man_page_cover_the_verbs_and_their_flags() {
+        let bash = describe_cli(&Command::Completions {
+            shell: clap_complete::Shell::Bash,
+        })
+        .expect("a description")
+        .expect("bash completions");
+        for word in [
+            "http-abort",
+            "dns-error",
+            "--match-header",
+            "--jitter",
+            "watch",
+        ] {
+            assert!(bash.contains(word), "bash completion lacks {word}");
+        }
+        let man = describe_cli(&Command::Man)
+            .expect("a description")
+            .expect("man page");
+        assert!(
+            man.starts_with(".ie") || man.contains(".TH"),
+            "roff: {}",
+            &man[..man.len().min(80)]
+        );
+        for word in ["netfaultctl", "delay", "dns\\-spoof"] {
+            assert!(man.contains(word), "man page lacks {word}");
+        }
     }
 
     #[test]
@@ -780,7 +989,7 @@ mod tests {
         assert_eq!(cli.output, Output::Json);
         assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
         let cli = Cli::try_parse_from(["netfaultctl", "apply", "-f", "-"]).expect("stdin");
-        assert!(matches!(cli.command, Command::Apply { file } if file == "-"));
+        assert!(matches!(cli.command, Some(Command::Apply { file }) if file == "-"));
         assert!(Cli::try_parse_from(["netfaultctl", "apply"]).is_err());
         assert!(Cli::try_parse_from(["netfaultctl", "list", "-o", "yaml"]).is_err());
     }
@@ -852,10 +1061,10 @@ mod tests {
         assert_eq!(cli.pod, Some(("shop".into(), "web".into())));
         assert_eq!(cli.agent_namespace, "netfault");
         assert_eq!(cli.agent_port, 7979);
-        assert!(check_flags(&cli).is_ok());
+        assert!(check_flags(&cli, false).is_ok());
         let cli = parse(&["list", "--kube", "--node", "n1", "--agent-port", "8000"]);
         assert_eq!((cli.node.as_deref(), cli.agent_port), (Some("n1"), 8000));
-        assert!(check_flags(&cli).is_ok());
+        assert!(check_flags(&cli, false).is_ok());
         // --kube-only flags without --kube, and exclusive pairs.
         for (args, flag) in [
             (&["list", "--node", "n1"][..], "--node needs --kube"),
@@ -881,7 +1090,7 @@ mod tests {
                 "--url http://127.0.0.1:1 and --kube exclude each other",
             ),
         ] {
-            let e = check_flags(&parse(args)).expect_err("refused");
+            let e = check_flags(&parse(args), false).expect_err("refused");
             assert!(e.message().contains(flag), "{args:?}: {}", e.message());
         }
         // A malformed --pod and port 0 are usage errors.
@@ -939,7 +1148,9 @@ mod tests {
             "list",
         ])
         .expect("valid flags");
-        let e = run(cli).expect_err("no agent there");
+        let mut cli = cli;
+        let command = cli.command.take().expect("a command");
+        let e = run(cli, Work::Command(command)).expect_err("no agent there");
         assert!(e.message().contains("missing.sock"), "{}", e.message());
     }
 

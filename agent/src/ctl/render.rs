@@ -183,6 +183,36 @@ fn fault_row(f: &Fault, now_ms: u64) -> Vec<String> {
     ]
 }
 
+/// `netfaultctl watch`: the `list` table with each fault's counters per
+/// second since the previous frame (`prev`: id to counters, `secs` apart;
+/// `-` for a fault the previous frame did not have).
+pub fn watch_table(
+    faults: &[Fault],
+    prev: &std::collections::HashMap<String, netfault_api::Counters>,
+    secs: f64,
+    now_ms: u64,
+) -> String {
+    let rate = |now: u64, before: Option<u64>| match before {
+        Some(b) if secs > 0.0 => format!("{:.0}", now.saturating_sub(b) as f64 / secs),
+        _ => "-".into(),
+    };
+    let rows: Vec<Vec<String>> = faults
+        .iter()
+        .map(|f| {
+            let p = prev.get(&f.id);
+            let mut row = fault_row(f, now_ms);
+            row.push(f.counters.affected.to_string());
+            row.push(rate(f.counters.matched, p.map(|c| c.matched)));
+            row.push(rate(f.counters.dropped, p.map(|c| c.dropped)));
+            row.push(rate(f.counters.affected, p.map(|c| c.affected)));
+            row
+        })
+        .collect();
+    let mut headers = FAULT_COLUMNS.to_vec();
+    headers.extend(["AFFECTED", "MATCHED/S", "DROPPED/S", "AFFECTED/S"]);
+    table(&headers, &rows)
+}
+
 /// `netfaultctl --kube list` over every node: the `list` table with a NODE
 /// column first.
 pub fn node_faults_table(faults: &[(String, Fault)], now_ms: u64) -> String {

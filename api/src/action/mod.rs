@@ -19,6 +19,7 @@ mod delay;
 mod dns;
 mod packet;
 mod proxy;
+pub mod verbs;
 
 pub use delay::{DelayAction, Distribution};
 pub use dns::{
