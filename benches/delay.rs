@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use testbed::env_or as env;
 use testbed::{in_netns, quantile, udp_probe_with, AgentNode, NodeOptions, Pod, ProbeOptions};
 
 const DELAY: Duration = Duration::from_millis(10);
@@ -158,13 +159,6 @@ fn stream(
 fn errors(delayed: &Run, base_median: f64) -> Vec<f64> {
     let target = base_median + testbed::ms(DELAY);
     delayed.lat.iter().map(|l| (l - target).abs()).collect()
-}
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The `affected` counter of fault `id`: packets its delay queue held.

@@ -45,6 +45,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use serde_json::json;
 use testbed::dnsserver::{udp_queries, DnsServer};
+use testbed::env_or as env;
 use testbed::{quantile, AgentNode, NodeOptions, Pod};
 
 /// Rounds of section 1 (`NETFAULT_DNS_ROUNDS`).
@@ -59,13 +60,6 @@ const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 fn main() {
     testbed::bench_main("dns", run);
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+use testbed::env_or as env;
 use testbed::procstat::AgentMemory;
 use testbed::{
     ms, paired_ratios, procstat, summary_ms, udp_probe, verify, AgentNode, NodeOptions, Pod, Spread,
@@ -55,13 +56,6 @@ const GOAL_PSS_MIB: f64 = 32.0;
 
 fn main() {
     testbed::bench_main("holders", run);
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn delay_on(pod: &Pod, port: u16) -> Value {
@@ -89,7 +83,7 @@ fn ratio_spread(a: &[f64], b: &[f64]) -> String {
 }
 
 fn run() -> anyhow::Result<()> {
-    let n = env("NETFAULT_HOLDERS_PODS", 250);
+    let n = env("NETFAULT_HOLDERS_PODS", 250usize);
     if !(3..=MAX_PODS).contains(&n) {
         bail!("NETFAULT_HOLDERS_PODS={n}: from 3 to {MAX_PODS} (the node's pod range is a /24, and one more pod serves)");
     }

@@ -40,19 +40,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
+use testbed::env_or as env;
 use testbed::{Agent, AgentNode, ApiServer, Node, NodeOptions, Pod, TempDir};
 
 const GIVE_UP: Duration = Duration::from_secs(120);
 
 fn main() {
     testbed::bench_main("kube_memory", run);
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// VmRSS of `pid`, in KiB.
@@ -276,7 +270,7 @@ fn run() -> anyhow::Result<()> {
         pods: env("NETFAULT_KUBE_MEMORY_PODS", 250),
         cluster: env("NETFAULT_KUBE_MEMORY_CLUSTER", 10_000),
     };
-    let rounds = env("NETFAULT_KUBE_MEMORY_ROUNDS", 3).max(1);
+    let rounds = env("NETFAULT_KUBE_MEMORY_ROUNDS", 3usize).max(1);
     let mut results: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for round in 0..rounds {

@@ -45,17 +45,11 @@ use anyhow::{anyhow, bail, Context};
 use aya::maps::{Array, HashMap, Map, MapData};
 use netfault_ebpf::{AddrKey, RawRule};
 use serde_json::{json, Value};
+use testbed::env_or as env;
 use testbed::{in_netns, procstat, summary_ms, AgentNode, NodeOptions, Pod};
 
 fn main() {
     testbed::bench_main("load", run);
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -362,10 +356,10 @@ fn worker(
 }
 
 fn run() -> anyhow::Result<()> {
-    let seconds = env("NETFAULT_LOAD_SECONDS", 60).max(1) as f64;
-    let rate = env("NETFAULT_LOAD_RATE", 1000).max(1) as f64;
-    let threads = env("NETFAULT_LOAD_THREADS", 8).max(1);
-    let npods = env("NETFAULT_LOAD_PODS", 20).max(1);
+    let seconds = env("NETFAULT_LOAD_SECONDS", 60usize).max(1) as f64;
+    let rate = env("NETFAULT_LOAD_RATE", 1000usize).max(1) as f64;
+    let threads = env("NETFAULT_LOAD_THREADS", 8usize).max(1);
+    let npods = env("NETFAULT_LOAD_PODS", 20usize).max(1);
     let kinds: Vec<Kind> = match std::env::var("NETFAULT_LOAD_KINDS") {
         Ok(list) if !list.is_empty() && list != "all" => {
             let picked: Vec<Kind> = KINDS

@@ -46,6 +46,7 @@ use anyhow::Context as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use serde_json::json;
+use testbed::env_or as env;
 use testbed::{in_netns, AgentNode, NodeOptions, Pod};
 
 const SERVER_PORT: u16 = 8080;
@@ -58,13 +59,6 @@ const DEFAULT_SECS: f64 = 3.0;
 
 fn main() {
     testbed::bench_main("proxy", run);
-}
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Rounds and the length of a run, from the environment.

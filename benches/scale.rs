@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+use testbed::env_or as env;
 use testbed::procstat::AgentMemory;
 use testbed::{
     http_get, http_serve, in_netns, ms, procstat, quantile, summary_ms, udp_probe, Agent,
@@ -81,13 +82,6 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 
 fn main() {
     testbed::bench_main("scale", run);
-}
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------
@@ -502,7 +496,7 @@ fn restart(
 // ---------------------------------------------------------------------------
 
 fn run() -> anyhow::Result<()> {
-    let n = env("NETFAULT_SCALE_PODS", 250);
+    let n = env("NETFAULT_SCALE_PODS", 250usize);
     // Half the pods get a fault, in turn over the kinds: every kind needs one.
     let min = 2 * KINDS.len();
     if !(min..=MAX_PODS).contains(&n) {

@@ -74,6 +74,15 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// True when running as root (effective uid 0).
+/// The environment variable `name` parsed as a `T` (a bench's knob), or
+/// `default` when it is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::http::{self, HttpCtx};
-use crate::io::{rst_on_close, ClientIo, ConnControl, Prefixed, TcpPlan};
+use crate::io::{make_room, rst_on_close, ClientIo, ConnControl, Prefixed, TcpPlan};
 use crate::rules::{roll, CompiledRule, RuleKind};
 use crate::sniff::{self, Protocol};
 use crate::{dns, relay, Shared, Side, SNIFF_TIMEOUT};
@@ -214,9 +214,7 @@ async fn sniff(
     // client's request a little.
     let mut early_http = false;
     loop {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
+        make_room(&mut buf, 4096);
         tokio::select! {
             biased;
             r = io.read_buf(&mut buf) => {

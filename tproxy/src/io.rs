@@ -386,6 +386,14 @@ pub(crate) fn rst_on_close(stream: &TcpStream) {
     }
 }
 
+/// Makes room for a read into `buf`: `chunk` more bytes when less than
+/// 1 KiB is free (reclaiming consumed space first, as `reserve` does).
+pub(crate) fn make_room(buf: &mut bytes::BytesMut, chunk: usize) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(chunk);
+    }
+}
+
 /// An I/O object with bytes already read from it put back in front.
 pub(crate) struct Prefixed<T> {
     prefix: Bytes,

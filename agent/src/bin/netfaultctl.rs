@@ -448,28 +448,28 @@ fn full_command() -> clap::Command {
     Cli::command().subcommands(verbs::commands())
 }
 
-/// `completions` and `man`: made from the command line's definition.
-fn describe_cli(command: &Command) -> Option<Result<String, CtlError>> {
+/// `completions SHELL`: the script, made from the command line's definition.
+fn completions(shell: clap_complete::Shell) -> String {
     let mut buf: Vec<u8> = Vec::new();
-    match command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut full_command(), "netfaultctl", &mut buf);
-        }
-        Command::Man => {
-            if let Err(e) = clap_mangen::Man::new(full_command()).render(&mut buf) {
-                return Some(Err(CtlError::Other(format!("rendering the man page: {e}"))));
-            }
-        }
-        _ => return None,
-    }
-    Some(Ok(String::from_utf8_lossy(&buf).into_owned()))
+    clap_complete::generate(shell, &mut full_command(), "netfaultctl", &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// `man`: the man page (roff), made from the command line's definition.
+fn man_page() -> Result<String, CtlError> {
+    let mut buf: Vec<u8> = Vec::new();
+    clap_mangen::Man::new(full_command())
+        .render(&mut buf)
+        .map_err(|e| CtlError::Other(format!("rendering the man page: {e}")))?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 fn run(cli: Cli, work: Work) -> Result<String, CtlError> {
-    if let Work::Command(c) = &work {
-        if let Some(text) = describe_cli(c) {
-            return text;
-        }
+    // Neither needs an agent.
+    match &work {
+        Work::Command(Command::Completions { shell }) => return Ok(completions(*shell)),
+        Work::Command(Command::Man) => return man_page(),
+        _ => {}
     }
     check_flags(&cli, matches!(work, Work::Verb(..)))?;
     if cli.kube {
@@ -553,9 +553,8 @@ fn run_on(client: &Client, command: &Command, out: Output) -> Result<String, Ctl
         }
         Command::Health => health(client, out),
         Command::Watch { interval, count } => watch(client, *interval, *count, out),
-        Command::Completions { .. } | Command::Man => {
-            describe_cli(command).unwrap_or_else(|| Ok(String::new()))
-        }
+        Command::Completions { shell } => Ok(completions(*shell)),
+        Command::Man => man_page(),
     }
 }
 
@@ -955,11 +954,7 @@ mod tests {
 
     #[test]
     fn completions_and_man_page_cover_the_verbs_and_their_flags() {
-        let bash = describe_cli(&Command::Completions {
-            shell: clap_complete::Shell::Bash,
-        })
-        .expect("a description")
-        .expect("bash completions");
+        let bash = completions(clap_complete::Shell::Bash);
         for word in [
             "http-abort",
             "dns-error",
@@ -969,9 +964,7 @@ mod tests {
         ] {
             assert!(bash.contains(word), "bash completion lacks {word}");
         }
-        let man = describe_cli(&Command::Man)
-            .expect("a description")
-            .expect("man page");
+        let man = man_page().expect("man page");
         assert!(
             man.starts_with(".ie") || man.contains(".TH"),
             "roff: {}",

@@ -480,7 +480,6 @@ pub fn flag_for_field(verb: &Verb, field: &str) -> Option<String> {
     if field == "target" || field.starts_with("target.pod") {
         return Some("--pod".into());
     }
-    let path: Vec<&str> = field.split('.').collect();
     if let Some(rest) = field.strip_prefix("action.") {
         // `names[0]` is in `names`.
         let parts: Vec<&str> = rest
@@ -495,6 +494,7 @@ pub fn flag_for_field(verb: &Verb, field: &str) -> Option<String> {
             .max_by_key(|f| f.path.len())
             .map(|f| format!("--{}", f.flag));
     }
+    let path: Vec<&str> = field.split('.').collect();
     COMMON_FLAGS
         .iter()
         .filter(|(p, _, _)| path.starts_with(p) || p.starts_with(&path))

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use super::framing::{content_length, ends_chunked, has_token, Body};
 use super::HttpCtx;
 use crate::error::ProxyError;
-use crate::io::Prefixed;
+use crate::io::{make_room, Prefixed};
 
 /// Headers a head may have on the fast path; more go to hyper (requests)
 /// or the byte relay (responses).
@@ -197,9 +197,7 @@ where
                 Parsed::Partial | Parsed::Hyper => return Ok(Err(End::Hyper)),
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(CLIENT_BUF);
-        }
+        make_room(buf, CLIENT_BUF);
         tokio::select! {
             biased;
             r = client.read_buf(buf) => {
@@ -479,9 +477,7 @@ where
                 continue;
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(CLIENT_BUF);
-        }
+        make_room(buf, CLIENT_BUF);
         if cr.read_buf(buf).await.map_err(ProxyError::Relay)? == 0 {
             return Err(ProxyError::Relay(io::ErrorKind::UnexpectedEof.into()));
         }
@@ -621,9 +617,7 @@ async fn read_server<R>(ur: &mut R, rbuf: &mut BytesMut) -> Result<Option<Answer
 where
     R: AsyncRead + Unpin,
 {
-    if rbuf.capacity() - rbuf.len() < 1024 {
-        rbuf.reserve(SERVER_BUF);
-    }
+    make_room(rbuf, SERVER_BUF);
     match ur.read_buf(rbuf).await {
         Ok(0) => Ok(Some(Answered::Gone { reset: false })),
         Ok(_) => Ok(None),
